@@ -1,0 +1,3 @@
+module github.com/maxpert/amqp-go
+
+go 1.26
