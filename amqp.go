@@ -1,0 +1,278 @@
+// Package amqp implements an AMQP 0.9.1 message broker that RabbitMQ clients use unchanged.
+//
+// It speaks the RabbitMQ-extended 0-9-1 protocol and imports only the standard library.
+//
+// # Embedding
+//
+// A Server listens on one or more addresses and serves until Shutdown:
+//
+//	srv := amqp.NewServer(amqp.Config{Addr: "127.0.0.1:5672"})
+//	go func() {
+//		if err := srv.ListenAndServe(); err != nil && err != amqp.ErrServerClosed {
+//			log.Fatal(err)
+//		}
+//	}()
+//	// ... clients dial amqp://guest:guest@127.0.0.1:5672/ ...
+//	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+//	defer cancel()
+//	srv.Shutdown(ctx) // every client gets connection.close 320 CONNECTION_FORCED
+//
+// # Durability
+//
+// Nothing is written to disk yet: Config.DataDir is reserved for the write-ahead log.
+//
+// # Concurrency
+//
+// Each connection has two goroutines. The reader owns the socket's bufio.Reader and every
+// channel's state, and runs channel methods inline: there is no goroutine per channel or
+// per message. The writer owns the socket's write side: any goroutine appends encoded frames
+// to the connection's outbox (a mutex-guarded byte slice) and signals the writer through a
+// one-slot channel; the writer swaps the outbox for its spare buffer and writes the whole
+// batch with one system call, so frames produced in a burst share one write. The writer
+// also sends heartbeats when the connection has been idle for half the heartbeat interval;
+// the reader gives up after two intervals of silence.
+//
+// Lock order: Server.mu → conn.outMu.
+package amqp
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Version is the broker version reported to clients.
+const Version = "0.1.0"
+
+// Defaults, as in RabbitMQ.
+const (
+	defaultAddr             = ":5672"
+	defaultChannelMax       = 2047
+	defaultFrameMax         = 131072
+	defaultHeartbeat        = 60 * time.Second
+	defaultHandshakeTimeout = 10 * time.Second
+	defaultCloseTimeout     = 5 * time.Second
+	defaultMaxMessageSize   = 16 << 20
+	maxMessageSizeLimit     = 512 << 20
+)
+
+// Config configures a Server. The zero value serves on :5672 with RabbitMQ's defaults.
+type Config struct {
+	// Addr is the TCP address ListenAndServe listens on; default ":5672".
+	Addr string
+	// DataDir is where durable state will live; reserved, not used yet.
+	DataDir string
+	// Logger receives the server's logs; default slog.Default().
+	Logger *slog.Logger
+	// ChannelMax is the highest channel number a client may use; default 2047.
+	ChannelMax uint16
+	// FrameMax is the largest frame, in octets, the server accepts and offers; default 131072.
+	FrameMax uint32
+	// Heartbeat is the heartbeat interval the server proposes; default 60s. A negative
+	// value proposes 0, that is no heartbeats unless the client asks for them.
+	Heartbeat time.Duration
+	// MaxMessageSize is the largest message body accepted, in octets; default 16 MiB as in
+	// RabbitMQ 4, at most 512 MiB. A larger publish is 406 PRECONDITION_FAILED.
+	MaxMessageSize int
+	// HandshakeTimeout bounds the time from accepting a socket to connection.open; default 10s.
+	HandshakeTimeout time.Duration
+}
+
+func (c *Config) setDefaults() {
+	if c.Addr == "" {
+		c.Addr = defaultAddr
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.ChannelMax == 0 {
+		c.ChannelMax = defaultChannelMax
+	}
+	if c.FrameMax == 0 {
+		c.FrameMax = defaultFrameMax
+	}
+	c.FrameMax = max(c.FrameMax, frameMinSize)
+	if c.Heartbeat == 0 {
+		c.Heartbeat = defaultHeartbeat
+	}
+	if c.Heartbeat < 0 {
+		c.Heartbeat = 0
+	}
+	if c.MaxMessageSize <= 0 {
+		c.MaxMessageSize = defaultMaxMessageSize
+	}
+	c.MaxMessageSize = min(c.MaxMessageSize, maxMessageSizeLimit)
+	if c.HandshakeTimeout <= 0 {
+		c.HandshakeTimeout = defaultHandshakeTimeout
+	}
+}
+
+// Server is an AMQP 0.9.1 broker.
+type Server struct {
+	cfg    Config
+	log    *slog.Logger
+	connID atomic.Uint64
+	conns  sync.WaitGroup // one count per connection goroutine pair
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{} // guarded by mu
+	active    map[*conn]struct{}        // guarded by mu
+	closed    bool                      // guarded by mu
+	addr      net.Addr                  // guarded by mu: the first listener's address
+	vhosts    map[string]*vhost         // guarded by mu
+	ready     chan struct{}             // closed when the first listener is up
+}
+
+// NewServer returns a server configured by cfg; it does not listen until Serve or
+// ListenAndServe.
+func NewServer(cfg Config) *Server {
+	cfg.setDefaults()
+	return &Server{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		listeners: make(map[net.Listener]struct{}),
+		active:    make(map[*conn]struct{}),
+		ready:     make(chan struct{}),
+		vhosts:    map[string]*vhost{"/": newVhost("/")},
+	}
+}
+
+// vhost returns the virtual host with this name, or nil.
+func (s *Server) vhost(name string) *vhost {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.vhosts[name]
+}
+
+// ListenAndServe listens on Config.Addr and serves connections until Shutdown, when it
+// returns ErrServerClosed.
+func (s *Server) ListenAndServe() error {
+	ln, err := net.Listen("tcp", s.cfg.Addr)
+	if err != nil {
+		return err
+	}
+	return s.Serve(ln)
+}
+
+// Serve accepts connections on ln until Shutdown, when it returns ErrServerClosed.
+// Serve closes ln when it returns.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	if s.addr == nil {
+		s.addr = ln.Addr()
+		close(s.ready)
+	}
+	s.mu.Unlock()
+	s.log.Info("listening", "addr", ln.Addr().String())
+
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+	var backoff time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "err", err, "delay", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			return err
+		}
+		backoff = 0
+		c := newConn(s, nc)
+		if !s.track(c) {
+			nc.Close()
+			return ErrServerClosed
+		}
+		go c.serve()
+	}
+}
+
+// Addr returns the address of the first listener, waiting until one is up.
+func (s *Server) Addr() net.Addr {
+	<-s.ready
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.addr
+}
+
+// Shutdown stops the listeners, sends every client connection.close 320 CONNECTION_FORCED,
+// and waits for the connections to end or ctx to expire; then it closes what is left and
+// returns ctx's error.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	conns := make([]*conn, 0, len(s.active))
+	for c := range s.active {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+
+	for _, c := range conns {
+		c.closeWith(newError(replyConnectionForced, "broker forced connection closure with reason 'shutdown'"))
+	}
+	done := make(chan struct{})
+	go func() {
+		s.conns.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		s.mu.Lock()
+		for c := range s.active {
+			c.nc.Close()
+		}
+		s.mu.Unlock()
+		<-done
+		return ctx.Err()
+	}
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// track registers a new connection; it reports false when the server is shutting down.
+func (s *Server) track(c *conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.active[c] = struct{}{}
+	s.conns.Add(1)
+	return true
+}
+
+func (s *Server) untrack(c *conn) {
+	s.mu.Lock()
+	delete(s.active, c)
+	s.mu.Unlock()
+	s.conns.Done()
+}

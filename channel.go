@@ -1,0 +1,784 @@
+package amqp
+
+import (
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// channel is one AMQP channel of a connection. The connection's reader goroutine owns the
+// fields above mu; mu guards the delivery state that queues touch from other goroutines.
+type channel struct {
+	c         *conn
+	id        uint16
+	closing   bool   // channel.close sent by the server; waiting for close-ok
+	lastQueue string // the last queue declared, for methods naming the queue ""
+
+	// Content assembly of the basic.publish in progress.
+	pubArgs  basicPublish
+	pubKey   []byte // the routing key of the publish in progress; reused
+	pubWait  bool   // a basic.publish waits for its content header
+	pubMsg   *message
+	pubFill  int // body octets received so far
+	routes   routeSet
+	settled  []unacked // reused by settle
+	exCache  *exchange // the last exchange published to
+	exCacheN string
+
+	confirm     bool
+	confirmSeq  uint64 // delivery tag of the last publish in confirm mode
+	confirmSent uint64 // highest tag confirmed to the client
+	tx          bool
+	txPubs      []txPublish
+	txAcks      []txAck
+
+	mu               sync.Mutex
+	dead             bool                 // guarded by mu: closed; no more deliveries
+	active           bool                 // guarded by mu: channel.flow
+	nextTag          uint64               // guarded by mu: the last delivery tag used
+	unacked          deque[unacked]       // guarded by mu: in tag order
+	inflight         int                  // guarded by mu: unacked deliveries to consumers
+	prefetchGlobal   uint16               // guarded by mu: basic.qos global=true
+	prefetchConsumer uint16               // guarded by mu: basic.qos global=false, for new consumers
+	consumers        map[string]*consumer // guarded by mu
+}
+
+// txPublish is a publish held until tx.commit.
+type txPublish struct {
+	x         *exchange
+	msg       *message
+	mandatory bool
+}
+
+// txAck is an ack, nack or reject held until tx.commit.
+type txAck struct {
+	id       uint32 // idBasicAck, idBasicNack or idBasicReject
+	tag      uint64
+	multiple bool
+	requeue  bool
+}
+
+// errChannelClosed tells the connection the channel is gone after a client channel.close.
+var errChannelClosed = errors.New("amqp: channel closed")
+
+func newChannel(c *conn, id uint16) *channel {
+	return &channel{c: c, id: id, active: true, consumers: make(map[string]*consumer)}
+}
+
+// canDeliverLocked reports whether consumer c may take one more message. ch.mu must be held.
+func (ch *channel) canDeliverLocked(c *consumer) bool {
+	if ch.dead || !ch.active {
+		return false
+	}
+	if c.noAck {
+		return true
+	}
+	return (c.prefetch == 0 || c.inflight < int(c.prefetch)) &&
+		(ch.prefetchGlobal == 0 || ch.inflight < int(ch.prefetchGlobal))
+}
+
+// shutdown releases what the channel holds: its consumers are cancelled and its unacked
+// messages go back to their queues, redelivered. It runs on channel.close, on a channel
+// exception, and when the connection ends.
+func (ch *channel) shutdown() {
+	ch.pubWait, ch.pubMsg = false, nil
+	ch.txPubs, ch.txAcks = nil, nil
+	ch.mu.Lock()
+	ch.dead = true
+	consumers := make([]*consumer, 0, len(ch.consumers))
+	for _, c := range ch.consumers {
+		consumers = append(consumers, c)
+	}
+	clear(ch.consumers)
+	pending := ch.takeUnackedLocked()
+	ch.mu.Unlock()
+	for _, c := range consumers {
+		ch.detach(c)
+	}
+	requeueAll(pending)
+}
+
+// takeUnackedLocked removes every unsettled delivery. ch.mu must be held.
+func (ch *channel) takeUnackedLocked() []unacked {
+	pending := make([]unacked, 0, ch.unacked.len())
+	for ch.unacked.len() > 0 {
+		if u := ch.unacked.pop(); !u.done {
+			pending = append(pending, u)
+		}
+	}
+	for _, u := range pending {
+		if u.c != nil {
+			u.c.inflight--
+		}
+	}
+	ch.inflight = 0
+	return pending
+}
+
+// requeueAll puts deliveries back in their queues, one lock round per queue.
+func requeueAll(pending []unacked) {
+	sort.SliceStable(pending, func(i, j int) bool { return ptrLess(pending[i].q, pending[j].q) })
+	es := make([]qentry, 0, len(pending))
+	for i := 0; i < len(pending); {
+		q := pending[i].q
+		es = es[:0]
+		for ; i < len(pending) && pending[i].q == q; i++ {
+			es = append(es, pending[i].e)
+		}
+		q.requeue(es)
+	}
+}
+
+// ptrLess orders queues by name then identity, so a slice groups each queue's entries.
+func ptrLess(a, b *queue) bool { return a.name < b.name }
+
+// detach removes a consumer from its queue and deletes the queue if it is auto-delete and
+// this was its last consumer.
+func (ch *channel) detach(c *consumer) {
+	if c.q.removeConsumer(c) {
+		c.q.vh.deleteQueue(c.q)
+	}
+}
+
+// handleMethod runs one method frame's method on this channel.
+func (ch *channel) handleMethod(id uint32, d decoder) error {
+	if ch.pubWait || ch.pubMsg != nil {
+		return withMethod(unexpectedFrame("expected content header for class 60, got non content header frame instead"), id)
+	}
+	var err error
+	switch id {
+	case idBasicPublish:
+		err = ch.basicPublish(&d)
+	case idBasicAck, idBasicNack, idBasicReject:
+		err = ch.basicSettle(id, &d)
+	case idBasicQos:
+		err = ch.basicQos(&d)
+	case idBasicConsume:
+		err = ch.basicConsume(&d)
+	case idBasicCancel:
+		err = ch.basicCancel(&d)
+	case idBasicGet:
+		err = ch.basicGet(&d)
+	case idBasicRecover, idBasicRecoverAsync:
+		err = ch.basicRecover(id, &d)
+	case idExchangeDeclare:
+		err = ch.exchangeDeclare(&d)
+	case idExchangeDelete:
+		err = ch.exchangeDelete(&d)
+	case idExchangeBind, idExchangeUnbind:
+		err = ch.exchangeBind(id, &d)
+	case idQueueDeclare:
+		err = ch.queueDeclare(&d)
+	case idQueueBind:
+		err = ch.queueBind(&d)
+	case idQueueUnbind:
+		err = ch.queueUnbind(&d)
+	case idQueuePurge:
+		err = ch.queuePurge(&d)
+	case idQueueDelete:
+		err = ch.queueDelete(&d)
+	case idConfirmSelect:
+		err = ch.confirmSelect(&d)
+	case idTxSelect, idTxCommit, idTxRollback:
+		err = ch.txMethod(id)
+	case idChannelClose:
+		m := channelClose{}
+		if m.decode(&d); d.err != nil {
+			break
+		}
+		ch.shutdown()
+		ch.c.send2(ch.id, &channelCloseOk{})
+		return errChannelClosed
+	case idChannelCloseOk:
+		// We sent no channel.close that this answers; RabbitMQ ignores it too.
+	case idChannelFlow:
+		m := channelFlow{}
+		if m.decode(&d); d.err != nil {
+			break
+		}
+		ch.mu.Lock()
+		ch.active = m.Active
+		ch.mu.Unlock()
+		ch.c.send2(ch.id, &channelFlowOk{Active: m.Active})
+		if m.Active {
+			ch.redispatch()
+		}
+	case idChannelFlowOk:
+	default:
+		if newMethod(id) == nil {
+			return withMethod(notImplemented("unknown method "+strconv.Itoa(int(id>>16))+"."+strconv.Itoa(int(id&0xffff))), id)
+		}
+		return withMethod(commandInvalid(methodName(id)+" is not allowed on channel "+strconv.Itoa(int(ch.id))), id)
+	}
+	if d.err != nil {
+		return withMethod(syntaxError("malformed "+methodName(id)), id)
+	}
+	if e, ok := err.(*Error); ok && e.ClassID == 0 {
+		withMethod(e, id)
+	}
+	return err
+}
+
+// redispatch lets every queue this channel consumes from deliver again, after credit grew.
+func (ch *channel) redispatch() {
+	ch.mu.Lock()
+	qs := make([]*queue, 0, len(ch.consumers))
+	for _, c := range ch.consumers {
+		qs = append(qs, c.q)
+	}
+	ch.mu.Unlock()
+	for _, q := range qs {
+		q.dispatch()
+	}
+}
+
+func (ch *channel) vh() *vhost { return ch.c.vh }
+
+// basicPublish starts a publish; its content follows in header and body frames. It decodes
+// the arguments by hand so that the exchange and key need no allocation.
+func (ch *channel) basicPublish(d *decoder) error {
+	m := &ch.pubArgs
+	m.Reserved1 = d.short()
+	ex := d.shortstrBytes()
+	key := d.shortstrBytes()
+	bits := d.octet()
+	if d.err != nil {
+		return nil
+	}
+	if bits&2 != 0 {
+		return notImplemented("immediate=true")
+	}
+	m.Mandatory = bits&1 != 0
+	if ch.exCache == nil || ch.exCacheN != string(ex) {
+		m.Exchange = string(ex)
+	} else {
+		m.Exchange = ch.exCacheN
+	}
+	ch.pubKey = append(ch.pubKey[:0], key...)
+	ch.pubWait = true
+	return nil
+}
+
+// handleHeader takes the content header of the publish in progress.
+func (ch *channel) handleHeader(p []byte) error {
+	if !ch.pubWait {
+		return unexpectedFrame("content header on channel " + strconv.Itoa(int(ch.id)) + " with no content expected")
+	}
+	if len(p) < 14 {
+		return frameError("content header too short")
+	}
+	if class := binary.BigEndian.Uint16(p); class != classBasic {
+		return unexpectedFrame("content header for class " + strconv.Itoa(int(class)) + ", expected 60")
+	}
+	size := binary.BigEndian.Uint64(p[4:12])
+	raw := p[12:]
+	if _, err := scanProperties(raw); err != nil {
+		return withMethod(syntaxError("malformed content properties"), idBasicPublish)
+	}
+	ch.pubWait = false
+	if limit := ch.c.s.cfg.MaxMessageSize; size > uint64(limit) {
+		return withMethod(preconditionFailed("message size "+strconv.FormatUint(size, 10)+" is larger than configured max size "+strconv.Itoa(limit)), idBasicPublish)
+	}
+	m := &message{keyLen: uint8(len(ch.pubKey)), propsLen: uint32(len(raw)), publisher: ch.c.id}
+	m.data = make([]byte, len(ch.pubKey)+len(raw)+int(size))
+	copy(m.data, ch.pubKey)
+	copy(m.data[len(ch.pubKey):], raw)
+	ch.pubMsg, ch.pubFill = m, 0
+	if size == 0 {
+		return ch.publishComplete()
+	}
+	return nil
+}
+
+// handleBody takes one body frame of the publish in progress.
+func (ch *channel) handleBody(p []byte) error {
+	if ch.pubMsg == nil {
+		return unexpectedFrame("content body on channel " + strconv.Itoa(int(ch.id)) + " with no content expected")
+	}
+	body := ch.pubMsg.body()
+	if len(p) > len(body)-ch.pubFill {
+		return unexpectedFrame("content body larger than the size in its header")
+	}
+	ch.pubFill += copy(body[ch.pubFill:], p)
+	if ch.pubFill == len(body) {
+		return ch.publishComplete()
+	}
+	return nil
+}
+
+// publishComplete routes a fully assembled message, or holds it for tx.commit.
+func (ch *channel) publishComplete() error {
+	msg := ch.pubMsg
+	ch.pubMsg = nil
+	name := ch.pubArgs.Exchange
+	x := ch.exCache
+	if x == nil || ch.exCacheN != name || x.isDeleted(ch.vh()) {
+		var err error
+		if x, err = ch.findExchange(name); err != nil {
+			return withMethod(err.(*Error), idBasicPublish)
+		}
+		ch.exCache, ch.exCacheN = x, name
+	}
+	if x.internal {
+		return withMethod(accessRefused("cannot publish to internal "+describeExchange(x.name, ch.vh().name)), idBasicPublish)
+	}
+	msg.exchange = x.name
+	if ch.tx {
+		ch.txPubs = append(ch.txPubs, txPublish{x: x, msg: msg, mandatory: ch.pubArgs.Mandatory})
+		return nil
+	}
+	ch.route(x, msg, ch.pubArgs.Mandatory)
+	if ch.confirm {
+		ch.confirmSeq++
+		ch.c.confirmPending(ch)
+	}
+	return nil
+}
+
+// route delivers msg through x to its queues; an unroutable mandatory message comes back
+// in basic.return 312 NO_ROUTE.
+func (ch *channel) route(x *exchange, msg *message, mandatory bool) {
+	rs := &ch.routes
+	rs.reset()
+	vh := ch.vh()
+	vh.mu.RLock()
+	if x.name == "" {
+		if q := vh.queues[string(msg.routingKey())]; q != nil {
+			rs.queues = append(rs.queues, q)
+		}
+	} else if !x.deleted {
+		x.route(msg, rs)
+	}
+	vh.mu.RUnlock()
+	for _, q := range rs.queues {
+		q.enqueue(msg)
+	}
+	if len(rs.queues) == 0 && mandatory {
+		ch.c.sendReturn(ch.id, replyNoRoute, "NO_ROUTE", msg)
+	}
+}
+
+// sendReturn appends basic.return and the message's content to the outbox.
+func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) {
+	c.outMu.Lock()
+	if !c.outClosed {
+		b := c.out
+		start := len(b)
+		b = appendFrameStart(b, frameMethod, channel)
+		b = append(b, 0, classBasic, 0, 50)
+		b = appendShort(b, code)
+		b = appendShortstr(b, text)
+		b = appendShortstr(b, m.exchange)
+		b = append(b, m.keyLen)
+		b = append(b, m.routingKey()...)
+		b = appendFrameEnd(b, start)
+		c.out = appendContent(b, channel, m.props(), m.body(), c.frameMax)
+		c.outLen.Store(int64(len(c.out)))
+	}
+	c.outMu.Unlock()
+	c.signal()
+}
+
+// flushConfirms sends one basic.ack covering every publish confirmed since the last one.
+func (ch *channel) flushConfirms() {
+	if ch.confirmSent == ch.confirmSeq || ch.closing {
+		return
+	}
+	multiple := ch.confirmSeq-ch.confirmSent > 1
+	ch.confirmSent = ch.confirmSeq
+	ch.c.send2(ch.id, &basicAck{DeliveryTag: ch.confirmSeq, Multiple: multiple})
+}
+
+func (ch *channel) findExchange(name string) (*exchange, error) {
+	vh := ch.vh()
+	vh.mu.RLock()
+	x := vh.exchanges[name]
+	vh.mu.RUnlock()
+	if x == nil {
+		return nil, notFound("no " + describeExchange(name, vh.name))
+	}
+	return x, nil
+}
+
+func (x *exchange) isDeleted(vh *vhost) bool {
+	vh.mu.RLock()
+	defer vh.mu.RUnlock()
+	return x.deleted
+}
+
+func describeExchange(name, vhost string) string {
+	return "exchange '" + name + "' in vhost '" + vhost + "'"
+}
+
+func describeQueue(name, vhost string) string {
+	return "queue '" + name + "' in vhost '" + vhost + "'"
+}
+
+// basicSettle handles basic.ack, basic.nack and basic.reject.
+func (ch *channel) basicSettle(id uint32, d *decoder) error {
+	a := txAck{id: id}
+	switch id {
+	case idBasicAck:
+		m := basicAck{}
+		m.decode(d)
+		a.tag, a.multiple = m.DeliveryTag, m.Multiple
+	case idBasicNack:
+		m := basicNack{}
+		m.decode(d)
+		a.tag, a.multiple, a.requeue = m.DeliveryTag, m.Multiple, m.Requeue
+	case idBasicReject:
+		m := basicReject{}
+		m.decode(d)
+		a.tag, a.requeue = m.DeliveryTag, m.Requeue
+	}
+	if d.err != nil {
+		return nil
+	}
+	if ch.tx {
+		ch.txAcks = append(ch.txAcks, a)
+		return nil
+	}
+	return ch.settle(a)
+}
+
+// settle applies an ack, nack or reject: settled messages leave their queues, requeued
+// ones go back in their original place. An unknown tag is 406 PRECONDITION_FAILED.
+func (ch *channel) settle(a txAck) error {
+	ch.mu.Lock()
+	var done []unacked
+	if a.multiple {
+		done = ch.settleUpToLocked(a.tag)
+	} else if u, ok := ch.settleOneLocked(a.tag); ok {
+		done = append(ch.settled[:0], u)
+		ch.settled = done
+	} else {
+		ch.mu.Unlock()
+		return preconditionFailed("unknown delivery tag " + strconv.FormatUint(a.tag, 10))
+	}
+	for _, u := range done {
+		if u.c != nil {
+			u.c.inflight--
+			ch.inflight--
+		}
+	}
+	ch.mu.Unlock()
+	if a.id != idBasicAck && a.requeue {
+		requeueAll(done)
+		return nil
+	}
+	// Credit came back: let the queues deliver again.
+	var last *queue
+	for _, u := range done {
+		if u.c != nil && u.q != last {
+			last = u.q
+			u.q.dispatch()
+		}
+	}
+	return nil
+}
+
+// settleUpToLocked removes every delivery up to tag (all of them for tag 0).
+// ch.mu must be held.
+func (ch *channel) settleUpToLocked(tag uint64) []unacked {
+	done := ch.settled[:0]
+	for ch.unacked.len() > 0 {
+		u := ch.unacked.front()
+		if tag != 0 && u.tag > tag {
+			break
+		}
+		if v := ch.unacked.pop(); !v.done {
+			done = append(done, v)
+		}
+	}
+	ch.settled = done
+	return done
+}
+
+// settleOneLocked removes the delivery with this tag. ch.mu must be held.
+func (ch *channel) settleOneLocked(tag uint64) (unacked, bool) {
+	n := ch.unacked.len()
+	i := sort.Search(n, func(i int) bool { return ch.unacked.at(i).tag >= tag })
+	if i == n || ch.unacked.at(i).tag != tag || ch.unacked.at(i).done {
+		return unacked{}, false
+	}
+	u := *ch.unacked.at(i)
+	ch.unacked.at(i).done = true
+	ch.unacked.at(i).e = qentry{}
+	for ch.unacked.len() > 0 && ch.unacked.front().done {
+		ch.unacked.pop()
+	}
+	return u, true
+}
+
+// basicQos sets prefetch limits with RabbitMQ's meaning: global=false limits each new
+// consumer on the channel, global=true the channel as a whole.
+func (ch *channel) basicQos(d *decoder) error {
+	m := basicQos{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	if m.PrefetchSize != 0 {
+		return notImplemented("prefetch_size!=0 (" + strconv.Itoa(int(m.PrefetchSize)) + ")")
+	}
+	ch.mu.Lock()
+	if m.Global {
+		ch.prefetchGlobal = m.PrefetchCount
+	} else {
+		ch.prefetchConsumer = m.PrefetchCount
+	}
+	ch.mu.Unlock()
+	ch.c.send2(ch.id, &basicQosOk{})
+	ch.redispatch()
+	return nil
+}
+
+// lookupQueue finds a queue for a method; "" means the last queue declared on the channel.
+// A missing queue is 404, another connection's exclusive queue 405.
+func (ch *channel) lookupQueue(name string) (*queue, error) {
+	if name == "" {
+		if ch.lastQueue == "" {
+			return nil, notFound("no previously declared queue")
+		}
+		name = ch.lastQueue
+	}
+	vh := ch.vh()
+	vh.mu.RLock()
+	q := vh.queues[name]
+	vh.mu.RUnlock()
+	if q == nil {
+		return nil, notFound("no " + describeQueue(name, vh.name))
+	}
+	if err := ch.checkOwner(q); err != nil {
+		return nil, err
+	}
+	return q, nil
+}
+
+// checkOwner refuses another connection's exclusive queue with 405 RESOURCE_LOCKED.
+func (ch *channel) checkOwner(q *queue) error {
+	if q.exclusive && q.owner != ch.c {
+		return resourceLocked("cannot obtain exclusive access to locked " + describeQueue(q.name, q.vh.name) +
+			". It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.")
+	}
+	return nil
+}
+
+func (ch *channel) basicConsume(d *decoder) error {
+	m := basicConsume{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	q, err := ch.lookupQueue(m.Queue)
+	if err != nil {
+		return err
+	}
+	tag := m.ConsumerTag
+	if tag == "" {
+		tag = randomName("amq.ctag-")
+	}
+	ch.mu.Lock()
+	_, dup := ch.consumers[tag]
+	prefetch := ch.prefetchConsumer
+	ch.mu.Unlock()
+	if dup {
+		return notAllowed("attempt to reuse consumer tag '" + tag + "'")
+	}
+	c := &consumer{tag: tag, ch: ch, q: q, noAck: m.NoAck, exclusive: m.Exclusive, noLocal: m.NoLocal, prefetch: prefetch}
+	ch.mu.Lock()
+	ch.consumers[tag] = c
+	ch.mu.Unlock()
+	var ok method
+	if !m.NoWait {
+		ok = &basicConsumeOk{ConsumerTag: tag}
+	}
+	if err := q.addConsumer(c, ok); err != nil {
+		ch.mu.Lock()
+		delete(ch.consumers, tag)
+		ch.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+func (ch *channel) basicCancel(d *decoder) error {
+	m := basicCancel{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	ch.mu.Lock()
+	c := ch.consumers[m.ConsumerTag]
+	delete(ch.consumers, m.ConsumerTag)
+	ch.mu.Unlock()
+	if !m.NoWait {
+		ch.c.send2(ch.id, &basicCancelOk{ConsumerTag: m.ConsumerTag})
+	}
+	if c != nil {
+		ch.detach(c)
+	}
+	return nil
+}
+
+// cancelByServer ends a consumer whose queue was deleted, telling the client with
+// basic.cancel when it advertised consumer_cancel_notify.
+func (ch *channel) cancelByServer(c *consumer) {
+	ch.mu.Lock()
+	_, ok := ch.consumers[c.tag]
+	if ok && ch.consumers[c.tag] == c {
+		delete(ch.consumers, c.tag)
+	}
+	dead := ch.dead
+	ch.mu.Unlock()
+	if ok && !dead && ch.c.caps.consumerCancelNotify {
+		ch.c.send2(ch.id, &basicCancel{ConsumerTag: c.tag, NoWait: true})
+	}
+}
+
+func (ch *channel) basicGet(d *decoder) error {
+	m := basicGet{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	q, err := ch.lookupQueue(m.Queue)
+	if err != nil {
+		return err
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.messageCountLocked() == 0 {
+		ch.c.send2(ch.id, &basicGetEmpty{})
+		return nil
+	}
+	e := q.popLocked()
+	ch.mu.Lock()
+	ch.nextTag++
+	tag := ch.nextTag
+	if !m.NoAck {
+		ch.unacked.push(unacked{tag: tag, q: q, e: e})
+	}
+	ch.c.sendGetOk(ch.id, tag, e, uint32(q.messageCountLocked()))
+	ch.mu.Unlock()
+	return nil
+}
+
+// sendGetOk appends basic.get-ok and the content to the outbox.
+func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
+	m := e.msg
+	c.outMu.Lock()
+	if !c.outClosed {
+		b := c.out
+		start := len(b)
+		b = appendFrameStart(b, frameMethod, channel)
+		b = append(b, 0, classBasic, 0, 71)
+		b = appendLonglong(b, tag)
+		if e.redelivered {
+			b = append(b, 1)
+		} else {
+			b = append(b, 0)
+		}
+		b = appendShortstr(b, m.exchange)
+		b = append(b, m.keyLen)
+		b = append(b, m.routingKey()...)
+		b = appendLong(b, count)
+		b = appendFrameEnd(b, start)
+		c.out = appendContent(b, channel, m.props(), m.body(), c.frameMax)
+		c.outLen.Store(int64(len(c.out)))
+	}
+	c.outMu.Unlock()
+	c.signal()
+}
+
+// basicRecover requeues every unacked message of the channel. RabbitMQ has no
+// requeue=false (redeliver to the same consumer): it answers 540, and so do we.
+func (ch *channel) basicRecover(id uint32, d *decoder) error {
+	var requeue bool
+	if id == idBasicRecover {
+		m := basicRecover{}
+		m.decode(d)
+		requeue = m.Requeue
+	} else {
+		m := basicRecoverAsync{}
+		m.decode(d)
+		requeue = m.Requeue
+	}
+	if d.err != nil {
+		return nil
+	}
+	if !requeue {
+		return notImplemented("requeue=false")
+	}
+	ch.mu.Lock()
+	pending := ch.takeUnackedLocked()
+	ch.mu.Unlock()
+	if id == idBasicRecover {
+		ch.c.send2(ch.id, &basicRecoverOk{})
+	}
+	requeueAll(pending)
+	ch.redispatch()
+	return nil
+}
+
+func (ch *channel) confirmSelect(d *decoder) error {
+	m := confirmSelect{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	if ch.tx {
+		return preconditionFailed("cannot switch from tx to confirm mode")
+	}
+	ch.confirm = true
+	if !m.NoWait {
+		ch.c.send2(ch.id, &confirmSelectOk{})
+	}
+	return nil
+}
+
+func (ch *channel) txMethod(id uint32) error {
+	switch id {
+	case idTxSelect:
+		if ch.confirm {
+			return preconditionFailed("cannot switch from confirm to tx mode")
+		}
+		ch.tx = true
+		ch.c.send2(ch.id, &txSelectOk{})
+		return nil
+	case idTxCommit:
+		if !ch.tx {
+			return preconditionFailed("channel is not transactional")
+		}
+		pubs, acks := ch.txPubs, ch.txAcks
+		ch.txPubs, ch.txAcks = nil, nil
+		for _, p := range pubs {
+			ch.route(p.x, p.msg, p.mandatory)
+		}
+		for _, a := range acks {
+			if err := ch.settle(a); err != nil {
+				return err
+			}
+		}
+		ch.c.send2(ch.id, &txCommitOk{})
+		return nil
+	default:
+		if !ch.tx {
+			return preconditionFailed("channel is not transactional")
+		}
+		ch.txPubs, ch.txAcks = nil, nil
+		ch.c.send2(ch.id, &txRollbackOk{})
+		return nil
+	}
+}
+
+// randomName returns prefix followed by 22 random URL-safe characters, like RabbitMQ's
+// amq.gen- queue names and amq.ctag- consumer tags.
+func randomName(prefix string) string {
+	var b [16]byte
+	rand.Read(b[:])
+	return prefix + base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+// reservedName reports whether a name starts with amq., which clients may not declare.
+func reservedName(name string) bool { return strings.HasPrefix(name, "amq.") }

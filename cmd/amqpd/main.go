@@ -1,0 +1,100 @@
+// Command amqpd runs the amqp-go AMQP 0.9.1 broker.
+//
+//	go run ./cmd/amqpd -addr 127.0.0.1:5672 -log-level debug
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	amqp "github.com/maxpert/amqp-go"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stderr))
+}
+
+// run parses flags, serves until SIGINT or SIGTERM, and returns the exit code.
+func run(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("amqpd", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("addr", ":5672", "TCP address to listen on")
+	dataDir := fs.String("data-dir", "amqp-data", "directory for durable state (reserved; nothing is written yet)")
+	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
+	logFile := fs.String("log-file", "", "log to this file instead of standard error")
+	logFormat := fs.String("log-format", "text", "log format: text or json")
+	maxMessage := fs.Int("max-message-size", 16<<20, "largest message body in bytes (at most 512 MiB)")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "amqpd: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		fmt.Fprintf(stderr, "amqpd: bad -log-level %q: want debug, info, warn or error\n", *logLevel)
+		return 2
+	}
+	out := stderr
+	if *logFile != "" {
+		f, err := os.OpenFile(*logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			fmt.Fprintf(stderr, "amqpd: cannot open log file: %v\n", err)
+			return 1
+		}
+		defer f.Close()
+		out = f
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	var handler slog.Handler
+	switch *logFormat {
+	case "text":
+		handler = slog.NewTextHandler(out, opts)
+	case "json":
+		handler = slog.NewJSONHandler(out, opts)
+	default:
+		fmt.Fprintf(stderr, "amqpd: bad -log-format %q: want text or json\n", *logFormat)
+		return 2
+	}
+	logger := slog.New(handler)
+
+	srv := amqp.NewServer(amqp.Config{
+		Addr:           *addr,
+		DataDir:        *dataDir,
+		Logger:         logger,
+		MaxMessageSize: *maxMessage,
+	})
+	errc := make(chan error, 1)
+	go func() { errc <- srv.ListenAndServe() }()
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	select {
+	case err := <-errc:
+		if errors.Is(err, syscall.EADDRINUSE) {
+			fmt.Fprintf(stderr, "amqpd: address %s is already in use\n", *addr)
+		} else {
+			fmt.Fprintf(stderr, "amqpd: %v\n", err)
+		}
+		return 1
+	case sig := <-sigs:
+		logger.Info("shutting down", "signal", sig.String())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		logger.Warn("shutdown incomplete", "err", err)
+	}
+	logger.Info("stopped")
+	return 0
+}

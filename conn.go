@@ -1,0 +1,703 @@
+package amqp
+
+import (
+	"bufio"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+var errTooManyFiles = syscall.EMFILE
+
+const (
+	readBufferSize = 64 << 10
+	// maxIdleOutbox is the largest outbox buffer kept between bursts; larger ones are dropped
+	// so an idle connection does not pin the memory of its biggest burst.
+	maxIdleOutbox = 256 << 10
+)
+
+// conn is one client connection. The reader goroutine (serve) owns every field not marked
+// otherwise; the writer goroutine (writeLoop) owns the write side of nc.
+type conn struct {
+	s      *Server
+	id     uint64
+	nc     net.Conn
+	log    *slog.Logger
+	remote string
+
+	fr         frameReader
+	channels   []*channel // indexed by channel id; nil when not open
+	channelMax uint16
+	frameMax   uint32
+	heartbeat  atomic.Int64 // nanoseconds; set by the reader at tune-ok, read by the writer
+	vh         *vhost
+	user       string
+	exclusive  []*queue   // exclusive queues declared here, deleted when the connection ends
+	confirms   []*channel // channels with publishes to confirm at the next flush
+	caps       clientCaps
+	closing    atomic.Bool // connection.close sent by the server; only close/close-ok count now
+	readIdle   time.Duration
+
+	outMu      sync.Mutex
+	out        []byte        // guarded by outMu: encoded frames waiting for the writer
+	outClosed  bool          // guarded by outMu: the writer is stopping; appends are dropped
+	outLen     atomic.Int64  // len(out), readable without outMu
+	drainWait  []*queue      // guarded by outMu: queues that stopped delivering on a full outbox
+	wake       chan struct{} // one slot: the outbox has frames, or the writer must stop
+	writerDone chan struct{}
+	wroteAt    atomic.Int64 // unix nanos of the writer's last write, for heartbeats
+}
+
+// clientCaps are the capabilities a client advertised in start-ok.
+type clientCaps struct {
+	authFailureClose     bool
+	consumerCancelNotify bool
+	connectionBlocked    bool
+}
+
+func newConn(s *Server, nc net.Conn) *conn {
+	c := &conn{
+		s:          s,
+		id:         s.connID.Add(1),
+		nc:         nc,
+		remote:     nc.RemoteAddr().String(),
+		channelMax: s.cfg.ChannelMax,
+		frameMax:   frameMinSize,
+		wake:       make(chan struct{}, 1),
+		writerDone: make(chan struct{}),
+	}
+	c.log = s.log.With("conn", c.id, "remote", c.remote)
+	c.fr = frameReader{r: bufio.NewReaderSize(deadlineReader{c}, readBufferSize), frameMax: frameMinSize}
+	return c
+}
+
+// deadlineReader pushes the read deadline forward before every read of the socket, so a
+// client that stays silent for two heartbeat intervals (or the handshake timeout) is dropped.
+// It costs one timer update per system call, not per frame.
+type deadlineReader struct{ c *conn }
+
+func (r deadlineReader) Read(p []byte) (int, error) {
+	if d := r.c.readIdle; d > 0 && !r.c.closing.Load() {
+		r.c.nc.SetReadDeadline(time.Now().Add(d))
+	}
+	return r.c.nc.Read(p)
+}
+
+// serve runs the connection: handshake, then frames until the connection ends.
+func (c *conn) serve() {
+	go c.writeLoop()
+	defer c.s.untrack(c)
+	defer c.teardown()
+	defer func() {
+		if p := recover(); p != nil {
+			buf := make([]byte, 4096)
+			buf = buf[:runtime.Stack(buf, false)]
+			c.log.Error("panic in connection", "panic", p, "stack", string(buf))
+			c.sendClose(internalError("internal error"))
+		}
+	}()
+
+	c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
+	if err := c.handshake(); err != nil {
+		c.fail(err)
+		return
+	}
+	c.nc.SetReadDeadline(time.Time{})
+	c.readIdle = 2 * time.Duration(c.heartbeat.Load())
+	for {
+		f, err := c.fr.read()
+		if err == nil {
+			err = c.handleFrame(f)
+			if len(c.confirms) > 0 && c.fr.r.Buffered() == 0 {
+				// The client has nothing more queued: confirm the batch in one ack.
+				c.flushConfirms()
+			}
+		}
+		if err != nil {
+			if err == errConnectionClosed {
+				return
+			}
+			c.fail(err)
+			return
+		}
+	}
+}
+
+// errConnectionClosed ends the reader after a clean connection.close exchange.
+var errConnectionClosed = errors.New("amqp: connection closed")
+
+// fail ends the connection on err: an AMQP exception is sent as connection.close and the
+// reader waits a little for close-ok; I/O errors end it quietly.
+func (c *conn) fail(err error) {
+	if err == errBadHeader || err == errAuthClosed {
+		return
+	}
+	var e *Error
+	if !errors.As(err, &e) {
+		if isPeerGone(err) || c.closing.Load() {
+			c.log.Debug("connection ended", "err", err)
+			return
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			c.log.Warn("closing connection: no data from client", "timeout", c.readIdle.String())
+			return
+		}
+		c.log.Error("closing connection", "err", err)
+		e = internalError(err.Error())
+	}
+	if c.closing.Load() {
+		return
+	}
+	c.log.Warn("closing connection", "code", e.Code, "text", e.Text,
+		"method", methodName(uint32(e.ClassID)<<16|uint32(e.MethodID)))
+	c.sendClose(e)
+	c.awaitCloseOk()
+}
+
+func isPeerGone(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.EPIPE)
+}
+
+// closeWith starts a server-initiated close from any goroutine: connection.close goes out,
+// and the reader gives the client defaultCloseTimeout to answer close-ok.
+func (c *conn) closeWith(e *Error) {
+	if c.sendClose(e) {
+		c.nc.SetReadDeadline(time.Now().Add(defaultCloseTimeout))
+	}
+}
+
+// sendClose queues connection.close once; it reports whether this call sent it.
+func (c *conn) sendClose(e *Error) bool {
+	if !c.closing.CompareAndSwap(false, true) {
+		return false
+	}
+	c.send(&connectionClose{ReplyCode: e.Code, ReplyText: e.Text, ClassID: e.ClassID, MethodID: e.MethodID})
+	return true
+}
+
+// awaitCloseOk reads until the client's close-ok (or close), an error, or the close timeout.
+func (c *conn) awaitCloseOk() {
+	c.nc.SetReadDeadline(time.Now().Add(defaultCloseTimeout))
+	for {
+		f, err := c.fr.read()
+		if err != nil {
+			return
+		}
+		if c.handleFrame(f) == errConnectionClosed {
+			return
+		}
+	}
+}
+
+// teardown stops the writer after it has flushed what is queued, then closes the socket
+// and every channel.
+func (c *conn) teardown() {
+	c.outMu.Lock()
+	c.outClosed = true
+	c.outMu.Unlock()
+	c.signal()
+	select {
+	case <-c.writerDone:
+	case <-time.After(defaultCloseTimeout):
+	}
+	c.nc.Close()
+	<-c.writerDone
+	for id, ch := range c.channels {
+		if ch != nil {
+			ch.shutdown()
+			c.channels[id] = nil
+		}
+	}
+	for _, q := range c.exclusive {
+		q.vh.deleteQueue(q)
+	}
+}
+
+// confirmPending notes that ch has publishes to confirm at the next flush.
+func (c *conn) confirmPending(ch *channel) {
+	if ch.confirmSeq == ch.confirmSent+1 {
+		c.confirms = append(c.confirms, ch)
+	}
+}
+
+// flushConfirms confirms what the channels have routed since the last flush.
+func (c *conn) flushConfirms() {
+	for i, ch := range c.confirms {
+		ch.flushConfirms()
+		c.confirms[i] = nil
+	}
+	c.confirms = c.confirms[:0]
+}
+
+// outboxHighWater is the outbox size past which queues stop delivering to this connection
+// until the writer has drained it: a slow consumer holds a bounded amount of memory.
+const outboxHighWater = 1 << 20
+
+func (c *conn) outboxFull() bool { return c.outLen.Load() > outboxHighWater }
+
+// waitForDrain asks the writer to let q deliver again once the outbox is written.
+func (c *conn) waitForDrain(q *queue) {
+	c.outMu.Lock()
+	if !c.outClosed && !containsQueue(c.drainWait, q) {
+		c.drainWait = append(c.drainWait, q)
+	}
+	c.outMu.Unlock()
+}
+
+func containsQueue(qs []*queue, q *queue) bool {
+	for _, o := range qs {
+		if o == q {
+			return true
+		}
+	}
+	return false
+}
+
+// handshake runs the protocol header, start/start-ok, tune/tune-ok and open/open-ok.
+func (c *conn) handshake() error {
+	var hdr [8]byte
+	if _, err := io.ReadFull(c.fr.r, hdr[:]); err != nil {
+		return err
+	}
+	if hdr != protocolHeader {
+		// spec: answer a header we do not speak with ours, then close.
+		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+		c.nc.Write(protocolHeader[:])
+		c.log.Warn("closing connection: bad protocol header", "header", strconv.Quote(string(hdr[:])))
+		return errBadHeader
+	}
+	c.send(&connectionStart{
+		VersionMajor:     0,
+		VersionMinor:     9,
+		ServerProperties: serverProperties(),
+		Mechanisms:       "PLAIN AMQPLAIN",
+		Locales:          "en_US",
+	})
+
+	startOk := &connectionStartOk{}
+	if err := c.expect(startOk); err != nil {
+		return err
+	}
+	c.caps = parseCaps(startOk.ClientProperties)
+	user, err := c.s.authenticate(startOk.Mechanism, startOk.Response, c.nc.RemoteAddr())
+	if err != nil {
+		var e *Error
+		if errors.As(err, &e) && e.Code == replyAccessRefused {
+			c.log.Warn("login refused", "user", user, "mechanism", startOk.Mechanism)
+			if !c.caps.authFailureClose {
+				return errAuthClosed
+			}
+		}
+		return err
+	}
+	c.user = user
+
+	c.send(&connectionTune{
+		ChannelMax: c.s.cfg.ChannelMax,
+		FrameMax:   c.s.cfg.FrameMax,
+		Heartbeat:  uint16(c.s.cfg.Heartbeat / time.Second),
+	})
+	tuneOk := &connectionTuneOk{}
+	if err := c.expect(tuneOk); err != nil {
+		return err
+	}
+	if err := c.tune(tuneOk); err != nil {
+		return err
+	}
+
+	open := &connectionOpen{}
+	if err := c.expect(open); err != nil {
+		return err
+	}
+	c.vh = c.s.vhost(open.VirtualHost)
+	if c.vh == nil {
+		e := notAllowed("vhost " + open.VirtualHost + " not found")
+		e.ClassID, e.MethodID = classConnection, 40
+		return e
+	}
+	c.send(&connectionOpenOk{})
+	c.log.Debug("connection open", "user", c.user, "vhost", c.vh.name,
+		"frame_max", c.frameMax, "channel_max", c.channelMax, "heartbeat", time.Duration(c.heartbeat.Load()).String())
+	return nil
+}
+
+var (
+	errBadHeader  = errors.New("amqp: bad protocol header")
+	errAuthClosed = errors.New("amqp: login refused") // closes the socket without connection.close
+)
+
+// tune applies the client's tune-ok: zero means "the server's value", as RabbitMQ treats it,
+// and anything beyond the server's limits, or a frame-max under 4096, is 530 NOT_ALLOWED.
+func (c *conn) tune(t *connectionTuneOk) error {
+	refuse := func(text string) error {
+		e := notAllowed(text)
+		e.ClassID, e.MethodID = classConnection, 31
+		return e
+	}
+	frameMax := t.FrameMax
+	if frameMax == 0 {
+		frameMax = c.s.cfg.FrameMax
+	}
+	if frameMax < frameMinSize {
+		return refuse("negotiated frame_max = " + strconv.Itoa(int(frameMax)) + " is lower than the minimum allowed value (4096)")
+	}
+	if frameMax > c.s.cfg.FrameMax {
+		return refuse("negotiated frame_max = " + strconv.Itoa(int(frameMax)) + " is higher than the maximum allowed value (" + strconv.Itoa(int(c.s.cfg.FrameMax)) + ")")
+	}
+	channelMax := t.ChannelMax
+	if channelMax == 0 {
+		channelMax = c.s.cfg.ChannelMax
+	}
+	if channelMax > c.s.cfg.ChannelMax {
+		return refuse("negotiated channel_max = " + strconv.Itoa(int(channelMax)) + " is higher than the maximum allowed value (" + strconv.Itoa(int(c.s.cfg.ChannelMax)) + ")")
+	}
+	c.frameMax, c.fr.frameMax = frameMax, frameMax
+	c.channelMax = channelMax
+	c.heartbeat.Store(int64(time.Duration(t.Heartbeat) * time.Second))
+	if t.Heartbeat > 0 {
+		c.signal() // the writer picks up the heartbeat interval
+	}
+	return nil
+}
+
+// expect reads the next frame, which must be the method m on channel 0.
+func (c *conn) expect(m method) error {
+	f, err := c.fr.read()
+	if err != nil {
+		return err
+	}
+	if f.typ == frameHeartbeat && f.channel == 0 {
+		return c.expect(m)
+	}
+	if f.typ != frameMethod || f.channel != 0 {
+		return unexpectedFrame("expected " + methodName(m.id()) + ", got a frame of type " + strconv.Itoa(int(f.typ)) + " on channel " + strconv.Itoa(int(f.channel)))
+	}
+	id, d, err := methodHeader(f.payload)
+	if err != nil {
+		return err
+	}
+	if id == idConnectionClose {
+		c.send(&connectionCloseOk{})
+		return errConnectionClosed
+	}
+	if id != m.id() {
+		return withMethod(commandInvalid("expected "+methodName(m.id())+", got "+methodName(id)), id)
+	}
+	m.decode(&d)
+	if d.err != nil {
+		return withMethod(syntaxError("malformed "+methodName(id)), id)
+	}
+	return nil
+}
+
+// methodHeader splits a method frame's payload into its id and a decoder of its arguments.
+func methodHeader(p []byte) (uint32, decoder, error) {
+	if len(p) < 4 {
+		return 0, decoder{}, frameError("method frame too short")
+	}
+	id := uint32(p[0])<<24 | uint32(p[1])<<16 | uint32(p[2])<<8 | uint32(p[3])
+	return id, decoder{b: p[4:]}, nil
+}
+
+// withMethod sets the failing method of e.
+func withMethod(e *Error, id uint32) *Error {
+	e.ClassID, e.MethodID = uint16(id>>16), uint16(id)
+	return e
+}
+
+// handleFrame dispatches one frame after the handshake.
+func (c *conn) handleFrame(f frame) error {
+	if c.closing.Load() {
+		return c.handleWhileClosing(f)
+	}
+	switch f.typ {
+	case frameHeartbeat:
+		if f.channel != 0 {
+			return unexpectedFrame("heartbeat frame on channel " + strconv.Itoa(int(f.channel)))
+		}
+		return nil
+	case frameMethod:
+		id, d, err := methodHeader(f.payload)
+		if err != nil {
+			return err
+		}
+		if f.channel == 0 {
+			return c.connectionMethod(id, d)
+		}
+		ch, err := c.channelFor(f.channel, id)
+		if ch == nil || err != nil {
+			return err
+		}
+		return c.channelResult(ch, ch.handleMethod(id, d))
+	case frameHeader, frameBody:
+		if f.channel == 0 {
+			return unexpectedFrame("content frame on channel 0")
+		}
+		ch := c.channel(f.channel)
+		if ch == nil {
+			return channelError("content frame on channel " + strconv.Itoa(int(f.channel)) + ", which is not open")
+		}
+		if ch.closing {
+			return nil
+		}
+		if f.typ == frameHeader {
+			return c.channelResult(ch, ch.handleHeader(f.payload))
+		}
+		return c.channelResult(ch, ch.handleBody(f.payload))
+	}
+	return frameError("unknown frame type " + strconv.Itoa(int(f.typ)))
+}
+
+// handleWhileClosing drops everything but connection.close and close-ok, as the spec asks
+// of a peer that has sent connection.close.
+func (c *conn) handleWhileClosing(f frame) error {
+	if f.typ != frameMethod || f.channel != 0 {
+		return nil
+	}
+	id, _, err := methodHeader(f.payload)
+	if err != nil {
+		return nil
+	}
+	switch id {
+	case idConnectionCloseOk:
+		return errConnectionClosed
+	case idConnectionClose:
+		c.send(&connectionCloseOk{})
+		return errConnectionClosed
+	}
+	return nil
+}
+
+// connectionMethod handles a method on channel 0 after the handshake.
+func (c *conn) connectionMethod(id uint32, d decoder) error {
+	switch id {
+	case idConnectionClose:
+		m := connectionClose{}
+		m.decode(&d)
+		c.log.Debug("client closed connection", "code", m.ReplyCode, "text", m.ReplyText)
+		c.closing.Store(true)
+		c.send(&connectionCloseOk{})
+		return errConnectionClosed
+	case idConnectionCloseOk:
+		// A close-ok we did not ask for: RabbitMQ ends the connection.
+		return errConnectionClosed
+	case idConnectionBlocked, idConnectionUnblocked, idConnectionUpdateSecret:
+		if id == idConnectionUpdateSecret {
+			m := connectionUpdateSecret{}
+			if m.decode(&d); d.err != nil {
+				return withMethod(syntaxError("malformed connection.update-secret"), id)
+			}
+			c.send(&connectionUpdateSecretOk{})
+			return nil
+		}
+		return withMethod(commandInvalid("unexpected "+methodName(id)), id)
+	}
+	if newMethod(id) == nil {
+		return withMethod(notImplemented("unknown method "+strconv.Itoa(int(id>>16))+"."+strconv.Itoa(int(id&0xffff))), id)
+	}
+	if id>>16 == classConnection {
+		return withMethod(commandInvalid("unexpected "+methodName(id)+" after the handshake"), id)
+	}
+	return withMethod(channelError("unexpected "+methodName(id)+" on channel 0"), id)
+}
+
+// channel returns the open channel with this id, or nil.
+func (c *conn) channel(id uint16) *channel {
+	if int(id) < len(c.channels) {
+		return c.channels[id]
+	}
+	return nil
+}
+
+// channelFor finds the channel a method is for, opening it on channel.open. It returns a nil
+// channel and nil error when the frame is to be dropped.
+func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
+	if id > c.channelMax {
+		return nil, withMethod(channelError("channel "+strconv.Itoa(int(id))+" is above channel_max "+strconv.Itoa(int(c.channelMax))), mid)
+	}
+	ch := c.channel(id)
+	if mid == idChannelOpen {
+		if ch != nil {
+			return nil, withMethod(channelError("second 'channel.open' seen"), mid)
+		}
+		if int(id) >= len(c.channels) {
+			grown := make([]*channel, max(int(id)+1, 2*len(c.channels), 8))
+			copy(grown, c.channels)
+			c.channels = grown
+		}
+		c.channels[id] = newChannel(c, id)
+		c.send2(id, &channelOpenOk{})
+		return nil, nil
+	}
+	if ch == nil {
+		if newMethod(mid) == nil {
+			return nil, withMethod(notImplemented("unknown method "+strconv.Itoa(int(mid>>16))+"."+strconv.Itoa(int(mid&0xffff))), mid)
+		}
+		return nil, withMethod(channelError("expected 'channel.open' on channel "+strconv.Itoa(int(id))+", got "+methodName(mid)), mid)
+	}
+	if ch.closing {
+		// spec: after channel.close, drop everything but close and close-ok.
+		switch mid {
+		case idChannelCloseOk:
+			c.channels[id] = nil
+		case idChannelClose:
+			c.send2(id, &channelCloseOk{})
+		}
+		return nil, nil
+	}
+	return ch, nil
+}
+
+// channelResult turns a channel method's error into the right close: a soft error closes
+// the channel, a hard one (returned) the connection.
+func (c *conn) channelResult(ch *channel, err error) error {
+	if err == nil {
+		return nil
+	}
+	var e *Error
+	if errors.As(err, &e) && !e.Hard() {
+		c.log.Warn("closing channel", "channel", ch.id, "code", e.Code, "text", e.Text,
+			"method", methodName(uint32(e.ClassID)<<16|uint32(e.MethodID)))
+		ch.shutdown()
+		ch.closing = true
+		c.send2(ch.id, &channelClose{ReplyCode: e.Code, ReplyText: e.Text, ClassID: e.ClassID, MethodID: e.MethodID})
+		return nil
+	}
+	if err == errChannelClosed {
+		c.channels[ch.id] = nil
+		return nil
+	}
+	return err
+}
+
+// send queues a method on channel 0.
+func (c *conn) send(m method) { c.send2(0, m) }
+
+// send2 queues a method frame on a channel.
+func (c *conn) send2(channel uint16, m method) {
+	c.outMu.Lock()
+	if !c.outClosed {
+		c.out = appendMethodFrame(c.out, channel, m)
+		c.outLen.Store(int64(len(c.out)))
+	}
+	c.outMu.Unlock()
+	c.signal()
+}
+
+// signal wakes the writer without blocking.
+func (c *conn) signal() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// writeLoop writes the outbox in batches until teardown, sending heartbeats when idle.
+func (c *conn) writeLoop() {
+	defer close(c.writerDone)
+	var buf []byte
+	var tick *time.Ticker
+	var tickC <-chan time.Time
+	var interval time.Duration
+	defer func() {
+		if tick != nil {
+			tick.Stop()
+		}
+	}()
+	for {
+		select {
+		case <-c.wake:
+		case <-tickC:
+			if time.Since(time.Unix(0, c.wroteAt.Load())) >= interval/2 {
+				c.outMu.Lock()
+				c.out = appendHeartbeat(c.out)
+				c.outMu.Unlock()
+			}
+		}
+		c.outMu.Lock()
+		buf, c.out = c.out, buf[:0]
+		c.outLen.Store(0)
+		stop := c.outClosed
+		waiting := c.drainWait
+		c.drainWait = nil
+		c.outMu.Unlock()
+		if hb := c.heartbeatInterval(); hb != interval && hb > 0 {
+			interval = hb
+			if tick != nil {
+				tick.Stop()
+			}
+			tick = time.NewTicker(interval / 2)
+			tickC = tick.C
+		}
+		if len(buf) > 0 {
+			c.nc.SetWriteDeadline(time.Now().Add(writeTimeout(interval)))
+			if _, err := c.nc.Write(buf); err != nil {
+				c.nc.Close()
+				return
+			}
+			c.wroteAt.Store(time.Now().UnixNano())
+		}
+		if cap(buf) > maxIdleOutbox {
+			buf = nil
+		}
+		if stop {
+			return
+		}
+		for _, q := range waiting {
+			q.dispatch()
+		}
+	}
+}
+
+// heartbeatInterval is the negotiated heartbeat interval, 0 when off.
+func (c *conn) heartbeatInterval() time.Duration { return time.Duration(c.heartbeat.Load()) }
+
+// writeTimeout bounds one write: a client that reads nothing for this long is dropped.
+func writeTimeout(heartbeat time.Duration) time.Duration {
+	if heartbeat > 0 {
+		return max(2*heartbeat, 10*time.Second)
+	}
+	return 60 * time.Second
+}
+
+// serverProperties is the server-properties table of connection.start.
+func serverProperties() table {
+	return table{
+		"product":     "amqp-go",
+		"version":     Version,
+		"platform":    "Go " + runtime.Version(),
+		"copyright":   "Copyright (c) the amqp-go authors",
+		"information": "Licensed under the MIT license; see https://github.com/maxpert/amqp-go",
+		"capabilities": table{
+			"publisher_confirms":           true,
+			"exchange_exchange_bindings":   true,
+			"basic.nack":                   true,
+			"consumer_cancel_notify":       true,
+			"connection.blocked":           false,
+			"authentication_failure_close": true,
+			"per_consumer_qos":             true,
+			"direct_reply_to":              false,
+		},
+		"cluster_name": "amqp-go",
+	}
+}
+
+// parseCaps reads the capabilities table of the client's properties.
+func parseCaps(props table) clientCaps {
+	caps, _ := props["capabilities"].(table)
+	return clientCaps{
+		authFailureClose:     caps["authentication_failure_close"] == true,
+		consumerCancelNotify: caps["consumer_cancel_notify"] == true,
+		connectionBlocked:    caps["connection.blocked"] == true,
+	}
+}

@@ -1,0 +1,601 @@
+package amqp
+
+import (
+	"bytes"
+	"math"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// Exchange types.
+const (
+	kindDirect  = "direct"
+	kindFanout  = "fanout"
+	kindTopic   = "topic"
+	kindHeaders = "headers"
+)
+
+// vhost holds one virtual host's exchanges, queues and bindings. mu guards the topology:
+// the two maps and every exchange's bindings. Publishers hold it for reading while routing.
+type vhost struct {
+	name string
+
+	mu        sync.RWMutex
+	exchanges map[string]*exchange // guarded by mu
+	queues    map[string]*queue    // guarded by mu
+}
+
+func newVhost(name string) *vhost {
+	vh := &vhost{name: name, exchanges: make(map[string]*exchange), queues: make(map[string]*queue)}
+	// Every vhost has these, as in RabbitMQ.
+	for _, x := range []struct{ name, kind string }{
+		{"", kindDirect},
+		{"amq.direct", kindDirect},
+		{"amq.fanout", kindFanout},
+		{"amq.topic", kindTopic},
+		{"amq.headers", kindHeaders},
+		{"amq.match", kindHeaders},
+	} {
+		vh.exchanges[x.name] = newExchange(x.name, x.kind, true, false, false, nil)
+	}
+	return vh
+}
+
+// exchange routes messages to queues and other exchanges by its bindings.
+type exchange struct {
+	name                         string
+	kind                         string
+	durable, autoDelete, internal bool
+	args                         table
+
+	// Bindings with this exchange as source; guarded by vh.mu.
+	bindings []*binding
+	incoming []*binding            // exchange-to-exchange bindings with this exchange as destination
+	direct   map[string][]*binding // direct: by routing key
+	topic    *topicNode            // topic: a trie of binding keys
+	deleted  bool
+}
+
+// binding routes from an exchange to a queue or, for exchange.bind, to an exchange.
+type binding struct {
+	source *exchange
+	queue  *queue    // destination queue, or nil
+	dest   *exchange // destination exchange, or nil
+	key    string
+	args   table
+	match  headersMatch // headers exchanges only
+}
+
+func newExchange(name, kind string, durable, autoDelete, internal bool, args table) *exchange {
+	x := &exchange{name: name, kind: kind, durable: durable, autoDelete: autoDelete, internal: internal, args: args}
+	switch kind {
+	case kindDirect:
+		x.direct = make(map[string][]*binding)
+	case kindTopic:
+		x.topic = &topicNode{}
+	}
+	return x
+}
+
+// validKind reports whether kind is an exchange type this broker has.
+func validKind(kind string) bool {
+	switch kind {
+	case kindDirect, kindFanout, kindTopic, kindHeaders:
+		return true
+	}
+	return false
+}
+
+// findBinding returns the binding equal to b (same destination, key and arguments).
+// vh.mu must be held.
+func (x *exchange) findBindingLocked(b *binding) int {
+	for i, o := range x.bindings {
+		if o.queue == b.queue && o.dest == b.dest && o.key == b.key && tableEqual(o.args, b.args) {
+			return i
+		}
+	}
+	return -1
+}
+
+// addBindingLocked adds b unless an equal binding exists. vh.mu must be held.
+func (x *exchange) addBindingLocked(b *binding) {
+	if x.findBindingLocked(b) >= 0 {
+		return
+	}
+	if x.kind == kindHeaders {
+		b.match = parseHeadersMatch(b.args)
+	}
+	x.bindings = append(x.bindings, b)
+	switch x.kind {
+	case kindDirect:
+		x.direct[b.key] = append(x.direct[b.key], b)
+	case kindTopic:
+		x.topic.add(b)
+	}
+	if b.queue != nil {
+		b.queue.bindings = append(b.queue.bindings, b)
+	} else {
+		b.dest.incoming = append(b.dest.incoming, b)
+	}
+}
+
+// removeBindingLocked removes the binding at index i of x.bindings. vh.mu must be held.
+func (x *exchange) removeBindingLocked(i int) *binding {
+	b := x.bindings[i]
+	x.bindings = deleteAt(x.bindings, i)
+	switch x.kind {
+	case kindDirect:
+		list := removeItem(x.direct[b.key], b)
+		if len(list) == 0 {
+			delete(x.direct, b.key)
+		} else {
+			x.direct[b.key] = list
+		}
+	case kindTopic:
+		x.topic.remove(b)
+	}
+	if b.queue != nil {
+		b.queue.bindings = removeItem(b.queue.bindings, b)
+	} else {
+		b.dest.incoming = removeItem(b.dest.incoming, b)
+	}
+	return b
+}
+
+func deleteAt[T any](s []T, i int) []T {
+	copy(s[i:], s[i+1:])
+	var zero T
+	s[len(s)-1] = zero
+	return s[:len(s)-1]
+}
+
+func removeItem[T comparable](s []T, v T) []T {
+	for i, o := range s {
+		if o == v {
+			return deleteAt(s, i)
+		}
+	}
+	return s
+}
+
+// routeSet collects the distinct queues a message goes to. It is reused per channel.
+type routeSet struct {
+	queues  []*queue
+	visited []*exchange // exchanges already routed through, against binding loops
+	words   [][]byte    // topic key split into words
+	headers table       // the message's headers, decoded once when a headers exchange needs them
+	parsed  bool
+}
+
+func (rs *routeSet) reset() {
+	clear(rs.queues)
+	rs.queues = rs.queues[:0]
+	clear(rs.visited)
+	rs.visited = rs.visited[:0]
+	rs.headers, rs.parsed = nil, false
+}
+
+func (rs *routeSet) addQueue(q *queue) {
+	for _, o := range rs.queues {
+		if o == q {
+			return
+		}
+	}
+	rs.queues = append(rs.queues, q)
+}
+
+func (rs *routeSet) addBindings(bs []*binding, m *message) {
+	for _, b := range bs {
+		rs.addBinding(b, m)
+	}
+}
+
+func (rs *routeSet) addBinding(b *binding, m *message) {
+	if b.queue != nil {
+		rs.addQueue(b.queue)
+		return
+	}
+	b.dest.route(m, rs)
+}
+
+// route adds the queues m goes to through x and the exchanges bound to it.
+// vh.mu must be held for reading.
+func (x *exchange) route(m *message, rs *routeSet) {
+	for _, v := range rs.visited {
+		if v == x {
+			return
+		}
+	}
+	rs.visited = append(rs.visited, x)
+	key := m.routingKey()
+	switch x.kind {
+	case kindDirect:
+		rs.addBindings(x.direct[string(key)], m)
+	case kindFanout:
+		rs.addBindings(x.bindings, m)
+	case kindTopic:
+		rs.words = splitWords(rs.words[:0], key)
+		x.topic.match(rs.words, rs, m)
+	case kindHeaders:
+		if !rs.parsed {
+			rs.headers, rs.parsed = m.headers(), true
+		}
+		for _, b := range x.bindings {
+			if b.match.matches(rs.headers) {
+				rs.addBinding(b, m)
+			}
+		}
+	}
+}
+
+// splitWords splits a topic routing key at dots; the empty key has no words, as in RabbitMQ.
+func splitWords(words [][]byte, key []byte) [][]byte {
+	if len(key) == 0 {
+		return words
+	}
+	for {
+		i := bytes.IndexByte(key, '.')
+		if i < 0 {
+			return append(words, key)
+		}
+		words = append(words, key[:i])
+		key = key[i+1:]
+	}
+}
+
+// topicNode is a trie node over the words of topic binding keys.
+type topicNode struct {
+	children map[string]*topicNode
+	star     *topicNode // "*": exactly one word
+	hash     *topicNode // "#": zero or more words
+	bindings []*binding // bindings whose key ends here
+}
+
+func (n *topicNode) add(b *binding) {
+	for _, w := range strings.Split(b.key, ".") {
+		if b.key == "" {
+			break
+		}
+		n = n.child(w)
+	}
+	n.bindings = append(n.bindings, b)
+}
+
+func (n *topicNode) child(w string) *topicNode {
+	switch w {
+	case "*":
+		if n.star == nil {
+			n.star = &topicNode{}
+		}
+		return n.star
+	case "#":
+		if n.hash == nil {
+			n.hash = &topicNode{}
+		}
+		return n.hash
+	}
+	if n.children == nil {
+		n.children = make(map[string]*topicNode)
+	}
+	c := n.children[w]
+	if c == nil {
+		c = &topicNode{}
+		n.children[w] = c
+	}
+	return c
+}
+
+// remove drops b and prunes the nodes left empty.
+func (n *topicNode) remove(b *binding) {
+	var words []string
+	if b.key != "" {
+		words = strings.Split(b.key, ".")
+	}
+	n.removePath(words, b)
+}
+
+func (n *topicNode) removePath(words []string, b *binding) {
+	if len(words) == 0 {
+		n.bindings = removeItem(n.bindings, b)
+		return
+	}
+	var c *topicNode
+	switch words[0] {
+	case "*":
+		c = n.star
+	case "#":
+		c = n.hash
+	default:
+		c = n.children[words[0]]
+	}
+	if c == nil {
+		return
+	}
+	c.removePath(words[1:], b)
+	if c.empty() {
+		switch words[0] {
+		case "*":
+			n.star = nil
+		case "#":
+			n.hash = nil
+		default:
+			delete(n.children, words[0])
+		}
+	}
+}
+
+func (n *topicNode) empty() bool {
+	return len(n.bindings) == 0 && len(n.children) == 0 && n.star == nil && n.hash == nil
+}
+
+// match adds the bindings whose keys match words.
+func (n *topicNode) match(words [][]byte, rs *routeSet, m *message) {
+	if n.hash != nil {
+		// "#" takes zero or more words.
+		for i := 0; i <= len(words); i++ {
+			n.hash.match(words[i:], rs, m)
+		}
+	}
+	if len(words) == 0 {
+		rs.addBindings(n.bindings, m)
+		return
+	}
+	if c := n.children[string(words[0])]; c != nil {
+		c.match(words[1:], rs, m)
+	}
+	if n.star != nil {
+		n.star.match(words[1:], rs, m)
+	}
+}
+
+// headersMatch is a headers-exchange binding's arguments, parsed once.
+type headersMatch struct {
+	any    bool // x-match any (or any-with-x)
+	withX  bool // x-match all-with-x or any-with-x: x- keys take part too
+	fields table
+}
+
+func parseHeadersMatch(args table) headersMatch {
+	hm := headersMatch{fields: table{}}
+	switch args["x-match"] {
+	case "any":
+		hm.any = true
+	case "any-with-x":
+		hm.any, hm.withX = true, true
+	case "all-with-x":
+		hm.withX = true
+	}
+	for k, v := range args {
+		if k == "x-match" || (!hm.withX && strings.HasPrefix(k, "x-")) {
+			continue
+		}
+		hm.fields[k] = v
+	}
+	return hm
+}
+
+// matches compares the binding's fields with the message headers as RabbitMQ does: a void
+// binding value asks only for the header's presence; otherwise the types and the values
+// must be equal. "all" with no fields matches everything, "any" with no fields nothing.
+func (hm headersMatch) matches(headers table) bool {
+	for k, want := range hm.fields {
+		got, ok := headers[k]
+		hit := ok && (want == nil || valueEqual(want, got))
+		if hm.any && hit {
+			return true
+		}
+		if !hm.any && !hit {
+			return false
+		}
+	}
+	return !hm.any
+}
+
+// valueEqual compares two field values of the same wire type.
+func valueEqual(a, b any) bool {
+	switch a := a.(type) {
+	case []byte:
+		b, ok := b.([]byte)
+		return ok && bytes.Equal(a, b)
+	case table:
+		b, ok := b.(table)
+		return ok && tableEqual(a, b)
+	case []any:
+		b, ok := b.([]any)
+		if !ok || len(a) != len(b) {
+			return false
+		}
+		for i := range a {
+			if !valueEqual(a[i], b[i]) {
+				return false
+			}
+		}
+		return true
+	case float32:
+		b, ok := b.(float32)
+		return ok && math.Float32bits(a) == math.Float32bits(b)
+	case float64:
+		b, ok := b.(float64)
+		return ok && math.Float64bits(a) == math.Float64bits(b)
+	}
+	switch b.(type) {
+	case []byte, table, []any:
+		return false
+	}
+	return a == b
+}
+
+// tableEqual compares two tables key by key; nil equals empty.
+func tableEqual(a, b table) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		w, ok := b[k]
+		if !ok || !valueEqual(v, w) {
+			return false
+		}
+	}
+	return true
+}
+
+// exchangeDeclare handles exchange.declare as RabbitMQ does: the default exchange and
+// amq.* names are 403, an unknown type 503, an inequivalent redeclare 406.
+func (ch *channel) exchangeDeclare(d *decoder) error {
+	m := exchangeDeclare{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	vh := ch.vh()
+	if m.Exchange == "" {
+		return accessRefused("operation not permitted on the default exchange")
+	}
+	if m.Passive {
+		if _, err := ch.findExchange(m.Exchange); err != nil {
+			return err
+		}
+		return ch.reply(m.NoWait, &exchangeDeclareOk{})
+	}
+	if reservedName(m.Exchange) {
+		return accessRefused("exchange name '" + m.Exchange + "' contains reserved prefix 'amq.*'")
+	}
+	if !validKind(m.Type) {
+		return commandInvalid("unknown exchange type '" + m.Type + "'")
+	}
+	vh.mu.Lock()
+	x := vh.exchanges[m.Exchange]
+	if x == nil {
+		vh.exchanges[m.Exchange] = newExchange(m.Exchange, m.Type, m.Durable, m.AutoDelete, m.Internal, m.Arguments)
+	}
+	vh.mu.Unlock()
+	if x != nil {
+		if err := x.equivalent(&m, vh.name); err != nil {
+			return err
+		}
+	}
+	return ch.reply(m.NoWait, &exchangeDeclareOk{})
+}
+
+// equivalent checks a redeclare against the exchange; a difference is 406.
+func (x *exchange) equivalent(m *exchangeDeclare, vhost string) error {
+	diff := func(arg, got, have string) error {
+		return preconditionFailed("inequivalent arg '" + arg + "' for " + describeExchange(x.name, vhost) +
+			": received '" + got + "' but current is '" + have + "'")
+	}
+	switch {
+	case m.Type != x.kind:
+		return diff("type", m.Type, x.kind)
+	case m.Durable != x.durable:
+		return diff("durable", strconv.FormatBool(m.Durable), strconv.FormatBool(x.durable))
+	case m.AutoDelete != x.autoDelete:
+		return diff("auto_delete", strconv.FormatBool(m.AutoDelete), strconv.FormatBool(x.autoDelete))
+	case m.Internal != x.internal:
+		return diff("internal", strconv.FormatBool(m.Internal), strconv.FormatBool(x.internal))
+	case !tableEqual(m.Arguments, x.args):
+		return preconditionFailed("inequivalent arguments for " + describeExchange(x.name, vhost))
+	}
+	return nil
+}
+
+// reply sends ok unless the method asked for no-wait.
+func (ch *channel) reply(noWait bool, ok method) error {
+	if !noWait {
+		ch.c.send2(ch.id, ok)
+	}
+	return nil
+}
+
+func (ch *channel) exchangeDelete(d *decoder) error {
+	m := exchangeDelete{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	if m.Exchange == "" {
+		return accessRefused("operation not permitted on the default exchange")
+	}
+	if reservedName(m.Exchange) {
+		return accessRefused("exchange name '" + m.Exchange + "' contains reserved prefix 'amq.*'")
+	}
+	vh := ch.vh()
+	vh.mu.Lock()
+	x := vh.exchanges[m.Exchange]
+	if x != nil && m.IfUnused && len(x.bindings) > 0 {
+		vh.mu.Unlock()
+		return preconditionFailed(describeExchange(x.name, vh.name) + " in use")
+	}
+	// As in RabbitMQ, deleting an exchange that does not exist succeeds.
+	if x != nil {
+		vh.deleteExchangeLocked(x)
+	}
+	vh.mu.Unlock()
+	return ch.reply(m.NoWait, &exchangeDeleteOk{})
+}
+
+// deleteExchangeLocked removes x and its bindings both ways. vh.mu must be held.
+func (vh *vhost) deleteExchangeLocked(x *exchange) {
+	if x.deleted {
+		return
+	}
+	x.deleted = true
+	delete(vh.exchanges, x.name)
+	for len(x.bindings) > 0 {
+		x.removeBindingLocked(len(x.bindings) - 1)
+	}
+	for len(x.incoming) > 0 {
+		b := x.incoming[len(x.incoming)-1]
+		src := b.source
+		src.removeBindingLocked(src.findBindingLocked(b))
+		vh.autoDeleteLocked(src)
+	}
+}
+
+// autoDeleteLocked deletes an auto-delete exchange that has lost its last binding.
+// vh.mu must be held.
+func (vh *vhost) autoDeleteLocked(x *exchange) {
+	if x.autoDelete && len(x.bindings) == 0 {
+		vh.deleteExchangeLocked(x)
+	}
+}
+
+// exchangeBind handles exchange.bind and exchange.unbind (exchange-to-exchange bindings).
+func (ch *channel) exchangeBind(id uint32, d *decoder) error {
+	var dst, src, key string
+	var args table
+	var noWait bool
+	if id == idExchangeBind {
+		m := exchangeBind{}
+		m.decode(d)
+		dst, src, key, args, noWait = m.Destination, m.Source, m.RoutingKey, m.Arguments, m.NoWait
+	} else {
+		m := exchangeUnbind{}
+		m.decode(d)
+		dst, src, key, args, noWait = m.Destination, m.Source, m.RoutingKey, m.Arguments, m.NoWait
+	}
+	if d.err != nil {
+		return nil
+	}
+	if dst == "" || src == "" {
+		return accessRefused("operation not permitted on the default exchange")
+	}
+	vh := ch.vh()
+	vh.mu.Lock()
+	defer vh.mu.Unlock()
+	sx, dx := vh.exchanges[src], vh.exchanges[dst]
+	if dx == nil {
+		return notFound("no " + describeExchange(dst, vh.name))
+	}
+	if sx == nil {
+		return notFound("no " + describeExchange(src, vh.name))
+	}
+	b := &binding{source: sx, dest: dx, key: key, args: args}
+	if id == idExchangeBind {
+		sx.addBindingLocked(b)
+		return ch.reply(noWait, &exchangeBindOk{})
+	}
+	if i := sx.findBindingLocked(b); i >= 0 {
+		sx.removeBindingLocked(i)
+		vh.autoDeleteLocked(sx)
+	}
+	return ch.reply(noWait, &exchangeUnbindOk{})
+}

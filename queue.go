@@ -1,0 +1,580 @@
+package amqp
+
+import (
+	"encoding/binary"
+	"errors"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// message is one published message, shared by every queue it was routed to; it never
+// changes after publish. data holds the routing key, the raw properties (flags first) and
+// the body in one allocation.
+type message struct {
+	exchange  string // the exchange's own (interned) name
+	data      []byte
+	keyLen    uint8
+	propsLen  uint32
+	publisher uint64 // the publishing connection's id, for no-local consumers
+}
+
+func (m *message) routingKey() []byte { return m.data[:m.keyLen] }
+func (m *message) props() []byte      { return m.data[m.keyLen : uint32(m.keyLen)+m.propsLen] }
+func (m *message) body() []byte       { return m.data[uint32(m.keyLen)+m.propsLen:] }
+
+// headers decodes the message's headers table, or returns nil.
+func (m *message) headers() table {
+	s, err := scanProperties(m.props())
+	if err != nil || s.headers == nil {
+		return nil
+	}
+	d := decoder{b: s.headers}
+	return d.table()
+}
+
+// deque is a ring buffer; it grows by doubling and shrinks when mostly empty.
+type deque[T any] struct {
+	buf  []T
+	head int
+	n    int
+}
+
+func (d *deque[T]) len() int { return d.n }
+
+func (d *deque[T]) push(v T) {
+	if d.n == len(d.buf) {
+		d.resize(max(16, 2*len(d.buf)))
+	}
+	d.buf[(d.head+d.n)&(len(d.buf)-1)] = v
+	d.n++
+}
+
+func (d *deque[T]) front() *T { return &d.buf[d.head] }
+
+// at returns the i-th element from the front.
+func (d *deque[T]) at(i int) *T { return &d.buf[(d.head+i)&(len(d.buf)-1)] }
+
+func (d *deque[T]) pop() T {
+	var zero T
+	v := d.buf[d.head]
+	d.buf[d.head] = zero
+	d.head = (d.head + 1) & (len(d.buf) - 1)
+	d.n--
+	if len(d.buf) > 1024 && d.n < len(d.buf)/8 {
+		d.resize(len(d.buf) / 4)
+	}
+	return v
+}
+
+func (d *deque[T]) resize(size int) {
+	buf := make([]T, size)
+	for i := 0; i < d.n; i++ {
+		buf[i] = d.buf[(d.head+i)&(len(d.buf)-1)]
+	}
+	d.buf, d.head = buf, 0
+}
+
+func (d *deque[T]) clear() { *d = deque[T]{} }
+
+// qentry is a message's place in one queue.
+type qentry struct {
+	msg         *message
+	seq         uint64 // the queue's sequence number: its order
+	redelivered bool
+}
+
+// queue holds messages for its consumers. Its critical sections are O(1) (O(log n) for a
+// requeue) and do no blocking I/O: deliveries are appended to connection outboxes.
+type queue struct {
+	name                          string
+	vh                            *vhost
+	durable, exclusive, autoDelete bool
+	owner                         *conn // exclusive queues: the declaring connection
+	args                          table
+	bindings                      []*binding // guarded by vh.mu
+
+	mu          sync.Mutex
+	ready       deque[qentry] // guarded by mu: never delivered, in seq order
+	requeued    []qentry      // guarded by mu: a min-heap by seq; all older than ready
+	nextSeq     uint64        // guarded by mu
+	consumers   []*consumer   // guarded by mu
+	rr          int           // guarded by mu: round-robin position in consumers
+	hadConsumer bool          // guarded by mu: for auto-delete
+	deleted     bool          // guarded by mu
+}
+
+// consumer is a basic.consume subscription.
+type consumer struct {
+	tag       string
+	ch        *channel
+	q         *queue
+	noAck     bool
+	exclusive bool
+	noLocal   bool
+	prefetch  uint16 // per-consumer limit from basic.qos global=false; 0 is none
+	inflight  int    // guarded by ch.mu: delivered, unacked
+}
+
+// messageCountLocked is the number of ready messages. q.mu must be held.
+func (q *queue) messageCountLocked() int { return q.ready.len() + len(q.requeued) }
+
+// messageCount is the number of ready messages.
+func (q *queue) messageCount() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.messageCountLocked()
+}
+
+func (q *queue) consumerCount() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.consumers)
+}
+
+// enqueue adds a message and delivers what it can.
+func (q *queue) enqueue(m *message) {
+	q.mu.Lock()
+	if !q.deleted {
+		q.nextSeq++
+		q.ready.push(qentry{msg: m, seq: q.nextSeq})
+		if len(q.consumers) > 0 {
+			q.dispatchLocked()
+		}
+	}
+	q.mu.Unlock()
+}
+
+// dispatch delivers ready messages to consumers with credit.
+func (q *queue) dispatch() {
+	q.mu.Lock()
+	q.dispatchLocked()
+	q.mu.Unlock()
+}
+
+// dispatchLocked delivers ready messages round-robin to consumers with credit, until
+// either runs out. q.mu must be held.
+func (q *queue) dispatchLocked() {
+	for len(q.consumers) > 0 && q.messageCountLocked() > 0 {
+		e := q.peekLocked()
+		n := len(q.consumers)
+		delivered := false
+		for i := 0; i < n; i++ {
+			c := q.consumers[(q.rr+i)%n]
+			if c.deliverLocked(e) {
+				q.rr = (q.rr + i + 1) % n
+				delivered = true
+				break
+			}
+		}
+		if !delivered {
+			return
+		}
+		q.popLocked()
+	}
+}
+
+// peekLocked returns the next ready message. q.mu must be held.
+func (q *queue) peekLocked() qentry {
+	if len(q.requeued) > 0 {
+		return q.requeued[0]
+	}
+	return *q.ready.front()
+}
+
+// popLocked removes and returns the next ready message. q.mu must be held.
+func (q *queue) popLocked() qentry {
+	if len(q.requeued) > 0 {
+		return q.heapPopLocked()
+	}
+	return q.ready.pop()
+}
+
+// requeueLocked puts a delivered message back in its original place, marked redelivered.
+// q.mu must be held.
+func (q *queue) requeueLocked(e qentry) {
+	if q.deleted {
+		return
+	}
+	e.redelivered = true
+	h := append(q.requeued, e)
+	for i := len(h) - 1; i > 0; {
+		p := (i - 1) / 2
+		if h[p].seq <= h[i].seq {
+			break
+		}
+		h[p], h[i] = h[i], h[p]
+		i = p
+	}
+	q.requeued = h
+}
+
+func (q *queue) heapPopLocked() qentry {
+	h := q.requeued
+	top := h[0]
+	last := len(h) - 1
+	h[0] = h[last]
+	h[last] = qentry{}
+	h = h[:last]
+	for i := 0; ; {
+		l, r, m := 2*i+1, 2*i+2, i
+		if l < len(h) && h[l].seq < h[m].seq {
+			m = l
+		}
+		if r < len(h) && h[r].seq < h[m].seq {
+			m = r
+		}
+		if m == i {
+			break
+		}
+		h[i], h[m] = h[m], h[i]
+		i = m
+	}
+	if len(h) == 0 {
+		h = nil
+	}
+	q.requeued = h
+	return top
+}
+
+// requeue puts delivered messages back and redelivers what it can.
+func (q *queue) requeue(es []qentry) {
+	q.mu.Lock()
+	for _, e := range es {
+		q.requeueLocked(e)
+	}
+	q.dispatchLocked()
+	q.mu.Unlock()
+}
+
+// purge drops every ready message and returns how many there were. Unacked messages stay.
+func (q *queue) purge() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := q.messageCountLocked()
+	q.ready.clear()
+	q.requeued = nil
+	return n
+}
+
+// addConsumer attaches c and sends ok (basic.consume-ok, unless nil) before the first
+// delivery. An exclusive consumer needs the queue to itself, and no one attaches beside
+// one: both refusals are 403 ACCESS_REFUSED.
+func (q *queue) addConsumer(c *consumer, ok method) error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.deleted {
+		return notFound("no queue '" + q.name + "' in vhost '" + q.vh.name + "'")
+	}
+	for _, o := range q.consumers {
+		if o.exclusive {
+			return accessRefused("queue '" + q.name + "' in vhost '" + q.vh.name + "' in exclusive use")
+		}
+	}
+	if c.exclusive && len(q.consumers) > 0 {
+		return accessRefused("queue '" + q.name + "' in vhost '" + q.vh.name + "' in exclusive use")
+	}
+	if ok != nil {
+		c.ch.c.send2(c.ch.id, ok)
+	}
+	q.consumers = append(q.consumers, c)
+	q.hadConsumer = true
+	q.dispatchLocked()
+	return nil
+}
+
+// removeConsumer detaches c; it reports whether the queue is auto-delete and now unused,
+// so the caller deletes it.
+func (q *queue) removeConsumer(c *consumer) (autoDelete bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for i, o := range q.consumers {
+		if o == c {
+			q.consumers = deleteAt(q.consumers, i)
+			if q.rr > i {
+				q.rr--
+			}
+			if len(q.consumers) > 0 {
+				q.rr %= len(q.consumers)
+			} else {
+				q.rr = 0
+			}
+			break
+		}
+	}
+	return q.autoDelete && q.hadConsumer && len(q.consumers) == 0 && !q.deleted
+}
+
+// deliverLocked sends e to this consumer if it has credit, recording it as unacked unless
+// the consumer is no-ack. It reports whether it did. q.mu must be held.
+func (c *consumer) deliverLocked(e qentry) bool {
+	ch := c.ch
+	if c.noLocal && e.msg.publisher == ch.c.id {
+		return false
+	}
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	if !ch.canDeliverLocked(c) {
+		return false
+	}
+	if ch.c.outboxFull() {
+		ch.c.waitForDrain(c.q)
+		return false
+	}
+	ch.nextTag++
+	if !c.noAck {
+		ch.unacked.push(unacked{tag: ch.nextTag, q: c.q, e: e, c: c})
+		c.inflight++
+		ch.inflight++
+	}
+	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e)
+	return true
+}
+
+// unacked is a delivery waiting for its ack, in a channel's list ordered by tag.
+type unacked struct {
+	tag  uint64
+	q    *queue
+	e    qentry
+	c    *consumer // nil for basic.get
+	done bool      // settled out of order; dropped when it reaches the front
+}
+
+// sendDelivery appends basic.deliver and the content to the outbox.
+func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qentry) {
+	m := e.msg
+	c.outMu.Lock()
+	if !c.outClosed {
+		b := c.out
+		start := len(b)
+		b = appendFrameStart(b, frameMethod, channel)
+		b = append(b, 0, classBasic, 0, 60)
+		b = appendShortstr(b, consumerTag)
+		b = binary.BigEndian.AppendUint64(b, tag)
+		if e.redelivered {
+			b = append(b, 1)
+		} else {
+			b = append(b, 0)
+		}
+		b = appendShortstr(b, m.exchange)
+		b = append(b, m.keyLen)
+		b = append(b, m.routingKey()...)
+		b = appendFrameEnd(b, start)
+		b = appendContent(b, channel, m.props(), m.body(), c.frameMax)
+		c.out = b
+		c.outLen.Store(int64(len(b)))
+	}
+	c.outMu.Unlock()
+	c.signal()
+}
+
+// queueDeclare handles queue.declare: "" gets a server name, amq.* is 403, an inequivalent
+// redeclare 406, another connection's exclusive queue 405.
+func (ch *channel) queueDeclare(d *decoder) error {
+	m := queueDeclare{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	vh := ch.vh()
+	name := m.Queue
+	if m.Passive {
+		q, err := ch.lookupQueue(name)
+		if err != nil {
+			return err
+		}
+		ch.lastQueue = q.name
+		return ch.reply(m.NoWait, &queueDeclareOk{Queue: q.name, MessageCount: uint32(q.messageCount()), ConsumerCount: uint32(q.consumerCount())})
+	}
+	if name == "" {
+		name = randomName("amq.gen-")
+	} else if reservedName(name) {
+		return accessRefused("queue name '" + name + "' contains reserved prefix 'amq.*'")
+	}
+	vh.mu.Lock()
+	q := vh.queues[name]
+	created := q == nil
+	if created {
+		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments}
+		if m.Exclusive {
+			q.owner = ch.c
+		}
+		vh.queues[name] = q
+	}
+	vh.mu.Unlock()
+	if created {
+		if m.Exclusive {
+			ch.c.exclusive = append(ch.c.exclusive, q)
+		}
+	} else {
+		if err := ch.checkOwner(q); err != nil {
+			return err
+		}
+		if err := q.equivalent(&m); err != nil {
+			return err
+		}
+	}
+	ch.lastQueue = name
+	return ch.reply(m.NoWait, &queueDeclareOk{Queue: name, MessageCount: uint32(q.messageCount()), ConsumerCount: uint32(q.consumerCount())})
+}
+
+// equivalent checks a redeclare against the queue: flags and x- arguments must match.
+func (q *queue) equivalent(m *queueDeclare) error {
+	diff := func(arg string, got, have bool) error {
+		return preconditionFailed("inequivalent arg '" + arg + "' for " + describeQueue(q.name, q.vh.name) +
+			": received '" + strconv.FormatBool(got) + "' but current is '" + strconv.FormatBool(have) + "'")
+	}
+	switch {
+	case m.Durable != q.durable:
+		return diff("durable", m.Durable, q.durable)
+	case m.Exclusive != q.exclusive:
+		return diff("exclusive", m.Exclusive, q.exclusive)
+	case m.AutoDelete != q.autoDelete:
+		return diff("auto_delete", m.AutoDelete, q.autoDelete)
+	}
+	for _, args := range [2][2]table{{m.Arguments, q.args}, {q.args, m.Arguments}} {
+		for k, v := range args[0] {
+			if strings.HasPrefix(k, "x-") {
+				if w, ok := args[1][k]; !ok || !valueEqual(v, w) {
+					return preconditionFailed("inequivalent arg '" + k + "' for " + describeQueue(q.name, q.vh.name))
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func (ch *channel) queueBind(d *decoder) error {
+	m := queueBind{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	q, x, err := ch.bindEnds(m.Queue, m.Exchange)
+	if err != nil {
+		return err
+	}
+	vh := ch.vh()
+	vh.mu.Lock()
+	if !x.deleted && !q.isDeleted() {
+		x.addBindingLocked(&binding{source: x, queue: q, key: m.RoutingKey, args: m.Arguments})
+	}
+	vh.mu.Unlock()
+	return ch.reply(m.NoWait, &queueBindOk{})
+}
+
+func (ch *channel) queueUnbind(d *decoder) error {
+	m := queueUnbind{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	q, x, err := ch.bindEnds(m.Queue, m.Exchange)
+	if err != nil {
+		return err
+	}
+	vh := ch.vh()
+	vh.mu.Lock()
+	if i := x.findBindingLocked(&binding{queue: q, key: m.RoutingKey, args: m.Arguments}); i >= 0 {
+		x.removeBindingLocked(i)
+		vh.autoDeleteLocked(x)
+	}
+	vh.mu.Unlock()
+	return ch.send(&queueUnbindOk{})
+}
+
+// send queues a method on this channel.
+func (ch *channel) send(m method) error {
+	ch.c.send2(ch.id, m)
+	return nil
+}
+
+// bindEnds finds the queue and exchange of queue.bind or queue.unbind.
+func (ch *channel) bindEnds(qname, xname string) (*queue, *exchange, error) {
+	q, err := ch.lookupQueue(qname)
+	if err != nil {
+		return nil, nil, err
+	}
+	if xname == "" {
+		return nil, nil, accessRefused("operation not permitted on the default exchange")
+	}
+	x, err := ch.findExchange(xname)
+	if err != nil {
+		return nil, nil, err
+	}
+	return q, x, nil
+}
+
+func (q *queue) isDeleted() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.deleted
+}
+
+func (ch *channel) queuePurge(d *decoder) error {
+	m := queuePurge{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	q, err := ch.lookupQueue(m.Queue)
+	if err != nil {
+		return err
+	}
+	n := q.purge()
+	return ch.reply(m.NoWait, &queuePurgeOk{MessageCount: uint32(n)})
+}
+
+func (ch *channel) queueDelete(d *decoder) error {
+	m := queueDelete{}
+	if m.decode(d); d.err != nil {
+		return nil
+	}
+	q, err := ch.lookupQueue(m.Queue)
+	if err != nil {
+		var e *Error
+		if errors.As(err, &e) && e.Code == replyNotFound && m.Queue != "" {
+			// As in RabbitMQ, deleting a queue that does not exist succeeds.
+			return ch.reply(m.NoWait, &queueDeleteOk{})
+		}
+		return err
+	}
+	q.mu.Lock()
+	inUse, notEmpty := len(q.consumers) > 0, q.messageCountLocked() > 0
+	q.mu.Unlock()
+	if m.IfUnused && inUse {
+		return preconditionFailed(describeQueue(q.name, q.vh.name) + " in use")
+	}
+	if m.IfEmpty && notEmpty {
+		return preconditionFailed(describeQueue(q.name, q.vh.name) + " is not empty")
+	}
+	n := q.vh.deleteQueue(q)
+	return ch.reply(m.NoWait, &queueDeleteOk{MessageCount: uint32(n)})
+}
+
+// deleteQueue removes q with its bindings (and auto-delete exchanges left unbound), drops
+// its messages, and cancels its consumers. It returns the number of ready messages dropped.
+func (vh *vhost) deleteQueue(q *queue) int {
+	vh.mu.Lock()
+	if vh.queues[q.name] != q {
+		vh.mu.Unlock()
+		return 0
+	}
+	delete(vh.queues, q.name)
+	for len(q.bindings) > 0 {
+		b := q.bindings[len(q.bindings)-1]
+		x := b.source
+		x.removeBindingLocked(x.findBindingLocked(b))
+		vh.autoDeleteLocked(x)
+	}
+	vh.mu.Unlock()
+
+	q.mu.Lock()
+	q.deleted = true
+	n := q.messageCountLocked()
+	q.ready.clear()
+	q.requeued = nil
+	consumers := q.consumers
+	q.consumers = nil
+	q.mu.Unlock()
+	for _, c := range consumers {
+		c.ch.cancelByServer(c)
+	}
+	return n
+}
