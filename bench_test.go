@@ -1,0 +1,376 @@
+package amqp
+
+import (
+	"bufio"
+	"encoding/binary"
+	"net"
+	"net/url"
+	"os"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
+)
+
+// The benchmarks drive a broker with amqp091-go (and, where the client is the bottleneck,
+// with the lean raw client below) and report msgs/s. Set AMQP_BENCH_URL to measure another
+// broker, for example RabbitMQ, with the very same code:
+//
+//	go test -run '^$' -bench . -benchtime 200000x
+//	AMQP_BENCH_URL=amqp://guest:guest@127.0.0.1:5672/ go test -run '^$' -bench . -benchtime 200000x
+
+// benchURL returns the broker under test: AMQP_BENCH_URL, or an in-process server.
+func benchURL(b *testing.B) string {
+	if u := os.Getenv("AMQP_BENCH_URL"); u != "" {
+		return u
+	}
+	_, u := newTestServer(b)
+	return u
+}
+
+func reportRate(b *testing.B, n int, unit string) {
+	b.ReportMetric(float64(n)/b.Elapsed().Seconds(), unit)
+}
+
+// benchQueue declares a fresh exclusive queue for a benchmark.
+func benchQueue(b *testing.B, ch *amqp091.Channel) string {
+	q, err := ch.QueueDeclare("", false, true, true, false, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return q.Name
+}
+
+// waitDepth polls until the queue reports n messages ready.
+func waitDepth(b *testing.B, ch *amqp091.Channel, queue string, n int) {
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		q, err := ch.QueueDeclarePassive(queue, false, true, true, false, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if q.Messages >= n {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+	b.Fatalf("queue %s never reached %d messages", queue, n)
+}
+
+// BenchmarkPublish: one publisher, 16-byte bodies, no consumer; done when the broker has
+// queued every message.
+func BenchmarkPublish(b *testing.B) {
+	u := benchURL(b)
+	conn := dial(b, u)
+	ch := openChannel(b, conn)
+	admin := openChannel(b, conn)
+	queue := benchQueue(b, ch)
+	body := make([]byte, 16)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if err := ch.Publish("", queue, false, false, amqp091.Publishing{Body: body}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	waitDepth(b, admin, queue, b.N)
+	b.StopTimer()
+	reportRate(b, b.N, "msgs/s")
+}
+
+// BenchmarkEndToEnd: one publisher and one consumer connection, manual ack (multiple, every
+// 100), prefetch 1000. Every message is checked to arrive once and in order.
+func BenchmarkEndToEnd(b *testing.B) {
+	for _, size := range []int{16, 1024} {
+		b.Run(strconv.Itoa(size)+"B", func(b *testing.B) { benchEndToEnd(b, size) })
+	}
+}
+
+func benchEndToEnd(b *testing.B, size int) {
+	u := benchURL(b)
+	pconn, cconn := dial(b, u), dial(b, u)
+	pch, cch := openChannel(b, pconn), openChannel(b, cconn)
+	queue := benchQueue(b, cch)
+	if err := cch.Qos(1000, 0, false); err != nil {
+		b.Fatal(err)
+	}
+	deliveries, err := cch.Consume(queue, "", false, false, false, false, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		for i := 0; i < b.N; i++ {
+			d, ok := <-deliveries
+			if !ok {
+				done <- errString("consumer closed after " + strconv.Itoa(i))
+				return
+			}
+			if seq := binary.BigEndian.Uint64(d.Body); seq != uint64(i) {
+				done <- errString("got message " + strconv.FormatUint(seq, 10) + ", want " + strconv.Itoa(i))
+				return
+			}
+			if i%100 == 99 || i == b.N-1 {
+				if err := d.Ack(true); err != nil {
+					done <- err
+					return
+				}
+			}
+		}
+		done <- nil
+	}()
+	body := make([]byte, size)
+	b.SetBytes(int64(size))
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		binary.BigEndian.PutUint64(body, uint64(i))
+		if err := pch.Publish("", queue, false, false, amqp091.Publishing{Body: body}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+	b.StopTimer()
+	reportRate(b, b.N, "msgs/s")
+}
+
+type errString string
+
+func (e errString) Error() string { return string(e) }
+
+// BenchmarkConfirm: one publisher in confirm mode with at most 1000 unconfirmed messages.
+func BenchmarkConfirm(b *testing.B) {
+	u := benchURL(b)
+	conn := dial(b, u)
+	ch := openChannel(b, conn)
+	queue := benchQueue(b, ch)
+	if err := ch.Confirm(false); err != nil {
+		b.Fatal(err)
+	}
+	const window = 1000
+	confirms := ch.NotifyPublish(make(chan amqp091.Confirmation, window+1))
+	body := make([]byte, 16)
+	inflight, acked := 0, 0
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for inflight >= window {
+			c := <-confirms
+			if !c.Ack {
+				b.Fatalf("nack for %d", c.DeliveryTag)
+			}
+			inflight--
+			acked++
+		}
+		if err := ch.Publish("", queue, false, false, amqp091.Publishing{Body: body}); err != nil {
+			b.Fatal(err)
+		}
+		inflight++
+	}
+	for ; inflight > 0; inflight-- {
+		if c := <-confirms; !c.Ack {
+			b.Fatalf("nack for %d", c.DeliveryTag)
+		}
+		acked++
+	}
+	b.StopTimer()
+	if acked != b.N {
+		b.Fatalf("%d confirms for %d publishes", acked, b.N)
+	}
+	reportRate(b, b.N, "msgs/s")
+}
+
+// BenchmarkFanout: one publisher to a fanout exchange bound to 10 queues, each with an
+// auto-ack consumer on its own connection. Reports published msgs/s and deliveries/s.
+func BenchmarkFanout(b *testing.B) {
+	const queues = 10
+	u := benchURL(b)
+	pconn := dial(b, u)
+	pch := openChannel(b, pconn)
+	exchange := "bench-fanout-" + strconv.Itoa(os.Getpid()) + "-" + strconv.Itoa(b.N)
+	if err := pch.ExchangeDeclare(exchange, "fanout", false, true, false, false, nil); err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for i := 0; i < queues; i++ {
+		cch := openChannel(b, dial(b, u))
+		q := benchQueue(b, cch)
+		if err := cch.QueueBind(q, "", exchange, false, nil); err != nil {
+			b.Fatal(err)
+		}
+		deliveries, err := cch.Consume(q, "", true, false, false, false, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; n < b.N; n++ {
+				if _, ok := <-deliveries; !ok {
+					return
+				}
+			}
+		}()
+	}
+	body := make([]byte, 16)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if err := pch.Publish(exchange, "", false, false, amqp091.Publishing{Body: body}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	wg.Wait()
+	b.StopTimer()
+	reportRate(b, b.N, "msgs/s")
+	reportRate(b, b.N*queues, "deliveries/s")
+}
+
+// BenchmarkRawEndToEnd is BenchmarkEndToEnd with a lean client that writes pre-encoded
+// frames in large batches and parses deliveries without allocating, because amqp091-go
+// (one write and flush per publish) is the bottleneck of the benchmarks above.
+func BenchmarkRawEndToEnd(b *testing.B) {
+	for _, size := range []int{16, 1024} {
+		b.Run(strconv.Itoa(size)+"B", func(b *testing.B) { benchRawEndToEnd(b, size) })
+	}
+}
+
+func benchRawEndToEnd(b *testing.B, size int) {
+	u := benchURL(b)
+	admin := openChannel(b, dial(b, u))
+	queue := "bench-raw-" + strconv.Itoa(os.Getpid()) + "-" + strconv.Itoa(b.N) + "-" + strconv.Itoa(size)
+	if _, err := admin.QueueDeclare(queue, false, true, false, false, nil); err != nil {
+		b.Fatal(err)
+	}
+	pub, cons := rawDial(b, u), rawDial(b, u)
+	cons.writeMethod(1, &basicQos{PrefetchCount: 1000})
+	cons.writeMethod(1, &basicConsume{Queue: queue, ConsumerTag: "bench"})
+	cons.flush(b)
+	cons.expect(b, idBasicQosOk)
+	cons.expect(b, idBasicConsumeOk)
+
+	done := make(chan error, 1)
+	go func() { done <- cons.consume(b.N) }()
+
+	props := (&properties{}).encode(nil)
+	body := make([]byte, size)
+	b.SetBytes(int64(size))
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		binary.BigEndian.PutUint64(body, uint64(i))
+		pub.buf = appendMethodFrame(pub.buf, 1, &basicPublish{RoutingKey: queue})
+		pub.buf = appendContent(pub.buf, 1, props, body, 131072)
+		if len(pub.buf) > 64<<10 {
+			pub.flush(b)
+		}
+	}
+	pub.flush(b)
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+	b.StopTimer()
+	reportRate(b, b.N, "msgs/s")
+	admin.QueueDelete(queue, false, false, false)
+}
+
+// rawClient is a minimal AMQP client for benchmarks: channel 1 open, frames written in
+// batches.
+type rawClient struct {
+	nc  net.Conn
+	fr  frameReader
+	buf []byte
+}
+
+func rawDial(b *testing.B, u string) *rawClient {
+	pu, err := url.Parse(u)
+	if err != nil {
+		b.Fatal(err)
+	}
+	nc, err := net.Dial("tcp", pu.Host)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { nc.Close() })
+	user := pu.User.Username()
+	pass, _ := pu.User.Password()
+	c := &rawClient{nc: nc, fr: frameReader{r: bufio.NewReaderSize(nc, 256<<10), frameMax: 131072}}
+	c.buf = append(c.buf, protocolHeader[:]...)
+	c.flush(b)
+	c.expect(b, idConnectionStart)
+	c.writeMethod(0, &connectionStartOk{Mechanism: "PLAIN", Response: "\x00" + user + "\x00" + pass, Locale: "en_US"})
+	c.flush(b)
+	c.expect(b, idConnectionTune)
+	c.writeMethod(0, &connectionTuneOk{ChannelMax: 16, FrameMax: 131072})
+	c.writeMethod(0, &connectionOpen{VirtualHost: "/"})
+	c.writeMethod(1, &channelOpen{})
+	c.flush(b)
+	c.expect(b, idConnectionOpenOk)
+	c.expect(b, idChannelOpenOk)
+	return c
+}
+
+func (c *rawClient) writeMethod(ch uint16, m method) { c.buf = appendMethodFrame(c.buf, ch, m) }
+
+func (c *rawClient) flush(b *testing.B) {
+	if _, err := c.nc.Write(c.buf); err != nil {
+		b.Fatal(err)
+	}
+	c.buf = c.buf[:0]
+}
+
+// expect reads frames until a method frame, which must be id.
+func (c *rawClient) expect(b *testing.B, id uint32) {
+	for {
+		f, err := c.fr.read()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if f.typ != frameMethod {
+			continue
+		}
+		got, _, err := methodHeader(f.payload)
+		if err != nil || got != id {
+			b.Fatalf("got %s, want %s", methodName(got), methodName(id))
+		}
+		return
+	}
+}
+
+// consume reads n deliveries, checks their sequence numbers, and acks every 100.
+func (c *rawClient) consume(n int) error {
+	var tag uint64
+	next := 0
+	var ack []byte
+	for next < n {
+		f, err := c.fr.read()
+		if err != nil {
+			return err
+		}
+		switch f.typ {
+		case frameMethod:
+			id, d, _ := methodHeader(f.payload)
+			if id != idBasicDeliver {
+				return errString("unexpected " + methodName(id))
+			}
+			d.shortstrBytes()
+			tag = d.longlong()
+		case frameBody:
+			if seq := binary.BigEndian.Uint64(f.payload); seq != uint64(next) {
+				return errString("got message " + strconv.FormatUint(seq, 10) + ", want " + strconv.Itoa(next))
+			}
+			next++
+			if next%100 == 0 || next == n {
+				ack = appendMethodFrame(ack[:0], 1, &basicAck{DeliveryTag: tag, Multiple: true})
+				if _, err := c.nc.Write(ack); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
