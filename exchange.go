@@ -44,10 +44,10 @@ func newVhost(name string) *vhost {
 
 // exchange routes messages to queues and other exchanges by its bindings.
 type exchange struct {
-	name                         string
-	kind                         string
+	name                          string
+	kind                          string
 	durable, autoDelete, internal bool
-	args                         table
+	args                          table
 
 	// Bindings with this exchange as source; guarded by vh.mu.
 	bindings []*binding

@@ -87,12 +87,12 @@ type qentry struct {
 // queue holds messages for its consumers. Its critical sections are O(1) (O(log n) for a
 // requeue) and do no blocking I/O: deliveries are appended to connection outboxes.
 type queue struct {
-	name                          string
-	vh                            *vhost
+	name                           string
+	vh                             *vhost
 	durable, exclusive, autoDelete bool
-	owner                         *conn // exclusive queues: the declaring connection
-	args                          table
-	bindings                      []*binding // guarded by vh.mu
+	owner                          *conn // exclusive queues: the declaring connection
+	args                           table
+	bindings                       []*binding // guarded by vh.mu
 
 	mu          sync.Mutex
 	ready       deque[qentry] // guarded by mu: never delivered, in seq order
