@@ -647,8 +647,8 @@ func (c *conn) writeLoop() {
 			}
 			c.wroteAt.Store(time.Now().UnixNano())
 		}
-		if cap(buf) > maxIdleOutbox {
-			buf = nil
+		if cap(buf) > maxIdleOutbox && c.outLen.Load() == 0 {
+			buf = nil // idle again: give back the memory of a burst
 		}
 		if stop {
 			return
