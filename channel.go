@@ -254,7 +254,7 @@ func (ch *channel) basicPublish(d *decoder) error {
 		return notImplemented("immediate=true")
 	}
 	m.Mandatory = bits&1 != 0
-	if ch.exCache == nil || ch.exCacheN != string(ex) {
+	if ch.exCacheN != string(ex) {
 		m.Exchange = string(ex)
 	} else {
 		m.Exchange = ch.exCacheN
@@ -315,24 +315,30 @@ func (ch *channel) handleBody(p []byte) error {
 func (ch *channel) publishComplete() error {
 	msg := ch.pubMsg
 	ch.pubMsg = nil
-	name := ch.pubArgs.Exchange
+	vh := ch.vh()
+	vh.mu.RLock()
 	x := ch.exCache
-	if x == nil || ch.exCacheN != name || x.isDeleted(ch.vh()) {
-		var err error
-		if x, err = ch.findExchange(name); err != nil {
-			return withMethod(err.(*Error), idBasicPublish)
-		}
-		ch.exCache, ch.exCacheN = x, name
+	if x == nil || x.deleted || ch.exCacheN != ch.pubArgs.Exchange {
+		x = vh.exchanges[ch.pubArgs.Exchange]
+		ch.exCache, ch.exCacheN = x, ch.pubArgs.Exchange
+	}
+	if x == nil {
+		vh.mu.RUnlock()
+		return withMethod(notFound("no "+describeExchange(ch.pubArgs.Exchange, vh.name)), idBasicPublish)
 	}
 	if x.internal {
-		return withMethod(accessRefused("cannot publish to internal "+describeExchange(x.name, ch.vh().name)), idBasicPublish)
+		vh.mu.RUnlock()
+		return withMethod(accessRefused("cannot publish to internal "+describeExchange(x.name, vh.name)), idBasicPublish)
 	}
 	msg.exchange = x.name
 	if ch.tx {
+		vh.mu.RUnlock()
 		ch.txPubs = append(ch.txPubs, txPublish{x: x, msg: msg, mandatory: ch.pubArgs.Mandatory})
 		return nil
 	}
-	ch.route(x, msg, ch.pubArgs.Mandatory)
+	ch.routeLocked(x, msg)
+	vh.mu.RUnlock()
+	ch.deliver(msg, ch.pubArgs.Mandatory)
 	if ch.confirm {
 		ch.confirmSeq++
 		ch.c.confirmPending(ch)
@@ -343,22 +349,33 @@ func (ch *channel) publishComplete() error {
 // route delivers msg through x to its queues; an unroutable mandatory message comes back
 // in basic.return 312 NO_ROUTE.
 func (ch *channel) route(x *exchange, msg *message, mandatory bool) {
-	rs := &ch.routes
-	rs.reset()
 	vh := ch.vh()
 	vh.mu.RLock()
+	ch.routeLocked(x, msg)
+	vh.mu.RUnlock()
+	ch.deliver(msg, mandatory)
+}
+
+// routeLocked collects the queues msg goes to through x in ch.routes. vh.mu must be held
+// for reading.
+func (ch *channel) routeLocked(x *exchange, msg *message) {
+	rs := &ch.routes
+	rs.reset()
 	if x.name == "" {
-		if q := vh.queues[string(msg.routingKey())]; q != nil {
+		if q := ch.vh().queues[string(msg.routingKey())]; q != nil {
 			rs.queues = append(rs.queues, q)
 		}
 	} else if !x.deleted {
 		x.route(msg, rs)
 	}
-	vh.mu.RUnlock()
-	for _, q := range rs.queues {
+}
+
+// deliver enqueues msg on the queues routeLocked found.
+func (ch *channel) deliver(msg *message, mandatory bool) {
+	for _, q := range ch.routes.queues {
 		q.enqueue(msg)
 	}
-	if len(rs.queues) == 0 && mandatory {
+	if len(ch.routes.queues) == 0 && mandatory {
 		ch.c.sendReturn(ch.id, replyNoRoute, "NO_ROUTE", msg)
 	}
 }
@@ -403,12 +420,6 @@ func (ch *channel) findExchange(name string) (*exchange, error) {
 		return nil, notFound("no " + describeExchange(name, vh.name))
 	}
 	return x, nil
-}
-
-func (x *exchange) isDeleted(vh *vhost) bool {
-	vh.mu.RLock()
-	defer vh.mu.RUnlock()
-	return x.deleted
 }
 
 func describeExchange(name, vhost string) string {

@@ -1,0 +1,782 @@
+package amqp
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
+)
+
+// wireTimeout bounds every read and write of a wireClient, so no test can hang on the server.
+const wireTimeout = 5 * time.Second
+
+// wireOpts are the handshake choices of a wireClient. The zero value logs in as guest with
+// PLAIN, advertises authentication_failure_close, takes the server's channel-max and
+// frame-max (tune-ok 0), turns heartbeats off and opens vhost "/".
+type wireOpts struct {
+	mechanism          string // default PLAIN
+	response           string // default "\x00guest\x00guest" for PLAIN
+	noAuthFailureClose bool   // leave authentication_failure_close out of the capabilities
+	channelMax         uint16 // sent as is in tune-ok
+	frameMax           uint32 // sent as is in tune-ok
+	heartbeat          uint16 // sent as is in tune-ok
+	vhost              string // default "/"
+}
+
+// wireClient speaks AMQP frames over a plain TCP socket, so a test can send what no client
+// library would and see exactly what the server answers.
+type wireClient struct {
+	t  testing.TB
+	nc net.Conn
+	fr frameReader
+}
+
+// wireDial connects to addr; the socket is closed when the test ends.
+func wireDial(t testing.TB, addr string) *wireClient {
+	t.Helper()
+	nc, err := net.DialTimeout("tcp", addr, wireTimeout)
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	return &wireClient{t: t, nc: nc, fr: frameReader{r: bufio.NewReader(nc), frameMax: 1 << 24}}
+}
+
+// wireConnect runs the whole handshake and returns a client with connection.open-ok read.
+func wireConnect(t testing.TB, addr string, o wireOpts) *wireClient {
+	t.Helper()
+	c := wireHandshake(t, addr, o, 3)
+	wireExpect[*connectionOpenOk](c, 0)
+	return c
+}
+
+// wireHandshake runs the first steps of the handshake: 1 sends the header and start-ok,
+// 2 also answers tune with tune-ok, 3 also sends connection.open. It reads nothing after
+// the last method it sends.
+func wireHandshake(t testing.TB, addr string, o wireOpts, steps int) *wireClient {
+	t.Helper()
+	c := wireDial(t, addr)
+	c.send(protocolHeader[:])
+	start := wireExpect[*connectionStart](c, 0)
+	if start.VersionMajor != 0 || start.VersionMinor != 9 {
+		t.Fatalf("connection.start version %d-%d, want 0-9", start.VersionMajor, start.VersionMinor)
+	}
+	mech, resp := o.mechanism, o.response
+	if mech == "" {
+		mech = "PLAIN"
+	}
+	if resp == "" && mech == "PLAIN" {
+		resp = "\x00guest\x00guest"
+	}
+	caps := table{"publisher_confirms": true, "basic.nack": true, "consumer_cancel_notify": true}
+	if !o.noAuthFailureClose {
+		caps["authentication_failure_close"] = true
+	}
+	c.sendMethod(0, &connectionStartOk{
+		ClientProperties: table{"product": "amqp-go wire test", "capabilities": caps},
+		Mechanism:        mech,
+		Response:         resp,
+		Locale:           "en_US",
+	})
+	if steps < 2 {
+		return c
+	}
+	wireExpect[*connectionTune](c, 0)
+	c.sendMethod(0, &connectionTuneOk{ChannelMax: o.channelMax, FrameMax: o.frameMax, Heartbeat: o.heartbeat})
+	if steps < 3 {
+		return c
+	}
+	vhost := o.vhost
+	if vhost == "" {
+		vhost = "/"
+	}
+	c.sendMethod(0, &connectionOpen{VirtualHost: vhost})
+	return c
+}
+
+func (c *wireClient) send(b []byte) {
+	c.t.Helper()
+	c.nc.SetWriteDeadline(time.Now().Add(wireTimeout))
+	if _, err := c.nc.Write(b); err != nil {
+		c.t.Fatalf("write: %v", err)
+	}
+}
+
+func (c *wireClient) sendMethod(channel uint16, m method) {
+	c.t.Helper()
+	c.send(appendMethodFrame(nil, channel, m))
+}
+
+// rawFrame encodes a frame of any type, channel and payload.
+func rawFrame(typ uint8, channel uint16, payload []byte) []byte {
+	b := appendFrameStart(nil, typ, channel)
+	b = append(b, payload...)
+	return appendFrameEnd(b, 0)
+}
+
+// readFrame reads one frame within timeout; the payload is the caller's.
+func (c *wireClient) readFrame(timeout time.Duration) (frame, error) {
+	c.nc.SetReadDeadline(time.Now().Add(timeout))
+	f, err := c.fr.read()
+	if err != nil {
+		return f, err
+	}
+	f.payload = append([]byte(nil), f.payload...)
+	return f, nil
+}
+
+// next returns the next method the server sends and its channel, skipping heartbeats.
+func (c *wireClient) next() (uint16, method) {
+	c.t.Helper()
+	for {
+		f, err := c.readFrame(wireTimeout)
+		if err != nil {
+			c.t.Fatalf("reading a method frame: %v", err)
+		}
+		if f.typ == frameHeartbeat {
+			continue
+		}
+		if f.typ != frameMethod {
+			c.t.Fatalf("got a frame of type %d on channel %d, want a method frame", f.typ, f.channel)
+		}
+		id, d, err := methodHeader(f.payload)
+		if err != nil {
+			c.t.Fatalf("server sent a bad method frame: %v", err)
+		}
+		m := newMethod(id)
+		if m == nil {
+			c.t.Fatalf("server sent unknown method %d.%d", id>>16, id&0xffff)
+		}
+		if m.decode(&d); d.err != nil {
+			c.t.Fatalf("server sent a malformed %s: %v", methodName(id), d.err)
+		}
+		return f.channel, m
+	}
+}
+
+// wireExpect reads the next method and fails the test unless it is an M on channel.
+func wireExpect[M method](c *wireClient, channel uint16) M {
+	c.t.Helper()
+	ch, m := c.next()
+	got, ok := m.(M)
+	if !ok || ch != channel {
+		var want M
+		c.t.Fatalf("got %s %+v on channel %d, want %s on channel %d", methodName(m.id()), m, ch, methodName(want.id()), channel)
+	}
+	return got
+}
+
+func (c *wireClient) openChannel(id uint16) {
+	c.t.Helper()
+	c.sendMethod(id, &channelOpen{})
+	wireExpect[*channelOpenOk](c, id)
+}
+
+// expectConnClose reads connection.close, checks its reply code and, when ids holds
+// class and method, the failing method; then it answers close-ok and checks that the
+// server closes the socket.
+func (c *wireClient) expectConnClose(code uint16, ids ...uint16) *connectionClose {
+	c.t.Helper()
+	cl := wireExpect[*connectionClose](c, 0)
+	if cl.ReplyCode != code {
+		c.t.Errorf("connection.close %d %q, want code %d", cl.ReplyCode, cl.ReplyText, code)
+	}
+	if len(ids) == 2 && (cl.ClassID != ids[0] || cl.MethodID != ids[1]) {
+		c.t.Errorf("connection.close %d %q names method %d.%d, want %d.%d",
+			cl.ReplyCode, cl.ReplyText, cl.ClassID, cl.MethodID, ids[0], ids[1])
+	}
+	c.sendMethod(0, &connectionCloseOk{})
+	c.expectClosed(wireTimeout)
+	return cl
+}
+
+// expectClosed checks that the server closes the socket within d, sending nothing but
+// heartbeats first.
+func (c *wireClient) expectClosed(d time.Duration) {
+	c.t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		f, err := c.readFrame(time.Until(deadline))
+		switch {
+		case err == nil && f.typ == frameHeartbeat:
+			continue
+		case err == nil:
+			c.t.Fatalf("got a frame of type %d on channel %d, want the socket closed", f.typ, f.channel)
+		case !isSocketClosed(err):
+			c.t.Fatalf("read: %v, want the socket closed (EOF)", err)
+		}
+		return
+	}
+}
+
+func isSocketClosed(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// checkBrokerWorks declares a queue, publishes to it and gets the message back on c.
+func checkBrokerWorks(t testing.TB, c *amqp091.Connection) {
+	t.Helper()
+	ch, err := c.Channel()
+	if err != nil {
+		t.Fatalf("the other client cannot open a channel: %v", err)
+	}
+	defer ch.Close()
+	q, err := ch.QueueDeclare("", false, true, true, false, nil)
+	if err != nil {
+		t.Fatalf("queue.declare: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), wireTimeout)
+	defer cancel()
+	if err := ch.PublishWithContext(ctx, "", q.Name, false, false, amqp091.Publishing{Body: []byte("still serving")}); err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+	m, ok, err := ch.Get(q.Name, true)
+	if err != nil || !ok || string(m.Body) != "still serving" {
+		t.Fatalf("basic.get = %q, %v, %v; want the message just published", m.Body, ok, err)
+	}
+}
+
+func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func TestConnBadProtocolHeader(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	other := dial(t, url)
+	for _, tc := range []struct{ name, header string }{
+		{"amqp-0-9-0", "AMQP\x00\x00\x09\x00"},
+		{"amqp-0-9-old-style", "AMQP\x01\x01\x00\x09"},
+		{"http", "HTTP/1.1"},
+	} {
+		c := wireDial(t, srv.Addr().String())
+		c.send([]byte(tc.header))
+		c.nc.SetReadDeadline(time.Now().Add(wireTimeout))
+		got, err := io.ReadAll(c.nc)
+		if err != nil {
+			t.Errorf("%s: read: %v, want the header and then EOF", tc.name, err)
+		}
+		if string(got) != "AMQP\x00\x00\x09\x01" {
+			t.Errorf("%s: server wrote %q, want %q and close", tc.name, got, "AMQP\x00\x00\x09\x01")
+		}
+	}
+	checkBrokerWorks(t, other)
+}
+
+// TestConnHardErrors provokes each connection exception over a raw socket and checks the
+// reply code and method of connection.close, that the socket closes after close-ok, and
+// that another client of the same server is unaffected.
+func TestConnHardErrors(t *testing.T) {
+	t.Parallel()
+	connected := func(o wireOpts, send func(c *wireClient)) func(t *testing.T, addr string) *wireClient {
+		return func(t *testing.T, addr string) *wireClient {
+			c := wireConnect(t, addr, o)
+			send(c)
+			return c
+		}
+	}
+	onChannel1 := func(send func(c *wireClient)) func(t *testing.T, addr string) *wireClient {
+		return connected(wireOpts{}, func(c *wireClient) {
+			c.openChannel(1)
+			send(c)
+		})
+	}
+	handshake := func(o wireOpts, steps int) func(t *testing.T, addr string) *wireClient {
+		return func(t *testing.T, addr string) *wireClient { return wireHandshake(t, addr, o, steps) }
+	}
+	amqplain := func(user, pass string) string {
+		var b []byte
+		b = appendShortstr(b, "LOGIN")
+		b = appendLongstr(append(b, 'S'), user)
+		b = appendShortstr(b, "PASSWORD")
+		b = appendLongstr(append(b, 'S'), pass)
+		return string(b)
+	}
+	publish := func(c *wireClient) { c.sendMethod(1, &basicPublish{RoutingKey: "q"}) }
+	header := contentHeader
+
+	cases := []struct {
+		name    string
+		provoke func(t *testing.T, addr string) *wireClient
+		code    uint16   // 0: the socket is closed without connection.close
+		ids     []uint16 // class and method of connection.close; nil: not checked
+	}{
+		// 501 FRAME_ERROR
+		{"frame-end octet", connected(wireOpts{}, func(c *wireClient) {
+			f := appendMethodFrame(nil, 1, &channelOpen{})
+			f[len(f)-1] = 0
+			c.send(f)
+		}), replyFrameError, []uint16{0, 0}},
+		{"frame over frame-max", connected(wireOpts{frameMax: 4096}, func(c *wireClient) {
+			// A frame of exactly frame-max is fine: one body frame of 4088 octets.
+			c.openChannel(1)
+			c.sendMethod(1, &queueDeclare{Queue: "fm", Exclusive: true})
+			wireExpect[*queueDeclareOk](c, 1)
+			body := bytes.Repeat([]byte{'x'}, 4096-frameOverhead)
+			c.sendMethod(1, &basicPublish{RoutingKey: "fm"})
+			c.send(appendContent(nil, 1, nil, body, 4096))
+			c.sendMethod(1, &basicGet{Queue: "fm", NoAck: true})
+			wireExpect[*basicGetOk](c, 1)
+			if f, err := c.readFrame(wireTimeout); err != nil || f.typ != frameHeader {
+				c.t.Fatalf("after get-ok: frame type %d, %v; want a content header", f.typ, err)
+			}
+			if f, err := c.readFrame(wireTimeout); err != nil || f.typ != frameBody || !bytes.Equal(f.payload, body) {
+				c.t.Fatalf("after the content header: frame type %d of %d octets, %v; want the body", f.typ, len(f.payload), err)
+			}
+			// One octet more: only the frame header goes out, the size alone is the error.
+			c.send([]byte{frameMethod, 0, 1, 0, 0, 0x0f, 0xf9})
+		}), replyFrameError, []uint16{0, 0}},
+		{"unknown frame type", connected(wireOpts{}, func(c *wireClient) {
+			c.send(rawFrame(7, 0, nil))
+		}), replyFrameError, []uint16{0, 0}},
+		{"method frame under 4 octets on channel 0", connected(wireOpts{}, func(c *wireClient) {
+			c.send(rawFrame(frameMethod, 0, []byte{0, 10}))
+		}), replyFrameError, []uint16{0, 0}},
+		{"method frame under 4 octets on channel 1", onChannel1(func(c *wireClient) {
+			c.send(rawFrame(frameMethod, 1, []byte{0, 50, 0}))
+		}), replyFrameError, []uint16{0, 0}},
+
+		// 502 SYNTAX_ERROR
+		{"queue.declare truncated", onChannel1(func(c *wireClient) {
+			c.send(rawFrame(frameMethod, 1, []byte{0, 50, 0, 10, 0, 0, 1, 'q'}))
+		}), replySyntaxError, []uint16{50, 10}},
+		{"queue.declare shortstr past the end", onChannel1(func(c *wireClient) {
+			c.send(rawFrame(frameMethod, 1, []byte{0, 50, 0, 10, 0, 0, 200, 'a', 'b', 'c'}))
+		}), replySyntaxError, []uint16{50, 10}},
+		{"queue.declare table value of unknown type", onChannel1(func(c *wireClient) {
+			p := []byte{0, 50, 0, 10, 0, 0, 1, 'q', 0}
+			p = append(p, 0, 0, 0, 3, 1, 'k', 'Z')
+			c.send(rawFrame(frameMethod, 1, p))
+		}), replySyntaxError, []uint16{50, 10}},
+		{"basic.publish truncated", onChannel1(func(c *wireClient) {
+			c.send(rawFrame(frameMethod, 1, []byte{0, 60, 0, 40, 0, 0, 5, 'a'}))
+		}), replySyntaxError, []uint16{60, 40}},
+
+		// 504 CHANNEL_ERROR
+		{"method on a channel not open", connected(wireOpts{}, func(c *wireClient) {
+			c.sendMethod(3, &queueDeclare{Queue: "q"})
+		}), replyChannelError, []uint16{50, 10}},
+		{"second channel.open", onChannel1(func(c *wireClient) {
+			c.sendMethod(1, &channelOpen{})
+		}), replyChannelError, []uint16{20, 10}},
+		{"channel above channel-max", connected(wireOpts{channelMax: 10}, func(c *wireClient) {
+			c.openChannel(10)
+			c.sendMethod(11, &channelOpen{})
+		}), replyChannelError, []uint16{20, 10}},
+		{"channel.open on channel 0", connected(wireOpts{}, func(c *wireClient) {
+			c.sendMethod(0, &channelOpen{})
+		}), replyChannelError, []uint16{20, 10}},
+		{"content header on a channel not open", connected(wireOpts{}, func(c *wireClient) {
+			c.send(rawFrame(frameHeader, 2, header(1)))
+		}), replyChannelError, nil},
+
+		// 505 UNEXPECTED_FRAME
+		{"content header without publish", onChannel1(func(c *wireClient) {
+			c.send(rawFrame(frameHeader, 1, header(1)))
+		}), replyUnexpectedFrame, nil},
+		{"content body without publish", onChannel1(func(c *wireClient) {
+			c.send(rawFrame(frameBody, 1, []byte("x")))
+		}), replyUnexpectedFrame, nil},
+		{"method between publish and its header", onChannel1(func(c *wireClient) {
+			publish(c)
+			c.sendMethod(1, &basicQos{PrefetchCount: 1})
+		}), replyUnexpectedFrame, nil},
+		{"method between header and body", onChannel1(func(c *wireClient) {
+			publish(c)
+			c.send(rawFrame(frameHeader, 1, header(5)))
+			c.sendMethod(1, &basicQos{PrefetchCount: 1})
+		}), replyUnexpectedFrame, nil},
+		{"body larger than its header says", onChannel1(func(c *wireClient) {
+			publish(c)
+			c.send(rawFrame(frameHeader, 1, header(3)))
+			c.send(rawFrame(frameBody, 1, []byte("12345")))
+		}), replyUnexpectedFrame, nil},
+		{"heartbeat on channel 1", onChannel1(func(c *wireClient) {
+			c.send(rawFrame(frameHeartbeat, 1, nil))
+		}), replyUnexpectedFrame, nil},
+		{"content header on channel 0", connected(wireOpts{}, func(c *wireClient) {
+			c.send(rawFrame(frameHeader, 0, header(1)))
+		}), replyUnexpectedFrame, nil},
+
+		// 540 NOT_IMPLEMENTED
+		{"unknown class on channel 1", onChannel1(func(c *wireClient) {
+			c.send(rawFrame(frameMethod, 1, []byte{0, 99, 0, 1}))
+		}), replyNotImplemented, []uint16{99, 1}},
+		{"unknown basic method on channel 1", onChannel1(func(c *wireClient) {
+			c.send(rawFrame(frameMethod, 1, []byte{0, 60, 999 >> 8, 999 & 0xff}))
+		}), replyNotImplemented, []uint16{60, 999}},
+		{"unknown class on channel 0", connected(wireOpts{}, func(c *wireClient) {
+			c.send(rawFrame(frameMethod, 0, []byte{0, 99, 0, 1}))
+		}), replyNotImplemented, []uint16{99, 1}},
+
+		// The handshake.
+		{"unknown vhost", handshake(wireOpts{vhost: "/other"}, 3), replyNotAllowed, []uint16{10, 40}},
+		{"tune-ok frame-max under 4096", handshake(wireOpts{frameMax: 1000}, 2), replyNotAllowed, []uint16{10, 31}},
+		{"tune-ok frame-max over the server's", handshake(wireOpts{frameMax: defaultFrameMax + 1}, 2), replyNotAllowed, []uint16{10, 31}},
+		{"tune-ok channel-max over the server's", handshake(wireOpts{channelMax: defaultChannelMax + 1}, 2), replyNotAllowed, []uint16{10, 31}},
+		{"wrong password", handshake(wireOpts{response: "\x00guest\x00nope"}, 1), replyAccessRefused, []uint16{10, 11}},
+		{"wrong AMQPLAIN password", handshake(wireOpts{mechanism: "AMQPLAIN", response: amqplain("guest", "nope")}, 1), replyAccessRefused, []uint16{10, 11}},
+		{"wrong password without authentication_failure_close", handshake(wireOpts{response: "\x00guest\x00nope", noAuthFailureClose: true}, 1), 0, nil},
+		{"unknown SASL mechanism", handshake(wireOpts{mechanism: "EXTERNAL", response: "x"}, 1), replyCommandInvalid, []uint16{10, 11}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			srv, url := newTestServer(t)
+			other := dial(t, url)
+			c := tc.provoke(t, srv.Addr().String())
+			if tc.code == 0 {
+				c.expectClosed(wireTimeout)
+			} else {
+				c.expectConnClose(tc.code, tc.ids...)
+			}
+			checkBrokerWorks(t, other)
+		})
+	}
+}
+
+// contentHeader is the payload of a basic content header for a body of size octets,
+// without properties.
+func contentHeader(size uint64) []byte {
+	b := appendLonglong([]byte{0, classBasic, 0, 0}, size)
+	return append(b, 0, 0)
+}
+
+func TestConnAMQPlainLogin(t *testing.T) {
+	t.Parallel()
+	srv, _ := newTestServer(t)
+	var resp []byte
+	resp = appendShortstr(resp, "LOGIN")
+	resp = appendLongstr(append(resp, 'S'), "guest")
+	resp = appendShortstr(resp, "PASSWORD")
+	resp = appendLongstr(append(resp, 'S'), "guest")
+	c := wireConnect(t, srv.Addr().String(), wireOpts{mechanism: "AMQPLAIN", response: string(resp)})
+	c.openChannel(1)
+	c.sendMethod(1, &queueDeclare{Queue: "amqplain", Exclusive: true})
+	if ok := wireExpect[*queueDeclareOk](c, 1); ok.Queue != "amqplain" {
+		t.Errorf("declare-ok names queue %q", ok.Queue)
+	}
+	c.sendMethod(0, &connectionClose{ReplyCode: replySuccess, ReplyText: "bye"})
+	wireExpect[*connectionCloseOk](c, 0)
+	c.expectClosed(wireTimeout)
+}
+
+// TestConnChannelError checks a soft error: channel.close 404 naming queue.declare, then
+// everything on that channel but close-ok is dropped, and after close-ok the channel
+// number can be opened again.
+func TestConnChannelError(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	other := dial(t, url)
+	c := wireConnect(t, srv.Addr().String(), wireOpts{})
+	c.openChannel(1)
+	c.openChannel(2)
+	c.sendMethod(2, &queueDeclare{Queue: "soft-target", Exclusive: true})
+	wireExpect[*queueDeclareOk](c, 2)
+
+	c.sendMethod(1, &queueDeclare{Queue: "no-such-queue", Passive: true})
+	cl := wireExpect[*channelClose](c, 1)
+	if cl.ReplyCode != replyNotFound || cl.ClassID != 50 || cl.MethodID != 10 {
+		t.Errorf("channel.close %d %q for %d.%d, want 404 for 50.10", cl.ReplyCode, cl.ReplyText, cl.ClassID, cl.MethodID)
+	}
+	if want := "NOT_FOUND - no queue 'no-such-queue' in vhost '/'"; cl.ReplyText != want {
+		t.Errorf("reply text %q, want %q", cl.ReplyText, want)
+	}
+
+	// Until close-ok, channel 1 drops methods (even malformed or unknown ones) and content.
+	c.sendMethod(1, &queueDeclare{Queue: "declared-while-closing"})
+	c.sendMethod(1, &basicQos{PrefetchCount: 1})
+	c.send(rawFrame(frameMethod, 1, []byte{0, 50, 0, 10, 0, 0, 200}))
+	c.send(rawFrame(frameMethod, 1, []byte{0, 99, 0, 1}))
+	c.sendMethod(1, &basicPublish{RoutingKey: "soft-target"})
+	c.send(appendContent(nil, 1, nil, []byte("dropped"), defaultFrameMax))
+	c.send(rawFrame(frameBody, 1, []byte("stray body")))
+	// Nothing came back on channel 1 and nothing was routed: the next frame is get-empty.
+	c.sendMethod(2, &basicGet{Queue: "soft-target", NoAck: true})
+	wireExpect[*basicGetEmpty](c, 2)
+
+	c.sendMethod(1, &channelCloseOk{})
+	c.openChannel(1)
+	c.sendMethod(1, &queueDeclare{Queue: "declared-while-closing", Passive: true})
+	if cl := wireExpect[*channelClose](c, 1); cl.ReplyCode != replyNotFound {
+		t.Errorf("the declare sent while closing was not dropped: passive declare got %d %q", cl.ReplyCode, cl.ReplyText)
+	}
+	c.sendMethod(1, &channelCloseOk{})
+	c.openChannel(1)
+	c.sendMethod(1, &channelClose{ReplyCode: replySuccess, ReplyText: "done"})
+	wireExpect[*channelCloseOk](c, 1)
+	c.sendMethod(0, &connectionClose{ReplyCode: replySuccess, ReplyText: "bye"})
+	wireExpect[*connectionCloseOk](c, 0)
+	c.expectClosed(wireTimeout)
+	checkBrokerWorks(t, other)
+}
+
+func TestConnHandshakeTimeout(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t, Config{HandshakeTimeout: 300 * time.Millisecond})
+	other := dial(t, url)
+	addr := srv.Addr().String()
+	check := func(t *testing.T, c *wireClient, since time.Time) {
+		t.Helper()
+		c.expectClosed(3 * time.Second)
+		if d := time.Since(since); d < 250*time.Millisecond || d > 1500*time.Millisecond {
+			t.Errorf("closed after %v, want about 300ms", d)
+		}
+	}
+	t.Run("silent", func(t *testing.T) {
+		t.Parallel()
+		start := time.Now()
+		check(t, wireDial(t, addr), start)
+	})
+	t.Run("header only", func(t *testing.T) {
+		t.Parallel()
+		start := time.Now()
+		c := wireDial(t, addr)
+		c.send(protocolHeader[:])
+		wireExpect[*connectionStart](c, 0)
+		check(t, c, start)
+	})
+	t.Run("no tune-ok", func(t *testing.T) {
+		t.Parallel()
+		start := time.Now()
+		c := wireHandshake(t, addr, wireOpts{}, 1)
+		wireExpect[*connectionTune](c, 0)
+		check(t, c, start)
+	})
+	t.Run("open clients are not affected", func(t *testing.T) {
+		t.Parallel()
+		c := wireConnect(t, addr, wireOpts{})
+		if f, err := c.readFrame(time.Second); !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("an open connection got frame %d / %v within 1s of the handshake timeout, want nothing", f.typ, err)
+		}
+		c.openChannel(1)
+	})
+	checkBrokerWorks(t, other)
+}
+
+func TestConnHeartbeats(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	addr := srv.Addr().String()
+	t.Run("amqp091 client stays connected", func(t *testing.T) {
+		t.Parallel()
+		conn, err := amqp091.DialConfig(url, amqp091.Config{Heartbeat: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if conn.Config.Heartbeat != time.Second {
+			t.Fatalf("negotiated heartbeat %v, want 1s", conn.Config.Heartbeat)
+		}
+		closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
+		select {
+		case err := <-closed:
+			t.Fatalf("connection closed while idle: %v", err)
+		case <-time.After(3500 * time.Millisecond):
+		}
+		checkBrokerWorks(t, conn)
+	})
+	t.Run("silent client is dropped", func(t *testing.T) {
+		t.Parallel()
+		c := wireConnect(t, addr, wireOpts{heartbeat: 1})
+		opened := time.Now()
+		c.expectClosed(5 * time.Second)
+		if d := time.Since(opened); d < 1500*time.Millisecond || d > 3500*time.Millisecond {
+			t.Errorf("dropped after %v of silence, want about 2s (two heartbeat intervals)", d)
+		}
+	})
+	t.Run("server sends heartbeats", func(t *testing.T) {
+		t.Parallel()
+		c := wireConnect(t, addr, wireOpts{heartbeat: 1})
+		f, err := c.readFrame(2 * time.Second)
+		if err != nil {
+			t.Fatalf("no frame within 2s: %v", err)
+		}
+		if f.typ != frameHeartbeat || f.channel != 0 || len(f.payload) != 0 {
+			t.Fatalf("got frame type %d on channel %d with %d octets, want an empty heartbeat on channel 0", f.typ, f.channel, len(f.payload))
+		}
+	})
+}
+
+func TestConnGracefulShutdown(t *testing.T) {
+	t.Parallel()
+	srv := NewServer(Config{Logger: discardLogger(), DataDir: t.TempDir()})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	url := "amqp://guest:guest@" + srv.Addr().String() + "/"
+	conn := dial(t, url)
+	ch := openChannel(t, conn)
+	q, err := ch.QueueDeclare("", false, true, true, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.Consume(q.Name, "", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown = %v, want nil", err)
+	}
+	select {
+	case e := <-closed:
+		if e == nil || e.Code != replyConnectionForced {
+			t.Errorf("NotifyClose got %v, want code 320", e)
+		}
+	case <-time.After(wireTimeout):
+		t.Error("the client was not told the connection closed")
+	}
+	select {
+	case err := <-served:
+		if err != ErrServerClosed {
+			t.Errorf("Serve = %v, want ErrServerClosed", err)
+		}
+	case <-time.After(wireTimeout):
+		t.Error("Serve did not return after Shutdown")
+	}
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Errorf("second Shutdown = %v, want nil", err)
+	}
+	if err := srv.Serve(ln); err != ErrServerClosed {
+		t.Errorf("Serve after Shutdown = %v, want ErrServerClosed", err)
+	}
+}
+
+func TestConnChannelChurn(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	for i := 0; i < 1000; i++ {
+		ch, err := conn.Channel()
+		if err != nil {
+			t.Fatalf("channel %d: open: %v", i, err)
+		}
+		if err := ch.Close(); err != nil {
+			t.Fatalf("channel %d: close: %v", i, err)
+		}
+	}
+	checkBrokerWorks(t, conn)
+}
+
+// TestConnNoGoroutineLeak runs a server through clean clients, consumers with unacked
+// deliveries, a hard error, a handshake timeout and a client that vanishes mid-publish;
+// after Shutdown the goroutine count must come back to where it was. Not parallel: the
+// count means nothing while other tests run.
+func TestConnNoGoroutineLeak(t *testing.T) {
+	base := runtime.NumGoroutine()
+	srv := NewServer(Config{Logger: discardLogger(), DataDir: t.TempDir(), HandshakeTimeout: 300 * time.Millisecond})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	addr := srv.Addr().String()
+	url := "amqp://guest:guest@" + addr + "/"
+
+	var conns []*amqp091.Connection
+	for i := 0; i < 3; i++ {
+		conn, err := amqp091.Dial(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, conn)
+		ch, err := conn.Channel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		q, err := ch.QueueDeclare(fmt.Sprintf("leak-%d", i), false, false, i == 0, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for j := 0; j < 10; j++ {
+			if err := ch.PublishWithContext(context.Background(), "", q.Name, false, false, amqp091.Publishing{Body: []byte("m")}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := ch.Qos(2, 0, false); err != nil {
+			t.Fatal(err)
+		}
+		msgs, err := ch.Consume(q.Name, "", false, false, false, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-msgs:
+		case <-time.After(wireTimeout):
+			t.Fatal("no delivery")
+		}
+	}
+	bad := wireConnect(t, addr, wireOpts{})
+	bad.send(rawFrame(7, 0, nil))
+	bad.expectConnClose(replyFrameError)
+	slow := wireDial(t, addr)
+	slow.send(protocolHeader[:])
+	wireExpect[*connectionStart](slow, 0)
+	slow.expectClosed(wireTimeout)
+	gone := wireConnect(t, addr, wireOpts{})
+	gone.openChannel(1)
+	gone.sendMethod(1, &basicPublish{RoutingKey: "leak-1"})
+	gone.send(rawFrame(frameHeader, 1, contentHeader(100)))
+	gone.nc.Close()
+
+	// A raw client that answers the server's connection.close, from another goroutine.
+	idle := wireConnect(t, addr, wireOpts{})
+	idle.openChannel(1)
+	idleDone := make(chan error, 1)
+	go func() {
+		f, err := idle.readFrame(wireTimeout)
+		if err != nil {
+			idleDone <- err
+			return
+		}
+		id, d, err := methodHeader(f.payload)
+		m := connectionClose{}
+		if m.decode(&d); err != nil || id != idConnectionClose || m.ReplyCode != replyConnectionForced {
+			idleDone <- fmt.Errorf("got frame type %d method %s code %d, want connection.close 320", f.typ, methodName(id), m.ReplyCode)
+			return
+		}
+		idle.nc.Write(appendMethodFrame(nil, 0, &connectionCloseOk{}))
+		idleDone <- nil
+	}()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown = %v", err)
+	}
+	if err := <-served; err != ErrServerClosed {
+		t.Errorf("Serve = %v, want ErrServerClosed", err)
+	}
+	if err := <-idleDone; err != nil {
+		t.Errorf("idle raw client: %v", err)
+	}
+	for _, conn := range conns {
+		conn.Close()
+	}
+
+	deadline := time.Now().Add(5 * time.Second)
+	for n := runtime.NumGoroutine(); n > base; n = runtime.NumGoroutine() {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			buf = buf[:runtime.Stack(buf, true)]
+			t.Fatalf("%d goroutines after shutdown, %d before the server started:\n%s", n, base, buf)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
