@@ -19,7 +19,11 @@
 //
 // # Durability
 //
-// Nothing is written to disk yet: Config.DataDir is reserved for the write-ahead log.
+// With Config.DataDir set, durable exchanges, queues and bindings, and persistent messages
+// (delivery-mode 2) routed to durable queues, are written to a write-ahead log there and
+// survive a crash and a restart. A publisher confirm or tx.commit-ok for such a message is
+// sent only after the fsync that covers it (unless Config.FsyncInterval relaxes that).
+// Without DataDir everything is in memory. See wal.go for the format.
 //
 // # Concurrency
 //
@@ -78,6 +82,18 @@ type Config struct {
 	// MaxMessageSize is the largest message body accepted, in octets; default 16 MiB as in
 	// RabbitMQ 4, at most 512 MiB. A larger publish is 406 PRECONDITION_FAILED.
 	MaxMessageSize int
+	// SegmentSize is the size at which the write-ahead log starts a new segment file;
+	// default 16 MiB.
+	SegmentSize int64
+	// FsyncInterval selects the fsync policy. Zero (the default) is "always": every batch
+	// of log records is fsynced before the confirms and tx.commit-oks it covers are sent.
+	// A positive value is "interval": batches are written at once but fsynced at most this
+	// often, and confirms are sent after the write, so a machine crash (not a broker
+	// crash) can lose up to this much confirmed work.
+	FsyncInterval time.Duration
+	// Repair lets startup skip corrupt records in the middle of the log, logging what was
+	// lost, instead of refusing to start.
+	Repair bool
 	// HandshakeTimeout bounds the time from accepting a socket to connection.open; default 10s.
 	HandshakeTimeout time.Duration
 }
@@ -124,6 +140,9 @@ type Server struct {
 	closed    bool                      // guarded by mu
 	addr      net.Addr                  // guarded by mu: the first listener's address
 	vhosts    map[string]*vhost         // guarded by mu
+	wal       *wal                      // nil without a data directory; set before serving
+	openOnce  sync.Once
+	openErr   error
 	ready     chan struct{}             // closed when the first listener is up
 }
 
@@ -161,6 +180,11 @@ func (s *Server) ListenAndServe() error {
 // Serve accepts connections on ln until Shutdown, when it returns ErrServerClosed.
 // Serve closes ln when it returns.
 func (s *Server) Serve(ln net.Listener) error {
+	s.openOnce.Do(func() { s.openErr = s.openStore() })
+	if s.openErr != nil {
+		ln.Close()
+		return s.openErr
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -238,9 +262,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.conns.Wait()
 		close(done)
 	}()
+	var err error
 	select {
 	case <-done:
-		return nil
 	case <-ctx.Done():
 		s.mu.Lock()
 		for c := range s.active {
@@ -248,8 +272,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 		s.mu.Unlock()
 		<-done
-		return ctx.Err()
+		err = ctx.Err()
 	}
+	if s.wal != nil {
+		s.wal.close()
+	}
+	return err
 }
 
 func (s *Server) isClosed() bool {

@@ -30,12 +30,20 @@ type channel struct {
 	exCache  *exchange // the last exchange published to
 	exCacheN string
 
-	confirm     bool
-	confirmSeq  uint64 // delivery tag of the last publish in confirm mode
-	confirmSent uint64 // highest tag confirmed to the client
-	tx          bool
-	txPubs      []txPublish
-	txAcks      []txAck
+	confirm bool
+	tx      bool
+	txPubs  []txPublish
+	txAcks  []txAck
+	walBuf  []byte // reused to encode publish records
+
+	// Publisher confirms. The reader confirms at each drain of its input; the log's writer
+	// confirms persistent messages after their fsync.
+	cmu           sync.Mutex
+	confirmSeq    uint64                 // guarded by cmu: tag of the last publish in confirm mode
+	confirmSent   uint64                 // guarded by cmu: highest tag confirmed to the client
+	durableWait   deque[durableConfirm]  // guarded by cmu: persistent publishes waiting for fsync
+	confirmClosed bool                   // guarded by cmu: the channel is gone
+	walListening  bool                   // guarded by the log's mu
 
 	mu               sync.Mutex
 	dead             bool                 // guarded by mu: closed; no more deliveries
@@ -46,6 +54,14 @@ type channel struct {
 	prefetchGlobal   uint16               // guarded by mu: basic.qos global=true
 	prefetchConsumer uint16               // guarded by mu: basic.qos global=false, for new consumers
 	consumers        map[string]*consumer // guarded by mu
+}
+
+// durableConfirm is a confirm that waits for the log: ticket covers the message, and nack
+// is set when the log refused it.
+type durableConfirm struct {
+	tag    uint64
+	ticket uint64
+	nack   bool
 }
 
 // txPublish is a publish held until tx.commit.
@@ -88,6 +104,9 @@ func (ch *channel) canDeliverLocked(c *consumer) bool {
 func (ch *channel) shutdown() {
 	ch.pubWait, ch.pubMsg = false, nil
 	ch.txPubs, ch.txAcks = nil, nil
+	ch.cmu.Lock()
+	ch.confirmClosed = true
+	ch.cmu.Unlock()
 	ch.mu.Lock()
 	ch.dead = true
 	consumers := make([]*consumer, 0, len(ch.consumers))
@@ -277,14 +296,15 @@ func (ch *channel) handleHeader(p []byte) error {
 	}
 	size := binary.BigEndian.Uint64(p[4:12])
 	raw := p[12:]
-	if _, err := scanProperties(raw); err != nil {
+	props, err := scanProperties(raw)
+	if err != nil {
 		return withMethod(syntaxError("malformed content properties"), idBasicPublish)
 	}
 	ch.pubWait = false
 	if limit := ch.c.s.cfg.MaxMessageSize; size > uint64(limit) {
 		return withMethod(preconditionFailed("message size "+strconv.FormatUint(size, 10)+" is larger than configured max size "+strconv.Itoa(limit)), idBasicPublish)
 	}
-	m := &message{keyLen: uint8(len(ch.pubKey)), propsLen: uint32(len(raw)), publisher: ch.c.id}
+	m := &message{keyLen: uint8(len(ch.pubKey)), propsLen: uint32(len(raw)), publisher: ch.c.id, persistent: props.deliveryMode == 2}
 	m.data = make([]byte, len(ch.pubKey)+len(raw)+int(size))
 	copy(m.data, ch.pubKey)
 	copy(m.data[len(ch.pubKey):], raw)
@@ -338,22 +358,42 @@ func (ch *channel) publishComplete() error {
 	}
 	ch.routeLocked(x, msg)
 	vh.mu.RUnlock()
-	ch.deliver(msg, ch.pubArgs.Mandatory)
+	ticket, err := ch.deliver(msg, ch.pubArgs.Mandatory)
 	if ch.confirm {
-		ch.confirmSeq++
-		ch.c.confirmPending(ch)
+		ch.addConfirm(ticket, err != nil)
+		return nil
+	}
+	if err != nil {
+		return withMethod(internalError("write-ahead log failed"), idBasicPublish)
 	}
 	return nil
 }
 
+// addConfirm counts a publish in confirm mode; a persistent one waits for its ticket.
+func (ch *channel) addConfirm(ticket uint64, nack bool) {
+	ch.cmu.Lock()
+	ch.confirmSeq++
+	if ticket > 0 || nack {
+		ch.durableWait.push(durableConfirm{tag: ch.confirmSeq, ticket: ticket, nack: nack})
+	}
+	ch.cmu.Unlock()
+	if ticket > 0 {
+		w := ch.c.s.wal
+		w.mu.Lock()
+		w.listenLocked(ch)
+		w.mu.Unlock()
+	}
+	ch.c.confirmPending(ch)
+}
+
 // route delivers msg through x to its queues; an unroutable mandatory message comes back
-// in basic.return 312 NO_ROUTE.
-func (ch *channel) route(x *exchange, msg *message, mandatory bool) {
+// in basic.return 312 NO_ROUTE. It returns the log ticket covering a persistent message.
+func (ch *channel) route(x *exchange, msg *message, mandatory bool) (uint64, error) {
 	vh := ch.vh()
 	vh.mu.RLock()
 	ch.routeLocked(x, msg)
 	vh.mu.RUnlock()
-	ch.deliver(msg, mandatory)
+	return ch.deliver(msg, mandatory)
 }
 
 // routeLocked collects the queues msg goes to through x in ch.routes. vh.mu must be held
@@ -370,14 +410,31 @@ func (ch *channel) routeLocked(x *exchange, msg *message) {
 	}
 }
 
-// deliver enqueues msg on the queues routeLocked found.
-func (ch *channel) deliver(msg *message, mandatory bool) {
+// deliver enqueues msg on the queues routeLocked found, logging it first when it is
+// persistent and one of them is durable.
+func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err error) {
+	if w := ch.c.s.wal; w != nil && msg.persistent && anyLogged(ch.routes.queues) {
+		ticket, ch.walBuf, err = w.logPublish(msg, ch.routes.queues, ch.walBuf)
+		if err != nil {
+			return 0, err
+		}
+	}
 	for _, q := range ch.routes.queues {
 		q.enqueue(msg)
 	}
 	if len(ch.routes.queues) == 0 && mandatory {
 		ch.c.sendReturn(ch.id, replyNoRoute, "NO_ROUTE", msg)
 	}
+	return ticket, nil
+}
+
+func anyLogged(qs []*queue) bool {
+	for _, q := range qs {
+		if q.walID != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // sendReturn appends basic.return and the message's content to the outbox.
@@ -401,15 +458,45 @@ func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) 
 	c.signal()
 }
 
-// flushConfirms sends one basic.ack covering every publish confirmed since the last one.
+// flushConfirms sends one basic.ack covering every publish that can be confirmed: all up
+// to the first persistent one whose log record is not yet on disk.
 func (ch *channel) flushConfirms() {
-	if ch.confirmSent == ch.confirmSeq || ch.closing {
+	var done uint64
+	if w := ch.c.s.wal; w != nil {
+		done = w.doneAtomic.Load()
+	}
+	ch.cmu.Lock()
+	defer ch.cmu.Unlock()
+	if ch.confirmClosed {
 		return
 	}
-	multiple := ch.confirmSeq-ch.confirmSent > 1
-	ch.confirmSent = ch.confirmSeq
-	ch.c.send2(ch.id, &basicAck{DeliveryTag: ch.confirmSeq, Multiple: multiple})
+	for ch.durableWait.len() > 0 {
+		dc := ch.durableWait.front()
+		if dc.nack {
+			ch.ackUpToLocked(dc.tag - 1)
+			ch.c.send2(ch.id, &basicNack{DeliveryTag: dc.tag})
+			ch.confirmSent = dc.tag
+		} else if dc.ticket > done {
+			ch.ackUpToLocked(dc.tag - 1)
+			return
+		}
+		ch.durableWait.pop()
+	}
+	ch.ackUpToLocked(ch.confirmSeq)
 }
+
+// ackUpToLocked confirms every publish up to tag. ch.cmu must be held.
+func (ch *channel) ackUpToLocked(tag uint64) {
+	if tag <= ch.confirmSent {
+		return
+	}
+	multiple := tag-ch.confirmSent > 1
+	ch.confirmSent = tag
+	ch.c.send2(ch.id, &basicAck{DeliveryTag: tag, Multiple: multiple})
+}
+
+// walSynced is called by the log's writer after a batch is on disk.
+func (ch *channel) walSynced(uint64) { ch.flushConfirms() }
 
 func (ch *channel) findExchange(name string) (*exchange, error) {
 	vh := ch.vh()
@@ -482,6 +569,7 @@ func (ch *channel) settle(a txAck) error {
 		requeueAll(done)
 		return nil
 	}
+	ch.c.s.logSettled(done)
 	// Credit came back: let the queues deliver again.
 	var last *queue
 	for _, u := range done {
@@ -670,6 +758,8 @@ func (ch *channel) basicGet(d *decoder) error {
 	tag := ch.nextTag
 	if !m.NoAck {
 		ch.unacked.push(unacked{tag: tag, q: q, e: e})
+	} else {
+		q.settleOne(e.msg)
 	}
 	ch.c.sendGetOk(ch.id, tag, e, uint32(q.messageCountLocked()))
 	ch.mu.Unlock()
@@ -763,12 +853,23 @@ func (ch *channel) txMethod(id uint32) error {
 		}
 		pubs, acks := ch.txPubs, ch.txAcks
 		ch.txPubs, ch.txAcks = nil, nil
+		var last uint64
 		for _, p := range pubs {
-			ch.route(p.x, p.msg, p.mandatory)
+			t, err := ch.route(p.x, p.msg, p.mandatory)
+			if err != nil {
+				return internalError("write-ahead log failed")
+			}
+			last = max(last, t)
 		}
 		for _, a := range acks {
 			if err := ch.settle(a); err != nil {
 				return err
+			}
+		}
+		if w := ch.c.s.wal; w != nil && (last > 0 || len(acks) > 0) {
+			// tx.commit-ok means on disk: wait for the fsync covering this work.
+			if err := w.sync(); err != nil {
+				return internalError("write-ahead log failed")
 			}
 		}
 		ch.c.send2(ch.id, &txCommitOk{})

@@ -20,6 +20,7 @@ const (
 // the two maps and every exchange's bindings. Publishers hold it for reading while routing.
 type vhost struct {
 	name string
+	wal  *wal // nil when nothing is durable
 
 	mu        sync.RWMutex
 	exchanges map[string]*exchange // guarded by mu
@@ -98,10 +99,11 @@ func (x *exchange) findBindingLocked(b *binding) int {
 	return -1
 }
 
-// addBindingLocked adds b unless an equal binding exists. vh.mu must be held.
-func (x *exchange) addBindingLocked(b *binding) {
+// addBindingLocked adds b unless an equal binding exists; it reports whether it did.
+// vh.mu must be held.
+func (x *exchange) addBindingLocked(b *binding) bool {
 	if x.findBindingLocked(b) >= 0 {
-		return
+		return false
 	}
 	if x.kind == kindHeaders {
 		b.match = parseHeadersMatch(b.args)
@@ -118,6 +120,7 @@ func (x *exchange) addBindingLocked(b *binding) {
 	} else {
 		b.dest.incoming = append(b.dest.incoming, b)
 	}
+	return true
 }
 
 // removeBindingLocked removes the binding at index i of x.bindings. vh.mu must be held.
@@ -466,9 +469,18 @@ func (ch *channel) exchangeDeclare(d *decoder) error {
 	vh.mu.Lock()
 	x := vh.exchanges[m.Exchange]
 	if x == nil {
-		vh.exchanges[m.Exchange] = newExchange(m.Exchange, m.Type, m.Durable, m.AutoDelete, m.Internal, m.Arguments)
+		nx := newExchange(m.Exchange, m.Type, m.Durable, m.AutoDelete, m.Internal, m.Arguments)
+		vh.exchanges[m.Exchange] = nx
+		if nx.durable {
+			vh.logLocked(recExchangeDeclare, exchangeRecord(vh.name, nx))
+		}
 	}
 	vh.mu.Unlock()
+	if x == nil && m.Durable {
+		if err := vh.syncTopology(); err != nil {
+			return err
+		}
+	}
 	if x != nil {
 		if err := x.equivalent(&m, vh.name); err != nil {
 			return err
@@ -529,6 +541,11 @@ func (ch *channel) exchangeDelete(d *decoder) error {
 		vh.deleteExchangeLocked(x)
 	}
 	vh.mu.Unlock()
+	if x != nil && x.durable {
+		if err := vh.syncTopology(); err != nil {
+			return err
+		}
+	}
 	return ch.reply(m.NoWait, &exchangeDeleteOk{})
 }
 
@@ -539,6 +556,9 @@ func (vh *vhost) deleteExchangeLocked(x *exchange) {
 	}
 	x.deleted = true
 	delete(vh.exchanges, x.name)
+	if x.durable {
+		vh.logLocked(recExchangeDelete, append(appendShortstr(nil, vh.name), appendShortstr(nil, x.name)...))
+	}
 	for len(x.bindings) > 0 {
 		x.removeBindingLocked(len(x.bindings) - 1)
 	}
@@ -580,22 +600,37 @@ func (ch *channel) exchangeBind(id uint32, d *decoder) error {
 	}
 	vh := ch.vh()
 	vh.mu.Lock()
-	defer vh.mu.Unlock()
 	sx, dx := vh.exchanges[src], vh.exchanges[dst]
-	if dx == nil {
-		return notFound("no " + describeExchange(dst, vh.name))
-	}
-	if sx == nil {
+	if dx == nil || sx == nil {
+		vh.mu.Unlock()
+		if dx == nil {
+			return notFound("no " + describeExchange(dst, vh.name))
+		}
 		return notFound("no " + describeExchange(src, vh.name))
 	}
 	b := &binding{source: sx, dest: dx, key: key, args: args}
+	logged := false
 	if id == idExchangeBind {
-		sx.addBindingLocked(b)
-		return ch.reply(noWait, &exchangeBindOk{})
-	}
-	if i := sx.findBindingLocked(b); i >= 0 {
-		sx.removeBindingLocked(i)
+		if sx.addBindingLocked(b) && durableBinding(b) {
+			vh.logLocked(recBind, bindRecord(vh.name, b))
+			logged = true
+		}
+	} else if i := sx.findBindingLocked(b); i >= 0 {
+		if b = sx.removeBindingLocked(i); durableBinding(b) {
+			vh.logLocked(recUnbind, bindRecord(vh.name, b))
+			logged = true
+		}
 		vh.autoDeleteLocked(sx)
+	}
+	vh.mu.Unlock()
+	if logged {
+		if err := vh.syncTopology(); err != nil {
+			return err
+		}
+	}
+	if id == idExchangeBind {
+		return ch.reply(noWait, &exchangeBindOk{})
 	}
 	return ch.reply(noWait, &exchangeUnbindOk{})
 }
+

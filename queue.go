@@ -16,7 +16,9 @@ type message struct {
 	data      []byte
 	keyLen    uint8
 	propsLen  uint32
-	publisher uint64 // the publishing connection's id, for no-local consumers
+	publisher  uint64  // the publishing connection's id, for no-local consumers
+	persistent bool    // delivery-mode 2
+	wal        *msgWAL // its place in the log, when it went to a durable queue
 }
 
 func (m *message) routingKey() []byte { return m.data[:m.keyLen] }
@@ -92,6 +94,7 @@ type queue struct {
 	durable, exclusive, autoDelete bool
 	owner                          *conn // exclusive queues: the declaring connection
 	args                           table
+	walID                          uint64     // durable queues: the id log records use; 0 if not logged
 	bindings                       []*binding // guarded by vh.mu
 
 	mu          sync.Mutex
@@ -240,6 +243,15 @@ func (q *queue) heapPopLocked() qentry {
 // requeue puts delivered messages back and redelivers what it can.
 func (q *queue) requeue(es []qentry) {
 	q.mu.Lock()
+	if q.deleted && q.walID != 0 && q.vh.wal != nil {
+		msgs := make([]*message, 0, len(es))
+		for _, e := range es {
+			if e.msg.wal != nil {
+				msgs = append(msgs, e.msg)
+			}
+		}
+		q.vh.wal.dropQueue(q, msgs)
+	}
 	for _, e := range es {
 		q.requeueLocked(e)
 	}
@@ -252,9 +264,28 @@ func (q *queue) purge() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	n := q.messageCountLocked()
+	if q.walID != 0 && q.vh.wal != nil {
+		q.vh.wal.settle(q, q.readyLoggedLocked())
+	}
 	q.ready.clear()
 	q.requeued = nil
 	return n
+}
+
+// readyLoggedLocked lists the ready messages that are in the log. q.mu must be held.
+func (q *queue) readyLoggedLocked() []*message {
+	var msgs []*message
+	for _, e := range q.requeued {
+		if e.msg.wal != nil {
+			msgs = append(msgs, e.msg)
+		}
+	}
+	for i := 0; i < q.ready.len(); i++ {
+		if m := q.ready.at(i).msg; m.wal != nil {
+			msgs = append(msgs, m)
+		}
+	}
+	return msgs
 }
 
 // addConsumer attaches c and sends ok (basic.consume-ok, unless nil) before the first
@@ -326,6 +357,8 @@ func (c *consumer) deliverLocked(e qentry) bool {
 		ch.unacked.push(unacked{tag: ch.nextTag, q: c.q, e: e, c: c})
 		c.inflight++
 		ch.inflight++
+	} else if e.msg.wal != nil {
+		c.q.settleOne(e.msg)
 	}
 	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e)
 	return true
@@ -399,8 +432,17 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			q.owner = ch.c
 		}
 		vh.queues[name] = q
+		if vh.wal != nil && m.Durable && !m.Exclusive && !m.AutoDelete {
+			q.walID = vh.wal.newQueueID()
+			vh.logLocked(recQueueDeclare, queueRecord(vh.name, q))
+		}
 	}
 	vh.mu.Unlock()
+	if q.walID != 0 {
+		if err := vh.syncTopology(); err != nil {
+			return err
+		}
+	}
 	if created {
 		if m.Exclusive {
 			ch.c.exclusive = append(ch.c.exclusive, q)
@@ -454,10 +496,20 @@ func (ch *channel) queueBind(d *decoder) error {
 	}
 	vh := ch.vh()
 	vh.mu.Lock()
+	logged := false
 	if !x.deleted && !q.isDeleted() {
-		x.addBindingLocked(&binding{source: x, queue: q, key: m.RoutingKey, args: m.Arguments})
+		b := &binding{source: x, queue: q, key: m.RoutingKey, args: m.Arguments}
+		if x.addBindingLocked(b) && durableBinding(b) {
+			vh.logLocked(recBind, bindRecord(vh.name, b))
+			logged = true
+		}
 	}
 	vh.mu.Unlock()
+	if logged {
+		if err := vh.syncTopology(); err != nil {
+			return err
+		}
+	}
 	return ch.reply(m.NoWait, &queueBindOk{})
 }
 
@@ -472,11 +524,21 @@ func (ch *channel) queueUnbind(d *decoder) error {
 	}
 	vh := ch.vh()
 	vh.mu.Lock()
+	logged := false
 	if i := x.findBindingLocked(&binding{queue: q, key: m.RoutingKey, args: m.Arguments}); i >= 0 {
-		x.removeBindingLocked(i)
+		b := x.removeBindingLocked(i)
+		if durableBinding(b) {
+			vh.logLocked(recUnbind, bindRecord(vh.name, b))
+			logged = true
+		}
 		vh.autoDeleteLocked(x)
 	}
 	vh.mu.Unlock()
+	if logged {
+		if err := vh.syncTopology(); err != nil {
+			return err
+		}
+	}
 	return ch.send(&queueUnbindOk{})
 }
 
@@ -557,6 +619,9 @@ func (vh *vhost) deleteQueue(q *queue) int {
 		return 0
 	}
 	delete(vh.queues, q.name)
+	if q.walID != 0 {
+		vh.logLocked(recQueueDelete, binary.BigEndian.AppendUint64(nil, q.walID))
+	}
 	for len(q.bindings) > 0 {
 		b := q.bindings[len(q.bindings)-1]
 		x := b.source
@@ -568,6 +633,9 @@ func (vh *vhost) deleteQueue(q *queue) int {
 	q.mu.Lock()
 	q.deleted = true
 	n := q.messageCountLocked()
+	if q.walID != 0 && vh.wal != nil {
+		vh.wal.dropQueue(q, q.readyLoggedLocked())
+	}
 	q.ready.clear()
 	q.requeued = nil
 	consumers := q.consumers
