@@ -478,6 +478,13 @@ func (ch *channel) flushConfirms() {
 			ch.confirmSent = dc.tag
 		} else if dc.ticket > done {
 			ch.ackUpToLocked(dc.tag - 1)
+			// The writer may have taken its listeners before this channel's last
+			// publish was logged: ask again so the next batch confirms it.
+			w := ch.c.s.wal
+			w.mu.Lock()
+			w.listenLocked(ch)
+			w.mu.Unlock()
+			w.kick()
 			return
 		}
 		ch.durableWait.pop()

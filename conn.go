@@ -373,11 +373,11 @@ func (c *conn) tune(t *connectionTuneOk) error {
 // expect reads the next frame, which must be the method m on channel 0.
 func (c *conn) expect(m method) error {
 	f, err := c.fr.read()
+	for err == nil && f.typ == frameHeartbeat && f.channel == 0 {
+		f, err = c.fr.read()
+	}
 	if err != nil {
 		return err
-	}
-	if f.typ == frameHeartbeat && f.channel == 0 {
-		return c.expect(m)
 	}
 	if f.typ != frameMethod || f.channel != 0 {
 		return unexpectedFrame("expected " + methodName(m.id()) + ", got a frame of type " + strconv.Itoa(int(f.typ)) + " on channel " + strconv.Itoa(int(f.channel)))

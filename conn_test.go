@@ -212,12 +212,29 @@ func (c *wireClient) expectClosed(d time.Duration) {
 		case err == nil && f.typ == frameHeartbeat:
 			continue
 		case err == nil:
-			c.t.Fatalf("got a frame of type %d on channel %d, want the socket closed", f.typ, f.channel)
+			c.t.Fatalf("got %s, want the socket closed", describeFrame(f))
 		case !isSocketClosed(err):
 			c.t.Fatalf("read: %v, want the socket closed (EOF)", err)
 		}
 		return
 	}
+}
+
+// describeFrame names a frame for a test failure, decoding methods.
+func describeFrame(f frame) string {
+	if f.typ != frameMethod {
+		return fmt.Sprintf("a frame of type %d on channel %d", f.typ, f.channel)
+	}
+	id, d, err := methodHeader(f.payload)
+	if err != nil {
+		return fmt.Sprintf("a short method frame on channel %d", f.channel)
+	}
+	m := newMethod(id)
+	if m == nil {
+		return fmt.Sprintf("unknown method %d.%d on channel %d", id>>16, id&0xffff, f.channel)
+	}
+	m.decode(&d)
+	return fmt.Sprintf("%s %+v on channel %d", methodName(id), m, f.channel)
 }
 
 func isSocketClosed(err error) bool {
@@ -520,91 +537,146 @@ func TestConnChannelError(t *testing.T) {
 	checkBrokerWorks(t, other)
 }
 
-func TestConnHandshakeTimeout(t *testing.T) {
+// TestConnTimers checks the handshake timeout, heartbeats and the close-ok timeout. Every
+// clock starts at once and background readers note when each socket closes, so the test
+// takes as long as its longest wait (the 5s close-ok timeout), not the sum.
+func TestConnTimers(t *testing.T) {
 	t.Parallel()
-	srv, url := newTestServer(t, Config{HandshakeTimeout: 300 * time.Millisecond})
-	other := dial(t, url)
+	slowSrv, slowURL := newTestServer(t, Config{HandshakeTimeout: 300 * time.Millisecond})
+	slow := slowSrv.Addr().String()
+	srv, url := newTestServer(t)
 	addr := srv.Addr().String()
-	check := func(t *testing.T, c *wireClient, since time.Time) {
+	other := dial(t, slowURL)
+
+	start := time.Now()
+	hsSilent := wireDial(t, slow)
+	hsHeader := wireDial(t, slow)
+	hsHeader.send(protocolHeader[:])
+	wireExpect[*connectionStart](hsHeader, 0)
+	hsNoTuneOk := wireHandshake(t, slow, wireOpts{}, 1)
+	wireExpect[*connectionTune](hsNoTuneOk, 0)
+	hsOpen := wireConnect(t, slow, wireOpts{})
+	hb, err := amqp091.DialConfig(url, amqp091.Config{Heartbeat: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hb.Close()
+	hbClosed := hb.NotifyClose(make(chan *amqp091.Error, 1))
+	hbSilent := wireConnect(t, addr, wireOpts{heartbeat: 1})
+	hbOpened := time.Now()
+	noCloseOk := wireConnect(t, addr, wireOpts{})
+	noCloseOk.send(rawFrame(7, 0, nil))
+	if cl := wireExpect[*connectionClose](noCloseOk, 0); cl.ReplyCode != replyFrameError {
+		t.Fatalf("connection.close %d %q, want 501", cl.ReplyCode, cl.ReplyText)
+	}
+	closeSent := time.Now()
+	noCloseOk.sendMethod(1, &channelOpen{}) // ignored: only close and close-ok count now
+
+	deadline := start.Add(10 * time.Second)
+	hsSilentW, hsHeaderW, hsNoTuneOkW := hsSilent.watch(deadline), hsHeader.watch(deadline), hsNoTuneOk.watch(deadline)
+	hsOpenW := hsOpen.watch(start.Add(time.Second))
+	hbSilentW, noCloseOkW := hbSilent.watch(deadline), noCloseOk.watch(deadline)
+
+	// closedAfter checks that w ended with the socket closed, after about want (within
+	// [min, max]) since from, with no frames but heartbeats before.
+	closedAfter := func(t *testing.T, w wireWatch, from time.Time, lo, hi time.Duration) {
 		t.Helper()
-		c.expectClosed(3 * time.Second)
-		if d := time.Since(since); d < 250*time.Millisecond || d > 1500*time.Millisecond {
-			t.Errorf("closed after %v, want about 300ms", d)
+		for _, f := range w.frames {
+			if f.typ != frameHeartbeat {
+				t.Errorf("got %s before the socket closed", describeFrame(f))
+			}
+		}
+		if !isSocketClosed(w.err) {
+			t.Fatalf("read: %v, want the socket closed", w.err)
+		}
+		if d := w.end.Sub(from); d < lo || d > hi {
+			t.Errorf("socket closed after %v, want within [%v, %v]", d, lo, hi)
 		}
 	}
-	t.Run("silent", func(t *testing.T) {
-		t.Parallel()
-		start := time.Now()
-		check(t, wireDial(t, addr), start)
+	t.Run("handshake timeout/silent socket", func(t *testing.T) {
+		closedAfter(t, <-hsSilentW, start, 250*time.Millisecond, 1500*time.Millisecond)
 	})
-	t.Run("header only", func(t *testing.T) {
-		t.Parallel()
-		start := time.Now()
-		c := wireDial(t, addr)
-		c.send(protocolHeader[:])
-		wireExpect[*connectionStart](c, 0)
-		check(t, c, start)
+	t.Run("handshake timeout/header only", func(t *testing.T) {
+		closedAfter(t, <-hsHeaderW, start, 250*time.Millisecond, 1500*time.Millisecond)
 	})
-	t.Run("no tune-ok", func(t *testing.T) {
-		t.Parallel()
-		start := time.Now()
-		c := wireHandshake(t, addr, wireOpts{}, 1)
-		wireExpect[*connectionTune](c, 0)
-		check(t, c, start)
+	t.Run("handshake timeout/no tune-ok", func(t *testing.T) {
+		closedAfter(t, <-hsNoTuneOkW, start, 250*time.Millisecond, 1500*time.Millisecond)
 	})
-	t.Run("open clients are not affected", func(t *testing.T) {
-		t.Parallel()
-		c := wireConnect(t, addr, wireOpts{})
-		if f, err := c.readFrame(time.Second); !errors.Is(err, os.ErrDeadlineExceeded) {
-			t.Fatalf("an open connection got frame %d / %v within 1s of the handshake timeout, want nothing", f.typ, err)
+	t.Run("handshake timeout/open connection stays", func(t *testing.T) {
+		w := <-hsOpenW
+		if len(w.frames) > 0 || !errors.Is(w.err, os.ErrDeadlineExceeded) {
+			t.Fatalf("an open connection got %d frames and %v within 1s, want nothing", len(w.frames), w.err)
 		}
-		c.openChannel(1)
+		hsOpen.t = t
+		hsOpen.openChannel(1)
+	})
+	t.Run("heartbeat/server sends heartbeats", func(t *testing.T) {
+		w := <-hbSilentW
+		hbSilentW = chanOf(w)
+		if len(w.frames) == 0 || w.frames[0].typ != frameHeartbeat {
+			t.Fatalf("got %d frames, want heartbeats", len(w.frames))
+		}
+		if f := w.frames[0]; f.channel != 0 || len(f.payload) != 0 {
+			t.Errorf("heartbeat on channel %d with %d octets, want an empty frame on channel 0", f.channel, len(f.payload))
+		}
+		if d := w.times[0].Sub(hbOpened); d > 2*time.Second {
+			t.Errorf("first heartbeat %v after open-ok, want within 2s", d)
+		}
+	})
+	t.Run("heartbeat/silent client is dropped", func(t *testing.T) {
+		closedAfter(t, <-hbSilentW, hbOpened, 1500*time.Millisecond, 3500*time.Millisecond)
+	})
+	t.Run("heartbeat/amqp091 client stays connected", func(t *testing.T) {
+		if hb.Config.Heartbeat != time.Second {
+			t.Fatalf("negotiated heartbeat %v, want 1s", hb.Config.Heartbeat)
+		}
+		select {
+		case err := <-hbClosed:
+			t.Fatalf("connection closed while idle: %v", err)
+		case <-time.After(time.Until(start.Add(3500 * time.Millisecond))):
+		}
+		checkBrokerWorks(t, hb)
+	})
+	t.Run("close-ok timeout", func(t *testing.T) {
+		closedAfter(t, <-noCloseOkW, closeSent, defaultCloseTimeout-500*time.Millisecond, defaultCloseTimeout+2*time.Second)
 	})
 	checkBrokerWorks(t, other)
 }
 
-func TestConnHeartbeats(t *testing.T) {
-	t.Parallel()
-	srv, url := newTestServer(t)
-	addr := srv.Addr().String()
-	t.Run("amqp091 client stays connected", func(t *testing.T) {
-		t.Parallel()
-		conn, err := amqp091.DialConfig(url, amqp091.Config{Heartbeat: time.Second})
-		if err != nil {
-			t.Fatal(err)
+// chanOf returns a channel holding v, to hand a received result to the next reader.
+func chanOf[T any](v T) <-chan T {
+	ch := make(chan T, 1)
+	ch <- v
+	return ch
+}
+
+// wireWatch is what a background reader saw: the frames, when each arrived, and the
+// error that ended the watch and when.
+type wireWatch struct {
+	frames []frame
+	times  []time.Time
+	err    error
+	end    time.Time
+}
+
+// watch reads frames in the background until an error (the socket closing, or deadline)
+// and delivers what it saw. The client must not be read until then.
+func (c *wireClient) watch(deadline time.Time) <-chan wireWatch {
+	ch := make(chan wireWatch, 1)
+	go func() {
+		var w wireWatch
+		for {
+			f, err := c.readFrame(time.Until(deadline))
+			if err != nil {
+				w.err, w.end = err, time.Now()
+				ch <- w
+				return
+			}
+			w.frames = append(w.frames, f)
+			w.times = append(w.times, time.Now())
 		}
-		defer conn.Close()
-		if conn.Config.Heartbeat != time.Second {
-			t.Fatalf("negotiated heartbeat %v, want 1s", conn.Config.Heartbeat)
-		}
-		closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
-		select {
-		case err := <-closed:
-			t.Fatalf("connection closed while idle: %v", err)
-		case <-time.After(3500 * time.Millisecond):
-		}
-		checkBrokerWorks(t, conn)
-	})
-	t.Run("silent client is dropped", func(t *testing.T) {
-		t.Parallel()
-		c := wireConnect(t, addr, wireOpts{heartbeat: 1})
-		opened := time.Now()
-		c.expectClosed(5 * time.Second)
-		if d := time.Since(opened); d < 1500*time.Millisecond || d > 3500*time.Millisecond {
-			t.Errorf("dropped after %v of silence, want about 2s (two heartbeat intervals)", d)
-		}
-	})
-	t.Run("server sends heartbeats", func(t *testing.T) {
-		t.Parallel()
-		c := wireConnect(t, addr, wireOpts{heartbeat: 1})
-		f, err := c.readFrame(2 * time.Second)
-		if err != nil {
-			t.Fatalf("no frame within 2s: %v", err)
-		}
-		if f.typ != frameHeartbeat || f.channel != 0 || len(f.payload) != 0 {
-			t.Fatalf("got frame type %d on channel %d with %d octets, want an empty heartbeat on channel 0", f.typ, f.channel, len(f.payload))
-		}
-	})
+	}()
+	return ch
 }
 
 func TestConnGracefulShutdown(t *testing.T) {
@@ -778,5 +850,84 @@ func TestConnNoGoroutineLeak(t *testing.T) {
 			t.Fatalf("%d goroutines after shutdown, %d before the server started:\n%s", n, base, buf)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestConnClientCloseDuringHandshake: a client may give up during the handshake with
+// connection.close; the server answers close-ok and closes the socket, nothing more.
+func TestConnClientCloseDuringHandshake(t *testing.T) {
+	t.Skip("BUG: connection.close from the client during the handshake gets close-ok and then an extra connection.close 541 INTERNAL_ERROR")
+	t.Parallel()
+	srv, _ := newTestServer(t)
+	c := wireHandshake(t, srv.Addr().String(), wireOpts{}, 1)
+	wireExpect[*connectionTune](c, 0)
+	c.sendMethod(0, &connectionClose{ReplyCode: replySuccess, ReplyText: "changed my mind"})
+	wireExpect[*connectionCloseOk](c, 0)
+	c.expectClosed(wireTimeout)
+}
+
+// TestConnHeartbeatFloodDuringHandshake: heartbeats are allowed before connection.open,
+// and any number of them must not hurt the server.
+func TestConnHeartbeatFloodDuringHandshake(t *testing.T) {
+	t.Skip("BUG: conn.expect recurses once per heartbeat frame; ~14 MB of heartbeats before start-ok overflow the goroutine stack and kill the process")
+	t.Parallel()
+	srv, url := newTestServer(t, Config{HandshakeTimeout: time.Minute})
+	other := dial(t, url)
+	c := wireDial(t, srv.Addr().String())
+	c.send(protocolHeader[:])
+	wireExpect[*connectionStart](c, 0)
+	flood := bytes.Repeat(appendHeartbeat(nil), 3<<20) // 24 MiB
+	c.nc.SetWriteDeadline(time.Now().Add(time.Minute))
+	if _, err := c.nc.Write(flood); err != nil {
+		t.Fatalf("server stopped reading heartbeats: %v", err)
+	}
+	c.sendMethod(0, &connectionStartOk{Mechanism: "PLAIN", Response: "\x00guest\x00guest", Locale: "en_US"})
+	wireExpect[*connectionTune](c, 0)
+	checkBrokerWorks(t, other)
+}
+
+// TestConnShutdownDuringHandshake: Shutdown does not wait for sockets that have not
+// finished the handshake; it closes them, and sends no frame to a socket that has not even
+// sent the protocol header.
+func TestConnShutdownDuringHandshake(t *testing.T) {
+	t.Skip("BUG: Shutdown sends connection.close to sockets still in the handshake (even before the protocol header) and waits the 5s close timeout for each")
+	t.Parallel()
+	srv := NewServer(Config{Logger: discardLogger(), DataDir: t.TempDir()})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	addr := srv.Addr().String()
+	silent := wireDial(t, addr)
+	header := wireDial(t, addr)
+	header.send(protocolHeader[:])
+	wireExpect[*connectionStart](header, 0)
+	open := wireConnect(t, addr, wireOpts{})
+	go func() {
+		// The open client answers connection.close as a client library would.
+		if f, err := open.readFrame(wireTimeout); err == nil && f.typ == frameMethod {
+			open.nc.Write(appendMethodFrame(nil, 0, &connectionCloseOk{}))
+		}
+	}()
+
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown = %v", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("Shutdown took %v with two sockets still in the handshake, want well under the 5s close timeout", d)
+	}
+	if err := <-served; err != ErrServerClosed {
+		t.Errorf("Serve = %v", err)
+	}
+	silent.expectClosed(time.Second)
+	// A socket past the header may be told why with connection.close 320.
+	header.nc.SetReadDeadline(time.Now().Add(time.Second))
+	if _, err := io.Copy(io.Discard, header.nc); err != nil {
+		t.Errorf("socket in the handshake: %v, want it closed", err)
 	}
 }

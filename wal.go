@@ -113,7 +113,8 @@ type wal struct {
 	synced    sync.Cond  // broadcast when done grows
 	segs      []*segment // guarded by mu: oldest first, last is the head
 	pend      []walChunk // guarded by mu: records not yet written
-	spare     []walChunk // guarded by mu
+	pendSpare []walChunk // guarded by mu: the other pend slice, empty
+	freeBufs  [][]byte   // guarded by mu: chunk buffers to reuse
 	appended  uint64     // guarded by mu: tickets handed out (one per record)
 	done      uint64     // guarded by mu: tickets written (and synced, under "always")
 	failed    error      // guarded by mu: a write or fsync failed; the log is closed for good
@@ -250,9 +251,9 @@ func (w *wal) appendLocked(typ uint8, payload []byte) (uint64, *segment, error) 
 		c = &w.pend[k-1]
 	} else {
 		var buf []byte
-		if k := len(w.spare); k > 0 {
-			buf = w.spare[k-1].buf[:0]
-			w.spare = w.spare[:k-1]
+		if k := len(w.freeBufs); k > 0 {
+			buf = w.freeBufs[k-1]
+			w.freeBufs = w.freeBufs[:k-1]
 		}
 		w.pend = append(w.pend, walChunk{seg: head, buf: buf})
 		c = &w.pend[len(w.pend)-1]
@@ -323,7 +324,7 @@ func (w *wal) run() {
 		}
 		w.mu.Lock()
 		chunks, ticket, closed := w.pend, w.appended, w.closed
-		w.pend = w.spare[:0]
+		w.pend, w.pendSpare = w.pendSpare, nil
 		w.mu.Unlock()
 
 		err := w.write(chunks)
@@ -336,11 +337,12 @@ func (w *wal) run() {
 
 		w.mu.Lock()
 		for i := range chunks {
-			if cap(chunks[i].buf) <= 1<<20 {
-				w.spare = append(w.spare, walChunk{buf: chunks[i].buf[:0]})
+			if cap(chunks[i].buf) <= 1<<20 && len(w.freeBufs) < 4 {
+				w.freeBufs = append(w.freeBufs, chunks[i].buf[:0])
 			}
 			chunks[i] = walChunk{}
 		}
+		w.pendSpare = chunks[:0]
 		if err != nil && w.failed == nil {
 			w.failed = errWAL
 			w.log.Error("write-ahead log failed; persistent publishes are refused until restart", "err", err)

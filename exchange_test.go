@@ -1,0 +1,813 @@
+package amqp
+
+import (
+	"fmt"
+	"reflect"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
+)
+
+func TestExchangeDeclareKinds(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	for _, kind := range []string{"direct", "fanout", "topic", "headers"} {
+		name := "x-" + kind
+		if err := ch.ExchangeDeclare(name, kind, true, false, false, false, nil); err != nil {
+			t.Fatalf("declare %s: %v", kind, err)
+		}
+		// An equivalent redeclare and a passive declare both succeed.
+		if err := ch.ExchangeDeclare(name, kind, true, false, false, false, nil); err != nil {
+			t.Fatalf("redeclare %s: %v", kind, err)
+		}
+		if err := ch.ExchangeDeclarePassive(name, kind, true, false, false, false, nil); err != nil {
+			t.Fatalf("passive %s: %v", kind, err)
+		}
+	}
+}
+
+func TestExchangeDeclareErrors(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	setup := openChannel(t, c)
+	if err := setup.ExchangeDeclare("x", "direct", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name string
+		run  func(ch *amqp091.Channel) error
+		code int
+	}{
+		{"passive missing", func(ch *amqp091.Channel) error {
+			return ch.ExchangeDeclarePassive("missing", "direct", false, false, false, false, nil)
+		}, 404},
+		{"different type", func(ch *amqp091.Channel) error {
+			return ch.ExchangeDeclare("x", "fanout", false, false, false, false, nil)
+		}, 406},
+		{"different durable", func(ch *amqp091.Channel) error {
+			return ch.ExchangeDeclare("x", "direct", true, false, false, false, nil)
+		}, 406},
+		{"different auto-delete", func(ch *amqp091.Channel) error {
+			return ch.ExchangeDeclare("x", "direct", false, true, false, false, nil)
+		}, 406},
+		{"different internal", func(ch *amqp091.Channel) error {
+			return ch.ExchangeDeclare("x", "direct", false, false, true, false, nil)
+		}, 406},
+		{"different alternate-exchange", func(ch *amqp091.Channel) error {
+			return ch.ExchangeDeclare("x", "direct", false, false, false, false, amqp091.Table{"alternate-exchange": "ae"})
+		}, 406},
+		{"reserved amq. prefix", func(ch *amqp091.Channel) error {
+			return ch.ExchangeDeclare("amq.foo", "direct", false, false, false, false, nil)
+		}, 403},
+		{"declare default exchange", func(ch *amqp091.Channel) error {
+			return ch.ExchangeDeclare("", "direct", true, false, false, false, nil)
+		}, 403},
+		{"delete default exchange", func(ch *amqp091.Channel) error {
+			return ch.ExchangeDelete("", false, false)
+		}, 403},
+		{"delete amq.direct", func(ch *amqp091.Channel) error {
+			return ch.ExchangeDelete("amq.direct", false, false)
+		}, 403},
+		{"bind queue to default exchange", func(ch *amqp091.Channel) error {
+			if _, err := ch.QueueDeclare("q", false, false, false, false, nil); err != nil {
+				return err
+			}
+			return ch.QueueBind("q", "q", "", false, nil)
+		}, 403},
+		{"bind default exchange as source", func(ch *amqp091.Channel) error {
+			return ch.ExchangeBind("x", "k", "", false, nil)
+		}, 403},
+		{"bind default exchange as destination", func(ch *amqp091.Channel) error {
+			return ch.ExchangeBind("", "k", "x", false, nil)
+		}, 403},
+		{"exchange.bind missing source", func(ch *amqp091.Channel) error {
+			return ch.ExchangeBind("x", "k", "missing", false, nil)
+		}, 404},
+		{"exchange.bind missing destination", func(ch *amqp091.Channel) error {
+			return ch.ExchangeBind("missing", "k", "x", false, nil)
+		}, 404},
+	}
+	for _, tc := range cases {
+		ch := openChannel(t, c)
+		if err := tc.run(ch); amqpCode(err) != tc.code {
+			t.Errorf("%s: %v, want reply code %d", tc.name, err, tc.code)
+		}
+	}
+	// All of those were channel errors.
+	if c.IsClosed() {
+		t.Fatal("a channel error closed the connection")
+	}
+}
+
+func TestExchangeDeclareUnknownType(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	wantReplyCode(t, ch.ExchangeDeclare("x", "no-such-type", false, false, false, false, nil), 503)
+	// 503 COMMAND_INVALID is a connection exception.
+	pollFor(t, "connection closed after 503", c.IsClosed)
+}
+
+func TestExchangeRedeclarePredeclared(t *testing.T) {
+	t.Skip("BUG: redeclaring an existing amq.* exchange with equivalent arguments is refused with 403; RabbitMQ checks the amq. prefix only when the exchange does not exist, so this is declare-ok (exchange.go exchangeDeclare tests reservedName before the lookup)")
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if err := ch.ExchangeDeclare("amq.topic", "topic", true, false, false, false, nil); err != nil {
+		t.Fatalf("equivalent redeclare of amq.topic: %v", err)
+	}
+	ch = openChannel(t, c)
+	wantReplyCode(t, ch.ExchangeDeclare("amq.topic", "direct", true, false, false, false, nil), 406)
+}
+
+func TestExchangeRedeclareIgnoresOtherArguments(t *testing.T) {
+	t.Skip("BUG: an exchange redeclare with different arguments other than alternate-exchange is 406; RabbitMQ compares only alternate-exchange (exchange.go exchange.equivalent uses tableEqual on all arguments)")
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if err := ch.ExchangeDeclare("x", "direct", false, false, false, false, amqp091.Table{"x-custom": "a"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare("x", "direct", false, false, false, false, amqp091.Table{"x-custom": "b"}); err != nil {
+		t.Fatalf("redeclare with another custom argument: %v", err)
+	}
+}
+
+func TestPredeclaredExchanges(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	for name, kind := range map[string]string{
+		"amq.direct": "direct", "amq.fanout": "fanout", "amq.topic": "topic",
+		"amq.headers": "headers", "amq.match": "headers",
+	} {
+		if err := ch.ExchangeDeclarePassive(name, kind, true, false, false, false, nil); err != nil {
+			t.Fatalf("passive declare %s: %v", name, err)
+		}
+	}
+	// And they route.
+	declareTransientQueue(t, ch, "q")
+	if err := ch.QueueBind("q", "k", "amq.direct", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, ch, "amq.direct", "k", "via amq.direct")
+	if got := drainText(t, ch, "q"); !reflect.DeepEqual(got, []string{"via amq.direct"}) {
+		t.Fatalf("got %q", got)
+	}
+}
+
+func TestPublishToInternalExchange(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if err := ch.ExchangeDeclare("inner", "fanout", false, false, true, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare("outer", "fanout", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "q")
+	if err := ch.QueueBind("q", "", "inner", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeBind("inner", "", "outer", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	// Messages reach an internal exchange only through another exchange.
+	publishText(t, ch, "outer", "", "through outer")
+	if got := drainText(t, ch, "q"); !reflect.DeepEqual(got, []string{"through outer"}) {
+		t.Fatalf("got %q", got)
+	}
+	closed := notifyChannelClose(ch)
+	publishText(t, ch, "inner", "", "direct to internal")
+	awaitCloseCode(t, closed, 403)
+}
+
+func TestExchangeDelete(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if err := ch.ExchangeDeclare("x", "direct", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "q")
+	if err := ch.QueueBind("q", "k", "x", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	wantReplyCode(t, ch.ExchangeDelete("x", true, false), 406)
+
+	ch = openChannel(t, c)
+	if err := ch.QueueUnbind("q", "k", "x", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDelete("x", true, false); err != nil {
+		t.Fatalf("if-unused delete of an unbound exchange: %v", err)
+	}
+	wantReplyCode(t, ch.ExchangeDeclarePassive("x", "direct", false, false, false, false, nil), 404)
+
+	// Deleting what does not exist succeeds, as in RabbitMQ.
+	ch = openChannel(t, c)
+	if err := ch.ExchangeDelete("never-declared", false, false); err != nil {
+		t.Fatalf("delete of a missing exchange: %v", err)
+	}
+
+	// A plain delete removes the bindings with it: the queue no longer gets messages.
+	if err := ch.ExchangeDeclare("y", "fanout", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind("q", "", "y", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDelete("y", false, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare("y", "fanout", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, ch, "y", "", "after recreate")
+	if n := queueReady(t, ch, "q"); n != 0 {
+		t.Fatalf("%d messages routed by a binding of a deleted exchange", n)
+	}
+}
+
+func TestExchangeAutoDelete(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "q")
+	gone := func(name string) {
+		t.Helper()
+		probe := openChannel(t, c)
+		wantReplyCode(t, probe.ExchangeDeclarePassive(name, "direct", false, true, false, false, nil), 404)
+	}
+
+	// Never bound: it stays.
+	if err := ch.ExchangeDeclare("ad", "direct", false, true, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclarePassive("ad", "direct", false, true, false, false, nil); err != nil {
+		t.Fatalf("auto-delete exchange with no bindings yet: %v", err)
+	}
+	for _, key := range []string{"a", "b"} {
+		if err := ch.QueueBind("q", key, "ad", false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ch.QueueUnbind("q", "a", "ad", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclarePassive("ad", "direct", false, true, false, false, nil); err != nil {
+		t.Fatalf("auto-delete exchange with one binding left: %v", err)
+	}
+	if err := ch.QueueUnbind("q", "b", "ad", nil); err != nil {
+		t.Fatal(err)
+	}
+	gone("ad")
+
+	// Losing the last binding because its queue is deleted counts too.
+	declareTransientQueue(t, ch, "short-lived")
+	if err := ch.ExchangeDeclare("ad2", "direct", false, true, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind("short-lived", "k", "ad2", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDelete("short-lived", false, false, false); err != nil {
+		t.Fatal(err)
+	}
+	gone("ad2")
+
+	// And an exchange-to-exchange binding, unbound.
+	if err := ch.ExchangeDeclare("ad3", "direct", false, true, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare("dst", "fanout", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeBind("dst", "k", "ad3", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeUnbind("dst", "k", "ad3", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	gone("ad3")
+}
+
+func TestExchangeToExchangeBinding(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if err := ch.ExchangeDeclare("src", "direct", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare("dst", "topic", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "q")
+	if err := ch.QueueBind("q", "a.*", "dst", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeBind("dst", "a.b", "src", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, ch, "src", "a.b", "1") // src binding and dst binding both match
+	publishText(t, ch, "src", "a.c", "2") // src binding does not match
+	publishText(t, ch, "dst", "a.c", "3") // straight to dst
+	publishText(t, ch, "src", "x.y", "4") // nothing matches
+	if got := drainText(t, ch, "q"); !reflect.DeepEqual(got, []string{"1", "3"}) {
+		t.Fatalf("got %q, want [1 3]", got)
+	}
+	if err := ch.ExchangeUnbind("dst", "a.b", "src", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, ch, "src", "a.b", "5")
+	if got := drainText(t, ch, "q"); len(got) != 0 {
+		t.Fatalf("got %q after exchange.unbind, want nothing", got)
+	}
+}
+
+func TestExchangeBindingLoopDeliversOnce(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	for _, x := range []string{"x1", "x2"} {
+		if err := ch.ExchangeDeclare(x, "fanout", false, false, false, false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ch.ExchangeBind("x2", "", "x1", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeBind("x1", "", "x2", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "q")
+	for _, x := range []string{"x1", "x2"} {
+		if err := ch.QueueBind("q", "", x, false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	publishText(t, ch, "x1", "", "from x1")
+	publishText(t, ch, "x2", "", "from x2")
+	if got := drainText(t, ch, "q"); !reflect.DeepEqual(got, []string{"from x1", "from x2"}) {
+		t.Fatalf("got %q, want each message once", got)
+	}
+}
+
+func TestDirectAndFanoutRouting(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if err := ch.ExchangeDeclare("d", "direct", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare("f", "fanout", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{"q1", "q2", "q3"} {
+		declareTransientQueue(t, ch, q)
+		if err := ch.QueueBind(q, "ignored-"+q, "f", false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, b := range [][2]string{{"q1", "red"}, {"q2", "red"}, {"q2", "green"}, {"q3", ""}} {
+		if err := ch.QueueBind(b[0], b[1], "d", false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	publishText(t, ch, "d", "red", "red")
+	publishText(t, ch, "d", "green", "green")
+	publishText(t, ch, "d", "", "empty")
+	publishText(t, ch, "d", "blue", "blue")
+	publishText(t, ch, "f", "anything", "fan")
+	publishText(t, ch, "", "q3", "default")
+	want := map[string][]string{
+		"q1": {"red", "fan"},
+		"q2": {"red", "green", "fan"},
+		"q3": {"empty", "fan", "default"},
+	}
+	for q, w := range want {
+		if got := drainText(t, ch, q); !reflect.DeepEqual(got, w) {
+			t.Errorf("%s got %q, want %q", q, got, w)
+		}
+	}
+}
+
+// topicCases are binding keys and routing keys with whether they match, as RabbitMQ
+// decides: words split at dots, "*" is exactly one word, "#" zero or more, and an empty
+// routing key has no words.
+var topicCases = []struct {
+	pattern, key string
+	match        bool
+}{
+	{"a.b.c", "a.b.c", true},
+	{"a.b.c", "a.b", false},
+	{"a.b", "a.b.c", false},
+	{"a.*.c", "a.b.c", true},
+	{"a.*.c", "a.c", false},
+	{"a.*.c", "a.b.b.c", false},
+	{"a.*.c", "a..c", true},
+	{"a.#", "a", true},
+	{"a.#", "a.b", true},
+	{"a.#", "a.b.c", true},
+	{"a.#", "ab", false},
+	{"a.#", "b.a", false},
+	{"#", "", true},
+	{"#", "a", true},
+	{"#", "a.b.c", true},
+	{"#", ".", true},
+	{"*", "", false},
+	{"*", "a", true},
+	{"*", "a.b", false},
+	{"*", ".", false},
+	{"#.c", "c", true},
+	{"#.c", "a.b.c", true},
+	{"#.c", "a.b.c.d", false},
+	{"#.c", "", false},
+	{"a.#.c", "a.c", true},
+	{"a.#.c", "a.b.c", true},
+	{"a.#.c", "a.b.b.c", true},
+	{"a.#.c", "a.b.b.d", false},
+	{"a.#.c", "a.c.c", true},
+	{"a..c", "a..c", true},
+	{"a..c", "a.b.c", false},
+	{"a..c", "a.c", false},
+	{"a.", "a.", true},
+	{"a.", "a", false},
+	{".a", ".a", true},
+	{"*.*", ".", true},
+	{"*.*", "a", false},
+	{"", "", true},
+	{"", "a", false},
+	{"a.*", "a.", true},
+	{"a.*.#", "a", false},
+	{"a.*.#", "a.b", true},
+	{"a.*.#", "a.b.c.d", true},
+	{"#.*", "", false},
+	{"#.*", "a.b", true},
+	{"*.#", "a", true},
+	{"#.#", "", true},
+	{"#.#", "a.b", true},
+	{"*.*.*", "a.b.c", true},
+	{"*.*.*", "a.b", false},
+	{"a.b", "a.B", false},
+	{"a*", "ab", false},
+	{"a*", "a*", true},
+	{"a#", "a", false},
+}
+
+func TestTopicRouting(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	for i, tc := range topicCases {
+		x, q := fmt.Sprintf("t%d", i), fmt.Sprintf("tq%d", i)
+		if err := ch.ExchangeDeclare(x, "topic", false, false, false, false, nil); err != nil {
+			t.Fatal(err)
+		}
+		declareTransientQueue(t, ch, q)
+		if err := ch.QueueBind(q, tc.pattern, x, false, nil); err != nil {
+			t.Fatal(err)
+		}
+		publishText(t, ch, x, tc.key, "m")
+		if got := len(drainText(t, ch, q)) == 1; got != tc.match {
+			t.Errorf("binding %q, key %q: routed=%v, want %v", tc.pattern, tc.key, got, tc.match)
+		}
+	}
+}
+
+func TestTopicRoutingEnqueuesOncePerQueue(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if err := ch.ExchangeDeclare("t", "topic", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "q")
+	declareTransientQueue(t, ch, "other")
+	for _, p := range []string{"a.*", "a.#", "#", "*.b", "a.b"} {
+		if err := ch.QueueBind("q", p, "t", false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ch.QueueBind("other", "#", "t", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, ch, "t", "a.b", "m")
+	if got := drainText(t, ch, "q"); !reflect.DeepEqual(got, []string{"m"}) {
+		t.Fatalf("q got %q, want one copy", got)
+	}
+	if got := drainText(t, ch, "other"); !reflect.DeepEqual(got, []string{"m"}) {
+		t.Fatalf("other got %q, want one copy", got)
+	}
+}
+
+func TestHeadersRouting(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if err := ch.ExchangeDeclare("h", "headers", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	bindings := map[string]amqp091.Table{
+		"all":        {"x-match": "all", "a": int32(1), "b": "x"},
+		"default":    {"a": int32(1), "b": "x"},
+		"any":        {"x-match": "any", "a": int32(1), "b": "x"},
+		"all-with-x": {"x-match": "all-with-x", "x-k": "v", "b": "x"},
+		"all-no-x":   {"x-match": "all", "x-k": "v"},
+		"any-with-x": {"x-match": "any-with-x", "x-k": "v", "c": "z"},
+		"any-no-x":   {"x-match": "any", "x-k": "v"},
+		"int":        {"n": int32(5)},
+		"string":     {"n": "5"},
+		"present":    {"p": nil},
+	}
+	for q, args := range bindings {
+		declareTransientQueue(t, ch, q)
+		if err := ch.QueueBind(q, "", "h", false, args); err != nil {
+			t.Fatalf("bind %s: %v", q, err)
+		}
+	}
+	msgs := []struct {
+		body    string
+		headers amqp091.Table
+		want    []string
+	}{
+		{"a1-bx", amqp091.Table{"a": int32(1), "b": "x"}, []string{"all", "default", "any", "all-no-x"}},
+		{"a1-bx-extra", amqp091.Table{"a": int32(1), "b": "x", "zz": true}, []string{"all", "default", "any", "all-no-x"}},
+		{"a1", amqp091.Table{"a": int32(1)}, []string{"any", "all-no-x"}},
+		{"a2-bx", amqp091.Table{"a": int32(2), "b": "x"}, []string{"any", "all-no-x"}},
+		{"xk-bx", amqp091.Table{"x-k": "v", "b": "x"}, []string{"any", "all-with-x", "all-no-x", "any-with-x"}},
+		{"xk-wrong", amqp091.Table{"x-k": "w", "b": "x"}, []string{"any", "all-no-x"}},
+		{"cz", amqp091.Table{"c": "z"}, []string{"all-no-x", "any-with-x"}},
+		{"n-int", amqp091.Table{"n": int32(5)}, []string{"all-no-x", "int"}},
+		{"n-string", amqp091.Table{"n": "5"}, []string{"all-no-x", "string"}},
+		{"n-6", amqp091.Table{"n": int32(6)}, []string{"all-no-x"}},
+		{"p-string", amqp091.Table{"p": "anything"}, []string{"all-no-x", "present"}},
+		{"p-void", amqp091.Table{"p": nil}, []string{"all-no-x", "present"}},
+		{"none", nil, []string{"all-no-x"}},
+	}
+	for _, m := range msgs {
+		if err := ch.Publish("h", "ignored", false, false, amqp091.Publishing{Headers: m.headers, Body: []byte(m.body)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := map[string][]string{}
+	for _, m := range msgs {
+		for _, q := range m.want {
+			want[q] = append(want[q], m.body)
+		}
+	}
+	for q := range bindings {
+		got := drainText(t, ch, q)
+		if !slices.Equal(got, want[q]) {
+			t.Errorf("queue %s got %q, want %q", q, got, want[q])
+		}
+	}
+}
+
+func TestHeadersMatchComparesIntegersByValue(t *testing.T) {
+	t.Skip("BUG: a headers binding on int32 5 does not match a header of int64 5 (or other integer widths); RabbitMQ compares values with ==, so they match (exchange.go valueEqual requires the same Go type)")
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if err := ch.ExchangeDeclare("h", "headers", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "q")
+	if err := ch.QueueBind("q", "", "h", false, amqp091.Table{"n": int32(5)}); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []any{int64(5), int16(5), int8(5), uint8(5)} {
+		if err := ch.Publish("h", "", false, false, amqp091.Publishing{Headers: amqp091.Table{"n": v}, Body: []byte(fmt.Sprintf("%T", v))}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := drainText(t, ch, "q"); !reflect.DeepEqual(got, []string{"int64", "int16", "int8", "uint8"}) {
+		t.Fatalf("got %q, want every integer width to match", got)
+	}
+}
+
+func TestHeadersBindInvalidXMatch(t *testing.T) {
+	t.Skip("BUG: queue.bind to a headers exchange with x-match other than all/any/all-with-x/any-with-x succeeds (treated as all); RabbitMQ refuses it with 406 PRECONDITION_FAILED (exchange.go parseHeadersMatch never validates)")
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	declareTransientQueue(t, ch, "q")
+	wantReplyCode(t, ch.QueueBind("q", "", "amq.headers", false, amqp091.Table{"x-match": "some"}), 406)
+}
+
+func TestSplitWords(t *testing.T) {
+	for _, tc := range []struct {
+		key  string
+		want []string
+	}{
+		{"", nil},
+		{"a", []string{"a"}},
+		{"a.b.c", []string{"a", "b", "c"}},
+		{".", []string{"", ""}},
+		{"a.", []string{"a", ""}},
+		{".a", []string{"", "a"}},
+		{"a..b", []string{"a", "", "b"}},
+	} {
+		var got []string
+		for _, w := range splitWords(nil, []byte(tc.key)) {
+			got = append(got, string(w))
+		}
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("splitWords(%q) = %q, want %q", tc.key, got, tc.want)
+		}
+	}
+}
+
+// topicTrie is a topicNode with one queue per binding, for tests.
+type topicTrie struct {
+	root     topicNode
+	bindings map[string]*binding // by queue name
+}
+
+func newTopicTrie() *topicTrie { return &topicTrie{bindings: map[string]*binding{}} }
+
+// add binds a queue named name with pattern.
+func (tt *topicTrie) add(name, pattern string) {
+	b := &binding{queue: &queue{name: name}, key: pattern}
+	tt.bindings[name] = b
+	tt.root.add(b)
+}
+
+func (tt *topicTrie) remove(name string) {
+	tt.root.remove(tt.bindings[name])
+	delete(tt.bindings, name)
+}
+
+// match returns the sorted names of the queues key is routed to.
+func (tt *topicTrie) match(key string) []string {
+	var rs routeSet
+	rs.words = splitWords(rs.words[:0], []byte(key))
+	tt.root.match(rs.words, &rs, nil)
+	var names []string
+	for _, q := range rs.queues {
+		names = append(names, q.name)
+	}
+	sort.Strings(names)
+	return names
+}
+
+func TestTopicTrie(t *testing.T) {
+	tt := newTopicTrie()
+	for i, tc := range topicCases {
+		tt.add(fmt.Sprint(i), tc.pattern)
+	}
+	for i, tc := range topicCases {
+		got := slices.Contains(tt.match(tc.key), fmt.Sprint(i))
+		if got != tc.match {
+			t.Errorf("pattern %q key %q: matched=%v, want %v", tc.pattern, tc.key, got, tc.match)
+		}
+	}
+	// Every match agrees with the naive matcher over all patterns at once.
+	for _, tc := range topicCases {
+		var want []string
+		for i, p := range topicCases {
+			if naiveTopicMatch(p.pattern, tc.key) {
+				want = append(want, fmt.Sprint(i))
+			}
+		}
+		sort.Strings(want)
+		if got := tt.match(tc.key); !slices.Equal(got, want) {
+			t.Errorf("key %q: trie %v, naive %v", tc.key, got, want)
+		}
+	}
+	// Removing bindings prunes the trie down to an empty root.
+	for i := range topicCases {
+		tt.remove(fmt.Sprint(i))
+		if got := tt.match("a.b.c"); slices.Contains(got, fmt.Sprint(i)) {
+			t.Fatalf("removed binding %d still matches", i)
+		}
+	}
+	if !tt.root.empty() {
+		t.Fatalf("trie not empty after removing every binding: %+v", tt.root)
+	}
+}
+
+func TestTopicTrieSharedPrefixes(t *testing.T) {
+	tt := newTopicTrie()
+	tt.add("q1", "a.b")
+	tt.add("q2", "a.b.c")
+	tt.add("q3", "a.#")
+	tt.add("q4", "a.b")
+	if got := tt.match("a.b"); !slices.Equal(got, []string{"q1", "q3", "q4"}) {
+		t.Fatalf("a.b matched %v", got)
+	}
+	tt.remove("q1")
+	if got := tt.match("a.b"); !slices.Equal(got, []string{"q3", "q4"}) {
+		t.Fatalf("after removing q1, a.b matched %v", got)
+	}
+	tt.remove("q4")
+	if got := tt.match("a.b.c"); !slices.Equal(got, []string{"q2", "q3"}) {
+		t.Fatalf("a.b.c matched %v", got)
+	}
+	tt.remove("q3")
+	if got := tt.match("a.b"); len(got) != 0 {
+		t.Fatalf("a.b matched %v after its bindings went", got)
+	}
+	if tt.root.hash != nil || tt.root.star != nil || len(tt.root.children) != 1 {
+		t.Fatalf("root not pruned: %+v", tt.root)
+	}
+	tt.remove("q2")
+	if !tt.root.empty() {
+		t.Fatalf("trie not empty: %+v", tt.root)
+	}
+}
+
+// naiveTopicMatch is the topic matching rule written as plainly as possible, to check
+// the trie against.
+func naiveTopicMatch(pattern, key string) bool {
+	var p, k []string
+	if pattern != "" {
+		p = strings.Split(pattern, ".")
+	}
+	if key != "" {
+		k = strings.Split(key, ".")
+	}
+	return naiveWordsMatch(p, k)
+}
+
+func naiveWordsMatch(p, k []string) bool {
+	if len(p) == 0 {
+		return len(k) == 0
+	}
+	switch p[0] {
+	case "#":
+		for i := 0; i <= len(k); i++ {
+			if naiveWordsMatch(p[1:], k[i:]) {
+				return true
+			}
+		}
+		return false
+	case "*":
+		return len(k) > 0 && naiveWordsMatch(p[1:], k[1:])
+	}
+	return len(k) > 0 && p[0] == k[0] && naiveWordsMatch(p[1:], k[1:])
+}
+
+// fuzzTopicText maps arbitrary fuzz input onto a small alphabet, so that patterns and keys
+// share words often; "|" separates patterns.
+func fuzzTopicText(b []byte, alphabet string, maxLen int) string {
+	var s strings.Builder
+	for i, c := range b {
+		if i == maxLen {
+			break
+		}
+		s.WriteByte(alphabet[int(c)%len(alphabet)])
+	}
+	return s.String()
+}
+
+func FuzzTopicMatch(f *testing.F) {
+	for _, tc := range topicCases {
+		f.Add([]byte(tc.pattern), []byte(tc.key))
+	}
+	f.Add([]byte("a.*.c|a.#|#|*|#.c|a.#.c|a..c"), []byte("a.b.c"))
+	f.Add([]byte("#.#.#|*.#.*|#.a.#"), []byte("a"))
+	f.Add([]byte("||"), []byte(""))
+	f.Fuzz(func(t *testing.T, patterns, key []byte) {
+		ps := strings.Split(fuzzTopicText(patterns, "ab.*#|", 48), "|")
+		k := fuzzTopicText(key, "ab.*#", 16)
+		tt := newTopicTrie()
+		for i, p := range ps {
+			tt.add(fmt.Sprint(i), p)
+		}
+		check := func(when string) {
+			var want []string
+			for name, b := range tt.bindings {
+				if naiveTopicMatch(b.key, k) {
+					want = append(want, name)
+				}
+			}
+			sort.Strings(want)
+			if got := tt.match(k); !slices.Equal(got, want) {
+				t.Fatalf("%s: patterns %q key %q: trie %v, naive %v", when, ps, k, got, want)
+			}
+		}
+		check("all bound")
+		for i := 0; i < len(ps); i += 2 {
+			tt.remove(fmt.Sprint(i))
+		}
+		check("half removed")
+		for i := 1; i < len(ps); i += 2 {
+			tt.remove(fmt.Sprint(i))
+		}
+		if !tt.root.empty() {
+			t.Fatalf("patterns %q: trie not empty after removing all", ps)
+		}
+	})
+}

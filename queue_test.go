@@ -1,0 +1,697 @@
+package amqp
+
+import (
+	"encoding/binary"
+	"math/rand/v2"
+	"runtime"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
+)
+
+func TestQueueDeclareServerNamed(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	q1, err := ch.QueueDeclare("", false, false, true, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q2, err := ch.QueueDeclare("", false, false, true, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []amqp091.Queue{q1, q2} {
+		if !strings.HasPrefix(q.Name, "amq.gen-") || len(q.Name) != len("amq.gen-")+22 {
+			t.Fatalf("server-named queue %q, want amq.gen- and 22 characters", q.Name)
+		}
+	}
+	if q1.Name == q2.Name {
+		t.Fatalf("two server-named queues share the name %q", q1.Name)
+	}
+	publishText(t, ch, "", q2.Name, "m")
+	if got := drainText(t, ch, q2.Name); !slices.Equal(got, []string{"m"}) {
+		t.Fatalf("got %q", got)
+	}
+}
+
+func TestQueueDeclareErrors(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	setup := openChannel(t, c)
+	if _, err := setup.QueueDeclare("plain", false, false, false, false, amqp091.Table{"x-max-length": int32(10)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := setup.QueueDeclare("durable", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := setup.QueueDeclare("auto", false, true, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := setup.ExchangeDeclare("x", "direct", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	declare := func(name string, durable, autoDelete bool, args amqp091.Table) func(*amqp091.Channel) error {
+		return func(ch *amqp091.Channel) error {
+			_, err := ch.QueueDeclare(name, durable, autoDelete, false, false, args)
+			return err
+		}
+	}
+	maxLen := func(v any) amqp091.Table { return amqp091.Table{"x-max-length": v} }
+	cases := []struct {
+		name string
+		run  func(ch *amqp091.Channel) error
+		code int
+	}{
+		{"equivalent redeclare", declare("plain", false, false, maxLen(int32(10))), 0},
+		{"equivalent durable", declare("durable", true, false, nil), 0},
+		{"equivalent auto-delete", declare("auto", false, true, nil), 0},
+		{"passive missing", func(ch *amqp091.Channel) error {
+			_, err := ch.QueueDeclarePassive("missing", false, false, false, false, nil)
+			return err
+		}, 404},
+		{"reserved amq. prefix", declare("amq.x", false, false, nil), 403},
+		{"durable differs", declare("plain", true, false, maxLen(int32(10))), 406},
+		{"durable dropped", declare("durable", false, false, nil), 406},
+		{"auto-delete differs", declare("plain", false, true, maxLen(int32(10))), 406},
+		{"auto-delete dropped", declare("auto", false, false, nil), 406},
+		{"x-argument value differs", declare("plain", false, false, maxLen(int32(20))), 406},
+		{"x-argument missing", declare("plain", false, false, nil), 406},
+		{"x-argument added", declare("durable", true, false, maxLen(int32(5))), 406},
+		{"bind missing queue", func(ch *amqp091.Channel) error { return ch.QueueBind("missing", "k", "x", false, nil) }, 404},
+		{"bind missing exchange", func(ch *amqp091.Channel) error { return ch.QueueBind("plain", "k", "missing", false, nil) }, 404},
+		{"unbind missing queue", func(ch *amqp091.Channel) error { return ch.QueueUnbind("missing", "k", "x", nil) }, 404},
+		{"unbind missing exchange", func(ch *amqp091.Channel) error { return ch.QueueUnbind("plain", "k", "missing", nil) }, 404},
+		{"unbind what was never bound", func(ch *amqp091.Channel) error { return ch.QueueUnbind("plain", "k", "x", nil) }, 0},
+		{"purge missing", func(ch *amqp091.Channel) error { _, err := ch.QueuePurge("missing", false); return err }, 404},
+		{"get missing", func(ch *amqp091.Channel) error { _, _, err := ch.Get("missing", false); return err }, 404},
+		{"consume missing", func(ch *amqp091.Channel) error {
+			_, err := ch.Consume("missing", "c", false, false, false, false, nil)
+			return err
+		}, 404},
+		{"delete missing", func(ch *amqp091.Channel) error { _, err := ch.QueueDelete("missing", false, false, false); return err }, 0},
+	}
+	for _, tc := range cases {
+		ch := openChannel(t, c)
+		if err := tc.run(ch); amqpCode(err) != tc.code || (tc.code == 0 && err != nil) {
+			t.Errorf("%s: %v, want reply code %d", tc.name, err, tc.code)
+		}
+	}
+	if c.IsClosed() {
+		t.Fatal("a channel error closed the connection")
+	}
+}
+
+func TestQueueRedeclareExclusiveMismatch(t *testing.T) {
+	t.Skip("BUG: redeclaring a queue with a different exclusive flag is 406 PRECONDITION_FAILED; RabbitMQ checks exclusive ownership first (check_exclusive_access strict) and answers 405 RESOURCE_LOCKED (queue.go queueDeclare/queue.equivalent)")
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "shared")
+	if _, err := ch.QueueDeclare("mine", false, false, true, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	_, err := openChannel(t, c).QueueDeclare("shared", false, false, true, false, nil)
+	wantReplyCode(t, err, 405)
+	_, err = openChannel(t, c).QueueDeclare("mine", false, false, false, false, nil)
+	wantReplyCode(t, err, 405)
+}
+
+func TestQueueArgumentEquivalenceLikeRabbitMQ(t *testing.T) {
+	t.Skip("BUG: queue redeclare compares every x- argument by Go type: x-max-length int32 10 vs int64 10 is 406, and an unknown x-custom argument that differs is 406; RabbitMQ compares only the arguments it knows, integers by value (queue.go queue.equivalent)")
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if _, err := ch.QueueDeclare("q", false, false, false, false, amqp091.Table{"x-max-length": int32(10), "x-custom": "a"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare("q", false, false, false, false, amqp091.Table{"x-max-length": int64(10), "x-custom": "a"}); err != nil {
+		t.Fatalf("x-max-length as int64: %v", err)
+	}
+	if _, err := ch.QueueDeclare("q", false, false, false, false, amqp091.Table{"x-max-length": int32(10), "x-custom": "b"}); err != nil {
+		t.Fatalf("different unknown argument: %v", err)
+	}
+}
+
+func TestQueueDeclareOkCounts(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	q, err := ch.QueueDeclare("q", false, false, false, false, nil)
+	if err != nil || q.Messages != 0 || q.Consumers != 0 {
+		t.Fatalf("fresh declare: %+v %v", q, err)
+	}
+	for i := range 3 {
+		publishText(t, ch, "", "q", strconv.Itoa(i))
+	}
+	cons := openChannel(t, c)
+	if err := cons.Qos(1, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	consumeTagged(t, cons, "q", "c")
+	// One message is out with the consumer: declare-ok counts ready messages only.
+	q, err = ch.QueueDeclare("q", false, false, false, false, nil)
+	if err != nil || q.Messages != 2 || q.Consumers != 1 {
+		t.Fatalf("redeclare: %+v %v, want 2 messages 1 consumer", q, err)
+	}
+	q, err = ch.QueueDeclarePassive("q", false, false, false, false, nil)
+	if err != nil || q.Messages != 2 || q.Consumers != 1 {
+		t.Fatalf("passive: %+v %v, want 2 messages 1 consumer", q, err)
+	}
+}
+
+func TestExclusiveQueueOtherConnection(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	owner := openChannel(t, dial(t, url))
+	if _, err := owner.QueueDeclare("ex", false, false, true, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, owner, "", "ex", "m")
+	other := dial(t, url)
+	cases := []struct {
+		name string
+		run  func(ch *amqp091.Channel) error
+	}{
+		{"declare", func(ch *amqp091.Channel) error {
+			_, err := ch.QueueDeclare("ex", false, false, true, false, nil)
+			return err
+		}},
+		{"passive declare", func(ch *amqp091.Channel) error {
+			_, err := ch.QueueDeclarePassive("ex", false, false, true, false, nil)
+			return err
+		}},
+		{"consume", func(ch *amqp091.Channel) error {
+			_, err := ch.Consume("ex", "c", false, false, false, false, nil)
+			return err
+		}},
+		{"bind", func(ch *amqp091.Channel) error { return ch.QueueBind("ex", "k", "amq.direct", false, nil) }},
+		{"unbind", func(ch *amqp091.Channel) error { return ch.QueueUnbind("ex", "k", "amq.direct", nil) }},
+		{"purge", func(ch *amqp091.Channel) error { _, err := ch.QueuePurge("ex", false); return err }},
+		{"delete", func(ch *amqp091.Channel) error { _, err := ch.QueueDelete("ex", false, false, false); return err }},
+		{"get", func(ch *amqp091.Channel) error { _, _, err := ch.Get("ex", false); return err }},
+	}
+	for _, tc := range cases {
+		if err := tc.run(openChannel(t, other)); amqpCode(err) != 405 {
+			t.Errorf("%s from another connection: %v, want 405", tc.name, err)
+		}
+	}
+	// Publishing to it from elsewhere is allowed, and the owner still has everything.
+	publishText(t, openChannel(t, other), "", "ex", "from other")
+	if got := drainText(t, owner, "ex"); !slices.Equal(got, []string{"m", "from other"}) {
+		t.Fatalf("owner got %q", got)
+	}
+}
+
+func TestExclusiveQueueDeletedWithConnection(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ownerConn := dial(t, url)
+	owner := openChannel(t, ownerConn)
+	if _, err := owner.QueueDeclare("ex", false, false, true, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := owner.QueueBind("ex", "k", "amq.direct", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ownerConn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	other := dial(t, url)
+	pollFor(t, "exclusive queue deleted", func() bool {
+		_, err := openChannel(t, other).QueueDeclarePassive("ex", false, false, false, false, nil)
+		return amqpCode(err) == 404
+	})
+	// The name is free again, for anyone.
+	ch := openChannel(t, other)
+	if _, err := ch.QueueDeclare("ex", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, ch, "amq.direct", "k", "old binding")
+	if n := queueReady(t, ch, "ex"); n != 0 {
+		t.Fatalf("the deleted queue's binding routed %d messages to its successor", n)
+	}
+}
+
+func TestAutoDeleteQueue(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if _, err := ch.QueueDeclare("ad", false, true, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, ch, "", "ad", "m")
+	// No consumer yet: it stays, even through a basic.get.
+	if _, _, err := ch.Get("ad", true); err != nil {
+		t.Fatal(err)
+	}
+	if n := queueReady(t, ch, "ad"); n != 0 {
+		t.Fatalf("%d ready, want 0", n)
+	}
+	cons := openChannel(t, c)
+	consumeTagged(t, cons, "ad", "c1")
+	consumeTagged(t, cons, "ad", "c2")
+	if err := cons.Cancel("c1", false); err != nil {
+		t.Fatal(err)
+	}
+	queueReady(t, ch, "ad") // one consumer left: still there
+	if err := cons.Cancel("c2", false); err != nil {
+		t.Fatal(err)
+	}
+	_, err := openChannel(t, c).QueueDeclarePassive("ad", false, true, false, false, nil)
+	wantReplyCode(t, err, 404)
+
+	// Closing the last consumer's channel counts as cancelling it.
+	if _, err := ch.QueueDeclare("ad2", false, true, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	cons2 := openChannel(t, c)
+	consumeTagged(t, cons2, "ad2", "c")
+	if err := cons2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = openChannel(t, c).QueueDeclarePassive("ad2", false, true, false, false, nil)
+	wantReplyCode(t, err, 404)
+}
+
+func TestQueuePurge(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "q")
+	for i := range 5 {
+		publishText(t, ch, "", "q", strconv.Itoa(i))
+	}
+	holder := openChannel(t, c)
+	for range 2 {
+		if _, ok, err := holder.Get("q", false); err != nil || !ok {
+			t.Fatalf("get: %v %v", ok, err)
+		}
+	}
+	n, err := ch.QueuePurge("q", false)
+	if err != nil || n != 3 {
+		t.Fatalf("purge = %d, %v; want 3 (the unacked two stay)", n, err)
+	}
+	if n, err := ch.QueuePurge("q", false); err != nil || n != 0 {
+		t.Fatalf("second purge = %d, %v; want 0", n, err)
+	}
+	if err := holder.Close(); err != nil {
+		t.Fatal(err)
+	}
+	got := drainText(t, ch, "q")
+	if !slices.Equal(got, []string{"0", "1"}) {
+		t.Fatalf("after the holder closed the queue has %q, want the two unacked back", got)
+	}
+}
+
+func TestQueueDelete(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "q")
+	for i := range 4 {
+		publishText(t, ch, "", "q", strconv.Itoa(i))
+	}
+	_, err := ch.QueueDelete("q", false, true, false)
+	wantReplyCode(t, err, 406) // if-empty with 4 messages
+
+	ch = openChannel(t, c)
+	cons := openChannel(t, c)
+	if err := cons.Qos(1, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	msgs := consumeTagged(t, cons, "q", "c")
+	_, err = ch.QueueDelete("q", true, false, false)
+	wantReplyCode(t, err, 406) // if-unused with a consumer
+
+	ch = openChannel(t, c)
+	takeDelivery(t, msgs)
+	if err := cons.Cancel("c", false); err != nil {
+		t.Fatal(err)
+	}
+	n, err := ch.QueueDelete("q", true, false, false)
+	if err != nil || n != 3 {
+		t.Fatalf("delete = %d, %v; want 3 ready messages", n, err)
+	}
+	_, err = ch.QueueDeclarePassive("q", false, false, false, false, nil)
+	wantReplyCode(t, err, 404)
+
+	// if-empty counts ready messages, not unacked ones.
+	ch = openChannel(t, c)
+	declareTransientQueue(t, ch, "q2")
+	publishText(t, ch, "", "q2", "m")
+	if _, ok, err := ch.Get("q2", false); err != nil || !ok {
+		t.Fatalf("get: %v %v", ok, err)
+	}
+	if n, err := ch.QueueDelete("q2", false, true, false); err != nil || n != 0 {
+		t.Fatalf("if-empty delete with only an unacked message = %d, %v; want 0, nil", n, err)
+	}
+}
+
+func TestQueueDeleteCancelsConsumers(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	declareTransientQueue(t, ch, "q")
+	cancels := ch.NotifyCancel(make(chan string, 2))
+	msgs := consumeTagged(t, ch, "q", "victim")
+	publishText(t, ch, "", "q", "in flight")
+	inFlight := takeDelivery(t, msgs)
+	other := openChannel(t, dial(t, url))
+	if _, err := other.QueueDelete("q", false, false, false); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case tag := <-cancels:
+		if tag != "victim" {
+			t.Fatalf("basic.cancel for %q, want victim", tag)
+		}
+	case <-time.After(recvWait):
+		t.Fatal("no basic.cancel after the queue was deleted")
+	}
+	select {
+	case _, ok := <-msgs:
+		if ok {
+			t.Fatal("delivery after cancel")
+		}
+	case <-time.After(recvWait):
+		t.Fatal("delivery channel not closed after basic.cancel")
+	}
+	// A delivery from the deleted queue can still be acked, and the channel stays usable.
+	if err := inFlight.Ack(false); err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "q")
+	if n := queueReady(t, ch, "q"); n != 0 {
+		t.Fatalf("the new queue q holds %d messages, want 0", n)
+	}
+}
+
+// builtWithRace reports whether the test binary was built with -race.
+func builtWithRace() bool {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return false
+	}
+	for _, s := range bi.Settings {
+		if s.Key == "-race" {
+			return s.Value == "true"
+		}
+	}
+	return false
+}
+
+// TestQueueMillionSmallMessages publishes a million 16-octet messages to one queue and
+// reports the heap they take. It is not parallel, so the heap is this test's alone.
+func TestQueueMillionSmallMessages(t *testing.T) {
+	// The publishes go out as pre-encoded frames, fast enough for a million even under -race.
+	n := 1_000_000
+	if testing.Short() {
+		n = 200_000
+	}
+	srv, _ := newTestServer(t)
+	w := dialFrameClient(t, srv)
+	w.send(1, &queueDeclare{Queue: "million"})
+	w.expect(1, idQueueDeclareOk)
+
+	// One publish, body last: method, header, 16-octet body frame.
+	one := appendContent(appendMethodFrame(nil, 1, &basicPublish{RoutingKey: "million"}), 1, nil, make([]byte, 16), defaultFrameMax)
+	const batch = 4096
+	buf := make([]byte, 0, batch*len(one))
+
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	start := time.Now()
+	for i := 0; i < n; i += batch {
+		buf = buf[:0]
+		for j := i; j < min(i+batch, n); j++ {
+			buf = append(buf, one...)
+			binary.BigEndian.PutUint64(buf[len(buf)-1-16:], uint64(j))
+		}
+		w.write(buf)
+	}
+	// A synchronous method after the publishes: they have all been handled.
+	w.send(1, &queueDeclare{Queue: "million", Passive: true})
+	ok := w.expect(1, idQueueDeclareOk).(*queueDeclareOk)
+	elapsed := time.Since(start)
+	if ok.MessageCount != uint32(n) {
+		t.Fatalf("message count %d, want %d", ok.MessageCount, n)
+	}
+	buf, one = nil, nil
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	perMsg := (float64(after.HeapAlloc) - float64(before.HeapAlloc)) / float64(n)
+	t.Logf("%d messages of 16 octets queued in %v (%.0f msgs/s); heap %.1f bytes per message (race=%v)",
+		n, elapsed.Round(time.Millisecond), float64(n)/elapsed.Seconds(), perMsg, builtWithRace())
+	if perMsg > 512 {
+		t.Errorf("%.0f bytes of heap per queued 16-octet message, want at most 512", perMsg)
+	}
+
+	// The head comes out first, in order.
+	const sample = 1000
+	w.send(1, &basicQos{PrefetchCount: sample})
+	w.expect(1, idBasicQosOk)
+	w.send(1, &basicConsume{Queue: "million", ConsumerTag: "head"})
+	w.expect(1, idBasicConsumeOk)
+	var last uint64
+	for i := range sample {
+		d := w.expect(1, idBasicDeliver).(*basicDeliver)
+		_, body := w.content()
+		if len(body) != 16 || binary.BigEndian.Uint64(body) != uint64(i) {
+			t.Fatalf("delivery %d: body %x, want message %d", i, body, i)
+		}
+		last = d.DeliveryTag
+	}
+	w.send(1, &basicAck{DeliveryTag: last, Multiple: true})
+	w.send(1, &queuePurge{Queue: "million"})
+	// The ack gives the consumer its next window before the purge; the purge takes the rest.
+	for deliveries := 0; ; deliveries++ {
+		ch, m := w.next()
+		if d, ok := m.(*basicDeliver); ok && ch == 1 {
+			if _, body := w.content(); binary.BigEndian.Uint64(body) != uint64(sample+deliveries) || d.Redelivered {
+				t.Fatalf("delivery %d after the ack: body %x redelivered %v", sample+deliveries, body, d.Redelivered)
+			}
+			continue
+		}
+		p, ok := m.(*queuePurgeOk)
+		if !ok || ch != 1 {
+			t.Fatalf("got %s on channel %d, want queue.purge-ok", methodName(m.id()), ch)
+		}
+		if deliveries != sample || p.MessageCount != uint32(n-2*sample) {
+			t.Fatalf("purged %d after %d more deliveries, want %d after %d", p.MessageCount, deliveries, n-2*sample, sample)
+		}
+		break
+	}
+}
+
+func TestDeque(t *testing.T) {
+	var d deque[int]
+	if d.len() != 0 {
+		t.Fatal("zero deque not empty")
+	}
+	// Growth: capacity starts at 16 and doubles, order kept.
+	for i := range 100 {
+		d.push(i)
+	}
+	if d.len() != 100 || len(d.buf) != 128 {
+		t.Fatalf("len %d cap %d after 100 pushes, want 100 and 128", d.len(), len(d.buf))
+	}
+	for i := range 100 {
+		if *d.at(i) != i {
+			t.Fatalf("at(%d) = %d", i, *d.at(i))
+		}
+	}
+	for i := range 100 {
+		if *d.front() != i {
+			t.Fatalf("front = %d, want %d", *d.front(), i)
+		}
+		if v := d.pop(); v != i {
+			t.Fatalf("pop = %d, want %d", v, i)
+		}
+	}
+
+	// Wraparound: the ring reuses the slots freed at the front.
+	var r deque[int]
+	for i := range 10 {
+		r.push(i)
+	}
+	for range 8 {
+		r.pop()
+	}
+	for i := 10; i < 22; i++ {
+		r.push(i)
+	}
+	if len(r.buf) != 16 || r.head+r.len() <= len(r.buf) {
+		t.Fatalf("cap %d head %d len %d: expected a wrapped ring of 16", len(r.buf), r.head, r.len())
+	}
+	for i := 8; i < 22; i++ {
+		if v := r.pop(); v != i {
+			t.Fatalf("pop = %d, want %d", v, i)
+		}
+	}
+	// Growing a wrapped ring keeps the order.
+	for i := range 40 {
+		r.push(i)
+	}
+	for i := range 40 {
+		if v := r.pop(); v != i {
+			t.Fatalf("after growth pop = %d, want %d", v, i)
+		}
+	}
+
+	// Shrink: a big ring that empties gives its memory back, order kept.
+	var s deque[int]
+	for i := range 5000 {
+		s.push(i)
+	}
+	if len(s.buf) != 8192 {
+		t.Fatalf("cap %d after 5000 pushes, want 8192", len(s.buf))
+	}
+	for i := range 4990 {
+		if v := s.pop(); v != i {
+			t.Fatalf("pop = %d, want %d", v, i)
+		}
+	}
+	if len(s.buf) > 1024 {
+		t.Fatalf("cap %d with 10 elements left, want it shrunk to at most 1024", len(s.buf))
+	}
+	for i := 4990; i < 5000; i++ {
+		if v := s.pop(); v != i {
+			t.Fatalf("after shrink pop = %d, want %d", v, i)
+		}
+	}
+
+	// clear empties and frees.
+	s.push(1)
+	s.clear()
+	if s.len() != 0 || s.buf != nil {
+		t.Fatalf("after clear: len %d buf %v", s.len(), s.buf)
+	}
+}
+
+func TestDequeMatchesSlice(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	var d deque[int]
+	var model []int
+	next := 0
+	for range 200_000 {
+		if len(model) == 0 || r.IntN(100) < 55-len(model)/200 {
+			d.push(next)
+			model = append(model, next)
+			next++
+		} else {
+			if v := d.pop(); v != model[0] {
+				t.Fatalf("pop = %d, want %d", v, model[0])
+			}
+			model = model[1:]
+		}
+		if d.len() != len(model) {
+			t.Fatalf("len %d, want %d", d.len(), len(model))
+		}
+		if len(d.buf)&(len(d.buf)-1) != 0 {
+			t.Fatalf("capacity %d is not a power of two", len(d.buf))
+		}
+	}
+	for i, v := range model {
+		if *d.at(i) != v {
+			t.Fatalf("at(%d) = %d, want %d", i, *d.at(i), v)
+		}
+	}
+}
+
+// newUnitQueue returns a queue with no vhost traffic, holding n messages whose bodies are
+// their numbers 1..n.
+func newUnitQueue(n int) *queue {
+	q := &queue{name: "unit", vh: newVhost("/")}
+	for i := 1; i <= n; i++ {
+		q.enqueue(&message{data: []byte(strconv.Itoa(i))})
+	}
+	return q
+}
+
+func TestRequeueRestoresOrder(t *testing.T) {
+	q := newUnitQueue(10)
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	var out []qentry
+	for range 6 {
+		out = append(out, q.popLocked())
+	}
+	for i, e := range out {
+		if e.seq != uint64(i+1) || e.redelivered {
+			t.Fatalf("pop %d: seq %d redelivered %v", i, e.seq, e.redelivered)
+		}
+	}
+	// Back in a scrambled order: 5, 2, 6, 1 (3 and 4 stay out).
+	for _, i := range []int{4, 1, 5, 0} {
+		q.requeueLocked(out[i])
+	}
+	if q.messageCountLocked() != 8 {
+		t.Fatalf("count %d, want 8", q.messageCountLocked())
+	}
+	if e := q.peekLocked(); e.seq != 1 {
+		t.Fatalf("peek seq %d, want 1", e.seq)
+	}
+	var got []string
+	for q.messageCountLocked() > 0 {
+		e := q.popLocked()
+		got = append(got, string(e.msg.body())+"/"+strconv.FormatBool(e.redelivered))
+	}
+	want := []string{"1/true", "2/true", "5/true", "6/true", "7/false", "8/false", "9/false", "10/false"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("order %q, want %q", got, want)
+	}
+}
+
+func TestRequeueHeapRandomized(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 4))
+	for round := range 200 {
+		n := 1 + r.IntN(60)
+		q := newUnitQueue(n)
+		q.mu.Lock()
+		var out []qentry
+		for range 1 + r.IntN(n) {
+			out = append(out, q.popLocked())
+		}
+		r.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
+		back := out[:r.IntN(len(out)+1)]
+		for _, e := range back {
+			q.requeueLocked(e)
+		}
+		var seqs []uint64
+		for q.messageCountLocked() > 0 {
+			seqs = append(seqs, q.popLocked().seq)
+		}
+		q.mu.Unlock()
+		if !slices.IsSorted(seqs) || len(seqs) != n-len(out)+len(back) {
+			t.Fatalf("round %d: %d messages, %d out, %d back: popped %v", round, n, len(out), len(back), seqs)
+		}
+	}
+}
+
+func TestRequeueToDeletedQueueDrops(t *testing.T) {
+	q := newUnitQueue(2)
+	q.mu.Lock()
+	e := q.popLocked()
+	q.deleted = true
+	q.requeueLocked(e)
+	n := q.messageCountLocked()
+	q.mu.Unlock()
+	if n != 1 {
+		t.Fatalf("count %d after requeue to a deleted queue, want 1", n)
+	}
+}
