@@ -143,7 +143,7 @@ type Server struct {
 	wal       *wal                      // nil without a data directory; set before serving
 	openOnce  sync.Once
 	openErr   error
-	ready     chan struct{}             // closed when the first listener is up
+	ready     chan struct{} // closed when the first listener is up
 }
 
 // NewServer returns a server configured by cfg; it does not listen until Serve or

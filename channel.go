@@ -39,11 +39,11 @@ type channel struct {
 	// Publisher confirms. The reader confirms at each drain of its input; the log's writer
 	// confirms persistent messages after their fsync.
 	cmu           sync.Mutex
-	confirmSeq    uint64                 // guarded by cmu: tag of the last publish in confirm mode
-	confirmSent   uint64                 // guarded by cmu: highest tag confirmed to the client
-	durableWait   deque[durableConfirm]  // guarded by cmu: persistent publishes waiting for fsync
-	confirmClosed bool                   // guarded by cmu: the channel is gone
-	walListening  bool                   // guarded by the log's mu
+	confirmSeq    uint64                // guarded by cmu: tag of the last publish in confirm mode
+	confirmSent   uint64                // guarded by cmu: highest tag confirmed to the client
+	durableWait   deque[durableConfirm] // guarded by cmu: persistent publishes waiting for fsync
+	confirmClosed bool                  // guarded by cmu: the channel is gone
+	walListening  bool                  // guarded by the log's mu
 
 	mu               sync.Mutex
 	dead             bool                 // guarded by mu: closed; no more deliveries

@@ -633,4 +633,3 @@ func (ch *channel) exchangeBind(id uint32, d *decoder) error {
 	}
 	return ch.reply(noWait, &exchangeUnbindOk{})
 }
-

@@ -12,10 +12,10 @@ import (
 // changes after publish. data holds the routing key, the raw properties (flags first) and
 // the body in one allocation.
 type message struct {
-	exchange  string // the exchange's own (interned) name
-	data      []byte
-	keyLen    uint8
-	propsLen  uint32
+	exchange   string // the exchange's own (interned) name
+	data       []byte
+	keyLen     uint8
+	propsLen   uint32
 	publisher  uint64  // the publishing connection's id, for no-local consumers
 	persistent bool    // delivery-mode 2
 	wal        *msgWAL // its place in the log, when it went to a durable queue

@@ -149,7 +149,7 @@ type walOptions struct {
 
 // recovered is what replay found: topology records in order and each queue's messages.
 type recovered struct {
-	topology []walRecord         // records 1-6 past the checkpoint, after the checkpoint's own
+	topology []walRecord           // records 1-6 past the checkpoint, after the checkpoint's own
 	messages map[uint64][]*message // queue id → messages in id order
 }
 
