@@ -127,6 +127,9 @@ func (c *Config) setDefaults() {
 	}
 }
 
+// errShutdown is what every client gets from Shutdown.
+var errShutdown = newError(replyConnectionForced, "broker forced connection closure with reason 'shutdown'")
+
 // Server is an AMQP 0.9.1 broker.
 type Server struct {
 	cfg    Config
@@ -255,7 +258,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Unlock()
 
 	for _, c := range conns {
-		c.closeWith(newError(replyConnectionForced, "broker forced connection closure with reason 'shutdown'"))
+		c.closeWith(errShutdown)
 	}
 	done := make(chan struct{})
 	go func() {

@@ -1375,12 +1375,24 @@ func TestConcurrentPublishConsumeExactlyOnce(t *testing.T) {
 			}
 		}()
 	}
-	wg.Wait()
+	published := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(published)
+	}()
+	timeout := time.After(45 * time.Second)
+	select {
+	case <-published:
+	case err := <-errs:
+		t.Fatal(err)
+	case <-timeout:
+		t.Fatal("timed out publishing")
+	}
 	select {
 	case <-done:
 	case err := <-errs:
 		t.Fatal(err)
-	case <-time.After(45 * time.Second):
+	case <-timeout:
 		mu.Lock()
 		defer mu.Unlock()
 		t.Fatalf("timed out: %d distinct of %d delivered, %d acked", len(seen), total, acked)

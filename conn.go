@@ -43,6 +43,8 @@ type conn struct {
 	confirms   []*channel // channels with publishes to confirm at the next flush
 	caps       clientCaps
 	closing    atomic.Bool // connection.close sent by the server; only close/close-ok count now
+	opened     atomic.Bool // the handshake finished
+	shutdown   atomic.Bool // the server is shutting down
 	readIdle   time.Duration
 
 	outMu      sync.Mutex
@@ -111,6 +113,11 @@ func (c *conn) serve() {
 	}
 	c.nc.SetReadDeadline(time.Time{})
 	c.readIdle = 2 * time.Duration(c.heartbeat.Load())
+	c.opened.Store(true)
+	if c.shutdown.Load() {
+		// Shutdown began during the handshake.
+		c.closeWith(errShutdown)
+	}
 	for {
 		f, err := c.fr.read()
 		if err == nil {
@@ -136,12 +143,12 @@ var errConnectionClosed = errors.New("amqp: connection closed")
 // fail ends the connection on err: an AMQP exception is sent as connection.close and the
 // reader waits a little for close-ok; I/O errors end it quietly.
 func (c *conn) fail(err error) {
-	if err == errBadHeader || err == errAuthClosed {
+	if err == errBadHeader || err == errAuthClosed || err == errConnectionClosed {
 		return
 	}
 	var e *Error
 	if !errors.As(err, &e) {
-		if isPeerGone(err) || c.closing.Load() {
+		if isPeerGone(err) || c.closing.Load() || c.shutdown.Load() {
 			c.log.Debug("connection ended", "err", err)
 			return
 		}
@@ -170,7 +177,13 @@ func isPeerGone(err error) bool {
 
 // closeWith starts a server-initiated close from any goroutine: connection.close goes out,
 // and the reader gives the client defaultCloseTimeout to answer close-ok.
+// A connection still in its handshake is simply dropped.
 func (c *conn) closeWith(e *Error) {
+	c.shutdown.Store(true)
+	if !c.opened.Load() {
+		c.nc.SetReadDeadline(time.Now())
+		return
+	}
 	if c.sendClose(e) {
 		c.nc.SetReadDeadline(time.Now().Add(defaultCloseTimeout))
 	}

@@ -25,7 +25,7 @@ func main() {
 // run parses flags, serves until SIGINT or SIGTERM, and returns the exit code.
 func run(args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("amqpd", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs.SetOutput(io.Discard) // errors are reported below, in one line
 	addr := fs.String("addr", ":5672", "TCP address to listen on")
 	dataDir := fs.String("data-dir", "amqp-data", "directory for durable state (reserved; nothing is written yet)")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
@@ -33,6 +33,12 @@ func run(args []string, stderr io.Writer) int {
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	maxMessage := fs.Int("max-message-size", 16<<20, "largest message body in bytes (at most 512 MiB)")
 	if err := fs.Parse(args); err != nil {
+		if err == flag.ErrHelp {
+			fs.SetOutput(stderr)
+			fs.PrintDefaults()
+			return 0
+		}
+		fmt.Fprintf(stderr, "amqpd: %v\n", err)
 		return 2
 	}
 	if fs.NArg() > 0 {
@@ -79,8 +85,10 @@ func run(args []string, stderr io.Writer) int {
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
 	select {
 	case err := <-errc:
+		srv.Shutdown(context.Background())
 		if errors.Is(err, syscall.EADDRINUSE) {
 			fmt.Fprintf(stderr, "amqpd: address %s is already in use\n", *addr)
 		} else {
