@@ -71,12 +71,13 @@ type txPublish struct {
 	mandatory bool
 }
 
-// txAck is an ack, nack or reject held until tx.commit.
+// txAck is an ack, nack or reject; in a transaction it is held until tx.commit.
 type txAck struct {
 	id       uint32 // idBasicAck, idBasicNack or idBasicReject
 	tag      uint64
 	multiple bool
 	requeue  bool
+	done     []unacked // in a transaction: the deliveries it took
 }
 
 // errChannelClosed tells the connection the channel is gone after a client channel.close.
@@ -103,6 +104,10 @@ func (ch *channel) canDeliverLocked(c *consumer) bool {
 // exception, and when the connection ends.
 func (ch *channel) shutdown() {
 	ch.pubWait, ch.pubMsg = false, nil
+	var uncommitted []unacked // settled in a transaction that never committed
+	for _, a := range ch.txAcks {
+		uncommitted = append(uncommitted, a.done...)
+	}
 	ch.txPubs, ch.txAcks = nil, nil
 	ch.cmu.Lock()
 	ch.confirmClosed = true
@@ -114,6 +119,7 @@ func (ch *channel) shutdown() {
 		consumers = append(consumers, c)
 	}
 	clear(ch.consumers)
+	ch.restoreLocked(uncommitted)
 	pending := ch.takeUnackedLocked()
 	ch.mu.Unlock()
 	for _, c := range consumers {
@@ -524,7 +530,9 @@ func describeQueue(name, vhost string) string {
 	return "queue '" + name + "' in vhost '" + vhost + "'"
 }
 
-// basicSettle handles basic.ack, basic.nack and basic.reject.
+// basicSettle handles basic.ack, basic.nack and basic.reject. The deliveries leave the
+// unacked list at once, so an unknown or repeated tag is 406 PRECONDITION_FAILED even in a
+// transaction; there their effect waits for tx.commit, and tx.rollback puts them back.
 func (ch *channel) basicSettle(id uint32, d *decoder) error {
 	a := txAck{id: id}
 	switch id {
@@ -544,40 +552,78 @@ func (ch *channel) basicSettle(id uint32, d *decoder) error {
 	if d.err != nil {
 		return nil
 	}
-	if ch.tx {
-		ch.txAcks = append(ch.txAcks, a)
-		return nil
-	}
-	return ch.settle(a)
-}
-
-// settle applies an ack, nack or reject: settled messages leave their queues, requeued
-// ones go back in their original place. An unknown tag is 406 PRECONDITION_FAILED.
-func (ch *channel) settle(a txAck) error {
 	ch.mu.Lock()
-	var done []unacked
-	if a.multiple {
-		done = ch.settleUpToLocked(a.tag)
-	} else if u, ok := ch.settleOneLocked(a.tag); ok {
-		done = append(ch.settled[:0], u)
-		ch.settled = done
-	} else {
+	done, ok := ch.takeLocked(a.tag, a.multiple)
+	if !ok {
 		ch.mu.Unlock()
 		return preconditionFailed("unknown delivery tag " + strconv.FormatUint(a.tag, 10))
 	}
+	if ch.tx {
+		ch.mu.Unlock()
+		a.done = append([]unacked(nil), done...)
+		ch.txAcks = append(ch.txAcks, a)
+		return nil
+	}
+	ch.releaseLocked(done)
+	ch.mu.Unlock()
+	ch.apply(a, done)
+	return nil
+}
+
+// takeLocked removes the deliveries an ack names: tag alone, or every one up to tag with
+// multiple (all of them for tag 0). The tag itself must be outstanding. ch.mu must be held.
+func (ch *channel) takeLocked(tag uint64, multiple bool) ([]unacked, bool) {
+	done := ch.settled[:0]
+	if multiple && tag == 0 {
+		for ch.unacked.len() > 0 {
+			if u := ch.unacked.pop(); !u.done {
+				done = append(done, u)
+			}
+		}
+		ch.settled = done
+		return done, true
+	}
+	n := ch.unacked.len()
+	i := sort.Search(n, func(i int) bool { return ch.unacked.at(i).tag >= tag })
+	if i == n || ch.unacked.at(i).tag != tag || ch.unacked.at(i).done {
+		return nil, false
+	}
+	if multiple {
+		for ch.unacked.len() > 0 && ch.unacked.front().tag <= tag {
+			if u := ch.unacked.pop(); !u.done {
+				done = append(done, u)
+			}
+		}
+	} else {
+		done = append(done, *ch.unacked.at(i))
+		ch.unacked.at(i).done = true
+		ch.unacked.at(i).e = qentry{}
+		for ch.unacked.len() > 0 && ch.unacked.front().done {
+			ch.unacked.pop()
+		}
+	}
+	ch.settled = done
+	return done, true
+}
+
+// releaseLocked gives back the prefetch credit of settled deliveries. ch.mu must be held.
+func (ch *channel) releaseLocked(done []unacked) {
 	for _, u := range done {
 		if u.c != nil {
 			u.c.inflight--
 			ch.inflight--
 		}
 	}
-	ch.mu.Unlock()
+}
+
+// apply carries out a settlement: requeued messages go back to their original place,
+// the others leave their queues for good; then the queues deliver on the freed credit.
+func (ch *channel) apply(a txAck, done []unacked) {
 	if a.id != idBasicAck && a.requeue {
 		requeueAll(done)
-		return nil
+		return
 	}
 	ch.c.s.logSettled(done)
-	// Credit came back: let the queues deliver again.
 	var last *queue
 	for _, u := range done {
 		if u.c != nil && u.q != last {
@@ -585,40 +631,22 @@ func (ch *channel) settle(a txAck) error {
 			u.q.dispatch()
 		}
 	}
-	return nil
 }
 
-// settleUpToLocked removes every delivery up to tag (all of them for tag 0).
-// ch.mu must be held.
-func (ch *channel) settleUpToLocked(tag uint64) []unacked {
-	done := ch.settled[:0]
+// restoreLocked puts deliveries taken by a rolled-back transaction back in the unacked
+// list, in tag order. ch.mu must be held.
+func (ch *channel) restoreLocked(back []unacked) {
+	all := make([]unacked, 0, ch.unacked.len()+len(back))
 	for ch.unacked.len() > 0 {
-		u := ch.unacked.front()
-		if tag != 0 && u.tag > tag {
-			break
-		}
-		if v := ch.unacked.pop(); !v.done {
-			done = append(done, v)
+		if u := ch.unacked.pop(); !u.done {
+			all = append(all, u)
 		}
 	}
-	ch.settled = done
-	return done
-}
-
-// settleOneLocked removes the delivery with this tag. ch.mu must be held.
-func (ch *channel) settleOneLocked(tag uint64) (unacked, bool) {
-	n := ch.unacked.len()
-	i := sort.Search(n, func(i int) bool { return ch.unacked.at(i).tag >= tag })
-	if i == n || ch.unacked.at(i).tag != tag || ch.unacked.at(i).done {
-		return unacked{}, false
+	all = append(all, back...)
+	sort.Slice(all, func(i, j int) bool { return all[i].tag < all[j].tag })
+	for _, u := range all {
+		ch.unacked.push(u)
 	}
-	u := *ch.unacked.at(i)
-	ch.unacked.at(i).done = true
-	ch.unacked.at(i).e = qentry{}
-	for ch.unacked.len() > 0 && ch.unacked.front().done {
-		ch.unacked.pop()
-	}
-	return u, true
 }
 
 // basicQos sets prefetch limits with RabbitMQ's meaning: global=false limits each new
@@ -869,9 +897,10 @@ func (ch *channel) txMethod(id uint32) error {
 			last = max(last, t)
 		}
 		for _, a := range acks {
-			if err := ch.settle(a); err != nil {
-				return err
-			}
+			ch.mu.Lock()
+			ch.releaseLocked(a.done)
+			ch.mu.Unlock()
+			ch.apply(a, a.done)
 		}
 		if w := ch.c.s.wal; w != nil && (last > 0 || len(acks) > 0) {
 			// tx.commit-ok means on disk: wait for the fsync covering this work.
@@ -885,7 +914,16 @@ func (ch *channel) txMethod(id uint32) error {
 		if !ch.tx {
 			return preconditionFailed("channel is not transactional")
 		}
+		var back []unacked
+		for _, a := range ch.txAcks {
+			back = append(back, a.done...)
+		}
 		ch.txPubs, ch.txAcks = nil, nil
+		if len(back) > 0 {
+			ch.mu.Lock()
+			ch.restoreLocked(back)
+			ch.mu.Unlock()
+		}
 		ch.c.send2(ch.id, &txRollbackOk{})
 		return nil
 	}

@@ -395,8 +395,13 @@ func (hm headersMatch) matches(headers table) bool {
 	return !hm.any
 }
 
-// valueEqual compares two field values of the same wire type.
+// valueEqual compares two field values as RabbitMQ does: integers of any width by value,
+// floats by value, everything else only with the same type.
 func valueEqual(a, b any) bool {
+	if x, ok := intValue(a); ok {
+		y, ok := intValue(b)
+		return ok && x == y
+	}
 	switch a := a.(type) {
 	case []byte:
 		b, ok := b.([]byte)
@@ -416,11 +421,9 @@ func valueEqual(a, b any) bool {
 		}
 		return true
 	case float32:
-		b, ok := b.(float32)
-		return ok && math.Float32bits(a) == math.Float32bits(b)
+		return floatEqual(float64(a), b)
 	case float64:
-		b, ok := b.(float64)
-		return ok && math.Float64bits(a) == math.Float64bits(b)
+		return floatEqual(a, b)
 	}
 	switch b.(type) {
 	case []byte, table, []any:
@@ -451,23 +454,28 @@ func (ch *channel) exchangeDeclare(d *decoder) error {
 		return nil
 	}
 	vh := ch.vh()
-	if m.Exchange == "" {
-		return accessRefused("operation not permitted on the default exchange")
-	}
 	if m.Passive {
+		if m.Exchange == "" {
+			return accessRefused("operation not permitted on the default exchange")
+		}
 		if _, err := ch.findExchange(m.Exchange); err != nil {
 			return err
 		}
 		return ch.reply(m.NoWait, &exchangeDeclareOk{})
 	}
-	if reservedName(m.Exchange) {
-		return accessRefused("exchange name '" + m.Exchange + "' contains reserved prefix 'amq.*'")
-	}
+	// RabbitMQ's order: the type, the default exchange, then amq.* only for a new name.
 	if !validKind(m.Type) {
 		return commandInvalid("unknown exchange type '" + m.Type + "'")
 	}
+	if m.Exchange == "" {
+		return accessRefused("operation not permitted on the default exchange")
+	}
 	vh.mu.Lock()
 	x := vh.exchanges[m.Exchange]
+	if x == nil && reservedName(m.Exchange) {
+		vh.mu.Unlock()
+		return accessRefused("exchange name '" + m.Exchange + "' contains reserved prefix 'amq.*'")
+	}
 	if x == nil {
 		nx := newExchange(m.Exchange, m.Type, m.Durable, m.AutoDelete, m.Internal, m.Arguments)
 		vh.exchanges[m.Exchange] = nx
@@ -504,10 +512,21 @@ func (x *exchange) equivalent(m *exchangeDeclare, vhost string) error {
 		return diff("auto_delete", strconv.FormatBool(m.AutoDelete), strconv.FormatBool(x.autoDelete))
 	case m.Internal != x.internal:
 		return diff("internal", strconv.FormatBool(m.Internal), strconv.FormatBool(x.internal))
-	case !tableEqual(m.Arguments, x.args):
-		return preconditionFailed("inequivalent arguments for " + describeExchange(x.name, vhost))
+	}
+	// Of the arguments, RabbitMQ compares only alternate-exchange.
+	if a, b := m.Arguments["alternate-exchange"], x.args["alternate-exchange"]; !argEqual(a, b) {
+		return preconditionFailed("inequivalent arg 'alternate-exchange' for " + describeExchange(x.name, vhost))
 	}
 	return nil
+}
+
+// argEqual compares two argument values as RabbitMQ does when checking equivalence:
+// absent equals absent, integers of any width compare by value.
+func argEqual(a, b any) bool {
+	if a == nil || b == nil {
+		return a == nil && b == nil
+	}
+	return valueEqual(a, b)
 }
 
 // reply sends ok unless the method asked for no-wait.
@@ -611,6 +630,10 @@ func (ch *channel) exchangeBind(id uint32, d *decoder) error {
 	b := &binding{source: sx, dest: dx, key: key, args: args}
 	logged := false
 	if id == idExchangeBind {
+		if err := checkHeadersArgs(sx, args); err != nil {
+			vh.mu.Unlock()
+			return err
+		}
 		if sx.addBindingLocked(b) && durableBinding(b) {
 			vh.logLocked(recBind, bindRecord(vh.name, b))
 			logged = true
@@ -632,4 +655,51 @@ func (ch *channel) exchangeBind(id uint32, d *decoder) error {
 		return ch.reply(noWait, &exchangeBindOk{})
 	}
 	return ch.reply(noWait, &exchangeUnbindOk{})
+}
+
+// intValue returns the value of an integer field of any width.
+func intValue(v any) (int64, bool) {
+	switch v := v.(type) {
+	case int8:
+		return int64(v), true
+	case uint8:
+		return int64(v), true
+	case int16:
+		return int64(v), true
+	case uint16:
+		return int64(v), true
+	case int32:
+		return int64(v), true
+	case uint32:
+		return int64(v), true
+	case int64:
+		return v, true
+	}
+	return 0, false
+}
+
+func floatEqual(a float64, b any) bool {
+	switch b := b.(type) {
+	case float32:
+		return a == float64(b)
+	case float64:
+		return a == b || math.IsNaN(a) && math.IsNaN(b)
+	}
+	return false
+}
+
+// checkHeadersArgs refuses a headers binding whose x-match is not one RabbitMQ knows.
+func checkHeadersArgs(x *exchange, args table) error {
+	if x.kind != kindHeaders {
+		return nil
+	}
+	v, ok := args["x-match"]
+	if !ok {
+		return nil
+	}
+	switch v {
+	case "all", "any", "all-with-x", "any-with-x":
+		return nil
+	}
+	return preconditionFailed("Invalid x-match field value; expected all, any, all-with-x, or any-with-x")
 }

@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"strconv"
-	"strings"
 	"sync"
 )
 
@@ -161,20 +160,61 @@ func (q *queue) dispatchLocked() {
 	for len(q.consumers) > 0 && q.messageCountLocked() > 0 {
 		e := q.peekLocked()
 		n := len(q.consumers)
-		delivered := false
+		delivered, local := false, false
 		for i := 0; i < n; i++ {
 			c := q.consumers[(q.rr+i)%n]
+			if c.refuses(e.msg) {
+				local = true
+				continue
+			}
 			if c.deliverLocked(e) {
 				q.rr = (q.rr + i + 1) % n
 				delivered = true
 				break
 			}
 		}
-		if !delivered {
+		if delivered {
+			q.popLocked()
+			continue
+		}
+		if !local || !q.deliverAheadLocked() {
 			return
 		}
-		q.popLocked()
 	}
+}
+
+// maxLookahead bounds how far past the head a no-local consumer looks for a message it
+// may take, so one that refuses the head does not stall the queue.
+const maxLookahead = 64
+
+// deliverAheadLocked gives a no-local consumer the first of the next few ready messages
+// that it accepts; it reports whether it delivered one. q.mu must be held.
+func (q *queue) deliverAheadLocked() bool {
+	for _, c := range q.consumers {
+		if !c.noLocal {
+			continue
+		}
+		for i := 0; i < q.ready.len() && i < maxLookahead; i++ {
+			e := *q.ready.at(i)
+			if c.refuses(e.msg) {
+				continue
+			}
+			if !c.deliverLocked(e) {
+				break
+			}
+			for j := i; j > 0; j-- {
+				*q.ready.at(j) = *q.ready.at(j - 1)
+			}
+			q.ready.pop()
+			return true
+		}
+	}
+	return false
+}
+
+// refuses reports whether a no-local consumer must skip m, published on its own connection.
+func (c *consumer) refuses(m *message) bool {
+	return c.noLocal && m.publisher == c.ch.c.id
 }
 
 // peekLocked returns the next ready message. q.mu must be held.
@@ -340,9 +380,6 @@ func (q *queue) removeConsumer(c *consumer) (autoDelete bool) {
 // the consumer is no-ack. It reports whether it did. q.mu must be held.
 func (c *consumer) deliverLocked(e qentry) bool {
 	ch := c.ch
-	if c.noLocal && e.msg.publisher == ch.c.id {
-		return false
-	}
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	if !ch.canDeliverLocked(c) {
@@ -466,23 +503,29 @@ func (q *queue) equivalent(m *queueDeclare) error {
 			": received '" + strconv.FormatBool(got) + "' but current is '" + strconv.FormatBool(have) + "'")
 	}
 	switch {
+	case m.Exclusive != q.exclusive:
+		// RabbitMQ checks exclusive access first, and a differing exclusive flag fails it.
+		return resourceLocked("cannot obtain exclusive access to locked " + describeQueue(q.name, q.vh.name) +
+			". It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.")
 	case m.Durable != q.durable:
 		return diff("durable", m.Durable, q.durable)
-	case m.Exclusive != q.exclusive:
-		return diff("exclusive", m.Exclusive, q.exclusive)
 	case m.AutoDelete != q.autoDelete:
 		return diff("auto_delete", m.AutoDelete, q.autoDelete)
 	}
-	for _, args := range [2][2]table{{m.Arguments, q.args}, {q.args, m.Arguments}} {
-		for k, v := range args[0] {
-			if strings.HasPrefix(k, "x-") {
-				if w, ok := args[1][k]; !ok || !valueEqual(v, w) {
-					return preconditionFailed("inequivalent arg '" + k + "' for " + describeQueue(q.name, q.vh.name))
-				}
-			}
+	for _, k := range equivalenceArgs {
+		if !argEqual(m.Arguments[k], q.args[k]) {
+			return preconditionFailed("inequivalent arg '" + k + "' for " + describeQueue(q.name, q.vh.name))
 		}
 	}
 	return nil
+}
+
+// equivalenceArgs are the queue arguments RabbitMQ compares on redeclare; others may differ.
+var equivalenceArgs = []string{
+	"x-expires", "x-message-ttl", "x-dead-letter-exchange", "x-dead-letter-routing-key",
+	"x-max-length", "x-max-length-bytes", "x-max-in-memory-length", "x-max-in-memory-bytes",
+	"x-max-priority", "x-overflow", "x-queue-mode", "x-queue-type", "x-single-active-consumer",
+	"x-queue-master-locator", "x-quorum-initial-group-size", "x-delivery-limit",
 }
 
 func (ch *channel) queueBind(d *decoder) error {
@@ -492,6 +535,9 @@ func (ch *channel) queueBind(d *decoder) error {
 	}
 	q, x, err := ch.bindEnds(m.Queue, m.Exchange)
 	if err != nil {
+		return err
+	}
+	if err := checkHeadersArgs(x, m.Arguments); err != nil {
 		return err
 	}
 	vh := ch.vh()
