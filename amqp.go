@@ -41,9 +41,13 @@ package amqp
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"log/slog"
 	"net"
+	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,8 +70,19 @@ const (
 
 // Config configures a Server. The zero value serves on :5672 with RabbitMQ's defaults.
 type Config struct {
-	// Addr is the TCP address ListenAndServe listens on; default ":5672".
+	// Addr is the TCP address ListenAndServe listens on; default ":5672". When TLS is set
+	// and Addr is empty, there is no plain listener.
 	Addr string
+	// TLSAddr is the address of the amqps listener ListenAndServe opens when TLS is set;
+	// default ":5671".
+	TLSAddr string
+	// TLS configures amqps: certificate and key files, and client certificate checks.
+	TLS *TLSConfig
+	// MaxConnections caps the client connections served at once; 0 is no limit. Sockets
+	// beyond it are closed at once, with a log line.
+	MaxConnections int
+	// MaxPreAuthBytes caps what a client may send before it has logged in; default 64 KiB.
+	MaxPreAuthBytes int
 	// DataDir is where durable state will live; reserved, not used yet.
 	DataDir string
 	// Logger receives the server's logs; default slog.Default().
@@ -98,9 +113,22 @@ type Config struct {
 	HandshakeTimeout time.Duration
 }
 
+// TLSConfig names the files of the amqps listener; Reload reads them again.
+type TLSConfig struct {
+	CertFile, KeyFile string
+	// CAFile holds the certificate authorities client certificates are checked against.
+	CAFile string
+	// Verify is "none" (the default: no client certificate asked), "optional" (checked
+	// when given) or "required".
+	Verify string
+}
+
 func (c *Config) setDefaults() {
-	if c.Addr == "" {
+	if c.Addr == "" && c.TLS == nil {
 		c.Addr = defaultAddr
+	}
+	if c.TLS != nil && c.TLSAddr == "" {
+		c.TLSAddr = ":5671"
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -117,6 +145,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Heartbeat < 0 {
 		c.Heartbeat = 0
+	}
+	if c.MaxPreAuthBytes <= 0 {
+		c.MaxPreAuthBytes = 64 << 10
 	}
 	if c.MaxMessageSize <= 0 {
 		c.MaxMessageSize = defaultMaxMessageSize
@@ -143,6 +174,7 @@ type Server struct {
 	closed    bool                      // guarded by mu
 	addr      net.Addr                  // guarded by mu: the first listener's address
 	vhosts    map[string]*vhost         // guarded by mu
+	tlsConf   atomic.Pointer[tls.Config]
 	wal       *wal                      // nil without a data directory; set before serving
 	openOnce  sync.Once
 	openErr   error
@@ -170,14 +202,101 @@ func (s *Server) vhost(name string) *vhost {
 	return s.vhosts[name]
 }
 
-// ListenAndServe listens on Config.Addr and serves connections until Shutdown, when it
-// returns ErrServerClosed.
+// ListenAndServe listens on Config.Addr, and on Config.TLSAddr when TLS is configured,
+// and serves connections until Shutdown, when it returns ErrServerClosed.
 func (s *Server) ListenAndServe() error {
-	ln, err := net.Listen("tcp", s.cfg.Addr)
-	if err != nil {
-		return err
+	var plain, secure net.Listener
+	var err error
+	if s.cfg.TLS != nil {
+		if err := s.loadTLS(); err != nil {
+			return err
+		}
+		if secure, err = net.Listen("tcp", s.cfg.TLSAddr); err != nil {
+			return err
+		}
 	}
-	return s.Serve(ln)
+	if s.cfg.Addr != "" {
+		if plain, err = net.Listen("tcp", s.cfg.Addr); err != nil {
+			if secure != nil {
+				secure.Close()
+			}
+			return err
+		}
+	}
+	if secure == nil {
+		return s.Serve(plain)
+	}
+	if plain == nil {
+		return s.ServeTLS(secure)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- s.ServeTLS(secure) }()
+	err = s.Serve(plain)
+	if err2 := <-errc; err == ErrServerClosed {
+		err = err2
+	}
+	return err
+}
+
+// ServeTLS accepts amqps connections on ln, using the files of Config.TLS, until Shutdown.
+func (s *Server) ServeTLS(ln net.Listener) error {
+	if s.tlsConf.Load() == nil {
+		if err := s.loadTLS(); err != nil {
+			ln.Close()
+			return err
+		}
+	}
+	return s.Serve(tls.NewListener(ln, &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+			return s.tlsConf.Load(), nil
+		},
+	}))
+}
+
+// loadTLS reads the certificate, key and CA files of Config.TLS.
+func (s *Server) loadTLS() error {
+	c := s.cfg.TLS
+	if c == nil {
+		return errors.New("amqp: no TLS configuration")
+	}
+	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+	if err != nil {
+		return errors.New("amqp: loading TLS certificate: " + err.Error())
+	}
+	conf := &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
+	if c.CAFile != "" {
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			return errors.New("amqp: loading TLS CA: " + err.Error())
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return errors.New("amqp: no certificates in " + c.CAFile)
+		}
+		conf.ClientCAs = pool
+	}
+	switch c.Verify {
+	case "", "none":
+	case "optional":
+		conf.ClientAuth = tls.VerifyClientCertIfGiven
+	case "required":
+		conf.ClientAuth = tls.RequireAndVerifyClientCert
+	default:
+		return errors.New("amqp: TLS verify must be none, optional or required, not " + strconv.Quote(c.Verify))
+	}
+	s.tlsConf.Store(conf)
+	return nil
+}
+
+// Reload reads the TLS files again; connections already open keep their session.
+func (s *Server) Reload() error {
+	if s.cfg.TLS != nil {
+		if err := s.loadTLS(); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Serve accepts connections on ln until Shutdown, when it returns ErrServerClosed.
@@ -225,6 +344,11 @@ func (s *Server) Serve(ln net.Listener) error {
 			return err
 		}
 		backoff = 0
+		if max := s.cfg.MaxConnections; max > 0 && s.connCount() >= max {
+			s.log.Warn("refusing connection: connection limit reached", "remote", nc.RemoteAddr().String(), "limit", max)
+			nc.Close()
+			continue
+		}
 		c := newConn(s, nc)
 		if !s.track(c) {
 			nc.Close()
@@ -281,6 +405,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.wal.close()
 	}
 	return err
+}
+
+func (s *Server) connCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.active)
 }
 
 func (s *Server) isClosed() bool {

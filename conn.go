@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"bufio"
+	"crypto/tls"
 	"errors"
 	"io"
 	"log/slog"
@@ -46,6 +47,9 @@ type conn struct {
 	opened     atomic.Bool // the handshake finished
 	shutdown   atomic.Bool // the server is shutting down
 	readIdle   time.Duration
+	peerCN     string // the verified TLS client certificate's subject CN, for EXTERNAL
+	preAuth    int    // octets read before login, against Config.MaxPreAuthBytes
+	authed     bool
 
 	outMu      sync.Mutex
 	out        []byte        // guarded by outMu: encoded frames waiting for the writer
@@ -86,11 +90,21 @@ func newConn(s *Server, nc net.Conn) *conn {
 type deadlineReader struct{ c *conn }
 
 func (r deadlineReader) Read(p []byte) (int, error) {
-	if d := r.c.readIdle; d > 0 && !r.c.closing.Load() {
-		r.c.nc.SetReadDeadline(time.Now().Add(d))
+	c := r.c
+	if d := c.readIdle; d > 0 && !c.closing.Load() {
+		c.nc.SetReadDeadline(time.Now().Add(d))
 	}
-	return r.c.nc.Read(p)
+	n, err := c.nc.Read(p)
+	if !c.authed {
+		if c.preAuth += n; c.preAuth > c.s.cfg.MaxPreAuthBytes {
+			return n, errPreAuthLimit
+		}
+	}
+	return n, err
 }
+
+// errPreAuthLimit ends a connection that sends too much before logging in.
+var errPreAuthLimit = errors.New("amqp: too much data before authentication")
 
 // serve runs the connection: handshake, then frames until the connection ends.
 func (c *conn) serve() {
@@ -107,6 +121,17 @@ func (c *conn) serve() {
 	}()
 
 	c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
+	if tc, ok := c.nc.(*tls.Conn); ok {
+		tc.SetWriteDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
+		if err := tc.Handshake(); err != nil {
+			c.log.Warn("closing connection: TLS handshake failed", "err", err)
+			return
+		}
+		tc.SetWriteDeadline(time.Time{})
+		if st := tc.ConnectionState(); len(st.VerifiedChains) > 0 {
+			c.peerCN = st.PeerCertificates[0].Subject.CommonName
+		}
+	}
 	if err := c.handshake(); err != nil {
 		c.fail(err)
 		return
@@ -144,6 +169,10 @@ var errConnectionClosed = errors.New("amqp: connection closed")
 // reader waits a little for close-ok; I/O errors end it quietly.
 func (c *conn) fail(err error) {
 	if err == errBadHeader || err == errAuthClosed || err == errConnectionClosed {
+		return
+	}
+	if errors.Is(err, errPreAuthLimit) {
+		c.log.Warn("closing connection: too much data before authentication", "limit", c.s.cfg.MaxPreAuthBytes)
 		return
 	}
 	var e *Error
@@ -314,6 +343,7 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.user = user
+	c.authed = true
 
 	c.send(&connectionTune{
 		ChannelMax: c.s.cfg.ChannelMax,

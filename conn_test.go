@@ -869,16 +869,25 @@ func TestConnHeartbeatFloodDuringHandshake(t *testing.T) {
 	t.Parallel()
 	srv, url := newTestServer(t, Config{HandshakeTimeout: time.Minute})
 	other := dial(t, url)
+
+	// A few heartbeats before start-ok are fine.
 	c := wireDial(t, srv.Addr().String())
 	c.send(protocolHeader[:])
 	wireExpect[*connectionStart](c, 0)
-	flood := bytes.Repeat(appendHeartbeat(nil), 3<<20) // 24 MiB
-	c.nc.SetWriteDeadline(time.Now().Add(time.Minute))
-	if _, err := c.nc.Write(flood); err != nil {
-		t.Fatalf("server stopped reading heartbeats: %v", err)
-	}
+	c.send(bytes.Repeat(appendHeartbeat(nil), 100))
 	c.sendMethod(0, &connectionStartOk{Mechanism: "PLAIN", Response: "\x00guest\x00guest", Locale: "en_US"})
 	wireExpect[*connectionTune](c, 0)
+
+	// A flood is cut off at MaxPreAuthBytes (64 KiB by default), without harm to others.
+	f := wireDial(t, srv.Addr().String())
+	f.send(protocolHeader[:])
+	wireExpect[*connectionStart](f, 0)
+	flood := bytes.Repeat(appendHeartbeat(nil), 3<<20) // 24 MiB
+	f.nc.SetWriteDeadline(time.Now().Add(time.Minute))
+	if _, err := f.nc.Write(flood); err == nil {
+		t.Fatal("server read 24 MiB of heartbeats before login")
+	}
+	f.expectClosed(5 * time.Second)
 	wireCheckClient(t, other)
 }
 

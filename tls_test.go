@@ -1,0 +1,217 @@
+package amqp
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
+)
+
+// testPKI is a throwaway certificate authority with a server and a client certificate,
+// made at run time: no keys are committed.
+type testPKI struct {
+	dir               string
+	caFile            string
+	certFile, keyFile string // server, for 127.0.0.1
+	pool              *x509.CertPool
+	client            tls.Certificate // CN "guest", signed by the CA
+	stranger          tls.Certificate // CN "guest", self-signed
+}
+
+func newTestPKI(t testing.TB) *testPKI {
+	t.Helper()
+	p := &testPKI{dir: t.TempDir(), pool: x509.NewCertPool()}
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "amqp-go test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	p.pool.AddCert(ca)
+	p.caFile = p.write("ca.pem", "CERTIFICATE", caDER)
+
+	leaf := func(serial int64, cn string, usage x509.ExtKeyUsage, signer *x509.Certificate, signerKey *ecdsa.PrivateKey) ([]byte, *ecdsa.PrivateKey) {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(serial),
+			Subject:      pkix.Name{CommonName: cn},
+			NotBefore:    time.Now().Add(-time.Hour),
+			NotAfter:     time.Now().Add(time.Hour),
+			KeyUsage:     x509.KeyUsageDigitalSignature,
+			ExtKeyUsage:  []x509.ExtKeyUsage{usage},
+			IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		}
+		if signer == nil {
+			signer, signerKey = tmpl, key
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der, key
+	}
+	der, key := leaf(2, "127.0.0.1", x509.ExtKeyUsageServerAuth, ca, caKey)
+	p.certFile = p.write("server.pem", "CERTIFICATE", der)
+	kb, _ := x509.MarshalECPrivateKey(key)
+	p.keyFile = p.write("server.key", "EC PRIVATE KEY", kb)
+
+	der, key = leaf(3, "guest", x509.ExtKeyUsageClientAuth, ca, caKey)
+	p.client = tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	der, key = leaf(4, "guest", x509.ExtKeyUsageClientAuth, nil, nil)
+	p.stranger = tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	return p
+}
+
+// forcing is a client configuration that presents cert whatever CAs the server names.
+func (p *testPKI) forcing(cert tls.Certificate) *tls.Config {
+	return &tls.Config{RootCAs: p.pool, GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		return &cert, nil
+	}}
+}
+
+func (p *testPKI) write(name, typ string, der []byte) string {
+	path := filepath.Join(p.dir, name)
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		panic(err)
+	}
+	return path
+}
+
+// newTLSServer serves amqps on 127.0.0.1:0 with the PKI's server certificate.
+func newTLSServer(t testing.TB, p *testPKI, verify string, cfg Config) string {
+	t.Helper()
+	cfg.TLS = &TLSConfig{CertFile: p.certFile, KeyFile: p.keyFile, CAFile: p.caFile, Verify: verify}
+	if cfg.Logger == nil {
+		cfg.Logger = wireDiscardLogger()
+	}
+	cfg.DataDir = t.TempDir()
+	srv := NewServer(cfg)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeTLS(ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+		if err := <-done; err != ErrServerClosed {
+			t.Errorf("ServeTLS returned %v", err)
+		}
+	})
+	return "amqps://guest:guest@" + srv.Addr().String() + "/"
+}
+
+func TestTLSPlainLogin(t *testing.T) {
+	t.Parallel()
+	p := newTestPKI(t)
+	url := newTLSServer(t, p, "none", Config{})
+	conn, err := amqp091.DialTLS(url, &tls.Config{RootCAs: p.pool})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if st := conn.ConnectionState(); st.Version < tls.VersionTLS12 {
+		t.Fatalf("TLS version %x, want at least 1.2", st.Version)
+	}
+	checkBrokerWorksTLS(t, conn)
+}
+
+func TestTLSRefusesOldVersions(t *testing.T) {
+	t.Parallel()
+	p := newTestPKI(t)
+	url := newTLSServer(t, p, "none", Config{})
+	_, err := amqp091.DialTLS(url, &tls.Config{RootCAs: p.pool, MaxVersion: tls.VersionTLS11})
+	if err == nil {
+		t.Fatal("a TLS 1.1 client was accepted")
+	}
+}
+
+func TestTLSClientCertificates(t *testing.T) {
+	t.Parallel()
+	p := newTestPKI(t)
+	required := newTLSServer(t, p, "required", Config{})
+	if _, err := amqp091.DialTLS(required, &tls.Config{RootCAs: p.pool}); err == nil {
+		t.Fatal("verify=required accepted a client without a certificate")
+	}
+	if _, err := amqp091.DialTLS(required, p.forcing(p.stranger)); err == nil {
+		t.Fatal("verify=required accepted a self-signed client certificate")
+	}
+	conn, err := amqp091.DialTLS(required, &tls.Config{RootCAs: p.pool, Certificates: []tls.Certificate{p.client}})
+	if err != nil {
+		t.Fatalf("verify=required refused a good client certificate: %v", err)
+	}
+	checkBrokerWorksTLS(t, conn)
+	conn.Close()
+
+	optional := newTLSServer(t, p, "optional", Config{})
+	conn, err = amqp091.DialTLS(optional, &tls.Config{RootCAs: p.pool})
+	if err != nil {
+		t.Fatalf("verify=optional refused a client without a certificate: %v", err)
+	}
+	conn.Close()
+	if _, err := amqp091.DialTLS(optional, p.forcing(p.stranger)); err == nil {
+		t.Fatal("verify=optional accepted a self-signed client certificate")
+	}
+}
+
+func TestTLSUntrustedServer(t *testing.T) {
+	t.Parallel()
+	p := newTestPKI(t)
+	url := newTLSServer(t, p, "none", Config{})
+	if _, err := amqp091.DialTLS(url, &tls.Config{RootCAs: x509.NewCertPool()}); err == nil {
+		t.Fatal("client accepted a server certificate from an unknown CA")
+	}
+}
+
+func checkBrokerWorksTLS(t *testing.T, conn *amqp091.Connection) {
+	t.Helper()
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := ch.QueueDeclare("", false, true, true, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.Publish("", q.Name, false, false, amqp091.Publishing{Body: []byte("tls")}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		d, ok, err := ch.Get(q.Name, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok {
+			if string(d.Body) != "tls" {
+				t.Fatalf("body %q", d.Body)
+			}
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatal("message never arrived")
+}
