@@ -1,8 +1,24 @@
 package amqp
 
 import (
+	"bytes"
+	"crypto/md5"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/sha512"
 	"crypto/subtle"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
 	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
 	"strings"
 )
 
@@ -91,4 +107,785 @@ func isLoopback(addr net.Addr) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// Users, virtual hosts and permissions live in a definitions file in RabbitMQ's format, as
+// "rabbitmqctl export_definitions" writes it. Only three top-level sections are read; the
+// others (queues, exchanges, policies, ...) are kept verbatim and written back on Save.
+//
+//	{
+//	  "users":       [{"name": "alice", "password_hash": "<base64>",
+//	                   "hashing_algorithm": "rabbit_password_hashing_sha256",
+//	                   "tags": ["administrator"], "limits": {}}],
+//	  "vhosts":      [{"name": "/", "metadata": {...}}],
+//	  "permissions": [{"user": "alice", "vhost": "/",
+//	                   "configure": "^alice-.*", "write": ".*", "read": ".*"}],
+//	  "queues": [...], ...                           (kept verbatim)
+//	}
+//
+// Fields of a user, vhost or permission other than the ones above ("limits", "metadata")
+// are kept verbatim too. Older RabbitMQ releases (3.6, for one) write tags as one
+// comma-separated string; both forms are read, the list form is written.
+
+// Definitions is the users, virtual hosts and permissions of a broker, in RabbitMQ's
+// definitions JSON format. Its methods keep it consistent: deleting a user or virtual host
+// drops its permissions. A Definitions is not safe for concurrent use.
+type Definitions struct {
+	Users       []User
+	Vhosts      []VirtualHost
+	Permissions []Permission
+
+	sections map[string]json.RawMessage // other top-level sections, verbatim
+}
+
+// User is a user of the internal authentication backend. PasswordHash is base64 of a
+// 4-byte salt followed by the hash of salt and password, computed with HashingAlgorithm
+// (see [Definitions.AddUser]); an empty PasswordHash means the user cannot log in with a
+// password. Tags, such as "administrator", are kept but grant nothing here.
+type User struct {
+	Name             string
+	PasswordHash     string
+	HashingAlgorithm string
+	Tags             []string
+
+	extra string // other fields, such as limits, as a JSON object; "" if none
+}
+
+// VirtualHost is a virtual host.
+type VirtualHost struct {
+	Name string
+
+	extra string // other fields, such as metadata, as a JSON object; "" if none
+}
+
+// Permission grants User access to resources in Vhost. Configure, Write and Read are
+// regular expressions (Go's RE2 syntax, nearly always the same as RabbitMQ's PCRE for
+// permission patterns) matched, unanchored, against queue and exchange names; the
+// default exchange is matched as "amq.default". An empty expression grants nothing.
+type Permission struct {
+	User, Vhost            string
+	Configure, Write, Read string
+
+	extra string // other fields as a JSON object; "" if none
+}
+
+// Names of RabbitMQ's password hashing modules, as hashing_algorithm holds them.
+const (
+	hashingSHA256 = "rabbit_password_hashing_sha256"
+	hashingSHA512 = "rabbit_password_hashing_sha512"
+	hashingMD5    = "rabbit_password_hashing_md5"
+	saltLen       = 4 // bytes of salt before the digest
+)
+
+// DefaultDefinitions returns what RabbitMQ creates on first start: virtual host "/" and
+// user guest, password guest, tagged administrator, with all permissions on "/".
+func DefaultDefinitions() *Definitions {
+	return &Definitions{
+		Users: []User{{
+			Name:             guestUser,
+			PasswordHash:     hashPassword(guestPassword),
+			HashingAlgorithm: hashingSHA256,
+			Tags:             []string{"administrator"},
+		}},
+		Vhosts:      []VirtualHost{{Name: "/"}},
+		Permissions: []Permission{{User: guestUser, Vhost: "/", Configure: ".*", Write: ".*", Read: ".*"}},
+	}
+}
+
+// LoadDefinitions reads a definitions file. A missing file is an error that satisfies
+// errors.Is(err, fs.ErrNotExist). Duplicate names, and permissions for users or virtual
+// hosts the file does not define, are errors; regular expressions are checked only when
+// the broker loads the definitions.
+func LoadDefinitions(path string) (*Definitions, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("amqp: load definitions: %w", err)
+	}
+	d, err := decodeDefinitions(b)
+	if err != nil {
+		return nil, fmt.Errorf("amqp: load definitions %s: %w", path, err)
+	}
+	return d, nil
+}
+
+// Save writes d to path atomically: a temporary file in the same directory is written,
+// synced and renamed over path, and the directory is synced. The file has mode 0600.
+func (d *Definitions) Save(path string) error {
+	b, err := d.encode()
+	if err != nil {
+		return fmt.Errorf("amqp: save definitions: %w", err)
+	}
+	if err := writeFileAtomic(path, b); err != nil {
+		return fmt.Errorf("amqp: save definitions: %w", err)
+	}
+	return nil
+}
+
+// AddUser adds a user with no tags and no permissions. The password is hashed with
+// SHA-256 and a random salt, as RabbitMQ does by default; an empty password leaves the
+// user unable to log in with a password.
+func (d *Definitions) AddUser(name, password string) error {
+	if name == "" {
+		return errors.New("amqp: user name is empty")
+	}
+	if d.user(name) >= 0 {
+		return fmt.Errorf("amqp: user %q already exists", name)
+	}
+	u := User{Name: name, HashingAlgorithm: hashingSHA256}
+	if password != "" {
+		u.PasswordHash = hashPassword(password)
+	}
+	d.Users = append(d.Users, u)
+	return nil
+}
+
+// DeleteUser deletes a user and their permissions.
+func (d *Definitions) DeleteUser(name string) error {
+	i := d.user(name)
+	if i < 0 {
+		return fmt.Errorf("amqp: user %q does not exist", name)
+	}
+	d.Users = slices.Delete(d.Users, i, i+1)
+	d.Permissions = slices.DeleteFunc(d.Permissions, func(p Permission) bool { return p.User == name })
+	return nil
+}
+
+// ChangePassword replaces a user's password hash with a new SHA-256 one. An empty
+// password clears it, as "rabbitmqctl clear_password" does.
+func (d *Definitions) ChangePassword(name, password string) error {
+	i := d.user(name)
+	if i < 0 {
+		return fmt.Errorf("amqp: user %q does not exist", name)
+	}
+	u := &d.Users[i]
+	u.HashingAlgorithm = hashingSHA256
+	u.PasswordHash = ""
+	if password != "" {
+		u.PasswordHash = hashPassword(password)
+	}
+	return nil
+}
+
+// SetUserTags replaces a user's tags; no tags clears them.
+func (d *Definitions) SetUserTags(name string, tags ...string) error {
+	i := d.user(name)
+	if i < 0 {
+		return fmt.Errorf("amqp: user %q does not exist", name)
+	}
+	var t []string
+	for _, tag := range tags {
+		if tag = strings.TrimSpace(tag); tag != "" && !slices.Contains(t, tag) {
+			t = append(t, tag)
+		}
+	}
+	d.Users[i].Tags = t
+	return nil
+}
+
+// AddVhost adds a virtual host.
+func (d *Definitions) AddVhost(name string) error {
+	if name == "" {
+		return errors.New("amqp: virtual host name is empty")
+	}
+	if d.vhost(name) >= 0 {
+		return fmt.Errorf("amqp: virtual host %q already exists", name)
+	}
+	d.Vhosts = append(d.Vhosts, VirtualHost{Name: name})
+	return nil
+}
+
+// DeleteVhost deletes a virtual host and the permissions on it.
+func (d *Definitions) DeleteVhost(name string) error {
+	i := d.vhost(name)
+	if i < 0 {
+		return fmt.Errorf("amqp: virtual host %q does not exist", name)
+	}
+	d.Vhosts = slices.Delete(d.Vhosts, i, i+1)
+	d.Permissions = slices.DeleteFunc(d.Permissions, func(p Permission) bool { return p.Vhost == name })
+	return nil
+}
+
+// SetPermissions sets, or replaces, a user's permissions on a virtual host. Both must
+// exist, and each non-empty expression must compile.
+func (d *Definitions) SetPermissions(user, vhost, configure, write, read string) error {
+	if d.user(user) < 0 {
+		return fmt.Errorf("amqp: user %q does not exist", user)
+	}
+	if d.vhost(vhost) < 0 {
+		return fmt.Errorf("amqp: virtual host %q does not exist", vhost)
+	}
+	for i, re := range [...]string{configure, write, read} {
+		if _, err := compilePermission(re); err != nil {
+			return fmt.Errorf("amqp: invalid %s regular expression %q: %w", permKind(i), re, err)
+		}
+	}
+	p := Permission{User: user, Vhost: vhost, Configure: configure, Write: write, Read: read}
+	if i := d.permission(user, vhost); i >= 0 {
+		p.extra = d.Permissions[i].extra
+		d.Permissions[i] = p
+	} else {
+		d.Permissions = append(d.Permissions, p)
+	}
+	return nil
+}
+
+// ClearPermissions removes a user's permissions on a virtual host; both must exist. It
+// is not an error if there were none.
+func (d *Definitions) ClearPermissions(user, vhost string) error {
+	if d.user(user) < 0 {
+		return fmt.Errorf("amqp: user %q does not exist", user)
+	}
+	if d.vhost(vhost) < 0 {
+		return fmt.Errorf("amqp: virtual host %q does not exist", vhost)
+	}
+	if i := d.permission(user, vhost); i >= 0 {
+		d.Permissions = slices.Delete(d.Permissions, i, i+1)
+	}
+	return nil
+}
+
+// user returns the index of the named user, or -1.
+func (d *Definitions) user(name string) int {
+	return slices.IndexFunc(d.Users, func(u User) bool { return u.Name == name })
+}
+
+// vhost returns the index of the named virtual host, or -1.
+func (d *Definitions) vhost(name string) int {
+	return slices.IndexFunc(d.Vhosts, func(v VirtualHost) bool { return v.Name == name })
+}
+
+// permission returns the index of a user's permissions on a virtual host, or -1.
+func (d *Definitions) permission(user, vhost string) int {
+	return slices.IndexFunc(d.Permissions, func(p Permission) bool { return p.User == user && p.Vhost == vhost })
+}
+
+// check reports duplicate or empty names and permissions that name an unknown user or
+// virtual host.
+func (d *Definitions) check() error {
+	users := make(map[string]bool, len(d.Users))
+	for _, u := range d.Users {
+		if u.Name == "" {
+			return errors.New("a user has an empty name")
+		}
+		if users[u.Name] {
+			return fmt.Errorf("user %q is defined twice", u.Name)
+		}
+		users[u.Name] = true
+	}
+	vhosts := make(map[string]bool, len(d.Vhosts))
+	for _, v := range d.Vhosts {
+		if v.Name == "" {
+			return errors.New("a virtual host has an empty name")
+		}
+		if vhosts[v.Name] {
+			return fmt.Errorf("virtual host %q is defined twice", v.Name)
+		}
+		vhosts[v.Name] = true
+	}
+	type key struct{ user, vhost string }
+	perms := make(map[key]bool, len(d.Permissions))
+	for _, p := range d.Permissions {
+		switch k := (key{p.User, p.Vhost}); {
+		case !users[p.User]:
+			return fmt.Errorf("permissions in virtual host %q for user %q: no such user", p.Vhost, p.User)
+		case !vhosts[p.Vhost]:
+			return fmt.Errorf("permissions in virtual host %q for user %q: no such virtual host", p.Vhost, p.User)
+		case perms[k]:
+			return fmt.Errorf("permissions in virtual host %q for user %q are defined twice", p.Vhost, p.User)
+		default:
+			perms[k] = true
+		}
+	}
+	return nil
+}
+
+// decodeDefinitions parses a definitions document. A user given a clear-text "password"
+// instead of a "password_hash", as RabbitMQ accepts on import, gets it hashed here, so
+// the clear text is never written back.
+func decodeDefinitions(b []byte) (*Definitions, error) {
+	var top map[string]json.RawMessage
+	if err := json.Unmarshal(b, &top); err != nil {
+		return nil, err
+	}
+	if top == nil {
+		return nil, errors.New("not a JSON object")
+	}
+	d := &Definitions{}
+	users, err := decodeObjects(top, "users")
+	if err != nil {
+		return nil, err
+	}
+	for i, m := range users {
+		u, err := decodeUser(m)
+		if err != nil {
+			return nil, fmt.Errorf("users[%d]: %w", i, err)
+		}
+		d.Users = append(d.Users, u)
+	}
+	vhosts, err := decodeObjects(top, "vhosts")
+	if err != nil {
+		return nil, err
+	}
+	for i, m := range vhosts {
+		var v VirtualHost
+		if err := takeStrings(m, map[string]*string{"name": &v.Name}); err != nil {
+			return nil, fmt.Errorf("vhosts[%d]: %w", i, err)
+		}
+		v.extra = extraFields(m)
+		d.Vhosts = append(d.Vhosts, v)
+	}
+	perms, err := decodeObjects(top, "permissions")
+	if err != nil {
+		return nil, err
+	}
+	for i, m := range perms {
+		var p Permission
+		if err := takeStrings(m, map[string]*string{"user": &p.User, "vhost": &p.Vhost,
+			"configure": &p.Configure, "write": &p.Write, "read": &p.Read}); err != nil {
+			return nil, fmt.Errorf("permissions[%d]: %w", i, err)
+		}
+		p.extra = extraFields(m)
+		d.Permissions = append(d.Permissions, p)
+	}
+	d.sections = nonEmpty(top)
+	if err := d.check(); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// decodeObjects removes section key from top and returns its objects; absent or null is
+// none.
+func decodeObjects(top map[string]json.RawMessage, key string) ([]map[string]json.RawMessage, error) {
+	raw, ok := top[key]
+	delete(top, key)
+	if !ok {
+		return nil, nil
+	}
+	var objs []map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &objs); err != nil {
+		return nil, fmt.Errorf("%s: want a list of objects", key)
+	}
+	for i, m := range objs {
+		if m == nil {
+			return nil, fmt.Errorf("%s[%d]: want an object", key, i)
+		}
+	}
+	return objs, nil
+}
+
+// decodeUser reads a user object, leaving unknown fields in m.
+func decodeUser(m map[string]json.RawMessage) (User, error) {
+	var u User
+	var password string
+	_, hasPassword := m["password"]
+	_, hasHash := m["password_hash"]
+	if err := takeStrings(m, map[string]*string{"name": &u.Name, "password_hash": &u.PasswordHash,
+		"hashing_algorithm": &u.HashingAlgorithm, "password": &password}); err != nil {
+		return u, err
+	}
+	if hasPassword {
+		if hasHash {
+			return u, errors.New("both password and password_hash are set")
+		}
+		u.HashingAlgorithm, u.PasswordHash = hashingSHA256, ""
+		if password != "" {
+			u.PasswordHash = hashPassword(password)
+		}
+	}
+	tags, err := decodeTags(m["tags"])
+	if err != nil {
+		return u, err
+	}
+	delete(m, "tags")
+	u.Tags = tags
+	u.extra = extraFields(m)
+	return u, nil
+}
+
+// decodeTags reads tags as a list of strings or as one comma-separated string.
+func decodeTags(raw json.RawMessage) ([]string, error) {
+	var list []string
+	if len(raw) > 0 {
+		if err := json.Unmarshal(raw, &list); err != nil {
+			var s string
+			if err := json.Unmarshal(raw, &s); err != nil {
+				return nil, errors.New("tags: want a list of strings or a comma-separated string")
+			}
+			list = strings.Split(s, ",")
+		}
+	}
+	var tags []string
+	for _, t := range list {
+		if t = strings.TrimSpace(t); t != "" && !slices.Contains(tags, t) {
+			tags = append(tags, t)
+		}
+	}
+	return tags, nil
+}
+
+// takeStrings removes each key from m and stores its value; absent or null is "".
+func takeStrings(m map[string]json.RawMessage, fields map[string]*string) error {
+	for key, dst := range fields {
+		raw, ok := m[key]
+		if !ok {
+			continue
+		}
+		delete(m, key)
+		var s *string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return fmt.Errorf("%s: want a string", key)
+		}
+		if s != nil {
+			*dst = *s
+		}
+	}
+	return nil
+}
+
+// nonEmpty returns m, or nil if it is empty.
+func nonEmpty(m map[string]json.RawMessage) map[string]json.RawMessage {
+	if len(m) == 0 {
+		return nil
+	}
+	return m
+}
+
+// extraFields returns the fields left in m as a JSON object, or "" if none are. A string
+// keeps User, VirtualHost and Permission comparable with ==.
+func extraFields(m map[string]json.RawMessage) string {
+	if len(m) == 0 {
+		return ""
+	}
+	var buf strings.Builder
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	enc.Encode(m) // cannot fail: every value is valid JSON
+	return strings.TrimSuffix(buf.String(), "\n")
+}
+
+// encode writes d as indented JSON. Keys come out sorted, as encoding/json sorts maps.
+func (d *Definitions) encode() ([]byte, error) {
+	object := func(extra map[string]json.RawMessage, n int) map[string]any {
+		m := make(map[string]any, len(extra)+n)
+		for k, v := range extra {
+			m[k] = v
+		}
+		return m
+	}
+	fields := func(extra string) map[string]json.RawMessage {
+		var m map[string]json.RawMessage
+		json.Unmarshal([]byte(extra), &m) // extra is "" or an object extraFields wrote
+		return m
+	}
+	users := make([]map[string]any, 0, len(d.Users))
+	for _, u := range d.Users {
+		m := object(fields(u.extra), 4)
+		m["name"] = u.Name
+		m["password_hash"] = u.PasswordHash
+		if u.HashingAlgorithm != "" {
+			m["hashing_algorithm"] = u.HashingAlgorithm
+		}
+		m["tags"] = append([]string{}, u.Tags...)
+		users = append(users, m)
+	}
+	vhosts := make([]map[string]any, 0, len(d.Vhosts))
+	for _, v := range d.Vhosts {
+		m := object(fields(v.extra), 1)
+		m["name"] = v.Name
+		vhosts = append(vhosts, m)
+	}
+	perms := make([]map[string]any, 0, len(d.Permissions))
+	for _, p := range d.Permissions {
+		m := object(fields(p.extra), 5)
+		m["user"], m["vhost"] = p.User, p.Vhost
+		m["configure"], m["write"], m["read"] = p.Configure, p.Write, p.Read
+		perms = append(perms, m)
+	}
+	top := object(d.sections, 3)
+	top["users"], top["vhosts"], top["permissions"] = users, vhosts, perms
+
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(top); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// writeFileAtomic replaces path with b: temporary file, fsync, rename, fsync directory.
+func writeFileAtomic(path string, b []byte) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp) // fails harmlessly after the rename
+	if err := f.Chmod(0o600); err != nil && runtime.GOOS != "windows" {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	if runtime.GOOS == "windows" {
+		return nil // directories cannot be opened for syncing
+	}
+	df, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = df.Sync()
+	if cerr := df.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// A password hash, as RabbitMQ's internal backend stores it (H is the algorithm's hash:
+// SHA-256 by default, SHA-512, or MD5 for users from before RabbitMQ 3.6, whose
+// definitions have no hashing_algorithm):
+//
+//	password_hash = base64( salt ‖ H(salt ‖ UTF-8 password) )
+//	                        +--------+-------------------------+
+//	                        | salt 4 | digest (32, 64 or 16)   |
+//	                        +--------+-------------------------+
+
+// hashPassword returns a new SHA-256 password hash with a random salt.
+func hashPassword(password string) string {
+	var salt [saltLen]byte
+	rand.Read(salt[:]) // never fails; see crypto/rand.Read
+	return base64.StdEncoding.EncodeToString(saltedHash(sha256.New, salt[:], password))
+}
+
+// saltedHash returns salt ‖ H(salt ‖ password).
+func saltedHash(newHash func() hash.Hash, salt []byte, password string) []byte {
+	h := newHash()
+	h.Write(salt)
+	io.WriteString(h, password)
+	return h.Sum(append(make([]byte, 0, len(salt)+h.Size()), salt...))
+}
+
+// hashFunc returns the hash of a hashing_algorithm, or nil if it is unknown.
+func hashFunc(algorithm string) func() hash.Hash {
+	switch algorithm {
+	case hashingSHA256:
+		return sha256.New
+	case hashingSHA512:
+		return sha512.New
+	case hashingMD5, "":
+		return md5.New
+	}
+	return nil
+}
+
+// decodePasswordHash returns a user's hash and salted digest, or nil, nil if no password
+// can match: an empty hash, an unknown algorithm, or a hash that is not base64 of a salt
+// and a digest of the algorithm's size.
+func decodePasswordHash(algorithm, passwordHash string) (func() hash.Hash, []byte) {
+	newHash := hashFunc(algorithm)
+	if newHash == nil || passwordHash == "" {
+		return nil, nil
+	}
+	b, err := base64.StdEncoding.DecodeString(passwordHash)
+	if err != nil || len(b) != saltLen+newHash().Size() {
+		return nil, nil
+	}
+	return newHash, b
+}
+
+// permKind is the kind of access an operation needs on a resource.
+type permKind int
+
+const (
+	permConfigure permKind = iota // create, delete or change a resource
+	permWrite                     // inject messages: publish, bind from an exchange
+	permRead                      // retrieve messages: get, consume, purge, bind to a queue
+)
+
+func (p permKind) String() string {
+	switch p {
+	case permConfigure:
+		return "configure"
+	case permWrite:
+		return "write"
+	case permRead:
+		return "read"
+	}
+	return "unknown"
+}
+
+// resourceKind is the kind of resource a permission applies to.
+type resourceKind int
+
+const (
+	resQueue resourceKind = iota
+	resExchange
+)
+
+func (r resourceKind) String() string {
+	if r == resExchange {
+		return "exchange"
+	}
+	return "queue"
+}
+
+// defaultExchangeName is the name permissions match the default exchange ("") under.
+const defaultExchangeName = "amq.default"
+
+// authDB is the runtime form of Definitions: hashes decoded and regular expressions
+// compiled. It is immutable once built; the server swaps whole databases on reload.
+type authDB struct {
+	users    map[string]*authUser
+	vhosts   map[string]bool
+	loopback map[string]bool // users who may log in only from loopback addresses
+}
+
+// authUser is a user of an authDB.
+type authUser struct {
+	newHash func() hash.Hash // nil: cannot log in with a password
+	hash    []byte           // salt ‖ digest
+	tags    []string
+	perms   map[string]*[3]*regexp.Regexp // by vhost, then permKind; a nil expression grants nothing
+}
+
+// newAuthDB builds a database from d. Users in loopbackUsers (["guest"] when nil, as
+// RabbitMQ's loopback_users) may log in only from loopback addresses. A regular
+// expression that does not compile is an error, as are the mistakes Definitions.check
+// finds. Users whose hash cannot match (unknown algorithm, malformed) are kept but
+// refused at login.
+func newAuthDB(d *Definitions, loopbackUsers []string) (*authDB, error) {
+	if err := d.check(); err != nil {
+		return nil, fmt.Errorf("amqp: definitions: %w", err)
+	}
+	if loopbackUsers == nil {
+		loopbackUsers = []string{guestUser}
+	}
+	db := &authDB{
+		users:    make(map[string]*authUser, len(d.Users)),
+		vhosts:   make(map[string]bool, len(d.Vhosts)),
+		loopback: make(map[string]bool, len(loopbackUsers)),
+	}
+	for _, name := range loopbackUsers {
+		db.loopback[name] = true
+	}
+	for _, v := range d.Vhosts {
+		db.vhosts[v.Name] = true
+	}
+	for _, u := range d.Users {
+		au := &authUser{tags: slices.Clone(u.Tags), perms: make(map[string]*[3]*regexp.Regexp)}
+		au.newHash, au.hash = decodePasswordHash(u.HashingAlgorithm, u.PasswordHash)
+		db.users[u.Name] = au
+	}
+	for _, p := range d.Permissions {
+		var res [3]*regexp.Regexp
+		for i, expr := range [...]string{p.Configure, p.Write, p.Read} {
+			re, err := compilePermission(expr)
+			if err != nil {
+				return nil, fmt.Errorf("amqp: definitions: permissions in virtual host %q for user %q: invalid %s regular expression %q: %w",
+					p.Vhost, p.User, permKind(i), expr, err)
+			}
+			res[i] = re
+		}
+		db.users[p.User].perms[p.Vhost] = &res
+	}
+	return db, nil
+}
+
+// compilePermission compiles a permission expression; "" grants nothing and is nil.
+func compilePermission(expr string) (*regexp.Regexp, error) {
+	if expr == "" {
+		return nil, nil
+	}
+	return regexp.Compile(expr)
+}
+
+// dummyHash is what a login for a user without a usable hash is compared against, so
+// refusals take as long as a wrong password and do not reveal which users exist.
+var dummyHash = saltedHash(sha256.New, make([]byte, saltLen), "")
+
+// login is loginMechanism for the PLAIN mechanism.
+func (db *authDB) login(user, password string, remote net.Addr) error {
+	return db.loginMechanism("PLAIN", user, password, remote)
+}
+
+// loginMechanism checks a user's password, then that a loopback-only user connects from
+// a loopback address. A refusal is 403 ACCESS_REFUSED at connection.start-ok with
+// RabbitMQ's texts: the same text for an unknown user, a wrong, empty or unusable
+// password, naming the SASL mechanism; "user 'guest' can only connect via localhost".
+func (db *authDB) loginMechanism(mechanism, user, password string, remote net.Addr) error {
+	refused := func(text string) error {
+		e := accessRefused(text)
+		e.ClassID, e.MethodID = classConnection, 11
+		return e
+	}
+	u := db.users[user]
+	newHash, stored := sha256.New, dummyHash
+	if u != nil && u.newHash != nil {
+		newHash, stored = u.newHash, u.hash
+	}
+	match := subtle.ConstantTimeCompare(saltedHash(newHash, stored[:saltLen], password), stored) == 1
+	// RabbitMQ's internal backend refuses blank passwords whatever the hash.
+	if !match || u == nil || u.newHash == nil || password == "" {
+		return refused("Login was refused using authentication mechanism " + mechanism + ". For details see the broker logfile.")
+	}
+	if db.loopback[user] && !isLoopback(remote) {
+		return refused("user '" + user + "' can only connect via localhost")
+	}
+	return nil
+}
+
+// vhostAccess checks that a user may open a virtual host: it exists and the user has
+// permissions on it, whatever they are. A refusal is 530 NOT_ALLOWED at connection.open.
+func (db *authDB) vhostAccess(user, vhost string) error {
+	var e *Error
+	switch u := db.users[user]; {
+	case !db.vhosts[vhost]:
+		e = notAllowed("vhost " + vhost + " not found")
+	case u == nil || u.perms[vhost] == nil:
+		e = notAllowed("access to vhost '" + vhost + "' refused for user '" + user + "'")
+	default:
+		return nil
+	}
+	e.ClassID, e.MethodID = classConnection, 40
+	return e
+}
+
+// check checks that a user may perform an operation needing perm on a queue or exchange
+// in a virtual host: the user's expression for perm matches name anywhere (RabbitMQ runs
+// re:run unanchored; patterns anchor themselves with ^ and $). The default exchange ""
+// is checked as "amq.default". A refusal is 403 ACCESS_REFUSED; the caller sets the
+// method.
+func (db *authDB) check(user, vhost string, perm permKind, kind resourceKind, name string) error {
+	if kind == resExchange && name == "" {
+		name = defaultExchangeName
+	}
+	if u := db.users[user]; u != nil && perm >= permConfigure && perm <= permRead {
+		if res := u.perms[vhost]; res != nil && res[perm] != nil && res[perm].MatchString(name) {
+			return nil
+		}
+	}
+	return accessRefused("access to " + kind.String() + " '" + name + "' in vhost '" + vhost + "' refused for user '" + user + "'")
+}
+
+// userTags returns a user's tags; nil for an unknown user.
+func (db *authDB) userTags(user string) []string {
+	if u := db.users[user]; u != nil {
+		return slices.Clone(u.tags)
+	}
+	return nil
 }

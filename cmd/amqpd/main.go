@@ -1,6 +1,7 @@
 // Command amqpd runs the amqp-go AMQP 0.9.1 broker.
 //
 //	go run ./cmd/amqpd -addr 127.0.0.1:5672 -log-level debug
+//	echo "$PASSWORD" | amqpd add_user -definitions defs.json alice
 package main
 
 import (
@@ -22,8 +23,12 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stderr))
 }
 
-// run parses flags, serves until SIGINT or SIGTERM, and returns the exit code.
+// run parses flags, serves until SIGINT or SIGTERM, and returns the exit code. A first
+// argument naming a definitions subcommand (add_user, list_users, ...) runs that instead.
 func run(args []string, stderr io.Writer) int {
+	if len(args) > 0 && isCtlVerb(args[0]) {
+		return runCtl(args[0], args[1:], os.Stdin, os.Stdout, stderr)
+	}
 	fs := flag.NewFlagSet("amqpd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported below, in one line
 	addr := fs.String("addr", ":5672", "TCP address to listen on")
