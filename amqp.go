@@ -81,6 +81,20 @@ type Config struct {
 	// MaxConnections caps the client connections served at once; 0 is no limit. Sockets
 	// beyond it are closed at once, with a log line.
 	MaxConnections int
+	// MaxConnectionsPerVhost caps the connections open on one virtual host; 0 is no limit.
+	// Beyond it connection.open is refused with 530 NOT_ALLOWED.
+	MaxConnectionsPerVhost int
+	// MaxQueuesPerVhost caps the queues of one virtual host; 0 is no limit. Beyond it
+	// queue.declare is refused with 406 PRECONDITION_FAILED.
+	MaxQueuesPerVhost int
+	// Definitions is a RabbitMQ definitions JSON file holding the users, virtual hosts and
+	// permissions (as rabbitmqctl export_definitions writes it); Reload reads it again.
+	// Empty, or a missing file, means RabbitMQ's defaults: vhost "/" and guest/guest.
+	Definitions string
+	// LoopbackUsers may log in only from loopback addresses; default ["guest"].
+	LoopbackUsers []string
+	// AnonymousUser, when set, offers SASL ANONYMOUS and logs such clients in as this user.
+	AnonymousUser string
 	// MaxPreAuthBytes caps what a client may send before it has logged in; default 64 KiB.
 	MaxPreAuthBytes int
 	// DataDir is where durable state will live; reserved, not used yet.
@@ -175,6 +189,7 @@ type Server struct {
 	addr      net.Addr                  // guarded by mu: the first listener's address
 	vhosts    map[string]*vhost         // guarded by mu
 	tlsConf   atomic.Pointer[tls.Config]
+	auth      atomic.Pointer[authDB]
 	wal       *wal                      // nil without a data directory; set before serving
 	openOnce  sync.Once
 	openErr   error
@@ -185,7 +200,7 @@ type Server struct {
 // ListenAndServe.
 func NewServer(cfg Config) *Server {
 	cfg.setDefaults()
-	return &Server{
+	s := &Server{
 		cfg:       cfg,
 		log:       cfg.Logger,
 		listeners: make(map[net.Listener]struct{}),
@@ -193,6 +208,9 @@ func NewServer(cfg Config) *Server {
 		ready:     make(chan struct{}),
 		vhosts:    map[string]*vhost{"/": newVhost("/")},
 	}
+	db, _ := newAuthDB(DefaultDefinitions(), cfg.LoopbackUsers)
+	s.auth.Store(db)
+	return s
 }
 
 // vhost returns the virtual host with this name, or nil.
@@ -289,8 +307,13 @@ func (s *Server) loadTLS() error {
 	return nil
 }
 
-// Reload reads the TLS files again; connections already open keep their session.
+// Reload reads the definitions file and the TLS files again. New logins and permission
+// checks use the new users and permissions at once; open TLS sessions are kept. A virtual
+// host removed from the definitions refuses new connections; its queues stay in memory.
 func (s *Server) Reload() error {
+	if err := s.loadAuth(); err != nil {
+		return err
+	}
 	if s.cfg.TLS != nil {
 		if err := s.loadTLS(); err != nil {
 			return err
@@ -302,7 +325,11 @@ func (s *Server) Reload() error {
 // Serve accepts connections on ln until Shutdown, when it returns ErrServerClosed.
 // Serve closes ln when it returns.
 func (s *Server) Serve(ln net.Listener) error {
-	s.openOnce.Do(func() { s.openErr = s.openStore() })
+	s.openOnce.Do(func() {
+		if s.openErr = s.loadAuth(); s.openErr == nil {
+			s.openErr = s.openStore()
+		}
+	})
 	if s.openErr != nil {
 		ln.Close()
 		return s.openErr

@@ -22,48 +22,73 @@ import (
 	"strings"
 )
 
-// The built-in user until the security issue brings users from a definitions file: guest,
-// password guest, accepted from loopback addresses only, as RabbitMQ does by default.
-const (
-	guestUser     = "guest"
-	guestPassword = "guest"
-)
-
-// authenticate checks a start-ok response for a mechanism and returns the user name. A
-// refusal is 403 ACCESS_REFUSED (the name is returned for the log); an unknown mechanism
-// is 503 COMMAND_INVALID, as in RabbitMQ.
+// authenticate checks a start-ok response for a mechanism against the user database and
+// returns the user name. A refusal is 403 ACCESS_REFUSED (the name is returned for the
+// log); an unknown or disabled mechanism is 503 COMMAND_INVALID, as in RabbitMQ. EXTERNAL
+// is handled by the connection, which holds the client certificate.
 func (s *Server) authenticate(mechanism, response string, remote net.Addr) (string, error) {
 	var user, pass string
-	var ok bool
 	switch mechanism {
 	case "PLAIN":
-		user, pass, ok = parsePlain(response)
+		user, pass, _ = parsePlain(response)
 	case "AMQPLAIN":
-		user, pass, ok = parseAMQPlain(response)
+		user, pass, _ = parseAMQPlain(response)
+	case "ANONYMOUS":
+		if s.cfg.AnonymousUser != "" {
+			return s.cfg.AnonymousUser, nil
+		}
+		fallthrough
 	default:
 		e := commandInvalid("unknown authentication mechanism '" + mechanism + "'")
 		e.ClassID, e.MethodID = classConnection, 11
 		return "", e
 	}
-	refused := func(text string) (string, error) {
-		e := accessRefused(text)
-		e.ClassID, e.MethodID = classConnection, 11
-		return user, e
-	}
-	if !ok || !checkPassword(user, pass) {
-		return refused("Login was refused using authentication mechanism " + mechanism + ". For details see the broker logfile.")
-	}
-	if user == guestUser && !isLoopback(remote) {
-		return refused("user '" + user + "' can only connect via localhost")
-	}
-	return user, nil
+	return user, s.auth.Load().loginMechanism(mechanism, user, pass, remote)
 }
 
-// checkPassword compares in constant time.
-func checkPassword(user, pass string) bool {
-	u := subtle.ConstantTimeCompare([]byte(user), []byte(guestUser))
-	p := subtle.ConstantTimeCompare([]byte(pass), []byte(guestPassword))
-	return u&p == 1
+// mechanisms lists the SASL mechanisms offered to a client: EXTERNAL only over TLS with a
+// verified client certificate, ANONYMOUS only when Config.AnonymousUser is set.
+func (s *Server) mechanisms(peerCN string) string {
+	m := "PLAIN AMQPLAIN"
+	if peerCN != "" {
+		m = "EXTERNAL " + m
+	}
+	if s.cfg.AnonymousUser != "" {
+		m += " ANONYMOUS"
+	}
+	return m
+}
+
+// loadAuth reads Config.Definitions into the user database and creates its virtual hosts.
+// A missing file means RabbitMQ's defaults: vhost "/" and guest/guest.
+func (s *Server) loadAuth() error {
+	defs := DefaultDefinitions()
+	if path := s.cfg.Definitions; path != "" {
+		d, err := LoadDefinitions(path)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			s.log.Warn("definitions file not found; using the default guest user and vhost /", "file", path)
+		case err != nil:
+			return err
+		default:
+			defs = d
+		}
+	}
+	db, err := newAuthDB(defs, s.cfg.LoopbackUsers)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	for _, v := range defs.Vhosts {
+		if s.vhosts[v.Name] == nil {
+			vh := newVhost(v.Name)
+			vh.wal = s.wal
+			s.vhosts[v.Name] = vh
+		}
+	}
+	s.mu.Unlock()
+	s.auth.Store(db)
+	return nil
 }
 
 // parsePlain reads a SASL PLAIN response: [authzid] NUL authcid NUL passwd (RFC 4616).
@@ -175,6 +200,12 @@ const (
 	hashingSHA512 = "rabbit_password_hashing_sha512"
 	hashingMD5    = "rabbit_password_hashing_md5"
 	saltLen       = 4 // bytes of salt before the digest
+)
+
+// The user RabbitMQ creates on first start, allowed from loopback addresses only.
+const (
+	guestUser     = "guest"
+	guestPassword = "guest"
 )
 
 // DefaultDefinitions returns what RabbitMQ creates on first start: virtual host "/" and
@@ -715,6 +746,7 @@ const (
 	permConfigure permKind = iota // create, delete or change a resource
 	permWrite                     // inject messages: publish, bind from an exchange
 	permRead                      // retrieve messages: get, consume, purge, bind to a queue
+	permNone                      // no permission needed
 )
 
 func (p permKind) String() string {
@@ -886,6 +918,17 @@ func (db *authDB) check(user, vhost string, perm permKind, kind resourceKind, na
 func (db *authDB) userTags(user string) []string {
 	if u := db.users[user]; u != nil {
 		return slices.Clone(u.tags)
+	}
+	return nil
+}
+
+// external checks a user named by a verified TLS client certificate (SASL EXTERNAL): the
+// user must exist; the certificate stands for the password.
+func (db *authDB) external(user string) error {
+	if db.users[user] == nil {
+		e := accessRefused("Login was refused using authentication mechanism EXTERNAL. For details see the broker logfile.")
+		e.ClassID, e.MethodID = classConnection, 11
+		return e
 	}
 	return nil
 }

@@ -29,6 +29,8 @@ type channel struct {
 	settled  []unacked // reused by settle
 	exCache  *exchange // the last exchange published to
 	exCacheN string
+	permX    *exchange // the last exchange write permission was granted on
+	permDB   *authDB   // by this user database
 
 	confirm bool
 	tx      bool
@@ -356,6 +358,14 @@ func (ch *channel) publishComplete() error {
 		vh.mu.RUnlock()
 		return withMethod(accessRefused("cannot publish to internal "+describeExchange(x.name, vh.name)), idBasicPublish)
 	}
+	if db := ch.c.s.auth.Load(); ch.permX != x || ch.permDB != db {
+		// The write permission is checked once per exchange and user database.
+		if err := db.check(ch.c.user, vh.name, permWrite, resExchange, x.name); err != nil {
+			vh.mu.RUnlock()
+			return withMethod(err.(*Error), idBasicPublish)
+		}
+		ch.permX, ch.permDB = x, db
+	}
 	msg.exchange = x.name
 	if ch.tx {
 		vh.mu.RUnlock()
@@ -671,14 +681,18 @@ func (ch *channel) basicQos(d *decoder) error {
 	return nil
 }
 
-// lookupQueue finds a queue for a method; "" means the last queue declared on the channel.
-// A missing queue is 404, another connection's exclusive queue 405.
-func (ch *channel) lookupQueue(name string) (*queue, error) {
+// lookupQueue finds a queue for a method that needs perm on it (permNone for none); ""
+// means the last queue declared on the channel. As in RabbitMQ the permission comes first
+// (403), then existence (404), then exclusive ownership (405).
+func (ch *channel) lookupQueue(name string, perm permKind) (*queue, error) {
 	if name == "" {
 		if ch.lastQueue == "" {
 			return nil, notFound("no previously declared queue")
 		}
 		name = ch.lastQueue
+	}
+	if err := ch.allowed(perm, resQueue, name); err != nil {
+		return nil, err
 	}
 	vh := ch.vh()
 	vh.mu.RLock()
@@ -691,6 +705,15 @@ func (ch *channel) lookupQueue(name string) (*queue, error) {
 		return nil, err
 	}
 	return q, nil
+}
+
+// allowed checks that the connection's user has perm on a queue or exchange; a refusal
+// is 403 ACCESS_REFUSED. permNone always passes.
+func (ch *channel) allowed(perm permKind, kind resourceKind, name string) error {
+	if perm == permNone {
+		return nil
+	}
+	return ch.c.s.auth.Load().check(ch.c.user, ch.c.vh.name, perm, kind, name)
 }
 
 // checkOwner refuses another connection's exclusive queue with 405 RESOURCE_LOCKED.
@@ -707,7 +730,7 @@ func (ch *channel) basicConsume(d *decoder) error {
 	if m.decode(d); d.err != nil {
 		return nil
 	}
-	q, err := ch.lookupQueue(m.Queue)
+	q, err := ch.lookupQueue(m.Queue, permRead)
 	if err != nil {
 		return err
 	}
@@ -777,7 +800,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	if m.decode(d); d.err != nil {
 		return nil
 	}
-	q, err := ch.lookupQueue(m.Queue)
+	q, err := ch.lookupQueue(m.Queue, permRead)
 	if err != nil {
 		return err
 	}

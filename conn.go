@@ -263,6 +263,9 @@ func (c *conn) teardown() {
 	for _, q := range c.exclusive {
 		q.vh.deleteQueue(q)
 	}
+	if c.vh != nil {
+		c.vh.conns.Add(-1)
+	}
 }
 
 // confirmPending notes that ch has publishes to confirm at the next flush.
@@ -322,7 +325,7 @@ func (c *conn) handshake() error {
 		VersionMajor:     0,
 		VersionMinor:     9,
 		ServerProperties: serverProperties(),
-		Mechanisms:       "PLAIN AMQPLAIN",
+		Mechanisms:       c.s.mechanisms(c.peerCN),
 		Locales:          "en_US",
 	})
 
@@ -331,7 +334,14 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.caps = parseCaps(startOk.ClientProperties)
-	user, err := c.s.authenticate(startOk.Mechanism, startOk.Response, c.nc.RemoteAddr())
+	var user string
+	var err error
+	if startOk.Mechanism == "EXTERNAL" && c.peerCN != "" {
+		// The verified client certificate names the user; no password.
+		user, err = c.peerCN, c.s.auth.Load().external(c.peerCN)
+	} else {
+		user, err = c.s.authenticate(startOk.Mechanism, startOk.Response, c.nc.RemoteAddr())
+	}
 	if err != nil {
 		var e *Error
 		if errors.As(err, &e) && e.Code == replyAccessRefused {
@@ -362,11 +372,23 @@ func (c *conn) handshake() error {
 	if err := c.expect(open); err != nil {
 		return err
 	}
+	if err := c.s.auth.Load().vhostAccess(c.user, open.VirtualHost); err != nil {
+		return err
+	}
 	c.vh = c.s.vhost(open.VirtualHost)
 	if c.vh == nil {
 		e := notAllowed("vhost " + open.VirtualHost + " not found")
 		e.ClassID, e.MethodID = classConnection, 40
 		return e
+	}
+	if limit := c.s.cfg.MaxConnectionsPerVhost; limit > 0 && int(c.vh.conns.Add(1)) > limit {
+		c.vh.conns.Add(-1)
+		c.vh = nil
+		e := notAllowed("access to vhost '" + open.VirtualHost + "' refused for user '" + c.user + "': connection limit (" + strconv.Itoa(limit) + ") is reached")
+		e.ClassID, e.MethodID = classConnection, 40
+		return e
+	} else if limit == 0 {
+		c.vh.conns.Add(1)
 	}
 	c.send(&connectionOpenOk{})
 	c.log.Debug("connection open", "user", c.user, "vhost", c.vh.name,

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // Exchange types.
@@ -19,8 +20,9 @@ const (
 // vhost holds one virtual host's exchanges, queues and bindings. mu guards the topology:
 // the two maps and every exchange's bindings. Publishers hold it for reading while routing.
 type vhost struct {
-	name string
-	wal  *wal // nil when nothing is durable
+	name  string
+	wal   *wal         // nil when nothing is durable
+	conns atomic.Int64 // open connections, for Config.MaxConnectionsPerVhost
 
 	mu        sync.RWMutex
 	exchanges map[string]*exchange // guarded by mu
@@ -470,6 +472,9 @@ func (ch *channel) exchangeDeclare(d *decoder) error {
 	if m.Exchange == "" {
 		return accessRefused("operation not permitted on the default exchange")
 	}
+	if err := ch.allowed(permConfigure, resExchange, m.Exchange); err != nil {
+		return err
+	}
 	vh.mu.Lock()
 	x := vh.exchanges[m.Exchange]
 	if x == nil && reservedName(m.Exchange) {
@@ -548,6 +553,9 @@ func (ch *channel) exchangeDelete(d *decoder) error {
 	if reservedName(m.Exchange) {
 		return accessRefused("exchange name '" + m.Exchange + "' contains reserved prefix 'amq.*'")
 	}
+	if err := ch.allowed(permConfigure, resExchange, m.Exchange); err != nil {
+		return err
+	}
 	vh := ch.vh()
 	vh.mu.Lock()
 	x := vh.exchanges[m.Exchange]
@@ -616,6 +624,12 @@ func (ch *channel) exchangeBind(id uint32, d *decoder) error {
 	}
 	if dst == "" || src == "" {
 		return accessRefused("operation not permitted on the default exchange")
+	}
+	if err := ch.allowed(permWrite, resExchange, dst); err != nil {
+		return err
+	}
+	if err := ch.allowed(permRead, resExchange, src); err != nil {
+		return err
 	}
 	vh := ch.vh()
 	vh.mu.Lock()

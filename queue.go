@@ -448,7 +448,7 @@ func (ch *channel) queueDeclare(d *decoder) error {
 	vh := ch.vh()
 	name := m.Queue
 	if m.Passive {
-		q, err := ch.lookupQueue(name)
+		q, err := ch.lookupQueue(name, permNone)
 		if err != nil {
 			return err
 		}
@@ -460,9 +460,16 @@ func (ch *channel) queueDeclare(d *decoder) error {
 	} else if reservedName(name) {
 		return accessRefused("queue name '" + name + "' contains reserved prefix 'amq.*'")
 	}
+	if err := ch.allowed(permConfigure, resQueue, name); err != nil {
+		return err
+	}
 	vh.mu.Lock()
 	q := vh.queues[name]
 	created := q == nil
+	if limit := ch.c.s.cfg.MaxQueuesPerVhost; created && limit > 0 && len(vh.queues) >= limit {
+		vh.mu.Unlock()
+		return preconditionFailed("cannot declare queue '" + name + "': queue limit in vhost '" + vh.name + "' (" + strconv.Itoa(limit) + ") is reached")
+	}
 	if created {
 		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments}
 		if m.Exclusive {
@@ -595,13 +602,17 @@ func (ch *channel) send(m method) error {
 }
 
 // bindEnds finds the queue and exchange of queue.bind or queue.unbind.
+// Binding needs write on the queue and read on the exchange.
 func (ch *channel) bindEnds(qname, xname string) (*queue, *exchange, error) {
-	q, err := ch.lookupQueue(qname)
+	q, err := ch.lookupQueue(qname, permWrite)
 	if err != nil {
 		return nil, nil, err
 	}
 	if xname == "" {
 		return nil, nil, accessRefused("operation not permitted on the default exchange")
+	}
+	if err := ch.allowed(permRead, resExchange, xname); err != nil {
+		return nil, nil, err
 	}
 	x, err := ch.findExchange(xname)
 	if err != nil {
@@ -621,7 +632,7 @@ func (ch *channel) queuePurge(d *decoder) error {
 	if m.decode(d); d.err != nil {
 		return nil
 	}
-	q, err := ch.lookupQueue(m.Queue)
+	q, err := ch.lookupQueue(m.Queue, permRead)
 	if err != nil {
 		return err
 	}
@@ -634,7 +645,7 @@ func (ch *channel) queueDelete(d *decoder) error {
 	if m.decode(d); d.err != nil {
 		return nil
 	}
-	q, err := ch.lookupQueue(m.Queue)
+	q, err := ch.lookupQueue(m.Queue, permConfigure)
 	if err != nil {
 		var e *Error
 		if errors.As(err, &e) && e.Code == replyNotFound && m.Queue != "" {

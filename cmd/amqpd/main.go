@@ -31,8 +31,16 @@ func run(args []string, stderr io.Writer) int {
 	}
 	fs := flag.NewFlagSet("amqpd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported below, in one line
-	addr := fs.String("addr", ":5672", "TCP address to listen on")
-	dataDir := fs.String("data-dir", "amqp-data", "directory for durable state (reserved; nothing is written yet)")
+	addr := fs.String("addr", ":5672", `TCP address to listen on; "" turns the plain listener off`)
+	dataDir := fs.String("data-dir", "amqp-data", "directory for the write-ahead log")
+	definitions := fs.String("definitions", "", "RabbitMQ definitions JSON file with users, vhosts and permissions (default: guest/guest on vhost /)")
+	tlsAddr := fs.String("tls-addr", ":5671", "TCP address of the amqps listener, when -tls-cert is given")
+	tlsCert := fs.String("tls-cert", "", "PEM certificate file for amqps")
+	tlsKey := fs.String("tls-key", "", "PEM private key file for amqps")
+	tlsCA := fs.String("tls-ca", "", "PEM CA bundle for checking client certificates")
+	tlsVerify := fs.String("tls-verify", "none", "client certificates: none, optional or required")
+	maxConns := fs.Int("max-connections", 0, "most client connections at once (0: no limit)")
+	repair := fs.Bool("repair", false, "skip corrupt records in the middle of the log at startup, logging what is lost")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	logFile := fs.String("log-file", "", "log to this file instead of standard error")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
@@ -79,29 +87,51 @@ func run(args []string, stderr io.Writer) int {
 	}
 	logger := slog.New(handler)
 
-	srv := amqp.NewServer(amqp.Config{
+	cfg := amqp.Config{
 		Addr:           *addr,
 		DataDir:        *dataDir,
 		Logger:         logger,
 		MaxMessageSize: *maxMessage,
-	})
+		MaxConnections: *maxConns,
+		Definitions:    *definitions,
+		Repair:         *repair,
+	}
+	if *tlsCert != "" {
+		cfg.TLSAddr = *tlsAddr
+		cfg.TLS = &amqp.TLSConfig{CertFile: *tlsCert, KeyFile: *tlsKey, CAFile: *tlsCA, Verify: *tlsVerify}
+	} else if *addr == "" {
+		fmt.Fprintln(stderr, "amqpd: -addr is empty and no -tls-cert is given: nothing to listen on")
+		return 2
+	}
+	srv := amqp.NewServer(cfg)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.ListenAndServe() }()
 
 	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
-	select {
-	case err := <-errc:
-		srv.Shutdown(context.Background())
-		if errors.Is(err, syscall.EADDRINUSE) {
-			fmt.Fprintf(stderr, "amqpd: address %s is already in use\n", *addr)
-		} else {
-			fmt.Fprintf(stderr, "amqpd: %v\n", err)
+	for done := false; !done; {
+		select {
+		case err := <-errc:
+			srv.Shutdown(context.Background())
+			if errors.Is(err, syscall.EADDRINUSE) {
+				fmt.Fprintf(stderr, "amqpd: address is already in use: %v\n", err)
+			} else {
+				fmt.Fprintf(stderr, "amqpd: %v\n", err)
+			}
+			return 1
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				if err := srv.Reload(); err != nil {
+					logger.Error("reload failed; keeping the previous users and certificates", "err", err)
+				} else {
+					logger.Info("reloaded definitions and certificates")
+				}
+				continue
+			}
+			logger.Info("shutting down", "signal", sig.String())
+			done = true
 		}
-		return 1
-	case sig := <-sigs:
-		logger.Info("shutting down", "signal", sig.String())
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
