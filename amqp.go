@@ -190,7 +190,7 @@ type Server struct {
 	vhosts    map[string]*vhost         // guarded by mu
 	tlsConf   atomic.Pointer[tls.Config]
 	auth      atomic.Pointer[authDB]
-	wal       *wal                      // nil without a data directory; set before serving
+	wal       *wal // nil without a data directory; set before serving
 	openOnce  sync.Once
 	openErr   error
 	ready     chan struct{} // closed when the first listener is up
