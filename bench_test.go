@@ -234,7 +234,7 @@ func BenchmarkFanout(b *testing.B) {
 // frames in large batches and parses deliveries without allocating, because amqp091-go
 // (one write and flush per publish) is the bottleneck of the benchmarks above.
 func BenchmarkRawEndToEnd(b *testing.B) {
-	for _, size := range []int{16, 1024} {
+	for _, size := range []int{16, 1024, 65536} {
 		b.Run(strconv.Itoa(size)+"B", func(b *testing.B) { benchRawEndToEnd(b, size) })
 	}
 }

@@ -324,7 +324,8 @@ func (ch *channel) handleHeader(p []byte) error {
 }
 
 // handleBody takes one body frame of the publish in progress.
-func (ch *channel) handleBody(p []byte) error {
+// inPlace says the frame reader already put p where it belongs in the message.
+func (ch *channel) handleBody(p []byte, inPlace bool) error {
 	if ch.pubMsg == nil {
 		return unexpectedFrame("content body on channel " + strconv.Itoa(int(ch.id)) + " with no content expected")
 	}
@@ -332,7 +333,11 @@ func (ch *channel) handleBody(p []byte) error {
 	if len(p) > len(body)-ch.pubFill {
 		return unexpectedFrame("content body larger than the size in its header")
 	}
-	ch.pubFill += copy(body[ch.pubFill:], p)
+	if inPlace {
+		ch.pubFill += len(p)
+	} else {
+		ch.pubFill += copy(body[ch.pubFill:], p)
+	}
 	if ch.pubFill == len(body) {
 		return ch.publishComplete()
 	}
@@ -467,8 +472,9 @@ func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) 
 		b = append(b, m.keyLen)
 		b = append(b, m.routingKey()...)
 		b = appendFrameEnd(b, start)
-		c.out = appendContent(b, channel, m.props(), m.body(), c.frameMax)
-		c.outLen.Store(int64(len(c.out)))
+		c.out = b
+		c.appendContentLocked(channel, m.props(), m.body())
+		c.storeOutLenLocked()
 	}
 	c.outMu.Unlock()
 	c.signal()
@@ -844,8 +850,9 @@ func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
 		b = append(b, m.routingKey()...)
 		b = appendLong(b, count)
 		b = appendFrameEnd(b, start)
-		c.out = appendContent(b, channel, m.props(), m.body(), c.frameMax)
-		c.outLen.Store(int64(len(c.out)))
+		c.out = b
+		c.appendContentLocked(channel, m.props(), m.body())
+		c.storeOutLenLocked()
 	}
 	c.outMu.Unlock()
 	c.signal()

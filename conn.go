@@ -3,6 +3,7 @@ package amqp
 import (
 	"bufio"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"io"
 	"log/slog"
@@ -53,6 +54,9 @@ type conn struct {
 
 	outMu      sync.Mutex
 	out        []byte        // guarded by outMu: encoded frames waiting for the writer
+	outv       [][]byte      // guarded by outMu: pieces before out[cut:]: cut parts of out and large bodies
+	cut        int           // guarded by outMu: out[:cut] is already in outv
+	outvBytes  int           // guarded by outMu: octets in outv
 	outClosed  bool          // guarded by outMu: the writer is stopping; appends are dropped
 	outLen     atomic.Int64  // len(out), readable without outMu
 	drainWait  []*queue      // guarded by outMu: queues that stopped delivering on a full outbox
@@ -81,6 +85,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 	}
 	c.log = s.log.With("conn", c.id, "remote", c.remote)
 	c.fr = frameReader{r: bufio.NewReaderSize(deadlineReader{c}, readBufferSize), frameMax: frameMinSize}
+	c.fr.bodyDst = c.bodyDst
 	return c
 }
 
@@ -518,7 +523,7 @@ func (c *conn) handleFrame(f frame) error {
 		if f.typ == frameHeader {
 			return c.channelResult(ch, ch.handleHeader(f.payload))
 		}
-		return c.channelResult(ch, ch.handleBody(f.payload))
+		return c.channelResult(ch, ch.handleBody(f.payload, f.inPlace))
 	}
 	return frameError("unknown frame type " + strconv.Itoa(int(f.typ)))
 }
@@ -574,6 +579,20 @@ func (c *conn) connectionMethod(id uint32, d decoder) error {
 		return withMethod(commandInvalid("unexpected "+methodName(id)+" after the handshake"), id)
 	}
 	return withMethod(channelError("unexpected "+methodName(id)+" on channel 0"), id)
+}
+
+// bodyDst returns where a body frame goes when a channel is assembling a message with room
+// for it; nil lets the frame go through the normal checks.
+func (c *conn) bodyDst(id uint16, size int) []byte {
+	ch := c.channel(id)
+	if ch == nil || ch.closing || ch.pubMsg == nil || size == 0 {
+		return nil
+	}
+	body := ch.pubMsg.body()
+	if size > len(body)-ch.pubFill {
+		return nil
+	}
+	return body[ch.pubFill : ch.pubFill+size]
 }
 
 // channel returns the open channel with this id, or nil.
@@ -653,7 +672,7 @@ func (c *conn) send2(channel uint16, m method) {
 	c.outMu.Lock()
 	if !c.outClosed {
 		c.out = appendMethodFrame(c.out, channel, m)
-		c.outLen.Store(int64(len(c.out)))
+		c.storeOutLenLocked()
 	}
 	c.outMu.Unlock()
 	c.signal()
@@ -667,14 +686,51 @@ func (c *conn) signal() {
 	}
 }
 
+// zeroCopyBody is the body size from which deliveries point at the message's body
+// instead of copying it into the outbox; the writer sends it with writev.
+const zeroCopyBody = 8 << 10
+
+// appendContentLocked appends a content header and body frames to the outbox; large
+// bodies are not copied but queued by reference. c.outMu must be held.
+func (c *conn) appendContentLocked(channel uint16, props, body []byte) {
+	if len(body) < zeroCopyBody {
+		c.out = appendContent(c.out, channel, props, body, c.frameMax)
+		return
+	}
+	c.out = appendContent(c.out, channel, props, nil, c.frameMax)
+	// appendContent wrote a zero body size; patch in the real one.
+	binary.BigEndian.PutUint64(c.out[len(c.out)-1-len(props)-8:], uint64(len(body)))
+	chunk := int(c.frameMax) - frameOverhead
+	for len(body) > 0 {
+		n := min(len(body), chunk)
+		c.out = append(c.out, frameBody, byte(channel>>8), byte(channel))
+		c.out = binary.BigEndian.AppendUint32(c.out, uint32(n))
+		c.outv = append(c.outv, c.out[c.cut:len(c.out):len(c.out)], body[:n:n])
+		c.outvBytes += len(c.out) - c.cut + n
+		c.cut = len(c.out)
+		c.out = append(c.out, frameEnd)
+		body = body[n:]
+	}
+}
+
+// storeOutLenLocked publishes the outbox size. c.outMu must be held.
+func (c *conn) storeOutLenLocked() {
+	c.outLen.Store(int64(len(c.out) - c.cut + c.outvBytes))
+}
+
 // writeLoop writes the outbox in batches until teardown, sending heartbeats when idle.
+// A batch is one write, or one writev when it holds large bodies by reference.
 func (c *conn) writeLoop() {
 	defer close(c.writerDone)
 	var buf []byte
+	var vec, spareVec [][]byte
 	var tick *time.Ticker
 	var tickC <-chan time.Time
 	var interval time.Duration
+	idle := time.NewTimer(time.Hour)
+	idle.Stop()
 	defer func() {
+		idle.Stop()
 		if tick != nil {
 			tick.Stop()
 		}
@@ -688,9 +744,23 @@ func (c *conn) writeLoop() {
 				c.out = appendHeartbeat(c.out)
 				c.outMu.Unlock()
 			}
+		case <-idle.C:
+			// Quiet for a while after a burst: give back the big buffers.
+			if c.outLen.Load() == 0 {
+				buf, spareVec = nil, nil
+				c.outMu.Lock()
+				if len(c.out) == 0 && len(c.outv) == 0 {
+					c.out, c.outv = nil, nil
+				}
+				c.outMu.Unlock()
+			}
+			continue
 		}
 		c.outMu.Lock()
 		buf, c.out = c.out, buf[:0]
+		vec, c.outv = c.outv, spareVec[:0]
+		cut := c.cut
+		c.cut, c.outvBytes = 0, 0
 		c.outLen.Store(0)
 		stop := c.outClosed
 		waiting := c.drainWait
@@ -704,16 +774,28 @@ func (c *conn) writeLoop() {
 			tick = time.NewTicker(interval / 2)
 			tickC = tick.C
 		}
-		if len(buf) > 0 {
+		if len(buf) > 0 || len(vec) > 0 {
 			c.nc.SetWriteDeadline(time.Now().Add(writeTimeout(interval)))
-			if _, err := c.nc.Write(buf); err != nil {
+			var err error
+			if len(vec) == 0 {
+				_, err = c.nc.Write(buf)
+			} else {
+				if cut < len(buf) {
+					vec = append(vec, buf[cut:])
+				}
+				bufs := net.Buffers(vec)
+				_, err = bufs.WriteTo(c.nc)
+			}
+			if err != nil {
 				c.nc.Close()
 				return
 			}
 			c.wroteAt.Store(time.Now().UnixNano())
 		}
-		if cap(buf) > maxIdleOutbox && c.outLen.Load() == 0 {
-			buf = nil // idle again: give back the memory of a burst
+		clear(vec)
+		spareVec = vec[:0]
+		if cap(buf) > maxIdleOutbox {
+			idle.Reset(time.Second)
 		}
 		if stop {
 			return

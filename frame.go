@@ -39,6 +39,7 @@ type frame struct {
 	typ     uint8
 	channel uint16
 	payload []byte
+	inPlace bool // a body read straight into its message by frameReader.bodyDst
 }
 
 // frameReader reads frames from a buffered connection, reusing one payload buffer.
@@ -47,6 +48,9 @@ type frameReader struct {
 	hdr      [7]byte
 	buf      []byte
 	frameMax uint32 // largest whole frame accepted, including the 8 octets of overhead
+	// bodyDst, when set, may return where a body frame's payload of size octets on a
+	// channel goes (exactly size long), so it is read there without a copy; nil otherwise.
+	bodyDst func(channel uint16, size int) []byte
 }
 
 // read returns the next frame. A frame over frameMax or without its frame-end octet is a
@@ -60,21 +64,42 @@ func (fr *frameReader) read() (frame, error) {
 	if uint64(size)+frameOverhead > uint64(fr.frameMax) {
 		return f, frameError("frame size " + strconv.Itoa(int(size)+frameOverhead) + " exceeds frame_max " + strconv.Itoa(int(fr.frameMax)))
 	}
+	if f.typ == frameBody && fr.bodyDst != nil {
+		if dst := fr.bodyDst(f.channel, int(size)); dst != nil {
+			// Read the body straight into the message it belongs to.
+			if _, err := io.ReadFull(fr.r, dst); err != nil {
+				return f, unexpectedEOF(err)
+			}
+			end, err := fr.r.ReadByte()
+			if err != nil {
+				return f, unexpectedEOF(err)
+			}
+			if end != frameEnd {
+				return f, frameError("bad frame end marker")
+			}
+			f.payload, f.inPlace = dst, true
+			return f, nil
+		}
+	}
 	if cap(fr.buf) < int(size)+1 {
 		fr.buf = make([]byte, int(size)+1, max(int(size)+1, 4096))
 	}
 	b := fr.buf[:size+1]
 	if _, err := io.ReadFull(fr.r, b); err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
-		}
-		return f, err
+		return f, unexpectedEOF(err)
 	}
 	if b[size] != frameEnd {
 		return f, frameError("bad frame end marker")
 	}
 	f.payload = b[:size]
 	return f, nil
+}
+
+func unexpectedEOF(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
 }
 
 // appendFrameStart appends a frame header with a zero size; appendFrameEnd patches the size

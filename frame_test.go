@@ -983,11 +983,11 @@ func TestFrameReaderReads(t *testing.T) {
 
 	fr := newTestFrameReader(stream, 4096)
 	want := []frame{
-		{frameMethod, 1, pub.encode(nil)},
-		{frameHeader, 1, cat(0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, rawProps)},
-		{frameBody, 1, body},
-		{frameHeartbeat, 0, []byte{}},
-		{frameMethod, 0xffff, []byte{0, 20, 0, 41}},
+		{typ: frameMethod, channel: 1, payload: pub.encode(nil)},
+		{typ: frameHeader, channel: 1, payload: cat(0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, rawProps)},
+		{typ: frameBody, channel: 1, payload: body},
+		{typ: frameHeartbeat, channel: 0, payload: []byte{}},
+		{typ: frameMethod, channel: 0xffff, payload: []byte{0, 20, 0, 41}},
 	}
 	for i, w := range want {
 		f, err := fr.read()

@@ -430,9 +430,9 @@ func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qe
 		b = append(b, m.keyLen)
 		b = append(b, m.routingKey()...)
 		b = appendFrameEnd(b, start)
-		b = appendContent(b, channel, m.props(), m.body(), c.frameMax)
 		c.out = b
-		c.outLen.Store(int64(len(b)))
+		c.appendContentLocked(channel, m.props(), m.body())
+		c.storeOutLenLocked()
 	}
 	c.outMu.Unlock()
 	c.signal()
