@@ -97,7 +97,7 @@ type Config struct {
 	AnonymousUser string
 	// MaxPreAuthBytes caps what a client may send before it has logged in; default 64 KiB.
 	MaxPreAuthBytes int
-	// DataDir is where durable state will live; reserved, not used yet.
+	// DataDir holds the write-ahead log; empty keeps everything in memory.
 	DataDir string
 	// Logger receives the server's logs; default slog.Default().
 	Logger *slog.Logger

@@ -32,11 +32,12 @@ type channel struct {
 	permX    *exchange // the last exchange write permission was granted on
 	permDB   *authDB   // by this user database
 
-	confirm bool
-	tx      bool
-	txPubs  []txPublish
-	txAcks  []txAck
-	walBuf  []byte // reused to encode publish records
+	confirm    bool
+	inConfirms bool // listed in c.confirms for the next flush
+	tx         bool
+	txPubs     []txPublish
+	txAcks     []txAck
+	walBuf     []byte // reused to encode publish records
 
 	// Publisher confirms. The reader confirms at each drain of its input; the log's writer
 	// confirms persistent messages after their fsync.

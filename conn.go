@@ -275,7 +275,8 @@ func (c *conn) teardown() {
 
 // confirmPending notes that ch has publishes to confirm at the next flush.
 func (c *conn) confirmPending(ch *channel) {
-	if ch.confirmSeq == ch.confirmSent+1 {
+	if !ch.inConfirms {
+		ch.inConfirms = true
 		c.confirms = append(c.confirms, ch)
 	}
 }
@@ -283,6 +284,7 @@ func (c *conn) confirmPending(ch *channel) {
 // flushConfirms confirms what the channels have routed since the last flush.
 func (c *conn) flushConfirms() {
 	for i, ch := range c.confirms {
+		ch.inConfirms = false
 		ch.flushConfirms()
 		c.confirms[i] = nil
 	}

@@ -130,6 +130,8 @@ type wal struct {
 	doneAtomic atomic.Uint64 // done, readable without mu
 
 	// The writer's own state.
+	written  uint64 // tickets written to the file
+	fsynced  uint64 // tickets fsynced: only these may replace a deleted segment's records
 	file     *os.File
 	fileSeg  *segment
 	lastSync time.Time
@@ -145,6 +147,7 @@ type walOptions struct {
 	interval    time.Duration
 	repair      bool
 	log         *slog.Logger
+	snapshot    func(at func()) []byte // see wal.snapshotFn
 }
 
 // recovered is what replay found: topology records in order and each queue's messages.
@@ -173,6 +176,7 @@ func openWAL(dir string, opts walOptions) (*wal, *recovered, error) {
 	w := &wal{
 		dir: dir, log: opts.log, segSize: opts.segmentSize, interval: opts.interval, lock: lock,
 		wake: make(chan struct{}, 1), stopped: make(chan struct{}), nextMsgID: 1, nextQID: 1,
+		snapshotFn: opts.snapshot,
 	}
 	w.synced.L = &w.mu
 	rec, err := w.replay(opts.repair)
@@ -195,9 +199,11 @@ func (w *wal) segPath(seq uint64) string {
 
 // startSegment opens a new head segment for the writer. Called before the writer runs.
 func (w *wal) startSegment() error {
-	var seq uint64 = 1
+	// Past the last file and past the checkpoint, which may name a segment that never
+	// reached the disk.
+	seq := w.snapPos.seg + 1
 	if n := len(w.segs); n > 0 {
-		seq = w.segs[n-1].seq + 1
+		seq = max(seq, w.segs[n-1].seq+1)
 	}
 	seg := &segment{seq: seq, size: walHeaderSize}
 	w.segs = append(w.segs, seg)
@@ -328,11 +334,15 @@ func (w *wal) run() {
 		w.mu.Unlock()
 
 		err := w.write(chunks)
-		if err == nil && (w.interval == 0 || time.Since(w.lastSync) >= w.interval || closed) {
-			if len(chunks) > 0 || closed {
-				err = w.file.Sync()
-				w.lastSync = time.Now()
+		if len(chunks) > 0 {
+			w.written = ticket
+		}
+		if err == nil && w.fsynced < w.written &&
+			(w.interval == 0 || time.Since(w.lastSync) >= w.interval || closed) {
+			if err = w.file.Sync(); err == nil {
+				w.fsynced = w.written
 			}
+			w.lastSync = time.Now()
 		}
 
 		w.mu.Lock()
@@ -423,7 +433,7 @@ func (w *wal) compact() {
 			}
 			return
 		}
-		if old.relocated > w.done {
+		if old.relocated > w.fsynced {
 			w.mu.Unlock()
 			return
 		}
@@ -661,15 +671,17 @@ func (w *wal) replay(repair bool) (*recovered, error) {
 			return nil, err
 		}
 		last := i == len(names)-1
+		if last && len(data) < walHeaderSize {
+			// A crash while creating the file: nothing in it.
+			w.log.Warn("removing a log segment cut short in its header", "file", name, "bytes", len(data))
+			if err := os.Remove(name); err != nil {
+				return nil, err
+			}
+			continue
+		}
 		seg := &segment{seq: seq, size: int64(len(data))}
 		w.segs = append(w.segs, seg)
 		if len(data) < walHeaderSize || [8]byte(data[:8]) != walMagic {
-			if last && len(data) < walHeaderSize {
-				// A crash while creating the file: nothing in it.
-				seg.size = walHeaderSize
-				w.truncate(name, 0, len(data))
-				continue
-			}
 			return nil, errors.New("amqp: " + name + ": not a log segment (bad header)")
 		}
 		if v := binary.BigEndian.Uint32(data[8:]); v != walVersion {
@@ -751,6 +763,9 @@ func (w *wal) replay(repair bool) (*recovered, error) {
 			off += n
 		}
 	}
+	// Queue order is message-id order, never file order: compaction copies old messages
+	// forward past newer ones.
+	sort.Slice(order, func(i, j int) bool { return order[i] < order[j] })
 	for _, id := range order {
 		p := msgs[id]
 		if len(p.queues) == 0 {
@@ -993,6 +1008,7 @@ func (s *Server) openStore() error {
 		interval:    s.cfg.FsyncInterval,
 		repair:      s.cfg.Repair,
 		log:         s.log,
+		snapshot:    s.snapshotTopology,
 	})
 	if err != nil {
 		return err
@@ -1003,7 +1019,6 @@ func (s *Server) openStore() error {
 		w.close()
 		return err
 	}
-	w.snapshotFn = s.snapshotTopology
 	s.mu.Lock()
 	s.wal = w
 	for _, vh := range s.vhosts {
@@ -1016,6 +1031,13 @@ func (s *Server) openStore() error {
 
 // restore applies recovered topology and messages; it returns the number of messages.
 func (s *Server) restore(w *wal, rec *recovered) (int, error) {
+	// The log's writer may already take a checkpoint: hold every vhost until done.
+	s.mu.Lock()
+	for _, vh := range s.vhosts {
+		vh.mu.Lock()
+		defer vh.mu.Unlock()
+	}
+	s.mu.Unlock()
 	queues := make(map[uint64]*queue)
 	for _, r := range rec.topology {
 		d := decoder{b: r.payload}
@@ -1024,6 +1046,10 @@ func (s *Server) restore(w *wal, rec *recovered) (int, error) {
 			if q := queues[id]; q != nil {
 				delete(q.vh.queues, q.name)
 				delete(queues, id)
+				for len(q.bindings) > 0 {
+					b := q.bindings[len(q.bindings)-1]
+					b.source.removeBindingLocked(b.source.findBindingLocked(b))
+				}
 			}
 			continue
 		}

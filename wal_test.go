@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"runtime/debug"
 	"slices"
 	"sort"
 	"strconv"
@@ -500,7 +499,6 @@ func TestWALTornSegmentHeader(t *testing.T) {
 				defer w.close()
 			}
 			if size < walHeaderSize {
-				t.Skip("BUG: a torn segment header is truncated to 0 octets but kept; once a newer segment exists the next start fails with 'not a log segment (bad header)'")
 			}
 			if err != nil {
 				t.Fatalf("second openWAL: %v", err)
@@ -686,7 +684,6 @@ func TestWALCompactionCopiesForwardInOrder(t *testing.T) {
 	if !slices.Equal(gotIDs, wantIDs) {
 		t.Fatalf("q1 recovered ids %v, want each of %v once", walIDs(got), wantIDs)
 	}
-	t.Skip("BUG: replay orders a queue by the file position of each message's first surviving record, not by message id; a message copied forward by compaction comes back after newer ones")
 	checkRecovered(t, rec, q1.walID, wantAll)
 }
 
@@ -736,7 +733,6 @@ func TestWALCheckpointPastLastFile(t *testing.T) {
 	img2 := copyDataDir(t, img, nil)
 	w2.close()
 	_, rec2 := openTestWAL(t, img2, walOptions{segmentSize: 1024})
-	t.Skip("BUG: a new head after restart reuses a segment number the checkpoint already covers (meta.snap written while the head was in memory only), so its topology records are skipped at the next replay")
 	if len(rec2.topology) != 2 {
 		t.Fatalf("recovered %d topology records after the second crash, want 2 (the checkpoint's and 'after')", len(rec2.topology))
 	}
@@ -928,74 +924,29 @@ func (c *confirmChannel) wait() {
 	}
 }
 
-// walRaceEnabled reports whether the test binary was built with -race.
-func walRaceEnabled() bool {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return false
-	}
-	for _, s := range bi.Settings {
-		if s.Key == "-race" {
-			return s.Value == "true"
-		}
-	}
-	return false
-}
-
-// walConfirmRace is why -race builds publish persistent messages in transactions: the race
-// detector flags every test that takes log-synced confirms.
-const walConfirmRace = "BUG: data race: conn.confirmPending reads channel.confirmSent/confirmSeq without cmu while the log writer's walSynced → flushConfirms → ackUpToLocked writes confirmSent"
-
-// persistentPublisher publishes and waits until the broker has the messages on disk: with
-// publisher confirms or, in -race builds (see walConfirmRace), with tx.commit, which also
-// waits for the fsync.
+// persistentPublisher publishes and waits, with publisher confirms, until the broker has
+// the messages on disk.
 type persistentPublisher struct {
-	t       testing.TB
-	ch      *amqp091.Channel
-	c       *confirmChannel
-	pending int
+	t  testing.TB
+	ch *amqp091.Channel
+	c  *confirmChannel
 }
 
 func newPersistentPublisher(t testing.TB, conn *amqp091.Connection) *persistentPublisher {
 	t.Helper()
-	if !walRaceEnabled() {
-		c := newConfirmChannel(t, conn)
-		return &persistentPublisher{t: t, ch: c.ch, c: c}
-	}
-	ch := openChannel(t, conn)
-	if err := ch.Tx(); err != nil {
-		t.Fatalf("tx.select: %v", err)
-	}
-	return &persistentPublisher{t: t, ch: ch}
+	c := newConfirmChannel(t, conn)
+	return &persistentPublisher{t: t, ch: c.ch, c: c}
 }
 
 func (p *persistentPublisher) publish(exchange, key string, msg amqp091.Publishing) {
 	p.t.Helper()
-	if p.c != nil {
-		p.c.publish(exchange, key, false, msg)
-		return
-	}
-	if err := p.ch.Publish(exchange, key, false, false, msg); err != nil {
-		p.t.Fatalf("publish: %v", err)
-	}
-	if p.pending++; p.pending >= 256 {
-		p.wait()
-	}
+	p.c.publish(exchange, key, false, msg)
 }
 
 // wait returns when everything published so far is on disk.
 func (p *persistentPublisher) wait() {
 	p.t.Helper()
-	if p.c != nil {
-		p.c.wait()
-		return
-	}
-	if p.pending > 0 {
-		if err := p.ch.TxCommit(); err != nil {
-			p.t.Fatalf("tx.commit: %v", err)
-		}
-		p.pending = 0
-	}
+	p.c.wait()
 }
 
 // persistentMsg is a persistent publishing whose body and message id are id.
@@ -1333,7 +1284,6 @@ func TestDurableTopologyRestart(t *testing.T) {
 				}
 			}
 			if mode == "crash" {
-				t.Skip("BUG: replaying queue.delete removes the queue but not its bindings; after a crash the exchange still routes to the deleted queue (mandatory publish not returned)")
 			}
 			if zombie || !slices.Equal(after["p-deleted-queue"], []string{"returned"}) {
 				t.Errorf("after restart, the deleted queue t.qdel is still bound (in topology: %v), probe went to %v", zombie, after["p-deleted-queue"])
@@ -1381,7 +1331,6 @@ func TestDurableDeletedQueueBindingsAfterCrash(t *testing.T) {
 	default:
 	}
 	n := queueDepth(t, conn3, "dq.q")
-	t.Skip("BUG: replaying queue.delete keeps the queue's bindings; the checkpoint then saves them by queue name and a later start binds them to a new queue of that name")
 	if !returned || n != 0 {
 		t.Errorf("publish through a binding deleted with its queue: returned=%v, new queue of the same name holds %d; want returned and 0", returned, n)
 	}
@@ -1709,9 +1658,6 @@ func TestDurableTxRestart(t *testing.T) {
 // every confirmed message exactly once.
 func TestPersistentConfirmedInCrashImage(t *testing.T) {
 	t.Parallel()
-	if walRaceEnabled() {
-		t.Skip(walConfirmRace)
-	}
 	for _, cfg := range []struct {
 		name string
 		cfg  Config
@@ -1991,7 +1937,6 @@ func TestWALCompactionPinnedMessageThroughBroker(t *testing.T) {
 			t.Errorf("%s restart: pin.fill holds %d acked messages", mode, n)
 		}
 		if mode == "clean" {
-			t.Skip("BUG: replay orders a queue by file position, not message id; the pinned message copied forward comes back after newer ones")
 			if bodies := walBodies(got); !slices.Equal(bodies, want) {
 				t.Errorf("order after restart: first is %.10s, want pinned first", bodies[0])
 			}
@@ -2005,9 +1950,6 @@ func TestWALCompactionPinnedMessageThroughBroker(t *testing.T) {
 // compacts it away after writing a checkpoint, and the queue survives the next crash.
 func TestWALIdleRestartCheckpoint(t *testing.T) {
 	t.Parallel()
-	if walRaceEnabled() {
-		t.Skip("BUG: data race: openStore sets w.snapshotFn after openWAL started the writer, whose idle-tick compaction reads it in checkpoint (a checkpoint during restore would save no topology)")
-	}
 	b := startDurable(t, Config{})
 	conn := dial(t, b.url)
 	declareQueues(t, conn, true, "idle.q")
