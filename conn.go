@@ -19,7 +19,7 @@ import (
 var errTooManyFiles = syscall.EMFILE
 
 const (
-	readBufferSize = 64 << 10
+	readBufferSize = 16 << 10
 	// maxIdleOutbox is the largest outbox buffer kept between bursts; larger ones are dropped
 	// so an idle connection does not pin the memory of its biggest burst.
 	maxIdleOutbox = 256 << 10
