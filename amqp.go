@@ -153,7 +153,7 @@ func (c *Config) setDefaults() {
 	if c.FrameMax == 0 {
 		c.FrameMax = defaultFrameMax
 	}
-	c.FrameMax = max(c.FrameMax, frameMinSize)
+	c.FrameMax = min(max(c.FrameMax, frameMinSize), maxFrameMax)
 	if c.Heartbeat == 0 {
 		c.Heartbeat = defaultHeartbeat
 	}

@@ -34,8 +34,8 @@ func (s *Server) authenticate(mechanism, response string, remote net.Addr) (stri
 	case "AMQPLAIN":
 		user, pass, _ = parseAMQPlain(response)
 	case "ANONYMOUS":
-		if s.cfg.AnonymousUser != "" {
-			return s.cfg.AnonymousUser, nil
+		if u := s.cfg.AnonymousUser; u != "" {
+			return u, s.auth.Load().loginTrusted(mechanism, u, remote)
 		}
 		fallthrough
 	default:
@@ -922,13 +922,20 @@ func (db *authDB) userTags(user string) []string {
 	return nil
 }
 
-// external checks a user named by a verified TLS client certificate (SASL EXTERNAL): the
-// user must exist; the certificate stands for the password.
-func (db *authDB) external(user string) error {
-	if db.users[user] == nil {
-		e := accessRefused("Login was refused using authentication mechanism EXTERNAL. For details see the broker logfile.")
+// loginTrusted checks a login that needs no password: a user named by a verified TLS client
+// certificate (EXTERNAL) or the configured ANONYMOUS user. The user must exist, and a
+// loopback-only user must come from a loopback address.
+func (db *authDB) loginTrusted(mechanism, user string, remote net.Addr) error {
+	refused := func(text string) error {
+		e := accessRefused(text)
 		e.ClassID, e.MethodID = classConnection, 11
 		return e
+	}
+	if db.users[user] == nil {
+		return refused("Login was refused using authentication mechanism " + mechanism + ". For details see the broker logfile.")
+	}
+	if db.loopback[user] && !isLoopback(remote) {
+		return refused("user '" + user + "' can only connect via localhost")
 	}
 	return nil
 }

@@ -29,8 +29,8 @@ type channel struct {
 	settled  []unacked // reused by settle
 	exCache  *exchange // the last exchange published to
 	exCacheN string
-	permX    *exchange // the last exchange write permission was granted on
-	permDB   *authDB   // by this user database
+	permN    string  // the last exchange name write permission was granted on
+	permDB   *authDB // by this user database
 
 	confirm    bool
 	inConfirms bool // listed in c.confirms for the next flush
@@ -350,6 +350,14 @@ func (ch *channel) publishComplete() error {
 	msg := ch.pubMsg
 	ch.pubMsg = nil
 	vh := ch.vh()
+	if db := ch.c.s.auth.Load(); ch.permDB != db || ch.permN != ch.pubArgs.Exchange {
+		// Write permission first, as RabbitMQ, then the exchange's existence. It is
+		// checked once per exchange name and user database.
+		if err := db.check(ch.c.user, vh.name, permWrite, resExchange, ch.pubArgs.Exchange); err != nil {
+			return withMethod(err.(*Error), idBasicPublish)
+		}
+		ch.permDB, ch.permN = db, ch.pubArgs.Exchange
+	}
 	vh.mu.RLock()
 	x := ch.exCache
 	if x == nil || x.deleted || ch.exCacheN != ch.pubArgs.Exchange {
@@ -363,14 +371,6 @@ func (ch *channel) publishComplete() error {
 	if x.internal {
 		vh.mu.RUnlock()
 		return withMethod(accessRefused("cannot publish to internal "+describeExchange(x.name, vh.name)), idBasicPublish)
-	}
-	if db := ch.c.s.auth.Load(); ch.permX != x || ch.permDB != db {
-		// The write permission is checked once per exchange and user database.
-		if err := db.check(ch.c.user, vh.name, permWrite, resExchange, x.name); err != nil {
-			vh.mu.RUnlock()
-			return withMethod(err.(*Error), idBasicPublish)
-		}
-		ch.permX, ch.permDB = x, db
 	}
 	msg.exchange = x.name
 	if ch.tx {

@@ -99,13 +99,23 @@ func (r deadlineReader) Read(p []byte) (int, error) {
 	if d := c.readIdle; d > 0 && !c.closing.Load() {
 		c.nc.SetReadDeadline(time.Now().Add(d))
 	}
-	n, err := c.nc.Read(p)
 	if !c.authed {
-		if c.preAuth += n; c.preAuth > c.s.cfg.MaxPreAuthBytes {
-			return n, errPreAuthLimit
+		// Never hand on an octet past the cap: the bytes before it are all that a client
+		// that has not logged in gets processed.
+		room := c.s.cfg.MaxPreAuthBytes - c.preAuth
+		if room <= 0 {
+			return 0, errPreAuthLimit
 		}
+		p = p[:min(len(p), room+1)]
+		n, err := c.nc.Read(p)
+		if n > room {
+			c.preAuth += room
+			return room, errPreAuthLimit
+		}
+		c.preAuth += n
+		return n, err
 	}
-	return n, err
+	return c.nc.Read(p)
 }
 
 // errPreAuthLimit ends a connection that sends too much before logging in.
@@ -345,7 +355,8 @@ func (c *conn) handshake() error {
 	var err error
 	if startOk.Mechanism == "EXTERNAL" && c.peerCN != "" {
 		// The verified client certificate names the user; no password.
-		user, err = c.peerCN, c.s.auth.Load().external(c.peerCN)
+		user = c.peerCN
+		err = c.s.auth.Load().loginTrusted("EXTERNAL", user, c.nc.RemoteAddr())
 	} else {
 		user, err = c.s.authenticate(startOk.Mechanism, startOk.Response, c.nc.RemoteAddr())
 	}
@@ -597,6 +608,17 @@ func (c *conn) bodyDst(id uint16, size int) []byte {
 	return body[ch.pubFill : ch.pubFill+size]
 }
 
+// openChannels counts the channels open or closing.
+func (c *conn) openChannels() int {
+	n := 0
+	for _, ch := range c.channels {
+		if ch != nil {
+			n++
+		}
+	}
+	return n
+}
+
 // channel returns the open channel with this id, or nil.
 func (c *conn) channel(id uint16) *channel {
 	if int(id) < len(c.channels) {
@@ -608,13 +630,15 @@ func (c *conn) channel(id uint16) *channel {
 // channelFor finds the channel a method is for, opening it on channel.open. It returns a nil
 // channel and nil error when the frame is to be dropped.
 func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
-	if id > c.channelMax {
-		return nil, withMethod(channelError("channel "+strconv.Itoa(int(id))+" is above channel_max "+strconv.Itoa(int(c.channelMax))), mid)
-	}
 	ch := c.channel(id)
 	if mid == idChannelOpen {
 		if ch != nil {
 			return nil, withMethod(channelError("second 'channel.open' seen"), mid)
+		}
+		// RabbitMQ counts open channels against channel-max; the spec also makes it the
+		// highest channel number, so both are refused with RabbitMQ's 530.
+		if n := c.openChannels(); n >= int(c.channelMax) || id > c.channelMax {
+			return nil, notAllowed("number of channels opened (" + strconv.Itoa(n) + ") has reached the negotiated channel_max (" + strconv.Itoa(int(c.channelMax)) + ")")
 		}
 		if int(id) >= len(c.channels) {
 			grown := make([]*channel, max(int(id)+1, 2*len(c.channels), 8))

@@ -341,8 +341,9 @@ func TestConnHardErrors(t *testing.T) {
 			if f, err := c.readFrame(wireTimeout); err != nil || f.typ != frameBody || !bytes.Equal(f.payload, body) {
 				c.t.Fatalf("after the content header: frame type %d of %d octets, %v; want the body", f.typ, len(f.payload), err)
 			}
-			// One octet more: only the frame header goes out, the size alone is the error.
-			c.send([]byte{frameMethod, 0, 1, 0, 0, 0x0f, 0xf9})
+			// Past frame-max (RabbitMQ tolerates payloads up to frame-max itself): only the
+			// frame header goes out, the size alone is the error.
+			c.send([]byte{frameMethod, 0, 1, 0, 0, 0x10, 0x01})
 		}), replyFrameError, []uint16{0, 0}},
 		{"unknown frame type", connected(wireOpts{}, func(c *wireClient) {
 			c.send(wireFrame(7, 0, nil))
@@ -380,7 +381,7 @@ func TestConnHardErrors(t *testing.T) {
 		{"channel above channel-max", connected(wireOpts{channelMax: 10}, func(c *wireClient) {
 			c.openChannel(10)
 			c.sendMethod(11, &channelOpen{})
-		}), replyChannelError, []uint16{20, 10}},
+		}), replyNotAllowed, []uint16{0, 0}},
 		{"channel.open on channel 0", connected(wireOpts{}, func(c *wireClient) {
 			c.sendMethod(0, &channelOpen{})
 		}), replyChannelError, []uint16{20, 10}},

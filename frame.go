@@ -20,7 +20,8 @@ import (
 //	body payload:    | body octets |
 //	heartbeat:       channel 0, size 0
 //
-// frame-max counts the whole frame, so a payload holds at most frameMax-8 octets.
+// frame-max counts the whole frame, so a payload holds at most frameMax-8 octets; like
+// RabbitMQ, the reader tolerates payloads up to frameMax from clients off by the framing.
 const (
 	frameMethod    = 1
 	frameHeader    = 2
@@ -28,6 +29,7 @@ const (
 	frameHeartbeat = 8
 	frameEnd       = 0xCE
 	frameMinSize   = 4096
+	maxFrameMax    = 16 << 20 // the largest frame-max the server accepts or offers
 	frameOverhead  = 8
 )
 
@@ -61,7 +63,9 @@ func (fr *frameReader) read() (frame, error) {
 	}
 	f := frame{typ: fr.hdr[0], channel: binary.BigEndian.Uint16(fr.hdr[1:3])}
 	size := binary.BigEndian.Uint32(fr.hdr[3:7])
-	if uint64(size)+frameOverhead > uint64(fr.frameMax) {
+	// Like RabbitMQ, allow payloads up to frame-max itself, for clients off by the 8
+	// octets of framing.
+	if size > fr.frameMax || size > maxFrameMax {
 		return f, frameError("frame size " + strconv.Itoa(int(size)+frameOverhead) + " exceeds frame_max " + strconv.Itoa(int(fr.frameMax)))
 	}
 	if f.typ == frameBody && fr.bodyDst != nil {

@@ -603,15 +603,22 @@ func (ch *channel) send(m method) error {
 
 // bindEnds finds the queue and exchange of queue.bind or queue.unbind.
 // Binding needs write on the queue and read on the exchange.
+// As in RabbitMQ, both permissions are checked before either end's existence.
 func (ch *channel) bindEnds(qname, xname string) (*queue, *exchange, error) {
-	q, err := ch.lookupQueue(qname, permWrite)
-	if err != nil {
-		return nil, nil, err
+	if qname == "" {
+		qname = ch.lastQueue
 	}
 	if xname == "" {
 		return nil, nil, accessRefused("operation not permitted on the default exchange")
 	}
+	if err := ch.allowed(permWrite, resQueue, qname); err != nil {
+		return nil, nil, err
+	}
 	if err := ch.allowed(permRead, resExchange, xname); err != nil {
+		return nil, nil, err
+	}
+	q, err := ch.lookupQueue(qname, permNone)
+	if err != nil {
 		return nil, nil, err
 	}
 	x, err := ch.findExchange(xname)
