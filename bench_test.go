@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"testing"
@@ -373,4 +374,91 @@ func (c *rawClient) consume(n int) error {
 		}
 	}
 	return nil
+}
+
+// BenchmarkDataDirShrinks publishes 1 GiB of persistent 1 KiB messages with confirms to a
+// durable queue while a consumer acks them, then reports how long compaction takes to bring
+// the data directory back to one segment plus the checkpoint, and what is left. Run it
+// alone: go test -run '^$' -bench DataDirShrinks -benchtime 1x
+func BenchmarkDataDirShrinks(b *testing.B) {
+	const body, total = 1024, 1 << 30
+	dir := b.TempDir()
+	_, u := newTestServer(b, Config{DataDir: dir})
+	pconn, cconn := dial(b, u), dial(b, u)
+	pch, cch := openChannel(b, pconn), openChannel(b, cconn)
+	if _, err := pch.QueueDeclare("shrink", true, false, false, false, nil); err != nil {
+		b.Fatal(err)
+	}
+	if err := pch.Confirm(false); err != nil {
+		b.Fatal(err)
+	}
+	confirms := pch.NotifyPublish(make(chan amqp091.Confirmation, 1001))
+	if err := cch.Qos(1000, 0, false); err != nil {
+		b.Fatal(err)
+	}
+	deliveries, err := cch.Consume("shrink", "", false, false, false, false, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	n := total / body
+	consumed := make(chan error, 1)
+	go func() {
+		for i := 0; i < n; i++ {
+			d, ok := <-deliveries
+			if !ok {
+				consumed <- errString("consumer closed")
+				return
+			}
+			if i%100 == 99 || i == n-1 {
+				if err := d.Ack(true); err != nil {
+					consumed <- err
+					return
+				}
+			}
+		}
+		consumed <- nil
+	}()
+	msg := amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: make([]byte, body)}
+	inflight := 0
+	b.ResetTimer()
+	for i := 0; i < n; i++ {
+		for ; inflight >= 1000; inflight-- {
+			<-confirms
+		}
+		if err := pch.Publish("", "shrink", false, false, msg); err != nil {
+			b.Fatal(err)
+		}
+		inflight++
+	}
+	for ; inflight > 0; inflight-- {
+		<-confirms
+	}
+	if err := <-consumed; err != nil {
+		b.Fatal(err)
+	}
+	drained := time.Now()
+	var segs []string
+	deadline := time.Now().Add(time.Minute)
+	for {
+		segs, _ = filepath.Glob(filepath.Join(dir, "wal", "*.seg"))
+		if len(segs) <= 1 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.StopTimer()
+	var size int64
+	filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			size += fi.Size()
+		}
+		return nil
+	})
+	if len(segs) > 1 {
+		b.Errorf("%d segments left a minute after the last ack", len(segs))
+	}
+	b.ReportMetric(float64(n)/b.Elapsed().Seconds(), "msgs/s")
+	b.ReportMetric(float64(len(segs)), "segments")
+	b.ReportMetric(float64(size)/(1<<20), "dir-MiB")
+	b.ReportMetric(time.Since(drained).Seconds(), "shrink-s")
 }
