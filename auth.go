@@ -28,11 +28,12 @@ import (
 // is handled by the connection, which holds the client certificate.
 func (s *Server) authenticate(mechanism, response string, remote net.Addr) (string, error) {
 	var user, pass string
+	ok := true
 	switch mechanism {
 	case "PLAIN":
-		user, pass, _ = parsePlain(response)
+		user, pass, ok = parsePlain(response)
 	case "AMQPLAIN":
-		user, pass, _ = parseAMQPlain(response)
+		user, pass, ok = parseAMQPlain(response)
 	case "ANONYMOUS":
 		if u := s.cfg.AnonymousUser; u != "" {
 			return u, s.auth.Load().loginTrusted(mechanism, u, remote)
@@ -42,6 +43,10 @@ func (s *Server) authenticate(mechanism, response string, remote net.Addr) (stri
 		e := commandInvalid("unknown authentication mechanism '" + mechanism + "'")
 		e.ClassID, e.MethodID = classConnection, 11
 		return "", e
+	}
+	if !ok {
+		// A malformed response logs in no one, whatever it held.
+		user, pass = "", ""
 	}
 	return user, s.auth.Load().loginMechanism(mechanism, user, pass, remote)
 }
