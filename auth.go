@@ -681,15 +681,7 @@ func writeFileAtomic(path string, b []byte) error {
 	if runtime.GOOS == "windows" {
 		return nil // directories cannot be opened for syncing
 	}
-	df, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = df.Sync()
-	if cerr := df.Close(); err == nil {
-		err = cerr
-	}
-	return err
+	return syncDir(dir)
 }
 
 // A password hash, as RabbitMQ's internal backend stores it (H is the algorithm's hash:

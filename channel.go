@@ -469,13 +469,8 @@ func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) 
 		b = append(b, 0, classBasic, 0, 50)
 		b = appendShort(b, code)
 		b = appendShortstr(b, text)
-		b = appendShortstr(b, m.exchange)
-		b = append(b, m.keyLen)
-		b = append(b, m.routingKey()...)
-		b = appendFrameEnd(b, start)
-		c.out = b
-		c.appendContentLocked(channel, m.props(), m.body())
-		c.storeOutLenLocked()
+		b = appendExchangeKey(b, m)
+		c.finishContentLocked(b, start, channel, m)
 	}
 	c.outMu.Unlock()
 	c.signal()
@@ -833,7 +828,6 @@ func (ch *channel) basicGet(d *decoder) error {
 
 // sendGetOk appends basic.get-ok and the content to the outbox.
 func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
-	m := e.msg
 	c.outMu.Lock()
 	if !c.outClosed {
 		b := c.out
@@ -841,19 +835,10 @@ func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
 		b = appendFrameStart(b, frameMethod, channel)
 		b = append(b, 0, classBasic, 0, 71)
 		b = appendLonglong(b, tag)
-		if e.redelivered {
-			b = append(b, 1)
-		} else {
-			b = append(b, 0)
-		}
-		b = appendShortstr(b, m.exchange)
-		b = append(b, m.keyLen)
-		b = append(b, m.routingKey()...)
+		b = appendBit(b, e.redelivered)
+		b = appendExchangeKey(b, e.msg)
 		b = appendLong(b, count)
-		b = appendFrameEnd(b, start)
-		c.out = b
-		c.appendContentLocked(channel, m.props(), m.body())
-		c.storeOutLenLocked()
+		c.finishContentLocked(b, start, channel, e.msg)
 	}
 	c.outMu.Unlock()
 	c.signal()

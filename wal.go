@@ -621,7 +621,7 @@ func (w *wal) checkpoint() error {
 	b = binary.BigEndian.AppendUint64(b, nextM)
 	b = append(b, topo...)
 	binary.BigEndian.PutUint32(b[12:], crc32.Checksum(b[16:], crcTable))
-	if err := writeFileSync(filepath.Join(w.dir, "meta.snap"), b); err != nil {
+	if err := writeFileAtomic(filepath.Join(w.dir, "meta.snap"), b); err != nil {
 		return err
 	}
 	w.mu.Lock()
@@ -876,30 +876,6 @@ func appendSnapRecord(b []byte, typ uint8, payload []byte) []byte {
 	b = append(b, typ)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(payload)))
 	return append(b, payload...)
-}
-
-// writeFileSync replaces name atomically: temporary file, fsync, rename, fsync directory.
-func writeFileSync(name string, data []byte) error {
-	tmp := name + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, name); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(name))
 }
 
 func syncDir(dir string) error {
