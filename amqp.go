@@ -95,6 +95,8 @@ type Config struct {
 	LoopbackUsers []string
 	// AnonymousUser, when set, offers SASL ANONYMOUS and logs such clients in as this user.
 	AnonymousUser string
+	// AuthFailureDelay is how long a refused login waits before its answer; default 200ms.
+	AuthFailureDelay time.Duration
 	// MaxPreAuthBytes caps what a client may send before it has logged in; default 64 KiB.
 	MaxPreAuthBytes int
 	// DataDir holds the write-ahead log; empty keeps everything in memory.
@@ -159,6 +161,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Heartbeat < 0 {
 		c.Heartbeat = 0
+	}
+	if c.AuthFailureDelay <= 0 {
+		c.AuthFailureDelay = 200 * time.Millisecond
 	}
 	if c.MaxPreAuthBytes <= 0 {
 		c.MaxPreAuthBytes = 64 << 10

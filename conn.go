@@ -364,6 +364,9 @@ func (c *conn) handshake() error {
 		var e *Error
 		if errors.As(err, &e) && e.Code == replyAccessRefused {
 			c.log.Warn("login refused", "user", user, "mechanism", startOk.Mechanism)
+			// A fixed pause before the answer: guessing passwords goes no faster than
+			// one try per AuthFailureDelay per connection.
+			time.Sleep(c.s.cfg.AuthFailureDelay)
 			if !c.caps.authFailureClose {
 				return errAuthClosed
 			}

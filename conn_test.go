@@ -936,3 +936,19 @@ func TestConnShutdownDuringHandshake(t *testing.T) {
 		t.Errorf("socket in the handshake: %v, want it closed", err)
 	}
 }
+
+// TestConnAuthFailureDelay: a refused login is answered only after Config.AuthFailureDelay,
+// so a client cannot try passwords faster than that on one connection.
+func TestConnAuthFailureDelay(t *testing.T) {
+	t.Parallel()
+	const delay = 300 * time.Millisecond
+	srv, _ := newTestServer(t, Config{AuthFailureDelay: delay})
+	start := time.Now()
+	c := wireHandshake(t, srv.Addr().String(), wireOpts{response: "\x00guest\x00wrong"}, 1)
+	if cl := wireExpect[*connectionClose](c, 0); cl.ReplyCode != replyAccessRefused {
+		t.Fatalf("connection.close %d %q, want 403", cl.ReplyCode, cl.ReplyText)
+	}
+	if d := time.Since(start); d < delay {
+		t.Fatalf("refused after %v, want at least %v", d, delay)
+	}
+}
