@@ -313,12 +313,14 @@ func (s *Server) loadTLS() error {
 }
 
 // Reload reads the definitions file and the TLS files again. New logins and permission
-// checks use the new users and permissions at once; open TLS sessions are kept. A virtual
-// host removed from the definitions refuses new connections; its queues stay in memory.
+// checks use the new users and permissions at once; open TLS sessions are kept. As in
+// RabbitMQ, connections of a deleted user or to a deleted virtual host are closed with 320
+// CONNECTION_FORCED; the deleted virtual host's queues stay in memory.
 func (s *Server) Reload() error {
 	if err := s.loadAuth(); err != nil {
 		return err
 	}
+	s.closeRemoved()
 	if s.cfg.TLS != nil {
 		if err := s.loadTLS(); err != nil {
 			return err
@@ -437,6 +439,30 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.wal.close()
 	}
 	return err
+}
+
+// closeRemoved closes the connections whose user or virtual host is no longer defined.
+func (s *Server) closeRemoved() {
+	db := s.auth.Load()
+	s.mu.Lock()
+	var gone []*conn
+	var why []*Error
+	for c := range s.active {
+		if !c.opened.Load() {
+			continue // user and vhost are set before opened, so they are safe to read after
+		}
+		switch {
+		case db.users[c.user] == nil:
+			gone, why = append(gone, c), append(why, newError(replyConnectionForced, "user '"+c.user+"' is deleted"))
+		case !db.vhosts[c.vh.name]:
+			gone, why = append(gone, c), append(why, newError(replyConnectionForced, "vhost '"+c.vh.name+"' is deleted"))
+		}
+	}
+	s.mu.Unlock()
+	for i, c := range gone {
+		c.log.Warn("closing connection: definitions changed", "reason", why[i].Text)
+		c.closeWith(why[i])
+	}
 }
 
 func (s *Server) connCount() int {

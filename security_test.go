@@ -966,11 +966,25 @@ func TestReloadPermissions(t *testing.T) {
 	})
 	secDialRefused(t, addr, "newbie", "newbie-pw", "/", amqp091.ErrCredentials)
 	reload(srv)
-	secRoundTrip(t, secConnect(t, addr, "newbie", "newbie-pw", "/"), "newbie-q")
+	newbie := secConnect(t, addr, "newbie", "newbie-pw", "/")
+	secRoundTrip(t, newbie, "newbie-q")
 	later := secConnect(t, addr, "rel", "rel-pw", "later")
 	secRoundTrip(t, later, "rel-later-q")
+	newbieClosed := newbie.NotifyClose(make(chan *amqp091.Error, 1))
+	laterClosed := later.NotifyClose(make(chan *amqp091.Error, 1))
 	defs(".*", "^rel-", nil)
 	reload(srv)
+	// As in RabbitMQ, the connections of a deleted user or vhost are closed with 320.
+	for _, closed := range []chan *amqp091.Error{newbieClosed, laterClosed} {
+		select {
+		case e := <-closed:
+			if e == nil || e.Code != replyConnectionForced {
+				t.Errorf("connection closed with %v, want 320", e)
+			}
+		case <-time.After(5 * time.Second):
+			t.Error("a connection of a deleted user or vhost stayed open")
+		}
+	}
 	secDialRefused(t, addr, "newbie", "newbie-pw", "/", amqp091.ErrCredentials)
 	secDialRefused(t, addr, "rel", "rel-pw", "later", amqp091.ErrVhost)
 	w := secWireLogin(t, addr, "rel", "rel-pw", "/")
