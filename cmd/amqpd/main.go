@@ -40,6 +40,12 @@ func run(args []string, stderr io.Writer) int {
 	tlsCA := fs.String("tls-ca", "", "PEM CA bundle for checking client certificates")
 	tlsVerify := fs.String("tls-verify", "none", "client certificates: none, optional or required")
 	maxConns := fs.Int("max-connections", 0, "most client connections at once (0: no limit)")
+	maxVhostConns := fs.Int("max-connections-per-vhost", 0, "most connections to one vhost (0: no limit)")
+	maxQueues := fs.Int("max-queues-per-vhost", 0, "most queues in one vhost (0: no limit)")
+	channelMax := fs.Uint("channel-max", 2047, "channel-max offered to clients")
+	frameMax := fs.Uint("frame-max", 131072, "frame-max offered to clients, 4096 to 16 MiB")
+	heartbeat := fs.Duration("heartbeat", 60*time.Second, "heartbeat interval offered to clients (0: none)")
+	handshake := fs.Duration("handshake-timeout", 10*time.Second, "time a client has to open its connection")
 	repair := fs.Bool("repair", false, "skip corrupt records in the middle of the log at startup, logging what is lost")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	logFile := fs.String("log-file", "", "log to this file instead of standard error")
@@ -95,6 +101,16 @@ func run(args []string, stderr io.Writer) int {
 		MaxConnections: *maxConns,
 		Definitions:    *definitions,
 		Repair:         *repair,
+
+		MaxConnectionsPerVhost: *maxVhostConns,
+		MaxQueuesPerVhost:      *maxQueues,
+		ChannelMax:             uint16(min(*channelMax, 65535)),
+		FrameMax:               uint32(min(*frameMax, 16<<20)),
+		Heartbeat:              *heartbeat,
+		HandshakeTimeout:       *handshake,
+	}
+	if *heartbeat == 0 {
+		cfg.Heartbeat = -1 // Config's zero means the default
 	}
 	if *tlsCert != "" {
 		cfg.TLSAddr = *tlsAddr
