@@ -61,6 +61,7 @@ type conn struct {
 	outLen     atomic.Int64  // len(out), readable without outMu
 	drainWait  []*queue      // guarded by outMu: queues that stopped delivering on a full outbox
 	wake       chan struct{} // one slot: the outbox has frames, or the writer must stop
+	drained    chan struct{} // one slot: the writer wrote a batch (for a reader paused on a full outbox)
 	writerDone chan struct{}
 	wroteAt    atomic.Int64 // unix nanos of the writer's last write, for heartbeats
 }
@@ -81,6 +82,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 		channelMax: s.cfg.ChannelMax,
 		frameMax:   frameMinSize,
 		wake:       make(chan struct{}, 1),
+		drained:    make(chan struct{}, 1),
 		writerDone: make(chan struct{}),
 	}
 	c.log = s.log.With("conn", c.id, "remote", c.remote)
@@ -166,6 +168,7 @@ func (c *conn) serve() {
 				// The client has nothing more queued: confirm the batch in one ack.
 				c.flushConfirms()
 			}
+			c.pauseWhileFull()
 		}
 		if err != nil {
 			if err == errConnectionClosed {
@@ -299,6 +302,22 @@ func (c *conn) flushConfirms() {
 		c.confirms[i] = nil
 	}
 	c.confirms = c.confirms[:0]
+}
+
+// readPauseWater is the outbox size past which the reader stops reading until the writer
+// catches up: a client that publishes (and so earns confirms, returns or replies) but does
+// not read cannot grow the outbox without bound. TCP backpressure does the rest.
+const readPauseWater = 4 * outboxHighWater
+
+// pauseWhileFull waits while the outbox is over readPauseWater.
+func (c *conn) pauseWhileFull() {
+	for c.outLen.Load() > readPauseWater {
+		select {
+		case <-c.drained:
+		case <-c.writerDone:
+			return
+		}
+	}
 }
 
 // outboxHighWater is the outbox size past which queues stop delivering to this connection
@@ -820,6 +839,10 @@ func (c *conn) writeLoop() {
 				return
 			}
 			c.wroteAt.Store(time.Now().UnixNano())
+			select {
+			case c.drained <- struct{}{}:
+			default:
+			}
 		}
 		clear(vec)
 		spareVec = vec[:0]

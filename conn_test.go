@@ -952,3 +952,39 @@ func TestConnAuthFailureDelay(t *testing.T) {
 		t.Fatalf("refused after %v, want at least %v", d, delay)
 	}
 }
+
+// TestConnReaderPausesOnFullOutbox: a client that publishes mandatory, unroutable messages
+// but never reads the returns gets its reading paused once its outbox is full, so it
+// cannot make the server buffer without bound; TCP backpressure then stops its writes.
+func TestConnReaderPausesOnFullOutbox(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	other := dial(t, url)
+	c := wireConnect(t, srv.Addr().String(), wireOpts{})
+	c.openChannel(1)
+	var batch []byte
+	body := bytes.Repeat([]byte{'r'}, 1024)
+	for i := 0; i < 256; i++ {
+		batch = appendMethodFrame(batch, 1, &basicPublish{RoutingKey: "nowhere", Mandatory: true})
+		batch = appendContent(batch, 1, []byte{0, 0}, body, 131072)
+	}
+	c.nc.SetWriteDeadline(time.Now().Add(3 * time.Second))
+	sent := 0
+	for sent < 256<<20 { // 256 MiB, far more than the server may hold for this client
+		n, err := c.nc.Write(batch)
+		sent += n
+		if err != nil {
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() {
+				t.Fatalf("write: %v", err)
+			}
+			break
+		}
+	}
+	// The outbox pauses reading at 4 MiB; socket buffers hold about as much again. Without
+	// the pause the server reads on for the whole 3 s (over 100 MiB here).
+	if sent >= 40<<20 {
+		t.Fatalf("the server read %d MiB from a client that reads nothing", sent>>20)
+	}
+	wireCheckClient(t, other)
+}
