@@ -46,6 +46,8 @@ func run(args []string, stderr io.Writer) int {
 	frameMax := fs.Uint("frame-max", 131072, "frame-max offered to clients, 4096 to 16 MiB")
 	heartbeat := fs.Duration("heartbeat", 60*time.Second, "heartbeat interval offered to clients (0: none)")
 	handshake := fs.Duration("handshake-timeout", 10*time.Second, "time a client has to open its connection")
+	segmentSize := fs.Int64("segment-size", 16<<20, "size at which the write-ahead log starts a new segment file")
+	fsyncInterval := fs.Duration("fsync-interval", 0, "0: fsync every batch before confirming (always); >0: fsync at most this often, confirming after the write (a machine crash may lose up to this much)")
 	repair := fs.Bool("repair", false, "skip corrupt records in the middle of the log at startup, logging what is lost")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	logFile := fs.String("log-file", "", "log to this file instead of standard error")
@@ -101,6 +103,8 @@ func run(args []string, stderr io.Writer) int {
 		MaxConnections: *maxConns,
 		Definitions:    *definitions,
 		Repair:         *repair,
+		SegmentSize:    *segmentSize,
+		FsyncInterval:  *fsyncInterval,
 
 		MaxConnectionsPerVhost: *maxVhostConns,
 		MaxQueuesPerVhost:      *maxQueues,
