@@ -25,6 +25,7 @@ type channel struct {
 	pubWait  bool   // a basic.publish waits for its content header
 	pubMsg   *message
 	pubFill  int // body octets received so far
+	pubSize  int // body size from the content header
 	routes   routeSet
 	settled  []unacked // reused by settle
 	exCache  *exchange // the last exchange published to
@@ -314,10 +315,12 @@ func (ch *channel) handleHeader(p []byte) error {
 		return withMethod(preconditionFailed("message size "+strconv.FormatUint(size, 10)+" is larger than configured max size "+strconv.Itoa(limit)), idBasicPublish)
 	}
 	m := &message{keyLen: uint8(len(ch.pubKey)), propsLen: uint32(len(raw)), publisher: ch.c.id, persistent: props.deliveryMode == 2}
-	m.data = make([]byte, len(ch.pubKey)+len(raw)+int(size))
+	// The body buffer grows as body frames arrive, so a header announcing a large body
+	// commits no memory the client has not sent.
+	m.data = make([]byte, len(ch.pubKey)+len(raw)+min(int(size), initialBody))
 	copy(m.data, ch.pubKey)
 	copy(m.data[len(ch.pubKey):], raw)
-	ch.pubMsg, ch.pubFill = m, 0
+	ch.pubMsg, ch.pubFill, ch.pubSize = m, 0, int(size)
 	if size == 0 {
 		return ch.publishComplete()
 	}
@@ -330,19 +333,38 @@ func (ch *channel) handleBody(p []byte, inPlace bool) error {
 	if ch.pubMsg == nil {
 		return unexpectedFrame("content body on channel " + strconv.Itoa(int(ch.id)) + " with no content expected")
 	}
-	body := ch.pubMsg.body()
-	if len(p) > len(body)-ch.pubFill {
-		return unexpectedFrame("content body larger than the size in its header")
+	if !inPlace {
+		room := ch.bodyRoom(len(p))
+		if room == nil {
+			return unexpectedFrame("content body larger than the size in its header")
+		}
+		copy(room, p)
 	}
-	if inPlace {
-		ch.pubFill += len(p)
-	} else {
-		ch.pubFill += copy(body[ch.pubFill:], p)
-	}
-	if ch.pubFill == len(body) {
+	ch.pubFill += len(p)
+	if ch.pubFill == ch.pubSize {
 		return ch.publishComplete()
 	}
 	return nil
+}
+
+// initialBody is the most body buffer allocated before body frames arrive.
+const initialBody = 16 << 10
+
+// bodyRoom returns where the next n body octets of the message being assembled go,
+// growing its buffer (doubling, up to the announced size) as needed; nil when they would
+// run past the size in the content header.
+func (ch *channel) bodyRoom(n int) []byte {
+	m := ch.pubMsg
+	if n > ch.pubSize-ch.pubFill {
+		return nil
+	}
+	head := int(m.keyLen) + int(m.propsLen)
+	if need := head + ch.pubFill + n; need > len(m.data) {
+		grown := make([]byte, head+min(ch.pubSize, max(2*(len(m.data)-head), need-head)))
+		copy(grown, m.data[:head+ch.pubFill])
+		m.data = grown
+	}
+	return m.data[head+ch.pubFill : head+ch.pubFill+n]
 }
 
 // publishComplete routes a fully assembled message, or holds it for tx.commit.
@@ -480,8 +502,9 @@ func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) 
 // to the first persistent one whose log record is not yet on disk.
 func (ch *channel) flushConfirms() {
 	var done uint64
+	failed := false
 	if w := ch.c.s.wal; w != nil {
-		done = w.doneAtomic.Load()
+		done, failed = w.doneAtomic.Load(), w.failedAtomic.Load()
 	}
 	ch.cmu.Lock()
 	defer ch.cmu.Unlock()
@@ -490,7 +513,8 @@ func (ch *channel) flushConfirms() {
 	}
 	for ch.durableWait.len() > 0 {
 		dc := ch.durableWait.front()
-		if dc.nack {
+		if dc.nack || dc.ticket > done && failed {
+			// The log refused it, or failed before it reached the disk.
 			ch.ackUpToLocked(dc.tag - 1)
 			ch.c.send2(ch.id, &basicNack{DeliveryTag: dc.tag})
 			ch.confirmSent = dc.tag
@@ -632,10 +656,18 @@ func (ch *channel) releaseLocked(done []unacked) {
 // the others leave their queues for good; then the queues deliver on the freed credit.
 func (ch *channel) apply(a txAck, done []unacked) {
 	if a.id != idBasicAck && a.requeue {
-		requeueAll(done)
+		requeueAll(done) // which dispatches those queues
+	} else {
+		ch.c.s.logSettled(done)
+	}
+	ch.mu.Lock()
+	global := ch.prefetchGlobal != 0
+	ch.mu.Unlock()
+	if global {
+		// Channel-wide credit may belong to a consumer of another queue.
+		ch.redispatch()
 		return
 	}
-	ch.c.s.logSettled(done)
 	var last *queue
 	for _, u := range done {
 		if u.c != nil && u.q != last {
@@ -778,6 +810,9 @@ func (ch *channel) basicCancel(d *decoder) error {
 	}
 	if c != nil {
 		ch.detach(c)
+		// The cancelled consumer's unacked deliveries still count against a channel-wide
+		// limit, but its share of credit may now go to the others.
+		ch.redispatch()
 	}
 	return nil
 }
@@ -903,15 +938,17 @@ func (ch *channel) txMethod(id uint32) error {
 			return preconditionFailed("channel is not transactional")
 		}
 		pubs, acks := ch.txPubs, ch.txAcks
-		ch.txPubs, ch.txAcks = nil, nil
+		ch.txPubs = nil
 		var last uint64
 		for _, p := range pubs {
 			t, err := ch.route(p.x, p.msg, p.mandatory)
 			if err != nil {
+				// The acks stay pending, so closing the channel requeues their messages.
 				return internalError("write-ahead log failed")
 			}
 			last = max(last, t)
 		}
+		ch.txAcks = nil
 		for _, a := range acks {
 			ch.mu.Lock()
 			ch.releaseLocked(a.done)

@@ -1516,3 +1516,64 @@ func TestAbruptDisconnectRequeuesUnacked(t *testing.T) {
 	}
 	expectNoDelivery(t, msgs2)
 }
+
+// TestGlobalPrefetchAcrossQueues: with a channel-wide prefetch shared by consumers of two
+// queues, an ack of queue A's delivery lets queue B's waiting message go out.
+func TestGlobalPrefetchAcrossQueues(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "ra")
+	declareTransientQueue(t, ch, "rb")
+	if err := ch.Qos(1, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	da := consumeTagged(t, ch, "ra", "ca")
+	db := consumeTagged(t, ch, "rb", "cb")
+	pub := openChannel(t, c)
+	publishText(t, pub, "", "ra", "a")
+	m := takeDelivery(t, da)
+	publishText(t, pub, "", "rb", "b")
+	if n := queueReady(t, pub, "rb"); n != 1 {
+		t.Fatalf("rb holds %d ready, want 1 (the channel's one credit is taken)", n)
+	}
+	if err := m.Ack(false); err != nil {
+		t.Fatal(err)
+	}
+	if d := takeDelivery(t, db); string(d.Body) != "b" {
+		t.Fatalf("got %q from rb", d.Body)
+	}
+}
+
+// TestNoDeliveriesAfterConnectionClose: once the server has sent connection.close, its
+// queues deliver nothing more to that connection; a no-ack consumer's messages stay queued.
+func TestNoDeliveriesAfterConnectionClose(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	w := dialFrameClient(t, srv)
+	w.send(1, &queueDeclare{Queue: "dac"})
+	w.expect(1, idQueueDeclareOk)
+	w.send(1, &basicConsume{Queue: "dac", ConsumerTag: "t", NoAck: true})
+	w.expect(1, idBasicConsumeOk)
+	w.send(0, &basicQos{}) // a hard error: class basic on channel 0
+	w.expect(0, idConnectionClose)
+
+	ch := openChannel(t, dial(t, url))
+	for i := 0; i < 5; i++ {
+		publishText(t, ch, "", "dac", strconv.Itoa(i))
+	}
+	if n := queueReady(t, ch, "dac"); n != 5 {
+		t.Fatalf("%d messages left of 5: the closing connection's consumer took them", n)
+	}
+	w.nc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	for {
+		f, err := w.fr.read()
+		if err != nil {
+			break
+		}
+		if f.typ == frameMethod {
+			t.Fatal("a method frame arrived after connection.close")
+		}
+	}
+}

@@ -333,6 +333,9 @@ func (c *conn) waitForDrain(q *queue) {
 		c.drainWait = append(c.drainWait, q)
 	}
 	c.outMu.Unlock()
+	// The writer may have swapped the outbox just before q registered: wake it, so it
+	// calls q back either way.
+	c.signal()
 }
 
 func containsQueue(qs []*queue, q *queue) bool {
@@ -623,11 +626,7 @@ func (c *conn) bodyDst(id uint16, size int) []byte {
 	if ch == nil || ch.closing || ch.pubMsg == nil || size == 0 {
 		return nil
 	}
-	body := ch.pubMsg.body()
-	if size > len(body)-ch.pubFill {
-		return nil
-	}
-	return body[ch.pubFill : ch.pubFill+size]
+	return ch.bodyRoom(size)
 }
 
 // openChannels counts the channels open or closing.

@@ -380,6 +380,10 @@ func (q *queue) removeConsumer(c *consumer) (autoDelete bool) {
 // the consumer is no-ack. It reports whether it did. q.mu must be held.
 func (c *consumer) deliverLocked(e qentry) bool {
 	ch := c.ch
+	if ch.c.closing.Load() {
+		// Nothing may follow connection.close; the messages stay for other consumers.
+		return false
+	}
 	ch.mu.Lock()
 	defer ch.mu.Unlock()
 	if !ch.canDeliverLocked(c) {
@@ -656,6 +660,11 @@ func (ch *channel) queuePurge(d *decoder) error {
 		return err
 	}
 	n := q.purge()
+	if q.walID != 0 {
+		if err := q.vh.syncTopology(); err != nil {
+			return err
+		}
+	}
 	return ch.reply(m.NoWait, &queuePurgeOk{MessageCount: uint32(n)})
 }
 
@@ -683,6 +692,11 @@ func (ch *channel) queueDelete(d *decoder) error {
 		return preconditionFailed(describeQueue(q.name, q.vh.name) + " is not empty")
 	}
 	n := q.vh.deleteQueue(q)
+	if q.walID != 0 {
+		if err := q.vh.syncTopology(); err != nil {
+			return err
+		}
+	}
 	return ch.reply(m.NoWait, &queueDeleteOk{MessageCount: uint32(n)})
 }
 

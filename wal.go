@@ -127,7 +127,8 @@ type wal struct {
 	wake      chan struct{}
 	stopped   chan struct{}
 
-	doneAtomic atomic.Uint64 // done, readable without mu
+	doneAtomic   atomic.Uint64 // done, readable without mu
+	failedAtomic atomic.Bool   // failed != nil, readable without mu
 
 	// The writer's own state.
 	written  uint64 // tickets written to the file
@@ -355,10 +356,14 @@ func (w *wal) run() {
 		w.pendSpare = chunks[:0]
 		if err != nil && w.failed == nil {
 			w.failed = errWAL
+			w.failedAtomic.Store(true)
 			w.log.Error("write-ahead log failed; persistent publishes are refused until restart", "err", err)
 		}
-		w.done = ticket
-		w.doneAtomic.Store(ticket)
+		if w.failed == nil {
+			// Never past a failed batch: what it held is not on disk.
+			w.done = ticket
+			w.doneAtomic.Store(ticket)
+		}
 		listeners := w.listeners
 		w.listeners = nil
 		for _, ch := range listeners {
@@ -424,7 +429,15 @@ func (w *wal) compact() {
 		}
 		old := w.segs[0]
 		if old.liveBytes > 0 {
-			if old.relocated == 0 && old.liveBytes*2 < old.size {
+			// Copy the oldest segment's live messages forward when it is mostly dead, or
+			// when the whole log is: a long-lived backlog at the tail must not keep every
+			// dead segment after it. Disk stays about twice the live data plus a segment.
+			var live, size int64
+			for _, s := range w.segs {
+				live, size = live+s.liveBytes, size+s.size
+			}
+			mostlyDead := old.liveBytes*2 < old.size || live*2 < size && size > 1<<20
+			if old.relocated == 0 && mostlyDead {
 				w.relocateLocked(old)
 				w.mu.Unlock()
 				w.kick()
@@ -506,7 +519,7 @@ func (m *message) appendPublishRecord(b []byte, qids []uint64) []byte {
 func (w *wal) logPublish(m *message, queues []*queue, scratch []byte) (uint64, []byte, error) {
 	qids := make([]uint64, 0, len(queues))
 	for _, q := range queues {
-		if q.durable {
+		if q.walID != 0 {
 			qids = append(qids, q.walID)
 		}
 	}

@@ -2134,3 +2134,133 @@ func benchPublishConfirmPersistent(b *testing.B, size int) {
 	}
 	reportRate(b, b.N, "msgs/s")
 }
+
+// TestWALFailureNacks: a persistent publish whose log write fails is nacked, never acked.
+func TestWALFailureNacks(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if _, err := ch.QueueDeclare("wf", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.Confirm(false); err != nil {
+		t.Fatal(err)
+	}
+	confs := ch.NotifyPublish(make(chan amqp091.Confirmation, 1))
+	srv.wal.file.Close() // the next write fails
+	if err := ch.Publish("", "wf", false, false, amqp091.Publishing{DeliveryMode: 2, Body: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case cf := <-confs:
+		if cf.Ack {
+			t.Fatal("a publish whose log write failed was acked")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no confirm")
+	}
+}
+
+// TestWALUnloggedDurableQueueHoldsNothing: a persistent message routed to a logged queue and
+// to a durable exclusive one (never logged) leaves the log once the logged queue acks it.
+func TestWALUnloggedDurableQueueHoldsNothing(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	for _, q := range []struct {
+		name      string
+		exclusive bool
+	}{{"dq", false}, {"xq", true}} {
+		if _, err := ch.QueueDeclare(q.name, true, false, q.exclusive, false, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := ch.QueueBind(q.name, "", "amq.fanout", false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ch.Publish("amq.fanout", "", false, false, amqp091.Publishing{DeliveryMode: 2, Body: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{"dq", "xq"} {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			d, ok, err := ch.Get(q, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ok {
+				d.Ack(false)
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("no message in", q)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		w := srv.wal
+		w.mu.Lock()
+		var live int64
+		for _, s := range w.segs {
+			live += s.liveBytes
+		}
+		w.mu.Unlock()
+		if live == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("both queues acked the message, but the log still counts %d live octets", live)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestWALCompactionPastLiveBacklog: an old backlog nobody consumes does not keep every dead
+// segment after it: once the whole log is mostly dead, the backlog is copied forward.
+func TestWALCompactionPastLiveBacklog(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	_, url := newTestServer(t, Config{DataDir: dir, SegmentSize: 16 << 10})
+	conn := dial(t, url)
+	declareQueues(t, conn, true, "backlog", "busy")
+	pub := newPersistentPublisher(t, conn)
+	body := strings.Repeat("b", 1000)
+	for i := 0; i < 40; i++ {
+		pub.publish("", "backlog", persistentMsg(body))
+	}
+	pub.wait()
+	cons := openChannel(t, conn)
+	for i := 0; i < 2000; i++ {
+		pub.publish("", "busy", persistentMsg(body))
+		if i%100 == 99 {
+			pub.wait()
+			getAll(t, cons, "busy")
+		}
+	}
+	pub.wait()
+	getAll(t, cons, "busy")
+	// 2 MiB went through the log. Compaction may leave up to 1 MiB of a mostly dead log (and
+	// a segment or two in flight), never all of it.
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		segs, _ := filepath.Glob(filepath.Join(dir, "wal", "*.seg"))
+		var size int64
+		for _, s := range segs {
+			if fi, err := os.Stat(s); err == nil {
+				size += fi.Size()
+			}
+		}
+		if size <= 1<<20+32<<10 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d segments, %d KiB, kept for 40 KB of live messages", len(segs), size>>10)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := queueDepth(t, conn, "backlog"); n != 40 {
+		t.Fatalf("backlog holds %d, want 40", n)
+	}
+}
