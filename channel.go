@@ -421,12 +421,6 @@ func (ch *channel) addConfirm(ticket uint64, nack bool) {
 		ch.durableWait.push(durableConfirm{tag: ch.confirmSeq, ticket: ticket, nack: nack})
 	}
 	ch.cmu.Unlock()
-	if ticket > 0 {
-		w := ch.c.s.wal
-		w.mu.Lock()
-		w.listenLocked(ch)
-		w.mu.Unlock()
-	}
 	ch.c.confirmPending(ch)
 }
 
@@ -458,7 +452,11 @@ func (ch *channel) routeLocked(x *exchange, msg *message) {
 // persistent and one of them is durable.
 func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err error) {
 	if w := ch.c.s.wal; w != nil && msg.persistent && anyLogged(ch.routes.queues) {
-		ticket, ch.walBuf, err = w.logPublish(msg, ch.routes.queues, ch.walBuf)
+		var listener *channel
+		if ch.confirm {
+			listener = ch
+		}
+		ticket, ch.walBuf, err = w.logPublish(msg, ch.routes.queues, ch.walBuf, listener)
 		if err != nil {
 			return 0, err
 		}

@@ -788,7 +788,10 @@ func (c *conn) writeLoop() {
 		case <-tickC:
 			if time.Since(time.Unix(0, c.wroteAt.Load())) >= interval/2 {
 				c.outMu.Lock()
-				c.out = appendHeartbeat(c.out)
+				if !c.outClosed {
+					c.out = appendHeartbeat(c.out)
+					c.storeOutLenLocked()
+				}
 				c.outMu.Unlock()
 			}
 		case <-idle.C:

@@ -516,7 +516,8 @@ func (m *message) appendPublishRecord(b []byte, qids []uint64) []byte {
 
 // logPublish writes a persistent message routed to durable queues and returns the ticket
 // that covers it.
-func (w *wal) logPublish(m *message, queues []*queue, scratch []byte) (uint64, []byte, error) {
+// A confirm-mode channel (ch non-nil) is registered for walSynced under the same lock.
+func (w *wal) logPublish(m *message, queues []*queue, scratch []byte, ch *channel) (uint64, []byte, error) {
 	qids := make([]uint64, 0, len(queues))
 	for _, q := range queues {
 		if q.walID != 0 {
@@ -533,6 +534,9 @@ func (w *wal) logPublish(m *message, queues []*queue, scratch []byte) (uint64, [
 		m.wal.recLen = int64(walRecordOverhead + len(scratch))
 		seg.liveBytes += m.wal.recLen
 		seg.msgs = append(seg.msgs, m)
+		if ch != nil {
+			w.listenLocked(ch)
+		}
 	} else {
 		m.wal = nil
 	}
@@ -1021,12 +1025,10 @@ func (s *Server) openStore() error {
 // restore applies recovered topology and messages; it returns the number of messages.
 func (s *Server) restore(w *wal, rec *recovered) (int, error) {
 	// The log's writer may already take a checkpoint: hold every vhost until done.
-	s.mu.Lock()
-	for _, vh := range s.vhosts {
+	for _, vh := range s.vhostList() {
 		vh.mu.Lock()
 		defer vh.mu.Unlock()
 	}
-	s.mu.Unlock()
 	queues := make(map[uint64]*queue)
 	for _, r := range rec.topology {
 		d := decoder{b: r.payload}
@@ -1120,12 +1122,7 @@ func (s *Server) restore(w *wal, rec *recovered) (int, error) {
 // snapshotTopology encodes every vhost's durable topology as checkpoint records, calling
 // at while all vhosts are read-locked.
 func (s *Server) snapshotTopology(at func()) []byte {
-	s.mu.Lock()
-	vhs := make([]*vhost, 0, len(s.vhosts))
-	for _, vh := range s.vhosts {
-		vhs = append(vhs, vh)
-	}
-	s.mu.Unlock()
+	vhs := s.vhostList()
 	for _, vh := range vhs {
 		vh.mu.RLock()
 		defer vh.mu.RUnlock()
@@ -1152,6 +1149,19 @@ func (s *Server) snapshotTopology(at func()) []byte {
 	}
 	at()
 	return b
+}
+
+// vhostList returns the virtual hosts in name order, the order in which code that holds
+// several vhost locks at once takes them.
+func (s *Server) vhostList() []*vhost {
+	s.mu.Lock()
+	vhs := make([]*vhost, 0, len(s.vhosts))
+	for _, vh := range s.vhosts {
+		vhs = append(vhs, vh)
+	}
+	s.mu.Unlock()
+	sort.Slice(vhs, func(i, j int) bool { return vhs[i].name < vhs[j].name })
+	return vhs
 }
 
 // predeclared reports whether every vhost creates this exchange itself.

@@ -124,7 +124,7 @@ func walTestMessage(n int, exchange, key string, bodyLen int) *message {
 // logTestPublish writes m for these queues and fails the test if the log refuses it.
 func logTestPublish(t testing.TB, w *wal, m *message, qs ...*queue) uint64 {
 	t.Helper()
-	ticket, _, err := w.logPublish(m, qs, nil)
+	ticket, _, err := w.logPublish(m, qs, nil, nil)
 	if err != nil {
 		t.Fatalf("logPublish: %v", err)
 	}
@@ -446,7 +446,7 @@ func TestWALTornWriteEveryOffset(t *testing.T) {
 		checkRecovered(t, rec, q.walID, complete)
 		// The log still works: a new message follows the complete ones.
 		m := walTestMessage(1000, "x", "after", 10)
-		if _, _, err := w.logPublish(m, []*queue{q}, nil); err != nil {
+		if _, _, err := w.logPublish(m, []*queue{q}, nil, nil); err != nil {
 			t.Fatalf("cut at %d: logPublish after recovery: %v", cut, err)
 		}
 		w.close()
@@ -2006,7 +2006,7 @@ func BenchmarkRecovery(b *testing.B) {
 		copy(data[len(name):], props)
 		binary.BigEndian.PutUint64(data[len(name)+len(props):], uint64(i))
 		m := &message{keyLen: uint8(len(name)), propsLen: uint32(len(props)), data: data, persistent: true}
-		if ticket, scratch, err = w.logPublish(m, qs, scratch); err != nil {
+		if ticket, scratch, err = w.logPublish(m, qs, scratch, nil); err != nil {
 			b.Fatal(err)
 		}
 	}
