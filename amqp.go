@@ -47,6 +47,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/metrics"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -95,6 +96,11 @@ type Config struct {
 	LoopbackUsers []string
 	// AnonymousUser, when set, offers SASL ANONYMOUS and logs such clients in as this user.
 	AnonymousUser string
+	// MemoryHighWatermark sets off the memory alarm when the live Go heap passes it (in
+	// bytes; 0: no alarm). As in RabbitMQ, connections that publish are then blocked (sent
+	// connection.blocked when they advertise it, and no longer read) until the heap falls
+	// below it again; consumers keep flowing, so queues drain.
+	MemoryHighWatermark uint64
 	// AuthFailureDelay is how long a refused login waits before its answer; default 200ms.
 	AuthFailureDelay time.Duration
 	// MaxPreAuthBytes caps what a client may send before it has logged in; default 64 KiB.
@@ -195,10 +201,16 @@ type Server struct {
 	vhosts    map[string]*vhost         // guarded by mu
 	tlsConf   atomic.Pointer[tls.Config]
 	auth      atomic.Pointer[authDB]
-	wal       *wal // nil without a data directory; set before serving
-	openOnce  sync.Once
-	openErr   error
-	ready     chan struct{} // closed when the first listener is up
+
+	memAlarm   atomic.Bool   // the memory alarm is on
+	alarmMu    sync.Mutex    // guards alarmClear
+	alarmClear chan struct{} // closed when the alarm goes off again
+	liveHeap   func() uint64 // the live heap in bytes; a test may replace it
+	stopWatch  chan struct{} // closed by Shutdown
+	wal        *wal          // nil without a data directory; set before serving
+	openOnce   sync.Once
+	openErr    error
+	ready      chan struct{} // closed when the first listener is up
 }
 
 // NewServer returns a server configured by cfg; it does not listen until Serve or
@@ -215,6 +227,8 @@ func NewServer(cfg Config) *Server {
 	}
 	db, _ := newAuthDB(DefaultDefinitions(), cfg.LoopbackUsers)
 	s.auth.Store(db)
+	s.liveHeap = readLiveHeap
+	s.stopWatch = make(chan struct{})
 	return s
 }
 
@@ -336,6 +350,9 @@ func (s *Server) Serve(ln net.Listener) error {
 		if s.openErr = s.loadAuth(); s.openErr == nil {
 			s.openErr = s.openStore()
 		}
+		if s.openErr == nil && s.cfg.MemoryHighWatermark > 0 {
+			go s.watchMemory()
+		}
 	})
 	if s.openErr != nil {
 		ln.Close()
@@ -405,6 +422,9 @@ func (s *Server) Addr() net.Addr {
 // returns ctx's error.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
+	if !s.closed {
+		close(s.stopWatch)
+	}
 	s.closed = true
 	for ln := range s.listeners {
 		ln.Close()
@@ -494,4 +514,45 @@ func (s *Server) untrack(c *conn) {
 	delete(s.active, c)
 	s.mu.Unlock()
 	s.conns.Done()
+}
+
+// memoryCheckInterval is how often the memory alarm looks at the heap.
+const memoryCheckInterval = 100 * time.Millisecond
+
+// watchMemory sets and clears the memory alarm until Shutdown.
+func (s *Server) watchMemory() {
+	t := time.NewTicker(memoryCheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopWatch:
+			return
+		case <-t.C:
+		}
+		live := s.liveHeap()
+		on := live > s.cfg.MemoryHighWatermark
+		if on == s.memAlarm.Load() {
+			continue
+		}
+		s.alarmMu.Lock()
+		if on {
+			s.alarmClear = make(chan struct{})
+			s.log.Warn("memory alarm: blocking publishers", "live_heap", live, "watermark", s.cfg.MemoryHighWatermark)
+		} else {
+			close(s.alarmClear)
+			s.log.Info("memory alarm cleared", "live_heap", live)
+		}
+		s.memAlarm.Store(on)
+		s.alarmMu.Unlock()
+	}
+}
+
+// readLiveHeap reads the heap that survived the last garbage collection.
+func readLiveHeap() uint64 {
+	sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	metrics.Read(sample)
+	if sample[0].Value.Kind() != metrics.KindUint64 {
+		return 0
+	}
+	return sample[0].Value.Uint64()
 }

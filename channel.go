@@ -290,6 +290,7 @@ func (ch *channel) basicPublish(d *decoder) error {
 	}
 	ch.pubKey = append(ch.pubKey[:0], key...)
 	ch.pubWait = true
+	ch.c.published = true
 	return nil
 }
 

@@ -44,11 +44,14 @@ type conn struct {
 	exclusive  []*queue   // exclusive queues declared here, deleted when the connection ends
 	confirms   []*channel // channels with publishes to confirm at the next flush
 	caps       clientCaps
-	closing    atomic.Bool // connection.close sent by the server; only close/close-ok count now
-	opened     atomic.Bool // the handshake finished
-	shutdown   atomic.Bool // the server is shutting down
+	closing    atomic.Bool   // connection.close sent by the server; only close/close-ok count now
+	opened     atomic.Bool   // the handshake finished
+	shutdown   atomic.Bool   // the server is shutting down
+	stop       chan struct{} // closed by closeWith: wakes a reader blocked by the memory alarm
+	stopOnce   sync.Once
 	readIdle   time.Duration
 	peerCN     string // the verified TLS client certificate's subject CN, for EXTERNAL
+	published  bool   // the client has published: the memory alarm blocks it
 	preAuth    int    // octets read before login, against Config.MaxPreAuthBytes
 	authed     bool
 
@@ -83,6 +86,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 		frameMax:   frameMinSize,
 		wake:       make(chan struct{}, 1),
 		drained:    make(chan struct{}, 1),
+		stop:       make(chan struct{}),
 		writerDone: make(chan struct{}),
 	}
 	c.log = s.log.With("conn", c.id, "remote", c.remote)
@@ -161,6 +165,9 @@ func (c *conn) serve() {
 		c.closeWith(errShutdown)
 	}
 	for {
+		if c.published && c.s.memAlarm.Load() {
+			c.blockWhileAlarm()
+		}
 		f, err := c.fr.read()
 		if err == nil {
 			err = c.handleFrame(f)
@@ -227,6 +234,7 @@ func isPeerGone(err error) bool {
 // A connection still in its handshake is simply dropped.
 func (c *conn) closeWith(e *Error) {
 	c.shutdown.Store(true)
+	c.stopOnce.Do(func() { close(c.stop) })
 	if !c.opened.Load() {
 		c.nc.SetReadDeadline(time.Now())
 		return
@@ -308,6 +316,28 @@ func (c *conn) flushConfirms() {
 // catches up: a client that publishes (and so earns confirms, returns or replies) but does
 // not read cannot grow the outbox without bound. TCP backpressure does the rest.
 const readPauseWater = 4 * outboxHighWater
+
+// blockWhileAlarm stops reading from a publishing client while the memory alarm is on,
+// telling it with connection.blocked and connection.unblocked when it advertised them.
+func (c *conn) blockWhileAlarm() {
+	c.s.alarmMu.Lock()
+	clear, on := c.s.alarmClear, c.s.memAlarm.Load()
+	c.s.alarmMu.Unlock()
+	if !on {
+		return
+	}
+	if c.caps.connectionBlocked {
+		c.send(&connectionBlocked{Reason: "low on memory"})
+	}
+	select {
+	case <-clear:
+		if c.caps.connectionBlocked {
+			c.send(&connectionUnblocked{})
+		}
+	case <-c.stop:
+	case <-c.writerDone:
+	}
+}
 
 // pauseWhileFull waits while the outbox is over readPauseWater.
 func (c *conn) pauseWhileFull() {
@@ -884,7 +914,7 @@ func serverProperties() table {
 			"exchange_exchange_bindings":   true,
 			"basic.nack":                   true,
 			"consumer_cancel_notify":       true,
-			"connection.blocked":           false,
+			"connection.blocked":           true,
 			"authentication_failure_close": true,
 			"per_consumer_qos":             true,
 			"direct_reply_to":              false,

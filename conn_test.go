@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -987,4 +988,89 @@ func TestConnReaderPausesOnFullOutbox(t *testing.T) {
 		t.Fatalf("the server read %d MiB from a client that reads nothing", sent>>20)
 	}
 	wireCheckClient(t, other)
+}
+
+// TestMemoryAlarmBlocksPublishers: with the live heap over MemoryHighWatermark, a
+// connection that publishes gets connection.blocked and is no longer read; one that only
+// consumes keeps working; when the heap falls back, connection.unblocked and the publish
+// goes through.
+func TestMemoryAlarmBlocksPublishers(t *testing.T) {
+	t.Parallel()
+	var heap atomic.Uint64
+	srv := NewServer(Config{Logger: wireDiscardLogger(), DataDir: t.TempDir(), MemoryHighWatermark: 1 << 20})
+	srv.liveHeap = heap.Load
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	})
+	url := "amqp://guest:guest@" + srv.Addr().String() + "/"
+
+	pubConn := dial(t, url)
+	blocked := pubConn.NotifyBlocked(make(chan amqp091.Blocking, 4))
+	pub := openChannel(t, pubConn)
+	other := openChannel(t, dial(t, url))
+	if _, err := other.QueueDeclare("alarm", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	depth := func() int {
+		q, err := other.QueueDeclarePassive("alarm", false, false, false, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return q.Messages
+	}
+	waitDepth := func(n int) {
+		deadline := time.Now().Add(5 * time.Second)
+		for depth() != n {
+			if time.Now().After(deadline) {
+				t.Fatalf("queue depth %d, want %d", depth(), n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	if err := pub.Publish("", "alarm", false, false, amqp091.Publishing{Body: []byte("1")}); err != nil {
+		t.Fatal(err)
+	}
+	waitDepth(1)
+
+	heap.Store(2 << 20)
+	deadline := time.Now().Add(5 * time.Second)
+	for !srv.memAlarm.Load() {
+		if time.Now().After(deadline) {
+			t.Fatal("the alarm never went on")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := pub.Publish("", "alarm", false, false, amqp091.Publishing{Body: []byte("2")}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-blocked:
+		if !b.Active {
+			t.Fatalf("got %+v, want connection.blocked", b)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no connection.blocked")
+	}
+	// The consumer-only connection still works, and the publish has not gone through.
+	if n := depth(); n != 1 {
+		t.Fatalf("queue depth %d while the publisher is blocked, want 1", n)
+	}
+
+	heap.Store(0)
+	select {
+	case b := <-blocked:
+		if b.Active {
+			t.Fatalf("got %+v, want connection.unblocked", b)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no connection.unblocked")
+	}
+	waitDepth(2)
 }

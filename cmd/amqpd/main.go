@@ -13,6 +13,8 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -48,6 +50,7 @@ func run(args []string, stderr io.Writer) int {
 	handshake := fs.Duration("handshake-timeout", 10*time.Second, "time a client has to open its connection")
 	segmentSize := fs.Int64("segment-size", 16<<20, "size at which the write-ahead log starts a new segment file")
 	fsyncInterval := fs.Duration("fsync-interval", 0, "0: fsync every batch before confirming (always); >0: fsync at most this often, confirming after the write (a machine crash may lose up to this much)")
+	memWatermark := fs.Float64("memory-high-watermark", 0.4, "block publishers when the live heap passes this fraction of RAM (<= 1) or this many bytes (> 1); 0: never")
 	repair := fs.Bool("repair", false, "skip corrupt records in the middle of the log at startup, logging what is lost")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	logFile := fs.String("log-file", "", "log to this file instead of standard error")
@@ -113,6 +116,7 @@ func run(args []string, stderr io.Writer) int {
 		Heartbeat:              *heartbeat,
 		HandshakeTimeout:       *handshake,
 	}
+	cfg.MemoryHighWatermark = watermark(*memWatermark)
 	if *heartbeat == 0 {
 		cfg.Heartbeat = -1 // Config's zero means the default
 	}
@@ -159,5 +163,29 @@ func run(args []string, stderr io.Writer) int {
 		logger.Warn("shutdown incomplete", "err", err)
 	}
 	logger.Info("stopped")
+	return 0
+}
+
+// watermark turns -memory-high-watermark into bytes: a fraction of the machine's memory
+// (read from /proc/meminfo; no alarm where that is unknown), or a byte count.
+func watermark(v float64) uint64 {
+	if v > 1 {
+		return uint64(v)
+	}
+	if v <= 0 {
+		return 0
+	}
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
+			kb, err := strconv.ParseUint(f[1], 10, 64)
+			if err == nil {
+				return uint64(float64(kb<<10) * v)
+			}
+		}
+	}
 	return 0
 }
