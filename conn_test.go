@@ -1074,3 +1074,10 @@ func TestMemoryAlarmBlocksPublishers(t *testing.T) {
 	}
 	waitDepth(2)
 }
+
+// TestReadLiveHeap: the memory alarm's gauge reads the runtime's live-heap metric.
+func TestReadLiveHeap(t *testing.T) {
+	if readLiveHeap() == 0 {
+		t.Fatal("the live heap reads as 0: /gc/heap/live:bytes is missing")
+	}
+}
