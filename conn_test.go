@@ -11,7 +11,6 @@ import (
 	"net"
 	"os"
 	"runtime"
-	"runtime"
 	"sync/atomic"
 	"syscall"
 	"testing"
