@@ -36,7 +36,8 @@
 // also sends heartbeats when the connection has been idle for half the heartbeat interval;
 // the reader gives up after two intervals of silence.
 //
-// Lock order: Server.mu → conn.outMu.
+// Lock order: Server.mu → vhost.mu → queue.mu → channel.mu → channel.cmu → conn.outMu;
+// wal.mu is a leaf, and code that holds several vhost locks takes them in name order.
 package amqp
 
 import (
