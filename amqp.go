@@ -48,6 +48,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
 	"runtime/metrics"
 	"strconv"
 	"sync"
@@ -524,11 +525,19 @@ const memoryCheckInterval = 100 * time.Millisecond
 func (s *Server) watchMemory() {
 	t := time.NewTicker(memoryCheckInterval)
 	defer t.Stop()
+	var forced time.Time
 	for {
 		select {
 		case <-s.stopWatch:
 			return
 		case <-t.C:
+		}
+		if s.memAlarm.Load() && time.Since(forced) >= time.Second {
+			// The live heap only changes when the collector runs, and a broker whose
+			// publishers are blocked allocates too little to start it: collect, or the
+			// alarm outlives the memory it was about.
+			runtime.GC()
+			forced = time.Now()
 		}
 		live := s.liveHeap()
 		on := live > s.cfg.MemoryHighWatermark

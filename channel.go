@@ -290,7 +290,6 @@ func (ch *channel) basicPublish(d *decoder) error {
 	}
 	ch.pubKey = append(ch.pubKey[:0], key...)
 	ch.pubWait = true
-	ch.c.published = true
 	return nil
 }
 
@@ -503,7 +502,9 @@ func (ch *channel) flushConfirms() {
 	var done uint64
 	failed := false
 	if w := ch.c.s.wal; w != nil {
-		done, failed = w.doneAtomic.Load(), w.failedAtomic.Load()
+		// failed first: once it is set, done no longer moves.
+		failed = w.failedAtomic.Load()
+		done = w.doneAtomic.Load()
 	}
 	ch.cmu.Lock()
 	defer ch.cmu.Unlock()

@@ -51,7 +51,7 @@ type conn struct {
 	stopOnce   sync.Once
 	readIdle   time.Duration
 	peerCN     string // the verified TLS client certificate's subject CN, for EXTERNAL
-	published  bool   // the client has published: the memory alarm blocks it
+	isTLS      bool   // writes go through TLS, where writev buys nothing
 	preAuth    int    // octets read before login, against Config.MaxPreAuthBytes
 	authed     bool
 
@@ -143,6 +143,7 @@ func (c *conn) serve() {
 
 	c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
 	if tc, ok := c.nc.(*tls.Conn); ok {
+		c.isTLS = true
 		tc.SetWriteDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
 		if err := tc.Handshake(); err != nil {
 			c.log.Warn("closing connection: TLS handshake failed", "err", err)
@@ -160,16 +161,20 @@ func (c *conn) serve() {
 	c.nc.SetReadDeadline(time.Time{})
 	c.readIdle = 2 * time.Duration(c.heartbeat.Load())
 	c.opened.Store(true)
+	if db := c.s.auth.Load(); db.users[c.user] == nil || !db.vhosts[c.vh.name] {
+		// A reload removed the user or the vhost during the handshake.
+		c.closeWith(newError(replyConnectionForced, "user or vhost deleted while connecting"))
+	}
 	if c.shutdown.Load() {
 		// Shutdown began during the handshake.
 		c.closeWith(errShutdown)
 	}
 	for {
-		if c.published && c.s.memAlarm.Load() {
-			c.blockWhileAlarm()
-		}
 		f, err := c.fr.read()
 		if err == nil {
+			if c.s.memAlarm.Load() && isPublishFrame(f) && !c.closing.Load() {
+				c.blockWhileAlarm()
+			}
 			err = c.handleFrame(f)
 			if len(c.confirms) > 0 && c.fr.r.Buffered() == 0 {
 				// The client has nothing more queued: confirm the batch in one ack.
@@ -317,15 +322,30 @@ func (c *conn) flushConfirms() {
 // not read cannot grow the outbox without bound. TCP backpressure does the rest.
 const readPauseWater = 4 * outboxHighWater
 
-// blockWhileAlarm stops reading from a publishing client while the memory alarm is on,
-// telling it with connection.blocked and connection.unblocked when it advertised them.
+// isPublishFrame reports whether f is part of a publish: what the memory alarm blocks.
+func isPublishFrame(f frame) bool {
+	switch f.typ {
+	case frameHeader, frameBody:
+		return true
+	case frameMethod:
+		id, _, err := methodHeader(f.payload)
+		return err == nil && id == idBasicPublish
+	}
+	return false
+}
+
+// blockWhileAlarm stops reading from a client that publishes while the memory alarm is on,
+// as RabbitMQ does, telling it with connection.blocked and connection.unblocked when it
+// advertised them. Its other frames (acks, consumes) go on being read until it publishes.
 func (c *conn) blockWhileAlarm() {
 	c.s.alarmMu.Lock()
 	clear, on := c.s.alarmClear, c.s.memAlarm.Load()
 	c.s.alarmMu.Unlock()
-	if !on {
+	if !on || c.closing.Load() {
 		return
 	}
+	// Confirm what was published before the block, or clients wait out the whole alarm.
+	c.flushConfirms()
 	if c.caps.connectionBlocked {
 		c.send(&connectionBlocked{Reason: "low on memory"})
 	}
@@ -341,6 +361,9 @@ func (c *conn) blockWhileAlarm() {
 
 // pauseWhileFull waits while the outbox is over readPauseWater.
 func (c *conn) pauseWhileFull() {
+	if c.outLen.Load() > readPauseWater && len(c.confirms) > 0 {
+		c.flushConfirms()
+	}
 	for c.outLen.Load() > readPauseWater {
 		select {
 		case <-c.drained:
@@ -770,13 +793,15 @@ const zeroCopyBody = 8 << 10
 // appendContentLocked appends a content header and body frames to the outbox; large
 // bodies are not copied but queued by reference. c.outMu must be held.
 func (c *conn) appendContentLocked(channel uint16, props, body []byte) {
-	if len(body) < zeroCopyBody {
+	if len(body) < zeroCopyBody || c.isTLS {
 		c.out = appendContent(c.out, channel, props, body, c.frameMax)
 		return
 	}
+	hdr := len(c.out)
 	c.out = appendContent(c.out, channel, props, nil, c.frameMax)
-	// appendContent wrote a zero body size; patch in the real one.
-	binary.BigEndian.PutUint64(c.out[len(c.out)-1-len(props)-8:], uint64(len(body)))
+	// appendContent wrote a zero body size after the frame header, class and weight; patch
+	// in the real one.
+	binary.BigEndian.PutUint64(c.out[hdr+7+4:], uint64(len(body)))
 	chunk := int(c.frameMax) - frameOverhead
 	for len(body) > 0 {
 		n := min(len(body), chunk)
