@@ -175,6 +175,11 @@ func TestExclusiveQueueOtherConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	publishText(t, owner, "", "ex", "m")
+	// A synchronous method on the same channel: "m" is queued before the other connection
+	// publishes (publishes on different connections have no order between them).
+	if n := queueReady(t, owner, "ex"); n != 1 {
+		t.Fatalf("%d ready, want 1", n)
+	}
 	other := dial(t, url)
 	cases := []struct {
 		name string
