@@ -141,3 +141,19 @@ func TestDaemonServesUntilSIGTERM(t *testing.T) {
 		t.Error("client was not told the connection closed")
 	}
 }
+
+func TestWatermark(t *testing.T) {
+	if got := watermark(0); got != 0 {
+		t.Errorf("watermark(0) = %d, want 0 (off)", got)
+	}
+	if got := watermark(5e9); got != 5e9 {
+		t.Errorf("watermark(5e9) = %d, want the byte count", got)
+	}
+	total := memTotal()
+	if total == 0 {
+		t.Skip("no /proc/meminfo")
+	}
+	if got := watermark(0.4); got == 0 || got > total/2 {
+		t.Errorf("watermark(0.4) = %d of %d bytes", got, total)
+	}
+}
