@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +20,10 @@ import (
 )
 
 var crashRounds = flag.Int("crash.rounds", 3, "rounds of TestCrashRecovery (1 with -short)")
+
+// crashSegment is small so that segments roll and compaction runs while the broker is
+// killed: a crash during compaction must lose nothing either.
+var crashSegment = flag.Int("crash.segment", 64<<10, "amqpd -segment-size in TestCrashRecovery")
 
 // TestCrashRecovery runs amqpd as a child process, publishes persistent messages with
 // confirms from four connections while a consumer holds some deliveries unacked, kills the
@@ -83,7 +88,8 @@ func startAmqpd(t testing.TB, bin, dir string) *amqpdProcess {
 		addr := ln.Addr().String()
 		ln.Close()
 		p := &amqpdProcess{t: t, output: &walLogBuffer{}, exited: make(chan error, 1), url: "amqp://guest:guest@" + addr + "/"}
-		p.cmd = exec.Command(bin, "-addr", addr, "-data-dir", dir, "-log-level", "warn")
+		p.cmd = exec.Command(bin, "-addr", addr, "-data-dir", dir, "-log-level", "warn",
+			"-segment-size", strconv.Itoa(*crashSegment))
 		p.cmd.Stdout, p.cmd.Stderr = p.output, p.output
 		if err := p.cmd.Start(); err != nil {
 			t.Fatalf("start amqpd: %v", err)
