@@ -151,7 +151,8 @@ func (ch *channel) takeUnackedLocked() []unacked {
 
 // requeueAll puts deliveries back in their queues, one lock round per queue.
 func requeueAll(pending []unacked) {
-	sort.SliceStable(pending, func(i, j int) bool { return ptrLess(pending[i].q, pending[j].q) })
+	// Group each queue's entries (by name: the requeue heap restores order within a queue).
+	sort.SliceStable(pending, func(i, j int) bool { return pending[i].q.name < pending[j].q.name })
 	es := make([]qentry, 0, len(pending))
 	for i := 0; i < len(pending); {
 		q := pending[i].q
@@ -162,9 +163,6 @@ func requeueAll(pending []unacked) {
 		q.requeue(es)
 	}
 }
-
-// ptrLess orders queues by name then identity, so a slice groups each queue's entries.
-func ptrLess(a, b *queue) bool { return a.name < b.name }
 
 // detach removes a consumer from its queue and deletes the queue if it is auto-delete and
 // this was its last consumer.

@@ -421,6 +421,15 @@ func (w *wal) close() {
 // compact deletes the oldest segments while nothing in them is needed, copying forward
 // the live messages of an oldest segment that is less than half alive.
 func (w *wal) compact() {
+	w.mu.Lock()
+	many := w.topoSince >= checkpointEvery && w.failed == nil
+	w.mu.Unlock()
+	if many {
+		// Keep the checkpoint near the head when topology churns, so replay stays short.
+		if err := w.checkpoint(); err != nil {
+			w.log.Error("checkpoint failed", "err", err)
+		}
+	}
 	for {
 		w.mu.Lock()
 		if len(w.segs) < 2 || w.segs[0] == w.fileSeg || w.failed != nil {
@@ -466,6 +475,9 @@ func (w *wal) compact() {
 		}
 	}
 }
+
+// checkpointEvery is the number of topology records after which a checkpoint is written.
+const checkpointEvery = 8192
 
 // relocateLocked appends a copy of every live message of old at the head, so old can go
 // once the copies are written. w.mu must be held.
@@ -710,7 +722,7 @@ func (w *wal) replay(repair bool) (*recovered, error) {
 			if !ok {
 				if last {
 					w.log.Warn("cutting off a torn write at the end of the log", "file", name, "offset", off, "bytes", len(data)-off)
-					w.truncate(name, int64(off), len(data)-off)
+					w.truncate(name, int64(off))
 					seg.size = int64(off)
 					break
 				}
@@ -805,11 +817,10 @@ func (w *wal) replay(repair bool) (*recovered, error) {
 func snapPosCovers(snap, pos walPos) bool { return pos.less(snap) }
 
 // truncate cuts a torn tail off the last segment.
-func (w *wal) truncate(name string, size int64, dropped int) {
+func (w *wal) truncate(name string, size int64) {
 	if err := os.Truncate(name, size); err != nil {
 		w.log.Error("cutting off the torn tail failed", "file", name, "err", err)
 	}
-	_ = dropped
 }
 
 // parseRecord checks one record's length and CRC; n is its size with the header.
