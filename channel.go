@@ -312,7 +312,11 @@ func (ch *channel) handleHeader(p []byte) error {
 	if limit := ch.c.s.cfg.MaxMessageSize; size > uint64(limit) {
 		return withMethod(preconditionFailed("message size "+strconv.FormatUint(size, 10)+" is larger than configured max size "+strconv.Itoa(limit)), idBasicPublish)
 	}
-	m := &message{keyLen: uint8(len(ch.pubKey)), propsLen: uint32(len(raw)), publisher: ch.c.id, persistent: props.deliveryMode == 2}
+	ttl, ok := parseExpiration(props.expiration)
+	if !ok {
+		return withMethod(preconditionFailed("invalid expiration '"+string(props.expiration)+"'"), idBasicPublish)
+	}
+	m := &message{keyLen: uint8(len(ch.pubKey)), propsLen: uint32(len(raw)), publisher: ch.c.id, persistent: props.deliveryMode == 2, ttl: ttl}
 	// The body buffer grows as body frames arrive, so a header announcing a large body
 	// commits no memory the client has not sent.
 	m.data = make([]byte, len(ch.pubKey)+len(raw)+min(int(size), initialBody))
@@ -841,6 +845,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	q.expireLocked()
 	if q.messageCountLocked() == 0 {
 		ch.c.send2(ch.id, &basicGetEmpty{})
 		return nil

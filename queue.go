@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strconv"
 	"sync"
+	"time"
 )
 
 // message is one published message, shared by every queue it was routed to; it never
@@ -17,6 +18,7 @@ type message struct {
 	propsLen   uint32
 	publisher  uint64  // the publishing connection's id, for no-local consumers
 	persistent bool    // delivery-mode 2
+	ttl        ttl     // the expiration property
 	wal        *msgWAL // its place in the log, when it went to a durable queue
 }
 
@@ -82,6 +84,7 @@ func (d *deque[T]) clear() { *d = deque[T]{} }
 type qentry struct {
 	msg         *message
 	seq         uint64 // the queue's sequence number: its order
+	expires     int64  // Unix milliseconds after which it is dropped at the head; 0: never
 	redelivered bool
 }
 
@@ -94,6 +97,7 @@ type queue struct {
 	owner                          *conn // exclusive queues: the declaring connection
 	args                           table
 	walID                          uint64     // durable queues: the id log records use; 0 if not logged
+	ttl                            ttl        // x-message-ttl
 	bindings                       []*binding // guarded by vh.mu
 
 	mu          sync.Mutex
@@ -104,6 +108,8 @@ type queue struct {
 	rr          int           // guarded by mu: round-robin position in consumers
 	hadConsumer bool          // guarded by mu: for auto-delete
 	deleted     bool          // guarded by mu
+	expiry      *time.Timer   // guarded by mu: drops expired messages at the head, when set
+	expiryAt    int64         // guarded by mu: when expiry fires, in Unix milliseconds
 }
 
 // consumer is a basic.consume subscription.
@@ -125,6 +131,7 @@ func (q *queue) messageCountLocked() int { return q.ready.len() + len(q.requeued
 func (q *queue) messageCount() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	q.expireLocked()
 	return q.messageCountLocked()
 }
 
@@ -136,14 +143,82 @@ func (q *queue) consumerCount() int {
 
 // enqueue adds a message and delivers what it can.
 func (q *queue) enqueue(m *message) {
+	e := qentry{msg: m, expires: expiresAt(q.ttl, m.ttl)}
 	q.mu.Lock()
 	if !q.deleted {
 		q.nextSeq++
-		q.ready.push(qentry{msg: m, seq: q.nextSeq})
+		e.seq = q.nextSeq
+		q.ready.push(e)
 		if len(q.consumers) > 0 {
 			q.dispatchLocked()
+		} else if e.expires != 0 {
+			q.scheduleExpiryLocked()
 		}
 	}
+	q.mu.Unlock()
+}
+
+// ttl is a time to live in milliseconds, kept plus one so that the zero value means none.
+type ttl int64
+
+func newTTL(ms int64) ttl { return ttl(ms + 1) }
+
+// expiresAt is when a message enqueued now expires, under the lower of the queue's
+// x-message-ttl and the message's expiration: Unix milliseconds, or 0 for never.
+func expiresAt(queue, msg ttl) int64 {
+	t := queue
+	if t == 0 || msg != 0 && msg < t {
+		t = msg
+	}
+	if t == 0 {
+		return 0
+	}
+	return time.Now().UnixMilli() + int64(t) - 1
+}
+
+// expireLocked drops the expired messages at the head of the queue, as RabbitMQ does: a
+// message with a later expiry ahead of them keeps them until it goes. Dead-lettering is
+// not implemented, so they are gone. q.mu must be held.
+func (q *queue) expireLocked() {
+	var now int64
+	for q.messageCountLocked() > 0 {
+		e := q.peekLocked()
+		if e.expires == 0 {
+			return
+		}
+		if now == 0 {
+			now = time.Now().UnixMilli()
+		}
+		if now <= e.expires {
+			return
+		}
+		q.popLocked()
+		q.settleOne(e.msg)
+	}
+}
+
+// scheduleExpiryLocked arms the timer for the head's expiry, so expired messages leave
+// a queue nobody consumes. q.mu must be held.
+func (q *queue) scheduleExpiryLocked() {
+	if q.deleted || q.messageCountLocked() == 0 {
+		return
+	}
+	at := q.peekLocked().expires
+	if at == 0 || q.expiry != nil && q.expiryAt <= at {
+		return
+	}
+	if q.expiry != nil {
+		q.expiry.Stop()
+	}
+	q.expiryAt = at
+	q.expiry = time.AfterFunc(time.Duration(at-time.Now().UnixMilli()+1)*time.Millisecond, q.onExpiry)
+}
+
+// onExpiry runs on the expiry timer.
+func (q *queue) onExpiry() {
+	q.mu.Lock()
+	q.expiry = nil
+	q.dispatchLocked() // drops what expired, delivers, and arms the timer again
 	q.mu.Unlock()
 }
 
@@ -157,8 +232,19 @@ func (q *queue) dispatch() {
 // dispatchLocked delivers ready messages round-robin to consumers with credit, until
 // either runs out. q.mu must be held.
 func (q *queue) dispatchLocked() {
+	q.expireLocked()
+	q.deliverLocked()
+	q.scheduleExpiryLocked()
+}
+
+// deliverLocked is dispatchLocked's delivery loop. q.mu must be held.
+func (q *queue) deliverLocked() {
 	for len(q.consumers) > 0 && q.messageCountLocked() > 0 {
 		e := q.peekLocked()
+		if e.expires != 0 && time.Now().UnixMilli() > e.expires {
+			q.expireLocked()
+			continue
+		}
 		n := len(q.consumers)
 		delivered, local := false, false
 		for i := 0; i < n; i++ {
@@ -487,7 +573,12 @@ func (ch *channel) queueDeclare(d *decoder) error {
 		return preconditionFailed("cannot declare queue '" + name + "': queue limit in vhost '" + vh.name + "' (" + strconv.Itoa(limit) + ") is reached")
 	}
 	if created {
-		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments}
+		qttl, err := queueTTL(m.Arguments)
+		if err != nil {
+			vh.mu.Unlock()
+			return preconditionFailed("invalid arg 'x-message-ttl' for " + describeQueue(name, vh.name) + ": " + err.Error())
+		}
+		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl}
 		if m.Exclusive {
 			q.owner = ch.c
 		}
@@ -722,6 +813,10 @@ func (vh *vhost) deleteQueue(q *queue) int {
 
 	q.mu.Lock()
 	q.deleted = true
+	if q.expiry != nil {
+		q.expiry.Stop()
+		q.expiry = nil
+	}
 	n := q.messageCountLocked()
 	if q.walID != 0 && vh.wal != nil {
 		vh.wal.dropQueue(q, q.readyLoggedLocked())
@@ -735,4 +830,40 @@ func (vh *vhost) deleteQueue(q *queue) int {
 		c.ch.cancelByServer(c)
 	}
 	return n
+}
+
+// queueTTL reads x-message-ttl from queue arguments: a non-negative integer of
+// milliseconds.
+func queueTTL(args table) (ttl, error) {
+	v, ok := args["x-message-ttl"]
+	if !ok {
+		return 0, nil
+	}
+	n, ok := intValue(v)
+	if !ok {
+		return 0, errors.New("not an integer")
+	}
+	if n < 0 {
+		return 0, errors.New("negative")
+	}
+	return newTTL(n), nil
+}
+
+// parseExpiration reads the expiration property: milliseconds as a decimal string, as
+// RabbitMQ requires.
+func parseExpiration(b []byte) (ttl, bool) {
+	if b == nil {
+		return 0, true
+	}
+	if len(b) == 0 || len(b) > 18 {
+		return 0, false
+	}
+	var n int64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(c-'0')
+	}
+	return newTTL(n), true
 }

@@ -698,3 +698,75 @@ func TestRequeueToDeletedQueueDrops(t *testing.T) {
 		t.Fatalf("count %d after requeue to a deleted queue, want 1", n)
 	}
 }
+
+// TestQueueMessageTTL: with x-message-ttl, messages nobody takes in time leave the queue
+// by themselves; those consumed in time arrive.
+func TestQueueMessageTTL(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if _, err := ch.QueueDeclare("ttl", false, false, false, false, amqp091.Table{"x-message-ttl": int32(1000)}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		publishText(t, ch, "", "ttl", strconv.Itoa(i))
+	}
+	if n := queueReady(t, ch, "ttl"); n != 3 {
+		t.Fatalf("%d ready right after publishing, want 3", n)
+	}
+	pollFor(t, "messages expired", func() bool { return queueReady(t, ch, "ttl") == 0 })
+
+	// A consumer that is there takes them before they expire.
+	msgs := consumeTagged(t, ch, "ttl", "c")
+	publishText(t, ch, "", "ttl", "in time")
+	if d := takeDelivery(t, msgs); string(d.Body) != "in time" {
+		t.Fatalf("got %q", d.Body)
+	}
+}
+
+// TestMessageExpiration: the expiration property expires a message at the head; an
+// invalid one is 406.
+func TestMessageExpiration(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "exp")
+	if err := ch.Publish("", "exp", false, false, amqp091.Publishing{Body: []byte("short"), Expiration: "30"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.Publish("", "exp", false, false, amqp091.Publishing{Body: []byte("long")}); err != nil {
+		t.Fatal(err)
+	}
+	pollFor(t, "the short-lived message expired", func() bool { return queueReady(t, ch, "exp") == 1 })
+	if d, ok, err := ch.Get("exp", true); err != nil || !ok || string(d.Body) != "long" {
+		t.Fatalf("get: %q %v %v, want the long-lived message", d.Body, ok, err)
+	}
+
+	bad := openChannel(t, c)
+	closed := bad.NotifyClose(make(chan *amqp091.Error, 1))
+	if err := bad.Publish("", "exp", false, false, amqp091.Publishing{Body: []byte("x"), Expiration: "soon"}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-closed:
+		if e == nil || e.Code != 406 {
+			t.Fatalf("closed with %v, want 406", e)
+		}
+	case <-time.After(recvWait):
+		t.Fatal("an invalid expiration was accepted")
+	}
+}
+
+// TestQueueTTLInvalid: x-message-ttl must be a non-negative integer.
+func TestQueueTTLInvalid(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	for _, v := range []any{int32(-1), "10"} {
+		_, err := openChannel(t, c).QueueDeclare("bad-ttl", false, false, false, false, amqp091.Table{"x-message-ttl": v})
+		if amqpCode(err) != 406 {
+			t.Errorf("x-message-ttl %v: %v, want 406", v, err)
+		}
+	}
+}

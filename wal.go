@@ -1077,7 +1077,8 @@ func (s *Server) restore(w *wal, rec *recovered) (int, error) {
 			f := d.octet()
 			args := d.table()
 			if d.err == nil {
-				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id}
+				qttl, _ := queueTTL(args)
+				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl}
 				vh.queues[name] = q
 				queues[id] = q
 			}
@@ -1122,10 +1123,17 @@ func (s *Server) restore(w *wal, rec *recovered) (int, error) {
 		}
 		for _, m := range msgs {
 			m.persistent = true
+			if s, err := scanProperties(m.props()); err == nil {
+				m.ttl, _ = parseExpiration(s.expiration)
+			}
 			q.nextSeq++
-			q.ready.push(qentry{msg: m, seq: q.nextSeq, redelivered: true})
+			// A time to live starts again at the restart: the log keeps no clock.
+			q.ready.push(qentry{msg: m, seq: q.nextSeq, redelivered: true, expires: expiresAt(q.ttl, m.ttl)})
 			n++
 		}
+		q.mu.Lock()
+		q.scheduleExpiryLocked()
+		q.mu.Unlock()
 	}
 	return n, nil
 }

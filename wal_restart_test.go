@@ -1537,3 +1537,41 @@ func TestWALCompactionPastLiveBacklog(t *testing.T) {
 		t.Fatalf("backlog holds %d, want 40", n)
 	}
 }
+
+// TestDurableExpiredMessagesStayGone: persistent messages that expired in a durable queue
+// are settled in the log and do not come back after a crash.
+func TestDurableExpiredMessagesStayGone(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	if _, err := ch.QueueDeclare("ttl.q", true, false, false, false, amqp091.Table{"x-message-ttl": int32(100)}); err != nil {
+		t.Fatal(err)
+	}
+	pub := newPersistentPublisher(t, conn)
+	for i := 0; i < 5; i++ {
+		pub.publish("", "ttl.q", persistentMsg("gone-"+strconv.Itoa(i)))
+	}
+	pub.wait()
+	deadline := time.Now().Add(walWait)
+	for queueDepth(t, conn, "ttl.q") != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the messages never expired")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// A persistent message that has not expired survives, with the queue's TTL restarting.
+	if _, err := ch.QueueDeclare("keep.q", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	pub.publish("", "keep.q", persistentMsg("kept"))
+	pub.wait()
+	b2 := b.restart("crash", Config{})
+	conn2 := dial(t, b2.url)
+	if n := queueDepth(t, conn2, "ttl.q"); n != 0 {
+		t.Fatalf("%d expired messages came back after the crash", n)
+	}
+	if n := queueDepth(t, conn2, "keep.q"); n != 1 {
+		t.Fatalf("keep.q holds %d after the crash, want 1", n)
+	}
+}
