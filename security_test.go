@@ -1798,17 +1798,18 @@ func TestLimitFrameMax(t *testing.T) {
 		secRefusedClose(c, replyNotAllowed, tc.text, 10, 31)
 	}
 
-	// connect opens channel 1 with an exclusive queue "fm" on a frame-max of 8192.
-	connect := func(t *testing.T) *wireClient {
+	// connect opens channel 1 with an exclusive queue on a frame-max of 8192. Each client
+	// has its own queue: an exclusive queue goes only when its connection has ended.
+	connect := func(t *testing.T, queue string) *wireClient {
 		c := wireConnect(t, addr, wireOpts{frameMax: frameMax})
 		c.openChannel(1)
-		c.sendMethod(1, &queueDeclare{Queue: "fm", Exclusive: true})
+		c.sendMethod(1, &queueDeclare{Queue: queue, Exclusive: true})
 		wireExpect[*queueDeclareOk](c, 1)
 		return c
 	}
 	// getBody gets one message of fm and returns its body.
-	getBody := func(t *testing.T, c *wireClient) []byte {
-		c.sendMethod(1, &basicGet{Queue: "fm", NoAck: true})
+	getBody := func(t *testing.T, c *wireClient, queue string) []byte {
+		c.sendMethod(1, &basicGet{Queue: queue, NoAck: true})
 		wireExpect[*basicGetOk](c, 1)
 		var body []byte
 		f, err := c.readFrame(secWait)
@@ -1828,11 +1829,11 @@ func TestLimitFrameMax(t *testing.T) {
 		}
 		return body
 	}
-	c := connect(t)
+	c := connect(t, "fm")
 	body := bytes.Repeat([]byte("f"), frameMax-frameOverhead)
 	c.sendMethod(1, &basicPublish{RoutingKey: "fm"})
 	c.send(appendContent(nil, 1, nil, body, frameMax))
-	if got := getBody(t, c); !bytes.Equal(got, body) {
+	if got := getBody(t, c, "fm"); !bytes.Equal(got, body) {
 		t.Errorf("a body of exactly one frame came back as %d octets", len(got))
 	}
 	// A frame over the fudge RabbitMQ allows: only the frame header goes out.
@@ -1840,12 +1841,12 @@ func TestLimitFrameMax(t *testing.T) {
 	c.expectConnClose(replyFrameError, 0, 0)
 
 	t.Run("frames up to 8 octets over frame-max", func(t *testing.T) {
-		c := connect(t)
+		c := connect(t, "fm-fudge")
 		body := bytes.Repeat([]byte("g"), frameMax)
-		c.sendMethod(1, &basicPublish{RoutingKey: "fm"})
+		c.sendMethod(1, &basicPublish{RoutingKey: "fm-fudge"})
 		c.send(wireFrame(frameHeader, 1, wireContentHeader(uint64(len(body)))))
 		c.send(wireFrame(frameBody, 1, body))
-		if got := getBody(t, c); !bytes.Equal(got, body) {
+		if got := getBody(t, c, "fm-fudge"); !bytes.Equal(got, body) {
 			t.Errorf("a body frame of frame-max octets came back as %d octets", len(got))
 		}
 	})
