@@ -409,7 +409,7 @@ func (ch *channel) publishComplete() error {
 		ch.addConfirm(ticket, err != nil)
 		return nil
 	}
-	if err != nil {
+	if err != nil && err != errRefused {
 		return withMethod(internalError("write-ahead log failed"), idBasicPublish)
 	}
 	return nil
@@ -463,14 +463,24 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 			return 0, err
 		}
 	}
+	refused := false
 	for _, q := range ch.routes.queues {
-		q.enqueue(msg)
+		if !q.enqueue(msg) {
+			refused = true
+		}
 	}
 	if len(ch.routes.queues) == 0 && mandatory {
 		ch.c.sendReturn(ch.id, replyNoRoute, "NO_ROUTE", msg)
 	}
+	if refused {
+		// A full queue with x-overflow reject-publish: the publisher gets a nack.
+		return ticket, errRefused
+	}
 	return ticket, nil
 }
+
+// errRefused reports a publish a full queue refused (x-overflow reject-publish).
+var errRefused = errors.New("amqp: refused by a full queue")
 
 func anyLogged(qs []*queue) bool {
 	for _, q := range qs {
@@ -945,7 +955,7 @@ func (ch *channel) txMethod(id uint32) error {
 		var last uint64
 		for _, p := range pubs {
 			t, err := ch.route(p.x, p.msg, p.mandatory)
-			if err != nil {
+			if err != nil && err != errRefused {
 				// The acks stay pending, so closing the channel requeues their messages.
 				return internalError("write-ahead log failed")
 			}

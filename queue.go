@@ -96,8 +96,9 @@ type queue struct {
 	durable, exclusive, autoDelete bool
 	owner                          *conn // exclusive queues: the declaring connection
 	args                           table
-	walID                          uint64     // durable queues: the id log records use; 0 if not logged
-	ttl                            ttl        // x-message-ttl
+	walID                          uint64 // durable queues: the id log records use; 0 if not logged
+	ttl                            ttl    // x-message-ttl
+	limits                         queueLimits
 	bindings                       []*binding // guarded by vh.mu
 
 	mu          sync.Mutex
@@ -108,6 +109,7 @@ type queue struct {
 	rr          int           // guarded by mu: round-robin position in consumers
 	hadConsumer bool          // guarded by mu: for auto-delete
 	deleted     bool          // guarded by mu
+	readyBytes  int64         // guarded by mu: body octets of the ready messages
 	expiry      *time.Timer   // guarded by mu: drops expired messages at the head, when set
 	expiryAt    int64         // guarded by mu: when expiry fires, in Unix milliseconds
 }
@@ -141,21 +143,76 @@ func (q *queue) consumerCount() int {
 	return len(q.consumers)
 }
 
-// enqueue adds a message and delivers what it can.
-func (q *queue) enqueue(m *message) {
+// enqueue adds a message and delivers what it can. It reports false when the queue is
+// full and its x-overflow is reject-publish: the message is refused.
+func (q *queue) enqueue(m *message) bool {
 	e := qentry{msg: m, expires: expiresAt(q.ttl, m.ttl)}
 	q.mu.Lock()
-	if !q.deleted {
-		q.nextSeq++
-		e.seq = q.nextSeq
-		q.ready.push(e)
-		if len(q.consumers) > 0 {
-			q.dispatchLocked()
-		} else if e.expires != 0 {
-			q.scheduleExpiryLocked()
-		}
+	defer q.mu.Unlock()
+	if q.deleted {
+		return true
 	}
-	q.mu.Unlock()
+	size := int64(len(m.body()))
+	if q.limits.rejectPublish && q.limits.full(q.messageCountLocked()+1, q.readyBytes+size) {
+		q.settleOne(m)
+		return false
+	}
+	q.nextSeq++
+	e.seq = q.nextSeq
+	q.ready.push(e)
+	q.readyBytes += size
+	if len(q.consumers) > 0 {
+		q.dispatchLocked()
+	}
+	// drop-head: the oldest ready messages make room (dead-lettering is not built).
+	for q.limits.full(q.messageCountLocked(), q.readyBytes) && q.messageCountLocked() > 0 {
+		q.settleOne(q.popLocked().msg)
+	}
+	if len(q.consumers) == 0 && e.expires != 0 {
+		q.scheduleExpiryLocked()
+	}
+	return true
+}
+
+// queueLimits are a queue's x-max-length, x-max-length-bytes and x-overflow. The zero
+// value is no limit.
+type queueLimits struct {
+	limited          bool  // a limit is set
+	maxLen, maxBytes int64 // -1: none
+	rejectPublish    bool  // x-overflow reject-publish: refuse new messages instead of dropping old
+}
+
+// full reports whether n ready messages of size octets break a limit.
+func (l queueLimits) full(n int, size int64) bool {
+	return l.limited && (l.maxLen >= 0 && int64(n) > l.maxLen || l.maxBytes >= 0 && size > l.maxBytes)
+}
+
+// parseQueueLimits reads x-max-length, x-max-length-bytes and x-overflow.
+func parseQueueLimits(args table) (queueLimits, error) {
+	l := queueLimits{maxLen: -1, maxBytes: -1}
+	for _, a := range []struct {
+		name string
+		dst  *int64
+	}{{"x-max-length", &l.maxLen}, {"x-max-length-bytes", &l.maxBytes}} {
+		v, ok := args[a.name]
+		if !ok {
+			continue
+		}
+		n, ok := intValue(v)
+		if !ok || n < 0 {
+			return l, errors.New("invalid arg '" + a.name + "': not a non-negative integer")
+		}
+		*a.dst = n
+		l.limited = true
+	}
+	switch v := args["x-overflow"]; v {
+	case nil, "drop-head":
+	case "reject-publish", "reject-publish-dlx":
+		l.rejectPublish = true
+	default:
+		return l, errors.New("invalid arg 'x-overflow': want drop-head, reject-publish or reject-publish-dlx")
+	}
+	return l, nil
 }
 
 // ttl is a time to live in milliseconds, kept plus one so that the zero value means none.
@@ -292,6 +349,7 @@ func (q *queue) deliverAheadLocked() bool {
 				*q.ready.at(j) = *q.ready.at(j - 1)
 			}
 			q.ready.pop()
+			q.readyBytes -= int64(len(e.msg.body()))
 			return true
 		}
 	}
@@ -313,10 +371,14 @@ func (q *queue) peekLocked() qentry {
 
 // popLocked removes and returns the next ready message. q.mu must be held.
 func (q *queue) popLocked() qentry {
+	var e qentry
 	if len(q.requeued) > 0 {
-		return q.heapPopLocked()
+		e = q.heapPopLocked()
+	} else {
+		e = q.ready.pop()
 	}
-	return q.ready.pop()
+	q.readyBytes -= int64(len(e.msg.body()))
+	return e
 }
 
 // requeueLocked puts a delivered message back in its original place, marked redelivered.
@@ -326,6 +388,7 @@ func (q *queue) requeueLocked(e qentry) {
 		return
 	}
 	e.redelivered = true
+	q.readyBytes += int64(len(e.msg.body()))
 	h := append(q.requeued, e)
 	for i := len(h) - 1; i > 0; {
 		p := (i - 1) / 2
@@ -395,6 +458,7 @@ func (q *queue) purge() int {
 	}
 	q.ready.clear()
 	q.requeued = nil
+	q.readyBytes = 0
 	return n
 }
 
@@ -578,7 +642,12 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			vh.mu.Unlock()
 			return preconditionFailed("invalid arg 'x-message-ttl' for " + describeQueue(name, vh.name) + ": " + err.Error())
 		}
-		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl}
+		limits, err := parseQueueLimits(m.Arguments)
+		if err != nil {
+			vh.mu.Unlock()
+			return preconditionFailed(err.Error() + " for " + describeQueue(name, vh.name))
+		}
+		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits}
 		if m.Exclusive {
 			q.owner = ch.c
 		}
@@ -823,6 +892,7 @@ func (vh *vhost) deleteQueue(q *queue) int {
 	}
 	q.ready.clear()
 	q.requeued = nil
+	q.readyBytes = 0
 	consumers := q.consumers
 	q.consumers = nil
 	q.mu.Unlock()

@@ -770,3 +770,64 @@ func TestQueueTTLInvalid(t *testing.T) {
 		}
 	}
 }
+
+// TestQueueMaxLength: x-max-length drops the oldest ready messages (drop-head), or with
+// x-overflow reject-publish refuses new ones, nacking them in confirm mode.
+func TestQueueMaxLength(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if _, err := ch.QueueDeclare("maxlen", false, false, false, false, amqp091.Table{"x-max-length": int32(3)}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 5; i++ {
+		publishText(t, ch, "", "maxlen", strconv.Itoa(i))
+	}
+	if got := drainText(t, ch, "maxlen"); !slices.Equal(got, []string{"3", "4", "5"}) {
+		t.Fatalf("drop-head kept %q, want 3 4 5", got)
+	}
+
+	if _, err := ch.QueueDeclare("maxbytes", false, false, false, false, amqp091.Table{"x-max-length-bytes": int32(10)}); err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range []string{"aaaa", "bbbb", "cccc"} { // 12 octets: "aaaa" must go
+		publishText(t, ch, "", "maxbytes", b)
+	}
+	if got := drainText(t, ch, "maxbytes"); !slices.Equal(got, []string{"bbbb", "cccc"}) {
+		t.Fatalf("max-length-bytes kept %q, want bbbb cccc", got)
+	}
+
+	pub := openChannel(t, c)
+	if _, err := pub.QueueDeclare("reject", false, false, false, false, amqp091.Table{"x-max-length": int32(2), "x-overflow": "reject-publish"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := pub.Confirm(false); err != nil {
+		t.Fatal(err)
+	}
+	confirms := pub.NotifyPublish(make(chan amqp091.Confirmation, 4))
+	for i := 1; i <= 3; i++ {
+		if err := pub.Publish("", "reject", false, false, amqp091.Publishing{Body: []byte(strconv.Itoa(i))}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 1; i <= 3; i++ {
+		select {
+		case cf := <-confirms:
+			if cf.Ack != (i <= 2) {
+				t.Fatalf("publish %d: ack=%v, want %v", i, cf.Ack, i <= 2)
+			}
+		case <-time.After(recvWait):
+			t.Fatal("missing confirm")
+		}
+	}
+	if got := drainText(t, ch, "reject"); !slices.Equal(got, []string{"1", "2"}) {
+		t.Fatalf("reject-publish kept %q, want 1 2", got)
+	}
+
+	for _, args := range []amqp091.Table{{"x-max-length": int32(-1)}, {"x-max-length-bytes": "big"}, {"x-overflow": "sometimes"}} {
+		if _, err := openChannel(t, c).QueueDeclare("bad-limits", false, false, false, false, args); amqpCode(err) != 406 {
+			t.Errorf("%v: %v, want 406", args, err)
+		}
+	}
+}

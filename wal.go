@@ -1078,7 +1078,8 @@ func (s *Server) restore(w *wal, rec *recovered) (int, error) {
 			args := d.table()
 			if d.err == nil {
 				qttl, _ := queueTTL(args)
-				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl}
+				limits, _ := parseQueueLimits(args)
+				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits}
 				vh.queues[name] = q
 				queues[id] = q
 			}
@@ -1129,6 +1130,7 @@ func (s *Server) restore(w *wal, rec *recovered) (int, error) {
 			q.nextSeq++
 			// A time to live starts again at the restart: the log keeps no clock.
 			q.ready.push(qentry{msg: m, seq: q.nextSeq, redelivered: true, expires: expiresAt(q.ttl, m.ttl)})
+			q.readyBytes += int64(len(m.body()))
 			n++
 		}
 		q.mu.Lock()
