@@ -210,6 +210,7 @@ func TestExclusiveQueueOtherConnection(t *testing.T) {
 	}
 	// Publishing to it from elsewhere is allowed, and the owner still has everything.
 	publishText(t, openChannel(t, other), "", "ex", "from other")
+	pollFor(t, "the other connection's message queued", func() bool { return queueReady(t, owner, "ex") == 2 })
 	if got := drainText(t, owner, "ex"); !slices.Equal(got, []string{"m", "from other"}) {
 		t.Fatalf("owner got %q", got)
 	}
