@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"errors"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -20,18 +21,19 @@ type channel struct {
 	lastQueue string // the last queue declared, for methods naming the queue ""
 
 	// Content assembly of the basic.publish in progress.
-	pubArgs  basicPublish
-	pubKey   []byte // the routing key of the publish in progress; reused
-	pubWait  bool   // a basic.publish waits for its content header
-	pubMsg   *message
-	pubFill  int // body octets received so far
-	pubSize  int // body size from the content header
-	routes   routeSet
-	settled  []unacked // reused by settle
-	exCache  *exchange // the last exchange published to
-	exCacheN string
-	permN    string  // the last exchange name write permission was granted on
-	permDB   *authDB // by this user database
+	pubArgs       basicPublish
+	pubKey        []byte // the routing key of the publish in progress; reused
+	pubWait       bool   // a basic.publish waits for its content header
+	pubMsg        *message
+	pubFill       int // body octets received so far
+	pubSize       int // body size from the content header
+	routes        routeSet
+	settled       []unacked // reused by settle
+	redispatchBuf []*queue
+	exCache       *exchange // the last exchange published to
+	exCacheN      string
+	permN         string  // the last exchange name write permission was granted on
+	permDB        *authDB // by this user database
 
 	confirm    bool
 	inConfirms bool // listed in c.confirms for the next flush
@@ -152,7 +154,7 @@ func (ch *channel) takeUnackedLocked() []unacked {
 // requeueAll puts deliveries back in their queues, one lock round per queue.
 func requeueAll(pending []unacked) {
 	// Group each queue's entries (by name: the requeue heap restores order within a queue).
-	sort.SliceStable(pending, func(i, j int) bool { return pending[i].q.name < pending[j].q.name })
+	slices.SortStableFunc(pending, func(a, b unacked) int { return strings.Compare(a.q.name, b.q.name) })
 	es := make([]qentry, 0, len(pending))
 	for i := 0; i < len(pending); {
 		q := pending[i].q
@@ -219,7 +221,7 @@ func (ch *channel) handleMethod(id uint32, d decoder) error {
 			break
 		}
 		ch.shutdown()
-		ch.c.send2(ch.id, &channelCloseOk{})
+		ch.c.sendOn(ch.id, &channelCloseOk{})
 		return errChannelClosed
 	case idChannelCloseOk:
 		// We sent no channel.close that this answers; RabbitMQ ignores it too.
@@ -231,7 +233,7 @@ func (ch *channel) handleMethod(id uint32, d decoder) error {
 		ch.mu.Lock()
 		ch.active = m.Active
 		ch.mu.Unlock()
-		ch.c.send2(ch.id, &channelFlowOk{Active: m.Active})
+		ch.c.sendOn(ch.id, &channelFlowOk{Active: m.Active})
 		if m.Active {
 			ch.redispatch()
 		}
@@ -252,16 +254,19 @@ func (ch *channel) handleMethod(id uint32, d decoder) error {
 }
 
 // redispatch lets every queue this channel consumes from deliver again, after credit grew.
+// It runs on the connection's reader, which owns redispatchBuf.
 func (ch *channel) redispatch() {
 	ch.mu.Lock()
-	qs := make([]*queue, 0, len(ch.consumers))
+	qs := ch.redispatchBuf[:0]
 	for _, c := range ch.consumers {
-		qs = append(qs, c.q)
+		qs = append(qs, c.q) // a queue with two consumers here is dispatched twice: harmless
 	}
 	ch.mu.Unlock()
-	for _, q := range qs {
+	for i, q := range qs {
 		q.dispatch()
+		qs[i] = nil
 	}
+	ch.redispatchBuf = qs[:0]
 }
 
 func (ch *channel) vh() *vhost { return ch.c.vh }
@@ -528,7 +533,7 @@ func (ch *channel) flushConfirms() {
 		if dc.nack || dc.ticket > done && failed {
 			// The log refused it, or failed before it reached the disk.
 			ch.ackUpToLocked(dc.tag - 1)
-			ch.c.send2(ch.id, &basicNack{DeliveryTag: dc.tag})
+			ch.c.sendOn(ch.id, &basicNack{DeliveryTag: dc.tag})
 			ch.confirmSent = dc.tag
 		} else if dc.ticket > done {
 			ch.ackUpToLocked(dc.tag - 1)
@@ -553,7 +558,7 @@ func (ch *channel) ackUpToLocked(tag uint64) {
 	}
 	multiple := tag-ch.confirmSent > 1
 	ch.confirmSent = tag
-	ch.c.send2(ch.id, &basicAck{DeliveryTag: tag, Multiple: multiple})
+	ch.c.sendOn(ch.id, &basicAck{DeliveryTag: tag, Multiple: multiple})
 }
 
 // walSynced is called by the log's writer after a batch is on disk.
@@ -722,7 +727,7 @@ func (ch *channel) basicQos(d *decoder) error {
 		ch.prefetchConsumer = m.PrefetchCount
 	}
 	ch.mu.Unlock()
-	ch.c.send2(ch.id, &basicQosOk{})
+	ch.c.sendOn(ch.id, &basicQosOk{})
 	ch.redispatch()
 	return nil
 }
@@ -818,7 +823,7 @@ func (ch *channel) basicCancel(d *decoder) error {
 	delete(ch.consumers, m.ConsumerTag)
 	ch.mu.Unlock()
 	if !m.NoWait {
-		ch.c.send2(ch.id, &basicCancelOk{ConsumerTag: m.ConsumerTag})
+		ch.c.sendOn(ch.id, &basicCancelOk{ConsumerTag: m.ConsumerTag})
 	}
 	if c != nil {
 		ch.detach(c)
@@ -840,7 +845,7 @@ func (ch *channel) cancelByServer(c *consumer) {
 	dead := ch.dead
 	ch.mu.Unlock()
 	if ok && !dead && ch.c.caps.consumerCancelNotify {
-		ch.c.send2(ch.id, &basicCancel{ConsumerTag: c.tag, NoWait: true})
+		ch.c.sendOn(ch.id, &basicCancel{ConsumerTag: c.tag, NoWait: true})
 	}
 }
 
@@ -857,7 +862,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	defer q.mu.Unlock()
 	q.expireLocked()
 	if q.messageCountLocked() == 0 {
-		ch.c.send2(ch.id, &basicGetEmpty{})
+		ch.c.sendOn(ch.id, &basicGetEmpty{})
 		return nil
 	}
 	e := q.popLocked()
@@ -915,7 +920,7 @@ func (ch *channel) basicRecover(id uint32, d *decoder) error {
 	pending := ch.takeUnackedLocked()
 	ch.mu.Unlock()
 	if id == idBasicRecover {
-		ch.c.send2(ch.id, &basicRecoverOk{})
+		ch.c.sendOn(ch.id, &basicRecoverOk{})
 	}
 	requeueAll(pending)
 	ch.redispatch()
@@ -932,7 +937,7 @@ func (ch *channel) confirmSelect(d *decoder) error {
 	}
 	ch.confirm = true
 	if !m.NoWait {
-		ch.c.send2(ch.id, &confirmSelectOk{})
+		ch.c.sendOn(ch.id, &confirmSelectOk{})
 	}
 	return nil
 }
@@ -944,7 +949,7 @@ func (ch *channel) txMethod(id uint32) error {
 			return preconditionFailed("cannot switch from confirm to tx mode")
 		}
 		ch.tx = true
-		ch.c.send2(ch.id, &txSelectOk{})
+		ch.c.sendOn(ch.id, &txSelectOk{})
 		return nil
 	case idTxCommit:
 		if !ch.tx {
@@ -974,7 +979,7 @@ func (ch *channel) txMethod(id uint32) error {
 				return internalError("write-ahead log failed")
 			}
 		}
-		ch.c.send2(ch.id, &txCommitOk{})
+		ch.c.sendOn(ch.id, &txCommitOk{})
 		return nil
 	default:
 		if !ch.tx {
@@ -990,7 +995,7 @@ func (ch *channel) txMethod(id uint32) error {
 			ch.restoreLocked(back)
 			ch.mu.Unlock()
 		}
-		ch.c.send2(ch.id, &txRollbackOk{})
+		ch.c.sendOn(ch.id, &txRollbackOk{})
 		return nil
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -382,22 +383,13 @@ func (c *conn) outboxFull() bool { return c.outLen.Load() > outboxHighWater }
 // waitForDrain asks the writer to let q deliver again once the outbox is written.
 func (c *conn) waitForDrain(q *queue) {
 	c.outMu.Lock()
-	if !c.outClosed && !containsQueue(c.drainWait, q) {
+	if !c.outClosed && !slices.Contains(c.drainWait, q) {
 		c.drainWait = append(c.drainWait, q)
 	}
 	c.outMu.Unlock()
 	// The writer may have swapped the outbox just before q registered: wake it, so it
 	// calls q back either way.
 	c.signal()
-}
-
-func containsQueue(qs []*queue, q *queue) bool {
-	for _, o := range qs {
-		if o == q {
-			return true
-		}
-	}
-	return false
 }
 
 // handshake runs the protocol header, start/start-ok, tune/tune-ok and open/open-ok.
@@ -720,7 +712,7 @@ func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 			c.channels = grown
 		}
 		c.channels[id] = newChannel(c, id)
-		c.send2(id, &channelOpenOk{})
+		c.sendOn(id, &channelOpenOk{})
 		return nil, nil
 	}
 	if ch == nil {
@@ -735,7 +727,7 @@ func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 		case idChannelCloseOk:
 			c.channels[id] = nil
 		case idChannelClose:
-			c.send2(id, &channelCloseOk{})
+			c.sendOn(id, &channelCloseOk{})
 		}
 		return nil, nil
 	}
@@ -754,7 +746,7 @@ func (c *conn) channelResult(ch *channel, err error) error {
 			"method", methodName(uint32(e.ClassID)<<16|uint32(e.MethodID)))
 		ch.shutdown()
 		ch.closing = true
-		c.send2(ch.id, &channelClose{ReplyCode: e.Code, ReplyText: e.Text, ClassID: e.ClassID, MethodID: e.MethodID})
+		c.sendOn(ch.id, &channelClose{ReplyCode: e.Code, ReplyText: e.Text, ClassID: e.ClassID, MethodID: e.MethodID})
 		return nil
 	}
 	if err == errChannelClosed {
@@ -765,10 +757,10 @@ func (c *conn) channelResult(ch *channel, err error) error {
 }
 
 // send queues a method on channel 0.
-func (c *conn) send(m method) { c.send2(0, m) }
+func (c *conn) send(m method) { c.sendOn(0, m) }
 
-// send2 queues a method frame on a channel.
-func (c *conn) send2(channel uint16, m method) {
+// sendOn queues a method frame on a channel.
+func (c *conn) sendOn(channel uint16, m method) {
 	c.outMu.Lock()
 	if !c.outClosed {
 		c.out = appendMethodFrame(c.out, channel, m)

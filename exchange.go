@@ -3,6 +3,7 @@ package amqp
 import (
 	"bytes"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -128,7 +129,7 @@ func (x *exchange) addBindingLocked(b *binding) bool {
 // removeBindingLocked removes the binding at index i of x.bindings. vh.mu must be held.
 func (x *exchange) removeBindingLocked(i int) *binding {
 	b := x.bindings[i]
-	x.bindings = deleteAt(x.bindings, i)
+	x.bindings = slices.Delete(x.bindings, i, i+1)
 	switch x.kind {
 	case kindDirect:
 		list := removeItem(x.direct[b.key], b)
@@ -148,18 +149,10 @@ func (x *exchange) removeBindingLocked(i int) *binding {
 	return b
 }
 
-func deleteAt[T any](s []T, i int) []T {
-	copy(s[i:], s[i+1:])
-	var zero T
-	s[len(s)-1] = zero
-	return s[:len(s)-1]
-}
-
+// removeItem deletes the first v from s.
 func removeItem[T comparable](s []T, v T) []T {
-	for i, o := range s {
-		if o == v {
-			return deleteAt(s, i)
-		}
+	if i := slices.Index(s, v); i >= 0 {
+		return slices.Delete(s, i, i+1)
 	}
 	return s
 }
@@ -167,25 +160,42 @@ func removeItem[T comparable](s []T, v T) []T {
 // routeSet collects the distinct queues a message goes to. It is reused per channel.
 type routeSet struct {
 	queues  []*queue
-	visited []*exchange // exchanges already routed through, against binding loops
-	words   [][]byte    // topic key split into words
-	headers table       // the message's headers, decoded once when a headers exchange needs them
+	seen    map[*queue]struct{} // the queues, once there are many of them
+	visited []*exchange         // exchanges already routed through, against binding loops
+	words   [][]byte            // topic key split into words
+	headers table               // the message's headers, decoded once when a headers exchange needs them
 	parsed  bool
 }
 
 func (rs *routeSet) reset() {
 	clear(rs.queues)
 	rs.queues = rs.queues[:0]
+	clear(rs.seen)
 	clear(rs.visited)
 	rs.visited = rs.visited[:0]
 	rs.headers, rs.parsed = nil, false
 }
 
+// addQueue adds q unless it is there already: a scan of a short list, a set for a fanout
+// to many queues, so routing stays linear in the number of bindings.
 func (rs *routeSet) addQueue(q *queue) {
-	for _, o := range rs.queues {
-		if o == q {
+	if len(rs.queues) < 16 {
+		if slices.Contains(rs.queues, q) {
 			return
 		}
+	} else {
+		if rs.seen == nil {
+			rs.seen = make(map[*queue]struct{})
+		}
+		if len(rs.seen) == 0 {
+			for _, o := range rs.queues {
+				rs.seen[o] = struct{}{}
+			}
+		}
+		if _, ok := rs.seen[q]; ok {
+			return
+		}
+		rs.seen[q] = struct{}{}
 	}
 	rs.queues = append(rs.queues, q)
 }
@@ -537,7 +547,7 @@ func argEqual(a, b any) bool {
 // reply sends ok unless the method asked for no-wait.
 func (ch *channel) reply(noWait bool, ok method) error {
 	if !noWait {
-		ch.c.send2(ch.id, ok)
+		ch.c.sendOn(ch.id, ok)
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package amqp
 import (
 	"encoding/binary"
 	"errors"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -496,7 +497,7 @@ func (q *queue) addConsumer(c *consumer, ok method) error {
 		return accessRefused("queue '" + q.name + "' in vhost '" + q.vh.name + "' in exclusive use")
 	}
 	if ok != nil {
-		c.ch.c.send2(c.ch.id, ok)
+		c.ch.c.sendOn(c.ch.id, ok)
 	}
 	q.consumers = append(q.consumers, c)
 	q.hadConsumer = true
@@ -511,7 +512,7 @@ func (q *queue) removeConsumer(c *consumer) (autoDelete bool) {
 	defer q.mu.Unlock()
 	for i, o := range q.consumers {
 		if o == c {
-			q.consumers = deleteAt(q.consumers, i)
+			q.consumers = slices.Delete(q.consumers, i, i+1)
 			if q.rr > i {
 				q.rr--
 			}
@@ -768,13 +769,7 @@ func (ch *channel) queueUnbind(d *decoder) error {
 			return err
 		}
 	}
-	return ch.send(&queueUnbindOk{})
-}
-
-// send queues a method on this channel.
-func (ch *channel) send(m method) error {
-	ch.c.send2(ch.id, m)
-	return nil
+	return ch.reply(false, &queueUnbindOk{}) // queue.unbind has no no-wait
 }
 
 // bindEnds finds the queue and exchange of queue.bind or queue.unbind.

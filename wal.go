@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -82,6 +83,7 @@ var (
 // walPos is a place in the log.
 type walPos struct{ seg, off uint64 }
 
+// less orders positions; a record before the checkpoint position is covered by it.
 func (p walPos) less(o walPos) bool { return p.seg < o.seg || p.seg == o.seg && p.off < o.off }
 
 // segment is one log file.
@@ -587,7 +589,7 @@ func (w *wal) unrefLocked(m *message, qid uint64) {
 	}
 	for i, id := range mw.queues {
 		if id == qid {
-			mw.queues = deleteAt(mw.queues, i)
+			mw.queues = slices.Delete(mw.queues, i, i+1)
 			mw.refs--
 			break
 		}
@@ -769,7 +771,7 @@ func (w *wal) replay(repair bool) (*recovered, error) {
 				for _, p := range msgs {
 					delete(p.queues, qid)
 				}
-				if snapPosCovers(w.snapPos, pos) {
+				if pos.less(w.snapPos) {
 					break
 				}
 				rec.topology = append(rec.topology, walRecord{typ, payload})
@@ -778,12 +780,12 @@ func (w *wal) replay(repair bool) (*recovered, error) {
 				d.shortstr()
 				w.nextQID = max(w.nextQID, d.longlong()+1)
 				seg.topology = true
-				if !snapPosCovers(w.snapPos, pos) {
+				if !pos.less(w.snapPos) {
 					rec.topology = append(rec.topology, walRecord{typ, payload})
 				}
 			case recExchangeDeclare, recExchangeDelete, recBind, recUnbind:
 				seg.topology = true
-				if !snapPosCovers(w.snapPos, pos) {
+				if !pos.less(w.snapPos) {
 					rec.topology = append(rec.topology, walRecord{typ, payload})
 				}
 			default:
@@ -812,9 +814,6 @@ func (w *wal) replay(repair bool) (*recovered, error) {
 	}
 	return rec, nil
 }
-
-// snapPosCovers reports whether a record at pos is reflected in the checkpoint at snap.
-func snapPosCovers(snap, pos walPos) bool { return pos.less(snap) }
 
 // truncate cuts a torn tail off the last segment.
 func (w *wal) truncate(name string, size int64) {

@@ -556,8 +556,6 @@ func TestDurableTopologyRestart(t *testing.T) {
 					t.Errorf("after restart, probe %s went to %v, want %v", p.name, after[p.name], p.want)
 				}
 			}
-			if mode == "crash" {
-			}
 			if zombie || !slices.Equal(after["p-deleted-queue"], []string{"returned"}) {
 				t.Errorf("after restart, the deleted queue t.qdel is still bound (in topology: %v), probe went to %v", zombie, after["p-deleted-queue"])
 			}

@@ -493,8 +493,6 @@ func TestWALTornSegmentHeader(t *testing.T) {
 			if err == nil {
 				defer w.close()
 			}
-			if size < walHeaderSize {
-			}
 			if err != nil {
 				t.Fatalf("second openWAL: %v", err)
 			}
@@ -668,7 +666,7 @@ func TestWALCompactionCopiesForwardInOrder(t *testing.T) {
 	}
 	w.close()
 
-	w, rec := openTestWAL(t, dir, walOptions{segmentSize: 2048})
+	_, rec := openTestWAL(t, dir, walOptions{segmentSize: 2048})
 	if n := len(rec.messages[q2.walID]); n != 0 {
 		t.Errorf("q2 recovered %d settled messages", n)
 	}
