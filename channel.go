@@ -617,9 +617,9 @@ func (ch *channel) basicSettle(id uint32, d *decoder) error {
 		ch.txAcks = append(ch.txAcks, a)
 		return nil
 	}
-	ch.releaseLocked(done)
+	global := ch.releaseLocked(done)
 	ch.mu.Unlock()
-	ch.apply(a, done)
+	ch.apply(a, done, global)
 	return nil
 }
 
@@ -659,31 +659,35 @@ func (ch *channel) takeLocked(tag uint64, multiple bool) ([]unacked, bool) {
 	return done, true
 }
 
-// releaseLocked gives back the prefetch credit of settled deliveries. ch.mu must be held.
-func (ch *channel) releaseLocked(done []unacked) {
+// releaseLocked gives back the prefetch credit of settled deliveries; it reports whether
+// the channel has a channel-wide limit. ch.mu must be held.
+func (ch *channel) releaseLocked(done []unacked) (global bool) {
 	for _, u := range done {
 		if u.c != nil {
 			u.c.inflight--
 			ch.inflight--
 		}
 	}
+	return ch.prefetchGlobal != 0
 }
 
 // apply carries out a settlement: requeued messages go back to their original place,
 // the others leave their queues for good; then the queues deliver on the freed credit.
-func (ch *channel) apply(a txAck, done []unacked) {
-	if a.id != idBasicAck && a.requeue {
-		requeueAll(done) // which dispatches those queues
+// global says the channel has a channel-wide prefetch limit.
+func (ch *channel) apply(a txAck, done []unacked, global bool) {
+	requeue := a.id != idBasicAck && a.requeue
+	if requeue {
+		requeueAll(done)
 	} else {
 		ch.c.s.logSettled(done)
 	}
-	ch.mu.Lock()
-	global := ch.prefetchGlobal != 0
-	ch.mu.Unlock()
 	if global {
 		// Channel-wide credit may belong to a consumer of another queue.
 		ch.redispatch()
 		return
+	}
+	if requeue {
+		return // requeueAll dispatched those queues
 	}
 	var last *queue
 	for _, u := range done {
@@ -969,9 +973,9 @@ func (ch *channel) txMethod(id uint32) error {
 		ch.txAcks = nil
 		for _, a := range acks {
 			ch.mu.Lock()
-			ch.releaseLocked(a.done)
+			global := ch.releaseLocked(a.done)
 			ch.mu.Unlock()
-			ch.apply(a, a.done)
+			ch.apply(a, a.done, global)
 		}
 		if w := ch.c.s.wal; w != nil && (last > 0 || len(acks) > 0) {
 			// tx.commit-ok means on disk: wait for the fsync covering this work.

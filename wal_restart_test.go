@@ -1551,13 +1551,7 @@ func TestDurableExpiredMessagesStayGone(t *testing.T) {
 		pub.publish("", "ttl.q", persistentMsg("gone-"+strconv.Itoa(i)))
 	}
 	pub.wait()
-	deadline := time.Now().Add(walWait)
-	for queueDepth(t, conn, "ttl.q") != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the messages never expired")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	pollFor(t, "the messages expired", func() bool { return queueDepth(t, conn, "ttl.q") == 0 })
 	// A persistent message that has not expired survives, with the queue's TTL restarting.
 	if _, err := ch.QueueDeclare("keep.q", true, false, false, false, nil); err != nil {
 		t.Fatal(err)
