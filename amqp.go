@@ -473,11 +473,8 @@ func (s *Server) closeRemoved() {
 		if !c.opened.Load() {
 			continue // user and vhost are set before opened, so they are safe to read after
 		}
-		switch {
-		case db.users[c.user] == nil:
-			gone, why = append(gone, c), append(why, newError(replyConnectionForced, "user '"+c.user+"' is deleted"))
-		case !db.vhosts[c.vh.name]:
-			gone, why = append(gone, c), append(why, newError(replyConnectionForced, "vhost '"+c.vh.name+"' is deleted"))
+		if e := db.removed(c.user, c.vh.name); e != nil {
+			gone, why = append(gone, c), append(why, e)
 		}
 	}
 	s.mu.Unlock()

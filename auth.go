@@ -936,3 +936,15 @@ func (db *authDB) loginTrusted(mechanism, user string, remote net.Addr) error {
 	}
 	return nil
 }
+
+// removed returns the 320 CONNECTION_FORCED a connection of user on vhost gets when a
+// reload has deleted either, as RabbitMQ closes them; nil when both still exist.
+func (db *authDB) removed(user, vhost string) *Error {
+	switch {
+	case db.users[user] == nil:
+		return newError(replyConnectionForced, "user '"+user+"' is deleted")
+	case !db.vhosts[vhost]:
+		return newError(replyConnectionForced, "vhost '"+vhost+"' is deleted")
+	}
+	return nil
+}

@@ -162,9 +162,8 @@ func (c *conn) serve() {
 	c.nc.SetReadDeadline(time.Time{})
 	c.readIdle = 2 * time.Duration(c.heartbeat.Load())
 	c.opened.Store(true)
-	if db := c.s.auth.Load(); db.users[c.user] == nil || !db.vhosts[c.vh.name] {
-		// A reload removed the user or the vhost during the handshake.
-		c.closeWith(newError(replyConnectionForced, "user or vhost deleted while connecting"))
+	if e := c.s.auth.Load().removed(c.user, c.vh.name); e != nil {
+		c.closeWith(e) // a reload removed the user or the vhost during the handshake
 	}
 	if c.shutdown.Load() {
 		// Shutdown began during the handshake.
