@@ -117,6 +117,7 @@ type wal struct {
 	pend      []walChunk // guarded by mu: records not yet written
 	pendSpare []walChunk // guarded by mu: the other pend slice, empty
 	freeBufs  [][]byte   // guarded by mu: chunk buffers to reuse
+	ackBuf    []byte     // guarded by mu: reused to encode ack records
 	appended  uint64     // guarded by mu: tickets handed out (one per record)
 	done      uint64     // guarded by mu: tickets written (and synced, under "always")
 	failed    error      // guarded by mu: a write or fsync failed; the log is closed for good
@@ -565,16 +566,14 @@ func (w *wal) settle(q *queue, msgs []*message) uint64 {
 	if len(msgs) == 0 {
 		return 0
 	}
-	b := make([]byte, 0, 12+8*len(msgs))
-	b = binary.BigEndian.AppendUint64(b, q.walID)
+	w.mu.Lock()
+	b := binary.BigEndian.AppendUint64(w.ackBuf[:0], q.walID)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(msgs)))
 	for _, m := range msgs {
 		b = binary.BigEndian.AppendUint64(b, m.wal.id)
-	}
-	w.mu.Lock()
-	for _, m := range msgs {
 		w.unrefLocked(m, q.walID)
 	}
+	w.ackBuf = b
 	t, _, _ := w.appendLocked(recAck, b)
 	w.mu.Unlock()
 	w.kick()
