@@ -911,6 +911,12 @@ func (db *authDB) check(user, vhost string, perm permKind, kind resourceKind, na
 	return accessRefused("access to " + kind.String() + " '" + name + "' in vhost '" + vhost + "' refused for user '" + user + "'")
 }
 
+// hasTag reports whether a user has a tag, such as "impersonator".
+func (db *authDB) hasTag(user, tag string) bool {
+	u := db.users[user]
+	return u != nil && slices.Contains(u.tags, tag)
+}
+
 // userTags returns a user's tags; nil for an unknown user.
 func (db *authDB) userTags(user string) []string {
 	if u := db.users[user]; u != nil {

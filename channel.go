@@ -25,8 +25,9 @@ type channel struct {
 	pubKey        []byte // the routing key of the publish in progress; reused
 	pubWait       bool   // a basic.publish waits for its content header
 	pubMsg        *message
-	pubFill       int // body octets received so far
-	pubSize       int // body size from the content header
+	pubFill       int    // body octets received so far
+	pubSize       int    // body size from the content header
+	pubHead       []byte // key and properties of the publish in progress until its body comes
 	routes        routeSet
 	settled       []unacked // reused by settle
 	redispatchBuf []*queue
@@ -291,6 +292,15 @@ func (ch *channel) basicPublish(d *decoder) error {
 	} else {
 		m.Exchange = ch.exCacheN
 	}
+	if db := ch.c.s.auth.Load(); ch.permDB != db || ch.permN != m.Exchange {
+		// Write permission comes first, as in RabbitMQ, and before the content: a client
+		// may not make the broker hold content it could never publish. It is checked once
+		// per exchange name and user database.
+		if err := db.check(ch.c.user, ch.vh().name, permWrite, resExchange, m.Exchange); err != nil {
+			return err
+		}
+		ch.permDB, ch.permN = db, m.Exchange
+	}
 	ch.pubKey = append(ch.pubKey[:0], key...)
 	ch.pubWait = true
 	return nil
@@ -317,22 +327,32 @@ func (ch *channel) handleHeader(p []byte) error {
 	if limit := ch.c.s.cfg.MaxMessageSize; size > uint64(limit) {
 		return withMethod(preconditionFailed("message size "+strconv.FormatUint(size, 10)+" is larger than configured max size "+strconv.Itoa(limit)), idBasicPublish)
 	}
-	ttl, ok := parseExpiration(props.expiration)
-	if !ok {
-		return withMethod(preconditionFailed("invalid expiration '"+string(props.expiration)+"'"), idBasicPublish)
+	if props.userID != nil && string(props.userID) != ch.c.user && !ch.c.s.auth.Load().hasTag(ch.c.user, "impersonator") {
+		// As in RabbitMQ: consumers may trust user-id to name the publisher.
+		return withMethod(preconditionFailed("user_id property set to '"+string(props.userID)+"' but authenticated user was '"+ch.c.user+"'"), idBasicPublish)
+	}
+	ttl, bad := parseExpiration(props.expiration)
+	if bad != "" {
+		return withMethod(preconditionFailed("invalid expiration '"+string(props.expiration)+"': "+bad), idBasicPublish)
 	}
 	m := &message{keyLen: uint8(len(ch.pubKey)), propsLen: uint32(len(raw)), publisher: ch.c.id, persistent: props.deliveryMode == 2, ttl: ttl}
-	// The body buffer grows as body frames arrive, so a header announcing a large body
-	// commits no memory the client has not sent.
-	m.data = make([]byte, len(ch.pubKey)+len(raw)+min(int(size), initialBody))
-	copy(m.data, ch.pubKey)
-	copy(m.data[len(ch.pubKey):], raw)
+	// The message's buffer is allocated when its body arrives (bodyRoom): until then the
+	// key and properties wait in the channel's scratch, so a header announcing a large
+	// body commits no memory the client has not sent.
+	if cap(ch.pubHead) > maxIdleHead {
+		ch.pubHead = nil
+	}
+	ch.pubHead = append(append(ch.pubHead[:0], ch.pubKey...), raw...)
 	ch.pubMsg, ch.pubFill, ch.pubSize = m, 0, int(size)
 	if size == 0 {
+		m.data = slices.Clone(ch.pubHead)
 		return ch.publishComplete()
 	}
 	return nil
 }
+
+// maxIdleHead is the largest key-and-properties scratch a channel keeps between publishes.
+const maxIdleHead = 4 << 10
 
 // handleBody takes one body frame of the publish in progress.
 // inPlace says the frame reader already put p where it belongs in the message.
@@ -354,24 +374,29 @@ func (ch *channel) handleBody(p []byte, inPlace bool) error {
 	return nil
 }
 
-// initialBody is the most body buffer allocated before body frames arrive.
-const initialBody = 16 << 10
-
 // bodyRoom returns where the next n body octets of the message being assembled go,
-// growing its buffer (doubling, up to the announced size) as needed; nil when they would
-// run past the size in the content header.
+// growing its buffer as needed; nil when they would run past the size in the content
+// header.
 func (ch *channel) bodyRoom(n int) []byte {
 	m := ch.pubMsg
 	if n > ch.pubSize-ch.pubFill {
 		return nil
 	}
 	head := int(m.keyLen) + int(m.propsLen)
-	if need := head + ch.pubFill + n; need > len(m.data) {
-		grown := make([]byte, head+min(ch.pubSize, max(2*(len(m.data)-head), need-head)))
-		copy(grown, m.data[:head+ch.pubFill])
+	need := head + ch.pubFill + n
+	if need > cap(m.data) {
+		// The first body frame allocates what it brings (the whole message when the body
+		// fits one frame); later ones double the room, up to the announced size.
+		grown := make([]byte, need, head+min(ch.pubSize, max(2*(cap(m.data)-head), need-head)))
+		if m.data == nil {
+			copy(grown, ch.pubHead)
+		} else {
+			copy(grown, m.data[:head+ch.pubFill])
+		}
 		m.data = grown
 	}
-	return m.data[head+ch.pubFill : head+ch.pubFill+n]
+	m.data = m.data[:need]
+	return m.data[head+ch.pubFill : need]
 }
 
 // publishComplete routes a fully assembled message, or holds it for tx.commit.
@@ -379,14 +404,6 @@ func (ch *channel) publishComplete() error {
 	msg := ch.pubMsg
 	ch.pubMsg = nil
 	vh := ch.vh()
-	if db := ch.c.s.auth.Load(); ch.permDB != db || ch.permN != ch.pubArgs.Exchange {
-		// Write permission first, as RabbitMQ, then the exchange's existence. It is
-		// checked once per exchange name and user database.
-		if err := db.check(ch.c.user, vh.name, permWrite, resExchange, ch.pubArgs.Exchange); err != nil {
-			return withMethod(err.(*Error), idBasicPublish)
-		}
-		ch.permDB, ch.permN = db, ch.pubArgs.Exchange
-	}
 	vh.mu.RLock()
 	x := ch.exCache
 	if x == nil || x.deleted || ch.exCacheN != ch.pubArgs.Exchange {

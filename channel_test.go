@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"net"
 	"reflect"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -1575,5 +1577,120 @@ func TestNoDeliveriesAfterConnectionClose(t *testing.T) {
 		if f.typ == frameMethod {
 			t.Fatal("a method frame arrived after connection.close")
 		}
+	}
+}
+
+// TestPendingHeadersCommitNoBodyMemory: a content header announcing a large body costs the
+// broker about what the header itself is until the body arrives, so headers alone cannot
+// grow the heap (they used to allocate 16 KiB each, on every channel of a connection).
+func TestPendingHeadersCommitNoBodyMemory(t *testing.T) {
+	srv, _ := newTestServer(t)
+	w := dialFrameClient(t, srv)
+	const channels = 1000
+	var b []byte
+	for id := uint16(2); id < channels+2; id++ {
+		b = appendMethodFrame(b, id, &channelOpen{})
+	}
+	w.write(b)
+	for id := uint16(2); id < channels+2; id++ {
+		w.expect(id, idChannelOpenOk)
+	}
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	b = b[:0]
+	for id := uint16(2); id < channels+2; id++ {
+		b = appendMethodFrame(b, id, &basicPublish{Exchange: "amq.direct", RoutingKey: "k"})
+		b = append(b, wireFrame(frameHeader, id, wireContentHeader(1<<20))...)
+	}
+	w.write(b)
+	// Frames are handled in order: once this is answered, every header was taken.
+	w.send(1, &queueDeclare{Queue: "sync", Exclusive: true})
+	w.expect(1, idQueueDeclareOk)
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	if grown := int64(after.HeapAlloc) - int64(before.HeapAlloc); grown > 4<<20 {
+		t.Fatalf("%d pending content headers grew the heap by %d bytes", channels, grown)
+	}
+	// The bodies still arrive and complete their messages.
+	w.send(1, &queueBind{Queue: "sync", Exchange: "amq.direct", RoutingKey: "k"})
+	w.expect(1, idQueueBindOk)
+	body := bytes.Repeat([]byte("b"), 1<<20)
+	b = b[:0]
+	for off := 0; off < len(body); off += 100 << 10 {
+		b = append(b, wireFrame(frameBody, 2, body[off:min(off+100<<10, len(body))])...)
+	}
+	w.write(b)
+	w.send(1, &basicGet{Queue: "sync", NoAck: true})
+	w.expect(1, idBasicGetOk)
+	if _, got := w.content(); !bytes.Equal(got, body) {
+		t.Fatalf("got a body of %d octets, want the %d sent", len(got), len(body))
+	}
+}
+
+// TestPublishRefusedBeforeContent: write permission is checked at basic.publish, as in
+// RabbitMQ, so the channel closes before the client sends the content.
+func TestPublishRefusedBeforeContent(t *testing.T) {
+	t.Parallel()
+	defs := secDefsFile(t, func(d *Definitions) error {
+		if err := d.AddUser("reader", "pw"); err != nil {
+			return err
+		}
+		return d.SetPermissions("reader", "/", ".*", "", ".*")
+	})
+	srv := secServe(t, Config{Definitions: defs}, false)
+	c := secWireLogin(t, srv.Addr().String(), "reader", "pw", "/")
+	c.openChannel(1)
+	c.sendMethod(1, &basicPublish{Exchange: "amq.direct", RoutingKey: "k"})
+	cl := wireExpect[*channelClose](c, 1)
+	if want := secDenied("exchange", "amq.direct", "/", "reader"); cl.ReplyCode != 403 || cl.ReplyText != want || cl.ClassID != classBasic || cl.MethodID != 40 {
+		t.Fatalf("channel.close %d %q (%d.%d), want 403 %q for basic.publish", cl.ReplyCode, cl.ReplyText, cl.ClassID, cl.MethodID, want)
+	}
+}
+
+// TestUserIDValidated: as in RabbitMQ, a user-id property must name the publishing user,
+// unless the user has the impersonator tag.
+func TestUserIDValidated(t *testing.T) {
+	t.Parallel()
+	defs := secDefsFile(t, func(d *Definitions) error {
+		for _, u := range []string{"alice", "proxy"} {
+			if err := d.AddUser(u, "pw"); err != nil {
+				return err
+			}
+			if err := d.SetPermissions(u, "/", ".*", ".*", ".*"); err != nil {
+				return err
+			}
+		}
+		return d.SetUserTags("proxy", "impersonator")
+	})
+	srv := secServe(t, Config{Definitions: defs}, false)
+	addr := srv.Addr().String()
+	alice := secConnect(t, addr, "alice", "pw", "/")
+	ch, err := alice.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "uid")
+	publish := func(user string) func(ch *amqp091.Channel) error {
+		return func(ch *amqp091.Channel) error {
+			return ch.Publish("", "uid", false, false, amqp091.Publishing{UserId: user, Body: []byte(user)})
+		}
+	}
+	secRefused(t, "alice as bob", secTry(t, alice, publish("bob")), 406,
+		"PRECONDITION_FAILED - user_id property set to 'bob' but authenticated user was 'alice'")
+	secAllowed(t, "alice as alice", secTry(t, alice, publish("alice")))
+	proxy := secConnect(t, addr, "proxy", "pw", "/")
+	secAllowed(t, "impersonator as bob", secTry(t, proxy, publish("bob")))
+	var got []string
+	for range 2 {
+		d, ok, err := ch.Get("uid", true)
+		if err != nil || !ok {
+			t.Fatalf("get: %v %v", ok, err)
+		}
+		got = append(got, d.UserId)
+	}
+	if !slices.Equal(got, []string{"alice", "bob"}) {
+		t.Fatalf("user-ids %q, want alice then bob", got)
 	}
 }

@@ -631,6 +631,7 @@ type propsSummary struct {
 	priority     uint8
 	expiration   []byte // aliases the raw properties
 	headers      []byte // the raw headers table (with its length prefix), nil when absent
+	userID       []byte // aliases the raw properties; nil when absent
 }
 
 // scanProperties validates raw properties (flags first) without allocating and returns
@@ -676,7 +677,13 @@ func scanProperties(raw []byte) (propsSummary, error) {
 	if f&flagTimestamp != 0 {
 		d.longlong()
 	}
-	for _, bit := range [...]uint16{flagType, flagUserID, flagAppID, flagReserved} {
+	if f&flagType != 0 {
+		d.shortstrBytes()
+	}
+	if f&flagUserID != 0 {
+		s.userID = d.shortstrBytes()
+	}
+	for _, bit := range [...]uint16{flagAppID, flagReserved} {
 		if f&bit != 0 {
 			d.shortstrBytes()
 		}

@@ -231,7 +231,7 @@ func expiresAt(queue, msg ttl) int64 {
 	if t == 0 {
 		return 0
 	}
-	return time.Now().UnixMilli() + int64(t) - 1
+	return time.Now().UnixMilli() + int64(t) - 1 // t ≤ maxTTL+1: no overflow
 }
 
 // expireLocked drops the expired messages at the head of the queue, as RabbitMQ does: a
@@ -269,7 +269,13 @@ func (q *queue) scheduleExpiryLocked() {
 		q.expiry.Stop()
 	}
 	q.expiryAt = at
-	q.expiry = time.AfterFunc(time.Duration(at-time.Now().UnixMilli()+1)*time.Millisecond, q.onExpiry)
+	// at is at most maxTTL past the enqueue time, so the wait is bounded; clamp it anyway
+	// so that no value, however it came about, makes the timer fire at once forever.
+	wait := int64(1)
+	if now := time.Now().UnixMilli(); at > now {
+		wait = min(at-now, maxTTL) + 1
+	}
+	q.expiry = time.AfterFunc(time.Duration(wait)*time.Millisecond, q.onExpiry)
 }
 
 // onExpiry runs on the expiry timer.
@@ -897,38 +903,50 @@ func (vh *vhost) deleteQueue(q *queue) int {
 	return n
 }
 
-// queueTTL reads x-message-ttl from queue arguments: a non-negative integer of
-// milliseconds.
+// maxTTL is the largest time to live RabbitMQ accepts, in milliseconds (its
+// MAX_EXPIRY_TIMER); larger values of expiration and x-message-ttl are 406, so no expiry
+// time can overflow.
+const maxTTL = 1<<32 - 1
+
+// queueTTL reads x-message-ttl from queue arguments: an integer of milliseconds from 0 to
+// maxTTL. The error text is RabbitMQ's.
 func queueTTL(args table) (ttl, error) {
 	v, ok := args["x-message-ttl"]
 	if !ok {
 		return 0, nil
 	}
 	n, ok := intValue(v)
-	if !ok {
+	switch {
+	case !ok:
 		return 0, errors.New("not an integer")
-	}
-	if n < 0 {
-		return 0, errors.New("negative")
+	case n < 0:
+		return 0, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
+	case n > maxTTL:
+		return 0, errors.New("{value_too_large," + strconv.FormatInt(n, 10) + "}")
 	}
 	return newTTL(n), nil
 }
 
 // parseExpiration reads the expiration property: milliseconds as a decimal string, as
-// RabbitMQ requires.
-func parseExpiration(b []byte) (ttl, bool) {
+// RabbitMQ requires, at most maxTTL. It returns the reason a value is refused, or "".
+func parseExpiration(b []byte) (ttl, string) {
 	if b == nil {
-		return 0, true
+		return 0, ""
 	}
-	if len(b) == 0 || len(b) > 18 {
-		return 0, false
+	if len(b) == 0 {
+		return 0, "not an integer"
 	}
 	var n int64
 	for _, c := range b {
 		if c < '0' || c > '9' {
-			return 0, false
+			return 0, "not an integer"
 		}
-		n = n*10 + int64(c-'0')
+		if n <= maxTTL {
+			n = n*10 + int64(c-'0')
+		}
 	}
-	return newTTL(n), true
+	if n > maxTTL {
+		return 0, "{value_too_large," + string(b) + "}"
+	}
+	return newTTL(n), ""
 }

@@ -2,6 +2,8 @@ package amqp
 
 import (
 	"encoding/binary"
+	"fmt"
+	"math"
 	"math/rand/v2"
 	"runtime"
 	"runtime/debug"
@@ -830,5 +832,92 @@ func TestQueueMaxLength(t *testing.T) {
 		if _, err := openChannel(t, c).QueueDeclare("bad-limits", false, false, false, false, args); amqpCode(err) != 406 {
 			t.Errorf("%v: %v, want 406", args, err)
 		}
+	}
+}
+
+// TestQueueTTLTooLarge: as in RabbitMQ, a time to live above 4,294,967,295 ms is 406, for
+// the expiration property and for x-message-ttl; the largest allowed one neither overflows
+// nor makes the expiry timer fire at once.
+func TestQueueTTLTooLarge(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	c := dial(t, url)
+	for _, v := range []any{int64(maxTTL + 1), int64(math.MaxInt64), int64(9223372036855)} {
+		_, err := openChannel(t, c).QueueDeclare("big-ttl", false, false, false, false, amqp091.Table{"x-message-ttl": v})
+		want := fmt.Sprintf("PRECONDITION_FAILED - invalid arg 'x-message-ttl' for queue 'big-ttl' in vhost '/': {value_too_large,%d}", v)
+		if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || e.Reason != want {
+			t.Errorf("x-message-ttl %v: %v, want 406 %q", v, err, want)
+		}
+	}
+	ch := openChannel(t, c)
+	if _, err := ch.QueueDeclare("max-ttl", false, false, false, false, amqp091.Table{"x-message-ttl": int64(maxTTL)}); err != nil {
+		t.Fatalf("x-message-ttl %d: %v", maxTTL, err)
+	}
+	for _, exp := range []string{"4294967296", "9223372036854775807", "99999999999999999999999"} {
+		bad := openChannel(t, c)
+		closed := bad.NotifyClose(make(chan *amqp091.Error, 1))
+		if err := bad.Publish("", "max-ttl", false, false, amqp091.Publishing{Body: []byte("x"), Expiration: exp}); err != nil {
+			t.Fatal(err)
+		}
+		want := "PRECONDITION_FAILED - invalid expiration '" + exp + "': {value_too_large," + exp + "}"
+		select {
+		case e := <-closed:
+			if e == nil || e.Code != 406 || e.Reason != want {
+				t.Fatalf("expiration %s: closed with %v, want 406 %q", exp, e, want)
+			}
+		case <-time.After(recvWait):
+			t.Fatalf("expiration %s was accepted", exp)
+		}
+	}
+	if err := ch.Publish("", "max-ttl", false, false, amqp091.Publishing{Body: []byte("kept"), Expiration: "4294967295"}); err != nil {
+		t.Fatal(err)
+	}
+	pollFor(t, "the message arrived", func() bool { return queueReady(t, ch, "max-ttl") == 1 })
+	q := srv.vhost("/").queues["max-ttl"]
+	q.mu.Lock()
+	timer, at := q.expiry, q.expiryAt
+	q.mu.Unlock()
+	if timer == nil {
+		t.Fatal("no expiry timer for a message with a time to live")
+	}
+	if now := time.Now().UnixMilli(); at < now+maxTTL-60_000 || at > now+maxTTL+1 {
+		t.Fatalf("expiry at %d, want about %d ms from now", at-now, int64(maxTTL))
+	}
+	time.Sleep(20 * time.Millisecond)
+	// The same timer is still pending: it did not fire at once (and re-arm itself).
+	if !timer.Stop() {
+		t.Fatal("the expiry timer fired at once")
+	}
+	if n := queueReady(t, ch, "max-ttl"); n != 1 {
+		t.Fatalf("%d messages ready, want 1", n)
+	}
+}
+
+// TestExpiryTimerNeverSpins: whatever expiry time a queue's head carries, the timer waits
+// at least a millisecond and at most maxTTL, so no arithmetic overflows into "now".
+func TestExpiryTimerNeverSpins(t *testing.T) {
+	for _, at := range []int64{math.MaxInt64, math.MinInt64 + 1, 1} {
+		q := &queue{name: "q", vh: newVhost("/")}
+		q.ready.push(qentry{msg: &message{}, seq: 1, expires: at})
+		q.mu.Lock()
+		q.scheduleExpiryLocked()
+		timer := q.expiry
+		q.mu.Unlock()
+		if at == math.MaxInt64 {
+			time.Sleep(20 * time.Millisecond)
+			if !timer.Stop() {
+				t.Fatalf("expires %d: the timer fired at once", at)
+			}
+			continue
+		}
+		// Past expiry times fire soon, once, and leave an empty queue.
+		pollFor(t, "the expired message left", func() bool {
+			q.mu.Lock()
+			defer q.mu.Unlock()
+			return q.messageCountLocked() == 0
+		})
+	}
+	if got := expiresAt(newTTL(maxTTL), 0); got < time.Now().UnixMilli() {
+		t.Fatalf("expiresAt(maxTTL) = %d overflowed", got)
 	}
 }

@@ -1123,7 +1123,7 @@ func (s *Server) restore(w *wal, rec *recovered) (int, error) {
 		for _, m := range msgs {
 			m.persistent = true
 			if s, err := scanProperties(m.props()); err == nil {
-				m.ttl, _ = parseExpiration(s.expiration)
+				m.ttl, _ = parseExpiration(s.expiration) // a refused value was never logged
 			}
 			q.nextSeq++
 			// A time to live starts again at the restart: the log keeps no clock.
