@@ -244,6 +244,11 @@ func (s *Server) vhost(name string) *vhost {
 // ListenAndServe listens on Config.Addr, and on Config.TLSAddr when TLS is configured,
 // and serves connections until Shutdown, when it returns ErrServerClosed.
 func (s *Server) ListenAndServe() error {
+	// Load the data first: a client must not be accepted, and then wait in its
+	// handshake, while a long log is replayed.
+	if err := s.open(); err != nil {
+		return err
+	}
 	var plain, secure net.Listener
 	var err error
 	if s.cfg.TLS != nil {
@@ -315,6 +320,11 @@ func (s *Server) loadTLS() error {
 		}
 		conf.ClientCAs = pool
 	}
+	if (c.Verify == "optional" || c.Verify == "required") && c.CAFile == "" {
+		// Without a CA of its own the TLS stack trusts the system's roots: any publicly
+		// trusted certificate whose CN names a user would log in with EXTERNAL.
+		return errors.New("amqp: TLS verify " + c.Verify + " needs a CA file for client certificates (-tls-ca)")
+	}
 	switch c.Verify {
 	case "", "none":
 	case "optional":
@@ -348,17 +358,9 @@ func (s *Server) Reload() error {
 // Serve accepts connections on ln until Shutdown, when it returns ErrServerClosed.
 // Serve closes ln when it returns.
 func (s *Server) Serve(ln net.Listener) error {
-	s.openOnce.Do(func() {
-		if s.openErr = s.loadAuth(); s.openErr == nil {
-			s.openErr = s.openStore()
-		}
-		if s.openErr == nil && s.cfg.MemoryHighWatermark > 0 {
-			go s.watchMemory()
-		}
-	})
-	if s.openErr != nil {
+	if err := s.open(); err != nil {
 		ln.Close()
-		return s.openErr
+		return err
 	}
 	s.mu.Lock()
 	if s.closed {
@@ -409,6 +411,20 @@ func (s *Server) Serve(ln net.Listener) error {
 		}
 		go c.serve()
 	}
+}
+
+// open loads the users and the data directory, once, before the first connection is
+// accepted.
+func (s *Server) open() error {
+	s.openOnce.Do(func() {
+		if s.openErr = s.loadAuth(); s.openErr == nil {
+			s.openErr = s.openStore()
+		}
+		if s.openErr == nil && s.cfg.MemoryHighWatermark > 0 {
+			go s.watchMemory()
+		}
+	})
+	return s.openErr
 }
 
 // Addr returns the address of the first listener, waiting until one is up.

@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -214,4 +215,22 @@ func checkBrokerWorksTLS(t *testing.T, conn *amqp091.Connection) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Fatal("message never arrived")
+}
+
+// TestTLSVerifyNeedsCA: client certificates checked against the system's roots would let
+// any publicly trusted certificate whose CN names a user log in with EXTERNAL, so
+// optional and required verification refuse to start without a CA file.
+func TestTLSVerifyNeedsCA(t *testing.T) {
+	t.Parallel()
+	p := newTestPKI(t)
+	for _, verify := range []string{"optional", "required"} {
+		srv := NewServer(Config{
+			Addr: "127.0.0.1:0", TLSAddr: "127.0.0.1:0", Logger: wireDiscardLogger(),
+			TLS: &TLSConfig{CertFile: p.certFile, KeyFile: p.keyFile, Verify: verify},
+		})
+		err := srv.ListenAndServe()
+		if err == nil || !strings.Contains(err.Error(), "-tls-ca") {
+			t.Errorf("verify %s without a CA: %v, want an error naming -tls-ca", verify, err)
+		}
+	}
 }

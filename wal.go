@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -170,7 +171,7 @@ func openWAL(dir string, opts walOptions) (*wal, *recovered, error) {
 	if opts.segmentSize <= 0 {
 		opts.segmentSize = defaultSegment
 	}
-	if err := os.MkdirAll(filepath.Join(dir, "wal"), 0o755); err != nil {
+	if err := prepareDir(dir, opts.log); err != nil {
 		return nil, nil, err
 	}
 	lock, err := lockDir(filepath.Join(dir, "LOCK"))
@@ -194,6 +195,61 @@ func openWAL(dir string, opts walOptions) (*wal, *recovered, error) {
 	}
 	go w.run()
 	return w, rec, nil
+}
+
+// prepareDir creates the data directory and its wal/ directory readable by the broker's
+// user alone (message bodies are stored in clear), tightens an existing one that others
+// may read, syncs what it created, and removes checkpoint files a crash left half written.
+func prepareDir(dir string, log *slog.Logger) error {
+	for _, d := range []string{dir, filepath.Join(dir, "wal")} {
+		fi, err := os.Stat(d)
+		if errors.Is(err, os.ErrNotExist) {
+			if err := os.MkdirAll(d, 0o700); err != nil {
+				return err
+			}
+			if err := syncDir(filepath.Dir(d)); err != nil {
+				return err
+			}
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if !fi.IsDir() {
+			return errors.New("amqp: " + d + " is not a directory")
+		}
+		if fi.Mode().Perm()&0o077 != 0 && runtime.GOOS != "windows" {
+			log.Warn("data directory was open to other users; restricting it to the broker's user", "dir", d, "mode", fi.Mode().Perm().String())
+			if err := os.Chmod(d, 0o700); err != nil {
+				return err
+			}
+		}
+	}
+	files, err := filepath.Glob(filepath.Join(dir, "wal", "*.seg"))
+	if err != nil {
+		return err
+	}
+	files = append(files, filepath.Join(dir, "LOCK"), filepath.Join(dir, "meta.snap"))
+	loose := 0
+	for _, f := range files {
+		if fi, err := os.Stat(f); err == nil && fi.Mode().Perm()&0o077 != 0 && runtime.GOOS != "windows" {
+			if err := os.Chmod(f, 0o600); err != nil {
+				return err
+			}
+			loose++
+		}
+	}
+	if loose > 0 {
+		log.Warn("data files were readable by other users; restricted them to the broker's user", "dir", dir, "files", loose)
+	}
+	stale, _ := filepath.Glob(filepath.Join(dir, ".meta.snap.tmp-*"))
+	for _, f := range stale {
+		if err := os.Remove(f); err != nil {
+			return err
+		}
+		log.Info("removed a checkpoint file a crash left half written", "file", f)
+	}
+	return nil
 }
 
 func (w *wal) segPath(seq uint64) string {
@@ -222,7 +278,7 @@ func (w *wal) openFile(seg *segment) error {
 		}
 		w.file.Close()
 	}
-	f, err := os.OpenFile(w.segPath(seg.seq), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+	f, err := os.OpenFile(w.segPath(seg.seq), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
 		return err
 	}
@@ -476,6 +532,11 @@ func (w *wal) compact() {
 		if err := os.Remove(w.segPath(old.seq)); err != nil {
 			w.log.Error("removing segment failed", "seg", old.seq, "err", err)
 		}
+		// The removal must reach the disk before a later checkpoint or copy is trusted
+		// to stand in for the segment.
+		if err := syncDir(filepath.Join(w.dir, "wal")); err != nil {
+			w.log.Error("syncing the log directory failed", "err", err)
+		}
 	}
 }
 
@@ -700,11 +761,19 @@ func (w *wal) replay(repair bool) (*recovered, error) {
 		if err != nil {
 			return nil, err
 		}
+		// What was just read may be in the page cache only (written, then the broker was
+		// killed): make it durable before anything, compaction above all, relies on it.
+		if err := syncFile(name); err != nil {
+			return nil, err
+		}
 		last := i == len(names)-1
 		if last && len(data) < walHeaderSize {
 			// A crash while creating the file: nothing in it.
 			w.log.Warn("removing a log segment cut short in its header", "file", name, "bytes", len(data))
 			if err := os.Remove(name); err != nil {
+				return nil, err
+			}
+			if err := syncDir(filepath.Dir(name)); err != nil {
 				return nil, err
 			}
 			continue
@@ -723,7 +792,9 @@ func (w *wal) replay(repair bool) (*recovered, error) {
 			if !ok {
 				if last {
 					w.log.Warn("cutting off a torn write at the end of the log", "file", name, "offset", off, "bytes", len(data)-off)
-					w.truncate(name, int64(off))
+					if err := w.truncate(name, int64(off)); err != nil {
+						return nil, err
+					}
 					seg.size = int64(off)
 					break
 				}
@@ -814,11 +885,28 @@ func (w *wal) replay(repair bool) (*recovered, error) {
 	return rec, nil
 }
 
-// truncate cuts a torn tail off the last segment.
-func (w *wal) truncate(name string, size int64) {
+// truncate cuts a torn tail off the last segment, durably.
+func (w *wal) truncate(name string, size int64) error {
 	if err := os.Truncate(name, size); err != nil {
-		w.log.Error("cutting off the torn tail failed", "file", name, "err", err)
+		return err
 	}
+	if err := syncFile(name); err != nil {
+		return err
+	}
+	return syncDir(filepath.Dir(name))
+}
+
+// syncFile fsyncs a file by name.
+func syncFile(name string) error {
+	if f := syncObserver.Load(); f != nil {
+		(*f)(name)
+	}
+	f, err := os.Open(name)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
 }
 
 // parseRecord checks one record's length and CRC; n is its size with the header.
@@ -904,7 +992,14 @@ func appendSnapRecord(b []byte, typ uint8, payload []byte) []byte {
 	return append(b, payload...)
 }
 
+// syncObserver, when a test sets it, is told the name of every file and directory the
+// log fsyncs by name.
+var syncObserver atomic.Pointer[func(name string)]
+
 func syncDir(dir string) error {
+	if f := syncObserver.Load(); f != nil {
+		(*f)(dir)
+	}
 	d, err := os.Open(dir)
 	if err != nil {
 		return err
@@ -1005,6 +1100,7 @@ func (s *Server) openStore() error {
 	if s.cfg.DataDir == "" {
 		return nil
 	}
+	start := time.Now()
 	w, rec, err := openWAL(s.cfg.DataDir, walOptions{
 		segmentSize: s.cfg.SegmentSize,
 		interval:    s.cfg.FsyncInterval,
@@ -1015,9 +1111,9 @@ func (s *Server) openStore() error {
 	if err != nil {
 		return err
 	}
-	start := time.Now()
 	n, err := s.restore(w, rec)
 	if err != nil {
+		w.snapshotFn = nil // a checkpoint of half-restored topology would lose the rest
 		w.close()
 		return err
 	}

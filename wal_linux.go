@@ -9,7 +9,7 @@ import (
 
 // lockDir takes an exclusive flock on name, so two brokers never share a data directory.
 func lockDir(name string) (*os.File, error) {
-	f, err := os.OpenFile(name, os.O_CREATE|os.O_RDWR, 0o644)
+	f, err := os.OpenFile(name, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return nil, err
 	}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -742,4 +743,152 @@ func publishRecordFor(m *message, id, qid uint64) []byte {
 	b := m.appendPublishRecord(nil, []uint64{qid})
 	m.wal = saved
 	return b
+}
+
+// TestDataDirPermissions: message bodies are stored in clear, so the data directory and
+// its files are the broker user's alone; an existing directory open to others is tightened
+// at start, with a log line, and checkpoint files a crash left half written are removed.
+func TestDataDirPermissions(t *testing.T) {
+	t.Parallel()
+	if runtime.GOOS == "windows" {
+		t.Skip("Unix permissions")
+	}
+	perm := func(name string) os.FileMode {
+		fi, err := os.Stat(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi.Mode().Perm()
+	}
+	dir := filepath.Join(t.TempDir(), "data")
+	w, _ := openTestWAL(t, dir, walOptions{})
+	kept := walTestMessage(1, "", "q", 10)
+	logTestPublish(t, w, kept, walTestQueue(1))
+	if err := w.checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	w.close()
+	files := append(segmentFiles(t, dir), filepath.Join(dir, "LOCK"), filepath.Join(dir, "meta.snap"))
+	for _, d := range []string{dir, filepath.Join(dir, "wal")} {
+		if p := perm(d); p != 0o700 {
+			t.Errorf("%s created with mode %v, want 0700", d, p)
+		}
+	}
+	for _, f := range files {
+		if p := perm(f); p != 0o600 {
+			t.Errorf("%s created with mode %v, want 0600", f, p)
+		}
+	}
+
+	// An older broker's directory: open to everyone, and a stale checkpoint temporary.
+	for _, d := range []string{dir, filepath.Join(dir, "wal")} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, f := range files {
+		if err := os.Chmod(f, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stale := filepath.Join(dir, ".meta.snap.tmp-12345")
+	if err := os.WriteFile(stale, []byte("half"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var logs walLogBuffer
+	w, rec := openTestWAL(t, dir, walOptions{log: logs.logger()})
+	checkRecovered(t, rec, 1, []*message{kept})
+	w.close()
+	for _, d := range []string{dir, filepath.Join(dir, "wal")} {
+		if p := perm(d); p != 0o700 {
+			t.Errorf("existing %s left with mode %v, want 0700", d, p)
+		}
+	}
+	for _, f := range files {
+		if p := perm(f); p != 0o600 {
+			t.Errorf("existing %s left with mode %v, want 0600", f, p)
+		}
+	}
+	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stale checkpoint temporary: %v, want it removed", err)
+	}
+	if out := logs.String(); !strings.Contains(out, "restricting it to the broker's user") || !strings.Contains(out, "restricted them to the broker's user") {
+		t.Errorf("no log line about tightened permissions in:\n%s", out)
+	}
+}
+
+// TestWALSyncsWhatItReliesOn: new directories, segments replayed from a possibly unsynced
+// page cache, a torn tail cut off, and segments removed by compaction reach the disk
+// before anything depends on them. Not parallel: it watches every fsync of the package.
+func TestWALSyncsWhatItReliesOn(t *testing.T) {
+	var mu sync.Mutex
+	synced := map[string]int{}
+	observe := func(name string) {
+		mu.Lock()
+		synced[filepath.Clean(name)]++
+		mu.Unlock()
+	}
+	syncObserver.Store(&observe)
+	defer syncObserver.Store(nil)
+	count := func(name string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return synced[filepath.Clean(name)]
+	}
+	reset := func() {
+		mu.Lock()
+		clear(synced)
+		mu.Unlock()
+	}
+
+	parent := t.TempDir()
+	dir := filepath.Join(parent, "data")
+	walDir := filepath.Join(dir, "wal")
+	w, _ := openTestWAL(t, dir, walOptions{segmentSize: 2048})
+	if count(parent) == 0 || count(dir) == 0 {
+		t.Errorf("creating %s and %s synced their parents %d and %d times, want both", dir, walDir, count(parent), count(dir))
+	}
+	q := walTestQueue(1)
+	var msgs []*message
+	for i := range 30 {
+		m := walTestMessage(i, "", "q", 200)
+		logTestPublish(t, w, m, q)
+		msgs = append(msgs, m)
+	}
+	if err := w.sync(); err != nil {
+		t.Fatal(err)
+	}
+	// Compaction removes the dead segments, and syncs the directory after.
+	reset()
+	first := segmentFiles(t, dir)[0]
+	w.settle(q, msgs[:20])
+	deadline := time.Now().Add(walWait)
+	for _, err := os.Stat(first); !errors.Is(err, os.ErrNotExist) || count(walDir) == 0; _, err = os.Stat(first) {
+		if time.Now().After(deadline) {
+			t.Fatalf("segment %s: %v, log directory synced %d times; want it removed and the directory synced", first, err, count(walDir))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	w.close()
+
+	// A torn tail: the last segment ends in half a record.
+	segs := segmentFiles(t, dir)
+	last := segs[len(segs)-1]
+	f, err := os.OpenFile(last, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write([]byte{0, 0, 1, 0, 9, 9})
+	f.Close()
+	reset()
+	w, _ = openTestWAL(t, dir, walOptions{segmentSize: 2048})
+	w.close()
+	for _, s := range segs {
+		if count(s) == 0 {
+			t.Errorf("replayed segment %s was not synced", s)
+		}
+	}
+	if count(last) < 2 || count(walDir) == 0 {
+		t.Errorf("cutting the torn tail of %s synced it %d times and the directory %d times, want after the cut too", last, count(last), count(walDir))
+	}
 }
