@@ -204,12 +204,13 @@ type Server struct {
 	tlsConf   atomic.Pointer[tls.Config]
 	auth      atomic.Pointer[authDB]
 
-	memAlarm   atomic.Bool   // the memory alarm is on
-	alarmMu    sync.Mutex    // guards alarmClear
-	alarmClear chan struct{} // closed when the alarm goes off again
-	liveHeap   func() uint64 // the live heap in bytes; a test may replace it
-	stopWatch  chan struct{} // closed by Shutdown
-	wal        *wal          // nil without a data directory; set before serving
+	unhealthy  atomic.Pointer[string] // why the broker must be restarted; nil while sound
+	memAlarm   atomic.Bool            // the memory alarm is on
+	alarmMu    sync.Mutex             // guards alarmClear
+	alarmClear chan struct{}          // closed when the alarm goes off again
+	liveHeap   func() uint64          // the live heap in bytes; a test may replace it
+	stopWatch  chan struct{}          // closed by Shutdown
+	wal        *wal                   // nil without a data directory; set before serving
 	openOnce   sync.Once
 	openErr    error
 	ready      chan struct{} // closed when the first listener is up
@@ -474,9 +475,40 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		err = ctx.Err()
 	}
 	if s.wal != nil {
+		if s.Healthy() != nil {
+			// A checkpoint reads every vhost under its lock, which a panic may hold, and
+			// may be of half-changed state: the log alone is what the restart replays.
+			s.wal.snapshotFn = nil
+		}
 		s.wal.close()
 	}
 	return err
+}
+
+// Healthy returns nil while the broker is sound, or why it is not: a connection's
+// goroutine panicked, so a lock may be held or a change half made. Such a broker should
+// be restarted; its write-ahead log replays a consistent state.
+func (s *Server) Healthy() error {
+	if why := s.unhealthy.Load(); why != nil {
+		return errors.New("amqp: broker unhealthy: " + *why)
+	}
+	return nil
+}
+
+// setUnhealthy records the first reason the broker must be restarted.
+func (s *Server) setUnhealthy(why string) {
+	s.unhealthy.CompareAndSwap(nil, &why)
+}
+
+// panicText describes a recovered panic value without fmt.
+func panicText(p any) string {
+	switch v := p.(type) {
+	case error:
+		return v.Error()
+	case string:
+		return v
+	}
+	return "a non-error value"
 }
 
 // closeRemoved closes the connections whose user or virtual host is no longer defined.

@@ -55,6 +55,7 @@ type conn struct {
 	isTLS      bool   // writes go through TLS, where writev buys nothing
 	preAuth    int    // octets read before login, against Config.MaxPreAuthBytes
 	authed     bool
+	panicked   bool // the reader recovered from a panic: shared state may be locked
 
 	outMu      sync.Mutex
 	out        []byte        // guarded by outMu: encoded frames waiting for the writer
@@ -135,10 +136,15 @@ func (c *conn) serve() {
 	defer c.teardown()
 	defer func() {
 		if p := recover(); p != nil {
-			buf := make([]byte, 4096)
+			// The panic may have left a lock held or a change half made, so the broker
+			// carries on only as far as it safely can: it drops this connection without
+			// touching shared state, and says loudly that it must be restarted.
+			buf := make([]byte, 16<<10)
 			buf = buf[:runtime.Stack(buf, false)]
-			c.log.Error("panic in connection", "panic", p, "stack", string(buf))
-			c.sendClose(internalError("internal error"))
+			c.panicked = true
+			c.s.setUnhealthy("connection " + strconv.FormatUint(c.id, 10) + " panicked: " + panicText(p))
+			c.log.Error("panic in connection: the broker's state is in doubt; restart it (the log replays a consistent state)",
+				"panic", p, "stack", string(buf))
 		}
 	}()
 
@@ -275,6 +281,16 @@ func (c *conn) awaitCloseOk() {
 // teardown stops the writer after it has flushed what is queued, then closes the socket
 // and every channel.
 func (c *conn) teardown() {
+	if c.panicked {
+		// Channels, queues and the outbox may be locked by the frames of the panic:
+		// close the socket (which ends the writer, unless it waits on such a lock) and
+		// leave the rest as it is. Unacked messages go back at the restart.
+		c.nc.Close()
+		if c.vh != nil {
+			c.vh.conns.Add(-1)
+		}
+		return
+	}
 	c.outMu.Lock()
 	c.outClosed = true
 	c.outMu.Unlock()

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -1081,5 +1082,44 @@ func TestReadLiveHeap(t *testing.T) {
 	runtime.GC()
 	if readLiveHeap() == 0 {
 		t.Fatal("the live heap reads as 0: /gc/heap/live:bytes is missing")
+	}
+}
+
+// TestPanicMarksBrokerUnhealthy: a panic inside a locked section (here: routing through a
+// topic exchange whose trie is missing, under the vhost's read lock) ends that connection
+// without touching the state it may have left locked, and Healthy reports the broker must
+// be restarted, with the panic and its stack logged.
+func TestPanicMarksBrokerUnhealthy(t *testing.T) {
+	t.Parallel()
+	var logs walLogBuffer
+	srv, url := newTestServer(t, Config{Logger: logs.logger()})
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if _, err := ch.QueueDeclare("", false, false, true, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Healthy(); err != nil {
+		t.Fatalf("Healthy before the panic: %v", err)
+	}
+	vh := srv.vhost("/")
+	vh.mu.Lock()
+	vh.exchanges["broken"] = &exchange{name: "broken", kind: kindTopic} // no trie: routing panics
+	vh.mu.Unlock()
+	closed := c.NotifyClose(make(chan *amqp091.Error, 1))
+	if err := ch.Publish("broken", "k", false, false, amqp091.Publishing{Body: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-closed:
+	case <-time.After(wireTimeout):
+		t.Fatal("the connection that panicked was not closed")
+	}
+	pollFor(t, "the connection to end", func() bool { return openConns(srv) == 0 })
+	err := srv.Healthy()
+	if err == nil || !strings.Contains(err.Error(), "panicked") {
+		t.Fatalf("Healthy after the panic: %v, want the broker unhealthy", err)
+	}
+	if out := logs.String(); !strings.Contains(out, "restart it") || !strings.Contains(out, "goroutine") {
+		t.Fatalf("no loud log line with the stack in:\n%s", out)
 	}
 }

@@ -134,8 +134,18 @@ func run(args []string, stderr io.Writer) int {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
+	health := time.NewTicker(time.Second)
+	defer health.Stop()
+	code := 0
 	for done := false; !done; {
 		select {
+		case <-health.C:
+			if err := srv.Healthy(); err != nil {
+				// State may be locked or half changed: exit so a supervisor restarts the
+				// broker, which replays a consistent state from its log.
+				logger.Error("exiting", "err", err)
+				done, code = true, 3
+			}
 		case err := <-errc:
 			srv.Shutdown(context.Background())
 			if errors.Is(err, syscall.EADDRINUSE) {
@@ -159,11 +169,18 @@ func run(args []string, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := srv.Shutdown(ctx); err != nil {
-		logger.Warn("shutdown incomplete", "err", err)
+	stopped := make(chan error, 1)
+	go func() { stopped <- srv.Shutdown(ctx) }()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			logger.Warn("shutdown incomplete", "err", err)
+		}
+	case <-time.After(15 * time.Second): // a connection stuck on a lock a panic holds
+		logger.Error("shutdown did not finish; exiting anyway")
 	}
 	logger.Info("stopped")
-	return 0
+	return code
 }
 
 // watermark turns -memory-high-watermark into bytes: a fraction of the memory the broker
