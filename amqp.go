@@ -36,8 +36,9 @@
 // also sends heartbeats when the connection has been idle for half the heartbeat interval;
 // the reader gives up after two intervals of silence.
 //
-// Lock order: Server.mu → vhost.mu → queue.mu → channel.mu → channel.cmu → conn.outMu;
-// wal.mu is a leaf, and code that holds several vhost locks takes them in name order.
+// Lock order: Server.reloadMu → Server.mu → vhost.mu → queue.mu → channel.mu → channel.cmu →
+// conn.outMu; wal.mu is a leaf, and code that holds several vhost locks takes them in name
+// order.
 package amqp
 
 import (
@@ -45,6 +46,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -195,6 +197,10 @@ type Server struct {
 	connID atomic.Uint64
 	conns  sync.WaitGroup // one count per connection goroutine pair
 
+	// reloadMu serializes loadAuth, so a reload deletes a virtual host before the next one
+	// may create it again.
+	reloadMu sync.Mutex
+
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{} // guarded by mu
 	active    map[*conn]struct{}        // guarded by mu
@@ -342,12 +348,13 @@ func (s *Server) loadTLS() error {
 // Reload reads the definitions file and the TLS files again. New logins and permission
 // checks use the new users and permissions at once; open TLS sessions are kept. As in
 // RabbitMQ, connections of a deleted user or to a deleted virtual host are closed with 320
-// CONNECTION_FORCED; the deleted virtual host's queues stay in memory.
+// CONNECTION_FORCED, and a deleted virtual host's queues, exchanges, bindings and messages
+// are deleted, in memory and in the write-ahead log, before Reload returns: a virtual host
+// created again under the same name starts empty, also after a restart.
 func (s *Server) Reload() error {
 	if err := s.loadAuth(); err != nil {
 		return err
 	}
-	s.closeRemoved()
 	if s.cfg.TLS != nil {
 		if err := s.loadTLS(); err != nil {
 			return err
@@ -530,6 +537,35 @@ func (s *Server) closeRemoved() {
 		c.log.Warn("closing connection: definitions changed", "reason", why[i].Text)
 		c.closeWith(why[i])
 	}
+}
+
+// deleteVhosts deletes what the virtual hosts in gone hold, which loadAuth has marked
+// deleted and whose connections it has closed, then forgets them. The deletions are on
+// disk when it returns, so a restart does not bring the data back.
+func (s *Server) deleteVhosts(gone []*vhost) error {
+	if len(gone) == 0 {
+		return nil
+	}
+	names := make([]string, 0, len(gone))
+	for _, vh := range gone {
+		n := vh.deleteAll()
+		s.mu.Lock()
+		if s.vhosts[vh.name] == vh {
+			delete(s.vhosts, vh.name)
+		}
+		s.mu.Unlock()
+		names = append(names, vh.name)
+		s.log.Info("vhost deleted with its queues, exchanges and messages", "vhost", vh.name, "queues", n)
+	}
+	s.mu.Lock()
+	w := s.wal
+	s.mu.Unlock()
+	if w != nil {
+		if err := w.sync(); err != nil {
+			return fmt.Errorf("amqp: logging the deletion of vhosts %q: %w", names, err)
+		}
+	}
+	return nil
 }
 
 func (s *Server) connCount() int {

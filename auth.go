@@ -65,7 +65,9 @@ func (s *Server) mechanisms(peerCN string) string {
 }
 
 // loadAuth reads Config.Definitions into the user database and creates its virtual hosts.
-// A missing file means RabbitMQ's defaults: vhost "/" and guest/guest.
+// A missing file means RabbitMQ's defaults: vhost "/" and guest/guest. Virtual hosts no
+// longer defined are deleted with everything in them (see deleteVhosts), and the
+// connections of deleted users and virtual hosts are closed.
 func (s *Server) loadAuth() error {
 	defs := DefaultDefinitions()
 	if path := s.cfg.Definitions; path != "" {
@@ -83,6 +85,8 @@ func (s *Server) loadAuth() error {
 	if err != nil {
 		return err
 	}
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
 	s.mu.Lock()
 	for _, v := range defs.Vhosts {
 		if s.vhosts[v.Name] == nil {
@@ -91,9 +95,19 @@ func (s *Server) loadAuth() error {
 			s.vhosts[v.Name] = vh
 		}
 	}
+	var gone []*vhost
+	for name, vh := range s.vhosts {
+		if !db.vhosts[name] {
+			gone = append(gone, vh)
+		}
+	}
 	s.mu.Unlock()
 	s.auth.Store(db)
-	return nil
+	for _, vh := range gone {
+		vh.markDeleted()
+	}
+	s.closeRemoved()
+	return s.deleteVhosts(gone)
 }
 
 // parsePlain reads a SASL PLAIN response: [authzid] NUL authcid NUL passwd (RFC 4616).
@@ -330,7 +344,8 @@ func (d *Definitions) AddVhost(name string) error {
 	return nil
 }
 
-// DeleteVhost deletes a virtual host and the permissions on it.
+// DeleteVhost deletes a virtual host and the permissions on it. A broker reloading the
+// file deletes the virtual host's queues, exchanges, bindings and messages too.
 func (d *Definitions) DeleteVhost(name string) error {
 	i := d.vhost(name)
 	if i < 0 {
@@ -950,7 +965,7 @@ func (db *authDB) removed(user, vhost string) *Error {
 	case db.users[user] == nil:
 		return newError(replyConnectionForced, "user '"+user+"' is deleted")
 	case !db.vhosts[vhost]:
-		return newError(replyConnectionForced, "vhost '"+vhost+"' is deleted")
+		return vhostDeleted(vhost)
 	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io/fs"
 	"net"
 	"os"
@@ -14,9 +15,13 @@ import (
 	"reflect"
 	"runtime"
 	"slices"
+	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
 )
 
 // amqplainResponse builds an AMQPLAIN response as clients send it: the content of a field
@@ -1120,4 +1125,258 @@ func FuzzDefinitions(f *testing.F) {
 			}
 		}
 	})
+}
+
+// withGuestVhosts is a definitions edit that adds virtual hosts on which guest may do
+// anything.
+func withGuestVhosts(names ...string) func(d *Definitions) error {
+	return func(d *Definitions) error {
+		var err error
+		for _, name := range names {
+			err = errors.Join(err, d.AddVhost(name), d.SetPermissions("guest", name, ".*", ".*", ".*"))
+		}
+		return err
+	}
+}
+
+// describeVhost lists a virtual host's exchanges, queues with their ready counts, and
+// bindings, one sorted line each. With durableOnly, only what a restart keeps.
+func describeVhost(vh *vhost, durableOnly bool) []string {
+	vh.mu.RLock()
+	defer vh.mu.RUnlock()
+	var lines []string
+	for _, x := range vh.exchanges {
+		if durableOnly && !x.durable {
+			continue
+		}
+		lines = append(lines, fmt.Sprintf("exchange %q %s durable=%v", x.name, x.kind, x.durable))
+		for _, b := range x.bindings {
+			if durableOnly && !durableBinding(b) {
+				continue
+			}
+			if b.queue != nil {
+				lines = append(lines, fmt.Sprintf("bind %q -> queue %q key %q", x.name, b.queue.name, b.key))
+			} else {
+				lines = append(lines, fmt.Sprintf("bind %q -> exchange %q key %q", x.name, b.dest.name, b.key))
+			}
+		}
+	}
+	for _, q := range vh.queues {
+		if durableOnly && q.walID == 0 {
+			continue
+		}
+		lines = append(lines, fmt.Sprintf("queue %q durable=%v ready=%d", q.name, q.durable, q.messageCount()))
+	}
+	sort.Strings(lines)
+	return lines
+}
+
+// fillVhost declares, on conn, durable and transient exchanges and queues bound every way
+// (exchange to queue, exchange to exchange, predeclared exchanges on either end), and
+// publishes persistent and transient messages; vd.dq gets 4 persistent messages, vd.dq2 3,
+// vd.tq 6 of either kind. A consumer on vd.dq takes 2 and does not ack them: they are
+// returned.
+func fillVhost(t testing.TB, conn *amqp091.Connection) []amqp091.Delivery {
+	t.Helper()
+	ch := openChannel(t, conn)
+	for _, x := range []struct {
+		name, kind string
+		durable    bool
+	}{{"vd.x", "direct", true}, {"vd.xt", "fanout", false}} {
+		if err := ch.ExchangeDeclare(x.name, x.kind, x.durable, false, false, false, nil); err != nil {
+			t.Fatalf("declare %s: %v", x.name, err)
+		}
+	}
+	for _, q := range []struct {
+		name    string
+		durable bool
+	}{{"vd.dq", true}, {"vd.dq2", true}, {"vd.tq", false}} {
+		if _, err := ch.QueueDeclare(q.name, q.durable, false, false, false, nil); err != nil {
+			t.Fatalf("declare %s: %v", q.name, err)
+		}
+	}
+	for _, b := range []struct{ queue, key, exchange string }{
+		{"vd.dq", "k", "vd.x"}, {"vd.dq", "t.#", "amq.topic"}, {"vd.tq", "", "vd.xt"}, {"vd.dq2", "", "amq.fanout"},
+	} {
+		if err := ch.QueueBind(b.queue, b.key, b.exchange, false, nil); err != nil {
+			t.Fatalf("bind %v: %v", b, err)
+		}
+	}
+	for _, b := range []struct{ dest, key, source string }{
+		{"amq.fanout", "e2e", "amq.direct"}, {"vd.xt", "k", "vd.x"}, {"amq.fanout", "k2", "vd.x"},
+	} {
+		if err := ch.ExchangeBind(b.dest, b.key, b.source, false, nil); err != nil {
+			t.Fatalf("exchange bind %v: %v", b, err)
+		}
+	}
+	p := newPersistentPublisher(t, conn)
+	for i := range 4 {
+		p.publish("vd.x", "k", persistentMsg("dq-"+strconv.Itoa(i))) // vd.dq, and vd.tq through vd.xt
+	}
+	for i := range 3 {
+		p.publish("", "vd.dq2", persistentMsg("dq2-"+strconv.Itoa(i)))
+	}
+	for i := range 2 {
+		p.publish("vd.xt", "", transientMsg("tq-"+strconv.Itoa(i)))
+	}
+	p.wait()
+	if err := ch.Qos(2, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := ch.Consume("vd.dq", "holder", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return []amqp091.Delivery{takeDelivery(t, msgs), takeDelivery(t, msgs)}
+}
+
+// checkFreshVhost checks that the virtual host name of srv holds only the predeclared
+// exchanges, unbound, and that nothing fillVhost declared is there, in memory and seen by
+// a client.
+func checkFreshVhost(t testing.TB, srv *Server, name string) {
+	t.Helper()
+	vh := srv.vhost(name)
+	if vh == nil {
+		t.Fatalf("no vhost %q", name)
+	}
+	if got, want := describeVhost(vh, false), describeVhost(newVhost(name), false); !slices.Equal(got, want) {
+		t.Errorf("vhost %q holds:\n%s\nwant only:\n%s", name, strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	conn := secConnect(t, srv.Addr().String(), "guest", "guest", name)
+	for _, q := range []string{"vd.dq", "vd.dq2", "vd.tq"} {
+		if n := queueDepth(t, conn, q); n != -1 {
+			t.Errorf("queue %s is back in vhost %q with %d messages", q, name, n)
+		}
+	}
+	for _, x := range []string{"vd.x", "vd.xt"} {
+		err := onFreshChannel(t, conn, func(ch *amqp091.Channel) error {
+			return ch.ExchangeDeclarePassive(x, "direct", true, false, false, false, nil)
+		})
+		if amqpErrCode(err) != 404 {
+			t.Errorf("passive declare of exchange %s in vhost %q: %v, want 404", x, name, err)
+		}
+	}
+	// The predeclared exchanges route nowhere: their old bindings are gone.
+	c := newConfirmChannel(t, conn)
+	for _, x := range []struct{ exchange, key string }{{"amq.direct", "e2e"}, {"amq.topic", "t.x"}, {"amq.fanout", ""}} {
+		c.publish(x.exchange, x.key, true, transientMsg("probe"))
+	}
+	c.wait()
+	if n := len(c.returns); n != 3 {
+		t.Errorf("%d of 3 probes through the predeclared exchanges of vhost %q returned unroutable", n, name)
+	}
+}
+
+// walLive is the octets of publish records the log still needs.
+func walLive(w *wal) int64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var live int64
+	for _, s := range w.segs {
+		live += s.liveBytes
+	}
+	return live
+}
+
+// TestReloadDeleteVhost deletes a virtual host holding queues, exchanges, bindings, and
+// persistent messages, some unacked, from the definitions file and reloads, as
+// `amqpd delete_vhost` and SIGHUP do: its connection is closed with 320, its messages are
+// released in the log, and a virtual host of the same name created later is empty: at once,
+// after a clean restart, and after a crash right after Reload returned.
+func TestReloadDeleteVhost(t *testing.T) {
+	t.Parallel()
+	path := secDefsFile(t, withGuestVhosts("prod"))
+	b := startDurable(t, Config{Definitions: path})
+	prod := secConnect(t, b.srv.Addr().String(), "guest", "guest", "prod")
+	closed := prod.NotifyClose(make(chan *amqp091.Error, 1))
+	fillVhost(t, prod)
+	if n := len(describeVhost(b.srv.vhost("prod"), true)); n < 10 {
+		t.Fatalf("vhost prod has %d durable entities after fillVhost", n)
+	}
+
+	secSaveDefs(t, path, nil)
+	if err := b.srv.Reload(); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	crashed := copyDataDir(t, b.dir, nil) // what is on disk when Reload returns
+	awaitCloseCode(t, closed, replyConnectionForced)
+	if b.srv.vhost("prod") != nil {
+		t.Error("vhost prod is still in memory")
+	}
+	// The unacked messages are released too, when the closed connection requeues them.
+	pollFor(t, "prod's messages released in the log", func() bool { return walLive(b.srv.wal) == 0 })
+
+	secSaveDefs(t, path, withGuestVhosts("prod"))
+	if err := b.srv.Reload(); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	checkFreshVhost(t, b.srv, "prod")
+
+	b2 := b.restart("clean", Config{Definitions: path})
+	checkFreshVhost(t, b2.srv, "prod")
+	b3 := startDurable(t, Config{DataDir: crashed, Definitions: path})
+	checkFreshVhost(t, b3.srv, "prod")
+	if n := walLive(b3.srv.wal); n != 0 {
+		t.Errorf("after the crash, the log holds %d live octets of the deleted vhost's messages", n)
+	}
+}
+
+// TestReloadDeleteVhostLeavesOthers deletes one of three virtual hosts holding the same
+// names: the other two keep their connections, consumers, unacked messages, entities and
+// messages, also after a restart.
+func TestReloadDeleteVhostLeavesOthers(t *testing.T) {
+	t.Parallel()
+	path := secDefsFile(t, withGuestVhosts("prod", "other"))
+	b := startDurable(t, Config{Definitions: path})
+	addr := b.srv.Addr().String()
+	fillVhost(t, secConnect(t, addr, "guest", "guest", "prod"))
+	kept := map[string]*amqp091.Connection{}
+	held := map[string][]amqp091.Delivery{}
+	closed := map[string]chan *amqp091.Error{}
+	before, durable := map[string][]string{}, map[string][]string{}
+	for _, name := range []string{"/", "other"} {
+		kept[name] = secConnect(t, addr, "guest", "guest", name)
+		closed[name] = kept[name].NotifyClose(make(chan *amqp091.Error, 1))
+		held[name] = fillVhost(t, kept[name])
+		before[name] = describeVhost(b.srv.vhost(name), false)
+		durable[name] = describeVhost(b.srv.vhost(name), true)
+	}
+
+	secSaveDefs(t, path, withGuestVhosts("other"))
+	if err := b.srv.Reload(); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	for _, name := range []string{"/", "other"} {
+		if got := describeVhost(b.srv.vhost(name), false); !slices.Equal(got, before[name]) {
+			t.Errorf("vhost %q after deleting prod:\n%s\nwant:\n%s", name, strings.Join(got, "\n"), strings.Join(before[name], "\n"))
+		}
+		for _, d := range held[name] {
+			if err := d.Ack(false); err != nil {
+				t.Errorf("vhost %q: ack: %v", name, err)
+			}
+		}
+		// The consumer takes the next two; the queue's two ready messages are delivered.
+		pollFor(t, "vd.dq of "+name+" delivered to its consumer", func() bool {
+			return slices.Contains(describeVhost(b.srv.vhost(name), false), `queue "vd.dq" durable=true ready=0`)
+		})
+		select {
+		case e := <-closed[name]:
+			t.Fatalf("the connection to vhost %q closed: %v", name, e)
+		default:
+		}
+	}
+	// The consumers' unacked messages are ready again after the restart: vd.dq holds the
+	// 2 of its 4 messages that were not acked, as before the reload.
+	for _, name := range []string{"/", "other"} {
+		kept[name].Close()
+	}
+	b2 := b.restart("clean", Config{Definitions: path})
+	for _, name := range []string{"/", "other"} {
+		if got := describeVhost(b2.srv.vhost(name), true); !slices.Equal(got, durable[name]) {
+			t.Errorf("vhost %q after a restart:\n%s\nwant:\n%s", name, strings.Join(got, "\n"), strings.Join(durable[name], "\n"))
+		}
+	}
+	if b2.srv.vhost("prod") != nil {
+		t.Error("the deleted vhost prod is back after a restart")
+	}
 }

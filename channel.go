@@ -865,7 +865,8 @@ func (ch *channel) cancelByServer(c *consumer) {
 	}
 	dead := ch.dead
 	ch.mu.Unlock()
-	if ok && !dead && ch.c.caps.consumerCancelNotify {
+	// Nothing may follow connection.close, as when a reload deletes the vhost.
+	if ok && !dead && ch.c.caps.consumerCancelNotify && !ch.c.closing.Load() {
 		ch.c.sendOn(ch.id, &basicCancel{ConsumerTag: c.tag, NoWait: true})
 	}
 }

@@ -168,8 +168,12 @@ func (c *conn) serve() {
 	c.nc.SetReadDeadline(time.Time{})
 	c.readIdle = 2 * time.Duration(c.heartbeat.Load())
 	c.opened.Store(true)
+	// A reload removed the user or the vhost during the handshake; or, with another reload
+	// since, created a vhost of the same name: c.vh is then the deleted one.
 	if e := c.s.auth.Load().removed(c.user, c.vh.name); e != nil {
-		c.closeWith(e) // a reload removed the user or the vhost during the handshake
+		c.closeWith(e)
+	} else if c.vh.isDeleted() {
+		c.closeWith(vhostDeleted(c.vh.name))
 	}
 	if c.shutdown.Load() {
 		// Shutdown began during the handshake.

@@ -28,6 +28,7 @@ type vhost struct {
 	mu        sync.RWMutex
 	exchanges map[string]*exchange // guarded by mu
 	queues    map[string]*queue    // guarded by mu
+	deleted   bool                 // guarded by mu: a reload deleted it; nothing is declared or bound in it
 }
 
 func newVhost(name string) *vhost {
@@ -44,6 +45,63 @@ func newVhost(name string) *vhost {
 		vh.exchanges[x.name] = newExchange(x.name, x.kind, true, false, false, nil)
 	}
 	return vh
+}
+
+// vhostDeleted is the 320 CONNECTION_FORCED of a connection to a virtual host that a reload
+// deleted, as RabbitMQ words it.
+func vhostDeleted(name string) *Error {
+	return newError(replyConnectionForced, "vhost '"+name+"' is deleted")
+}
+
+// markDeleted refuses every later declare and bind in vh with vhostDeleted.
+func (vh *vhost) markDeleted() {
+	vh.mu.Lock()
+	vh.deleted = true
+	vh.mu.Unlock()
+}
+
+func (vh *vhost) isDeleted() bool {
+	vh.mu.RLock()
+	defer vh.mu.RUnlock()
+	return vh.deleted
+}
+
+// deleteAll empties a virtual host a reload deleted, as RabbitMQ does: its queues go with
+// their messages (consumers get basic.cancel), then its exchanges and every binding. The
+// durable ones are logged as deleted, so a virtual host of the same name created later
+// starts with only the predeclared exchanges, now and after a restart. vh must be marked
+// deleted first, so that nothing new appears in it meanwhile. It returns the number of
+// queues deleted.
+func (vh *vhost) deleteAll() int {
+	vh.mu.RLock()
+	queues := make([]*queue, 0, len(vh.queues))
+	for _, q := range vh.queues {
+		queues = append(queues, q)
+	}
+	vh.mu.RUnlock()
+	for _, q := range queues {
+		vh.deleteQueue(q) // takes vh.mu itself
+	}
+	vh.mu.Lock()
+	defer vh.mu.Unlock()
+	for _, x := range vh.exchanges {
+		// deleteExchangeLocked may also delete auto-delete exchanges further on in the map,
+		// which the range then skips.
+		if !predeclared(x.name) {
+			vh.deleteExchangeLocked(x)
+		}
+	}
+	// A vhost of the same name declares the predeclared exchanges again, so they are not
+	// logged as deleted; only the bindings left between them are, which would come back
+	// in it after a restart.
+	for _, x := range vh.exchanges {
+		for len(x.bindings) > 0 {
+			if b := x.removeBindingLocked(len(x.bindings) - 1); durableBinding(b) {
+				vh.logLocked(recUnbind, bindRecord(vh.name, b))
+			}
+		}
+	}
+	return len(queues)
 }
 
 // exchange routes messages to queues and other exchanges by its bindings.
@@ -486,6 +544,10 @@ func (ch *channel) exchangeDeclare(d *decoder) error {
 		return err
 	}
 	vh.mu.Lock()
+	if vh.deleted {
+		vh.mu.Unlock()
+		return vhostDeleted(vh.name)
+	}
 	x := vh.exchanges[m.Exchange]
 	if x == nil && reservedName(m.Exchange) {
 		vh.mu.Unlock()
@@ -643,6 +705,10 @@ func (ch *channel) exchangeBind(id uint32, d *decoder) error {
 	}
 	vh := ch.vh()
 	vh.mu.Lock()
+	if vh.deleted {
+		vh.mu.Unlock()
+		return vhostDeleted(vh.name)
+	}
 	sx, dx := vh.exchanges[src], vh.exchanges[dst]
 	if dx == nil || sx == nil {
 		vh.mu.Unlock()

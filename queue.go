@@ -151,6 +151,11 @@ func (q *queue) enqueue(m *message) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.deleted {
+		// Routed before the delete: release the hold logPublish gave q on m.
+		if m.wal != nil && q.walID != 0 && q.vh.wal != nil {
+			one := [1]*message{m}
+			q.vh.wal.dropQueue(q, one[:])
+		}
 		return true
 	}
 	size := int64(len(m.body()))
@@ -637,6 +642,10 @@ func (ch *channel) queueDeclare(d *decoder) error {
 		return err
 	}
 	vh.mu.Lock()
+	if vh.deleted {
+		vh.mu.Unlock()
+		return vhostDeleted(vh.name)
+	}
 	q := vh.queues[name]
 	created := q == nil
 	if limit := ch.c.s.cfg.MaxQueuesPerVhost; created && limit > 0 && len(vh.queues) >= limit {
@@ -732,6 +741,10 @@ func (ch *channel) queueBind(d *decoder) error {
 	}
 	vh := ch.vh()
 	vh.mu.Lock()
+	if vh.deleted {
+		vh.mu.Unlock()
+		return vhostDeleted(vh.name)
+	}
 	logged := false
 	if !x.deleted && !q.isDeleted() {
 		b := &binding{source: x, queue: q, key: m.RoutingKey, args: m.Arguments}
