@@ -71,6 +71,7 @@ const (
 	defaultCloseTimeout     = 5 * time.Second
 	defaultMaxMessageSize   = 16 << 20
 	maxMessageSizeLimit     = 512 << 20
+	defaultDiskFreeLimit    = 50_000_000
 )
 
 // Config configures a Server. The zero value serves on :5672 with RabbitMQ's defaults.
@@ -135,6 +136,11 @@ type Config struct {
 	// Repair lets startup skip corrupt records in the middle of the log, logging what was
 	// lost, instead of refusing to start.
 	Repair bool
+	// DiskFreeLimit sets off the disk alarm when the data directory's disk has fewer free
+	// octets than this: as with the memory alarm, publishing connections are blocked
+	// (connection.blocked "low on disk") until there is room again. Zero means 50 MB, as
+	// in RabbitMQ; a negative value turns the alarm off. It applies only with DataDir.
+	DiskFreeLimit int64
 	// HandshakeTimeout bounds the time from accepting a socket to connection.open; default 10s.
 	HandshakeTimeout time.Duration
 }
@@ -182,6 +188,9 @@ func (c *Config) setDefaults() {
 		c.MaxMessageSize = defaultMaxMessageSize
 	}
 	c.MaxMessageSize = min(c.MaxMessageSize, maxMessageSizeLimit)
+	if c.DiskFreeLimit == 0 {
+		c.DiskFreeLimit = defaultDiskFreeLimit
+	}
 	if c.HandshakeTimeout <= 0 {
 		c.HandshakeTimeout = defaultHandshakeTimeout
 	}
@@ -211,10 +220,11 @@ type Server struct {
 	auth      atomic.Pointer[authDB]
 
 	unhealthy  atomic.Pointer[string] // why the broker must be restarted; nil while sound
-	memAlarm   atomic.Bool            // the memory alarm is on
+	alarms     atomic.Uint32          // the resource alarms that are on: alarmMemory, alarmDisk
 	alarmMu    sync.Mutex             // guards alarmClear
-	alarmClear chan struct{}          // closed when the alarm goes off again
+	alarmClear chan struct{}          // closed when the last alarm goes off
 	liveHeap   func() uint64          // the live heap in bytes; a test may replace it
+	diskFree   func() (uint64, error) // free octets for the data directory; a test may replace it
 	stopWatch  chan struct{}          // closed by Shutdown
 	wal        *wal                   // nil without a data directory; set before serving
 	openOnce   sync.Once
@@ -237,6 +247,7 @@ func NewServer(cfg Config) *Server {
 	db, _ := newAuthDB(DefaultDefinitions(), cfg.LoopbackUsers)
 	s.auth.Store(db)
 	s.liveHeap = readLiveHeap
+	s.diskFree = func() (uint64, error) { return diskFree(s.cfg.DataDir) }
 	s.stopWatch = make(chan struct{})
 	return s
 }
@@ -428,8 +439,8 @@ func (s *Server) open() error {
 		if s.openErr = s.loadAuth(); s.openErr == nil {
 			s.openErr = s.openStore()
 		}
-		if s.openErr == nil && s.cfg.MemoryHighWatermark > 0 {
-			go s.watchMemory()
+		if s.openErr == nil && (s.cfg.MemoryHighWatermark > 0 || s.wal != nil && s.cfg.DiskFreeLimit > 0) {
+			go s.watchResources()
 		}
 	})
 	return s.openErr
@@ -599,43 +610,87 @@ func (s *Server) untrack(c *conn) {
 	s.conns.Done()
 }
 
-// memoryCheckInterval is how often the memory alarm looks at the heap.
-const memoryCheckInterval = 100 * time.Millisecond
+// resourceCheckInterval is how often the alarms look at the heap and the disk.
+const resourceCheckInterval = 100 * time.Millisecond
 
-// watchMemory sets and clears the memory alarm until Shutdown.
-func (s *Server) watchMemory() {
-	t := time.NewTicker(memoryCheckInterval)
+// Resource alarms; as in RabbitMQ, while any is on, publishing connections are blocked.
+const (
+	alarmMemory = 1 << iota // the live heap is over Config.MemoryHighWatermark
+	alarmDisk               // the data directory's disk has less than Config.DiskFreeLimit free
+)
+
+// watchResources sets and clears the memory and disk alarms until Shutdown.
+func (s *Server) watchResources() {
+	t := time.NewTicker(resourceCheckInterval)
 	defer t.Stop()
 	var forced time.Time
+	diskErr := false
 	for {
 		select {
 		case <-s.stopWatch:
 			return
 		case <-t.C:
 		}
-		if s.memAlarm.Load() && time.Since(forced) >= time.Second {
-			// The live heap only changes when the collector runs, and a broker whose
-			// publishers are blocked allocates too little to start it: collect, or the
-			// alarm outlives the memory it was about.
-			runtime.GC()
-			forced = time.Now()
+		if limit := s.cfg.MemoryHighWatermark; limit > 0 {
+			if s.alarms.Load()&alarmMemory != 0 && time.Since(forced) >= time.Second {
+				// The live heap only changes when the collector runs, and a broker whose
+				// publishers are blocked allocates too little to start it: collect, or
+				// the alarm outlives the memory it was about.
+				runtime.GC()
+				forced = time.Now()
+			}
+			live := s.liveHeap()
+			s.setAlarm(alarmMemory, live > limit, "memory alarm", "live_heap", live, "watermark", limit)
 		}
-		live := s.liveHeap()
-		on := live > s.cfg.MemoryHighWatermark
-		if on == s.memAlarm.Load() {
-			continue
+		if limit := s.cfg.DiskFreeLimit; limit > 0 && s.wal != nil {
+			free, err := s.diskFree()
+			if err != nil {
+				if !diskErr {
+					s.log.Error("cannot read the data directory's free space; the disk alarm is off", "err", err)
+				}
+				diskErr = true
+				continue
+			}
+			diskErr = false
+			s.setAlarm(alarmDisk, free < uint64(limit), "disk alarm", "free", free, "limit", limit)
 		}
-		s.alarmMu.Lock()
-		if on {
-			s.alarmClear = make(chan struct{})
-			s.log.Warn("memory alarm: blocking publishers", "live_heap", live, "watermark", s.cfg.MemoryHighWatermark)
-		} else {
-			close(s.alarmClear)
-			s.log.Info("memory alarm cleared", "live_heap", live)
-		}
-		s.memAlarm.Store(on)
-		s.alarmMu.Unlock()
 	}
+}
+
+// setAlarm turns one alarm on or off, logging the change; publishers stay blocked until
+// no alarm is on.
+func (s *Server) setAlarm(bit uint32, on bool, name string, attrs ...any) {
+	was := s.alarms.Load()
+	if (was&bit != 0) == on {
+		return
+	}
+	s.alarmMu.Lock()
+	defer s.alarmMu.Unlock()
+	now := was &^ bit
+	if on {
+		now |= bit
+		s.log.Warn(name+": blocking publishers", attrs...)
+	} else {
+		s.log.Info(name+" cleared", attrs...)
+	}
+	switch {
+	case was == 0 && now != 0:
+		s.alarmClear = make(chan struct{})
+	case was != 0 && now == 0:
+		close(s.alarmClear)
+	}
+	s.alarms.Store(now)
+}
+
+// blockedReason is RabbitMQ's connection.blocked reason for the alarms that are on.
+func blockedReason(alarms uint32) string {
+	switch alarms {
+	case alarmMemory:
+		return "low on memory"
+	case alarmDisk:
+		return "low on disk"
+	}
+	return "low on memory and disk"
 }
 
 // readLiveHeap reads the heap that survived the last garbage collection.

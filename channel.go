@@ -984,7 +984,7 @@ func (ch *channel) txMethod(id uint32) error {
 			t, err := ch.route(p.x, p.msg, p.mandatory)
 			if err != nil && err != errRefused {
 				// The acks stay pending, so closing the channel requeues their messages.
-				return internalError("write-ahead log failed")
+				return logUnwritable(err)
 			}
 			last = max(last, t)
 		}
@@ -998,7 +998,7 @@ func (ch *channel) txMethod(id uint32) error {
 		if w := ch.c.s.wal; w != nil && (last > 0 || len(acks) > 0) {
 			// tx.commit-ok means on disk: wait for the fsync covering this work.
 			if err := w.sync(); err != nil {
-				return internalError("write-ahead log failed")
+				return logUnwritable(err)
 			}
 		}
 		ch.c.sendOn(ch.id, &txCommitOk{})

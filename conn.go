@@ -182,7 +182,7 @@ func (c *conn) serve() {
 	for {
 		f, err := c.fr.read()
 		if err == nil {
-			if c.s.memAlarm.Load() && isPublishFrame(f) && !c.closing.Load() {
+			if c.s.alarms.Load() != 0 && isPublishFrame(f) && !c.closing.Load() {
 				c.blockWhileAlarm()
 			}
 			err = c.handleFrame(f)
@@ -359,15 +359,15 @@ func isPublishFrame(f frame) bool {
 // advertised them. Its other frames (acks, consumes) go on being read until it publishes.
 func (c *conn) blockWhileAlarm() {
 	c.s.alarmMu.Lock()
-	clear, on := c.s.alarmClear, c.s.memAlarm.Load()
+	clear, on := c.s.alarmClear, c.s.alarms.Load()
 	c.s.alarmMu.Unlock()
-	if !on || c.closing.Load() {
+	if on == 0 || c.closing.Load() {
 		return
 	}
 	// Confirm what was published before the block, or clients wait out the whole alarm.
 	c.flushConfirms()
 	if c.caps.connectionBlocked {
-		c.send(&connectionBlocked{Reason: "low on memory"})
+		c.send(&connectionBlocked{Reason: blockedReason(on)})
 	}
 	select {
 	case <-clear:

@@ -1042,7 +1042,7 @@ func TestMemoryAlarmBlocksPublishers(t *testing.T) {
 
 	heap.Store(2 << 20)
 	deadline := time.Now().Add(5 * time.Second)
-	for !srv.memAlarm.Load() {
+	for srv.alarms.Load()&alarmMemory == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the alarm never went on")
 		}

@@ -23,6 +23,7 @@ import (
 //
 //	<dir>/LOCK                      held (flock) while a broker uses the directory
 //	<dir>/meta.snap                 checkpoint: durable topology and the log position it covers
+//	<dir>/RESERVE                   4 MiB set aside, released when the disk fills up
 //	<dir>/wal/<20-digit seq>.seg    segments, appended in order, rolled at Config.SegmentSize
 //
 // A segment starts with a 16-octet header, then records:
@@ -79,6 +80,8 @@ var (
 	snapMagic = [8]byte{'A', 'M', 'Q', 'P', 'S', 'N', 'A', 'P'}
 	crcTable  = crc32.MakeTable(crc32.Castagnoli)
 	errWAL    = errors.New("amqp: write-ahead log failed")
+	// errNoSpace refuses new persistent messages while the log's disk is full.
+	errNoSpace = errors.New("amqp: write-ahead log is out of disk space")
 )
 
 // walPos is a place in the log.
@@ -133,12 +136,15 @@ type wal struct {
 
 	doneAtomic   atomic.Uint64 // done, readable without mu
 	failedAtomic atomic.Bool   // failed != nil, readable without mu
+	noSpace      atomic.Bool   // the disk is full: the writer is waiting for room; set under mu
 
 	// The writer's own state.
 	written  uint64 // tickets written to the file
 	fsynced  uint64 // tickets fsynced: only these may replace a deleted segment's records
 	file     *os.File
 	fileSeg  *segment
+	fileOff  int64 // octets written to file
+	reserved bool  // the reserve file is in place
 	lastSync time.Time
 
 	// snapshotFn encodes the durable topology as checkpoint records with every vhost
@@ -189,9 +195,16 @@ func openWAL(dir string, opts walOptions) (*wal, *recovered, error) {
 		lock.Close()
 		return nil, nil, err
 	}
-	if err := w.startSegment(); err != nil {
+	err = w.startSegment()
+	if isNoSpace(err) && w.releaseReserve() {
+		err = w.startSegment()
+	}
+	if err != nil {
 		lock.Close()
 		return nil, nil, err
+	}
+	if !w.reserved {
+		w.makeReserve()
 	}
 	go w.run()
 	return w, rec, nil
@@ -229,7 +242,7 @@ func prepareDir(dir string, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	files = append(files, filepath.Join(dir, "LOCK"), filepath.Join(dir, "meta.snap"))
+	files = append(files, filepath.Join(dir, "LOCK"), filepath.Join(dir, "meta.snap"), filepath.Join(dir, "RESERVE"))
 	loose := 0
 	for _, f := range files {
 		if fi, err := os.Stat(f); err == nil && fi.Mode().Perm()&0o077 != 0 && runtime.GOOS != "windows" {
@@ -270,15 +283,12 @@ func (w *wal) startSegment() error {
 	return w.openFile(seg)
 }
 
-// openFile creates seg's file with its header and makes it the writer's file.
+// openFile creates seg's file with its header and makes it the writer's file once the
+// previous one is synced. When the disk is full it removes what it created and leaves
+// the previous file as it was.
 func (w *wal) openFile(seg *segment) error {
-	if w.file != nil {
-		if err := w.file.Sync(); err != nil {
-			return err
-		}
-		w.file.Close()
-	}
-	f, err := os.OpenFile(w.segPath(seg.seq), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	name := w.segPath(seg.seq)
+	f, err := os.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
 		return err
 	}
@@ -287,20 +297,28 @@ func (w *wal) openFile(seg *segment) error {
 	binary.BigEndian.PutUint32(hdr[8:], walVersion)
 	if _, err := f.Write(hdr[:]); err != nil {
 		f.Close()
+		os.Remove(name)
 		return err
 	}
-	if err := syncDir(filepath.Join(w.dir, "wal")); err != nil {
-		f.Close()
-		return err
+	if w.file != nil {
+		if err := w.file.Sync(); err != nil {
+			f.Close()
+			return err
+		}
+		w.file.Close()
 	}
-	w.file, w.fileSeg = f, seg
-	return nil
+	w.file, w.fileSeg, w.fileOff = f, seg, walHeaderSize
+	return syncDir(filepath.Join(w.dir, "wal"))
 }
 
 // appendLocked adds one record and returns its ticket and place. w.mu must be held.
 func (w *wal) appendLocked(typ uint8, payload []byte) (uint64, *segment, error) {
 	if w.failed != nil {
 		return 0, nil, w.failed
+	}
+	if typ == recPublish && w.noSpace.Load() {
+		// New messages wait for room; settlements and topology are kept for the writer.
+		return 0, nil, errNoSpace
 	}
 	if w.closed {
 		return 0, nil, errWAL
@@ -357,8 +375,11 @@ func (w *wal) kick() {
 func (w *wal) wait(ticket uint64) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	for w.done < ticket && w.failed == nil {
+	for w.done < ticket && w.failed == nil && !w.noSpace.Load() {
 		w.synced.Wait()
+	}
+	if w.failed == nil && w.done < ticket {
+		return errNoSpace
 	}
 	return w.failed
 }
@@ -442,19 +463,114 @@ func (w *wal) run() {
 	}
 }
 
-// write writes chunks in order, opening new segment files as the log rolls.
+// write writes chunks in order, opening new segment files as the log rolls. When the
+// disk is full it keeps them and tries again, compacting in between, until they are
+// written or the log closes: consuming and acking then frees the space it needs.
 func (w *wal) write(chunks []walChunk) error {
-	for _, c := range chunks {
-		if c.seg != w.fileSeg {
-			if err := w.openFile(c.seg); err != nil {
-				return err
-			}
+	for {
+		n, err := w.writeSome(chunks)
+		chunks = chunks[n:]
+		if err == nil {
+			break
 		}
-		if _, err := w.file.Write(c.buf); err != nil {
+		if !isNoSpace(err) || !w.waitForSpace(err) {
 			return err
 		}
 	}
+	if !w.reserved {
+		// Out of space, the log accepts new messages again only once it has its reserve
+		// back: the reserve is for the records that free space, never for publishes.
+		w.makeReserve()
+		if w.reserved && w.noSpace.Load() {
+			w.noSpace.Store(false)
+			w.log.Info("write-ahead log has room again; persistent publishes are accepted")
+		}
+	}
 	return nil
+}
+
+// reserveSize is the disk space the log keeps in reserve for a full disk: room for the
+// settlements, and the checkpoint that lets compaction delete segments, that free space.
+const reserveSize = 4 << 20
+
+func (w *wal) reservePath() string { return filepath.Join(w.dir, "RESERVE") }
+
+// makeReserve sets reserveSize octets aside in a file of their own, where there is room.
+// It runs on the writer, or before it starts.
+func (w *wal) makeReserve() {
+	if fi, err := os.Stat(w.reservePath()); err == nil && fi.Size() == reserveSize {
+		w.reserved = true
+		return
+	}
+	f, err := os.OpenFile(w.reservePath(), os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err == nil {
+		err = fill(f, reserveSize)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err != nil {
+		os.Remove(w.reservePath())
+		return // tried again after the next write
+	}
+	w.reserved = true
+}
+
+// releaseReserve deletes the reserve file, when there is one, so that a full disk has
+// room for a checkpoint and the records that free space; it reports whether it did.
+func (w *wal) releaseReserve() bool {
+	if err := os.Remove(w.reservePath()); err != nil {
+		return false
+	}
+	w.reserved = false
+	w.log.Warn("released the log's disk reserve", "bytes", reserveSize)
+	return true
+}
+
+// writeSome writes chunks until one fails; it returns how many were written. A write cut
+// short is cut off the file, so the chunk can be written again whole.
+func (w *wal) writeSome(chunks []walChunk) (int, error) {
+	for i, c := range chunks {
+		if c.seg != w.fileSeg {
+			if err := w.openFile(c.seg); err != nil {
+				return i, err
+			}
+		}
+		if _, err := w.file.Write(c.buf); err != nil {
+			if terr := w.file.Truncate(w.fileOff); terr != nil {
+				return i, terr
+			}
+			if _, serr := w.file.Seek(w.fileOff, io.SeekStart); serr != nil {
+				return i, serr
+			}
+			return i, err
+		}
+		w.fileOff += int64(len(c.buf))
+	}
+	return len(chunks), nil
+}
+
+// noSpaceRetry is how often a log whose disk is full tries to write again.
+const noSpaceRetry = 100 * time.Millisecond
+
+// waitForSpace marks the log out of space (new persistent publishes are refused, waiters
+// told), compacts, and waits a little; it reports false when the log is closing instead.
+func (w *wal) waitForSpace(cause error) bool {
+	if !w.noSpace.Load() {
+		w.log.Error("write-ahead log is out of disk space: persistent publishes are refused until consumers free some", "err", cause)
+		w.mu.Lock()
+		w.noSpace.Store(true)
+		w.synced.Broadcast()
+		w.mu.Unlock()
+		if w.releaseReserve() {
+			return true // try again at once, in the room released
+		}
+	}
+	w.compact()
+	time.Sleep(noSpaceRetry)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return !w.closed
 }
 
 // close writes what is pending, syncs, checkpoints, and releases the directory.
@@ -485,7 +601,7 @@ func (w *wal) compact() {
 	w.mu.Unlock()
 	if many {
 		// Keep the checkpoint near the head when topology churns, so replay stays short.
-		if err := w.checkpoint(); err != nil {
+		if err := w.checkpoint(); err != nil && !w.noSpace.Load() {
 			w.log.Error("checkpoint failed", "err", err)
 		}
 	}
@@ -522,7 +638,9 @@ func (w *wal) compact() {
 		w.mu.Unlock()
 		if needSnap {
 			if err := w.checkpoint(); err != nil {
-				w.log.Error("checkpoint failed", "err", err)
+				if !w.noSpace.Load() {
+					w.log.Error("checkpoint failed", "err", err)
+				}
 				return
 			}
 		}
@@ -992,6 +1110,19 @@ func appendSnapRecord(b []byte, typ uint8, payload []byte) []byte {
 	return append(b, payload...)
 }
 
+// writeZeros writes size zero octets to f.
+func writeZeros(f *os.File, size int64) error {
+	zeros := make([]byte, 64<<10)
+	for size > 0 {
+		n, err := f.Write(zeros[:min(size, int64(len(zeros)))])
+		if err != nil {
+			return err
+		}
+		size -= int64(n)
+	}
+	return nil
+}
+
 // syncObserver, when a test sets it, is told the name of every file and directory the
 // log fsyncs by name.
 var syncObserver atomic.Pointer[func(name string)]
@@ -1090,9 +1221,18 @@ func (vh *vhost) syncTopology() error {
 		return nil
 	}
 	if err := vh.wal.sync(); err != nil {
-		return internalError("write-ahead log failed")
+		return logUnwritable(err)
 	}
 	return nil
+}
+
+// logUnwritable is the channel error for a durable change the log cannot write: only the
+// channel closes, and the text says why.
+func logUnwritable(err error) *Error {
+	if err == errNoSpace {
+		return preconditionFailed("cannot write to the write-ahead log: the disk is full; the change is not yet on disk")
+	}
+	return preconditionFailed("cannot write to the write-ahead log: it failed and the broker must be restarted")
 }
 
 // openStore opens the data directory, replays it into the vhosts, and starts logging.

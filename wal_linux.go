@@ -31,3 +31,26 @@ func lockDir(name string) (*os.File, error) {
 	}
 	return nil, err
 }
+
+// diskFree returns the octets an unprivileged writer may still use on dir's filesystem.
+func diskFree(dir string) (uint64, error) {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return st.Bavail * uint64(st.Bsize), nil
+}
+
+// fill gives f size octets that are really allocated on disk.
+func fill(f *os.File, size int64) error {
+	err := syscall.Fallocate(int(f.Fd()), 0, 0, size)
+	if err == nil || isNoSpace(err) {
+		return err
+	}
+	return writeZeros(f, size) // a filesystem without fallocate
+}
+
+// isNoSpace reports whether err says the disk or the user's quota is full.
+func isNoSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
+}

@@ -2,9 +2,24 @@
 
 package amqp
 
-import "os"
+import (
+	"errors"
+	"os"
+	"syscall"
+)
 
 // lockDir opens the lock file; other systems get no flock, so do not share a data directory.
 func lockDir(name string) (*os.File, error) {
 	return os.OpenFile(name, os.O_CREATE|os.O_RDWR, 0o600)
 }
+
+// diskFree is not implemented here: the disk alarm stays off.
+func diskFree(string) (uint64, error) {
+	return 0, errors.New("amqp: free disk space is not known on this system")
+}
+
+// fill gives f size octets of zeros.
+func fill(f *os.File, size int64) error { return writeZeros(f, size) }
+
+// isNoSpace reports whether err says the disk is full.
+func isNoSpace(err error) bool { return errors.Is(err, syscall.ENOSPC) }

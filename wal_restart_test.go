@@ -68,7 +68,22 @@ func startDurableOnce(t testing.TB, cfg Config) (*durableBroker, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = walQuietLogger()
 	}
-	srv := NewServer(cfg)
+	return serveDurableOnce(t, NewServer(cfg))
+}
+
+// serveDurable serves srv, made by the test, on 127.0.0.1:0 until the test ends.
+func serveDurable(t testing.TB, srv *Server) *durableBroker {
+	t.Helper()
+	b, err := serveDurableOnce(t, srv)
+	if err != nil {
+		t.Fatalf("broker did not start: %v", err)
+	}
+	return b
+}
+
+func serveDurableOnce(t testing.TB, srv *Server) (*durableBroker, error) {
+	t.Helper()
+	cfg := srv.cfg
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
