@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -461,4 +462,38 @@ func BenchmarkDataDirShrinks(b *testing.B) {
 	b.ReportMetric(float64(len(segs)), "segments")
 	b.ReportMetric(float64(size)/(1<<20), "dir-MiB")
 	b.ReportMetric(time.Since(drained).Seconds(), "shrink-s")
+}
+
+// BenchmarkTopicWorstCase matches routing keys of one-letter words against binding keys
+// full of "#", the patterns that make a backtracking matcher exponential. Routing runs
+// under the vhost's read lock, so a slow match stalls every declare and bind in the vhost.
+func BenchmarkTopicWorstCase(b *testing.B) {
+	key128 := strings.Repeat("a.", 127) + "a" // 255 bytes, the longest routing key
+	for _, bc := range []struct {
+		name, pattern, key string
+		match              bool
+	}{
+		{"hash12-words24", strings.Repeat("#.", 11) + "#", strings.Repeat("a.", 23) + "a", true},
+		{"hash128-words128", strings.Repeat("#.", 127) + "#", key128, true},
+		{"hash-a-words128", strings.Repeat("#.a.", 63) + "#.a", key128, true},
+		{"hash-a-b-words128", strings.Repeat("#.a.", 63) + "#.b", key128, false},
+		{"hash-b-words128", "#.b", key128, false},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			var root topicNode
+			root.add(&binding{queue: &queue{name: "q"}, key: bc.pattern})
+			key := []byte(bc.key)
+			var rs routeSet
+			b.ReportAllocs()
+			for b.Loop() {
+				rs.reset()
+				rs.words = splitWords(rs.words[:0], key)
+				root.match(rs.words, 0, &rs, nil)
+				if (len(rs.queues) == 1) != bc.match {
+					b.Fatalf("pattern %q key %q: matched %d queues", bc.pattern, bc.key, len(rs.queues))
+				}
+			}
+			reportRate(b, b.N, "msgs/s")
+		})
+	}
 }

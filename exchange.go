@@ -223,6 +223,9 @@ type routeSet struct {
 	words   [][]byte            // topic key split into words
 	headers table               // the message's headers, decoded once when a headers exchange needs them
 	parsed  bool
+
+	hashFrom    map[*topicNode]int // per "#" trie node reached, the lowest word position matched from; for one message
+	topicVisits int                // topic trie nodes visited while routing the message, for tests
 }
 
 func (rs *routeSet) reset() {
@@ -232,6 +235,8 @@ func (rs *routeSet) reset() {
 	clear(rs.visited)
 	rs.visited = rs.visited[:0]
 	rs.headers, rs.parsed = nil, false
+	clear(rs.hashFrom)
+	rs.topicVisits = 0
 }
 
 // addQueue adds q unless it is there already: a scan of a short list, a set for a fanout
@@ -289,7 +294,7 @@ func (x *exchange) route(m *message, rs *routeSet) {
 		rs.addBindings(x.bindings, m)
 	case kindTopic:
 		rs.words = splitWords(rs.words[:0], key)
-		x.topic.match(rs.words, rs, m)
+		x.topic.match(rs.words, 0, rs, m)
 	case kindHeaders:
 		if !rs.parsed {
 			rs.headers, rs.parsed = m.headers(), true
@@ -325,11 +330,17 @@ type topicNode struct {
 	bindings []*binding // bindings whose key ends here
 }
 
+// topicWords splits a binding key into the words of its trie path. A run of "#" becomes
+// one "#": "a.#.#.b" matches exactly what "a.#.b" matches, and is stored at the same node.
+func topicWords(key string) []string {
+	if key == "" {
+		return nil
+	}
+	return slices.CompactFunc(strings.Split(key, "."), func(a, b string) bool { return a == "#" && b == "#" })
+}
+
 func (n *topicNode) add(b *binding) {
-	for _, w := range strings.Split(b.key, ".") {
-		if b.key == "" {
-			break
-		}
+	for _, w := range topicWords(b.key) {
 		n = n.child(w)
 	}
 	n.bindings = append(n.bindings, b)
@@ -361,11 +372,7 @@ func (n *topicNode) child(w string) *topicNode {
 
 // remove drops b and prunes the nodes left empty.
 func (n *topicNode) remove(b *binding) {
-	var words []string
-	if b.key != "" {
-		words = strings.Split(b.key, ".")
-	}
-	n.removePath(words, b)
+	n.removePath(topicWords(b.key), b)
 }
 
 func (n *topicNode) removePath(words []string, b *binding) {
@@ -402,23 +409,37 @@ func (n *topicNode) empty() bool {
 	return len(n.bindings) == 0 && len(n.children) == 0 && n.star == nil && n.hash == nil
 }
 
-// match adds the bindings whose keys match words.
-func (n *topicNode) match(words [][]byte, rs *routeSet, m *message) {
-	if n.hash != nil {
-		// "#" takes zero or more words.
-		for i := 0; i <= len(words); i++ {
-			n.hash.match(words[i:], rs, m)
+// match adds the bindings below n whose rest of key matches words[i:]. It visits no node
+// twice at one position, so it costs O(trie nodes × (len(words)+1)) whatever the keys.
+func (n *topicNode) match(words [][]byte, i int, rs *routeSet, m *message) {
+	rs.topicVisits++
+	if h := n.hash; h != nil {
+		// "#" takes zero or more words: match h from i, i+1, ... len(words), except from the
+		// positions it was matched from already, which are all those from some point on.
+		// Any other node has one parent and takes one word, so it too sees each position once.
+		end := len(words)
+		if from, ok := rs.hashFrom[h]; ok {
+			end = from - 1
+		}
+		if i <= end {
+			if rs.hashFrom == nil {
+				rs.hashFrom = make(map[*topicNode]int)
+			}
+			rs.hashFrom[h] = i
+		}
+		for j := i; j <= end; j++ {
+			h.match(words, j, rs, m)
 		}
 	}
-	if len(words) == 0 {
+	if i == len(words) {
 		rs.addBindings(n.bindings, m)
 		return
 	}
-	if c := n.children[string(words[0])]; c != nil {
-		c.match(words[1:], rs, m)
+	if c := n.children[string(words[i])]; c != nil {
+		c.match(words, i+1, rs, m)
 	}
 	if n.star != nil {
-		n.star.match(words[1:], rs, m)
+		n.star.match(words, i+1, rs, m)
 	}
 }
 

@@ -510,6 +510,33 @@ func TestTopicRoutingEnqueuesOncePerQueue(t *testing.T) {
 	}
 }
 
+func TestTopicUnbindCollapsedKey(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if err := ch.ExchangeDeclare("t", "topic", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "q")
+	for _, p := range []string{"a.#.#.b", "a.#.b"} {
+		if err := ch.QueueBind("q", p, "t", false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	publishText(t, ch, "t", "a.x.b", "both")
+	if err := ch.QueueUnbind("q", "a.#.#.b", "t", nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, ch, "t", "a.x.b", "a.#.b")
+	if err := ch.QueueUnbind("q", "a.#.b", "t", nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, ch, "t", "a.x.b", "none")
+	if got := drainText(t, ch, "q"); !reflect.DeepEqual(got, []string{"both", "a.#.b"}) {
+		t.Fatalf("q got %q, want both then a.#.b", got)
+	}
+}
+
 func TestHeadersRouting(t *testing.T) {
 	t.Parallel()
 	_, url := newTestServer(t)
@@ -629,6 +656,7 @@ func TestSplitWords(t *testing.T) {
 type topicTrie struct {
 	root     topicNode
 	bindings map[string]*binding // by queue name
+	visits   int                 // nodes the last match visited
 }
 
 func newTopicTrie() *topicTrie { return &topicTrie{bindings: map[string]*binding{}} }
@@ -649,7 +677,8 @@ func (tt *topicTrie) remove(name string) {
 func (tt *topicTrie) match(key string) []string {
 	var rs routeSet
 	rs.words = splitWords(rs.words[:0], []byte(key))
-	tt.root.match(rs.words, &rs, nil)
+	tt.root.match(rs.words, 0, &rs, nil)
+	tt.visits = rs.topicVisits
 	var names []string
 	for _, q := range rs.queues {
 		names = append(names, q.name)
@@ -724,6 +753,131 @@ func TestTopicTrieSharedPrefixes(t *testing.T) {
 	}
 }
 
+// topicNodes counts the nodes of the trie rooted at n.
+func topicNodes(n *topicNode) int {
+	if n == nil {
+		return 0
+	}
+	count := 1 + topicNodes(n.star) + topicNodes(n.hash)
+	for _, c := range n.children {
+		count += topicNodes(c)
+	}
+	return count
+}
+
+// repeatWords is n copies of w joined with dots.
+func repeatWords(w string, n int) string {
+	return strings.TrimSuffix(strings.Repeat(w+".", n), ".")
+}
+
+// TestTopicMatchPolynomial binds keys full of "#", on which a backtracking matcher takes
+// exponential time, and checks by counting visits that no trie node is visited twice at one
+// word position. The cases grow, so a backtracking matcher fails on the small ones first.
+func TestTopicMatchPolynomial(t *testing.T) {
+	key128 := repeatWords("a", 128) // 255 bytes, the longest routing key
+	for _, tc := range []struct {
+		patterns []string
+		key      string
+		want     []string // names (indexes) of the patterns that match
+	}{
+		{[]string{"#.#.#.#"}, repeatWords("a", 8), []string{"0"}},
+		{[]string{"#.a.#.a.#.a.#.a", "#.b", "*.#.*.#.*", "a.#.#.a", "#.a.#.b"}, repeatWords("a", 12), []string{"0", "2", "3"}},
+		{[]string{repeatWords("#", 12), repeatWords("#.a", 6) + ".#"}, repeatWords("a", 24), []string{"0", "1"}},
+		{[]string{repeatWords("#", 127)}, key128, []string{"0"}},
+		{[]string{
+			repeatWords("#.a", 64),
+			repeatWords("#.a", 63) + ".#.b",
+			"#.b",
+			repeatWords("#.*", 64),
+			repeatWords("*.#", 65),
+			repeatWords("a", 127) + ".#.#.a.#",
+			repeatWords("#", 64) + "." + repeatWords("a.#", 32),
+		}, key128, []string{"0", "3", "4", "5", "6"}},
+	} {
+		tt := newTopicTrie()
+		for i, p := range tc.patterns {
+			tt.add(fmt.Sprint(i), p)
+		}
+		got := tt.match(tc.key)
+		bound := topicNodes(&tt.root) * (len(splitWords(nil, []byte(tc.key))) + 1)
+		if tt.visits > bound {
+			t.Fatalf("patterns %q key %q: %d visits, more than nodes × (words+1) = %d", tc.patterns, tc.key, tt.visits, bound)
+		}
+		if !slices.Equal(got, tc.want) {
+			t.Fatalf("patterns %q key %q: matched %v, want %v", tc.patterns, tc.key, got, tc.want)
+		}
+	}
+}
+
+// TestTopicCollapsedKeys checks that keys equal up to runs of "#" share a trie node but stay
+// distinct bindings, each found and removed by its own key.
+func TestTopicCollapsedKeys(t *testing.T) {
+	x := newExchange("t", kindTopic, false, false, false, nil)
+	q := &queue{name: "q"}
+	long := &binding{source: x, queue: q, key: "a.#.#.#.b"}
+	short := &binding{source: x, queue: q, key: "a.#.b"}
+	if !x.addBindingLocked(long) || !x.addBindingLocked(short) {
+		t.Fatal("a.#.#.#.b and a.#.b are distinct bindings")
+	}
+	if x.addBindingLocked(&binding{source: x, queue: q, key: "a.#.#.#.b"}) {
+		t.Fatal("a.#.#.#.b bound twice")
+	}
+	if n := topicNodes(x.topic); n != 4 {
+		t.Fatalf("trie has %d nodes, want 4 (root a # b)", n)
+	}
+	route := func(key string) []*queue {
+		var rs routeSet
+		x.route(&message{data: []byte(key), keyLen: uint8(len(key))}, &rs)
+		return rs.queues
+	}
+	if got := route("a.x.y.b"); len(got) != 1 {
+		t.Fatalf("a.x.y.b routed to %d queues, want 1", len(got))
+	}
+	i := x.findBindingLocked(&binding{queue: q, key: "a.#.#.#.b"})
+	if i < 0 || x.removeBindingLocked(i) != long {
+		t.Fatal("unbind a.#.#.#.b did not find its binding")
+	}
+	if got := route("a.b"); len(got) != 1 {
+		t.Fatalf("after unbinding a.#.#.#.b, a.b routed to %d queues, want 1 through a.#.b", len(got))
+	}
+	if x.findBindingLocked(&binding{queue: q, key: "a.#.#.#.b"}) >= 0 {
+		t.Fatal("a.#.#.#.b found after its unbind")
+	}
+	x.removeBindingLocked(x.findBindingLocked(&binding{queue: q, key: "a.#.b"}))
+	if !x.topic.empty() {
+		t.Fatalf("trie not empty after both unbinds: %+v", x.topic)
+	}
+}
+
+// TestTopicRoutingThroughTopics routes through two topic exchanges, which share the
+// routeSet's record of where their "#" nodes were matched from.
+func TestTopicRoutingThroughTopics(t *testing.T) {
+	x1 := newExchange("x1", kindTopic, false, false, false, nil)
+	x2 := newExchange("x2", kindTopic, false, false, false, nil)
+	q1, q2 := &queue{name: "q1"}, &queue{name: "q2"}
+	x1.addBindingLocked(&binding{source: x1, queue: q1, key: "#.c.#"})
+	x1.addBindingLocked(&binding{source: x1, dest: x2, key: "a.#"})
+	x2.addBindingLocked(&binding{source: x2, queue: q2, key: "#.b.#.c"})
+	x2.addBindingLocked(&binding{source: x2, dest: x1, key: "#"}) // a loop back
+	for _, tc := range []struct {
+		key  string
+		want []*queue
+	}{
+		{"a.b.c", []*queue{q1, q2}},
+		{"a.b.b.c", []*queue{q1, q2}},
+		{"a.c.b", []*queue{q1}},
+		{"b.c", []*queue{q1}},
+		{"a.b", nil},
+	} {
+		var rs routeSet
+		x1.route(&message{data: []byte(tc.key), keyLen: uint8(len(tc.key))}, &rs)
+		slices.SortFunc(rs.queues, func(a, b *queue) int { return strings.Compare(a.name, b.name) })
+		if !slices.Equal(rs.queues, tc.want) {
+			t.Errorf("key %q routed to %v, want %v", tc.key, rs.queues, tc.want)
+		}
+	}
+}
+
 // naiveTopicMatch is the topic matching rule written as plainly as possible, to check
 // the trie against.
 func naiveTopicMatch(pattern, key string) bool {
@@ -756,14 +910,18 @@ func naiveWordsMatch(p, k []string) bool {
 }
 
 // fuzzTopicText maps arbitrary fuzz input onto a small alphabet, so that patterns and keys
-// share words often; "|" separates patterns.
+// share words often; "|" separates patterns. Bytes of the alphabet stay as they are, so
+// the seeds read as written.
 func fuzzTopicText(b []byte, alphabet string, maxLen int) string {
 	var s strings.Builder
 	for i, c := range b {
 		if i == maxLen {
 			break
 		}
-		s.WriteByte(alphabet[int(c)%len(alphabet)])
+		if strings.IndexByte(alphabet, c) < 0 {
+			c = alphabet[int(c)%len(alphabet)]
+		}
+		s.WriteByte(c)
 	}
 	return s.String()
 }
@@ -775,6 +933,10 @@ func FuzzTopicMatch(f *testing.F) {
 	f.Add([]byte("a.*.c|a.#|#|*|#.c|a.#.c|a..c"), []byte("a.b.c"))
 	f.Add([]byte("#.#.#|*.#.*|#.a.#"), []byte("a"))
 	f.Add([]byte("||"), []byte(""))
+	// Runs of "#", which the trie collapses, next to keys that differ only in them.
+	f.Add([]byte("a.#.#.b|a.#.b|#.#.#.#|#.#.a.#.#|*.#.#.*|#.#"), []byte("a.b.a.b"))
+	f.Add([]byte("#.a.#.a.#.a.#.a|#.#.#.#.#.#.#.#.b|a.#.#.#.a"), []byte("a.a.a.a.a.a.a.a"))
+	f.Add([]byte("#.#.*.#.#.*.#.#|*.#.#.*|.#.#.|#.#."), []byte("a..b."))
 	f.Fuzz(func(t *testing.T, patterns, key []byte) {
 		ps := strings.Split(fuzzTopicText(patterns, "ab.*#|", 48), "|")
 		k := fuzzTopicText(key, "ab.*#", 16)
@@ -792,6 +954,9 @@ func FuzzTopicMatch(f *testing.F) {
 			sort.Strings(want)
 			if got := tt.match(k); !slices.Equal(got, want) {
 				t.Fatalf("%s: patterns %q key %q: trie %v, naive %v", when, ps, k, got, want)
+			}
+			if bound := topicNodes(&tt.root) * (len(splitWords(nil, []byte(k))) + 1); tt.visits > bound {
+				t.Fatalf("%s: patterns %q key %q: %d visits, more than nodes × (words+1) = %d", when, ps, k, tt.visits, bound)
 			}
 		}
 		check("all bound")
