@@ -37,11 +37,12 @@
 // the reader gives up after two intervals of silence.
 //
 // Lock order: Server.reloadMu → Server.mu → vhost.mu → queue.mu → channel.mu → channel.cmu →
-// conn.outMu; wal.mu is a leaf, and code that holds several vhost locks takes them in name
-// order.
+// conn.outMu; wal.mu and loginLimiter.mu are leaves, and code that holds several vhost
+// locks takes them in name order.
 package amqp
 
 import (
+	"container/list"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -72,6 +73,12 @@ const (
 	defaultMaxMessageSize   = 16 << 20
 	maxMessageSizeLimit     = 512 << 20
 	defaultDiskFreeLimit    = 50_000_000
+
+	// defaultMaxHandshakes: a client finishes its handshake in a few round trips, so 1024 is
+	// room for a reconnect storm of TLS clients waiting on the CPU, while what idle sockets
+	// can hold stays bounded (about 27 KiB each before TLS: 1024 take under 30 MiB), and an
+	// attacker must open 1024 sockets within a client's handshake to push that client out.
+	defaultMaxHandshakes = 1024
 )
 
 // Config configures a Server. The zero value serves on :5672 with RabbitMQ's defaults.
@@ -84,9 +91,14 @@ type Config struct {
 	TLSAddr string
 	// TLS configures amqps: certificate and key files, and client certificate checks.
 	TLS *TLSConfig
-	// MaxConnections caps the client connections served at once; 0 is no limit. Sockets
-	// beyond it are closed at once, with a log line.
+	// MaxConnections caps the open client connections (past connection.open); 0 is no
+	// limit. Sockets accepted beyond it are closed at once, with a log line, and a handshake
+	// that reaches it is refused 530 NOT_ALLOWED at connection.open. Sockets still in their
+	// handshake count against MaxHandshakes instead, so they cannot lock clients out.
 	MaxConnections int
+	// MaxHandshakes caps the sockets in their handshake (accepted, not yet open); past it the
+	// oldest is dropped. Default 1024; negative is no limit.
+	MaxHandshakes int
 	// MaxConnectionsPerVhost caps the connections open on one virtual host; 0 is no limit.
 	// Beyond it connection.open is refused with 530 NOT_ALLOWED.
 	MaxConnectionsPerVhost int
@@ -108,6 +120,10 @@ type Config struct {
 	MemoryHighWatermark uint64
 	// AuthFailureDelay is how long a refused login waits before its answer; default 200ms.
 	AuthFailureDelay time.Duration
+	// AuthFailureLimit is the burst of failed logins a source address (IPv4, or IPv6 /64)
+	// may make; beyond it its logins wait their turn, one a second. Default 10; negative is
+	// no limit.
+	AuthFailureLimit int
 	// MaxPreAuthBytes caps what a client may send before it has logged in; default 64 KiB.
 	MaxPreAuthBytes int
 	// DataDir holds the write-ahead log; empty keeps everything in memory.
@@ -181,6 +197,12 @@ func (c *Config) setDefaults() {
 	if c.AuthFailureDelay <= 0 {
 		c.AuthFailureDelay = 200 * time.Millisecond
 	}
+	if c.AuthFailureLimit == 0 {
+		c.AuthFailureLimit = defaultAuthFailureLimit
+	}
+	if c.MaxHandshakes == 0 {
+		c.MaxHandshakes = defaultMaxHandshakes
+	}
 	if c.MaxPreAuthBytes <= 0 {
 		c.MaxPreAuthBytes = 64 << 10
 	}
@@ -210,14 +232,19 @@ type Server struct {
 	// may create it again.
 	reloadMu sync.Mutex
 
-	mu        sync.Mutex
-	listeners map[net.Listener]struct{} // guarded by mu
-	active    map[*conn]struct{}        // guarded by mu
-	closed    bool                      // guarded by mu
-	addr      net.Addr                  // guarded by mu: the first listener's address
-	vhosts    map[string]*vhost         // guarded by mu
-	tlsConf   atomic.Pointer[tls.Config]
-	auth      atomic.Pointer[authDB]
+	mu         sync.Mutex
+	listeners  map[net.Listener]struct{} // guarded by mu
+	active     map[*conn]struct{}        // guarded by mu: every connection, open or not
+	handshakes list.List                 // guarded by mu: connections in their handshake, oldest first
+	open       int                       // guarded by mu: connections past connection.open
+	hsDropped  int                       // guarded by mu: handshakes dropped since the last log of it
+	hsLogged   time.Time                 // guarded by mu: when hsDropped was last logged
+	closed     bool                      // guarded by mu
+	addr       net.Addr                  // guarded by mu: the first listener's address
+	vhosts     map[string]*vhost         // guarded by mu
+	tlsConf    atomic.Pointer[tls.Config]
+	auth       atomic.Pointer[authDB]
+	logins     *loginLimiter // nil when Config.AuthFailureLimit is negative
 
 	unhealthy  atomic.Pointer[string] // why the broker must be restarted; nil while sound
 	alarms     atomic.Uint32          // the resource alarms that are on: alarmMemory, alarmDisk
@@ -246,6 +273,9 @@ func NewServer(cfg Config) *Server {
 	}
 	db, _ := newAuthDB(DefaultDefinitions(), cfg.LoopbackUsers)
 	s.auth.Store(db)
+	if cfg.AuthFailureLimit > 0 {
+		s.logins = newLoginLimiter(cfg.AuthFailureLimit)
+	}
 	s.liveHeap = readLiveHeap
 	s.diskFree = func() (uint64, error) { return diskFree(s.cfg.DataDir) }
 	s.stopWatch = make(chan struct{})
@@ -264,7 +294,7 @@ func (s *Server) vhost(name string) *vhost {
 func (s *Server) ListenAndServe() error {
 	// Load the data first: a client must not be accepted, and then wait in its
 	// handshake, while a long log is replayed.
-	if err := s.open(); err != nil {
+	if err := s.load(); err != nil {
 		return err
 	}
 	var plain, secure net.Listener
@@ -377,7 +407,7 @@ func (s *Server) Reload() error {
 // Serve accepts connections on ln until Shutdown, when it returns ErrServerClosed.
 // Serve closes ln when it returns.
 func (s *Server) Serve(ln net.Listener) error {
-	if err := s.open(); err != nil {
+	if err := s.load(); err != nil {
 		ln.Close()
 		return err
 	}
@@ -418,23 +448,31 @@ func (s *Server) Serve(ln net.Listener) error {
 			return err
 		}
 		backoff = 0
-		if max := s.cfg.MaxConnections; max > 0 && s.connCount() >= max {
+		if max := s.cfg.MaxConnections; max > 0 && s.openCount() >= max {
 			s.log.Warn("refusing connection: connection limit reached", "remote", nc.RemoteAddr().String(), "limit", max)
 			nc.Close()
 			continue
 		}
 		c := newConn(s, nc)
-		if !s.track(c) {
+		oldest, dropped, ok := s.track(c)
+		if !ok {
 			nc.Close()
 			return ErrServerClosed
+		}
+		if oldest != nil {
+			if dropped > 0 {
+				s.log.Warn("dropping the oldest connections in their handshake: too many handshakes",
+					"limit", s.cfg.MaxHandshakes, "dropped", dropped, "remote", oldest.remote)
+			}
+			oldest.abandon()
 		}
 		go c.serve()
 	}
 }
 
-// open loads the users and the data directory, once, before the first connection is
+// load loads the users and the data directory, once, before the first connection is
 // accepted.
-func (s *Server) open() error {
+func (s *Server) load() error {
 	s.openOnce.Do(func() {
 		if s.openErr = s.loadAuth(); s.openErr == nil {
 			s.openErr = s.openStore()
@@ -579,10 +617,11 @@ func (s *Server) deleteVhosts(gone []*vhost) error {
 	return nil
 }
 
-func (s *Server) connCount() int {
+// openCount returns the number of connections past connection.open.
+func (s *Server) openCount() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.active)
+	return s.open
 }
 
 func (s *Server) isClosed() bool {
@@ -591,21 +630,61 @@ func (s *Server) isClosed() bool {
 	return s.closed
 }
 
-// track registers a new connection; it reports false when the server is shutting down.
-func (s *Server) track(c *conn) bool {
+// track registers a new connection, in its handshake; it reports false when the server is
+// shutting down. Past Config.MaxHandshakes it returns the oldest handshake for the caller to
+// drop (a slow client, more likely than not, or one that never meant to log in), with the
+// number of handshakes dropped to log when a second has passed since the last log of it.
+func (s *Server) track(c *conn) (oldest *conn, dropped int, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
-		return false
+		return nil, 0, false
 	}
 	s.active[c] = struct{}{}
 	s.conns.Add(1)
-	return true
+	c.hsElem = s.handshakes.PushBack(c)
+	if max := s.cfg.MaxHandshakes; max > 0 && s.handshakes.Len() > max {
+		oldest = s.handshakes.Remove(s.handshakes.Front()).(*conn)
+		oldest.hsElem = nil
+		s.hsDropped++
+		if now := time.Now(); now.Sub(s.hsLogged) >= time.Second {
+			dropped, s.hsDropped, s.hsLogged = s.hsDropped, 0, now
+		}
+	}
+	return oldest, dropped, true
+}
+
+// establish moves c from the handshakes to the open connections at connection.open. It
+// fails if c has been dropped for a newer handshake, or with 530 NOT_ALLOWED at
+// Config.MaxConnections.
+func (s *Server) establish(c *conn) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c.hsElem == nil {
+		return errHandshakeDropped
+	}
+	if max := s.cfg.MaxConnections; max > 0 && s.open >= max {
+		e := notAllowed("connection refused: node connection limit (" + strconv.Itoa(max) + ") is reached")
+		e.ClassID, e.MethodID = classConnection, 40
+		return e
+	}
+	s.handshakes.Remove(c.hsElem)
+	c.hsElem = nil
+	c.counted = true
+	s.open++
+	return nil
 }
 
 func (s *Server) untrack(c *conn) {
 	s.mu.Lock()
 	delete(s.active, c)
+	if c.hsElem != nil {
+		s.handshakes.Remove(c.hsElem)
+		c.hsElem = nil
+	}
+	if c.counted {
+		s.open--
+	}
 	s.mu.Unlock()
 	s.conns.Done()
 }

@@ -14,18 +14,21 @@ import (
 	"hash"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
+	"time"
 )
 
 // authenticate checks a start-ok response for a mechanism against the user database and
-// returns the user name. A refusal is 403 ACCESS_REFUSED (the name is returned for the
-// log); an unknown or disabled mechanism is 503 COMMAND_INVALID, as in RabbitMQ. EXTERNAL
-// is handled by the connection, which holds the client certificate.
+// returns the user name. A refusal is a *loginError, 403 ACCESS_REFUSED (the name is
+// returned for the log); an unknown or disabled mechanism is 503 COMMAND_INVALID, as in
+// RabbitMQ. EXTERNAL is handled by the connection, which holds the client certificate.
 func (s *Server) authenticate(mechanism, response string, remote net.Addr) (string, error) {
 	var user, pass string
 	ok := true
@@ -45,8 +48,10 @@ func (s *Server) authenticate(mechanism, response string, remote net.Addr) (stri
 		return "", e
 	}
 	if !ok {
-		// A malformed response logs in no one, whatever it held.
-		user, pass = "", ""
+		// A malformed response logs in no one, whatever it held; the hash is still
+		// computed, so it is answered no sooner than a wrong password.
+		s.auth.Load().loginMechanism(mechanism, "", "", remote)
+		return "", refuseLogin(mechanism, "malformed response")
 	}
 	return user, s.auth.Load().loginMechanism(mechanism, user, pass, remote)
 }
@@ -108,6 +113,140 @@ func (s *Server) loadAuth() error {
 	}
 	s.closeRemoved()
 	return s.deleteVhosts(gone)
+}
+
+// Failed logins are limited per source address, on top of Config.AuthFailureDelay (which
+// only paces one connection), so that many connections in parallel cannot try passwords
+// faster either. Each source has a token bucket of Config.AuthFailureLimit tokens, refilled
+// at one a second:
+//
+//   - A login takes a token before its credentials are checked and gives it back if it
+//     succeeds, so only failures use the bucket up and logins stay free while it has tokens.
+//   - Once the bucket is empty, a login reserves the next token and waits for it: a right
+//     password is answered no sooner than a wrong one while the source is over its limit, so
+//     it cannot be told apart by timing, and reserved turns keep parallel connections from
+//     sharing one token. If its turn comes after the handshake deadline, it reserves nothing
+//     and its socket is closed at the deadline, unanswered.
+//   - Sources are IPv4 addresses and IPv6 /64 networks (what one host is usually given).
+//   - A bucket that has filled up again is forgotten; at most maxLoginSources are kept.
+
+// maxLoginSources caps the sources a loginLimiter remembers (about 100 bytes each).
+const maxLoginSources = 16384
+
+// defaultAuthFailureLimit is the burst of failed logins a source gets: room for a few
+// mistyped passwords, or a misconfigured client's retries, before any wait.
+const defaultAuthFailureLimit = 10
+
+// loginLimiter is the per-source limit of failed logins. It is safe for concurrent use.
+type loginLimiter struct {
+	burst  float64
+	refill time.Duration // time to refill one token; a second, shorter in tests
+
+	mu      sync.Mutex
+	sources map[netip.Addr]*loginBucket // guarded by mu
+	swept   time.Time                   // guarded by mu: when full buckets were last dropped
+}
+
+// loginBucket is one source's bucket.
+type loginBucket struct {
+	tokens    float64   // below zero when turns are reserved ahead
+	at        time.Time // when tokens was last brought up to date
+	throttled bool      // a login of this source has had to wait since the bucket was last full
+}
+
+func newLoginLimiter(burst int) *loginLimiter {
+	return &loginLimiter{burst: float64(burst), refill: time.Second, sources: make(map[netip.Addr]*loginBucket)}
+}
+
+// loginSource returns the source a client's failed logins are counted against: its IPv4
+// address, or its IPv6 /64. Addresses that are not IP (Unix sockets) share the zero Addr.
+func loginSource(remote net.Addr) netip.Addr {
+	var ip netip.Addr
+	if a, ok := remote.(*net.TCPAddr); ok {
+		ip, _ = netip.AddrFromSlice(a.IP)
+	} else if ap, err := netip.ParseAddrPort(remote.String()); err == nil {
+		ip = ap.Addr()
+	}
+	ip = ip.Unmap().WithZone("")
+	if ip.Is6() {
+		ip = netip.PrefixFrom(ip, 64).Masked().Addr()
+	}
+	return ip
+}
+
+// take takes a token of src for a login at now and returns when the login may be checked:
+// now, or the time of the reserved turn. If that is after deadline, no token is taken and
+// ok is false. first reports that src has had to wait for the first time since its bucket
+// was last full.
+func (l *loginLimiter) take(src netip.Addr, now, deadline time.Time) (at time.Time, first, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.sources[src]
+	if b == nil {
+		if len(l.sources) >= maxLoginSources {
+			l.evictLocked(now)
+		}
+		b = &loginBucket{tokens: l.burst, at: now}
+		l.sources[src] = b
+	}
+	l.refillLocked(b, now)
+	if b.tokens -= 1; b.tokens >= 0 {
+		return now, false, true
+	}
+	first, b.throttled = !b.throttled, true
+	at = now.Add(time.Duration(-b.tokens * float64(l.refill)))
+	if at.After(deadline) {
+		b.tokens += 1
+		return at, first, false
+	}
+	return at, first, true
+}
+
+// give returns a token taken for a login that succeeded or was given up.
+func (l *loginLimiter) give(src netip.Addr, now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.sources[src]
+	if b == nil {
+		return
+	}
+	l.refillLocked(b, now)
+	b.tokens = min(b.tokens+1, l.burst)
+	if b.tokens >= l.burst {
+		delete(l.sources, src)
+	}
+}
+
+// refillLocked brings b's tokens up to now. l.mu must be held.
+func (l *loginLimiter) refillLocked(b *loginBucket, now time.Time) {
+	if d := now.Sub(b.at); d > 0 {
+		b.tokens = min(b.tokens+float64(d)/float64(l.refill), l.burst)
+		b.at = now
+	}
+	if b.tokens >= l.burst {
+		b.throttled = false
+	}
+}
+
+// evictLocked makes room for a source: it drops the buckets that have filled up again, at
+// most once per refill period, and else one bucket at random (map order), which gives that
+// source a fresh burst: a client with this many addresses gets as much from them anyway.
+// l.mu must be held.
+func (l *loginLimiter) evictLocked(now time.Time) {
+	if now.Sub(l.swept) >= l.refill {
+		l.swept = now
+		for src, b := range l.sources {
+			if l.refillLocked(b, now); b.tokens >= l.burst {
+				delete(l.sources, src)
+			}
+		}
+	}
+	for src := range l.sources {
+		if len(l.sources) < maxLoginSources {
+			break
+		}
+		delete(l.sources, src)
+	}
 }
 
 // parsePlain reads a SASL PLAIN response: [authzid] NUL authcid NUL passwd (RFC 4616).
@@ -867,28 +1006,55 @@ func (db *authDB) login(user, password string, remote net.Addr) error {
 	return db.loginMechanism("PLAIN", user, password, remote)
 }
 
-// loginMechanism checks a user's password, then that a loopback-only user connects from
-// a loopback address. A refusal is 403 ACCESS_REFUSED at connection.start-ok with
-// RabbitMQ's texts: the same text for an unknown user, a wrong, empty or unusable
-// password, naming the SASL mechanism; "user 'guest' can only connect via localhost".
-func (db *authDB) loginMechanism(mechanism, user, password string, remote net.Addr) error {
-	refused := func(text string) error {
-		e := accessRefused(text)
-		e.ClassID, e.MethodID = classConnection, 11
-		return e
+// loginError is a refused login: 403 ACCESS_REFUSED at connection.start-ok with RabbitMQ's
+// one text, naming the SASL mechanism, whatever the reason. A client is never told why, so a
+// refusal does not reveal that a password was right (for a loopback-only user from a remote
+// address) or that a user exists; the reason goes to the server log only.
+type loginError struct {
+	err    *Error // what the client is told
+	reason string // for the log only: "wrong password", "unknown user", ...
+}
+
+func (e *loginError) Error() string { return e.err.Error() }
+func (e *loginError) Unwrap() error { return e.err }
+
+// refuseLogin returns the refusal of a login with mechanism, for reason.
+func refuseLogin(mechanism, reason string) error {
+	e := accessRefused("Login was refused using authentication mechanism " + mechanism + ". For details see the broker logfile.")
+	e.ClassID, e.MethodID = classConnection, 11
+	return &loginError{err: e, reason: reason}
+}
+
+// loginReason returns the reason for the log of a refused login, or "" if err is not one.
+func loginReason(err error) string {
+	var le *loginError
+	if errors.As(err, &le) {
+		return le.reason
 	}
+	return ""
+}
+
+// loginMechanism checks a user's password, then that a loopback-only user connects from
+// a loopback address. A refusal is a *loginError.
+func (db *authDB) loginMechanism(mechanism, user, password string, remote net.Addr) error {
 	u := db.users[user]
 	newHash, stored := sha256.New, dummyHash
 	if u != nil && u.newHash != nil {
 		newHash, stored = u.newHash, u.hash
 	}
 	match := subtle.ConstantTimeCompare(saltedHash(newHash, stored[:saltLen], password), stored) == 1
-	// RabbitMQ's internal backend refuses blank passwords whatever the hash.
-	if !match || u == nil || u.newHash == nil || password == "" {
-		return refused("Login was refused using authentication mechanism " + mechanism + ". For details see the broker logfile.")
-	}
-	if db.loopback[user] && !isLoopback(remote) {
-		return refused("user '" + user + "' can only connect via localhost")
+	switch {
+	case u == nil:
+		return refuseLogin(mechanism, "unknown user")
+	case u.newHash == nil:
+		return refuseLogin(mechanism, "user has no usable password hash")
+	case password == "":
+		// RabbitMQ's internal backend refuses blank passwords whatever the hash.
+		return refuseLogin(mechanism, "empty password")
+	case !match:
+		return refuseLogin(mechanism, "wrong password")
+	case db.loopback[user] && !isLoopback(remote):
+		return refuseLogin(mechanism, "loopback-only user from a remote address")
 	}
 	return nil
 }
@@ -942,18 +1108,13 @@ func (db *authDB) userTags(user string) []string {
 
 // loginTrusted checks a login that needs no password: a user named by a verified TLS client
 // certificate (EXTERNAL) or the configured ANONYMOUS user. The user must exist, and a
-// loopback-only user must come from a loopback address.
+// loopback-only user must come from a loopback address. A refusal is a *loginError.
 func (db *authDB) loginTrusted(mechanism, user string, remote net.Addr) error {
-	refused := func(text string) error {
-		e := accessRefused(text)
-		e.ClassID, e.MethodID = classConnection, 11
-		return e
-	}
-	if db.users[user] == nil {
-		return refused("Login was refused using authentication mechanism " + mechanism + ". For details see the broker logfile.")
-	}
-	if db.loopback[user] && !isLoopback(remote) {
-		return refused("user '" + user + "' can only connect via localhost")
+	switch {
+	case db.users[user] == nil:
+		return refuseLogin(mechanism, "unknown user")
+	case db.loopback[user] && !isLoopback(remote):
+		return refuseLogin(mechanism, "loopback-only user from a remote address")
 	}
 	return nil
 }

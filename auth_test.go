@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +21,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	amqp091 "github.com/rabbitmq/amqp091-go"
 )
@@ -188,10 +190,10 @@ func TestAuthenticate(t *testing.T) {
 		{"PLAIN guest with authzid", "PLAIN", "guest\x00guest\x00guest", local, "guest", 0, ""},
 		{"PLAIN guest from ::1", "PLAIN", "\x00guest\x00guest", local6, "guest", 0, ""},
 		{"AMQPLAIN guest from loopback", "AMQPLAIN", amqplainResponse("guest", "guest"), local, "guest", 0, ""},
-		{"PLAIN guest from remote", "PLAIN", "\x00guest\x00guest", remote, "guest", 403,
-			"ACCESS_REFUSED - user 'guest' can only connect via localhost"},
-		{"AMQPLAIN guest from remote", "AMQPLAIN", amqplainResponse("guest", "guest"), remote, "guest", 403,
-			"ACCESS_REFUSED - user 'guest' can only connect via localhost"},
+		// The right password of a loopback-only user from a remote address gets the text of a
+		// wrong one: only the log tells them apart.
+		{"PLAIN guest from remote", "PLAIN", "\x00guest\x00guest", remote, "guest", 403, loginRefused + "PLAIN. For details see the broker logfile."},
+		{"AMQPLAIN guest from remote", "AMQPLAIN", amqplainResponse("guest", "guest"), remote, "guest", 403, loginRefused + "AMQPLAIN. For details see the broker logfile."},
 		{"wrong password", "PLAIN", "\x00guest\x00wrong", local, "guest", 403, loginRefused + "PLAIN. For details see the broker logfile."},
 		{"wrong password from remote", "PLAIN", "\x00guest\x00wrong", remote, "guest", 403, loginRefused + "PLAIN. For details see the broker logfile."},
 		{"password prefix", "PLAIN", "\x00guest\x00gues", local, "guest", 403, loginRefused + "PLAIN. For details see the broker logfile."},
@@ -419,7 +421,7 @@ func TestLoginRabbitMQExport(t *testing.T) {
 		{"alice", "s3cret-Alice", loopbackAddr, ""},
 		{"alice", "s3cret-Alice", remoteAddr, ""},
 		{"guest", "guest", loopbackAddr, ""},
-		{"guest", "guest", remoteAddr, "ACCESS_REFUSED - user 'guest' can only connect via localhost"},
+		{"guest", "guest", remoteAddr, plainRefused},
 		{"alice", "s3cret-alice", loopbackAddr, plainRefused},
 		{"alice", "s3cret-Alice ", loopbackAddr, plainRefused},
 		{"alice", "", loopbackAddr, plainRefused},
@@ -868,15 +870,155 @@ func TestLoginLoopbackUsers(t *testing.T) {
 					t.Errorf("%s: %s from remote: %v", tc.name, u.user, err)
 				}
 			} else {
-				wantAMQPError(t, tc.name+": "+u.user+" from remote", err, 403, "ACCESS_REFUSED - user '"+u.user+"' can only connect via localhost")
+				// Refused as a wrong password is, so that the refusal does not reveal that
+				// the password was right; the log has the reason.
+				wantAMQPError(t, tc.name+": "+u.user+" from remote", err, 403, plainRefused)
+				if r := loginReason(err); r != "loopback-only user from a remote address" {
+					t.Errorf("%s: %s from remote: reason %q", tc.name, u.user, r)
+				}
 			}
-			// A wrong password is refused as such, from anywhere.
-			wantAMQPError(t, tc.name+": wrong password", db.login(u.user, "x", remoteAddr), 403, plainRefused)
+			wrong := db.login(u.user, "x", remoteAddr)
+			wantAMQPError(t, tc.name+": wrong password", wrong, 403, plainRefused)
+			if r := loginReason(wrong); r != "wrong password" {
+				t.Errorf("%s: %s with a wrong password: reason %q", tc.name, u.user, r)
+			}
 		}
 	}
 	db, _ := newAuthDB(d, nil)
 	wantAMQPError(t, "mechanism named", db.loginMechanism("AMQPLAIN", "ops", "nope", loopbackAddr), 403,
 		"ACCESS_REFUSED - Login was refused using authentication mechanism AMQPLAIN. For details see the broker logfile.")
+}
+
+// TestLoginRefusalReasons: every refused login gets RabbitMQ's one text, naming the
+// mechanism; the reason is for the log only.
+func TestLoginRefusalReasons(t *testing.T) {
+	d := DefaultDefinitions()
+	if err := d.AddUser("nopw", ""); err != nil {
+		t.Fatal(err)
+	}
+	db, err := newAuthDB(d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(Config{})
+	_, malformed := s.authenticate("PLAIN", "guest", loopbackAddr)
+	for _, tc := range []struct {
+		what, mechanism string
+		err             error
+		reason          string
+	}{
+		{"wrong password", "PLAIN", db.login("guest", "wrong", loopbackAddr), "wrong password"},
+		{"unknown user", "AMQPLAIN", db.loginMechanism("AMQPLAIN", "nobody", "guest", loopbackAddr), "unknown user"},
+		{"no password hash", "PLAIN", db.login("nopw", "", loopbackAddr), "user has no usable password hash"},
+		{"empty password", "PLAIN", db.login("guest", "", loopbackAddr), "empty password"},
+		{"right password from remote", "PLAIN", db.login("guest", "guest", remoteAddr), "loopback-only user from a remote address"},
+		{"malformed response", "PLAIN", malformed, "malformed response"},
+		{"EXTERNAL unknown user", "EXTERNAL", db.loginTrusted("EXTERNAL", "nobody", loopbackAddr), "unknown user"},
+		{"ANONYMOUS from remote", "ANONYMOUS", db.loginTrusted("ANONYMOUS", "guest", remoteAddr), "loopback-only user from a remote address"},
+	} {
+		text := "ACCESS_REFUSED - Login was refused using authentication mechanism " + tc.mechanism + ". For details see the broker logfile."
+		if e := wantAMQPError(t, tc.what, tc.err, 403, text); e != nil && (e.ClassID != classConnection || e.MethodID != 11) {
+			t.Errorf("%s: method %d.%d, want 10.11", tc.what, e.ClassID, e.MethodID)
+		}
+		if r := loginReason(tc.err); r != tc.reason {
+			t.Errorf("%s: reason %q, want %q", tc.what, r, tc.reason)
+		}
+	}
+	if r := loginReason(db.vhostAccess("guest", "nowhere")); r != "" {
+		t.Errorf("a refused connection.open has login reason %q", r)
+	}
+}
+
+// TestLoginSource: failed logins count against an IPv4 address or an IPv6 /64.
+func TestLoginSource(t *testing.T) {
+	tcp := func(ip string) net.Addr { return &net.TCPAddr{IP: net.ParseIP(ip), Port: 5672} }
+	for _, tc := range []struct {
+		a, b net.Addr
+		same bool
+	}{
+		{tcp("10.0.0.1"), tcp("10.0.0.1"), true},
+		{tcp("10.0.0.1"), &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1).To4(), Port: 1}, true},
+		{tcp("10.0.0.1"), tcp("::ffff:10.0.0.1"), true},
+		{tcp("10.0.0.1"), tcp("10.0.0.2"), false},
+		{tcp("2001:db8::1"), tcp("2001:db8::ffff:1"), true},
+		{tcp("2001:db8::1"), &net.TCPAddr{IP: net.ParseIP("2001:db8::2"), Zone: "eth0"}, true},
+		{tcp("2001:db8::1"), tcp("2001:db8:0:1::1"), false},
+		{tcp("2001:db8::1"), otherAddr("[2001:db8::7]:5672"), true},
+		{tcp("127.0.0.1"), otherAddr("127.0.0.1:1"), true},
+		{tcp("127.0.0.1"), otherAddr("localhost:5672"), false},
+		{otherAddr("x"), &net.UnixAddr{Name: "/tmp/s", Net: "unix"}, true},
+	} {
+		if got := loginSource(tc.a) == loginSource(tc.b); got != tc.same {
+			t.Errorf("loginSource(%v) = %v, loginSource(%v) = %v; want same = %v", tc.a, loginSource(tc.a), tc.b, loginSource(tc.b), tc.same)
+		}
+	}
+}
+
+// TestLoginLimiter runs the per-source bucket on a made-up clock.
+func TestLoginLimiter(t *testing.T) {
+	l := newLoginLimiter(3)
+	src := loginSource(remoteAddr)
+	t0 := time.Unix(1e9, 0)
+	far := t0.Add(time.Hour)
+	take := func(what string, now, deadline time.Time, wantAt time.Time, wantFirst, wantOK bool) {
+		t.Helper()
+		at, first, ok := l.take(src, now, deadline)
+		if !at.Equal(wantAt) || first != wantFirst || ok != wantOK {
+			t.Fatalf("%s: take = %v, %v, %v; want %v, %v, %v", what, at.Sub(t0), first, ok, wantAt.Sub(t0), wantFirst, wantOK)
+		}
+	}
+	for range 10 {
+		take("a login that succeeds", t0, far, t0, false, true)
+		l.give(src, t0)
+	}
+	if n := len(l.sources); n != 0 {
+		t.Fatalf("%d sources remembered after logins that succeeded", n)
+	}
+	for range 3 {
+		take("a failure within the burst", t0, far, t0, false, true)
+	}
+	take("the first login over the limit", t0, far, t0.Add(time.Second), true, true)
+	take("the next", t0, far, t0.Add(2*time.Second), false, true)
+	take("a turn past the deadline", t0, t0.Add(2500*time.Millisecond), t0.Add(3*time.Second), false, false)
+	take("the next, which nothing reserved before", t0, far, t0.Add(3*time.Second), false, true)
+	l.give(src, t0) // given up while waiting
+	take("after a turn was given back", t0, far, t0.Add(3*time.Second), false, true)
+	if at, first, ok := l.take(loginSource(&net.TCPAddr{IP: net.ParseIP("10.9.9.9")}), t0, far); !at.Equal(t0) || first || !ok {
+		t.Fatalf("another source: take = %v, %v, %v; want no wait", at.Sub(t0), first, ok)
+	}
+	// Turns are kept until t0+3s; then one failure a second.
+	take("when the reserved turns are over", t0.Add(3*time.Second), far, t0.Add(4*time.Second), false, true)
+	now := t0.Add(time.Minute)
+	take("once the bucket has filled up again", now, far, now, false, true)
+	l.give(src, now)
+	if l.sources[src] != nil {
+		t.Error("a full bucket is remembered")
+	}
+	// A bucket that filled up again while remembered is throttled, and logged, anew.
+	for range 3 {
+		take("a failure of a new burst", now, far, now, false, true)
+	}
+	take("over the limit", now, far, now.Add(time.Second), true, true)
+	now = now.Add(time.Minute)
+	for range 3 {
+		take("a failure after the bucket filled up again", now, far, now, false, true)
+	}
+	take("over the limit again", now, far, now.Add(time.Second), true, true)
+
+	// The table is bounded: past maxLoginSources, buckets that have filled up again go,
+	// or else any one.
+	for i := range maxLoginSources + 10 {
+		ip := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+		l.take(ip, now, far)
+	}
+	if n := len(l.sources); n > maxLoginSources {
+		t.Fatalf("%d sources remembered, want at most %d", n, maxLoginSources)
+	}
+	later := now.Add(time.Minute)
+	l.take(netip.AddrFrom4([4]byte{11, 0, 0, 1}), later, far)
+	if n := len(l.sources); n != 1 {
+		t.Errorf("%d sources remembered after the others filled up again, want 1", n)
+	}
 }
 
 func TestVhostAccess(t *testing.T) {

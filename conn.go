@@ -2,12 +2,14 @@ package amqp
 
 import (
 	"bufio"
+	"container/list"
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"runtime"
 	"slices"
 	"strconv"
@@ -55,7 +57,10 @@ type conn struct {
 	isTLS      bool   // writes go through TLS, where writev buys nothing
 	preAuth    int    // octets read before login, against Config.MaxPreAuthBytes
 	authed     bool
-	panicked   bool // the reader recovered from a panic: shared state may be locked
+	panicked   bool          // the reader recovered from a panic: shared state may be locked
+	hsEnd      time.Time     // the handshake deadline
+	hsElem     *list.Element // guarded by s.mu: c in s.handshakes; nil once open or dropped
+	counted    bool          // guarded by s.mu: c counts in s.open
 
 	outMu      sync.Mutex
 	out        []byte        // guarded by outMu: encoded frames waiting for the writer
@@ -148,12 +153,17 @@ func (c *conn) serve() {
 		}
 	}()
 
-	c.nc.SetReadDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
+	c.hsEnd = time.Now().Add(c.s.cfg.HandshakeTimeout)
+	c.nc.SetReadDeadline(c.hsEnd)
 	if tc, ok := c.nc.(*tls.Conn); ok {
 		c.isTLS = true
-		tc.SetWriteDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
+		tc.SetWriteDeadline(c.hsEnd)
 		if err := tc.Handshake(); err != nil {
-			c.log.Warn("closing connection: TLS handshake failed", "err", err)
+			if c.shutdown.Load() {
+				c.log.Debug("connection ended in the TLS handshake", "err", err)
+			} else {
+				c.log.Warn("closing connection: TLS handshake failed", "err", err)
+			}
 			return
 		}
 		tc.SetWriteDeadline(time.Time{})
@@ -211,6 +221,12 @@ func (c *conn) fail(err error) {
 	if err == errBadHeader || err == errAuthClosed || err == errConnectionClosed {
 		return
 	}
+	if err == errLoginThrottled || err == errHandshakeDropped || c.shutdown.Load() && !c.opened.Load() {
+		// Not checked in time, or dropped in the handshake (too many handshakes, or
+		// Shutdown): no connection.close, and no wait for close-ok.
+		c.log.Debug("connection ended in its handshake", "err", err)
+		return
+	}
 	if errors.Is(err, errPreAuthLimit) {
 		c.log.Warn("closing connection: too much data before authentication", "limit", c.s.cfg.MaxPreAuthBytes)
 		return
@@ -257,6 +273,15 @@ func (c *conn) closeWith(e *Error) {
 	if c.sendClose(e) {
 		c.nc.SetReadDeadline(time.Now().Add(defaultCloseTimeout))
 	}
+}
+
+// abandon drops a connection that will not open (Server.establish refuses it) from any
+// goroutine, without a word: its reader wakes from a read or from waiting its login turn,
+// and ends quietly.
+func (c *conn) abandon() {
+	c.shutdown.Store(true)
+	c.stopOnce.Do(func() { close(c.stop) })
+	c.nc.SetReadDeadline(time.Now())
 }
 
 // sendClose queues connection.close once; it reports whether this call sent it.
@@ -437,8 +462,11 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.caps = parseCaps(startOk.ClientProperties)
+	src, err := c.awaitLoginTurn()
+	if err != nil {
+		return err
+	}
 	var user string
-	var err error
 	if startOk.Mechanism == "EXTERNAL" && c.peerCN != "" {
 		// The verified client certificate names the user; no password.
 		user = c.peerCN
@@ -446,17 +474,21 @@ func (c *conn) handshake() error {
 	} else {
 		user, err = c.s.authenticate(startOk.Mechanism, startOk.Response, c.nc.RemoteAddr())
 	}
-	if err != nil {
-		var e *Error
-		if errors.As(err, &e) && e.Code == replyAccessRefused {
-			c.log.Warn("login refused", "user", user, "mechanism", startOk.Mechanism)
-			// A fixed pause before the answer: guessing passwords goes no faster than
-			// one try per AuthFailureDelay per connection.
-			time.Sleep(c.s.cfg.AuthFailureDelay)
-			if !c.caps.authFailureClose {
-				return errAuthClosed
-			}
+	if reason := loginReason(err); reason != "" {
+		// The failure keeps its token of the source's limit.
+		c.log.Warn("login refused", "user", user, "mechanism", startOk.Mechanism, "reason", reason)
+		// A fixed pause before the answer: guessing passwords goes no faster than
+		// one try per AuthFailureDelay per connection.
+		time.Sleep(c.s.cfg.AuthFailureDelay)
+		if !c.caps.authFailureClose {
+			return errAuthClosed
 		}
+		return err
+	}
+	if c.s.logins != nil {
+		c.s.logins.give(src, time.Now())
+	}
+	if err != nil {
 		return err
 	}
 	c.user = user
@@ -497,6 +529,11 @@ func (c *conn) handshake() error {
 	} else if limit == 0 {
 		c.vh.conns.Add(1)
 	}
+	if err := c.s.establish(c); err != nil {
+		c.vh.conns.Add(-1)
+		c.vh = nil
+		return err
+	}
 	c.send(&connectionOpenOk{})
 	c.log.Debug("connection open", "user", c.user, "vhost", c.vh.name,
 		"frame_max", c.frameMax, "channel_max", c.channelMax, "heartbeat", time.Duration(c.heartbeat.Load()).String())
@@ -504,9 +541,52 @@ func (c *conn) handshake() error {
 }
 
 var (
-	errBadHeader  = errors.New("amqp: bad protocol header")
-	errAuthClosed = errors.New("amqp: login refused") // closes the socket without connection.close
+	errBadHeader        = errors.New("amqp: bad protocol header")
+	errAuthClosed       = errors.New("amqp: login refused") // closes the socket without connection.close
+	errLoginThrottled   = errors.New("amqp: login not checked: too many failed logins from the address")
+	errHandshakeDropped = errors.New("amqp: handshake dropped for a newer one: too many handshakes")
 )
+
+// awaitLoginTurn takes a token of the client's source address for its login (see
+// loginLimiter), waiting for its turn if the source is over Config.AuthFailureLimit. It
+// fails quietly if the turn would come after the handshake deadline, which it then waits
+// for, or if the connection is dropped or the server shuts down first.
+func (c *conn) awaitLoginTurn() (netip.Addr, error) {
+	l := c.s.logins
+	if l == nil {
+		return netip.Addr{}, nil
+	}
+	src := loginSource(c.nc.RemoteAddr())
+	now := time.Now()
+	at, first, ok := l.take(src, now, c.hsEnd)
+	if first {
+		source := src.String()
+		if src.Is6() {
+			source += "/64"
+		}
+		c.log.Warn("throttling logins: too many failed logins from the address",
+			"source", source, "limit", c.s.cfg.AuthFailureLimit)
+	}
+	if !ok {
+		at = c.hsEnd
+	}
+	if wait := at.Sub(now); wait > 0 {
+		t := time.NewTimer(wait)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-c.stop:
+			if ok {
+				l.give(src, time.Now())
+			}
+			return src, errLoginThrottled
+		}
+	}
+	if !ok {
+		return src, errLoginThrottled
+	}
+	return src, nil
+}
 
 // tune applies the client's tune-ok: zero means "the server's value", as RabbitMQ treats it,
 // and anything beyond the server's limits, or a frame-max under 4096, is 530 NOT_ALLOWED.

@@ -1123,3 +1123,297 @@ func TestPanicMarksBrokerUnhealthy(t *testing.T) {
 		t.Fatalf("no loud log line with the stack in:\n%s", out)
 	}
 }
+
+// wireTryLogin sends the protocol header and a PLAIN start-ok with response on a socket
+// from dial, answers a connection.close with close-ok, and reads until the socket closes.
+// It returns the reply code of the connection.close, 0 if the socket closed unanswered.
+// It takes no testing.T, so it may run on any goroutine.
+func wireTryLogin(addr, response string, dial func(network, addr string) (net.Conn, error)) (uint16, error) {
+	nc, err := dial("tcp", addr)
+	if err != nil {
+		return 0, err
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(wireTimeout))
+	b := appendMethodFrame(append([]byte(nil), protocolHeader[:]...), 0, &connectionStartOk{
+		ClientProperties: table{"capabilities": table{"authentication_failure_close": true}},
+		Mechanism:        "PLAIN",
+		Response:         response,
+		Locale:           "en_US",
+	})
+	if _, err := nc.Write(b); err != nil {
+		return 0, err
+	}
+	fr := frameReader{r: bufio.NewReader(nc), frameMax: 1 << 24}
+	var code uint16
+	for {
+		f, err := fr.read()
+		if wireIsClosed(err) {
+			return code, nil
+		}
+		if err != nil {
+			return code, err
+		}
+		if id, d, err := methodHeader(f.payload); f.typ == frameMethod && err == nil && id == idConnectionClose {
+			var m connectionClose
+			m.decode(&d)
+			code = m.ReplyCode
+			nc.Write(appendMethodFrame(nil, 0, &connectionCloseOk{}))
+		}
+	}
+}
+
+// wireDialFrom returns a dial function whose sockets come from ip, a loopback address
+// other than 127.0.0.1 on Linux, so that a test has a second source address. It skips the
+// test where such sockets cannot be made.
+func wireDialFrom(t testing.TB, ip, addr string) func(network, addr string) (net.Conn, error) {
+	t.Helper()
+	d := &net.Dialer{Timeout: wireTimeout, LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
+	nc, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Skipf("no socket from %s: %v", ip, err)
+	}
+	nc.Close()
+	return d.Dial
+}
+
+func isWarn(rec map[string]any) bool { return rec["level"] == "WARN" }
+
+// TestConnLoginLimit: however many connections try in parallel from one address, the
+// failed logins checked are Config.AuthFailureLimit at once, then one per refill period
+// (a second, 50ms here); the logins whose turn would come after their handshake deadline
+// are not checked at all and close unanswered at the deadline.
+func TestConnLoginLimit(t *testing.T) {
+	t.Parallel()
+	const (
+		burst    = 3
+		refill   = 50 * time.Millisecond
+		timeout  = 500 * time.Millisecond
+		parallel = 60
+	)
+	for _, tc := range []struct {
+		name  string
+		limit int
+	}{{"limited", burst}, {"no limit", -1}} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			log := &secLog{}
+			cfg := Config{AuthFailureLimit: tc.limit, AuthFailureDelay: time.Millisecond, HandshakeTimeout: timeout, Logger: log.logger()}
+			srv := secServeTuned(t, cfg, false, func(s *Server) {
+				if s.logins != nil {
+					s.logins.refill = refill
+				}
+			})
+			addr := srv.Addr().String()
+			dial := (&net.Dialer{Timeout: wireTimeout}).Dial
+			var answered atomic.Int32
+			errs := make(chan error, parallel)
+			start := time.Now()
+			for range parallel {
+				go func() {
+					code, err := wireTryLogin(addr, "\x00guest\x00wrong", dial)
+					if code == replyAccessRefused {
+						answered.Add(1)
+					} else if code != 0 {
+						err = fmt.Errorf("connection.close %d, want 403 or none", code)
+					}
+					errs <- err
+				}()
+			}
+			for range parallel {
+				if err := <-errs; err != nil {
+					t.Error(err)
+				}
+			}
+			elapsed := time.Since(start)
+			checked := log.count(isWarn, "login refused", "wrong password")
+			throttled := log.count(isWarn, "throttling logins: too many failed logins from the address", "127.0.0.1")
+			t.Logf("%d parallel failed logins in %v: %d checked and answered", parallel, elapsed, checked)
+			if int(answered.Load()) != checked {
+				t.Errorf("%d logins answered, %d checked", answered.Load(), checked)
+			}
+			if tc.limit < 0 {
+				if checked != parallel || throttled != 0 {
+					t.Errorf("without a limit: %d of %d logins checked, %d throttling warnings", checked, parallel, throttled)
+				}
+				return
+			}
+			// The burst, then one a refill period until the last deadline.
+			if most := burst + int(elapsed/refill) + 1; checked > most || checked <= burst {
+				t.Errorf("%d of %d logins checked in %v, want more than the burst of %d and at most %d", checked, parallel, elapsed, burst, most)
+			}
+			if throttled != 1 {
+				t.Errorf("%d throttling warnings, want 1:\n%s", throttled, log)
+			}
+		})
+	}
+}
+
+// TestConnLoginLimitSources: logins that succeed do not count against the limit; once an
+// address is over it, its logins, right or wrong, wait their turn; other addresses are
+// not held.
+func TestConnLoginLimitSources(t *testing.T) {
+	t.Parallel()
+	const timeout = 300 * time.Millisecond
+	log := &secLog{}
+	cfg := Config{AuthFailureLimit: 3, AuthFailureDelay: time.Millisecond, HandshakeTimeout: timeout, Logger: log.logger()}
+	// With a token an hour, a turn past the limit is always after the handshake deadline.
+	srv := secServeTuned(t, cfg, false, func(s *Server) { s.logins.refill = time.Hour })
+	addr := srv.Addr().String()
+	local, other := wireDialFrom(t, "127.0.0.1", addr), wireDialFrom(t, "127.0.0.2", addr)
+	dial := func(from func(string, string) (net.Conn, error), password string) (*amqp091.Connection, error) {
+		return amqp091.DialConfig("amqp://"+addr+"/", amqp091.Config{
+			SASL: []amqp091.Authentication{&amqp091.PlainAuth{Username: "guest", Password: password}},
+			Dial: from,
+		})
+	}
+
+	// Two failures leave one token; logins that succeed take none, however many.
+	for range 2 {
+		if _, err := dial(local, "wrong"); err != amqp091.ErrCredentials {
+			t.Fatalf("a wrong password: %v, want ErrCredentials", err)
+		}
+	}
+	for i := range 5 {
+		c, err := dial(local, "guest")
+		if err != nil {
+			t.Fatalf("login %d with the right password: %v", i, err)
+		}
+		c.Close()
+	}
+	if _, err := dial(local, "wrong"); err != amqp091.ErrCredentials {
+		t.Fatalf("the third wrong password: %v, want ErrCredentials", err)
+	}
+	// The bucket is empty: the next login's turn is an hour away, so it is not checked and
+	// its socket closes at the handshake deadline, unanswered, right password or wrong.
+	for _, password := range []string{"guest", "wrong"} {
+		start := time.Now()
+		code, err := wireTryLogin(addr, "\x00guest\x00"+password, local)
+		if err != nil || code != 0 {
+			t.Errorf("password %q over the limit: connection.close %d, %v; want the socket closed unanswered", password, code, err)
+		}
+		if d := time.Since(start); d < timeout/2 {
+			t.Errorf("password %q over the limit: closed after %v, before the %v handshake deadline", password, d, timeout)
+		}
+	}
+	// Another address is not held.
+	c, err := dial(other, "guest")
+	if err != nil {
+		t.Fatalf("from 127.0.0.2: %v", err)
+	}
+	defer c.Close()
+	wireCheckClient(t, c)
+	if code, err := wireTryLogin(addr, "\x00guest\x00wrong", other); err != nil || code != replyAccessRefused {
+		t.Errorf("a wrong password from 127.0.0.2: connection.close %d, %v; want 403", code, err)
+	}
+	if n := log.count(isWarn, "login refused"); n != 4 {
+		t.Errorf("%d logins checked and refused, want 4: the 3 of 127.0.0.1's burst and 127.0.0.2's", n)
+	}
+	if n := log.count(isWarn, "throttling logins: too many failed logins from the address"); n != 1 {
+		t.Errorf("%d throttling warnings, want 1 (for 127.0.0.1):\n%s", n, log)
+	}
+}
+
+// TestConnLoginWaitShutdown: Shutdown ends a login waiting its turn at once, not at the
+// handshake deadline.
+func TestConnLoginWaitShutdown(t *testing.T) {
+	t.Parallel()
+	log := &secLog{}
+	srv := NewServer(Config{Logger: log.logger(), DataDir: t.TempDir(), AuthFailureLimit: 1,
+		AuthFailureDelay: time.Millisecond, HandshakeTimeout: time.Minute})
+	srv.logins.refill = time.Hour
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	addr := srv.Addr().String()
+	dial := (&net.Dialer{Timeout: wireTimeout}).Dial
+	if code, err := wireTryLogin(addr, "\x00guest\x00wrong", dial); err != nil || code != replyAccessRefused {
+		t.Fatalf("a wrong password: connection.close %d, %v; want 403", code, err)
+	}
+	held := make(chan error, 1)
+	go func() {
+		code, err := wireTryLogin(addr, "\x00guest\x00guest", dial)
+		if err == nil && code != 0 {
+			err = fmt.Errorf("connection.close %d, want the socket closed unanswered", code)
+		}
+		held <- err
+	}()
+	pollFor(t, "the login held", func() bool { return log.has("throttling logins: too many failed logins from the address") })
+
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown = %v", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("Shutdown took %v with a login waiting its turn", d)
+	}
+	if err := <-held; err != nil {
+		t.Errorf("the held login: %v", err)
+	}
+	if err := <-served; err != ErrServerClosed {
+		t.Errorf("Serve = %v", err)
+	}
+}
+
+// TestConnMaxConnectionsCountsOpen: Config.MaxConnections counts connections past
+// connection.open, so sockets that never log in do not lock clients out; a handshake
+// begun under the limit that reaches connection.open over it is refused with 530.
+func TestConnMaxConnectionsCountsOpen(t *testing.T) {
+	t.Parallel()
+	srv := secServe(t, Config{MaxConnections: 2}, false)
+	addr := srv.Addr().String()
+	idle1, idle2 := wireDial(t, addr), wireDial(t, addr) // never send the protocol header
+	first := secConnect(t, addr, "guest", "guest", "/")
+	late := wireHandshake(t, addr, wireOpts{}, 2)
+	second := secConnect(t, addr, "guest", "guest", "/")
+	late.sendMethod(0, &connectionOpen{VirtualHost: "/"})
+	secRefusedClose(late, replyNotAllowed, "NOT_ALLOWED - connection refused: node connection limit (2) is reached", 10, 40)
+	if c, err := secDial(addr, "guest", "guest", "/"); err == nil {
+		c.Close()
+		t.Fatal("amqp091-go connected beyond the limit")
+	}
+	wireCheckClient(t, first)
+	wireCheckClient(t, second)
+	for _, c := range []*wireClient{idle1, idle2} {
+		c.nc.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		if _, err := c.nc.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("an idle socket under the handshake timeout: read %v, want it still open", err)
+		}
+	}
+}
+
+// TestConnMaxHandshakes: past Config.MaxHandshakes sockets in their handshake, the oldest
+// is dropped, so idle sockets cannot keep a client from logging in; open connections do
+// not count.
+func TestConnMaxHandshakes(t *testing.T) {
+	t.Parallel()
+	log := &secLog{}
+	srv := secServe(t, Config{MaxHandshakes: 2, Logger: log.logger()}, false)
+	addr := srv.Addr().String()
+	stillOpen := func(what string, c *wireClient) {
+		t.Helper()
+		c.nc.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		if _, err := c.nc.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("%s: read %v, want the socket still open", what, err)
+		}
+	}
+	idle1, idle2 := wireDial(t, addr), wireDial(t, addr)
+	stillOpen("two idle sockets", idle1)
+	idle3 := wireDial(t, addr)
+	idle1.expectClosed(secWait)
+	stillOpen("the second idle socket", idle2)
+	c := secConnect(t, addr, "guest", "guest", "/") // drops idle2
+	idle2.expectClosed(secWait)
+	wireCheckClient(t, c)
+	more := secConnect(t, addr, "guest", "guest", "/")
+	wireCheckClient(t, more)
+	stillOpen("the third idle socket, with two open connections", idle3)
+	if !log.find(isWarn, "dropping the oldest connections in their handshake: too many handshakes") {
+		t.Errorf("no warning of the dropped handshakes:\n%s", log)
+	}
+}

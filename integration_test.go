@@ -114,7 +114,7 @@ func TestListenOnlyWhenLoaded(t *testing.T) {
 	}
 	dir := t.TempDir()
 	first := NewServer(Config{DataDir: dir, Logger: wireDiscardLogger()})
-	if err := first.open(); err != nil {
+	if err := first.load(); err != nil {
 		t.Fatal(err)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -41,7 +41,9 @@ func run(args []string, stderr io.Writer) int {
 	tlsKey := fs.String("tls-key", "", "PEM private key file for amqps")
 	tlsCA := fs.String("tls-ca", "", "PEM CA bundle for checking client certificates")
 	tlsVerify := fs.String("tls-verify", "none", "client certificates: none, optional or required")
-	maxConns := fs.Int("max-connections", 0, "most client connections at once (0: no limit)")
+	maxConns := fs.Int("max-connections", 0, "most open client connections, past login (0: no limit)")
+	maxHandshakes := fs.Int("max-handshakes", 1024, "most sockets in their handshake; past it the oldest is dropped (-1: no limit)")
+	authFailures := fs.Int("auth-failure-limit", 10, "failed logins one address (IPv6: /64) may make before it is held to one a second (-1: no limit)")
 	maxVhostConns := fs.Int("max-connections-per-vhost", 0, "most connections to one vhost (0: no limit)")
 	maxQueues := fs.Int("max-queues-per-vhost", 0, "most queues in one vhost (0: no limit)")
 	channelMax := fs.Uint("channel-max", 2047, "channel-max offered to clients")
@@ -109,6 +111,8 @@ func run(args []string, stderr io.Writer) int {
 		SegmentSize:    *segmentSize,
 		FsyncInterval:  *fsyncInterval,
 
+		MaxHandshakes:          *maxHandshakes,
+		AuthFailureLimit:       *authFailures,
 		MaxConnectionsPerVhost: *maxVhostConns,
 		MaxQueuesPerVhost:      *maxQueues,
 		ChannelMax:             uint16(min(*channelMax, 65535)),
