@@ -488,9 +488,9 @@ func BenchmarkTopicWorstCase(b *testing.B) {
 			for b.Loop() {
 				rs.reset()
 				rs.words = splitWords(rs.words[:0], key)
-				root.match(rs.words, 0, &rs, nil)
-				if (len(rs.queues) == 1) != bc.match {
-					b.Fatalf("pattern %q key %q: matched %d queues", bc.pattern, bc.key, len(rs.queues))
+				root.match(rs.words, 0, &rs)
+				if (len(rs.hits) == 1) != bc.match {
+					b.Fatalf("pattern %q key %q: matched %d bindings", bc.pattern, bc.key, len(rs.hits))
 				}
 			}
 			reportRate(b, b.N, "msgs/s")

@@ -459,7 +459,7 @@ func (ch *channel) route(x *exchange, msg *message, mandatory bool) (uint64, err
 }
 
 // routeLocked collects the queues msg goes to through x in ch.routes. vh.mu must be held
-// for reading.
+// for reading; a topic match releases it for a while (see vhost.routeLocked).
 func (ch *channel) routeLocked(x *exchange, msg *message) {
 	rs := &ch.routes
 	rs.reset()
@@ -467,8 +467,8 @@ func (ch *channel) routeLocked(x *exchange, msg *message) {
 		if q := ch.vh().queues[string(msg.routingKey())]; q != nil {
 			rs.queues = append(rs.queues, q)
 		}
-	} else if !x.deleted {
-		x.route(msg, rs)
+	} else {
+		ch.vh().routeLocked(x, msg, rs)
 	}
 }
 

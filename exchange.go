@@ -115,7 +115,7 @@ type exchange struct {
 	bindings []*binding
 	incoming []*binding            // exchange-to-exchange bindings with this exchange as destination
 	direct   map[string][]*binding // direct: by routing key
-	topic    *topicNode            // topic: a trie of binding keys
+	topic    *topicIndex           // topic: a trie of binding keys, with a lock of its own
 	deleted  bool
 }
 
@@ -135,7 +135,7 @@ func newExchange(name, kind string, durable, autoDelete, internal bool, args tab
 	case kindDirect:
 		x.direct = make(map[string][]*binding)
 	case kindTopic:
-		x.topic = &topicNode{}
+		x.topic = &topicIndex{}
 	}
 	return x
 }
@@ -220,6 +220,8 @@ type routeSet struct {
 	queues  []*queue
 	seen    map[*queue]struct{} // the queues, once there are many of them
 	visited []*exchange         // exchanges already routed through, against binding loops
+	next    []*exchange         // exchanges bound to the ones routed through, still to route
+	hits    []*binding          // the topic bindings a match found
 	words   [][]byte            // topic key split into words
 	headers table               // the message's headers, decoded once when a headers exchange needs them
 	parsed  bool
@@ -234,6 +236,10 @@ func (rs *routeSet) reset() {
 	clear(rs.seen)
 	clear(rs.visited)
 	rs.visited = rs.visited[:0]
+	clear(rs.next)
+	rs.next = rs.next[:0]
+	clear(rs.hits)
+	rs.hits = rs.hits[:0]
 	rs.headers, rs.parsed = nil, false
 	clear(rs.hashFrom)
 	rs.topicVisits = 0
@@ -269,23 +275,44 @@ func (rs *routeSet) addBindings(bs []*binding, m *message) {
 	}
 }
 
+// addBinding adds a binding's queue, or its exchange to those still to route.
 func (rs *routeSet) addBinding(b *binding, m *message) {
 	if b.queue != nil {
 		rs.addQueue(b.queue)
 		return
 	}
-	b.dest.route(m, rs)
+	rs.next = append(rs.next, b.dest)
 }
 
-// route adds the queues m goes to through x and the exchanges bound to it.
-// vh.mu must be held for reading.
-func (x *exchange) route(m *message, rs *routeSet) {
-	for _, v := range rs.visited {
-		if v == x {
-			return
+// routeLocked collects in rs the queues m goes to through x and, through exchange-to-
+// exchange bindings, the exchanges bound to it. vh.mu must be held for reading; it is
+// released for each topic match, which may take long and runs under the exchange's own
+// lock, so that no writer of the vhost waits for a match.
+func (vh *vhost) routeLocked(x *exchange, m *message, rs *routeSet) {
+	rs.next = append(rs.next, x)
+	for len(rs.next) > 0 {
+		x := rs.next[len(rs.next)-1]
+		rs.next = rs.next[:len(rs.next)-1]
+		if x.deleted || slices.Contains(rs.visited, x) {
+			continue // visited: a loop of exchange bindings delivers once
+		}
+		rs.visited = append(rs.visited, x)
+		if x.kind != kindTopic {
+			x.route(m, rs)
+			continue
+		}
+		vh.mu.RUnlock()
+		x.topic.match(m.routingKey(), rs)
+		vh.mu.RLock()
+		if !x.deleted {
+			rs.addBindings(rs.hits, m)
 		}
 	}
-	rs.visited = append(rs.visited, x)
+}
+
+// route adds the queues m goes to through x's own bindings, and the exchanges bound to x
+// to rs.next. vh.mu must be held for reading.
+func (x *exchange) route(m *message, rs *routeSet) {
 	key := m.routingKey()
 	switch x.kind {
 	case kindDirect:
@@ -293,8 +320,8 @@ func (x *exchange) route(m *message, rs *routeSet) {
 	case kindFanout:
 		rs.addBindings(x.bindings, m)
 	case kindTopic:
-		rs.words = splitWords(rs.words[:0], key)
-		x.topic.match(rs.words, 0, rs, m)
+		x.topic.match(key, rs)
+		rs.addBindings(rs.hits, m)
 	case kindHeaders:
 		if !rs.parsed {
 			rs.headers, rs.parsed = m.headers(), true
@@ -319,6 +346,64 @@ func splitWords(words [][]byte, key []byte) [][]byte {
 		}
 		words = append(words, key[:i])
 		key = key[i+1:]
+	}
+}
+
+// topicIndex is a topic exchange's trie of binding keys. A match runs under the index's
+// read lock, not the vhost's. Binds and unbinds, which hold the vhost's lock, do not wait
+// for a match in progress: they queue their change, and the next match applies it first.
+type topicIndex struct {
+	mu   sync.RWMutex
+	root topicNode // guarded by mu
+
+	opsMu   sync.Mutex
+	ops     []topicOp    // guarded by opsMu: changes not yet applied to root, in order
+	pending atomic.Int32 // len(ops), readable without opsMu
+}
+
+// topicOp is a binding added to or removed from a topic index.
+type topicOp struct {
+	b   *binding
+	add bool
+}
+
+func (t *topicIndex) add(b *binding)    { t.queue(topicOp{b, true}) }
+func (t *topicIndex) remove(b *binding) { t.queue(topicOp{b, false}) }
+
+func (t *topicIndex) queue(op topicOp) {
+	t.opsMu.Lock()
+	t.ops = append(t.ops, op)
+	t.pending.Store(int32(len(t.ops)))
+	t.opsMu.Unlock()
+}
+
+// match sets rs.hits to the bindings whose keys match key.
+func (t *topicIndex) match(key []byte, rs *routeSet) {
+	if t.pending.Load() > 0 {
+		t.apply()
+	}
+	rs.hits = rs.hits[:0]
+	rs.words = splitWords(rs.words[:0], key)
+	t.mu.RLock()
+	t.root.match(rs.words, 0, rs)
+	t.mu.RUnlock()
+}
+
+// apply brings the queued binding changes into the trie.
+func (t *topicIndex) apply() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.opsMu.Lock()
+	ops := t.ops
+	t.ops = nil
+	t.pending.Store(0)
+	t.opsMu.Unlock()
+	for _, op := range ops {
+		if op.add {
+			t.root.add(op.b)
+		} else {
+			t.root.remove(op.b)
+		}
 	}
 }
 
@@ -409,9 +494,9 @@ func (n *topicNode) empty() bool {
 	return len(n.bindings) == 0 && len(n.children) == 0 && n.star == nil && n.hash == nil
 }
 
-// match adds the bindings below n whose rest of key matches words[i:]. It visits no node
+// match appends to rs.hits the bindings below n whose rest of key matches words[i:]. It visits no node
 // twice at one position, so it costs O(trie nodes × (len(words)+1)) whatever the keys.
-func (n *topicNode) match(words [][]byte, i int, rs *routeSet, m *message) {
+func (n *topicNode) match(words [][]byte, i int, rs *routeSet) {
 	rs.topicVisits++
 	if h := n.hash; h != nil {
 		// "#" takes zero or more words: match h from i, i+1, ... len(words), except from the
@@ -428,18 +513,18 @@ func (n *topicNode) match(words [][]byte, i int, rs *routeSet, m *message) {
 			rs.hashFrom[h] = i
 		}
 		for j := i; j <= end; j++ {
-			h.match(words, j, rs, m)
+			h.match(words, j, rs)
 		}
 	}
 	if i == len(words) {
-		rs.addBindings(n.bindings, m)
+		rs.hits = append(rs.hits, n.bindings...)
 		return
 	}
 	if c := n.children[string(words[i])]; c != nil {
-		c.match(words, i+1, rs, m)
+		c.match(words, i+1, rs)
 	}
 	if n.star != nil {
-		n.star.match(words, i+1, rs, m)
+		n.star.match(words, i+1, rs)
 	}
 }
 

@@ -677,11 +677,13 @@ func (tt *topicTrie) remove(name string) {
 func (tt *topicTrie) match(key string) []string {
 	var rs routeSet
 	rs.words = splitWords(rs.words[:0], []byte(key))
-	tt.root.match(rs.words, 0, &rs, nil)
+	tt.root.match(rs.words, 0, &rs)
 	tt.visits = rs.topicVisits
 	var names []string
-	for _, q := range rs.queues {
-		names = append(names, q.name)
+	for _, b := range rs.hits {
+		if !slices.Contains(names, b.queue.name) {
+			names = append(names, b.queue.name)
+		}
 	}
 	sort.Strings(names)
 	return names
@@ -822,7 +824,8 @@ func TestTopicCollapsedKeys(t *testing.T) {
 	if x.addBindingLocked(&binding{source: x, queue: q, key: "a.#.#.#.b"}) {
 		t.Fatal("a.#.#.#.b bound twice")
 	}
-	if n := topicNodes(x.topic); n != 4 {
+	x.topic.apply()
+	if n := topicNodes(&x.topic.root); n != 4 {
 		t.Fatalf("trie has %d nodes, want 4 (root a # b)", n)
 	}
 	route := func(key string) []*queue {
@@ -844,8 +847,9 @@ func TestTopicCollapsedKeys(t *testing.T) {
 		t.Fatal("a.#.#.#.b found after its unbind")
 	}
 	x.removeBindingLocked(x.findBindingLocked(&binding{queue: q, key: "a.#.b"}))
-	if !x.topic.empty() {
-		t.Fatalf("trie not empty after both unbinds: %+v", x.topic)
+	x.topic.apply()
+	if !x.topic.root.empty() {
+		t.Fatalf("trie not empty after both unbinds: %+v", x.topic.root)
 	}
 }
 
@@ -870,7 +874,10 @@ func TestTopicRoutingThroughTopics(t *testing.T) {
 		{"a.b", nil},
 	} {
 		var rs routeSet
-		x1.route(&message{data: []byte(tc.key), keyLen: uint8(len(tc.key))}, &rs)
+		vh := newVhost("/")
+		vh.mu.RLock()
+		vh.routeLocked(x1, &message{data: []byte(tc.key), keyLen: uint8(len(tc.key))}, &rs)
+		vh.mu.RUnlock()
 		slices.SortFunc(rs.queues, func(a, b *queue) int { return strings.Compare(a.name, b.name) })
 		if !slices.Equal(rs.queues, tc.want) {
 			t.Errorf("key %q routed to %v, want %v", tc.key, rs.queues, tc.want)
@@ -971,4 +978,54 @@ func FuzzTopicMatch(f *testing.F) {
 			t.Fatalf("patterns %q: trie not empty after removing all", ps)
 		}
 	})
+}
+
+// TestTopicMatchHoldsNoVhostLock: a topic match runs under its exchange's own read lock,
+// not the vhost's, and binds queue their change instead of waiting for it. Here a match
+// that never ends is simulated by holding that read lock: while it is held, and a publish
+// to the exchange waits on it, other clients of the vhost declare, bind to the same
+// exchange, and publish elsewhere without waiting.
+func TestTopicMatchHoldsNoVhostLock(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "t.first")
+	if err := ch.QueueBind("t.first", "a.#", "amq.topic", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	x := srv.vhost("/").exchanges["amq.topic"]
+	x.topic.mu.RLock() // a match in progress
+	released := false
+	defer func() {
+		if !released {
+			x.topic.mu.RUnlock()
+		}
+	}()
+
+	other := openChannel(t, dial(t, url))
+	done := make(chan error, 1)
+	go func() {
+		// Waits on the held lock: the bind above is applied at this match.
+		done <- other.Publish("amq.topic", "a.b", false, false, amqp091.Publishing{Body: []byte("late")})
+	}()
+	ops := openChannel(t, c)
+	declareTransientQueue(t, ops, "t.second")
+	if err := ops.QueueBind("t.second", "#.b", "amq.topic", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ops.ExchangeDeclare("t.x", "fanout", false, true, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, ops, "", "t.second", "direct")
+	if got := drainText(t, ops, "t.second"); !slices.Equal(got, []string{"direct"}) {
+		t.Fatalf("t.second holds %q, want the message published while the match was held", got)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	released = true
+	x.topic.mu.RUnlock()
+	pollFor(t, "the held publish to route", func() bool { return queueReady(t, ops, "t.first") == 1 })
+	pollFor(t, "the held publish to reach the queue bound meanwhile", func() bool { return queueReady(t, ops, "t.second") == 1 })
 }
