@@ -13,8 +13,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -52,6 +50,7 @@ func run(args []string, stderr io.Writer) int {
 	handshake := fs.Duration("handshake-timeout", 10*time.Second, "time a client has to open its connection")
 	segmentSize := fs.Int64("segment-size", 16<<20, "size at which the write-ahead log starts a new segment file")
 	fsyncInterval := fs.Duration("fsync-interval", 0, "0: fsync every batch before confirming (always); >0: fsync at most this often, confirming after the write (a machine crash may lose up to this much)")
+	diskFreeLimit := fs.Int64("disk-free-limit", 50_000_000, "block publishers while the data directory's disk has fewer free bytes than this; 0: never")
 	memWatermark := fs.Float64("memory-high-watermark", 0.4, "block publishers when the live heap passes this fraction of RAM (<= 1) or this many bytes (> 1); 0: never")
 	repair := fs.Bool("repair", false, "skip corrupt records in the middle of the log at startup, logging what is lost")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
@@ -121,6 +120,10 @@ func run(args []string, stderr io.Writer) int {
 		HandshakeTimeout:       *handshake,
 	}
 	cfg.MemoryHighWatermark = watermark(*memWatermark)
+	cfg.DiskFreeLimit = *diskFreeLimit
+	if *diskFreeLimit <= 0 {
+		cfg.DiskFreeLimit = -1 // Config's zero means the default
+	}
 	if *heartbeat == 0 {
 		cfg.Heartbeat = -1 // Config's zero means the default
 	}
@@ -185,41 +188,4 @@ func run(args []string, stderr io.Writer) int {
 	}
 	logger.Info("stopped")
 	return code
-}
-
-// watermark turns -memory-high-watermark into bytes: a fraction of the memory the broker
-// may use (the machine's, from /proc/meminfo, or a smaller cgroup limit; no alarm where
-// neither is known), or a byte count.
-func watermark(v float64) uint64 {
-	if v > 1 {
-		return uint64(v)
-	}
-	if v <= 0 {
-		return 0
-	}
-	total := memTotal()
-	for _, f := range []string{"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"} {
-		if b, err := os.ReadFile(f); err == nil {
-			if n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err == nil && n > 0 && (total == 0 || n < total) {
-				total = n // a container's limit ("max" or a huge number means none)
-			}
-		}
-	}
-	return uint64(float64(total) * v)
-}
-
-// memTotal reads the machine's memory from /proc/meminfo; 0 when unknown.
-func memTotal() uint64 {
-	b, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
-			if kb, err := strconv.ParseUint(f[1], 10, 64); err == nil {
-				return kb << 10
-			}
-		}
-	}
-	return 0
 }
