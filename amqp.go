@@ -100,14 +100,18 @@ type Config struct {
 	// oldest is dropped. Default 1024; negative is no limit.
 	MaxHandshakes int
 	// MaxConnectionsPerVhost caps the connections open on one virtual host; 0 is no limit.
-	// Beyond it connection.open is refused with 530 NOT_ALLOWED.
+	// Beyond it connection.open is refused with 530 NOT_ALLOWED. A vhost's max-connections
+	// in the definitions file applies too; the stricter wins.
 	MaxConnectionsPerVhost int
 	// MaxQueuesPerVhost caps the queues of one virtual host; 0 is no limit. Beyond it
-	// queue.declare is refused with 406 PRECONDITION_FAILED.
+	// queue.declare is refused with 406 PRECONDITION_FAILED. A vhost's max-queues in the
+	// definitions file applies too; the stricter wins.
 	MaxQueuesPerVhost int
-	// Definitions is a RabbitMQ definitions JSON file holding the users, virtual hosts and
-	// permissions (as rabbitmqctl export_definitions writes it); Reload reads it again.
-	// Empty, or a missing file, means RabbitMQ's defaults: vhost "/" and guest/guest.
+	// Definitions is a RabbitMQ definitions JSON file holding the users, virtual hosts,
+	// permissions, topic permissions and vhost and user limits (as rabbitmqctl
+	// export_definitions writes it); Reload reads it again. What else it holds is named in
+	// a warning at each load. Empty, or a missing file, means RabbitMQ's defaults: vhost
+	// "/" and guest/guest.
 	Definitions string
 	// LoopbackUsers may log in only from loopback addresses; default ["guest"].
 	LoopbackUsers []string
@@ -242,6 +246,7 @@ type Server struct {
 	closed     bool                      // guarded by mu
 	addr       net.Addr                  // guarded by mu: the first listener's address
 	vhosts     map[string]*vhost         // guarded by mu
+	users      map[string]*userUsage     // guarded by mu: users with open connections
 	tlsConf    atomic.Pointer[tls.Config]
 	auth       atomic.Pointer[authDB]
 	logins     *loginLimiter // nil when Config.AuthFailureLimit is negative
@@ -270,6 +275,7 @@ func NewServer(cfg Config) *Server {
 		active:    make(map[*conn]struct{}),
 		ready:     make(chan struct{}),
 		vhosts:    map[string]*vhost{"/": newVhost("/")},
+		users:     make(map[string]*userUsage),
 	}
 	db, _ := newAuthDB(DefaultDefinitions(), cfg.LoopbackUsers)
 	s.auth.Store(db)

@@ -660,6 +660,14 @@ func TestLoadDefinitionsErrors(t *testing.T) {
 			`permissions in virtual host "v" for user "u": no such virtual host`},
 		{"duplicate permission", `{"users":[` + user + `],"vhosts":[` + vhost + `],"permissions":[{"user":"u","vhost":"/"},{"user":"u","vhost":"/"}]}`,
 			`permissions in virtual host "/" for user "u" are defined twice`},
+		{"topic_permissions not a list", `{"topic_permissions":{}}`, "topic_permissions: want a list of objects"},
+		{"topic permission field not a string", `{"topic_permissions":[{"write":1}]}`, "topic_permissions[0]: write: want a string"},
+		{"topic permission for unknown user", `{"vhosts":[` + vhost + `],"topic_permissions":[{"user":"x","vhost":"/","exchange":"amq.topic"}]}`,
+			`topic permissions on exchange "amq.topic" in virtual host "/" for user "x": no such user`},
+		{"topic permission on unknown vhost", `{"users":[` + user + `],"topic_permissions":[{"user":"u","vhost":"v","exchange":"amq.topic"}]}`,
+			`topic permissions on exchange "amq.topic" in virtual host "v" for user "u": no such virtual host`},
+		{"duplicate topic permission", `{"users":[` + user + `],"vhosts":[` + vhost + `],"topic_permissions":[{"user":"u","vhost":"/","exchange":"t","write":"a"},{"user":"u","vhost":"/","exchange":"t","read":"b"}]}`,
+			`topic permissions on exchange "t" in virtual host "/" for user "u" are defined twice`},
 	} {
 		path := filepath.Join(t.TempDir(), "defs.json")
 		if err := os.WriteFile(path, []byte(tc.doc), 0o600); err != nil {
@@ -1142,6 +1150,32 @@ func TestNewAuthDBErrors(t *testing.T) {
 			`amqp: definitions: permissions in virtual host "/" for user "guest": invalid configure regular expression "[": error parsing regexp: missing closing ]: ` + "`[`"},
 		{"duplicate user", func(d *Definitions) { d.Users = append(d.Users, d.Users[0]) }, `amqp: definitions: user "guest" is defined twice`},
 		{"dangling permission", func(d *Definitions) { d.Users = nil }, `amqp: definitions: permissions in virtual host "/" for user "guest": no such user`},
+		{"topic PCRE", func(d *Definitions) {
+			d.sections = map[string]json.RawMessage{"topic_permissions": json.RawMessage(`[{"user":"guest","vhost":"/","exchange":"amq.topic","write":".*","read":"^(?!x)"}]`)}
+		}, `amqp: definitions: topic permissions on exchange "amq.topic" in virtual host "/" for user "guest": invalid read regular expression "^(?!x)": error parsing regexp: invalid or unsupported Perl syntax: ` + "`(?!`"},
+		{"topic expansion not a regexp", func(d *Definitions) {
+			d.Users[0].Name = "a(b"
+			d.Permissions = nil
+			d.sections = map[string]json.RawMessage{"topic_permissions": json.RawMessage(`[{"user":"a(b","vhost":"/","exchange":"amq.topic","write":"^{username}$"}]`)}
+		}, `amqp: definitions: topic permissions on exchange "amq.topic" in virtual host "/" for user "a(b": invalid write regular expression "^{username}$": error parsing regexp: missing closing ): ` + "`^a(b$`"},
+		{"user limit a string", func(d *Definitions) { d.Users[0].extra = `{"limits":{"max-connections":"10"}}` },
+			`amqp: definitions: user "guest": limits: max-connections: want an integer, not "10"`},
+		{"user limit a fraction", func(d *Definitions) { d.Users[0].extra = `{"limits":{"max-channels":1.5}}` },
+			`amqp: definitions: user "guest": limits: max-channels: want an integer, not 1.5`},
+		{"user limits a list", func(d *Definitions) { d.Users[0].extra = `{"limits":[["max-channels",1]]}` },
+			`amqp: definitions: user "guest": limits: want an object`},
+		{"parameters not a list", func(d *Definitions) { d.sections = map[string]json.RawMessage{"parameters": json.RawMessage(`{}`)} },
+			`amqp: definitions: parameters: want a list of objects`},
+		{"vhost limit not an integer", func(d *Definitions) {
+			d.sections = map[string]json.RawMessage{"parameters": json.RawMessage(`[{"vhost":"/","component":"vhost-limits","name":"limits","value":{"max-queues":true}}]`)}
+		}, `amqp: definitions: parameters[0]: vhost-limits of virtual host "/": limits: max-queues: want an integer, not true`},
+		{"vhost limits of an unknown vhost", func(d *Definitions) {
+			d.sections = map[string]json.RawMessage{"parameters": json.RawMessage(`[{"vhost":"gone","component":"vhost-limits","name":"limits","value":{}}]`)}
+		}, `amqp: definitions: parameters[0]: vhost-limits of virtual host "gone": no such virtual host`},
+		{"vhost limits twice", func(d *Definitions) {
+			d.sections = map[string]json.RawMessage{"parameters": json.RawMessage(`[{"vhost":"/","component":"vhost-limits","name":"limits","value":{}},
+				{"vhost":"/","component":"vhost-limits","name":"limits","value":{"max-queues":1}}]`)}
+		}, `amqp: definitions: parameters[1]: vhost-limits of virtual host "/" are defined twice`},
 	} {
 		d := DefaultDefinitions()
 		tc.edit(d)
@@ -1156,6 +1190,171 @@ func TestNewAuthDBErrors(t *testing.T) {
 	}
 	wantAMQPError(t, "empty database", db.login("guest", "guest", loopbackAddr), 403, plainRefused)
 	wantAMQPError(t, "empty database", db.vhostAccess("guest", "/"), 530, "NOT_ALLOWED - vhost / not found")
+}
+
+// TestTopicPermissionCheck checks topic permissions as RabbitMQ's internal backend applies
+// them: unanchored matching, "" as "^$", {username} and {vhost} expanded as they are,
+// {client_id} left literal (AMQP 0-9-1 connections have none), and no check where the
+// user has no topic permission for the exchange.
+func TestTopicPermissionCheck(t *testing.T) {
+	d, err := decodeDefinitions([]byte(`{"users":[{"name":"u.1","password":"p"},{"name":"other","password":"p"}],
+		"vhosts":[{"name":"/"},{"name":"prod"}],
+		"topic_permissions":[
+			{"user":"u.1","vhost":"prod","exchange":"t","write":"^{vhost}\\.{username}\\.","read":"audit"},
+			{"user":"u.1","vhost":"prod","exchange":"empty","write":"","read":""},
+			{"user":"u.1","vhost":"/","exchange":"t","write":"^{client_id}$","read":".*"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := newAuthDB(d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		user, vhost string
+		perm        permKind
+		exchange    string
+		key         string
+		allow       bool
+	}{
+		{"u.1", "prod", permWrite, "t", "prod.u.1.x", true},
+		{"u.1", "prod", permWrite, "t", "prod.u.1.", true},
+		{"u.1", "prod", permWrite, "t", "prod.uX1.x", true}, // the expansion is not quoted, as in RabbitMQ
+		{"u.1", "prod", permWrite, "t", "x.prod.u.1.x", false},
+		{"u.1", "prod", permWrite, "t", "prod.other.x", false},
+		{"u.1", "prod", permRead, "t", "x.audit.y", true}, // unanchored
+		{"u.1", "prod", permRead, "t", "prod.u.1.x", false},
+		{"u.1", "prod", permWrite, "empty", "", true},
+		{"u.1", "prod", permWrite, "empty", "a", false},
+		{"u.1", "prod", permRead, "empty", "#", false},
+		{"u.1", "prod", permWrite, "amq.topic", "anything", true}, // no topic permission there
+		{"u.1", "/", permWrite, "t", "{client_id}", true},
+		{"u.1", "/", permWrite, "t", "u.1", false},
+		{"other", "prod", permWrite, "t", "anything", true},
+		{"nobody", "prod", permWrite, "t", "anything", true},
+	} {
+		err := db.checkTopic(tc.user, tc.vhost, tc.perm, tc.exchange, tc.key)
+		what := tc.user + " " + tc.perm.String() + " " + tc.key + " at " + tc.exchange + " in " + tc.vhost
+		if tc.allow {
+			if err != nil {
+				t.Errorf("%s: %v", what, err)
+			}
+			continue
+		}
+		want := "ACCESS_REFUSED - " + tc.perm.String() + " access to topic '" + tc.key + "' in exchange '" + tc.exchange +
+			"' in vhost '" + tc.vhost + "' refused for user '" + tc.user + "'"
+		if e := wantAMQPError(t, what, err, 403, want); e != nil && (e.Hard() || e.ClassID != 0) {
+			t.Errorf("%s: %+v, want a soft error with no method", what, *e)
+		}
+	}
+
+	// The publish path: no allocation to find that a user has no topic permission, nor to
+	// match a routing key when there is one.
+	key := []byte("prod.u.1.x")
+	tp := db.topicPerm("u.1", "prod", "t")
+	if n := testing.AllocsPerRun(100, func() {
+		if db.topicPerm("other", "prod", "t") != nil || db.topicPerm("u.1", "prod", "amq.topic") != nil || !tp.write.Match(key) {
+			t.Fatal("wrong topic permission")
+		}
+	}); n != 0 {
+		t.Errorf("%v allocations per topic check, want 0", n)
+	}
+}
+
+func TestDefinitionsLimits(t *testing.T) {
+	d, err := decodeDefinitions([]byte(`{"users":[{"name":"a","password":"p","limits":{"max-connections":3,"max-channels":-7}},
+			{"name":"b","password":"p","limits":{}},{"name":"c","password":"p"}],
+		"vhosts":[{"name":"/","limits":[]},{"name":"v","limits":{"max-connections":1}}],
+		"parameters":[{"vhost":"v","component":"vhost-limits","name":"limits","value":{"max-connections":2,"max-queues":0}},
+			{"vhost":"/","component":"vhost-limits","name":"other","value":{"max-queues":1}}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := newAuthDB(d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		what      string
+		got, want limits
+	}{
+		{"user a", db.userLimit("a"), limits{maxConnections: 3, maxQueues: -1, maxChannels: -1}},
+		{"user b", db.userLimit("b"), noLimits},
+		{"user c", db.userLimit("c"), noLimits},
+		{"unknown user", db.userLimit("x"), noLimits},
+		{"vhost v (the parameter, not the vhost's own limits)", db.vhostLimit("v"), limits{maxConnections: 2, maxQueues: 0, maxChannels: -1}},
+		{"vhost / (a vhost-limits parameter not named limits)", db.vhostLimit("/"), noLimits},
+		{"unknown vhost", db.vhostLimit("x"), noLimits},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("%s: %+v, want %+v", tc.what, tc.got, tc.want)
+		}
+	}
+	if want := []string{"parameters of component vhost-limits (1)"}; !slices.Equal(db.ignored, want) {
+		t.Errorf("ignored %q, want %q", db.ignored, want)
+	}
+	for _, tc := range []struct{ config, defs, want int }{
+		{0, -1, -1}, {0, 0, 0}, {0, 5, 5}, {3, -1, 3}, {3, 5, 3}, {5, 3, 3}, {5, 0, 0}, {-2, 4, 4},
+	} {
+		if got := stricterLimit(tc.config, tc.defs); got != tc.want {
+			t.Errorf("stricterLimit(%d, %d) = %d, want %d", tc.config, tc.defs, got, tc.want)
+		}
+	}
+}
+
+// TestDefinitionsDeletePrunes checks that deleting a user drops their topic permissions and
+// deleting a vhost drops every entry of the verbatim sections naming it, leaving the others
+// as they were, so the file still loads.
+func TestDefinitionsDeletePrunes(t *testing.T) {
+	d, err := decodeDefinitions([]byte(`{"users":[{"name":"u","password":"p"},{"name":"w","password":"p"}],
+		"vhosts":[{"name":"/"},{"name":"v"}],
+		"topic_permissions":[{"user":"u","vhost":"/","exchange":"t"},{"user":"w","vhost":"/","exchange":"t","write":"<&>"},
+			{"user":"w","vhost":"v","exchange":"t"}],
+		"parameters":[{"vhost":"v","component":"vhost-limits","name":"limits","value":{"max-queues":1}},
+			{"vhost":"/","component":"shovel","name":"s","value":{"n":12345678901234567890}}],
+		"policies":[{"vhost":"v","name":"p"}],
+		"queues":[{"vhost":"v","name":"q"},{"vhost":"/","name":"q"}],
+		"global_parameters":[{"name":"cluster_name","value":"v"}],
+		"rabbit_version":"v"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.DeleteUser("u"); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.DeleteVhost("v"); err != nil {
+		t.Fatal(err)
+	}
+	b, err := d.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, err := decodeDefinitions(b)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, b)
+	}
+	if _, err := newAuthDB(d2, nil); err != nil {
+		t.Fatalf("after the deletes: %v", err)
+	}
+	want := map[string]string{
+		"topic_permissions": `[{"user":"w","vhost":"/","exchange":"t","write":"<&>"}]`,
+		"parameters":        `[{"vhost":"/","component":"shovel","name":"s","value":{"n":12345678901234567890}}]`,
+		"policies":          `[]`,
+		"queues":            `[{"vhost":"/","name":"q"}]`,
+		"global_parameters": `[{"name":"cluster_name","value":"v"}]`,
+		"rabbit_version":    `"v"`,
+	}
+	for key, w := range want {
+		var got, exp any
+		json.Unmarshal(d2.sections[key], &got)
+		json.Unmarshal([]byte(w), &exp)
+		if !reflect.DeepEqual(got, exp) {
+			t.Errorf("%s: %s, want %s", key, d2.sections[key], w)
+		}
+	}
+	if !bytes.Contains(b, []byte("12345678901234567890")) || bytes.Contains(b, []byte(`\u003c`)) {
+		t.Errorf("a kept entry changed:\n%s", b)
+	}
 }
 
 // TestAuthDBConcurrentReaders checks, under -race, that a built database is read-only.

@@ -33,8 +33,9 @@ type channel struct {
 	redispatchBuf []*queue
 	exCache       *exchange // the last exchange published to
 	exCacheN      string
-	permN         string  // the last exchange name write permission was granted on
-	permDB        *authDB // by this user database
+	permN         string     // the last exchange name write permission was granted on
+	permDB        *authDB    // by this user database
+	permTopic     *topicPerm // the user's topic permission on permN; nil if none
 
 	confirm    bool
 	inConfirms bool // listed in c.confirms for the next flush
@@ -300,6 +301,7 @@ func (ch *channel) basicPublish(d *decoder) error {
 			return err
 		}
 		ch.permDB, ch.permN = db, m.Exchange
+		ch.permTopic = db.topicPerm(ch.c.user, ch.vh().name, m.Exchange)
 	}
 	ch.pubKey = append(ch.pubKey[:0], key...)
 	ch.pubWait = true
@@ -417,6 +419,12 @@ func (ch *channel) publishComplete() error {
 	if x.internal {
 		vh.mu.RUnlock()
 		return withMethod(accessRefused("cannot publish to internal "+describeExchange(x.name, vh.name)), idBasicPublish)
+	}
+	// Then, as RabbitMQ, the topic permission: write on the routing key, at a topic
+	// exchange the user has one for. A user without topic permissions pays a nil check.
+	if tp := ch.permTopic; tp != nil && x.kind == kindTopic && !tp.write.Match(msg.routingKey()) {
+		vh.mu.RUnlock()
+		return withMethod(topicRefused(permWrite, string(msg.routingKey()), x.name, vh.name, ch.c.user), idBasicPublish)
 	}
 	msg.exchange = x.name
 	if ch.tx {
@@ -786,6 +794,15 @@ func (ch *channel) allowed(perm permKind, kind resourceKind, name string) error 
 		return nil
 	}
 	return ch.c.s.auth.Load().check(ch.c.user, ch.c.vh.name, perm, kind, name)
+}
+
+// topicReadAllowed checks the user's topic permission to bind with key at x, when x is a
+// topic exchange; a refusal is 403 ACCESS_REFUSED.
+func (ch *channel) topicReadAllowed(x *exchange, key string) error {
+	if x.kind != kindTopic {
+		return nil
+	}
+	return ch.c.s.auth.Load().checkTopic(ch.c.user, ch.c.vh.name, permRead, x.name, key)
 }
 
 // checkOwner refuses another connection's exclusive queue with 405 RESOURCE_LOCKED.

@@ -44,6 +44,7 @@ type conn struct {
 	heartbeat  atomic.Int64 // nanoseconds; set by the reader at tune-ok, read by the writer
 	vh         *vhost
 	user       string
+	usage      *userUsage // the user's open connections and channels, from connection.open
 	exclusive  []*queue   // exclusive queues declared here, deleted when the connection ends
 	confirms   []*channel // channels with publishes to confirm at the next flush
 	caps       clientCaps
@@ -318,6 +319,7 @@ func (c *conn) teardown() {
 		if c.vh != nil {
 			c.vh.conns.Add(-1)
 		}
+		c.s.closeUser(c)
 		return
 	}
 	c.outMu.Lock()
@@ -333,7 +335,7 @@ func (c *conn) teardown() {
 	for id, ch := range c.channels {
 		if ch != nil {
 			ch.shutdown()
-			c.channels[id] = nil
+			c.dropChannel(uint16(id))
 		}
 	}
 	for _, q := range c.exclusive {
@@ -342,6 +344,54 @@ func (c *conn) teardown() {
 	if c.vh != nil {
 		c.vh.conns.Add(-1)
 	}
+	c.s.closeUser(c)
+}
+
+// userUsage counts a user's open connections and channels, for the user limits of the
+// definitions file (max-connections, max-channels).
+type userUsage struct {
+	conns    int          // guarded by Server.mu
+	channels atomic.Int64 // channels open across the user's connections
+}
+
+// openUser counts a new connection of c.user against the user's max-connections (negative:
+// no limit) and sets c.usage. A refusal is 530 NOT_ALLOWED with RabbitMQ's text; the caller
+// sets the method.
+func (s *Server) openUser(c *conn, limit int) *Error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	u := s.users[c.user]
+	if u == nil {
+		u = &userUsage{}
+	}
+	if limit >= 0 && u.conns >= limit {
+		return notAllowed("Connection refused for user '" + c.user + "': user connection limit (" + strconv.Itoa(limit) + ") is reached")
+	}
+	u.conns++
+	s.users[c.user] = u
+	c.usage = u
+	return nil
+}
+
+// closeUser uncounts a connection that openUser counted; its channels are closed already.
+func (s *Server) closeUser(c *conn) {
+	if c.usage == nil {
+		return
+	}
+	s.mu.Lock()
+	if c.usage.conns--; c.usage.conns == 0 {
+		delete(s.users, c.user)
+	}
+	s.mu.Unlock()
+	c.usage = nil
+}
+
+// dropChannel forgets a channel that is closed, uncounting it from the user's channels.
+func (c *conn) dropChannel(id uint16) {
+	if c.channels[id] != nil && c.usage != nil {
+		c.usage.channels.Add(-1)
+	}
+	c.channels[id] = nil
 }
 
 // confirmPending notes that ch has publishes to confirm at the next flush.
@@ -511,7 +561,8 @@ func (c *conn) handshake() error {
 	if err := c.expect(open); err != nil {
 		return err
 	}
-	if err := c.s.auth.Load().vhostAccess(c.user, open.VirtualHost); err != nil {
+	db := c.s.auth.Load()
+	if err := db.vhostAccess(c.user, open.VirtualHost); err != nil {
 		return err
 	}
 	c.vh = c.s.vhost(open.VirtualHost)
@@ -520,14 +571,20 @@ func (c *conn) handshake() error {
 		e.ClassID, e.MethodID = classConnection, 40
 		return e
 	}
-	if limit := c.s.cfg.MaxConnectionsPerVhost; limit > 0 && int(c.vh.conns.Add(1)) > limit {
+	// The vhost's connection limit, then the user's, as RabbitMQ checks them. The vhost
+	// limit is the stricter of Config.MaxConnectionsPerVhost and the vhost's max-connections.
+	limit := stricterLimit(c.s.cfg.MaxConnectionsPerVhost, db.vhostLimit(open.VirtualHost).maxConnections)
+	var e *Error
+	if n := c.vh.conns.Add(1); limit >= 0 && n > int64(limit) {
+		e = notAllowed("access to vhost '" + open.VirtualHost + "' refused for user '" + c.user + "': connection limit (" + strconv.Itoa(limit) + ") is reached")
+	} else {
+		e = c.s.openUser(c, db.userLimit(c.user).maxConnections)
+	}
+	if e != nil {
 		c.vh.conns.Add(-1)
 		c.vh = nil
-		e := notAllowed("access to vhost '" + open.VirtualHost + "' refused for user '" + c.user + "': connection limit (" + strconv.Itoa(limit) + ") is reached")
 		e.ClassID, e.MethodID = classConnection, 40
 		return e
-	} else if limit == 0 {
-		c.vh.conns.Add(1)
 	}
 	if err := c.s.establish(c); err != nil {
 		c.vh.conns.Add(-1)
@@ -805,6 +862,15 @@ func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 		if n := c.openChannels(); n >= int(c.channelMax) || id > c.channelMax {
 			return nil, notAllowed("number of channels opened (" + strconv.Itoa(n) + ") has reached the negotiated channel_max (" + strconv.Itoa(int(c.channelMax)) + ")")
 		}
+		// Then the user's max-channels, counted across all the user's connections as
+		// RabbitMQ counts it, and refused with its 530 (which closes the connection).
+		if u := c.usage; u != nil {
+			limit := c.s.auth.Load().userLimit(c.user).maxChannels
+			if n := u.channels.Add(1); limit >= 0 && n > int64(limit) {
+				u.channels.Add(-1)
+				return nil, notAllowed("number of channels opened for user '" + c.user + "' has reached the maximum allowed user limit of (" + strconv.Itoa(limit) + ")")
+			}
+		}
 		if int(id) >= len(c.channels) {
 			grown := make([]*channel, max(int(id)+1, 2*len(c.channels), 8))
 			copy(grown, c.channels)
@@ -824,7 +890,7 @@ func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 		// spec: after channel.close, drop everything but close and close-ok.
 		switch mid {
 		case idChannelCloseOk:
-			c.channels[id] = nil
+			c.dropChannel(id)
 		case idChannelClose:
 			c.sendOn(id, &channelCloseOk{})
 		}
@@ -849,7 +915,7 @@ func (c *conn) channelResult(ch *channel, err error) error {
 		return nil
 	}
 	if err == errChannelClosed {
-		c.channels[ch.id] = nil
+		c.dropChannel(ch.id)
 		return nil
 	}
 	return err

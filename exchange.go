@@ -784,6 +784,8 @@ func (vh *vhost) autoDeleteLocked(x *exchange) {
 }
 
 // exchangeBind handles exchange.bind and exchange.unbind (exchange-to-exchange bindings).
+// Both need write on the destination and read on the source, and at a topic source the
+// topic permission to read the binding key, as in RabbitMQ.
 func (ch *channel) exchangeBind(id uint32, d *decoder) error {
 	var dst, src, key string
 	var args table
@@ -822,6 +824,10 @@ func (ch *channel) exchangeBind(id uint32, d *decoder) error {
 			return notFound("no " + describeExchange(dst, vh.name))
 		}
 		return notFound("no " + describeExchange(src, vh.name))
+	}
+	if err := ch.topicReadAllowed(sx, key); err != nil {
+		vh.mu.Unlock()
+		return err
 	}
 	b := &binding{source: sx, dest: dx, key: key, args: args}
 	logged := false

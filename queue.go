@@ -641,6 +641,8 @@ func (ch *channel) queueDeclare(d *decoder) error {
 	if err := ch.allowed(permConfigure, resQueue, name); err != nil {
 		return err
 	}
+	// The stricter of Config.MaxQueuesPerVhost and the vhost's max-queues; negative is none.
+	limit := stricterLimit(ch.c.s.cfg.MaxQueuesPerVhost, ch.c.s.auth.Load().vhostLimit(vh.name).maxQueues)
 	vh.mu.Lock()
 	if vh.deleted {
 		vh.mu.Unlock()
@@ -648,7 +650,7 @@ func (ch *channel) queueDeclare(d *decoder) error {
 	}
 	q := vh.queues[name]
 	created := q == nil
-	if limit := ch.c.s.cfg.MaxQueuesPerVhost; created && limit > 0 && len(vh.queues) >= limit {
+	if created && limit >= 0 && len(vh.queues) >= limit {
 		vh.mu.Unlock()
 		return preconditionFailed("cannot declare queue '" + name + "': queue limit in vhost '" + vh.name + "' (" + strconv.Itoa(limit) + ") is reached")
 	}
@@ -732,7 +734,7 @@ func (ch *channel) queueBind(d *decoder) error {
 	if m.decode(d); d.err != nil {
 		return nil
 	}
-	q, x, err := ch.bindEnds(m.Queue, m.Exchange)
+	q, x, err := ch.bindEnds(m.Queue, m.Exchange, m.RoutingKey)
 	if err != nil {
 		return err
 	}
@@ -767,7 +769,7 @@ func (ch *channel) queueUnbind(d *decoder) error {
 	if m.decode(d); d.err != nil {
 		return nil
 	}
-	q, x, err := ch.bindEnds(m.Queue, m.Exchange)
+	q, x, err := ch.bindEnds(m.Queue, m.Exchange, m.RoutingKey)
 	if err != nil {
 		return err
 	}
@@ -791,10 +793,13 @@ func (ch *channel) queueUnbind(d *decoder) error {
 	return ch.reply(false, &queueUnbindOk{}) // queue.unbind has no no-wait
 }
 
-// bindEnds finds the queue and exchange of queue.bind or queue.unbind.
-// Binding needs write on the queue and read on the exchange.
-// As in RabbitMQ, both permissions are checked before either end's existence.
-func (ch *channel) bindEnds(qname, xname string) (*queue, *exchange, error) {
+// bindEnds finds the queue and exchange of queue.bind or queue.unbind with key.
+// Binding needs write on the queue and read on the exchange, and at a topic exchange the
+// topic permission to read key. As in RabbitMQ, both permissions are checked before
+// either end's existence; the topic permission needs the exchange, so it comes last
+// (RabbitMQ checks it before the queue's existence: for a missing queue it answers 403
+// where this answers 404).
+func (ch *channel) bindEnds(qname, xname, key string) (*queue, *exchange, error) {
 	if qname == "" {
 		qname = ch.lastQueue
 	}
@@ -813,6 +818,9 @@ func (ch *channel) bindEnds(qname, xname string) (*queue, *exchange, error) {
 	}
 	x, err := ch.findExchange(xname)
 	if err != nil {
+		return nil, nil, err
+	}
+	if err := ch.topicReadAllowed(x, key); err != nil {
 		return nil, nil, err
 	}
 	return q, x, nil
