@@ -2,10 +2,15 @@ package amqp
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"reflect"
+	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -13,10 +18,10 @@ import (
 	amqp091 "github.com/rabbitmq/amqp091-go"
 )
 
-// What a definitions file enforces beyond users, vhosts and permissions, end to end:
-// topic permissions, vhost limits from parameters, user limits, and the warning naming
-// what is not enforced. (The definitions code lives in auth.go; security_test.go, whose
-// helpers these tests use, has no room left.)
+// The definitions file: its format (round trips, edits, errors, fuzzing), and what it
+// enforces beyond users, vhosts and permissions, end to end: topic permissions, vhost
+// limits from parameters, user limits, and the warning naming what is not enforced. (The
+// definitions code lives in auth.go until it gets a file of its own.)
 
 // defsWrite writes a definitions document to path; users may give a clear-text
 // "password", as RabbitMQ's import allows.
@@ -381,4 +386,413 @@ func TestDefinitionsLoadWarning(t *testing.T) {
 	if strings.Contains(quiet.String(), "not enforced") {
 		t.Errorf("a warning for an export with nothing ignored:\n%s", quiet)
 	}
+}
+
+func TestDefinitionsRoundTrip(t *testing.T) {
+	for _, name := range []string{"rabbitmq-export.json", "rabbitmq-3.5-legacy.json"} {
+		t.Run(name, func(t *testing.T) {
+			src := filepath.Join("testdata", "definitions", name)
+			orig, err := os.ReadFile(src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d, err := LoadDefinitions(src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dir := t.TempDir()
+			path := filepath.Join(dir, "definitions.json")
+			if err := d.Save(path); err != nil {
+				t.Fatal(err)
+			}
+			saved, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, got := jsonValue(t, orig), jsonValue(t, saved)
+			// Only tags change form: a comma-separated string becomes a list.
+			for _, u := range want["users"].([]any) {
+				u := u.(map[string]any)
+				if s, ok := u["tags"].(string); ok {
+					tags := []any{}
+					for _, t := range strings.Split(s, ",") {
+						if t = strings.TrimSpace(t); t != "" {
+							tags = append(tags, t)
+						}
+					}
+					u["tags"] = tags
+				}
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Errorf("saved definitions differ from the original\n got: %v\nwant: %v", got, want)
+			}
+			// Saving what was loaded again gives the same bytes.
+			d2, err := LoadDefinitions(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b1, _ := d.encode()
+			b2, _ := d2.encode()
+			if !bytes.Equal(b1, b2) {
+				t.Errorf("encode is not stable:\n%s\n%s", b1, b2)
+			}
+			if runtime.GOOS != "windows" {
+				if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+					t.Errorf("mode %v, %v; want 0600", fi.Mode().Perm(), err)
+				}
+			}
+			if entries, _ := os.ReadDir(dir); len(entries) != 1 {
+				t.Errorf("directory holds %d files after Save, want 1", len(entries))
+			}
+		})
+	}
+}
+
+func TestDefinitionsSaveReplaces(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "defs.json")
+	if err := os.WriteFile(path, []byte("old"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := DefaultDefinitions()
+	if err := d.Save(path); err != nil {
+		t.Fatal(err)
+	}
+	got, err := LoadDefinitions(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Users) != 1 || got.Users[0].Name != "guest" || got.Users[0].PasswordHash != d.Users[0].PasswordHash {
+		t.Errorf("reloaded %+v", got.Users)
+	}
+	if runtime.GOOS != "windows" {
+		if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
+			t.Errorf("mode %v after replacing a 0644 file, want 0600", fi.Mode().Perm())
+		}
+	}
+	err = d.Save(filepath.Join(dir, "no-such-dir", "defs.json"))
+	if err == nil || !strings.HasPrefix(err.Error(), "amqp: save definitions: ") {
+		t.Errorf("Save into a missing directory: %v", err)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 1 {
+		t.Errorf("directory holds %d files, want 1", len(entries))
+	}
+}
+
+func TestLoadDefinitionsErrors(t *testing.T) {
+	_, err := LoadDefinitions(filepath.Join(t.TempDir(), "missing.json"))
+	if !errors.Is(err, fs.ErrNotExist) || !strings.HasPrefix(err.Error(), "amqp: ") {
+		t.Errorf("missing file: %v, want fs.ErrNotExist", err)
+	}
+	const user = `{"name":"u","password_hash":"","tags":[]}`
+	const vhost = `{"name":"/"}`
+	for _, tc := range []struct{ name, doc, want string }{
+		{"not JSON", `{`, "unexpected end of JSON input"},
+		{"null", `null`, "not a JSON object"},
+		{"a list", `[]`, "cannot unmarshal array"},
+		{"users not a list", `{"users":{}}`, "users: want a list of objects"},
+		{"user not an object", `{"users":[1]}`, "users: want a list of objects"},
+		{"user null", `{"users":[null]}`, "users[0]: want an object"},
+		{"name not a string", `{"users":[{"name":1}]}`, "users[0]: name: want a string"},
+		{"hash not a string", `{"users":[{"name":"u","password_hash":[]}]}`, "users[0]: password_hash: want a string"},
+		{"tags a number", `{"users":[{"name":"u","tags":1}]}`, "users[0]: tags: want a list of strings or a comma-separated string"},
+		{"tags with a number", `{"users":[{"name":"u","tags":["a",1]}]}`, "users[0]: tags: want"},
+		{"password and hash", `{"users":[{"name":"u","password":"p","password_hash":"h"}]}`, "users[0]: both password and password_hash are set"},
+		{"empty user name", `{"users":[{"password_hash":""}]}`, "a user has an empty name"},
+		{"duplicate user", `{"users":[` + user + `,` + user + `]}`, `user "u" is defined twice`},
+		{"vhost name not a string", `{"vhosts":[{"name":true}]}`, "vhosts[0]: name: want a string"},
+		{"empty vhost name", `{"vhosts":[{"name":""}]}`, "a virtual host has an empty name"},
+		{"duplicate vhost", `{"vhosts":[` + vhost + `,` + vhost + `]}`, `virtual host "/" is defined twice`},
+		{"permission field not a string", `{"permissions":[{"user":"u","vhost":"/","read":1}]}`, "permissions[0]: read: want a string"},
+		{"permission for unknown user", `{"vhosts":[` + vhost + `],"permissions":[{"user":"x","vhost":"/"}]}`,
+			`permissions in virtual host "/" for user "x": no such user`},
+		{"permission on unknown vhost", `{"users":[` + user + `],"permissions":[{"user":"u","vhost":"v"}]}`,
+			`permissions in virtual host "v" for user "u": no such virtual host`},
+		{"duplicate permission", `{"users":[` + user + `],"vhosts":[` + vhost + `],"permissions":[{"user":"u","vhost":"/"},{"user":"u","vhost":"/"}]}`,
+			`permissions in virtual host "/" for user "u" are defined twice`},
+		{"topic_permissions not a list", `{"topic_permissions":{}}`, "topic_permissions: want a list of objects"},
+		{"topic permission field not a string", `{"topic_permissions":[{"write":1}]}`, "topic_permissions[0]: write: want a string"},
+		{"topic permission for unknown user", `{"vhosts":[` + vhost + `],"topic_permissions":[{"user":"x","vhost":"/","exchange":"amq.topic"}]}`,
+			`topic permissions on exchange "amq.topic" in virtual host "/" for user "x": no such user`},
+		{"topic permission on unknown vhost", `{"users":[` + user + `],"topic_permissions":[{"user":"u","vhost":"v","exchange":"amq.topic"}]}`,
+			`topic permissions on exchange "amq.topic" in virtual host "v" for user "u": no such virtual host`},
+		{"duplicate topic permission", `{"users":[` + user + `],"vhosts":[` + vhost + `],"topic_permissions":[{"user":"u","vhost":"/","exchange":"t","write":"a"},{"user":"u","vhost":"/","exchange":"t","read":"b"}]}`,
+			`topic permissions on exchange "t" in virtual host "/" for user "u" are defined twice`},
+	} {
+		path := filepath.Join(t.TempDir(), "defs.json")
+		if err := os.WriteFile(path, []byte(tc.doc), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, err := LoadDefinitions(path)
+		if err == nil || !strings.HasPrefix(err.Error(), "amqp: load definitions "+path+": ") || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error containing %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+func TestDefinitionsDecodeLenient(t *testing.T) {
+	// What RabbitMQ's import accepts: missing sections, nulls, a clear-text password.
+	d, err := decodeDefinitions([]byte(`{"users":[{"name":"kolla","password":"clear-Text","tags":null},
+		{"name":"nopw","password":"","tags":"a,,a, b"}],"vhosts":null,"rabbit_version":"3.12.0"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u := d.Users[0]; u.HashingAlgorithm != hashingSHA256 || u.PasswordHash == "" || u.Tags != nil || u.extra != "" {
+		t.Errorf("user with a clear password: %+v", u)
+	}
+	if u := d.Users[1]; u.PasswordHash != "" || !slices.Equal(u.Tags, []string{"a", "b"}) {
+		t.Errorf("user with an empty password: %+v", u)
+	}
+	b, err := d.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(b, []byte("clear-Text")) || bytes.Contains(b, []byte(`"password"`)) {
+		t.Errorf("the clear-text password is written back:\n%s", b)
+	}
+	if !bytes.Contains(b, []byte(`"rabbit_version": "3.12.0"`)) || !bytes.Contains(b, []byte(`"vhosts": []`)) {
+		t.Errorf("encoded:\n%s", b)
+	}
+	d.Vhosts = []VirtualHost{{Name: "/"}}
+	d.Permissions = []Permission{{User: "kolla", Vhost: "/", Configure: ".*", Write: ".*", Read: ".*"}}
+	db, err := newAuthDB(d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.login("kolla", "clear-Text", remoteAddr); err != nil {
+		t.Errorf("login with the imported clear-text password: %v", err)
+	}
+}
+
+func TestDefinitionsEdit(t *testing.T) {
+	d := DefaultDefinitions()
+	mustErr := func(what string, err error, want string) {
+		t.Helper()
+		if err == nil || err.Error() != want {
+			t.Errorf("%s: %v, want %q", what, err, want)
+		}
+	}
+	must := func(what string, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	}
+	must("AddUser", d.AddUser("alice", "pw-a"))
+	mustErr("AddUser again", d.AddUser("alice", "x"), `amqp: user "alice" already exists`)
+	mustErr("AddUser guest", d.AddUser("guest", "x"), `amqp: user "guest" already exists`)
+	mustErr("AddUser empty", d.AddUser("", "x"), "amqp: user name is empty")
+	must("AddUser without password", d.AddUser("nopw", ""))
+	must("AddVhost", d.AddVhost("prod"))
+	mustErr("AddVhost again", d.AddVhost("prod"), `amqp: virtual host "prod" already exists`)
+	mustErr("AddVhost empty", d.AddVhost(""), "amqp: virtual host name is empty")
+
+	must("SetPermissions", d.SetPermissions("alice", "prod", "^alice-", "", ".*"))
+	must("SetPermissions /", d.SetPermissions("alice", "/", ".*", ".*", ".*"))
+	must("SetPermissions replace", d.SetPermissions("alice", "prod", "^a-", "^a-", "^a-"))
+	mustErr("SetPermissions unknown user", d.SetPermissions("bob", "prod", ".*", ".*", ".*"), `amqp: user "bob" does not exist`)
+	mustErr("SetPermissions unknown vhost", d.SetPermissions("alice", "dev", ".*", ".*", ".*"), `amqp: virtual host "dev" does not exist`)
+	err := d.SetPermissions("alice", "prod", ".*", "(", ".*")
+	if err == nil || !strings.HasPrefix(err.Error(), `amqp: invalid write regular expression "(": error parsing regexp: missing closing )`) {
+		t.Errorf("bad regexp: %v", err)
+	}
+	// PCRE lookahead is not RE2: refused here, rather than failing when the broker loads it.
+	if err := d.SetPermissions("alice", "prod", `^(?!amq\.).*`, ".*", ".*"); err == nil {
+		t.Errorf("lookahead accepted")
+	}
+	if p := d.Permissions[d.permission("alice", "prod")]; p != (Permission{User: "alice", Vhost: "prod", Configure: "^a-", Write: "^a-", Read: "^a-"}) {
+		t.Errorf("permissions after replace and failed sets: %+v", p)
+	}
+	if n := len(d.Permissions); n != 3 {
+		t.Errorf("%d permissions, want 3", n)
+	}
+
+	must("SetUserTags", d.SetUserTags("alice", "management", " policymaker ", "management", ""))
+	if got := d.Users[d.user("alice")].Tags; !slices.Equal(got, []string{"management", "policymaker"}) {
+		t.Errorf("tags %q", got)
+	}
+	must("SetUserTags none", d.SetUserTags("alice"))
+	if got := d.Users[d.user("alice")].Tags; got != nil {
+		t.Errorf("tags after clearing %q", got)
+	}
+	mustErr("SetUserTags unknown", d.SetUserTags("bob", "x"), `amqp: user "bob" does not exist`)
+
+	old := d.Users[d.user("alice")].PasswordHash
+	must("ChangePassword", d.ChangePassword("alice", "pw-b"))
+	mustErr("ChangePassword unknown", d.ChangePassword("bob", "x"), `amqp: user "bob" does not exist`)
+	db, err := newAuthDB(d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Users[d.user("alice")].PasswordHash == old {
+		t.Errorf("ChangePassword kept the hash")
+	}
+	if err := db.login("alice", "pw-b", remoteAddr); err != nil {
+		t.Errorf("login with the new password: %v", err)
+	}
+	wantAMQPError(t, "old password", db.login("alice", "pw-a", remoteAddr), 403, plainRefused)
+	wantAMQPError(t, "user added without a password", db.login("nopw", "", loopbackAddr), 403, plainRefused)
+	must("ChangePassword to empty", d.ChangePassword("alice", ""))
+	if h := d.Users[d.user("alice")].PasswordHash; h != "" {
+		t.Errorf("hash after clearing the password: %q", h)
+	}
+
+	must("ClearPermissions", d.ClearPermissions("alice", "/"))
+	must("ClearPermissions again", d.ClearPermissions("alice", "/"))
+	mustErr("ClearPermissions unknown user", d.ClearPermissions("bob", "/"), `amqp: user "bob" does not exist`)
+	mustErr("ClearPermissions unknown vhost", d.ClearPermissions("alice", "dev"), `amqp: virtual host "dev" does not exist`)
+	if d.permission("alice", "/") >= 0 || d.permission("alice", "prod") < 0 {
+		t.Errorf("permissions after ClearPermissions: %+v", d.Permissions)
+	}
+
+	must("SetPermissions guest prod", d.SetPermissions("guest", "prod", ".*", ".*", ".*"))
+	must("DeleteVhost", d.DeleteVhost("prod"))
+	mustErr("DeleteVhost again", d.DeleteVhost("prod"), `amqp: virtual host "prod" does not exist`)
+	if len(d.Permissions) != 1 || d.Permissions[0].User != "guest" || d.Permissions[0].Vhost != "/" {
+		t.Errorf("permissions after DeleteVhost: %+v", d.Permissions)
+	}
+	must("DeleteUser", d.DeleteUser("guest"))
+	mustErr("DeleteUser again", d.DeleteUser("guest"), `amqp: user "guest" does not exist`)
+	if len(d.Permissions) != 0 || d.user("alice") < 0 || d.user("guest") >= 0 {
+		t.Errorf("after DeleteUser: users %+v, permissions %+v", d.Users, d.Permissions)
+	}
+	if err := d.check(); err != nil {
+		t.Errorf("edited definitions are inconsistent: %v", err)
+	}
+}
+
+func TestDefinitionsLimits(t *testing.T) {
+	d, err := decodeDefinitions([]byte(`{"users":[{"name":"a","password":"p","limits":{"max-connections":3,"max-channels":-7}},
+			{"name":"b","password":"p","limits":{}},{"name":"c","password":"p"}],
+		"vhosts":[{"name":"/","limits":[]},{"name":"v","limits":{"max-connections":1}}],
+		"parameters":[{"vhost":"v","component":"vhost-limits","name":"limits","value":{"max-connections":2,"max-queues":0}},
+			{"vhost":"/","component":"vhost-limits","name":"other","value":{"max-queues":1}}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := newAuthDB(d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		what      string
+		got, want limits
+	}{
+		{"user a", db.userLimit("a"), limits{maxConnections: 3, maxQueues: -1, maxChannels: -1}},
+		{"user b", db.userLimit("b"), noLimits},
+		{"user c", db.userLimit("c"), noLimits},
+		{"unknown user", db.userLimit("x"), noLimits},
+		{"vhost v (the parameter, not the vhost's own limits)", db.vhostLimit("v"), limits{maxConnections: 2, maxQueues: 0, maxChannels: -1}},
+		{"vhost / (a vhost-limits parameter not named limits)", db.vhostLimit("/"), noLimits},
+		{"unknown vhost", db.vhostLimit("x"), noLimits},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("%s: %+v, want %+v", tc.what, tc.got, tc.want)
+		}
+	}
+	if want := []string{"parameters of component vhost-limits (1)"}; !slices.Equal(db.ignored, want) {
+		t.Errorf("ignored %q, want %q", db.ignored, want)
+	}
+	for _, tc := range []struct{ config, defs, want int }{
+		{0, -1, -1}, {0, 0, 0}, {0, 5, 5}, {3, -1, 3}, {3, 5, 3}, {5, 3, 3}, {5, 0, 0}, {-2, 4, 4},
+	} {
+		if got := stricterLimit(tc.config, tc.defs); got != tc.want {
+			t.Errorf("stricterLimit(%d, %d) = %d, want %d", tc.config, tc.defs, got, tc.want)
+		}
+	}
+}
+
+// TestDefinitionsDeletePrunes checks that deleting a user drops their topic permissions and
+// deleting a vhost drops every entry of the verbatim sections naming it, leaving the others
+// as they were, so the file still loads.
+func TestDefinitionsDeletePrunes(t *testing.T) {
+	d, err := decodeDefinitions([]byte(`{"users":[{"name":"u","password":"p"},{"name":"w","password":"p"}],
+		"vhosts":[{"name":"/"},{"name":"v"}],
+		"topic_permissions":[{"user":"u","vhost":"/","exchange":"t"},{"user":"w","vhost":"/","exchange":"t","write":"<&>"},
+			{"user":"w","vhost":"v","exchange":"t"}],
+		"parameters":[{"vhost":"v","component":"vhost-limits","name":"limits","value":{"max-queues":1}},
+			{"vhost":"/","component":"shovel","name":"s","value":{"n":12345678901234567890}}],
+		"policies":[{"vhost":"v","name":"p"}],
+		"queues":[{"vhost":"v","name":"q"},{"vhost":"/","name":"q"}],
+		"global_parameters":[{"name":"cluster_name","value":"v"}],
+		"rabbit_version":"v"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.DeleteUser("u"); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.DeleteVhost("v"); err != nil {
+		t.Fatal(err)
+	}
+	b, err := d.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, err := decodeDefinitions(b)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, b)
+	}
+	if _, err := newAuthDB(d2, nil); err != nil {
+		t.Fatalf("after the deletes: %v", err)
+	}
+	want := map[string]string{
+		"topic_permissions": `[{"user":"w","vhost":"/","exchange":"t","write":"<&>"}]`,
+		"parameters":        `[{"vhost":"/","component":"shovel","name":"s","value":{"n":12345678901234567890}}]`,
+		"policies":          `[]`,
+		"queues":            `[{"vhost":"/","name":"q"}]`,
+		"global_parameters": `[{"name":"cluster_name","value":"v"}]`,
+		"rabbit_version":    `"v"`,
+	}
+	for key, w := range want {
+		var got, exp any
+		json.Unmarshal(d2.sections[key], &got)
+		json.Unmarshal([]byte(w), &exp)
+		if !reflect.DeepEqual(got, exp) {
+			t.Errorf("%s: %s, want %s", key, d2.sections[key], w)
+		}
+	}
+	if !bytes.Contains(b, []byte("12345678901234567890")) || bytes.Contains(b, []byte(`\u003c`)) {
+		t.Errorf("a kept entry changed:\n%s", b)
+	}
+}
+
+func FuzzDefinitions(f *testing.F) {
+	for _, name := range []string{"rabbitmq-export.json", "rabbitmq-3.5-legacy.json"} {
+		b, err := os.ReadFile(filepath.Join("testdata", "definitions", name))
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte(`{"users":[{"name":"u","tags":"a,b"}],"vhosts":[{"name":"/"}],"permissions":[{"user":"u","vhost":"/","read":"("}]}`))
+	f.Add([]byte(`{"users":[{"name":"u","password":"p"}]}`))
+	f.Add([]byte(`null`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		d, err := decodeDefinitions(b)
+		if err != nil {
+			return
+		}
+		enc, err := d.encode()
+		if err != nil {
+			t.Fatalf("encode: %v", err)
+		}
+		d2, err := decodeDefinitions(enc)
+		if err != nil {
+			t.Fatalf("re-decode: %v\n%s", err, enc)
+		}
+		enc2, err := d2.encode()
+		if err != nil || !bytes.Equal(enc, enc2) {
+			t.Fatalf("encode not stable: %v\n%s\n%s", err, enc, enc2)
+		}
+		if db, err := newAuthDB(d, nil); err == nil {
+			for _, u := range d.Users {
+				db.login(u.Name, "guest", loopbackAddr)
+				for _, v := range d.Vhosts {
+					db.vhostAccess(u.Name, v.Name)
+					db.check(u.Name, v.Name, permRead, resExchange, "")
+				}
+			}
+		}
+	})
 }

@@ -2,10 +2,7 @@ package amqp
 
 import (
 	"context"
-	"io"
-	"log/slog"
 	"net"
-	"os"
 	"regexp"
 	"runtime"
 	"testing"
@@ -13,63 +10,6 @@ import (
 
 	amqp091 "github.com/rabbitmq/amqp091-go"
 )
-
-// newTestServer serves on 127.0.0.1:0 until the test ends and returns the AMQP URL.
-func newTestServer(t testing.TB, cfgs ...Config) (*Server, string) {
-	t.Helper()
-	var cfg Config
-	if len(cfgs) > 0 {
-		cfg = cfgs[0]
-	}
-	if cfg.Logger == nil {
-		var w io.Writer = io.Discard
-		if os.Getenv("AMQP_TEST_LOG") != "" {
-			w = os.Stderr
-		}
-		cfg.Logger = slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	if cfg.DataDir == "" {
-		cfg.DataDir = t.TempDir()
-	}
-	srv := NewServer(cfg)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
-		if err := <-done; err != ErrServerClosed {
-			t.Errorf("Serve returned %v, want ErrServerClosed", err)
-		}
-	})
-	return srv, "amqp://guest:guest@" + srv.Addr().String() + "/"
-}
-
-// dial connects amqp091-go to url and closes the connection when the test ends.
-func dial(t testing.TB, url string) *amqp091.Connection {
-	t.Helper()
-	c, err := amqp091.Dial(url)
-	if err != nil {
-		t.Fatalf("dial: %v", err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
-func openChannel(t testing.TB, c *amqp091.Connection) *amqp091.Channel {
-	t.Helper()
-	ch, err := c.Channel()
-	if err != nil {
-		t.Fatalf("channel: %v", err)
-	}
-	return ch
-}
 
 func TestPublishConsumeSmoke(t *testing.T) {
 	_, url := newTestServer(t)

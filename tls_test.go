@@ -9,10 +9,13 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -233,4 +236,148 @@ func TestTLSVerifyNeedsCA(t *testing.T) {
 			t.Errorf("verify %s without a CA: %v, want an error naming -tls-ca", verify, err)
 		}
 	}
+}
+
+// TestExternalLogin checks SASL EXTERNAL over TLS: the verified client certificate's CN
+// names the user.
+func TestExternalLogin(t *testing.T) {
+	t.Parallel()
+	p := newTestPKI(t)
+	tlsCfg := func(verify string) *TLSConfig {
+		return &TLSConfig{CertFile: p.certFile, KeyFile: p.keyFile, CAFile: p.caFile, Verify: verify}
+	}
+	withCert := func() *tls.Config { return &tls.Config{RootCAs: p.pool, Certificates: []tls.Certificate{p.client}} }
+	external := func(addr string, conf *tls.Config) (*amqp091.Connection, error) {
+		return amqp091.DialConfig("amqps://"+addr+"/", amqp091.Config{
+			SASL:            []amqp091.Authentication{&amqp091.ExternalAuth{}},
+			TLSClientConfig: conf,
+		})
+	}
+	// guest may configure only guest-*, so that refusals show who logged in.
+	path := secDefsFile(t, func(d *Definitions) error { return d.SetPermissions("guest", "/", "^guest-|^amq\\.gen-", ".*", ".*") })
+
+	t.Run("certificate names a user", func(t *testing.T) {
+		t.Parallel()
+		addr := secServe(t, Config{Definitions: path, TLS: tlsCfg("required")}, false).Addr().String()
+		conn, err := external(addr, withCert())
+		if err != nil {
+			t.Fatalf("EXTERNAL login: %v", err)
+		}
+		defer conn.Close()
+		checkBrokerWorksTLS(t, conn)
+		secRefused(t, "declare other-q", secTry(t, conn, func(ch *amqp091.Channel) error {
+			_, err := ch.QueueDeclare("other-q", false, false, false, false, nil)
+			return err
+		}), 403, secDenied("queue", "other-q", "/", "guest"))
+
+		c := secWireTLS(t, addr, withCert())
+		if mechs := secMechanisms(secStart(c)); !slices.Contains(mechs, "EXTERNAL") {
+			t.Fatalf("mechanisms %q lack EXTERNAL", mechs)
+		}
+		secStartOk(c, "EXTERNAL", "")
+		secOpen(c, "/")
+		wireExpect[*connectionOpenOk](c, 0)
+		// PLAIN still works on the same listener.
+		conn2, err := amqp091.DialConfig("amqps://guest:guest@"+addr+"/", amqp091.Config{TLSClientConfig: withCert()})
+		if err != nil {
+			t.Fatalf("PLAIN beside EXTERNAL: %v", err)
+		}
+		conn2.Close()
+	})
+	t.Run("certificate names an unknown user", func(t *testing.T) {
+		t.Parallel()
+		noGuest := secDefsFile(t, func(d *Definitions) error {
+			return errors.Join(d.DeleteUser("guest"), d.AddUser("admin", "admin-pw"), d.SetPermissions("admin", "/", ".*", ".*", ".*"))
+		})
+		addr := secServe(t, Config{Definitions: noGuest, TLS: tlsCfg("required")}, false).Addr().String()
+		if conn, err := external(addr, withCert()); err != amqp091.ErrCredentials {
+			if err == nil {
+				conn.Close()
+			}
+			t.Errorf("EXTERNAL as unknown guest: %v, want ErrCredentials", err)
+		}
+		c := secWireTLS(t, addr, withCert())
+		secStart(c)
+		secStartOk(c, "EXTERNAL", "")
+		secRefusedClose(c, replyAccessRefused, secLoginRefused("EXTERNAL"), 10, 11)
+		conn, err := amqp091.DialConfig("amqps://admin:admin-pw@"+addr+"/", amqp091.Config{TLSClientConfig: withCert()})
+		if err != nil {
+			t.Fatalf("PLAIN as admin: %v", err)
+		}
+		conn.Close()
+	})
+	t.Run("no client certificate", func(t *testing.T) {
+		t.Parallel()
+		addr := secServe(t, Config{Definitions: path, TLS: tlsCfg("optional")}, false).Addr().String()
+		noCert := func() *tls.Config { return &tls.Config{RootCAs: p.pool} }
+		if conn, err := external(addr, noCert()); err != amqp091.ErrSASL {
+			if err == nil {
+				conn.Close()
+			}
+			t.Errorf("EXTERNAL without a certificate: %v, want ErrSASL (not offered)", err)
+		}
+		c := secWireTLS(t, addr, noCert())
+		if got := secStart(c); slices.Contains(secMechanisms(got), "EXTERNAL") {
+			t.Errorf("mechanisms %q offer EXTERNAL without a client certificate", got)
+		}
+		secStartOk(c, "EXTERNAL", "")
+		secRefusedClose(c, replyCommandInvalid, "COMMAND_INVALID - *", 10, 11)
+		// Nor over plain TCP.
+		plain := secServe(t, Config{Definitions: path}, false).Addr().String()
+		w := wireDial(t, plain)
+		secStart(w)
+		secStartOk(w, "EXTERNAL", "")
+		secRefusedClose(w, replyCommandInvalid, "COMMAND_INVALID - *", 10, 11)
+	})
+	t.Run("loopback-only user from a remote address", func(t *testing.T) {
+		t.Parallel()
+		addr := secServe(t, Config{TLS: tlsCfg("required")}, true).Addr().String()
+		c := secWireTLS(t, addr, withCert())
+		secStart(c)
+		secStartOk(c, "EXTERNAL", "")
+		secRefusedClose(c, replyAccessRefused, secLoginRefused("EXTERNAL"), 10, 11)
+	})
+}
+
+// TestExternalTLSBadCertificates checks TLS handshakes that must fail, beyond those of
+// TestTLSClientCertificates: a client certificate from another CA when certificates are
+// optional or required, and a server certificate the client does not trust.
+func TestExternalTLSBadCertificates(t *testing.T) {
+	t.Parallel()
+	p, other := newTestPKI(t), newTestPKI(t)
+	log := &secLog{}
+	serve := func(verify string, lg *slog.Logger) string {
+		cfg := Config{TLS: &TLSConfig{CertFile: p.certFile, KeyFile: p.keyFile, CAFile: p.caFile, Verify: verify}, Logger: lg}
+		return secServe(t, cfg, false).Addr().String()
+	}
+	optional, required := serve("optional", log.logger()), serve("required", nil)
+	good := func(addr string) {
+		t.Helper()
+		conn, err := amqp091.DialTLS("amqps://guest:guest@"+addr+"/", &tls.Config{RootCAs: p.pool, Certificates: []tls.Certificate{p.client}})
+		if err != nil {
+			t.Fatalf("a good client was refused: %v", err)
+		}
+		defer conn.Close()
+		checkBrokerWorksTLS(t, conn)
+	}
+	for _, tc := range []struct {
+		name string
+		addr string
+		conf *tls.Config
+	}{
+		{"optional, self-signed client certificate", optional, p.forcing(p.stranger)},
+		{"optional, client certificate from another CA", optional, p.forcing(other.client)},
+		{"required, client certificate from another CA", required, p.forcing(other.client)},
+		{"server certificate from an unknown CA", optional, &tls.Config{RootCAs: other.pool}},
+		{"server certificate for another name", optional, &tls.Config{RootCAs: p.pool, ServerName: "amqp.example.com"}},
+	} {
+		conn, err := amqp091.DialTLS("amqps://guest:guest@"+tc.addr+"/", tc.conf)
+		if err == nil {
+			conn.Close()
+			t.Errorf("%s: connected", tc.name)
+		}
+	}
+	good(optional)
+	good(required)
+	pollFor(t, "the refused handshakes in the log", func() bool { return strings.Contains(log.String(), "TLS handshake failed") })
 }

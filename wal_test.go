@@ -5,13 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"runtime"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,61 +22,6 @@ import (
 // directory: every write the broker made is in it (the page cache survives a process
 // crash) and nothing a clean shutdown adds (the last checkpoint), so starting a broker on
 // it is starting after kill -9. crash_test.go does the same with a real SIGKILL.
-
-// walWait bounds every poll in this file.
-const walWait = 10 * time.Second
-
-// walLogBuffer collects a logger's output for assertions.
-type walLogBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *walLogBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *walLogBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func (l *walLogBuffer) logger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-// walQuietLogger discards everything, unless AMQP_TEST_LOG is set.
-func walQuietLogger() *slog.Logger {
-	var out io.Writer = io.Discard
-	if os.Getenv("AMQP_TEST_LOG") != "" {
-		out = os.Stderr
-	}
-	return slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-// walLockRetry bounds how long a reopen waits for the directory lock. A child process
-// forked anywhere in the test binary (go build, go list, amqpd) holds a copy of the LOCK
-// descriptor until it execs, so the flock can outlive close for a moment.
-const walLockRetry = 5 * time.Second
-
-func isLockBusy(err error) bool {
-	return err != nil && strings.Contains(err.Error(), "in use by another broker")
-}
-
-// openWALRetry is openWAL that retries while the lock is briefly held by a forked child.
-func openWALRetry(dir string, opts walOptions) (*wal, *recovered, error) {
-	deadline := time.Now().Add(walLockRetry)
-	for {
-		w, rec, err := openWAL(dir, opts)
-		if !isLockBusy(err) || time.Now().After(deadline) {
-			return w, rec, err
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 // openTestWAL opens the log in dir and closes it when the test ends (close is idempotent).
 func openTestWAL(t testing.TB, dir string, opts walOptions) (*wal, *recovered) {
@@ -167,85 +109,6 @@ func walIDs(ms []*message) []uint64 {
 		}
 	}
 	return ids
-}
-
-// segmentFiles lists the segment files of a data directory, oldest first.
-func segmentFiles(t testing.TB, dir string) []string {
-	t.Helper()
-	names, err := filepath.Glob(filepath.Join(dir, "wal", "*.seg"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	sort.Strings(names)
-	return names
-}
-
-// recordStarts parses a segment file and returns the offset of every complete record
-// and the offset just past the last one.
-func recordStarts(t testing.TB, name string) (starts []int, end int) {
-	t.Helper()
-	data, err := os.ReadFile(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	off := walHeaderSize
-	for off < len(data) {
-		_, _, n, ok := parseRecord(data[off:])
-		if !ok {
-			t.Fatalf("%s: bad record at %d", name, off)
-		}
-		starts = append(starts, off)
-		off += n
-	}
-	return starts, off
-}
-
-// copyDataDir copies meta.snap and the segments of a data directory (not LOCK) into a
-// new temporary directory; edit, if not nil, may change each segment's bytes.
-func copyDataDir(t testing.TB, src string, edit func(name string, data []byte) []byte) string {
-	t.Helper()
-	dst := t.TempDir()
-	if err := os.MkdirAll(filepath.Join(dst, "wal"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for attempt := 0; ; attempt++ {
-		before := segmentFiles(t, src)
-		ok := true
-		for _, name := range before {
-			data, err := os.ReadFile(name)
-			if errors.Is(err, os.ErrNotExist) {
-				ok = false // compacted away while copying: copy again
-				break
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if edit != nil {
-				data = edit(filepath.Base(name), data)
-			}
-			if err := os.WriteFile(filepath.Join(dst, "wal", filepath.Base(name)), data, 0o644); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if snap, err := os.ReadFile(filepath.Join(src, "meta.snap")); err == nil {
-			if err := os.WriteFile(filepath.Join(dst, "meta.snap"), snap, 0o644); err != nil {
-				t.Fatal(err)
-			}
-		} else if !errors.Is(err, os.ErrNotExist) {
-			t.Fatal(err)
-		}
-		if ok && slices.Equal(before, segmentFiles(t, src)) {
-			return dst
-		}
-		if attempt == 20 {
-			t.Fatalf("the segments of %s kept changing while copying", src)
-		}
-		os.RemoveAll(filepath.Join(dst, "wal"))
-		os.Remove(filepath.Join(dst, "meta.snap"))
-		if err := os.MkdirAll(filepath.Join(dst, "wal"), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
 }
 
 // TestWALRoundTripEveryRecordType writes every record type, closes, reopens, and checks
