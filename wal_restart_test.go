@@ -1156,6 +1156,15 @@ func TestWALFailureNacks(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no confirm")
 	}
+	// A durable declare the log cannot write fails its channel only, saying why.
+	conn := dial(t, url)
+	_, err := openChannel(t, conn).QueueDeclare("wf2", true, false, false, false, nil)
+	if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || !strings.Contains(e.Reason, "write-ahead log") {
+		t.Fatalf("durable declare after the log failed: %v, want 406 naming the write-ahead log", err)
+	}
+	if _, err := openChannel(t, conn).QueueDeclarePassive("wf", true, false, false, false, nil); err != nil {
+		t.Fatalf("the connection did not survive the channel error: %v", err)
+	}
 }
 
 // TestWALUnloggedDurableQueueHoldsNothing: a persistent message routed to a logged queue and
