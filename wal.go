@@ -437,7 +437,11 @@ func (w *wal) run() {
 		if err != nil && w.failed == nil {
 			w.failed = errWAL
 			w.failedAtomic.Store(true)
-			w.log.Error("write-ahead log failed; persistent publishes are refused until restart", "err", err)
+			if closed && isNoSpace(err) {
+				w.log.Error("shutting down with log records unwritten: the disk is full", "err", err)
+			} else {
+				w.log.Error("write-ahead log failed; persistent publishes are refused until restart", "err", err)
+			}
 		}
 		if w.failed == nil {
 			// Never past a failed batch: what it held is not on disk.
