@@ -437,7 +437,7 @@ func (w *wal) run() {
 		if err != nil && w.failed == nil {
 			w.failed = errWAL
 			w.failedAtomic.Store(true)
-			if closed && isNoSpace(err) {
+			if isNoSpace(err) { // write gives up on a full disk only when the log closes
 				w.log.Error("shutting down with log records unwritten: the disk is full", "err", err)
 			} else {
 				w.log.Error("write-ahead log failed; persistent publishes are refused until restart", "err", err)
