@@ -521,23 +521,6 @@ func anyLogged(qs []*queue) bool {
 	return false
 }
 
-// sendReturn appends basic.return and the message's content to the outbox.
-func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) {
-	c.outMu.Lock()
-	if !c.outClosed {
-		b := c.out
-		start := len(b)
-		b = appendFrameStart(b, frameMethod, channel)
-		b = append(b, 0, classBasic, 0, 50)
-		b = appendShort(b, code)
-		b = appendShortstr(b, text)
-		b = appendExchangeKey(b, m)
-		c.finishContentLocked(b, start, channel, m)
-	}
-	c.outMu.Unlock()
-	c.signal()
-}
-
 // flushConfirms sends one basic.ack covering every publish that can be confirmed: all up
 // to the first persistent one whose log record is not yet on disk.
 func (ch *channel) flushConfirms() {
@@ -916,24 +899,6 @@ func (ch *channel) basicGet(d *decoder) error {
 	ch.c.sendGetOk(ch.id, tag, e, uint32(q.messageCountLocked()))
 	ch.mu.Unlock()
 	return nil
-}
-
-// sendGetOk appends basic.get-ok and the content to the outbox.
-func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
-	c.outMu.Lock()
-	if !c.outClosed {
-		b := c.out
-		start := len(b)
-		b = appendFrameStart(b, frameMethod, channel)
-		b = append(b, 0, classBasic, 0, 71)
-		b = appendLonglong(b, tag)
-		b = appendBit(b, e.redelivered)
-		b = appendExchangeKey(b, e.msg)
-		b = appendLong(b, count)
-		c.finishContentLocked(b, start, channel, e.msg)
-	}
-	c.outMu.Unlock()
-	c.signal()
 }
 
 // basicRecover requeues every unacked message of the channel. RabbitMQ has no

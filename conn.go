@@ -1114,3 +1114,81 @@ func parseCaps(props table) clientCaps {
 		connectionBlocked:    caps["connection.blocked"] == true,
 	}
 }
+
+// The outbox encoders of content-carrying methods: the method frame is written in place,
+// then the message's raw properties and body, with no allocation.
+
+// sendReturn appends basic.return and the message's content to the outbox.
+func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) {
+	c.outMu.Lock()
+	if !c.outClosed {
+		b := c.out
+		start := len(b)
+		b = appendFrameStart(b, frameMethod, channel)
+		b = binary.BigEndian.AppendUint32(b, idBasicReturn)
+		b = appendShort(b, code)
+		b = appendShortstr(b, text)
+		b = appendExchangeKey(b, m)
+		c.finishContentLocked(b, start, channel, m)
+	}
+	c.outMu.Unlock()
+	c.signal()
+}
+
+// sendGetOk appends basic.get-ok and the content to the outbox.
+func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
+	c.outMu.Lock()
+	if !c.outClosed {
+		b := c.out
+		start := len(b)
+		b = appendFrameStart(b, frameMethod, channel)
+		b = binary.BigEndian.AppendUint32(b, idBasicGetOk)
+		b = appendLonglong(b, tag)
+		b = appendBit(b, e.redelivered)
+		b = appendExchangeKey(b, e.msg)
+		b = appendLong(b, count)
+		c.finishContentLocked(b, start, channel, e.msg)
+	}
+	c.outMu.Unlock()
+	c.signal()
+}
+
+// sendDelivery appends basic.deliver and the content to the outbox.
+func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qentry) {
+	c.outMu.Lock()
+	if !c.outClosed {
+		b := c.out
+		start := len(b)
+		b = appendFrameStart(b, frameMethod, channel)
+		b = binary.BigEndian.AppendUint32(b, idBasicDeliver)
+		b = appendShortstr(b, consumerTag)
+		b = binary.BigEndian.AppendUint64(b, tag)
+		b = appendBit(b, e.redelivered)
+		b = appendExchangeKey(b, e.msg)
+		c.finishContentLocked(b, start, channel, e.msg)
+	}
+	c.outMu.Unlock()
+	c.signal()
+}
+
+// appendExchangeKey appends a message's exchange and routing key as short strings.
+func appendExchangeKey(b []byte, m *message) []byte {
+	b = appendShortstr(b, m.exchange)
+	b = append(b, m.keyLen)
+	return append(b, m.routingKey()...)
+}
+
+func appendBit(b []byte, v bool) []byte {
+	if v {
+		return append(b, 1)
+	}
+	return append(b, 0)
+}
+
+// finishContentLocked ends the method frame started at start in b, makes b the outbox, and
+// appends m's content after it. c.outMu must be held.
+func (c *conn) finishContentLocked(b []byte, start int, channel uint16, m *message) {
+	c.out = appendFrameEnd(b, start)
+	c.appendContentLocked(channel, m.props(), m.body())
+	c.storeOutLenLocked()
+}

@@ -576,46 +576,6 @@ type unacked struct {
 	done bool      // settled out of order; dropped when it reaches the front
 }
 
-// sendDelivery appends basic.deliver and the content to the outbox.
-func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qentry) {
-	c.outMu.Lock()
-	if !c.outClosed {
-		b := c.out
-		start := len(b)
-		b = appendFrameStart(b, frameMethod, channel)
-		b = append(b, 0, classBasic, 0, 60)
-		b = appendShortstr(b, consumerTag)
-		b = binary.BigEndian.AppendUint64(b, tag)
-		b = appendBit(b, e.redelivered)
-		b = appendExchangeKey(b, e.msg)
-		c.finishContentLocked(b, start, channel, e.msg)
-	}
-	c.outMu.Unlock()
-	c.signal()
-}
-
-// appendExchangeKey appends a message's exchange and routing key as short strings.
-func appendExchangeKey(b []byte, m *message) []byte {
-	b = appendShortstr(b, m.exchange)
-	b = append(b, m.keyLen)
-	return append(b, m.routingKey()...)
-}
-
-func appendBit(b []byte, v bool) []byte {
-	if v {
-		return append(b, 1)
-	}
-	return append(b, 0)
-}
-
-// finishContentLocked ends the method frame started at start in b, makes b the outbox, and
-// appends m's content after it. c.outMu must be held.
-func (c *conn) finishContentLocked(b []byte, start int, channel uint16, m *message) {
-	c.out = appendFrameEnd(b, start)
-	c.appendContentLocked(channel, m.props(), m.body())
-	c.storeOutLenLocked()
-}
-
 // queueDeclare handles queue.declare: "" gets a server name, amq.* is 403, an inequivalent
 // redeclare 406, another connection's exclusive queue 405.
 func (ch *channel) queueDeclare(d *decoder) error {
