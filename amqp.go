@@ -23,7 +23,8 @@
 // (delivery-mode 2) routed to durable queues, are written to a write-ahead log there and
 // survive a crash and a restart. A publisher confirm or tx.commit-ok for such a message is
 // sent only after the fsync that covers it (unless Config.FsyncInterval relaxes that).
-// Without DataDir everything is in memory. See wal.go for the format.
+// Without DataDir everything is in memory. wal.go draws the log's format, store.go what the
+// broker writes in it.
 //
 // # Concurrency
 //
@@ -258,7 +259,7 @@ type Server struct {
 	liveHeap   func() uint64          // the live heap in bytes; a test may replace it
 	diskFree   func() (uint64, error) // free octets for the data directory; a test may replace it
 	stopWatch  chan struct{}          // closed by Shutdown
-	wal        *wal                   // nil without a data directory; set before serving
+	store      *store                 // nil without a data directory; set before serving
 	openOnce   sync.Once
 	openErr    error
 	ready      chan struct{} // closed when the first listener is up
@@ -483,7 +484,7 @@ func (s *Server) load() error {
 		if s.openErr = s.loadAuth(); s.openErr == nil {
 			s.openErr = s.openStore()
 		}
-		if s.openErr == nil && (s.cfg.MemoryHighWatermark > 0 || s.wal != nil && s.cfg.DiskFreeLimit > 0) {
+		if s.openErr == nil && (s.cfg.MemoryHighWatermark > 0 || s.store != nil && s.cfg.DiskFreeLimit > 0) {
 			go s.watchResources()
 		}
 	})
@@ -536,13 +537,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		<-done
 		err = ctx.Err()
 	}
-	if s.wal != nil {
+	if s.store != nil {
 		if s.Healthy() != nil {
 			// A checkpoint reads every vhost under its lock, which a panic may hold, and
 			// may be of half-changed state: the log alone is what the restart replays.
-			s.wal.snapshotFn = nil
+			s.store.snapshotFn = nil
 		}
-		s.wal.close()
+		s.store.close()
 	}
 	return err
 }
@@ -613,7 +614,7 @@ func (s *Server) deleteVhosts(gone []*vhost) error {
 		s.log.Info("vhost deleted with its queues, exchanges and messages", "vhost", vh.name, "queues", n)
 	}
 	s.mu.Lock()
-	w := s.wal
+	w := s.store
 	s.mu.Unlock()
 	if w != nil {
 		if err := w.sync(); err != nil {
@@ -727,7 +728,7 @@ func (s *Server) watchResources() {
 			live := s.liveHeap()
 			s.setAlarm(alarmMemory, live > limit, "memory alarm", "live_heap", live, "watermark", limit)
 		}
-		if limit := s.cfg.DiskFreeLimit; limit > 0 && s.wal != nil {
+		if limit := s.cfg.DiskFreeLimit; limit > 0 && s.store != nil {
 			free, err := s.diskFree()
 			if err != nil {
 				if !diskErr {

@@ -625,17 +625,6 @@ func checkFreshVhost(t testing.TB, srv *Server, name string) {
 	}
 }
 
-// walLive is the octets of publish records the log still needs.
-func walLive(w *wal) int64 {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	var live int64
-	for _, s := range w.segs {
-		live += s.liveBytes
-	}
-	return live
-}
-
 // TestReloadDeleteVhost deletes a virtual host holding queues, exchanges, bindings, and
 // persistent messages, some unacked, from the definitions file and reloads, as
 // `amqpd delete_vhost` and SIGHUP do: its connection is closed with 320, its messages are
@@ -662,7 +651,7 @@ func TestReloadDeleteVhost(t *testing.T) {
 		t.Error("vhost prod is still in memory")
 	}
 	// The unacked messages are released too, when the closed connection requeues them.
-	pollFor(t, "prod's messages released in the log", func() bool { return walLive(b.srv.wal) == 0 })
+	pollFor(t, "prod's messages released in the log", func() bool { return storeLive(b.srv.store) == 0 })
 
 	secSaveDefs(t, path, withGuestVhosts("prod"))
 	if err := b.srv.Reload(); err != nil {
@@ -674,7 +663,7 @@ func TestReloadDeleteVhost(t *testing.T) {
 	checkFreshVhost(t, b2.srv, "prod")
 	b3 := startDurable(t, Config{DataDir: crashed, Definitions: path})
 	checkFreshVhost(t, b3.srv, "prod")
-	if n := walLive(b3.srv.wal); n != 0 {
+	if n := storeLive(b3.srv.store); n != 0 {
 		t.Errorf("after the crash, the log holds %d live octets of the deleted vhost's messages", n)
 	}
 }

@@ -97,7 +97,7 @@ func (s *Server) loadAuth() error {
 	for _, v := range defs.Vhosts {
 		if s.vhosts[v.Name] == nil {
 			vh := newVhost(v.Name)
-			vh.wal = s.wal
+			vh.store = s.store
 			s.vhosts[v.Name] = vh
 		}
 	}

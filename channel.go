@@ -51,7 +51,7 @@ type channel struct {
 	confirmSent   uint64                // guarded by cmu: highest tag confirmed to the client
 	durableWait   deque[durableConfirm] // guarded by cmu: persistent publishes waiting for fsync
 	confirmClosed bool                  // guarded by cmu: the channel is gone
-	walListening  bool                  // guarded by the log's mu
+	walListening  bool                  // guarded by the store's mu
 
 	mu               sync.Mutex
 	dead             bool                 // guarded by mu: closed; no more deliveries
@@ -483,7 +483,7 @@ func (ch *channel) routeLocked(x *exchange, msg *message) {
 // deliver enqueues msg on the queues routeLocked found, logging it first when it is
 // persistent and one of them is durable.
 func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err error) {
-	if w := ch.c.s.wal; w != nil && msg.persistent && anyLogged(ch.routes.queues) {
+	if w := ch.c.s.store; w != nil && msg.persistent && anyLogged(ch.routes.queues) {
 		var listener *channel
 		if ch.confirm {
 			listener = ch
@@ -526,10 +526,10 @@ func anyLogged(qs []*queue) bool {
 func (ch *channel) flushConfirms() {
 	var done uint64
 	failed := false
-	if w := ch.c.s.wal; w != nil {
+	if st := ch.c.s.store; st != nil {
 		// failed first: once it is set, done no longer moves.
-		failed = w.failedAtomic.Load()
-		done = w.doneAtomic.Load()
+		failed = st.w.failedAtomic.Load()
+		done = st.w.doneAtomic.Load()
 	}
 	ch.cmu.Lock()
 	defer ch.cmu.Unlock()
@@ -547,11 +547,7 @@ func (ch *channel) flushConfirms() {
 			ch.ackUpToLocked(dc.tag - 1)
 			// The writer may have taken its listeners before this channel's last
 			// publish was logged: ask again so the next batch confirms it.
-			w := ch.c.s.wal
-			w.mu.Lock()
-			w.listenLocked(ch)
-			w.mu.Unlock()
-			w.kick()
+			ch.c.s.store.listen(ch)
 			return
 		}
 		ch.durableWait.pop()
@@ -977,7 +973,7 @@ func (ch *channel) txMethod(id uint32) error {
 			ch.mu.Unlock()
 			ch.apply(a, a.done, global)
 		}
-		if w := ch.c.s.wal; w != nil && (last > 0 || len(acks) > 0) {
+		if w := ch.c.s.store; w != nil && (last > 0 || len(acks) > 0) {
 			// tx.commit-ok means on disk: wait for the fsync covering this work.
 			if err := w.sync(); err != nil {
 				return logUnwritable(err)

@@ -68,7 +68,7 @@ func TestDiskFullRecoversWithoutRestart(t *testing.T) {
 	}
 	full := func() bool {
 		_, err := os.Stat(reserve)
-		return srv.wal.noSpace.Load() && errors.Is(err, os.ErrNotExist)
+		return srv.store.w.noSpace.Load() && errors.Is(err, os.ErrNotExist)
 	}
 	published := 0
 	for ; published < 3000 && !full(); published++ {
@@ -117,7 +117,7 @@ func TestDiskFullRecoversWithoutRestart(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	pollFor(t, "the log to have room again", func() bool { return !srv.wal.noSpace.Load() })
+	pollFor(t, "the log to have room again", func() bool { return !srv.store.w.noSpace.Load() })
 
 	acks, nacks := 0, 0
 	for acks+nacks < published {

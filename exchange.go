@@ -22,7 +22,7 @@ const (
 // the two maps and every exchange's bindings. Publishers hold it for reading while routing.
 type vhost struct {
 	name  string
-	wal   *wal         // nil when nothing is durable
+	store *store       // nil when nothing is durable
 	conns atomic.Int64 // open connections, for Config.MaxConnectionsPerVhost
 
 	mu        sync.RWMutex

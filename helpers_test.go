@@ -1134,7 +1134,7 @@ func (b *durableBroker) stop() {
 // does not depend on the writer's timing), then copies the data directory.
 func (b *durableBroker) crashImage() string {
 	b.t.Helper()
-	if err := b.srv.wal.sync(); err != nil {
+	if err := b.srv.store.sync(); err != nil {
 		b.t.Fatalf("log sync: %v", err)
 	}
 	return copyDataDir(b.t, b.dir, nil)
@@ -1355,11 +1355,11 @@ func isLockBusy(err error) bool {
 	return err != nil && strings.Contains(err.Error(), "in use by another broker")
 }
 
-// openWALRetry is openWAL that retries while the lock is briefly held by a forked child.
-func openWALRetry(dir string, opts walOptions) (*wal, *recovered, error) {
+// openStoreRetry is openStoreDir that retries while the lock is briefly held by a forked child.
+func openStoreRetry(dir string, opts storeOptions) (*store, *recovered, error) {
 	deadline := time.Now().Add(walLockRetry)
 	for {
-		w, rec, err := openWAL(dir, opts)
+		w, rec, err := openStoreDir(dir, opts)
 		if !isLockBusy(err) || time.Now().After(deadline) {
 			return w, rec, err
 		}
@@ -1443,5 +1443,25 @@ func copyDataDir(t testing.TB, src string, edit func(name string, data []byte) [
 		if err := os.MkdirAll(filepath.Join(dst, "wal"), 0o755); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// storeLive is the octets of publish records the log still needs.
+func storeLive(st *store) int64 {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	var live int64
+	for _, s := range st.segs {
+		live += s.live
+	}
+	return live
+}
+
+// logTestTopology logs a topology record and waits until it is on disk.
+func logTestTopology(t testing.TB, st *store, typ uint8, payload []byte) {
+	t.Helper()
+	st.appendTopology(typ, payload)
+	if err := st.sync(); err != nil {
+		t.Fatal(err)
 	}
 }

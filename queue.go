@@ -152,9 +152,9 @@ func (q *queue) enqueue(m *message) bool {
 	defer q.mu.Unlock()
 	if q.deleted {
 		// Routed before the delete: release the hold logPublish gave q on m.
-		if m.wal != nil && q.walID != 0 && q.vh.wal != nil {
+		if m.wal != nil && q.walID != 0 && q.vh.store != nil {
 			one := [1]*message{m}
-			q.vh.wal.dropQueue(q, one[:])
+			q.vh.store.dropQueue(q, one[:])
 		}
 		return true
 	}
@@ -444,14 +444,14 @@ func (q *queue) heapPopLocked() qentry {
 // requeue puts delivered messages back and redelivers what it can.
 func (q *queue) requeue(es []qentry) {
 	q.mu.Lock()
-	if q.deleted && q.walID != 0 && q.vh.wal != nil {
+	if q.deleted && q.walID != 0 && q.vh.store != nil {
 		msgs := make([]*message, 0, len(es))
 		for _, e := range es {
 			if e.msg.wal != nil {
 				msgs = append(msgs, e.msg)
 			}
 		}
-		q.vh.wal.dropQueue(q, msgs)
+		q.vh.store.dropQueue(q, msgs)
 	}
 	for _, e := range es {
 		q.requeueLocked(e)
@@ -465,8 +465,8 @@ func (q *queue) purge() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	n := q.messageCountLocked()
-	if q.walID != 0 && q.vh.wal != nil {
-		q.vh.wal.settle(q, q.readyLoggedLocked())
+	if q.walID != 0 && q.vh.store != nil {
+		q.vh.store.settle(q, q.readyLoggedLocked())
 	}
 	q.ready.clear()
 	q.requeued = nil
@@ -630,8 +630,8 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			q.owner = ch.c
 		}
 		vh.queues[name] = q
-		if vh.wal != nil && m.Durable && !m.Exclusive && !m.AutoDelete {
-			q.walID = vh.wal.newQueueID()
+		if vh.store != nil && m.Durable && !m.Exclusive && !m.AutoDelete {
+			q.walID = vh.store.newQueueID()
 			vh.logLocked(recQueueDeclare, queueRecord(vh.name, q))
 		}
 	}
@@ -869,8 +869,8 @@ func (vh *vhost) deleteQueue(q *queue) int {
 		q.expiry = nil
 	}
 	n := q.messageCountLocked()
-	if q.walID != 0 && vh.wal != nil {
-		vh.wal.dropQueue(q, q.readyLoggedLocked())
+	if q.walID != 0 && vh.store != nil {
+		vh.store.dropQueue(q, q.readyLoggedLocked())
 	}
 	q.ready.clear()
 	q.requeued = nil

@@ -984,14 +984,12 @@ func BenchmarkRecovery(b *testing.B) {
 	const n = 1_000_000
 	const name = "bench-recovery"
 	dir := b.TempDir()
-	w, _, err := openWALRetry(dir, walOptions{log: walQuietLogger()})
+	w, _, err := openStoreRetry(dir, storeOptions{log: walQuietLogger()})
 	if err != nil {
 		b.Fatal(err)
 	}
 	q := &queue{name: name, durable: true, walID: w.newQueueID()}
-	if err := w.logTopology(recQueueDeclare, queueRecord("/", q)); err != nil {
-		b.Fatal(err)
-	}
+	logTestTopology(b, w, recQueueDeclare, queueRecord("/", q))
 	p := properties{DeliveryMode: 2, ContentType: "application/octet-stream"}
 	props := p.encode(nil)
 	qs := []*queue{q}
@@ -1007,7 +1005,7 @@ func BenchmarkRecovery(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	if err := w.wait(ticket); err != nil {
+	if err := w.w.wait(ticket); err != nil {
 		b.Fatal(err)
 	}
 	w.close()
@@ -1144,7 +1142,7 @@ func TestWALFailureNacks(t *testing.T) {
 		t.Fatal(err)
 	}
 	confs := ch.NotifyPublish(make(chan amqp091.Confirmation, 1))
-	srv.wal.file.Close() // the next write fails
+	srv.store.w.file.Close() // the next write fails
 	if err := ch.Publish("", "wf", false, false, amqp091.Publishing{DeliveryMode: 2, Body: []byte("x")}); err != nil {
 		t.Fatal(err)
 	}
@@ -1206,13 +1204,7 @@ func TestWALUnloggedDurableQueueHoldsNothing(t *testing.T) {
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		w := srv.wal
-		w.mu.Lock()
-		var live int64
-		for _, s := range w.segs {
-			live += s.liveBytes
-		}
-		w.mu.Unlock()
+		live := storeLive(srv.store)
 		if live == 0 {
 			return
 		}

@@ -4,11 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,742 +13,298 @@ import (
 	"time"
 )
 
-// The tests here and in wal_restart_test.go check the write-ahead log at two levels: the log alone (openWAL,
-// logPublish, settle, close, reopen, and the files on disk), and the broker over
-// amqp091-go across restarts. A "crash image" is a copy of a running broker's data
-// directory: every write the broker made is in it (the page cache survives a process
-// crash) and nothing a clean shutdown adds (the last checkpoint), so starting a broker on
-// it is starting after kill -9. crash_test.go does the same with a real SIGKILL.
+// The write-ahead log alone: records in, records back, with no broker types.
 
-// openTestWAL opens the log in dir and closes it when the test ends (close is idempotent).
-func openTestWAL(t testing.TB, dir string, opts walOptions) (*wal, *recovered) {
+// openLog opens and starts a log in dir, replaying what it holds into the returned list.
+func openLog(t testing.TB, dir string, segSize int64) (*wal, []logRec) {
 	t.Helper()
-	if opts.log == nil {
-		opts.log = walQuietLogger()
-	}
-	w, rec, err := openWALRetry(dir, opts)
+	w, err := openWAL(dir, walOptions{segmentSize: segSize, log: walQuietLogger()})
 	if err != nil {
-		t.Fatalf("openWAL: %v", err)
+		t.Fatal(err)
 	}
-	t.Cleanup(w.close)
-	return w, rec
-}
-
-// walTestQueue is the part of a durable queue the log looks at.
-func walTestQueue(id uint64) *queue {
-	return &queue{name: "q" + strconv.FormatUint(id, 10), durable: true, walID: id}
-}
-
-// walTestMessage builds a persistent message as publishComplete would: routing key,
-// raw properties and body in one slice. The body names n, so every message differs.
-func walTestMessage(n int, exchange, key string, bodyLen int) *message {
-	p := properties{DeliveryMode: 2, MessageID: "m" + strconv.Itoa(n)}
-	props := p.encode(nil)
-	body := make([]byte, bodyLen)
-	for i := range body {
-		body[i] = byte(n + i)
+	var recs []logRec
+	err = w.replay(false, func(pos walPos, typ uint8, payload []byte, size int64) error {
+		recs = append(recs, logRec{pos, typ, bytes.Clone(payload)})
+		return nil
+	})
+	if err == nil {
+		err = w.start(0)
 	}
-	if bodyLen >= 8 {
-		binary.BigEndian.PutUint64(body, uint64(n))
-	}
-	data := append([]byte(key), props...)
-	data = append(data, body...)
-	return &message{exchange: exchange, keyLen: uint8(len(key)), propsLen: uint32(len(props)), data: data, persistent: true}
-}
-
-// logTestPublish writes m for these queues and fails the test if the log refuses it.
-func logTestPublish(t testing.TB, w *wal, m *message, qs ...*queue) uint64 {
-	t.Helper()
-	ticket, _, err := w.logPublish(m, qs, nil, nil)
 	if err != nil {
-		t.Fatalf("logPublish: %v", err)
-	}
-	return ticket
-}
-
-// sameMessage reports how a recovered message differs from the one logged, or "".
-func sameMessage(got, want *message) string {
-	switch {
-	case got.wal == nil:
-		return "no log place"
-	case got.wal.id != want.wal.id:
-		return fmt.Sprintf("id %d, want %d", got.wal.id, want.wal.id)
-	case got.exchange != want.exchange:
-		return fmt.Sprintf("exchange %q, want %q", got.exchange, want.exchange)
-	case got.keyLen != want.keyLen || got.propsLen != want.propsLen:
-		return fmt.Sprintf("keyLen/propsLen %d/%d, want %d/%d", got.keyLen, got.propsLen, want.keyLen, want.propsLen)
-	case !bytes.Equal(got.data, want.data):
-		return fmt.Sprintf("data differs (%d octets, want %d)", len(got.data), len(want.data))
-	}
-	return ""
-}
-
-// checkRecovered compares one queue's recovered messages with the expected ones, in order.
-func checkRecovered(t testing.TB, rec *recovered, qid uint64, want []*message) {
-	t.Helper()
-	got := rec.messages[qid]
-	if len(got) != len(want) {
-		t.Errorf("queue %d: recovered %d messages %v, want %d %v", qid, len(got), walIDs(got), len(want), walIDs(want))
-		return
-	}
-	for i := range want {
-		if d := sameMessage(got[i], want[i]); d != "" {
-			t.Errorf("queue %d message %d: %s", qid, i, d)
-		}
-	}
-}
-
-func walIDs(ms []*message) []uint64 {
-	ids := make([]uint64, len(ms))
-	for i, m := range ms {
-		if m.wal != nil {
-			ids[i] = m.wal.id
-		}
-	}
-	return ids
-}
-
-// TestWALRoundTripEveryRecordType writes every record type, closes, reopens, and checks
-// that replay returns the topology records in order with the same payloads, and each
-// queue's live messages; acked messages and those of deleted queues are gone.
-func TestWALRoundTripEveryRecordType(t *testing.T) {
-	t.Parallel()
-	dir := t.TempDir()
-	w, rec := openTestWAL(t, dir, walOptions{segmentSize: 1 << 20})
-	if len(rec.topology) != 0 || len(rec.messages) != 0 {
-		t.Fatalf("fresh directory recovered %d records and %d queues", len(rec.topology), len(rec.messages))
-	}
-
-	var want []walRecord
-	topo := func(typ uint8, payload []byte) {
-		t.Helper()
-		if err := w.logTopology(typ, payload); err != nil {
-			t.Fatalf("logTopology(%d): %v", typ, err)
-		}
-		want = append(want, walRecord{typ, payload})
-	}
-	x1 := newExchange("x1", kindDirect, true, false, false, table{"alternate-exchange": "ae", "n": int32(7)})
-	x2 := newExchange("x2", kindTopic, true, true, true, nil)
-	x3 := newExchange("x3", kindHeaders, true, false, false, table{"x-match": "any"})
-	topo(recExchangeDeclare, exchangeRecord("/", x1))
-	topo(recExchangeDeclare, exchangeRecord("/", x2))
-	topo(recExchangeDeclare, exchangeRecord("/", x3))
-	q1, q2, q3 := walTestQueue(w.newQueueID()), walTestQueue(w.newQueueID()), walTestQueue(w.newQueueID())
-	q1.args = table{"x-max-length": int32(10), "x-queue-type": "classic"}
-	for _, q := range []*queue{q1, q2, q3} {
-		topo(recQueueDeclare, queueRecord("/", q))
-	}
-	topo(recBind, bindRecord("/", &binding{source: x1, queue: q1, key: "k1", args: table{"a": "b"}}))
-	topo(recBind, bindRecord("/", &binding{source: x1, dest: x2, key: "#"}))
-	topo(recBind, bindRecord("/", &binding{source: x3, queue: q2, args: table{"x-match": "all", "h": int64(1)}}))
-
-	m1 := walTestMessage(1, "x1", "k1", 10)
-	m2 := walTestMessage(2, "", "q2", 0)                         // empty body, to two queues
-	m3 := walTestMessage(3, "x3", strings.Repeat("k", 255), 300) // longest key
-	m4 := walTestMessage(4, "x1", "k1", 5)                       // acked
-	m5 := walTestMessage(5, "x1", "k3", 7)                       // its queue is deleted
-	m6 := walTestMessage(6, "x1", "k1", 200<<10)                 // larger than a frame
-	logTestPublish(t, w, m1, q1)
-	logTestPublish(t, w, m2, q1, q2)
-	logTestPublish(t, w, m3, q2)
-	logTestPublish(t, w, m4, q1)
-	logTestPublish(t, w, m5, q3)
-	logTestPublish(t, w, m6, q1, q3)
-	// A transient queue in the route is not logged.
-	m7 := walTestMessage(7, "x1", "k1", 3)
-	logTestPublish(t, w, m7, q2, &queue{name: "transient"})
-	w.settle(q1, []*message{m4, m2}) // m2 stays in q2
-
-	topo(recUnbind, bindRecord("/", &binding{source: x1, queue: q1, key: "k1", args: table{"a": "b"}}))
-	topo(recExchangeDelete, append(appendShortstr(nil, "/"), appendShortstr(nil, "x2")...))
-	topo(recQueueDelete, binary.BigEndian.AppendUint64(nil, q3.walID))
-	w.dropQueue(q3, []*message{m5, m6})
-	if err := w.sync(); err != nil {
+		w.unlock()
 		t.Fatal(err)
 	}
-	w.close()
-
-	w, rec = openTestWAL(t, dir, walOptions{segmentSize: 1 << 20})
-	if len(rec.topology) != len(want) {
-		t.Fatalf("recovered %d topology records, want %d", len(rec.topology), len(want))
-	}
-	for i, r := range rec.topology {
-		if r.typ != want[i].typ || !bytes.Equal(r.payload, want[i].payload) {
-			t.Errorf("topology record %d: type %d %q, want type %d %q", i, r.typ, r.payload, want[i].typ, want[i].payload)
-		}
-	}
-	checkRecovered(t, rec, q1.walID, []*message{m1, m6})
-	checkRecovered(t, rec, q2.walID, []*message{m2, m3, m7})
-	if ms := rec.messages[q3.walID]; len(ms) != 0 {
-		t.Errorf("deleted queue recovered messages %v", walIDs(ms))
-	}
-	if len(rec.messages) != 2 {
-		t.Errorf("recovered messages for %d queues, want 2", len(rec.messages))
-	}
-	// Recovered messages know which queues still hold them.
-	for _, m := range rec.messages[q1.walID] {
-		if m.wal.id == m6.wal.id && (m.wal.refs != 1 || !slices.Equal(m.wal.queues, []uint64{q1.walID})) {
-			t.Errorf("m6 recovered with refs %d queues %v, want 1 [%d]", m.wal.refs, m.wal.queues, q1.walID)
-		}
-	}
-
-	// Ids are never reused after a restart.
-	if id := w.newQueueID(); id <= q3.walID {
-		t.Errorf("queue id %d after reopen, want > %d", id, q3.walID)
-	}
-	m8 := walTestMessage(8, "", "q1", 1)
-	logTestPublish(t, w, m8, q1)
-	if m8.wal.id <= m7.wal.id {
-		t.Errorf("message id %d after reopen, want > %d", m8.wal.id, m7.wal.id)
-	}
+	t.Cleanup(func() { w.close(); w.unlock() })
+	return w, recs
 }
 
-// TestWALReopenTwiceKeepsEverything reopens a log several times, adding and settling
-// messages in each session; each replay sees exactly what the sessions before left.
-func TestWALReopenTwiceKeepsEverything(t *testing.T) {
-	t.Parallel()
-	dir := t.TempDir()
-	q := walTestQueue(1)
-	var live []*message
-	for session := 0; session < 4; session++ {
-		w, rec := openTestWAL(t, dir, walOptions{segmentSize: 1 << 20})
-		// Order aside (TestWALCompactionCopiesForwardInOrder): older segments are
-		// compacted here, and copied messages come back out of order.
-		got := slices.Clone(rec.messages[q.walID])
-		slices.SortFunc(got, func(a, b *message) int { return int(a.wal.id) - int(b.wal.id) })
-		checkRecovered(t, &recovered{messages: map[uint64][]*message{q.walID: got}}, q.walID, live)
-		live = got
-		for i := 0; i < 30; i++ {
-			m := walTestMessage(session*100+i, "", "q1", 100)
-			logTestPublish(t, w, m, q)
-			live = append(live, m)
-		}
-		// Settle every third message, the recovered ones included.
-		var acked []*message
-		kept := live[:0:0]
-		for i, m := range live {
-			if i%3 == session%3 {
-				acked = append(acked, m)
-			} else {
-				kept = append(kept, m)
-			}
-		}
-		w.settle(q, acked)
-		live = kept
-		w.close()
-	}
+// logRec is a record as replay or append saw it.
+type logRec struct {
+	pos     walPos
+	typ     uint8
+	payload []byte
 }
 
-// walTornFixture writes publish records over several small segments and returns the
-// directory and the messages in order. Every message stays live, so nothing is compacted.
-func walTornFixture(t testing.TB, n int) (string, *queue, []*message) {
-	t.Helper()
-	dir := t.TempDir()
-	w, _ := openTestWAL(t, dir, walOptions{segmentSize: 1024})
-	q := walTestQueue(1)
-	var msgs []*message
-	for i := 0; i < n; i++ {
-		m := walTestMessage(i, "x", "key-"+strconv.Itoa(i), 20+i*7%90)
-		logTestPublish(t, w, m, q)
-		msgs = append(msgs, m)
+// logPayload is the n-th test record's payload: its number, then filler of its own.
+func logPayload(n, size int) []byte {
+	b := binary.BigEndian.AppendUint32(nil, uint32(n))
+	for len(b) < size {
+		b = append(b, byte(n+len(b)))
 	}
-	if err := w.sync(); err != nil {
-		t.Fatal(err)
-	}
-	w.close()
-	if segs := segmentFiles(t, dir); len(segs) < 4 {
-		t.Fatalf("fixture has %d segments, want at least 4", len(segs))
-	}
-	return dir, q, msgs
-}
-
-// messagesPerSegment counts the records of each segment file; with one publish record per
-// message, in log order, it says which messages each segment holds.
-func messagesPerSegment(t testing.TB, segs []string) []int {
-	t.Helper()
-	counts := make([]int, len(segs))
-	for i, name := range segs {
-		starts, _ := recordStarts(t, name)
-		counts[i] = len(starts)
-	}
-	return counts
-}
-
-// TestWALTornWriteEveryOffset cuts the last record of the last segment at every offset
-// inside it: replay recovers every complete record and nothing else, cuts the file back to
-// the last complete record, and the log keeps working after it.
-func TestWALTornWriteEveryOffset(t *testing.T) {
-	t.Parallel()
-	dir, q, msgs := walTornFixture(t, 40)
-	segs := segmentFiles(t, dir)
-	last := segs[len(segs)-1]
-	starts, end := recordStarts(t, last)
-	if len(starts) == 0 {
-		t.Fatalf("last segment %s has no records", last)
-	}
-	lastStart := starts[len(starts)-1]
-	complete := msgs[:len(msgs)-1]
-	for cut := lastStart; cut < end; cut++ {
-		img := copyDataDir(t, dir, func(name string, data []byte) []byte {
-			if name == filepath.Base(last) {
-				return data[:cut]
-			}
-			return data
-		})
-		w, rec, err := openWALRetry(img, walOptions{segmentSize: 1024, log: walQuietLogger()})
-		if err != nil {
-			t.Fatalf("cut at %d: openWAL: %v", cut, err)
-		}
-		checkRecovered(t, rec, q.walID, complete)
-		// The log still works: a new message follows the complete ones.
-		m := walTestMessage(1000, "x", "after", 10)
-		if _, _, err := w.logPublish(m, []*queue{q}, nil, nil); err != nil {
-			t.Fatalf("cut at %d: logPublish after recovery: %v", cut, err)
-		}
-		w.close()
-		if fi, err := os.Stat(filepath.Join(img, "wal", filepath.Base(last))); err != nil {
-			t.Fatal(err)
-		} else if fi.Size() != int64(lastStart) {
-			t.Fatalf("cut at %d: segment is %d octets, want cut back to %d", cut, fi.Size(), lastStart)
-		}
-		w, rec, err = openWALRetry(img, walOptions{segmentSize: 1024, log: walQuietLogger()})
-		if err != nil {
-			t.Fatalf("cut at %d: second openWAL: %v", cut, err)
-		}
-		checkRecovered(t, rec, q.walID, append(complete[:len(complete):len(complete)], m))
-		w.close()
-		if t.Failed() {
-			t.Fatalf("cut at %d of the record at %d..%d failed", cut, lastStart, end)
-		}
-	}
-}
-
-// TestWALTornSegmentHeader covers a crash while a new segment was being created: the last
-// segment is empty, has a partial header, or only the header. Replay recovers every
-// earlier record, and so does every later restart.
-func TestWALTornSegmentHeader(t *testing.T) {
-	t.Parallel()
-	dir, q, msgs := walTornFixture(t, 40)
-	segs := segmentFiles(t, dir)
-	counts := messagesPerSegment(t, segs)
-	lastName := filepath.Base(segs[len(segs)-1])
-	before := msgs[:len(msgs)-counts[len(counts)-1]]
-	for _, size := range []int{0, 7, walHeaderSize} {
-		t.Run("size="+strconv.Itoa(size), func(t *testing.T) {
-			t.Parallel()
-			img := copyDataDir(t, dir, func(name string, data []byte) []byte {
-				if name == lastName {
-					return data[:size]
-				}
-				return data
-			})
-			w, rec, err := openWALRetry(img, walOptions{segmentSize: 1024, log: walQuietLogger()})
-			if err != nil {
-				t.Fatalf("openWAL: %v", err)
-			}
-			checkRecovered(t, rec, q.walID, before)
-			w.close()
-
-			// The next start must work too: the short file is no longer the last one.
-			w, rec, err = openWALRetry(img, walOptions{segmentSize: 1024, log: walQuietLogger()})
-			if err == nil {
-				defer w.close()
-			}
-			if err != nil {
-				t.Fatalf("second openWAL: %v", err)
-			}
-			checkRecovered(t, rec, q.walID, before)
-		})
-	}
-}
-
-// TestWALFlippedBit flips single bits inside a record of a segment that is not the last:
-// startup fails naming the file and the record's offset; with repair it starts, logs what
-// it skipped, and recovers the records before the damage and the later segments. A
-// flipped bit in the last record of the last segment is a torn tail.
-func TestWALFlippedBit(t *testing.T) {
-	t.Parallel()
-	dir, q, msgs := walTornFixture(t, 40)
-	segs := segmentFiles(t, dir)
-	counts := messagesPerSegment(t, segs)
-
-	for _, segIdx := range []int{0, 1, len(segs) - 2} {
-		name := segs[segIdx]
-		starts, end := recordStarts(t, name)
-		recIdx := len(starts) / 2
-		recStart := starts[recIdx]
-		recEnd := end
-		if recIdx+1 < len(starts) {
-			recEnd = starts[recIdx+1]
-		}
-		first := 0 // index in msgs of the segment's first record
-		for _, c := range counts[:segIdx] {
-			first += c
-		}
-		// With repair, the damaged record and the rest of its segment are lost.
-		var want []*message
-		want = append(want, msgs[:first+recIdx]...)
-		want = append(want, msgs[first+counts[segIdx]:]...)
-		for _, bit := range []struct {
-			what string
-			off  int // from the record's start
-			mask byte
-		}{
-			{"len high bit", 0, 0x80},
-			{"len low bit", 3, 0x01},
-			{"crc", 5, 0x10},
-			{"type", 8, 0x02},
-			{"payload first octet", 9, 0x01},
-			{"payload last octet", recEnd - recStart - 1, 0x40},
-		} {
-			t.Run(fmt.Sprintf("seg%d/%s", segIdx, bit.what), func(t *testing.T) {
-				t.Parallel()
-				edit := func(n string, data []byte) []byte {
-					if n == filepath.Base(name) {
-						data[recStart+bit.off] ^= bit.mask
-					}
-					return data
-				}
-				img := copyDataDir(t, dir, edit)
-				_, _, err := openWALRetry(img, walOptions{segmentSize: 1024, log: walQuietLogger()})
-				if err == nil {
-					t.Fatal("openWAL succeeded on a corrupt segment that is not the last")
-				}
-				bad := filepath.Join(img, "wal", filepath.Base(name))
-				if msg := err.Error(); !strings.Contains(msg, bad) || !strings.Contains(msg, "offset "+strconv.Itoa(recStart)) {
-					t.Errorf("error %q does not name %s and offset %d", msg, bad, recStart)
-				}
-				// The failed start left nothing behind that stops a repair.
-				var logs walLogBuffer
-				w, rec, err := openWALRetry(img, walOptions{segmentSize: 1024, repair: true, log: logs.logger()})
-				if err != nil {
-					t.Fatalf("openWAL with repair: %v", err)
-				}
-				defer w.close()
-				checkRecovered(t, rec, q.walID, want)
-				if out := logs.String(); !strings.Contains(out, "repair") || !strings.Contains(out, bad) || !strings.Contains(out, "offset="+strconv.Itoa(recStart)) {
-					t.Errorf("repair logged %q; want the file and offset it skipped", out)
-				}
-			})
-		}
-	}
-
-	t.Run("last record of last segment", func(t *testing.T) {
-		t.Parallel()
-		last := segs[len(segs)-1]
-		starts, end := recordStarts(t, last)
-		lastStart := starts[len(starts)-1]
-		for off := lastStart; off < end; off += 7 {
-			img := copyDataDir(t, dir, func(n string, data []byte) []byte {
-				if n == filepath.Base(last) {
-					data[off] ^= 0x08
-				}
-				return data
-			})
-			var logs walLogBuffer
-			w, rec, err := openWALRetry(img, walOptions{segmentSize: 1024, log: logs.logger()})
-			if err != nil {
-				t.Fatalf("flip at %d: openWAL: %v", off, err)
-			}
-			checkRecovered(t, rec, q.walID, msgs[:len(msgs)-1])
-			w.close()
-			if fi, err := os.Stat(filepath.Join(img, "wal", filepath.Base(last))); err != nil {
-				t.Fatal(err)
-			} else if fi.Size() != int64(lastStart) {
-				t.Fatalf("flip at %d: segment is %d octets, want cut back to %d", off, fi.Size(), lastStart)
-			}
-			if !strings.Contains(logs.String(), "torn") {
-				t.Errorf("flip at %d: no warning about the cut: %q", off, logs.String())
-			}
-		}
-	})
-
-	t.Run("bad segment header", func(t *testing.T) {
-		t.Parallel()
-		name := segs[1]
-		img := copyDataDir(t, dir, func(n string, data []byte) []byte {
-			if n == filepath.Base(name) {
-				data[2] ^= 1
-			}
-			return data
-		})
-		_, _, err := openWALRetry(img, walOptions{segmentSize: 1024, repair: true, log: walQuietLogger()})
-		if err == nil || !strings.Contains(err.Error(), filepath.Base(name)) {
-			t.Fatalf("openWAL = %v, want an error naming %s", err, filepath.Base(name))
-		}
-	})
-}
-
-// TestWALCompactionCopiesForwardInOrder pins the oldest segment with one old message while
-// the rest of it dies: compaction copies the message forward and deletes the segment, and
-// replay still returns the queue in publish order.
-func TestWALCompactionCopiesForwardInOrder(t *testing.T) {
-	t.Parallel()
-	dir := t.TempDir()
-	w, _ := openTestWAL(t, dir, walOptions{segmentSize: 2048})
-	q1, q2 := walTestQueue(1), walTestQueue(2)
-
-	pinned := walTestMessage(0, "", "q1", 10)
-	logTestPublish(t, w, pinned, q1)
-	var filler []*message
-	for i := 0; i < 40; i++ { // several segments of filler for q2
-		m := walTestMessage(100+i, "", "q2", 200)
-		logTestPublish(t, w, m, q2)
-		filler = append(filler, m)
-	}
-	// Later messages for q1 that fill whole segments: those segments stay (all live).
-	var later []*message
-	for i := 0; i < 6; i++ {
-		m := walTestMessage(1+i, "", "q1", 900)
-		logTestPublish(t, w, m, q1)
-		later = append(later, m)
-	}
-	if err := w.sync(); err != nil {
-		t.Fatal(err)
-	}
-	w.mu.Lock()
-	pinnedSeg := pinned.wal.seg.seq
-	w.mu.Unlock()
-	w.settle(q2, filler)
-
-	deadline := time.Now().Add(walWait)
-	for {
-		w.mu.Lock()
-		oldest, moved := w.segs[0].seq, pinned.wal.seg.seq
-		w.mu.Unlock()
-		_, err := os.Stat(w.segPath(pinnedSeg))
-		if oldest > pinnedSeg && moved > pinnedSeg && errors.Is(err, os.ErrNotExist) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("oldest segment %d, pinned message in %d, segment file: %v; want both past %d and the file gone", oldest, moved, err, pinnedSeg)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	w.close()
-
-	_, rec := openTestWAL(t, dir, walOptions{segmentSize: 2048})
-	if n := len(rec.messages[q2.walID]); n != 0 {
-		t.Errorf("q2 recovered %d settled messages", n)
-	}
-	got := rec.messages[q1.walID]
-	wantAll := append([]*message{pinned}, later...)
-	gotIDs, wantIDs := walIDs(got), walIDs(wantAll)
-	slices.Sort(gotIDs)
-	if !slices.Equal(gotIDs, wantIDs) {
-		t.Fatalf("q1 recovered ids %v, want each of %v once", walIDs(got), wantIDs)
-	}
-	checkRecovered(t, rec, q1.walID, wantAll)
-}
-
-// TestWALCheckpointPastLastFile covers a checkpoint taken while the head segment existed
-// only in memory (appenders rolled the log, the writer had not created the file yet) and
-// a crash right after: the next start must not treat records it writes in a new segment of
-// that number as covered by the checkpoint.
-func TestWALCheckpointPastLastFile(t *testing.T) {
-	t.Parallel()
-	dir := t.TempDir()
-	w, _ := openTestWAL(t, dir, walOptions{segmentSize: 1024})
-	x := newExchange("before", kindFanout, true, false, false, nil)
-	if err := w.logTopology(recExchangeDeclare, exchangeRecord("/", x)); err != nil {
-		t.Fatal(err)
-	}
-	snapTopo := appendSnapRecord(nil, recExchangeDeclare, exchangeRecord("/", x))
-	// Roll the head in memory with records the writer has not seen (no kick).
-	w.mu.Lock()
-	head := w.segs[len(w.segs)-1].seq
-	for w.segs[len(w.segs)-1].seq == head {
-		if _, _, err := w.appendLocked(recPublish, publishRecordFor(walTestMessage(1, "", "q", 300), 1, 7)); err != nil {
-			w.mu.Unlock()
-			t.Fatal(err)
-		}
-	}
-	w.mu.Unlock()
-	w.snapshotFn = func(at func()) []byte { at(); return snapTopo }
-	if err := w.checkpoint(); err != nil {
-		t.Fatal(err)
-	}
-	// Crash now: the image has meta.snap but not the rolled segment.
-	img := copyDataDir(t, dir, nil)
-	if _, err := os.Stat(filepath.Join(img, "wal", filepath.Base(w.segPath(head+1)))); err == nil {
-		t.Skip("the writer created the rolled segment before the crash image; nothing to test")
-	}
-	w.close()
-
-	w2, rec := openTestWAL(t, img, walOptions{segmentSize: 1024})
-	if len(rec.topology) != 1 {
-		t.Fatalf("recovered %d topology records, want the checkpoint's 1", len(rec.topology))
-	}
-	y := newExchange("after", kindFanout, true, false, false, nil)
-	if err := w2.logTopology(recExchangeDeclare, exchangeRecord("/", y)); err != nil {
-		t.Fatal(err)
-	}
-	// Crash again, before any checkpoint.
-	img2 := copyDataDir(t, img, nil)
-	w2.close()
-	_, rec2 := openTestWAL(t, img2, walOptions{segmentSize: 1024})
-	if len(rec2.topology) != 2 {
-		t.Fatalf("recovered %d topology records after the second crash, want 2 (the checkpoint's and 'after')", len(rec2.topology))
-	}
-	if r := rec2.topology[1]; r.typ != recExchangeDeclare || !bytes.Equal(r.payload, exchangeRecord("/", y)) {
-		t.Errorf("second record is type %d %q, want the declare of 'after'", r.typ, r.payload)
-	}
-}
-
-// publishRecordFor encodes m as a publish record with this id for one queue, without
-// touching the log's bookkeeping.
-func publishRecordFor(m *message, id, qid uint64) []byte {
-	saved := m.wal
-	m.wal = &msgWAL{id: id}
-	b := m.appendPublishRecord(nil, []uint64{qid})
-	m.wal = saved
 	return b
 }
 
-// TestDataDirPermissions: message bodies are stored in clear, so the data directory and
-// its files are the broker user's alone; an existing directory open to others is tightened
-// at start, with a log line, and checkpoint files a crash left half written are removed.
-func TestDataDirPermissions(t *testing.T) {
+// TestLogAppendReadBackReplay: records appended by several goroutines get distinct
+// positions in order, are read back at their positions by other goroutines while the
+// writer appends more, and come back from replay, in position order, after a reopen.
+func TestLogAppendReadBackReplay(t *testing.T) {
 	t.Parallel()
-	if runtime.GOOS == "windows" {
-		t.Skip("Unix permissions")
+	dir := t.TempDir()
+	w, recs := openLog(t, dir, 8<<10) // small segments: the log rolls many times
+	if len(recs) != 0 {
+		t.Fatalf("a new log replayed %d records", len(recs))
 	}
-	perm := func(name string) os.FileMode {
-		fi, err := os.Stat(name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return fi.Mode().Perm()
-	}
-	dir := filepath.Join(t.TempDir(), "data")
-	w, _ := openTestWAL(t, dir, walOptions{})
-	kept := walTestMessage(1, "", "q", 10)
-	logTestPublish(t, w, kept, walTestQueue(1))
-	if err := w.checkpoint(); err != nil {
-		t.Fatal(err)
-	}
-	w.close()
-	files := append(segmentFiles(t, dir), filepath.Join(dir, "LOCK"), filepath.Join(dir, "meta.snap"))
-	for _, d := range []string{dir, filepath.Join(dir, "wal")} {
-		if p := perm(d); p != 0o700 {
-			t.Errorf("%s created with mode %v, want 0700", d, p)
-		}
-	}
-	for _, f := range files {
-		if p := perm(f); p != 0o600 {
-			t.Errorf("%s created with mode %v, want 0600", f, p)
-		}
-	}
-
-	// An older broker's directory: open to everyone, and a stale checkpoint temporary.
-	for _, d := range []string{dir, filepath.Join(dir, "wal")} {
-		if err := os.Chmod(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, f := range files {
-		if err := os.Chmod(f, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	stale := filepath.Join(dir, ".meta.snap.tmp-12345")
-	if err := os.WriteFile(stale, []byte("half"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	var logs walLogBuffer
-	w, rec := openTestWAL(t, dir, walOptions{log: logs.logger()})
-	checkRecovered(t, rec, 1, []*message{kept})
-	w.close()
-	for _, d := range []string{dir, filepath.Join(dir, "wal")} {
-		if p := perm(d); p != 0o700 {
-			t.Errorf("existing %s left with mode %v, want 0700", d, p)
-		}
-	}
-	for _, f := range files {
-		if p := perm(f); p != 0o600 {
-			t.Errorf("existing %s left with mode %v, want 0600", f, p)
-		}
-	}
-	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("stale checkpoint temporary: %v, want it removed", err)
-	}
-	if out := logs.String(); !strings.Contains(out, "restricting it to the broker's user") || !strings.Contains(out, "restricted them to the broker's user") {
-		t.Errorf("no log line about tightened permissions in:\n%s", out)
-	}
-}
-
-// TestWALSyncsWhatItReliesOn: new directories, segments replayed from a possibly unsynced
-// page cache, a torn tail cut off, and segments removed by compaction reach the disk
-// before anything depends on them. Not parallel: it watches every fsync of the package.
-func TestWALSyncsWhatItReliesOn(t *testing.T) {
+	const writers, each = 4, 300
 	var mu sync.Mutex
-	synced := map[string]int{}
-	observe := func(name string) {
-		mu.Lock()
-		synced[filepath.Clean(name)]++
-		mu.Unlock()
+	var appended []logRec
+	written := make(chan logRec, writers*each)
+	var wg sync.WaitGroup
+	for g := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				n := g*each + i
+				p := logPayload(n, 20+n%200)
+				ticket, pos, err := w.append(uint8(1+n%250), p)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				r := logRec{pos, uint8(1 + n%250), p}
+				mu.Lock()
+				appended = append(appended, r)
+				mu.Unlock()
+				if n%7 == 0 {
+					if err := w.wait(ticket); err != nil {
+						t.Error(err)
+						return
+					}
+					written <- r
+				}
+			}
+		}()
 	}
-	syncObserver.Store(&observe)
-	defer syncObserver.Store(nil)
-	count := func(name string) int {
-		mu.Lock()
-		defer mu.Unlock()
-		return synced[filepath.Clean(name)]
+	// Readers check what is written while the writers go on.
+	readErr := make(chan error, 2)
+	var rg sync.WaitGroup
+	for range 2 {
+		rg.Add(1)
+		go func() {
+			defer rg.Done()
+			for r := range written {
+				typ, p, err := w.readRecord(r.pos)
+				if err != nil || typ != r.typ || !bytes.Equal(p, r.payload) {
+					readErr <- errors.New("record at " + strconv.FormatUint(r.pos.seg, 10) + ":" + strconv.FormatUint(r.pos.off, 10) + " read back wrong")
+					return
+				}
+			}
+		}()
 	}
-	reset := func() {
-		mu.Lock()
-		clear(synced)
-		mu.Unlock()
-	}
-
-	parent := t.TempDir()
-	dir := filepath.Join(parent, "data")
-	walDir := filepath.Join(dir, "wal")
-	w, _ := openTestWAL(t, dir, walOptions{segmentSize: 2048})
-	if count(parent) == 0 || count(dir) == 0 {
-		t.Errorf("creating %s and %s synced their parents %d and %d times, want both", dir, walDir, count(parent), count(dir))
-	}
-	q := walTestQueue(1)
-	var msgs []*message
-	for i := range 30 {
-		m := walTestMessage(i, "", "q", 200)
-		logTestPublish(t, w, m, q)
-		msgs = append(msgs, m)
+	wg.Wait()
+	close(written)
+	rg.Wait()
+	select {
+	case err := <-readErr:
+		t.Fatal(err)
+	default:
 	}
 	if err := w.sync(); err != nil {
 		t.Fatal(err)
 	}
-	// Compaction removes the dead segments, and syncs the directory after.
-	reset()
-	first := segmentFiles(t, dir)[0]
-	w.settle(q, msgs[:20])
-	deadline := time.Now().Add(walWait)
-	for _, err := os.Stat(first); !errors.Is(err, os.ErrNotExist) || count(walDir) == 0; _, err = os.Stat(first) {
-		if time.Now().After(deadline) {
-			t.Fatalf("segment %s: %v, log directory synced %d times; want it removed and the directory synced", first, err, count(walDir))
+	if n := len(w.segments()); n < 10 {
+		t.Fatalf("%d segments, want the log to have rolled", n)
+	}
+	seen := map[walPos]bool{}
+	for _, r := range appended {
+		if seen[r.pos] {
+			t.Fatalf("two records at %v", r.pos)
 		}
-		time.Sleep(5 * time.Millisecond)
+		seen[r.pos] = true
 	}
 	w.close()
+	w.unlock()
 
-	// A torn tail: the last segment ends in half a record.
+	_, recs = openLog(t, dir, 8<<10)
+	if len(recs) != len(appended) {
+		t.Fatalf("replayed %d records, want %d", len(recs), len(appended))
+	}
+	byPos := map[walPos]logRec{}
+	for _, r := range appended {
+		byPos[r.pos] = r
+	}
+	for i, r := range recs {
+		if i > 0 && !recs[i-1].pos.less(r.pos) {
+			t.Fatalf("replay out of order: %v then %v", recs[i-1].pos, r.pos)
+		}
+		a, ok := byPos[r.pos]
+		if !ok || a.typ != r.typ || !bytes.Equal(a.payload, r.payload) {
+			t.Fatalf("replayed record at %v differs from the one appended there", r.pos)
+		}
+	}
+}
+
+// TestLogTornTailAndCorruption: a record cut short at the end of the last segment is cut
+// off (the file shrinks to the records before it); a flipped bit in an earlier segment
+// stops the replay with the file and offset, unless repair, which skips the rest of it.
+func TestLogTornTailAndCorruption(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	w, _ := openLog(t, dir, 4<<10)
+	var last walPos
+	for n := range 60 {
+		_, pos, err := w.append(1, logPayload(n, 300))
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = pos
+	}
+	if err := w.sync(); err != nil {
+		t.Fatal(err)
+	}
+	w.close()
+	w.unlock()
 	segs := segmentFiles(t, dir)
-	last := segs[len(segs)-1]
-	f, err := os.OpenFile(last, os.O_APPEND|os.O_WRONLY, 0)
+	lastFile := w.segPath(last.seg)
+	// The head the log opened at start is empty; tear the record before it.
+	for _, f := range segs {
+		if fi, _ := os.Stat(f); f > lastFile && fi.Size() == walHeaderSize {
+			os.Remove(f)
+		}
+	}
+	if err := os.Truncate(lastFile, int64(last.off)+100); err != nil {
+		t.Fatal(err)
+	}
+	w1, recs := openLog(t, dir, 4<<10)
+	w1.close()
+	w1.unlock()
+	if len(recs) != 59 {
+		t.Fatalf("replayed %d records after a torn tail, want 59", len(recs))
+	}
+	if fi, _ := os.Stat(lastFile); fi.Size() != int64(last.off) {
+		t.Fatalf("torn segment is %d octets, want it cut to %d", fi.Size(), last.off)
+	}
+
+	// A flipped bit in the first segment.
+	first := segmentFiles(t, dir)[0]
+	b, _ := os.ReadFile(first)
+	b[walHeaderSize+walRecordOverhead+5] ^= 1
+	os.WriteFile(first, b, 0o600)
+	w2, err := openWAL(dir, walOptions{segmentSize: 4 << 10, log: walQuietLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.Write([]byte{0, 0, 1, 0, 9, 9})
-	f.Close()
-	reset()
-	w, _ = openTestWAL(t, dir, walOptions{segmentSize: 2048})
-	w.close()
-	for _, s := range segs {
-		if count(s) == 0 {
-			t.Errorf("replayed segment %s was not synced", s)
+	err = w2.replay(false, func(walPos, uint8, []byte, int64) error { return nil })
+	if err == nil || !strings.Contains(err.Error(), filepath.Base(first)) || !strings.Contains(err.Error(), "offset 16") {
+		t.Fatalf("replay of a corrupt segment: %v, want an error naming %s and offset 16", err, filepath.Base(first))
+	}
+	w2.unlock()
+	w3, err := openWAL(dir, walOptions{segmentSize: 4 << 10, log: walQuietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w3.unlock()
+	n := 0
+	if err := w3.replay(true, func(walPos, uint8, []byte, int64) error { n++; return nil }); err != nil {
+		t.Fatalf("repair: %v", err)
+	}
+	if n == 0 || n >= 59 {
+		t.Fatalf("repair replayed %d records, want those outside the corrupt segment", n)
+	}
+}
+
+// TestLogRemoveSegment: a segment the caller no longer needs is removed, its file gone and
+// its records no longer readable; the head cannot be removed.
+func TestLogRemoveSegment(t *testing.T) {
+	t.Parallel()
+	w, _ := openLog(t, t.TempDir(), 2<<10)
+	var first walPos
+	for n := range 20 {
+		_, pos, err := w.append(1, logPayload(n, 500))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			first = pos
 		}
 	}
-	if count(last) < 2 || count(walDir) == 0 {
-		t.Errorf("cutting the torn tail of %s synced it %d times and the directory %d times, want after the cut too", last, count(last), count(walDir))
+	if err := w.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := w.readRecord(first); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.removeSegment(first.seg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(w.segPath(first.seg)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("removed segment file: %v", err)
+	}
+	if _, _, err := w.readRecord(first); err == nil {
+		t.Fatal("a record of a removed segment was read back")
+	}
+	segs := w.segments()
+	if err := w.removeSegment(segs[len(segs)-1].seq); err == nil {
+		t.Fatal("the head segment was removed")
+	}
+}
+
+// TestLogCheckpoint: the checkpoint keeps its position and payload; a corrupt one is an
+// error, not an empty log.
+func TestLogCheckpoint(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	w, _ := openLog(t, dir, 0)
+	if _, _, ok, err := w.readCheckpoint(); ok || err != nil {
+		t.Fatalf("a new log has a checkpoint: %v %v", ok, err)
+	}
+	pos := walPos{3, 1234}
+	if err := w.writeCheckpoint(pos, []byte("state")); err != nil {
+		t.Fatal(err)
+	}
+	got, payload, ok, err := w.readCheckpoint()
+	if err != nil || !ok || got != pos || string(payload) != "state" {
+		t.Fatalf("checkpoint read back as %v %q %v %v", got, payload, ok, err)
+	}
+	name := filepath.Join(dir, "meta.snap")
+	b, _ := os.ReadFile(name)
+	b[len(b)-1] ^= 1
+	os.WriteFile(name, b, 0o600)
+	if _, _, _, err := w.readCheckpoint(); err == nil || !strings.Contains(err.Error(), "checksum") {
+		t.Fatalf("corrupt checkpoint: %v, want a checksum error", err)
+	}
+}
+
+// TestLogWaitAfterClose: waiting for a ticket the closed log never wrote does not hang.
+func TestLogWaitAfterClose(t *testing.T) {
+	t.Parallel()
+	w, _ := openLog(t, t.TempDir(), 0)
+	ticket, _, err := w.append(1, []byte("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- w.wait(ticket) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(walWait):
+		t.Fatal("wait did not return")
+	}
+	w.close()
+	if _, _, err := w.append(1, []byte("y")); err == nil {
+		t.Fatal("a closed log took a record")
 	}
 }
