@@ -48,7 +48,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -287,13 +286,6 @@ func NewServer(cfg Config) *Server {
 	s.diskFree = func() (uint64, error) { return diskFree(s.cfg.DataDir) }
 	s.stopWatch = make(chan struct{})
 	return s
-}
-
-// vhost returns the virtual host with this name, or nil.
-func (s *Server) vhost(name string) *vhost {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.vhosts[name]
 }
 
 // ListenAndServe listens on Config.Addr, and on Config.TLSAddr when TLS is configured,
@@ -593,35 +585,6 @@ func (s *Server) closeRemoved() {
 		c.log.Warn("closing connection: definitions changed", "reason", why[i].Text)
 		c.closeWith(why[i])
 	}
-}
-
-// deleteVhosts deletes what the virtual hosts in gone hold, which loadAuth has marked
-// deleted and whose connections it has closed, then forgets them. The deletions are on
-// disk when it returns, so a restart does not bring the data back.
-func (s *Server) deleteVhosts(gone []*vhost) error {
-	if len(gone) == 0 {
-		return nil
-	}
-	names := make([]string, 0, len(gone))
-	for _, vh := range gone {
-		n := vh.deleteAll()
-		s.mu.Lock()
-		if s.vhosts[vh.name] == vh {
-			delete(s.vhosts, vh.name)
-		}
-		s.mu.Unlock()
-		names = append(names, vh.name)
-		s.log.Info("vhost deleted with its queues, exchanges and messages", "vhost", vh.name, "queues", n)
-	}
-	s.mu.Lock()
-	w := s.store
-	s.mu.Unlock()
-	if w != nil {
-		if err := w.sync(); err != nil {
-			return fmt.Errorf("amqp: logging the deletion of vhosts %q: %w", names, err)
-		}
-	}
-	return nil
 }
 
 // openCount returns the number of connections past connection.open.

@@ -18,90 +18,10 @@ const (
 	kindHeaders = "headers"
 )
 
-// vhost holds one virtual host's exchanges, queues and bindings. mu guards the topology:
-// the two maps and every exchange's bindings. Publishers hold it for reading while routing.
-type vhost struct {
-	name  string
-	store *store       // nil when nothing is durable
-	conns atomic.Int64 // open connections, for Config.MaxConnectionsPerVhost
-
-	mu        sync.RWMutex
-	exchanges map[string]*exchange // guarded by mu
-	queues    map[string]*queue    // guarded by mu
-	deleted   bool                 // guarded by mu: a reload deleted it; nothing is declared or bound in it
-}
-
-func newVhost(name string) *vhost {
-	vh := &vhost{name: name, exchanges: make(map[string]*exchange), queues: make(map[string]*queue)}
-	// Every vhost has these, as in RabbitMQ.
-	for _, x := range []struct{ name, kind string }{
-		{"", kindDirect},
-		{"amq.direct", kindDirect},
-		{"amq.fanout", kindFanout},
-		{"amq.topic", kindTopic},
-		{"amq.headers", kindHeaders},
-		{"amq.match", kindHeaders},
-	} {
-		vh.exchanges[x.name] = newExchange(x.name, x.kind, true, false, false, nil)
-	}
-	return vh
-}
-
 // vhostDeleted is the 320 CONNECTION_FORCED of a connection to a virtual host that a reload
 // deleted, as RabbitMQ words it.
 func vhostDeleted(name string) *Error {
 	return newError(replyConnectionForced, "vhost '"+name+"' is deleted")
-}
-
-// markDeleted refuses every later declare and bind in vh with vhostDeleted.
-func (vh *vhost) markDeleted() {
-	vh.mu.Lock()
-	vh.deleted = true
-	vh.mu.Unlock()
-}
-
-func (vh *vhost) isDeleted() bool {
-	vh.mu.RLock()
-	defer vh.mu.RUnlock()
-	return vh.deleted
-}
-
-// deleteAll empties a virtual host a reload deleted, as RabbitMQ does: its queues go with
-// their messages (consumers get basic.cancel), then its exchanges and every binding. The
-// durable ones are logged as deleted, so a virtual host of the same name created later
-// starts with only the predeclared exchanges, now and after a restart. vh must be marked
-// deleted first, so that nothing new appears in it meanwhile. It returns the number of
-// queues deleted.
-func (vh *vhost) deleteAll() int {
-	vh.mu.RLock()
-	queues := make([]*queue, 0, len(vh.queues))
-	for _, q := range vh.queues {
-		queues = append(queues, q)
-	}
-	vh.mu.RUnlock()
-	for _, q := range queues {
-		vh.deleteQueue(q) // takes vh.mu itself
-	}
-	vh.mu.Lock()
-	defer vh.mu.Unlock()
-	for _, x := range vh.exchanges {
-		// deleteExchangeLocked may also delete auto-delete exchanges further on in the map,
-		// which the range then skips.
-		if !predeclared(x.name) {
-			vh.deleteExchangeLocked(x)
-		}
-	}
-	// A vhost of the same name declares the predeclared exchanges again, so they are not
-	// logged as deleted; only the bindings left between them are, which would come back
-	// in it after a restart.
-	for _, x := range vh.exchanges {
-		for len(x.bindings) > 0 {
-			if b := x.removeBindingLocked(len(x.bindings) - 1); durableBinding(b) {
-				vh.logLocked(recUnbind, bindRecord(vh.name, b))
-			}
-		}
-	}
-	return len(queues)
 }
 
 // exchange routes messages to queues and other exchanges by its bindings.
@@ -282,32 +202,6 @@ func (rs *routeSet) addBinding(b *binding, m *message) {
 		return
 	}
 	rs.next = append(rs.next, b.dest)
-}
-
-// routeLocked collects in rs the queues m goes to through x and, through exchange-to-
-// exchange bindings, the exchanges bound to it. vh.mu must be held for reading; it is
-// released for each topic match, which may take long and runs under the exchange's own
-// lock, so that no writer of the vhost waits for a match.
-func (vh *vhost) routeLocked(x *exchange, m *message, rs *routeSet) {
-	rs.next = append(rs.next, x)
-	for len(rs.next) > 0 {
-		x := rs.next[len(rs.next)-1]
-		rs.next = rs.next[:len(rs.next)-1]
-		if x.deleted || slices.Contains(rs.visited, x) {
-			continue // visited: a loop of exchange bindings delivers once
-		}
-		rs.visited = append(rs.visited, x)
-		if x.kind != kindTopic {
-			x.route(m, rs)
-			continue
-		}
-		vh.mu.RUnlock()
-		x.topic.match(m.routingKey(), rs)
-		vh.mu.RLock()
-		if !x.deleted {
-			rs.addBindings(rs.hits, m)
-		}
-	}
 }
 
 // route adds the queues m goes to through x's own bindings, and the exchanges bound to x
@@ -754,35 +648,6 @@ func (ch *channel) exchangeDelete(d *decoder) error {
 	return ch.reply(m.NoWait, &exchangeDeleteOk{})
 }
 
-// deleteExchangeLocked removes x and its bindings both ways. vh.mu must be held.
-func (vh *vhost) deleteExchangeLocked(x *exchange) {
-	if x.deleted {
-		return
-	}
-	x.deleted = true
-	delete(vh.exchanges, x.name)
-	if x.durable {
-		vh.logLocked(recExchangeDelete, append(appendShortstr(nil, vh.name), appendShortstr(nil, x.name)...))
-	}
-	for len(x.bindings) > 0 {
-		x.removeBindingLocked(len(x.bindings) - 1)
-	}
-	for len(x.incoming) > 0 {
-		b := x.incoming[len(x.incoming)-1]
-		src := b.source
-		src.removeBindingLocked(src.findBindingLocked(b))
-		vh.autoDeleteLocked(src)
-	}
-}
-
-// autoDeleteLocked deletes an auto-delete exchange that has lost its last binding.
-// vh.mu must be held.
-func (vh *vhost) autoDeleteLocked(x *exchange) {
-	if x.autoDelete && len(x.bindings) == 0 {
-		vh.deleteExchangeLocked(x)
-	}
-}
-
 // exchangeBind handles exchange.bind and exchange.unbind (exchange-to-exchange bindings).
 // Both need write on the destination and read on the source, and at a topic source the
 // topic permission to read the binding key, as in RabbitMQ.
@@ -904,4 +769,30 @@ func checkHeadersArgs(x *exchange, args table) error {
 		return nil
 	}
 	return preconditionFailed("Invalid x-match field value; expected all, any, all-with-x, or any-with-x")
+}
+
+// routeLocked collects in rs the queues m goes to through x and, through exchange-to-
+// exchange bindings, the exchanges bound to it. vh.mu must be held for reading; it is
+// released for each topic match, which may take long and runs under the exchange's own
+// lock, so that no writer of the vhost waits for a match.
+func (vh *vhost) routeLocked(x *exchange, m *message, rs *routeSet) {
+	rs.next = append(rs.next, x)
+	for len(rs.next) > 0 {
+		x := rs.next[len(rs.next)-1]
+		rs.next = rs.next[:len(rs.next)-1]
+		if x.deleted || slices.Contains(rs.visited, x) {
+			continue // visited: a loop of exchange bindings delivers once
+		}
+		rs.visited = append(rs.visited, x)
+		if x.kind != kindTopic {
+			x.route(m, rs)
+			continue
+		}
+		vh.mu.RUnlock()
+		x.topic.match(m.routingKey(), rs)
+		vh.mu.RLock()
+		if !x.deleted {
+			rs.addBindings(rs.hits, m)
+		}
+	}
 }

@@ -1,7 +1,6 @@
 package amqp
 
 import (
-	"encoding/binary"
 	"errors"
 	"slices"
 	"strconv"
@@ -840,48 +839,6 @@ func (ch *channel) queueDelete(d *decoder) error {
 		}
 	}
 	return ch.reply(m.NoWait, &queueDeleteOk{MessageCount: uint32(n)})
-}
-
-// deleteQueue removes q with its bindings (and auto-delete exchanges left unbound), drops
-// its messages, and cancels its consumers. It returns the number of ready messages dropped.
-func (vh *vhost) deleteQueue(q *queue) int {
-	vh.mu.Lock()
-	if vh.queues[q.name] != q {
-		vh.mu.Unlock()
-		return 0
-	}
-	delete(vh.queues, q.name)
-	if q.walID != 0 {
-		vh.logLocked(recQueueDelete, binary.BigEndian.AppendUint64(nil, q.walID))
-	}
-	for len(q.bindings) > 0 {
-		b := q.bindings[len(q.bindings)-1]
-		x := b.source
-		x.removeBindingLocked(x.findBindingLocked(b))
-		vh.autoDeleteLocked(x)
-	}
-	vh.mu.Unlock()
-
-	q.mu.Lock()
-	q.deleted = true
-	if q.expiry != nil {
-		q.expiry.Stop()
-		q.expiry = nil
-	}
-	n := q.messageCountLocked()
-	if q.walID != 0 && vh.store != nil {
-		vh.store.dropQueue(q, q.readyLoggedLocked())
-	}
-	q.ready.clear()
-	q.requeued = nil
-	q.readyBytes = 0
-	consumers := q.consumers
-	q.consumers = nil
-	q.mu.Unlock()
-	for _, c := range consumers {
-		c.ch.cancelByServer(c)
-	}
-	return n
 }
 
 // maxTTL is the largest time to live RabbitMQ accepts, in milliseconds (its

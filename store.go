@@ -620,24 +620,6 @@ func durableBinding(b *binding) bool {
 	return b.dest.durable
 }
 
-// logLocked appends a topology record if the vhost is durable-backed. vh.mu must be held.
-func (vh *vhost) logLocked(typ uint8, payload []byte) {
-	if vh.store != nil {
-		vh.store.appendTopology(typ, payload)
-	}
-}
-
-// syncTopology waits until the topology records appended so far are on disk.
-func (vh *vhost) syncTopology() error {
-	if vh.store == nil {
-		return nil
-	}
-	if err := vh.store.sync(); err != nil {
-		return logUnwritable(err)
-	}
-	return nil
-}
-
 // logUnwritable is the channel error for a durable change the log cannot write: only the
 // channel closes, and the text says why.
 func logUnwritable(err error) *Error {
@@ -816,28 +798,6 @@ func (s *Server) snapshotTopology(at func()) []byte {
 	}
 	at()
 	return b
-}
-
-// vhostList returns the virtual hosts in name order, the order in which code that holds
-// several vhost locks at once takes them.
-func (s *Server) vhostList() []*vhost {
-	s.mu.Lock()
-	vhs := make([]*vhost, 0, len(s.vhosts))
-	for _, vh := range s.vhosts {
-		vhs = append(vhs, vh)
-	}
-	s.mu.Unlock()
-	sort.Slice(vhs, func(i, j int) bool { return vhs[i].name < vhs[j].name })
-	return vhs
-}
-
-// predeclared reports whether every vhost creates this exchange itself.
-func predeclared(name string) bool {
-	switch name {
-	case "", "amq.direct", "amq.fanout", "amq.topic", "amq.headers", "amq.match":
-		return true
-	}
-	return false
 }
 
 // logSettled records settled persistent messages of durable queues, one record per queue.
