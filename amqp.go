@@ -73,6 +73,7 @@ const (
 	defaultMaxMessageSize   = 16 << 20
 	maxMessageSizeLimit     = 512 << 20
 	defaultDiskFreeLimit    = 50_000_000
+	defaultPageOut          = 4 << 20
 
 	// defaultMaxHandshakes: a client finishes its handshake in a few round trips, so 1024 is
 	// room for a reconnect storm of TLS clients waiting on the CPU, while what idle sockets
@@ -144,6 +145,12 @@ type Config struct {
 	// MaxMessageSize is the largest message body accepted, in octets; default 16 MiB as in
 	// RabbitMQ 4, at most 512 MiB. A larger publish is 406 PRECONDITION_FAILED.
 	MaxMessageSize int
+	// PageOutBytes is how many octets of message bodies a durable queue keeps in memory;
+	// past it, new persistent messages keep their body in the write-ahead log only, and
+	// it is read back when they are delivered, so a long backlog costs memory for its
+	// index, not its bodies. Default 4 MiB; negative keeps every body in memory (until a
+	// restart, after which bodies are always read back from the log).
+	PageOutBytes int64
 	// SegmentSize is the size at which the write-ahead log starts a new segment file;
 	// default 16 MiB.
 	SegmentSize int64
@@ -214,6 +221,9 @@ func (c *Config) setDefaults() {
 		c.MaxMessageSize = defaultMaxMessageSize
 	}
 	c.MaxMessageSize = min(c.MaxMessageSize, maxMessageSizeLimit)
+	if c.PageOutBytes == 0 {
+		c.PageOutBytes = defaultPageOut
+	}
 	if c.DiskFreeLimit == 0 {
 		c.DiskFreeLimit = defaultDiskFreeLimit
 	}
@@ -282,6 +292,7 @@ func NewServer(cfg Config) *Server {
 	if cfg.AuthFailureLimit > 0 {
 		s.logins = newLoginLimiter(cfg.AuthFailureLimit)
 	}
+	s.vhosts["/"].pageOut = cfg.PageOutBytes
 	s.liveHeap = readLiveHeap
 	s.diskFree = func() (uint64, error) { return diskFree(s.cfg.DataDir) }
 	s.stopWatch = make(chan struct{})

@@ -97,7 +97,7 @@ func (s *Server) loadAuth() error {
 	for _, v := range defs.Vhosts {
 		if s.vhosts[v.Name] == nil {
 			vh := newVhost(v.Name)
-			vh.store = s.store
+			vh.store, vh.pageOut = s.store, s.cfg.PageOutBytes
 			s.vhosts[v.Name] = vh
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // channel is one AMQP channel of a connection. The connection's reader goroutine owns the
@@ -53,6 +54,8 @@ type channel struct {
 	confirmClosed bool                  // guarded by cmu: the channel is gone
 	walListening  bool                  // guarded by the store's mu
 
+	killed atomic.Pointer[Error] // set by killLocked: the reader closes the channel with it
+
 	mu               sync.Mutex
 	dead             bool                 // guarded by mu: closed; no more deliveries
 	active           bool                 // guarded by mu: channel.flow
@@ -93,6 +96,19 @@ var errChannelClosed = errors.New("amqp: channel closed")
 
 func newChannel(c *conn, id uint16) *channel {
 	return &channel{c: c, id: id, active: true, consumers: make(map[string]*consumer)}
+}
+
+// killLocked closes the channel from any goroutine, for an error met while delivering to
+// it (a message body the log cannot give back): no more deliveries, channel.close goes
+// out at once, and the reader releases what the channel holds when it next sees it.
+// ch.mu must be held.
+func (ch *channel) killLocked(e *Error) {
+	if ch.dead {
+		return
+	}
+	ch.dead = true
+	ch.killed.Store(e)
+	ch.c.sendOn(ch.id, &channelClose{ReplyCode: e.Code, ReplyText: e.Text, ClassID: e.ClassID, MethodID: e.MethodID})
 }
 
 // canDeliverLocked reports whether consumer c may take one more message. ch.mu must be held.
@@ -405,6 +421,7 @@ func (ch *channel) bodyRoom(n int) []byte {
 func (ch *channel) publishComplete() error {
 	msg := ch.pubMsg
 	ch.pubMsg = nil
+	msg.size = uint32(ch.pubSize)
 	vh := ch.vh()
 	vh.mu.RLock()
 	x := ch.exCache
@@ -883,6 +900,13 @@ func (ch *channel) basicGet(d *decoder) error {
 		ch.c.sendOn(ch.id, &basicGetEmpty{})
 		return nil
 	}
+	body, rerr := q.bodyOf(q.peekLocked().msg)
+	if rerr != nil {
+		ch.mu.Lock()
+		ch.killLocked(rerr)
+		ch.mu.Unlock()
+		return nil
+	}
 	e := q.popLocked()
 	ch.mu.Lock()
 	ch.nextTag++
@@ -892,7 +916,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	} else {
 		q.settleOne(e.msg)
 	}
-	ch.c.sendGetOk(ch.id, tag, e, uint32(q.messageCountLocked()))
+	ch.c.sendGetOk(ch.id, tag, e, body, uint32(q.messageCountLocked()))
 	ch.mu.Unlock()
 	return nil
 }

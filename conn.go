@@ -756,6 +756,7 @@ func (c *conn) handleFrame(f frame) error {
 		if ch == nil {
 			return channelError("content frame on channel " + strconv.Itoa(int(f.channel)) + ", which is not open")
 		}
+		c.reapKilled(ch)
 		if ch.closing {
 			return nil
 		}
@@ -849,10 +850,25 @@ func (c *conn) channel(id uint16) *channel {
 	return nil
 }
 
+// reapKilled finishes the close of a channel another goroutine killed (it sent the
+// channel.close): the channel's consumers and unacked messages are released, and only
+// close and close-ok are taken on it from now on.
+func (c *conn) reapKilled(ch *channel) {
+	if ch == nil || ch.closing {
+		return
+	}
+	if e := ch.killed.Load(); e != nil {
+		c.log.Warn("closing channel", "channel", ch.id, "code", e.Code, "text", e.Text)
+		ch.shutdown()
+		ch.closing = true
+	}
+}
+
 // channelFor finds the channel a method is for, opening it on channel.open. It returns a nil
 // channel and nil error when the frame is to be dropped.
 func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 	ch := c.channel(id)
+	c.reapKilled(ch)
 	if mid == idChannelOpen {
 		if ch != nil {
 			return nil, withMethod(channelError("second 'channel.open' seen"), mid)
@@ -1129,14 +1145,14 @@ func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) 
 		b = appendShort(b, code)
 		b = appendShortstr(b, text)
 		b = appendExchangeKey(b, m)
-		c.finishContentLocked(b, start, channel, m)
+		c.finishContentLocked(b, start, channel, m, m.body())
 	}
 	c.outMu.Unlock()
 	c.signal()
 }
 
 // sendGetOk appends basic.get-ok and the content to the outbox.
-func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
+func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, body []byte, count uint32) {
 	c.outMu.Lock()
 	if !c.outClosed {
 		b := c.out
@@ -1147,14 +1163,14 @@ func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
 		b = appendBit(b, e.redelivered)
 		b = appendExchangeKey(b, e.msg)
 		b = appendLong(b, count)
-		c.finishContentLocked(b, start, channel, e.msg)
+		c.finishContentLocked(b, start, channel, e.msg, body)
 	}
 	c.outMu.Unlock()
 	c.signal()
 }
 
 // sendDelivery appends basic.deliver and the content to the outbox.
-func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qentry) {
+func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qentry, body []byte) {
 	c.outMu.Lock()
 	if !c.outClosed {
 		b := c.out
@@ -1165,7 +1181,7 @@ func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qe
 		b = binary.BigEndian.AppendUint64(b, tag)
 		b = appendBit(b, e.redelivered)
 		b = appendExchangeKey(b, e.msg)
-		c.finishContentLocked(b, start, channel, e.msg)
+		c.finishContentLocked(b, start, channel, e.msg, body)
 	}
 	c.outMu.Unlock()
 	c.signal()
@@ -1186,9 +1202,9 @@ func appendBit(b []byte, v bool) []byte {
 }
 
 // finishContentLocked ends the method frame started at start in b, makes b the outbox, and
-// appends m's content after it. c.outMu must be held.
-func (c *conn) finishContentLocked(b []byte, start int, channel uint16, m *message) {
+// appends m's properties and body after it. c.outMu must be held.
+func (c *conn) finishContentLocked(b []byte, start int, channel uint16, m *message, body []byte) {
 	c.out = appendFrameEnd(b, start)
-	c.appendContentLocked(channel, m.props(), m.body())
+	c.appendContentLocked(channel, m.props(), body)
 	c.storeOutLenLocked()
 }

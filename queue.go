@@ -10,12 +10,15 @@ import (
 
 // message is one published message, shared by every queue it was routed to; it never
 // changes after publish. data holds the routing key, the raw properties (flags first) and
-// the body in one allocation.
+// the body in one allocation. A paged message is a queue's view of a logged message
+// without its body, which is read back from the log when it is delivered.
 type message struct {
 	exchange   string // the exchange's own (interned) name
-	data       []byte
+	data       []byte // routing key | properties | body (no body when paged)
 	keyLen     uint8
 	propsLen   uint32
+	size       uint32  // body octets
+	paged      bool    // the body is in the log only
 	publisher  uint64  // the publishing connection's id, for no-local consumers
 	persistent bool    // delivery-mode 2
 	ttl        ttl     // the expiration property
@@ -24,7 +27,17 @@ type message struct {
 
 func (m *message) routingKey() []byte { return m.data[:m.keyLen] }
 func (m *message) props() []byte      { return m.data[m.keyLen : uint32(m.keyLen)+m.propsLen] }
-func (m *message) body() []byte       { return m.data[uint32(m.keyLen)+m.propsLen:] }
+
+// body is the body of a message that is not paged.
+func (m *message) body() []byte { return m.data[uint32(m.keyLen)+m.propsLen:] }
+
+// pagedView returns m without its body, for a queue that keeps it in the log only.
+func (m *message) pagedView() *message {
+	v := *m
+	v.data = slices.Clone(m.data[:uint32(m.keyLen)+m.propsLen])
+	v.paged = true
+	return &v
+}
 
 // headers decodes the message's headers table, or returns nil.
 func (m *message) headers() table {
@@ -110,6 +123,7 @@ type queue struct {
 	hadConsumer bool          // guarded by mu: for auto-delete
 	deleted     bool          // guarded by mu
 	readyBytes  int64         // guarded by mu: body octets of the ready messages
+	ramBytes    int64         // guarded by mu: body octets of the ready messages not paged
 	expiry      *time.Timer   // guarded by mu: drops expired messages at the head, when set
 	expiryAt    int64         // guarded by mu: when expiry fires, in Unix milliseconds
 }
@@ -157,15 +171,23 @@ func (q *queue) enqueue(m *message) bool {
 		}
 		return true
 	}
-	size := int64(len(m.body()))
+	size := int64(m.size)
 	if q.limits.rejectPublish && q.limits.full(q.messageCountLocked()+1, q.readyBytes+size) {
 		q.settleOne(m)
 		return false
 	}
 	q.nextSeq++
 	e.seq = q.nextSeq
+	if m.wal != nil && q.walID != 0 && q.vh.pageOut >= 0 && q.ramBytes+size > q.vh.pageOut {
+		// A long queue keeps the bodies of its newest persistent messages in the log
+		// only: they are read back when their turn comes.
+		e.msg = m.pagedView()
+	}
 	q.ready.push(e)
 	q.readyBytes += size
+	if !e.msg.paged {
+		q.ramBytes += size
+	}
 	if len(q.consumers) > 0 {
 		q.dispatchLocked()
 	}
@@ -360,7 +382,7 @@ func (q *queue) deliverAheadLocked() bool {
 				*q.ready.at(j) = *q.ready.at(j - 1)
 			}
 			q.ready.pop()
-			q.readyBytes -= int64(len(e.msg.body()))
+			q.took(e)
 			return true
 		}
 	}
@@ -388,8 +410,16 @@ func (q *queue) popLocked() qentry {
 	} else {
 		e = q.ready.pop()
 	}
-	q.readyBytes -= int64(len(e.msg.body()))
+	q.took(e)
 	return e
+}
+
+// took accounts for e leaving the ready messages. q.mu must be held.
+func (q *queue) took(e qentry) {
+	q.readyBytes -= int64(e.msg.size)
+	if !e.msg.paged {
+		q.ramBytes -= int64(e.msg.size)
+	}
 }
 
 // requeueLocked puts a delivered message back in its original place, marked redelivered.
@@ -399,7 +429,10 @@ func (q *queue) requeueLocked(e qentry) {
 		return
 	}
 	e.redelivered = true
-	q.readyBytes += int64(len(e.msg.body()))
+	q.readyBytes += int64(e.msg.size)
+	if !e.msg.paged {
+		q.ramBytes += int64(e.msg.size)
+	}
 	h := append(q.requeued, e)
 	for i := len(h) - 1; i > 0; {
 		p := (i - 1) / 2
@@ -469,7 +502,7 @@ func (q *queue) purge() int {
 	}
 	q.ready.clear()
 	q.requeued = nil
-	q.readyBytes = 0
+	q.readyBytes, q.ramBytes = 0, 0
 	return n
 }
 
@@ -554,6 +587,11 @@ func (c *consumer) deliverLocked(e qentry) bool {
 		ch.c.waitForDrain(c.q)
 		return false
 	}
+	body, err := c.q.bodyOf(e.msg)
+	if err != nil {
+		ch.killLocked(err)
+		return false
+	}
 	ch.nextTag++
 	if !c.noAck {
 		ch.unacked.push(unacked{tag: ch.nextTag, q: c.q, e: e, c: c})
@@ -562,8 +600,22 @@ func (c *consumer) deliverLocked(e qentry) bool {
 	} else if e.msg.wal != nil {
 		c.q.settleOne(e.msg)
 	}
-	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e)
+	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e, body)
 	return true
+}
+
+// bodyOf returns m's body, read back from the log when m is paged. A read that fails is
+// logged and returned as the 541 that closes the channel it was for.
+func (q *queue) bodyOf(m *message) ([]byte, *Error) {
+	if !m.paged {
+		return m.body(), nil
+	}
+	body, err := q.vh.store.readBody(m)
+	if err != nil {
+		q.vh.store.log.Error("reading a message body back from the log failed", "queue", q.name, "vhost", q.vh.name, "err", err)
+		return nil, internalError("cannot read message back from the write-ahead log: " + err.Error())
+	}
+	return body, nil
 }
 
 // unacked is a delivery waiting for its ack, in a channel's list ordered by tag.

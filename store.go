@@ -65,16 +65,18 @@ type store struct {
 
 // segState is what the broker still needs of one segment.
 type segState struct {
-	live      int64      // octets of publish records still held by a queue
-	topology  bool       // holds topology records
-	msgs      []*message // publish records written here (some may be dead), for copy-forward
-	relocated uint64     // ticket of the copy-forward of its messages, 0 if none
+	live      int64     // octets of publish records still held by a queue
+	topology  bool      // holds topology records
+	msgs      []*msgWAL // publish records written here (some may be dead), for copy-forward
+	relocated uint64    // ticket of the copy-forward of its messages, 0 if none
 }
 
 // msgWAL is a persistent message's place in the log; guarded by store.mu.
 type msgWAL struct {
 	id     uint64
 	seg    uint64 // the segment of its record, or of the copy compaction made
+	off    uint64 // the record's offset in seg
+	ticket uint64 // the log ticket of that record: readable back once it is done
 	recLen int64
 	refs   int      // durable queues still holding the message
 	queues []uint64 // their ids, for copy-forward
@@ -166,10 +168,11 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	err = st.w.replay(repair, func(pos walPos, typ uint8, payload []byte, size int64) error {
 		switch typ {
 		case recPublish:
-			m, qids, ok := decodePublishRecord(payload)
+			d, qids, ok := decodePublishRecord(payload)
 			if !ok {
 				return errors.New("bad publish record")
 			}
+			m := d.message
 			p := msgs[m.wal.id]
 			if p == nil {
 				p = &pending{m: m, queues: make(map[uint64]bool)}
@@ -182,7 +185,7 @@ func (st *store) replay(repair bool) (*recovered, error) {
 				}
 			}
 			// A copy moves the message: this record is now its place in the log.
-			p.m.wal.seg, p.m.wal.recLen = pos.seg, size
+			p.m.wal.seg, p.m.wal.off, p.m.wal.recLen = pos.seg, pos.off, size
 			st.nextMsgID = max(st.nextMsgID, m.wal.id+1)
 		case recAck:
 			d := decoder{b: payload}
@@ -242,7 +245,7 @@ func (st *store) replay(repair bool) (*recovered, error) {
 		mw.refs = len(mw.queues)
 		s := st.segLocked(mw.seg)
 		s.live += mw.recLen
-		s.msgs = append(s.msgs, p.m)
+		s.msgs = append(s.msgs, mw)
 	}
 	return rec, nil
 }
@@ -314,11 +317,11 @@ func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *cha
 	}
 	t, pos, err := st.w.append(recPublish, scratch)
 	if err == nil {
-		m.wal.seg = pos.seg
+		m.wal.seg, m.wal.off, m.wal.ticket = pos.seg, pos.off, t
 		m.wal.recLen = int64(walRecordOverhead + len(scratch))
 		s := st.segLocked(pos.seg)
 		s.live += m.wal.recLen
-		s.msgs = append(s.msgs, m)
+		s.msgs = append(s.msgs, m.wal)
 	} else {
 		m.wal = nil
 	}
@@ -487,10 +490,11 @@ func (st *store) compact() {
 				size += o.size
 			}
 			mostlyDead := s.live*2 < old.size || live*2 < size && size > 1<<20
-			if s.relocated == 0 && mostlyDead && !w.noSpace.Load() {
-				st.relocateLocked(old.seq, s)
-			}
+			relocate := s.relocated == 0 && mostlyDead && !w.noSpace.Load()
 			st.mu.Unlock()
+			if relocate {
+				st.relocate(old.seq, s)
+			}
 			return
 		}
 		if s.relocated > w.fsyncedAtomic.Load() {
@@ -517,34 +521,106 @@ func (st *store) compact() {
 	}
 }
 
-// relocateLocked appends a copy of every live message of segment seq at the head, so the
-// segment can go once the copies are fsynced. st.mu must be held.
-func (st *store) relocateLocked(seq uint64, old *segState) {
-	var buf []byte
-	for _, m := range old.msgs {
-		if m.wal == nil || m.wal.seg != seq || m.wal.refs == 0 {
-			continue
+// relocate appends a copy of every live message of segment seq at the head, so the
+// segment can go once the copies are fsynced. The records are read back from the log, as
+// queues may hold their messages paged; it runs on the log's writer.
+func (st *store) relocate(seq uint64, old *segState) {
+	st.mu.Lock()
+	var live []*msgWAL
+	var at []walPos
+	for _, mw := range old.msgs {
+		if mw.seg == seq && mw.refs > 0 {
+			live = append(live, mw)
+			at = append(at, walPos{mw.seg, mw.off})
 		}
-		buf = m.appendPublishRecord(buf[:0], m.wal.queues)
-		t, pos, err := st.w.append(recPublish, buf)
+	}
+	st.mu.Unlock()
+	var buf []byte
+	var last uint64
+	for i, mw := range live {
+		_, payload, err := st.w.readRecord(at[i])
 		if err != nil {
+			st.log.Error("compaction cannot read back a message; its segment stays", "seg", seq, "err", err)
 			return
 		}
-		old.live -= m.wal.recLen
-		m.wal.seg = pos.seg
+		st.mu.Lock()
+		if mw.refs == 0 || mw.seg != seq {
+			st.mu.Unlock()
+			continue // settled meanwhile
+		}
+		buf = reencodePublish(buf[:0], payload, mw.queues)
+		t, pos, err := st.w.append(recPublish, buf)
+		if err != nil {
+			st.mu.Unlock()
+			return
+		}
+		old.live -= mw.recLen
+		mw.seg, mw.off, mw.ticket = pos.seg, pos.off, t
+		mw.recLen = int64(walRecordOverhead + len(buf))
 		s := st.segLocked(pos.seg)
-		s.live += m.wal.recLen
-		s.msgs = append(s.msgs, m)
-		old.relocated = t
+		s.live += mw.recLen
+		s.msgs = append(s.msgs, mw)
+		last = t
+		st.mu.Unlock()
 	}
+	st.mu.Lock()
 	old.msgs = nil
-	if old.relocated == 0 {
-		old.relocated = st.w.appendedTicket()
+	old.relocated = max(last, st.w.appendedTicket())
+	st.mu.Unlock()
+	st.w.kick()
+}
+
+// reencodePublish appends a publish record's payload with its queue ids replaced by qids.
+func reencodePublish(b, payload []byte, qids []uint64) []byte {
+	n := int(binary.BigEndian.Uint16(payload[8:]))
+	b = append(b, payload[:8]...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(qids)))
+	for _, id := range qids {
+		b = binary.BigEndian.AppendUint64(b, id)
+	}
+	return append(b, payload[10+8*n:]...)
+}
+
+// readBody reads a paged message's body back from the log. A record not yet written is
+// waited for.
+func (st *store) readBody(m *message) ([]byte, error) {
+	for try := 0; ; try++ {
+		st.mu.Lock()
+		pos, ticket := walPos{m.wal.seg, m.wal.off}, m.wal.ticket
+		st.mu.Unlock()
+		if ticket > st.w.doneAtomic.Load() {
+			if err := st.w.wait(ticket); err != nil {
+				return nil, err
+			}
+		}
+		typ, payload, err := st.w.readRecord(pos)
+		if err != nil {
+			st.mu.Lock()
+			moved := m.wal.seg != pos.seg || m.wal.off != pos.off
+			st.mu.Unlock()
+			if moved && try < 3 {
+				continue // compaction copied it forward and removed the old segment
+			}
+			return nil, err
+		}
+		d, _, ok := decodePublishRecord(payload)
+		if typ != recPublish || !ok || d.wal.id != m.wal.id || len(d.data) != int(d.keyLen)+int(d.propsLen) {
+			return nil, errors.New("amqp: the log holds another record where a message should be")
+		}
+		return d.body, nil
 	}
 }
 
-// decodePublishRecord rebuilds a message from a publish record.
-func decodePublishRecord(p []byte) (*message, []uint64, bool) {
+// decodedPublish is a publish record read back: the message as queues keep it (paged:
+// routing key and properties, no body), its queue ids, and its body, which aliases the
+// record.
+type decodedPublish struct {
+	*message
+	body []byte
+}
+
+// decodePublishRecord reads a publish record.
+func decodePublishRecord(p []byte) (decodedPublish, []uint64, bool) {
 	d := decoder{b: p}
 	id := d.longlong()
 	n := d.short()
@@ -556,11 +632,13 @@ func decodePublishRecord(p []byte) (*message, []uint64, bool) {
 	keyLen := d.octet()
 	propsLen := d.long()
 	if d.err != nil || uint64(keyLen)+uint64(propsLen) > uint64(len(d.b)) {
-		return nil, nil, false
+		return decodedPublish{}, nil, false
 	}
-	m := &message{exchange: ex, keyLen: keyLen, propsLen: propsLen, data: append([]byte(nil), d.b...)}
+	head := int(keyLen) + int(propsLen)
+	m := &message{exchange: ex, keyLen: keyLen, propsLen: propsLen, data: append([]byte(nil), d.b[:head]...),
+		size: uint32(len(d.b) - head), paged: true, persistent: true}
 	m.wal = &msgWAL{id: id}
-	return m, qids, true
+	return decodedPublish{m, d.b[head:]}, qids, true
 }
 
 // Topology records, shared by the log and the checkpoint.
@@ -758,7 +836,7 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			q.nextSeq++
 			// A time to live starts again at the restart: the log keeps no clock.
 			q.ready.push(qentry{msg: m, seq: q.nextSeq, redelivered: true, expires: expiresAt(q.ttl, m.ttl)})
-			q.readyBytes += int64(len(m.body()))
+			q.readyBytes += int64(m.size) // paged: bodies are read back as they are delivered
 			n++
 		}
 		q.mu.Lock()

@@ -57,7 +57,7 @@ func walTestMessage(n int, exchange, key string, bodyLen int) *message {
 	}
 	data := append([]byte(key), props...)
 	data = append(data, body...)
-	return &message{exchange: exchange, keyLen: uint8(len(key)), propsLen: uint32(len(props)), data: data, persistent: true}
+	return &message{exchange: exchange, keyLen: uint8(len(key)), propsLen: uint32(len(props)), data: data, size: uint32(bodyLen), persistent: true}
 }
 
 // logTestPublish writes m for these queues and fails the test if the log refuses it.

@@ -16,8 +16,11 @@ import (
 // except while they match a topic exchange's trie, which has a lock of its own.
 type vhost struct {
 	name  string
-	store *store       // nil when nothing is durable
-	conns atomic.Int64 // open connections, for Config.MaxConnectionsPerVhost
+	store *store // nil when nothing is durable
+	// pageOut is how many body octets a durable queue keeps in memory before it keeps new
+	// persistent messages in the log only; negative: no limit.
+	pageOut int64
+	conns   atomic.Int64 // open connections, for Config.MaxConnectionsPerVhost
 
 	mu        sync.RWMutex
 	exchanges map[string]*exchange // guarded by mu
@@ -26,7 +29,7 @@ type vhost struct {
 }
 
 func newVhost(name string) *vhost {
-	vh := &vhost{name: name, exchanges: make(map[string]*exchange), queues: make(map[string]*queue)}
+	vh := &vhost{name: name, exchanges: make(map[string]*exchange), queues: make(map[string]*queue), pageOut: defaultPageOut}
 	// Every vhost has these, as in RabbitMQ.
 	for _, x := range []struct{ name, kind string }{
 		{"", kindDirect},
@@ -153,7 +156,7 @@ func (vh *vhost) deleteQueue(q *queue) int {
 	}
 	q.ready.clear()
 	q.requeued = nil
-	q.readyBytes = 0
+	q.readyBytes, q.ramBytes = 0, 0
 	consumers := q.consumers
 	q.consumers = nil
 	q.mu.Unlock()
