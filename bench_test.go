@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -493,6 +494,57 @@ func BenchmarkTopicWorstCase(b *testing.B) {
 					b.Fatalf("pattern %q key %q: matched %d bindings", bc.pattern, bc.key, len(rs.hits))
 				}
 			}
+			reportRate(b, b.N, "msgs/s")
+		})
+	}
+}
+
+// BenchmarkBacklogMemory measures the heap a queued persistent message costs in a durable
+// queue (heap growth after a collection ÷ messages), with bodies paged out past the
+// default PageOutBytes and with every body kept in memory. b.N is the number of messages:
+//
+//	go test -run '^$' -bench BacklogMemory -benchtime 200000x
+func BenchmarkBacklogMemory(b *testing.B) {
+	for _, bc := range []struct {
+		name    string
+		pageOut int64
+		size    int
+	}{
+		{"paged-100B", 0, 100}, {"inmemory-100B", -1, 100},
+		{"paged-1KiB", 0, 1024}, {"inmemory-1KiB", -1, 1024},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			srv, _ := newTestServer(b, Config{PageOutBytes: bc.pageOut})
+			w := dialFrameClient(b, srv)
+			w.send(1, &queueDeclare{Queue: "backlog", Durable: true})
+			w.expect(1, idQueueDeclareOk)
+			props := (&properties{DeliveryMode: 2}).encode(nil)
+			body := make([]byte, bc.size)
+			runtime.GC()
+			var before runtime.MemStats
+			runtime.ReadMemStats(&before)
+			var batch []byte
+			for i := range b.N {
+				binary.BigEndian.PutUint32(body, uint32(i))
+				batch = appendMethodFrame(batch, 1, &basicPublish{RoutingKey: "backlog"})
+				batch = appendContent(batch, 1, props, body, defaultFrameMax)
+				if len(batch) > 256<<10 || i == b.N-1 {
+					w.write(batch)
+					batch = batch[:0]
+				}
+			}
+			w.send(1, &queueDeclare{Queue: "backlog", Durable: true, Passive: true})
+			ok := w.expect(1, idQueueDeclareOk).(*queueDeclareOk)
+			if int(ok.MessageCount) != b.N {
+				b.Fatalf("%d messages queued, want %d", ok.MessageCount, b.N)
+			}
+			if err := srv.store.sync(); err != nil {
+				b.Fatal(err)
+			}
+			runtime.GC()
+			var after runtime.MemStats
+			runtime.ReadMemStats(&after)
+			b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/float64(b.N), "heap-B/msg")
 			reportRate(b, b.N, "msgs/s")
 		})
 	}
