@@ -269,6 +269,7 @@ type Server struct {
 	diskFree   func() (uint64, error) // free octets for the data directory; a test may replace it
 	stopWatch  chan struct{}          // closed by Shutdown
 	store      *store                 // nil without a data directory; set before serving
+	spill      *spill                 // the paging files; nil without a data directory
 	openOnce   sync.Once
 	openErr    error
 	ready      chan struct{} // closed when the first listener is up
@@ -292,7 +293,7 @@ func NewServer(cfg Config) *Server {
 	if cfg.AuthFailureLimit > 0 {
 		s.logins = newLoginLimiter(cfg.AuthFailureLimit)
 	}
-	s.vhosts["/"].pageOut = cfg.PageOutBytes
+	s.vhosts["/"].pageOut, s.vhosts["/"].alarms = cfg.PageOutBytes, &s.alarms
 	s.liveHeap = readLiveHeap
 	s.diskFree = func() (uint64, error) { return diskFree(s.cfg.DataDir) }
 	s.stopWatch = make(chan struct{})
@@ -547,6 +548,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			s.store.snapshotFn = nil
 		}
 		s.store.close()
+	}
+	if s.spill != nil {
+		s.spill.close()
 	}
 	return err
 }

@@ -97,7 +97,7 @@ func (s *Server) loadAuth() error {
 	for _, v := range defs.Vhosts {
 		if s.vhosts[v.Name] == nil {
 			vh := newVhost(v.Name)
-			vh.store, vh.pageOut = s.store, s.cfg.PageOutBytes
+			vh.store, vh.spill, vh.pageOut, vh.alarms = s.store, s.spill, s.cfg.PageOutBytes, &s.alarms
 			s.vhosts[v.Name] = vh
 		}
 	}

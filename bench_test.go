@@ -499,26 +499,32 @@ func BenchmarkTopicWorstCase(b *testing.B) {
 	}
 }
 
-// BenchmarkBacklogMemory measures the heap a queued persistent message costs in a durable
-// queue (heap growth after a collection ÷ messages), with bodies paged out past the
-// default PageOutBytes and with every body kept in memory. b.N is the number of messages:
+// BenchmarkBacklogMemory measures the heap a queued message costs in a durable queue
+// (heap growth after a collection ÷ messages), persistent and transient, with bodies paged
+// out past the default PageOutBytes and with every body kept in memory. b.N is the number of messages:
 //
 //	go test -run '^$' -bench BacklogMemory -benchtime 200000x
 func BenchmarkBacklogMemory(b *testing.B) {
 	for _, bc := range []struct {
-		name    string
-		pageOut int64
-		size    int
+		name      string
+		pageOut   int64
+		size      int
+		transient bool
 	}{
-		{"paged-100B", 0, 100}, {"inmemory-100B", -1, 100},
-		{"paged-1KiB", 0, 1024}, {"inmemory-1KiB", -1, 1024},
+		{"paged-100B", 0, 100, false}, {"inmemory-100B", -1, 100, false},
+		{"paged-1KiB", 0, 1024, false}, {"inmemory-1KiB", -1, 1024, false},
+		{"transient-paged-1KiB", 0, 1024, true}, {"transient-inmemory-1KiB", -1, 1024, true},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			srv, _ := newTestServer(b, Config{PageOutBytes: bc.pageOut})
 			w := dialFrameClient(b, srv)
 			w.send(1, &queueDeclare{Queue: "backlog", Durable: true})
 			w.expect(1, idQueueDeclareOk)
-			props := (&properties{DeliveryMode: 2}).encode(nil)
+			mode := uint8(2)
+			if bc.transient {
+				mode = 1
+			}
+			props := (&properties{DeliveryMode: mode}).encode(nil)
 			body := make([]byte, bc.size)
 			runtime.GC()
 			var before runtime.MemStats

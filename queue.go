@@ -17,12 +17,13 @@ type message struct {
 	data       []byte // routing key | properties | body (no body when paged)
 	keyLen     uint8
 	propsLen   uint32
-	size       uint32  // body octets
-	paged      bool    // the body is in the log only
-	publisher  uint64  // the publishing connection's id, for no-local consumers
-	persistent bool    // delivery-mode 2
-	ttl        ttl     // the expiration property
-	wal        *msgWAL // its place in the log, when it went to a durable queue
+	size       uint32   // body octets
+	paged      bool     // the body is in the log only
+	publisher  uint64   // the publishing connection's id, for no-local consumers
+	persistent bool     // delivery-mode 2
+	ttl        ttl      // the expiration property
+	wal        *msgWAL  // its place in the log, when it went to a durable queue
+	spill      spillRef // a paged transient message: where its body is
 }
 
 func (m *message) routingKey() []byte { return m.data[:m.keyLen] }
@@ -178,10 +179,18 @@ func (q *queue) enqueue(m *message) bool {
 	}
 	q.nextSeq++
 	e.seq = q.nextSeq
-	if m.wal != nil && q.walID != 0 && q.vh.pageOut >= 0 && q.ramBytes+size > q.vh.pageOut {
-		// A long queue keeps the bodies of its newest persistent messages in the log
-		// only: they are read back when their turn comes.
-		e.msg = m.pagedView()
+	if q.vh.pageOut >= 0 && q.ramBytes+size > q.vh.pageOut || q.vh.memoryHigh() {
+		// A long queue keeps the bodies of its newest messages out of memory, in the log
+		// (persistent) or a paging file (transient): they are read back when their turn
+		// comes. While memory is short, every queue does.
+		if m.wal != nil && q.walID != 0 {
+			e.msg = m.pagedView()
+		} else if sp := q.vh.spill; sp != nil && size > 0 {
+			if ref, err := sp.put(m.body()); err == nil {
+				e.msg = m.pagedView()
+				e.msg.spill = ref
+			}
+		}
 	}
 	q.ready.push(e)
 	q.readyBytes += size
@@ -476,6 +485,11 @@ func (q *queue) heapPopLocked() qentry {
 // requeue puts delivered messages back and redelivers what it can.
 func (q *queue) requeue(es []qentry) {
 	q.mu.Lock()
+	if q.deleted {
+		for _, e := range es {
+			q.unspill(e.msg)
+		}
+	}
 	if q.deleted && q.walID != 0 && q.vh.store != nil {
 		msgs := make([]*message, 0, len(es))
 		for _, e := range es {
@@ -500,10 +514,30 @@ func (q *queue) purge() int {
 	if q.walID != 0 && q.vh.store != nil {
 		q.vh.store.settle(q, q.readyLoggedLocked())
 	}
+	q.unspillReadyLocked()
 	q.ready.clear()
 	q.requeued = nil
 	q.readyBytes, q.ramBytes = 0, 0
 	return n
+}
+
+// unspill gives back the paging file space of a transient message q paged, which has
+// left q for good.
+func (q *queue) unspill(m *message) {
+	if m.spill.seg != 0 {
+		q.vh.spill.release(m.spill)
+	}
+}
+
+// unspillReadyLocked gives back the paging file space of the ready messages, which are
+// about to be dropped. q.mu must be held.
+func (q *queue) unspillReadyLocked() {
+	for _, e := range q.requeued {
+		q.unspill(e.msg)
+	}
+	for i := 0; i < q.ready.len(); i++ {
+		q.unspill(q.ready.at(i).msg)
+	}
 }
 
 // readyLoggedLocked lists the ready messages that are in the log. q.mu must be held.
@@ -597,7 +631,7 @@ func (c *consumer) deliverLocked(e qentry) bool {
 		ch.unacked.push(unacked{tag: ch.nextTag, q: c.q, e: e, c: c})
 		c.inflight++
 		ch.inflight++
-	} else if e.msg.wal != nil {
+	} else {
 		c.q.settleOne(e.msg)
 	}
 	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e, body)
@@ -610,10 +644,16 @@ func (q *queue) bodyOf(m *message) ([]byte, *Error) {
 	if !m.paged {
 		return m.body(), nil
 	}
-	body, err := q.vh.store.readBody(m)
+	var body []byte
+	var err error
+	if m.spill.seg != 0 {
+		body, err = q.vh.spill.get(m.spill, m.size)
+	} else {
+		body, err = q.vh.store.readBody(m)
+	}
 	if err != nil {
-		q.vh.store.log.Error("reading a message body back from the log failed", "queue", q.name, "vhost", q.vh.name, "err", err)
-		return nil, internalError("cannot read message back from the write-ahead log: " + err.Error())
+		q.vh.store.log.Error("reading a paged message body back failed", "queue", q.name, "vhost", q.vh.name, "err", err)
+		return nil, internalError("cannot read a paged message back from disk: " + err.Error())
 	}
 	return body, nil
 }

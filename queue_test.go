@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -1145,7 +1146,79 @@ func TestQueuePagedReadError(t *testing.T) {
 	if n := queueReady(t, openChannel(t, conn), "broken"); n != 10 {
 		t.Fatalf("%d messages ready after the consumer's channel closed, want its 9 unacked back and the broken one", n)
 	}
-	if !strings.Contains(logs.String(), "reading a message body back from the log failed") {
+	if !strings.Contains(logs.String(), "reading a paged message body back failed") {
 		t.Fatalf("no log line for the read error:\n%s", logs.String())
+	}
+}
+
+// TestQueuePagingTransient: past PageOutBytes, a queue keeps the bodies of transient
+// messages in paging files: they are delivered in order and byte-exact, requeued in
+// place, and the files go as the queue drains; after a restart the paging directory is
+// empty.
+func TestQueuePagingTransient(t *testing.T) {
+	t.Parallel()
+	cfg := Config{PageOutBytes: 8 << 10}
+	b := startDurable(t, cfg)
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	declareTransientQueue(t, ch, "spilled")
+	pub := newConfirmChannel(t, conn)
+	const n = 300
+	for i := range n {
+		pub.publish("", "spilled", false, amqp091.Publishing{MessageId: strconv.Itoa(i), Body: pagedBody(i)})
+	}
+	pub.wait()
+	paged, ready, ram := queuePaged(b.srv, "/", "spilled")
+	if ready != n || paged < n*3/4 || ram > cfg.PageOutBytes {
+		t.Fatalf("%d ready, %d paged, %d body octets in memory; want %d ready, most paged, at most %d in memory", ready, paged, ram, n, cfg.PageOutBytes)
+	}
+	if b.srv.spill.files() == 0 {
+		t.Fatal("no paging file")
+	}
+	cons := openChannel(t, conn)
+	cons.Qos(1, 0, false)
+	msgs, err := cons.Consume("spilled", "", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < n; i++ {
+		d := takeDelivery(t, msgs)
+		if d.MessageId != strconv.Itoa(i) || !bytes.Equal(d.Body, pagedBody(i)) {
+			t.Fatalf("delivery %d: message %s with a %d-octet body, want message %d byte-exact", i, d.MessageId, len(d.Body), i)
+		}
+		if i == n-10 && !d.Redelivered {
+			d.Nack(false, true) // comes back next, from its paging file
+			i--
+			continue
+		}
+		d.Ack(false)
+	}
+	pollFor(t, "the paging files to go", func() bool {
+		b.srv.spill.mu.Lock()
+		defer b.srv.spill.mu.Unlock()
+		for _, s := range b.srv.spill.segs {
+			if s.size > 0 {
+				return false
+			}
+		}
+		return true
+	})
+
+	// Transient messages left queued in a durable queue across a restart.
+	if _, err := ch.QueueDeclare("paged", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 {
+		pub.publish("", "paged", false, amqp091.Publishing{Body: pagedBody(i)})
+	}
+	pub.wait()
+	conn.Close()
+	b = b.restart("clean", cfg)
+	left, err := os.ReadDir(filepath.Join(b.dir, "paging"))
+	if err != nil || len(left) != 0 {
+		t.Fatalf("paging directory after a restart: %d files, %v; want it empty", len(left), err)
+	}
+	if n := queueReady(t, openChannel(t, dial(t, b.url)), "paged"); n != 0 {
+		t.Fatalf("%d transient messages survived a restart", n)
 	}
 }

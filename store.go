@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"log/slog"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strconv"
@@ -724,15 +725,19 @@ func (s *Server) openStore() error {
 		return err
 	}
 	n, err := s.restore(st, rec)
+	var sp *spill
+	if err == nil {
+		sp, err = openSpill(filepath.Join(s.cfg.DataDir, "paging"))
+	}
 	if err != nil {
 		st.snapshotFn = nil // a checkpoint of half-restored topology would lose the rest
 		st.close()
 		return err
 	}
 	s.mu.Lock()
-	s.store = st
+	s.store, s.spill = st, sp
 	for _, vh := range s.vhosts {
-		vh.store = st
+		vh.store, vh.spill = st, sp
 	}
 	s.mu.Unlock()
 	s.log.Info("data directory loaded", "dir", s.cfg.DataDir, "messages", n, "took", time.Since(start).String())
@@ -880,6 +885,9 @@ func (s *Server) snapshotTopology(at func()) []byte {
 
 // logSettled records settled persistent messages of durable queues, one record per queue.
 func (s *Server) logSettled(done []unacked) {
+	for _, u := range done {
+		u.q.unspill(u.e.msg)
+	}
 	st := s.store
 	if st == nil {
 		return
@@ -897,8 +905,10 @@ func (s *Server) logSettled(done []unacked) {
 	}
 }
 
-// settleOne records that q is done with m, if both are logged.
+// settleOne records that q is done with m, if both are logged, and gives back its paging
+// file space if q paged it.
 func (q *queue) settleOne(m *message) {
+	q.unspill(m)
 	if m.wal != nil && q.walID != 0 && q.vh.store != nil {
 		one := [1]*message{m}
 		q.vh.store.settle(q, one[:])

@@ -17,10 +17,12 @@ import (
 type vhost struct {
 	name  string
 	store *store // nil when nothing is durable
-	// pageOut is how many body octets a durable queue keeps in memory before it keeps new
-	// persistent messages in the log only; negative: no limit.
+	// pageOut is how many body octets a queue keeps in memory before it keeps new bodies
+	// out of it (in the log, or the paging files); negative: no limit.
 	pageOut int64
-	conns   atomic.Int64 // open connections, for Config.MaxConnectionsPerVhost
+	spill   *spill         // the paging files; nil without a data directory
+	alarms  *atomic.Uint32 // the server's resource alarms; nil in tests
+	conns   atomic.Int64   // open connections, for Config.MaxConnectionsPerVhost
 
 	mu        sync.RWMutex
 	exchanges map[string]*exchange // guarded by mu
@@ -42,6 +44,11 @@ func newVhost(name string) *vhost {
 		vh.exchanges[x.name] = newExchange(x.name, x.kind, true, false, false, nil)
 	}
 	return vh
+}
+
+// memoryHigh reports whether the memory alarm is on: then every queue pages.
+func (vh *vhost) memoryHigh() bool {
+	return vh.alarms != nil && vh.alarms.Load()&alarmMemory != 0
 }
 
 // markDeleted refuses every later declare and bind in vh with vhostDeleted.
@@ -154,6 +161,7 @@ func (vh *vhost) deleteQueue(q *queue) int {
 	if q.walID != 0 && vh.store != nil {
 		vh.store.dropQueue(q, q.readyLoggedLocked())
 	}
+	q.unspillReadyLocked()
 	q.ready.clear()
 	q.requeued = nil
 	q.readyBytes, q.ramBytes = 0, 0

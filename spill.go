@@ -1,0 +1,143 @@
+package amqp
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+)
+
+// The paging files: where a long queue keeps the bodies of its transient messages (the
+// persistent ones are in the write-ahead log already). Bodies are appended, uncompressed
+// and unframed, to files of spillSegment octets in <data>/paging; a file goes when nothing
+// in it is queued any more. Nothing here needs to survive a crash, so nothing is fsynced,
+// and the directory is emptied at start.
+
+// spillSegment is the size at which a paging file is closed to new bodies.
+const spillSegment = 16 << 20
+
+// spillRef is where a paged transient body is: a paging file and an offset in it (the
+// length is the message's size). The zero value is no place.
+type spillRef struct {
+	seg uint32
+	off uint32
+}
+
+// spill is the set of paging files.
+type spill struct {
+	dir string
+
+	mu   sync.Mutex
+	segs map[uint32]*spillSeg // guarded by mu
+	head *spillSeg            // guarded by mu: the file bodies are appended to
+	next uint32               // guarded by mu: the number of the next file
+}
+
+// spillSeg is one paging file.
+type spillSeg struct {
+	n    uint32
+	f    *os.File
+	size int64 // octets written
+	live int   // bodies still queued
+}
+
+// openSpill empties and opens the paging directory.
+func openSpill(dir string) (*spill, error) {
+	if err := os.RemoveAll(dir); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	return &spill{dir: dir, segs: make(map[uint32]*spillSeg), next: 1}, nil
+}
+
+func (sp *spill) path(n uint32) string {
+	return filepath.Join(sp.dir, strconv.FormatUint(uint64(n), 10)+".page")
+}
+
+// put appends a body and returns its place.
+func (sp *spill) put(body []byte) (spillRef, error) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	h := sp.head
+	if h == nil || h.size+int64(len(body)) > spillSegment && h.size > 0 {
+		f, err := os.OpenFile(sp.path(sp.next), os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+		if err != nil {
+			return spillRef{}, err
+		}
+		h = &spillSeg{n: sp.next, f: f}
+		sp.next++
+		sp.segs[h.n] = h
+		if old := sp.head; old != nil && old.live == 0 {
+			sp.removeLocked(old)
+		}
+		sp.head = h
+	}
+	if _, err := h.f.WriteAt(body, h.size); err != nil {
+		return spillRef{}, err
+	}
+	ref := spillRef{seg: h.n, off: uint32(h.size)}
+	h.size += int64(len(body))
+	h.live++
+	return ref, nil
+}
+
+// get reads back a body of size octets.
+func (sp *spill) get(r spillRef, size uint32) ([]byte, error) {
+	sp.mu.Lock()
+	s := sp.segs[r.seg]
+	sp.mu.Unlock()
+	if s == nil {
+		return nil, errors.New("amqp: no paging file " + strconv.FormatUint(uint64(r.seg), 10))
+	}
+	b := make([]byte, size)
+	if _, err := s.f.ReadAt(b, int64(r.off)); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// release says a body is no longer queued anywhere; a file with none left goes, unless
+// bodies are still appended to it.
+func (sp *spill) release(r spillRef) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	s := sp.segs[r.seg]
+	if s == nil {
+		return
+	}
+	if s.live--; s.live > 0 {
+		return
+	}
+	if s != sp.head {
+		sp.removeLocked(s)
+	} else if s.f.Truncate(0) == nil {
+		s.size = 0 // a queue that drains gives back all it paged
+	}
+}
+
+// removeLocked closes and deletes a paging file. sp.mu must be held.
+func (sp *spill) removeLocked(s *spillSeg) {
+	delete(sp.segs, s.n)
+	s.f.Close()
+	os.Remove(sp.path(s.n))
+}
+
+// files is the number of paging files, for tests.
+func (sp *spill) files() int {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return len(sp.segs)
+}
+
+// close deletes every paging file.
+func (sp *spill) close() {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	for _, s := range sp.segs {
+		sp.removeLocked(s)
+	}
+	sp.head = nil
+}
