@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strconv"
 	"sync"
 	"time"
@@ -159,11 +158,9 @@ func (st *store) replay(repair bool) (*recovered, error) {
 			rest = rest[5+size:]
 		}
 	}
-	type pending struct {
-		m      *message
-		queues map[uint64]bool
-	}
-	msgs := make(map[uint64]*pending)
+	// msgs holds every message seen, by id; its msgWAL.queues are the queues that still
+	// hold it, as the records replayed so far say.
+	msgs := make(map[uint64]*message)
 	deleted := make(map[uint64]bool) // queue ids deleted
 	var order []uint64
 	err = st.w.replay(repair, func(pos walPos, typ uint8, payload []byte, size int64) error {
@@ -173,36 +170,31 @@ func (st *store) replay(repair bool) (*recovered, error) {
 			if !ok {
 				return errors.New("bad publish record")
 			}
-			m := d.message
-			p := msgs[m.wal.id]
-			if p == nil {
-				p = &pending{m: m, queues: make(map[uint64]bool)}
-				msgs[m.wal.id] = p
+			m := msgs[d.wal.id]
+			if m == nil {
+				m = d.message
+				msgs[m.wal.id] = m
 				order = append(order, m.wal.id)
-				for _, q := range qids {
-					if !deleted[q] {
-						p.queues[q] = true
-					}
-				}
+				m.wal.queues = slices.DeleteFunc(qids, func(q uint64) bool { return deleted[q] })
 			}
 			// A copy moves the message: this record is now its place in the log.
-			p.m.wal.seg, p.m.wal.off, p.m.wal.recLen = pos.seg, pos.off, size
+			m.wal.seg, m.wal.off, m.wal.recLen = pos.seg, pos.off, size
 			st.nextMsgID = max(st.nextMsgID, m.wal.id+1)
 		case recAck:
 			d := decoder{b: payload}
 			qid := d.longlong()
 			cnt := d.long()
 			for j := uint32(0); j < cnt && d.err == nil; j++ {
-				if p := msgs[d.longlong()]; p != nil {
-					delete(p.queues, qid)
+				if m := msgs[d.longlong()]; m != nil {
+					m.wal.queues = removeItem(m.wal.queues, qid)
 				}
 			}
 		case recQueueDelete:
 			d := decoder{b: payload}
 			qid := d.longlong()
 			deleted[qid] = true
-			for _, p := range msgs {
-				delete(p.queues, qid)
+			for _, m := range msgs {
+				m.wal.queues = removeItem(m.wal.queues, qid)
 			}
 			st.segLocked(pos.seg).topology = true
 			if !pos.less(st.snapPos) {
@@ -231,18 +223,18 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	}
 	// Queue order is message-id order, never file order: compaction copies old messages
 	// forward past newer ones.
-	sort.Slice(order, func(i, j int) bool { return order[i] < order[j] })
+	slices.Sort(order)
 	for _, id := range order {
-		p := msgs[id]
-		if len(p.queues) == 0 {
+		m := msgs[id]
+		mw := m.wal
+		if len(mw.queues) == 0 {
 			continue
 		}
-		mw := p.m.wal
-		for q := range p.queues {
-			mw.queues = append(mw.queues, q)
-			rec.messages[q] = append(rec.messages[q], p.m)
+		slices.Sort(mw.queues)
+		mw.queues = slices.Compact(mw.queues)
+		for _, q := range mw.queues {
+			rec.messages[q] = append(rec.messages[q], m)
 		}
-		sort.Slice(mw.queues, func(i, j int) bool { return mw.queues[i] < mw.queues[j] })
 		mw.refs = len(mw.queues)
 		s := st.segLocked(mw.seg)
 		s.live += mw.recLen
