@@ -125,6 +125,7 @@ type queue struct {
 	deleted     bool          // guarded by mu
 	readyBytes  int64         // guarded by mu: body octets of the ready messages
 	ramBytes    int64         // guarded by mu: body octets of the ready messages not paged
+	ahead       readAhead     // guarded by mu: the window paged bodies are read from
 	expiry      *time.Timer   // guarded by mu: drops expired messages at the head, when set
 	expiryAt    int64         // guarded by mu: when expiry fires, in Unix milliseconds
 }
@@ -179,7 +180,7 @@ func (q *queue) enqueue(m *message) bool {
 	}
 	q.nextSeq++
 	e.seq = q.nextSeq
-	if q.vh.pageOut >= 0 && q.ramBytes+size > q.vh.pageOut || q.vh.memoryHigh() {
+	if size >= pageMinBody && (q.vh.pageOut >= 0 && q.ramBytes+size > q.vh.pageOut || q.vh.memoryHigh()) {
 		// A long queue keeps the bodies of its newest messages out of memory, in the log
 		// (persistent) or a paging file (transient): they are read back when their turn
 		// comes. While memory is short, every queue does.
@@ -209,6 +210,10 @@ func (q *queue) enqueue(m *message) bool {
 	}
 	return true
 }
+
+// pageMinBody is the smallest body a queue pages: a paged message still keeps its header
+// in memory, so paging a smaller one saves less memory than its read back costs time.
+const pageMinBody = 512
 
 // queueLimits are a queue's x-max-length, x-max-length-bytes and x-overflow. The zero
 // value is no limit.
@@ -647,9 +652,9 @@ func (q *queue) bodyOf(m *message) ([]byte, *Error) {
 	var body []byte
 	var err error
 	if m.spill.seg != 0 {
-		body, err = q.vh.spill.get(m.spill, m.size)
+		body, err = q.vh.spill.getAhead(m.spill, m.size, &q.ahead)
 	} else {
-		body, err = q.vh.store.readBody(m)
+		body, err = q.vh.store.readBodyAhead(m, &q.ahead)
 	}
 	if err != nil {
 		q.vh.store.log.Error("reading a paged message body back failed", "queue", q.name, "vhost", q.vh.name, "err", err)

@@ -930,7 +930,7 @@ func TestExpiryTimerNeverSpins(t *testing.T) {
 // that varies with n, so a body read back from the wrong place shows.
 func pagedBody(n int) []byte {
 	b := []byte(strconv.Itoa(n) + ":")
-	for len(b) < 1+(n*397)%3000 {
+	for len(b) < pageMinBody+(n*397)%2500 {
 		b = append(b, byte('a'+(n+len(b))%26))
 	}
 	return b

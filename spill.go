@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -70,9 +71,6 @@ func (sp *spill) put(body []byte) (spillRef, error) {
 		h = &spillSeg{n: sp.next, f: f}
 		sp.next++
 		sp.segs[h.n] = h
-		if old := sp.head; old != nil && old.live == 0 {
-			sp.removeLocked(old)
-		}
 		sp.head = h
 	}
 	if _, err := h.f.WriteAt(body, h.size); err != nil {
@@ -99,6 +97,33 @@ func (sp *spill) get(r spillRef, size uint32) ([]byte, error) {
 	return b, nil
 }
 
+// getAhead is get through a queue's read-ahead window.
+func (sp *spill) getAhead(r spillRef, size uint32, ra *readAhead) ([]byte, error) {
+	if b := ra.window(true, uint64(r.seg), uint64(r.off), int64(size)); b != nil {
+		return b, nil
+	}
+	sp.mu.Lock()
+	s := sp.segs[r.seg]
+	var written int64
+	if s != nil {
+		written = s.size // every octet below is written whole; a put may be writing past it
+	}
+	sp.mu.Unlock()
+	if s == nil {
+		return nil, errors.New("amqp: no paging file " + strconv.FormatUint(uint64(r.seg), 10))
+	}
+	b := make([]byte, min(max(int64(size), readAheadWindow), written-int64(r.off)))
+	n, err := s.f.ReadAt(b, int64(r.off))
+	if n < int(size) {
+		if err == nil {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	*ra = readAhead{spill: true, seg: uint64(r.seg), off: uint64(r.off), buf: b[:n]}
+	return b[:size:size], nil
+}
+
 // release says a body is no longer queued anywhere; a file with none left goes, unless
 // bodies are still appended to it.
 func (sp *spill) release(r spillRef) {
@@ -111,10 +136,10 @@ func (sp *spill) release(r spillRef) {
 	if s.live--; s.live > 0 {
 		return
 	}
-	if s != sp.head {
-		sp.removeLocked(s)
-	} else if s.f.Truncate(0) == nil {
-		s.size = 0 // a queue that drains gives back all it paged
+	// A file is never reused, so a read-ahead window can never hold stale octets.
+	sp.removeLocked(s)
+	if s == sp.head {
+		sp.head = nil
 	}
 }
 

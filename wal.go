@@ -1,6 +1,7 @@
 package amqp
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"hash/crc32"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -478,44 +480,69 @@ func (w *wal) removeSegment(seq uint64) error {
 // readRecord reads back the record at pos, checking its CRC. Any goroutine may call it
 // while the writer appends, for a record whose ticket is done.
 func (w *wal) readRecord(pos walPos) (uint8, []byte, error) {
-	w.mu.Lock()
-	var seg *segment
-	for _, s := range w.segs {
-		if s.seq == pos.seg {
-			seg = s
-		}
-	}
-	var f *os.File
-	var err error
-	if seg != nil {
-		if seg.rf == nil {
-			seg.rf, err = os.Open(w.segPath(seg.seq))
-		}
-		f = seg.rf
-	}
-	w.mu.Unlock()
-	if seg == nil {
-		return 0, nil, errors.New("amqp: no log segment " + strconv.FormatUint(pos.seg, 10))
-	}
+	return w.readRecordSized(pos, 0)
+}
+
+// readRecordSized is readRecord for a record whose size, header included, the caller
+// knows: one read instead of two. A size of 0 is unknown.
+func (w *wal) readRecordSized(pos walPos, size int64) (uint8, []byte, error) {
+	f, err := w.segFile(pos.seg)
 	if err != nil {
 		return 0, nil, err
 	}
-	var hdr [walRecordOverhead]byte
-	if _, err := f.ReadAt(hdr[:], int64(pos.off)); err != nil {
-		return 0, nil, err
+	if size < walRecordOverhead {
+		var hdr [walRecordOverhead]byte
+		if _, err := f.ReadAt(hdr[:], int64(pos.off)); err != nil {
+			return 0, nil, err
+		}
+		size = walRecordOverhead + int64(binary.BigEndian.Uint32(hdr[:]))
+		if size > w.segSize+walRecordOverhead+maxMessageSizeLimit {
+			return 0, nil, errors.New("amqp: log record at " + w.segPath(pos.seg) + ":" + strconv.FormatUint(pos.off, 10) + " is too long")
+		}
 	}
-	b := make([]byte, walRecordOverhead+int(binary.BigEndian.Uint32(hdr[:])))
-	if uint64(len(b)) > uint64(w.segSize)+walRecordOverhead+maxMessageSizeLimit {
-		return 0, nil, errors.New("amqp: log record at " + w.segPath(pos.seg) + ":" + strconv.FormatUint(pos.off, 10) + " is too long")
-	}
+	b := make([]byte, size)
 	if _, err := f.ReadAt(b, int64(pos.off)); err != nil {
 		return 0, nil, err
 	}
-	typ, payload, _, ok := parseRecord(b)
-	if !ok {
+	typ, payload, n, ok := parseRecord(b)
+	if !ok || n != len(b) {
 		return 0, nil, errors.New("amqp: corrupt log record at " + w.segPath(pos.seg) + ":" + strconv.FormatUint(pos.off, 10))
 	}
 	return typ, payload, nil
+}
+
+// readAt reads the log from pos into buf, as far as the segment's file goes; it returns
+// how many octets it read. What it reads past the records written so far may be partial,
+// which their CRCs tell.
+func (w *wal) readAt(pos walPos, buf []byte) (int, error) {
+	f, err := w.segFile(pos.seg)
+	if err != nil {
+		return 0, err
+	}
+	n, err := f.ReadAt(buf, int64(pos.off))
+	if err == io.EOF {
+		err = nil
+	}
+	return n, err
+}
+
+// segFile returns the read handle of segment seq, opening it the first time.
+func (w *wal) segFile(seq uint64) (*os.File, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	i, ok := slices.BinarySearchFunc(w.segs, seq, func(s *segment, seq uint64) int { return cmp.Compare(s.seq, seq) })
+	if !ok {
+		return nil, errors.New("amqp: no log segment " + strconv.FormatUint(seq, 10))
+	}
+	s := w.segs[i]
+	if s.rf == nil {
+		f, err := os.Open(w.segPath(s.seq))
+		if err != nil {
+			return nil, err
+		}
+		s.rf = f
+	}
+	return s.rf, nil
 }
 
 // run is the writer: one write and one fsync per batch, then the caller's hooks.
