@@ -542,11 +542,6 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		err = ctx.Err()
 	}
 	if s.store != nil {
-		if s.Healthy() != nil {
-			// A checkpoint reads every vhost under its lock, which a panic may hold, and
-			// may be of half-changed state: the log alone is what the restart replays.
-			s.store.snapshotFn = nil
-		}
 		s.store.close()
 	}
 	if s.spill != nil {
@@ -568,6 +563,13 @@ func (s *Server) Healthy() error {
 // setUnhealthy records the first reason the broker must be restarted.
 func (s *Server) setUnhealthy(why string) {
 	s.unhealthy.CompareAndSwap(nil, &why)
+	// No s.mu here: the panic may have come while it was held. s.store is set before the
+	// first connection is served.
+	if st := s.store; st != nil {
+		// A checkpoint reads every vhost under its lock, which a panic may hold, and may
+		// be of half-changed state: from now on the log alone is what a restart replays.
+		st.noCheckpoint.Store(true)
+	}
 }
 
 // panicText describes a recovered panic value without fmt.
@@ -713,6 +715,7 @@ func (s *Server) watchResources() {
 					s.log.Error("cannot read the data directory's free space; the disk alarm is off", "err", err)
 				}
 				diskErr = true
+				s.setAlarm(alarmDisk, false, "disk alarm")
 				continue
 			}
 			diskErr = false

@@ -107,8 +107,24 @@ func (ch *channel) killLocked(e *Error) {
 		return
 	}
 	ch.dead = true
-	ch.killed.Store(e)
+	ch.cmu.Lock()
+	ch.confirmClosed = true // no confirm may follow the close
+	ch.cmu.Unlock()
+	ch.killed.Store(e) // before the close is queued: ch.send drops what would follow it
 	ch.c.sendOn(ch.id, &channelClose{ReplyCode: e.Code, ReplyText: e.Text, ClassID: e.ClassID, MethodID: e.MethodID})
+}
+
+// send queues a method on the channel, unless another goroutine killed it: nothing may
+// follow its channel.close.
+func (ch *channel) send(m method) {
+	c := ch.c
+	c.outMu.Lock()
+	if !c.outClosed && ch.killed.Load() == nil {
+		c.out = appendMethodFrame(c.out, ch.id, m)
+		c.storeOutLenLocked()
+	}
+	c.outMu.Unlock()
+	c.signal()
 }
 
 // canDeliverLocked reports whether consumer c may take one more message. ch.mu must be held.
@@ -239,7 +255,7 @@ func (ch *channel) handleMethod(id uint32, d decoder) error {
 			break
 		}
 		ch.shutdown()
-		ch.c.sendOn(ch.id, &channelCloseOk{})
+		ch.send(&channelCloseOk{})
 		return errChannelClosed
 	case idChannelCloseOk:
 		// We sent no channel.close that this answers; RabbitMQ ignores it too.
@@ -251,7 +267,7 @@ func (ch *channel) handleMethod(id uint32, d decoder) error {
 		ch.mu.Lock()
 		ch.active = m.Active
 		ch.mu.Unlock()
-		ch.c.sendOn(ch.id, &channelFlowOk{Active: m.Active})
+		ch.send(&channelFlowOk{Active: m.Active})
 		if m.Active {
 			ch.redispatch()
 		}
@@ -558,7 +574,7 @@ func (ch *channel) flushConfirms() {
 		if dc.nack || dc.ticket > done && failed {
 			// The log refused it, or failed before it reached the disk.
 			ch.ackUpToLocked(dc.tag - 1)
-			ch.c.sendOn(ch.id, &basicNack{DeliveryTag: dc.tag})
+			ch.send(&basicNack{DeliveryTag: dc.tag})
 			ch.confirmSent = dc.tag
 		} else if dc.ticket > done {
 			ch.ackUpToLocked(dc.tag - 1)
@@ -579,7 +595,7 @@ func (ch *channel) ackUpToLocked(tag uint64) {
 	}
 	multiple := tag-ch.confirmSent > 1
 	ch.confirmSent = tag
-	ch.c.sendOn(ch.id, &basicAck{DeliveryTag: tag, Multiple: multiple})
+	ch.send(&basicAck{DeliveryTag: tag, Multiple: multiple})
 }
 
 // walSynced is called by the log's writer after a batch is on disk.
@@ -752,7 +768,7 @@ func (ch *channel) basicQos(d *decoder) error {
 		ch.prefetchConsumer = m.PrefetchCount
 	}
 	ch.mu.Unlock()
-	ch.c.sendOn(ch.id, &basicQosOk{})
+	ch.send(&basicQosOk{})
 	ch.redispatch()
 	return nil
 }
@@ -857,7 +873,7 @@ func (ch *channel) basicCancel(d *decoder) error {
 	delete(ch.consumers, m.ConsumerTag)
 	ch.mu.Unlock()
 	if !m.NoWait {
-		ch.c.sendOn(ch.id, &basicCancelOk{ConsumerTag: m.ConsumerTag})
+		ch.send(&basicCancelOk{ConsumerTag: m.ConsumerTag})
 	}
 	if c != nil {
 		ch.detach(c)
@@ -880,7 +896,7 @@ func (ch *channel) cancelByServer(c *consumer) {
 	ch.mu.Unlock()
 	// Nothing may follow connection.close, as when a reload deletes the vhost.
 	if ok && !dead && ch.c.caps.consumerCancelNotify && !ch.c.closing.Load() {
-		ch.c.sendOn(ch.id, &basicCancel{ConsumerTag: c.tag, NoWait: true})
+		ch.send(&basicCancel{ConsumerTag: c.tag, NoWait: true})
 	}
 }
 
@@ -897,10 +913,28 @@ func (ch *channel) basicGet(d *decoder) error {
 	defer q.mu.Unlock()
 	q.expireLocked()
 	if q.messageCountLocked() == 0 {
-		ch.c.sendOn(ch.id, &basicGetEmpty{})
+		ch.send(&basicGetEmpty{})
 		return nil
 	}
 	body, rerr := q.bodyOf(q.peekLocked().msg)
+	if rerr == errBodyNotYet {
+		// Wait for the log's writer, off the queue's lock, then look again once.
+		q.mu.Unlock()
+		q.vh.store.sync()
+		q.mu.Lock()
+		q.expireLocked()
+		if q.messageCountLocked() == 0 {
+			ch.send(&basicGetEmpty{})
+			return nil
+		}
+		body, rerr = q.bodyOf(q.peekLocked().msg)
+	}
+	if rerr == errBodyNotYet {
+		// The disk is full and the head message's record is still waiting for room: it
+		// is not to be had now.
+		ch.send(&basicGetEmpty{})
+		return nil
+	}
 	if rerr != nil {
 		ch.mu.Lock()
 		ch.killLocked(rerr)
@@ -944,7 +978,7 @@ func (ch *channel) basicRecover(id uint32, d *decoder) error {
 	pending := ch.takeUnackedLocked()
 	ch.mu.Unlock()
 	if id == idBasicRecover {
-		ch.c.sendOn(ch.id, &basicRecoverOk{})
+		ch.send(&basicRecoverOk{})
 	}
 	requeueAll(pending)
 	ch.redispatch()
@@ -961,7 +995,7 @@ func (ch *channel) confirmSelect(d *decoder) error {
 	}
 	ch.confirm = true
 	if !m.NoWait {
-		ch.c.sendOn(ch.id, &confirmSelectOk{})
+		ch.send(&confirmSelectOk{})
 	}
 	return nil
 }
@@ -973,7 +1007,7 @@ func (ch *channel) txMethod(id uint32) error {
 			return preconditionFailed("cannot switch from confirm to tx mode")
 		}
 		ch.tx = true
-		ch.c.sendOn(ch.id, &txSelectOk{})
+		ch.send(&txSelectOk{})
 		return nil
 	case idTxCommit:
 		if !ch.tx {
@@ -1003,7 +1037,7 @@ func (ch *channel) txMethod(id uint32) error {
 				return logUnwritable(err)
 			}
 		}
-		ch.c.sendOn(ch.id, &txCommitOk{})
+		ch.send(&txCommitOk{})
 		return nil
 	default:
 		if !ch.tx {
@@ -1019,7 +1053,7 @@ func (ch *channel) txMethod(id uint32) error {
 			ch.restoreLocked(back)
 			ch.mu.Unlock()
 		}
-		ch.c.sendOn(ch.id, &txRollbackOk{})
+		ch.send(&txRollbackOk{})
 		return nil
 	}
 }

@@ -148,6 +148,13 @@ func (c *conn) serve() {
 			buf := make([]byte, 16<<10)
 			buf = buf[:runtime.Stack(buf, false)]
 			c.panicked = true
+			// Queues must stop delivering here: closing is an atomic they check first
+			// (a delivery to this connection would be lost, and a no-ack one settled).
+			c.closing.Store(true)
+			if c.outMu.TryLock() {
+				c.outClosed = true
+				c.outMu.Unlock()
+			}
 			c.s.setUnhealthy("connection " + strconv.FormatUint(c.id, 10) + " panicked: " + panicText(p))
 			c.log.Error("panic in connection: the broker's state is in doubt; restart it (the log replays a consistent state)",
 				"panic", p, "stack", string(buf))

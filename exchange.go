@@ -267,8 +267,15 @@ func (t *topicIndex) remove(b *binding) { t.queue(topicOp{b, false}) }
 func (t *topicIndex) queue(op topicOp) {
 	t.opsMu.Lock()
 	t.ops = append(t.ops, op)
-	t.pending.Store(int32(len(t.ops)))
+	n := len(t.ops)
+	t.pending.Store(int32(n))
 	t.opsMu.Unlock()
+	// An exchange nobody publishes to would hold its changes, and the bindings they
+	// name, for ever: apply them now when no match is in the way.
+	if n >= 1024 && t.mu.TryLock() {
+		t.mu.Unlock()
+		t.apply()
+	}
 }
 
 // match sets rs.hits to the bindings whose keys match key.
@@ -609,7 +616,7 @@ func argEqual(a, b any) bool {
 // reply sends ok unless the method asked for no-wait.
 func (ch *channel) reply(noWait bool, ok method) error {
 	if !noWait {
-		ch.c.sendOn(ch.id, ok)
+		ch.send(ok)
 	}
 	return nil
 }

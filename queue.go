@@ -627,6 +627,10 @@ func (c *consumer) deliverLocked(e qentry) bool {
 		return false
 	}
 	body, err := c.q.bodyOf(e.msg)
+	if err == errBodyNotYet {
+		c.q.vh.store.dispatchAfterBatch(c.q)
+		return false
+	}
 	if err != nil {
 		ch.killLocked(err)
 		return false
@@ -643,8 +647,13 @@ func (c *consumer) deliverLocked(e qentry) bool {
 	return true
 }
 
-// bodyOf returns m's body, read back from the log when m is paged. A read that fails is
-// logged and returned as the 541 that closes the channel it was for.
+// errBodyNotYet is bodyOf's answer for a paged message whose log record is not written
+// yet: it is delivered after the log's next batch.
+var errBodyNotYet = &Error{Code: replyInternalError, Text: "not written yet"}
+
+// bodyOf returns m's body, read back from the log or a paging file when m is paged. A read
+// that fails is logged and returned as the 541 that closes the channel it was for; a
+// record not yet written is errBodyNotYet. q.mu must be held.
 func (q *queue) bodyOf(m *message) ([]byte, *Error) {
 	if !m.paged {
 		return m.body(), nil
@@ -655,6 +664,9 @@ func (q *queue) bodyOf(m *message) ([]byte, *Error) {
 		body, err = q.vh.spill.getAhead(m.spill, m.size, &q.ahead)
 	} else {
 		body, err = q.vh.store.readBodyAhead(m, &q.ahead)
+	}
+	if err == errNotWritten {
+		return nil, errBodyNotYet
 	}
 	if err != nil {
 		q.vh.store.log.Error("reading a paged message body back failed", "queue", q.name, "vhost", q.vh.name, "err", err)

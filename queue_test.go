@@ -1222,3 +1222,37 @@ func TestQueuePagingTransient(t *testing.T) {
 		t.Fatalf("%d transient messages survived a restart", n)
 	}
 }
+
+// TestQueuePagedBeforeWritten: with everything paged at once, a consumer waiting on the
+// queue is handed messages whose log records are not written yet: they go out after the
+// log's next batch, in order, and the channel stays open.
+func TestQueuePagedBeforeWritten(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{PageOutBytes: 1})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	if _, err := ch.QueueDeclare("eager", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	cons := openChannel(t, conn)
+	closed := cons.NotifyClose(make(chan *amqp091.Error, 1))
+	msgs, err := cons.Consume("eager", "", true, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 200 {
+		if err := ch.Publish("", "eager", false, false, amqp091.Publishing{DeliveryMode: 2, Body: pagedBody(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 200 {
+		if d := takeDelivery(t, msgs); !bytes.Equal(d.Body, pagedBody(i)) {
+			t.Fatalf("delivery %d: a %d-octet body, want message %d", i, len(d.Body), i)
+		}
+	}
+	select {
+	case e := <-closed:
+		t.Fatalf("the consumer's channel closed: %v", e)
+	default:
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -52,6 +53,7 @@ type store struct {
 	mu        sync.Mutex
 	segs      map[uint64]*segState // guarded by mu: what the broker needs of each segment
 	listeners []*channel           // guarded by mu: channels waiting for confirms after a batch
+	waiting   []*queue             // guarded by mu: queues to dispatch after a batch (bodies not written yet)
 	nextMsgID uint64               // guarded by mu
 	nextQID   uint64               // guarded by mu
 	snapPos   walPos               // guarded by mu: the position meta.snap covers
@@ -61,6 +63,9 @@ type store struct {
 	// snapshotFn encodes the durable topology as checkpoint records with every vhost
 	// read-locked, and calls at while the locks are held; nil writes no checkpoint.
 	snapshotFn func(at func()) []byte
+	// noCheckpoint stops all checkpoints: the broker is unhealthy (a lock the snapshot
+	// needs may be held for good) or its state half restored. The log alone replays.
+	noCheckpoint atomic.Bool
 }
 
 // segState is what the broker still needs of one segment.
@@ -78,8 +83,12 @@ type msgWAL struct {
 	off    uint64 // the record's offset in seg
 	ticket uint64 // the log ticket of that record: readable back once it is done
 	recLen int64
-	refs   int      // durable queues still holding the message
-	queues []uint64 // their ids, for copy-forward
+	// prev is where the record was before compaction copied it, readable until the copy
+	// is: the old segment goes only once the copy is fsynced.
+	prev    walPos
+	prevLen int64
+	refs    int      // durable queues still holding the message
+	queues  []uint64 // their ids, for copy-forward
 }
 
 // recovered is what replay found: topology records in order and each queue's messages.
@@ -247,8 +256,8 @@ func (st *store) replay(repair bool) (*recovered, error) {
 // confirm what is now on disk.
 func (st *store) batchDone(done uint64) {
 	st.mu.Lock()
-	listeners := st.listeners
-	st.listeners = nil
+	listeners, waiting := st.listeners, st.waiting
+	st.listeners, st.waiting = nil, nil
 	for _, ch := range listeners {
 		ch.walListening = false
 	}
@@ -256,6 +265,20 @@ func (st *store) batchDone(done uint64) {
 	for _, ch := range listeners {
 		ch.walSynced(done)
 	}
+	for _, q := range waiting {
+		q.dispatch()
+	}
+}
+
+// dispatchAfterBatch asks for q.dispatch after the log's next batch: q's next message is
+// paged and its record not written yet.
+func (st *store) dispatchAfterBatch(q *queue) {
+	st.mu.Lock()
+	if !slices.Contains(st.waiting, q) {
+		st.waiting = append(st.waiting, q)
+	}
+	st.mu.Unlock()
+	st.w.kick()
 }
 
 // listen asks for ch.walSynced after the next batch is written.
@@ -398,7 +421,7 @@ func (st *store) newQueueID() uint64 {
 // snapshot to take), and releases the directory.
 func (st *store) close() {
 	st.w.close()
-	if !st.w.failedAtomic.Load() && st.snapshotFn != nil {
+	if !st.w.failedAtomic.Load() && st.snapshotFn != nil && !st.noCheckpoint.Load() {
 		if err := st.checkpoint(); err != nil {
 			st.log.Error("checkpoint at shutdown failed", "err", err)
 		}
@@ -409,6 +432,9 @@ func (st *store) close() {
 // checkpoint writes meta.snap: the durable topology and the log position it covers. It
 // runs on the log's writer (or at close), never concurrently with itself.
 func (st *store) checkpoint() error {
+	if st.noCheckpoint.Load() {
+		return nil
+	}
 	// The snapshot is taken with the vhosts read-locked, and topology changes append their
 	// record while holding their vhost's lock, so the head position read inside covers
 	// exactly the records the snapshot reflects.
@@ -505,7 +531,9 @@ func (st *store) compact() {
 			}
 		}
 		if err := w.removeSegment(old.seq); err != nil {
-			st.log.Error("removing segment failed", "seg", old.seq, "err", err)
+			if err != errSegmentBusy { // the writer's own file: its turn comes later
+				st.log.Error("removing segment failed", "seg", old.seq, "err", err)
+			}
 			return
 		}
 		st.mu.Lock()
@@ -548,12 +576,16 @@ func (st *store) relocate(seq uint64, old *segState) {
 			return
 		}
 		old.live -= mw.recLen
+		mw.prev, mw.prevLen = walPos{mw.seg, mw.off}, mw.recLen
 		mw.seg, mw.off, mw.ticket = pos.seg, pos.off, t
 		mw.recLen = int64(walRecordOverhead + len(buf))
 		s := st.segLocked(pos.seg)
 		s.live += mw.recLen
 		s.msgs = append(s.msgs, mw)
 		last = t
+		// Set as each copy is made: a relocation that stops part-way must still keep the
+		// old segment until the copies made are fsynced.
+		old.relocated = max(old.relocated, t)
 		st.mu.Unlock()
 	}
 	st.mu.Lock()
@@ -594,60 +626,67 @@ func (ra *readAhead) window(spill bool, seg, off uint64, size int64) []byte {
 	return ra.buf[off-ra.off : off-ra.off+uint64(size)]
 }
 
-// readBodyAhead reads a paged message's body back from the log through ra: from the
-// window when it holds the record, else by reading a new window that starts there.
-func (st *store) readBodyAhead(m *message, ra *readAhead) ([]byte, error) {
+// errNotWritten says a paged body cannot be read back yet: its record is still on its
+// way to the file (with the disk full, perhaps for long). The delivery waits for a batch.
+var errNotWritten = errors.New("amqp: the message's log record is not written yet")
+
+// bodyPlace returns where m's record can be read back now: its place, or while a copy
+// compaction made is not yet written, the place it was copied from. errNotWritten when
+// neither is.
+func (st *store) bodyPlace(m *message) (walPos, int64, error) {
 	st.mu.Lock()
-	pos, ticket, size := walPos{m.wal.seg, m.wal.off}, m.wal.ticket, m.wal.recLen
-	st.mu.Unlock()
-	if ticket > st.w.doneAtomic.Load() {
-		if err := st.w.wait(ticket); err != nil {
-			return nil, err
-		}
+	defer st.mu.Unlock()
+	mw := m.wal
+	if mw.ticket <= st.w.doneAtomic.Load() {
+		return walPos{mw.seg, mw.off}, mw.recLen, nil
 	}
-	for fresh := false; ; fresh = true {
-		if rec := ra.window(false, pos.seg, pos.off, size); rec != nil {
-			// A window read while later records were being written may hold them only in
-			// part: their CRC tells, and a fresh read follows.
-			if typ, payload, n, ok := parseRecord(rec); ok && n == len(rec) && typ == recPublish {
-				if body, ok := publishBody(payload, m.wal.id); ok {
-					return body, nil
-				}
-			}
-			if fresh {
-				return st.readBody(m) // the full check, with its error
-			}
-		}
-		if fresh {
-			return st.readBody(m)
-		}
-		buf := make([]byte, max(size, readAheadWindow))
-		n, err := st.w.readAt(pos, buf)
-		if err != nil || int64(n) < size {
-			return st.readBody(m) // moved by compaction, or unreadable: the full path says
-		}
-		*ra = readAhead{seg: pos.seg, off: pos.off, buf: buf[:n]}
+	if mw.prevLen > 0 {
+		return mw.prev, mw.prevLen, nil
 	}
+	return walPos{}, 0, errNotWritten
 }
 
-// readBody reads a paged message's body back from the log. A record not yet written is
-// waited for.
+// readBodyAhead reads a paged message's body back from the log through ra: from the
+// window when it holds the record, else by reading a new window that starts there. It
+// never waits: a record not yet written is errNotWritten.
+func (st *store) readBodyAhead(m *message, ra *readAhead) ([]byte, error) {
+	pos, size, err := st.bodyPlace(m)
+	if err != nil {
+		return nil, err
+	}
+	if rec := ra.window(false, pos.seg, pos.off, size); rec != nil {
+		// A window read while later records were being written may hold them only in
+		// part: their CRC tells, and a fresh read follows.
+		if typ, payload, n, ok := parseRecord(rec); ok && n == len(rec) && typ == recPublish {
+			if body, ok := publishBody(payload, m.wal.id); ok {
+				return body, nil
+			}
+		}
+	}
+	buf := make([]byte, max(size, readAheadWindow))
+	n, err := st.w.readAt(pos, buf)
+	if err == nil && int64(n) >= size {
+		*ra = readAhead{seg: pos.seg, off: pos.off, buf: buf[:n]}
+		if typ, payload, n, ok := parseRecord(buf[:size]); ok && n == int(size) && typ == recPublish {
+			if body, ok := publishBody(payload, m.wal.id); ok {
+				return body, nil
+			}
+		}
+	}
+	return st.readBody(m) // moved by compaction meanwhile, or unreadable: the full path says
+}
+
+// readBody reads a paged message's body back from the log, one record, without waiting:
+// a record not yet written is errNotWritten.
 func (st *store) readBody(m *message) ([]byte, error) {
 	for try := 0; ; try++ {
-		st.mu.Lock()
-		pos, ticket, size := walPos{m.wal.seg, m.wal.off}, m.wal.ticket, m.wal.recLen
-		st.mu.Unlock()
-		if ticket > st.w.doneAtomic.Load() {
-			if err := st.w.wait(ticket); err != nil {
-				return nil, err
-			}
+		pos, size, err := st.bodyPlace(m)
+		if err != nil {
+			return nil, err
 		}
 		typ, payload, err := st.w.readRecordSized(pos, size)
 		if err != nil {
-			st.mu.Lock()
-			moved := m.wal.seg != pos.seg || m.wal.off != pos.off
-			st.mu.Unlock()
-			if moved && try < 3 {
+			if p, _, _ := st.bodyPlace(m); p != pos && try < 3 {
 				continue // compaction copied it forward and removed the old segment
 			}
 			return nil, err
@@ -798,7 +837,7 @@ func (s *Server) openStore() error {
 		sp, err = openSpill(filepath.Join(s.cfg.DataDir, "paging"))
 	}
 	if err != nil {
-		st.snapshotFn = nil // a checkpoint of half-restored topology would lose the rest
+		st.noCheckpoint.Store(true) // a checkpoint of half-restored topology would lose the rest
 		st.close()
 		return err
 	}

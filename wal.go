@@ -450,6 +450,9 @@ type segmentInfo struct {
 	size int64
 }
 
+// errSegmentBusy refuses to remove the segment the writer writes to, or the head.
+var errSegmentBusy = errors.New("amqp: log segment in use")
+
 // removeSegment deletes a segment that is not the head (nor written to), durably: the
 // removal reaches the disk before anything that stands in for its records is relied on.
 func (w *wal) removeSegment(seq uint64) error {
@@ -462,7 +465,7 @@ func (w *wal) removeSegment(seq uint64) error {
 	}
 	if i < 0 || i == len(w.segs)-1 || w.segs[i] == w.fileSeg {
 		w.mu.Unlock()
-		return errors.New("amqp: segment " + strconv.FormatUint(seq, 10) + " cannot be removed")
+		return errSegmentBusy
 	}
 	s := w.segs[i]
 	w.segs = append(w.segs[:i:i], w.segs[i+1:]...)
@@ -563,11 +566,15 @@ func (w *wal) run() {
 		case <-idle.C:
 		}
 		w.mu.Lock()
-		chunks, ticket, closed := w.pend, w.appended, w.closed
+		chunks, ticket, closed, failed := w.pend, w.appended, w.closed, w.failed
 		w.pend, w.pendSpare = w.pendSpare, nil
 		w.mu.Unlock()
 
-		err := w.write(chunks)
+		err := failed
+		if err == nil {
+			// Never past a failed batch, and never on the file whose write or fsync failed.
+			err = w.write(chunks)
+		}
 		if len(chunks) > 0 {
 			w.written = ticket
 		}
