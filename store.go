@@ -84,11 +84,16 @@ type msgWAL struct {
 	ticket uint64 // the log ticket of that record: readable back once it is done
 	recLen int64
 	// prev is where the record was before compaction copied it, readable until the copy
-	// is: the old segment goes only once the copy is fsynced.
-	prev    walPos
-	prevLen int64
-	refs    int      // durable queues still holding the message
-	queues  []uint64 // their ids, for copy-forward
+	// is: the old segment goes only once the copy is fsynced. nil if never copied.
+	prev   *walPlace
+	refs   int      // durable queues still holding the message
+	queues []uint64 // their ids, for copy-forward
+}
+
+// walPlace is a record's position and size, header included.
+type walPlace struct {
+	pos  walPos
+	size int64
 }
 
 // recovered is what replay found: topology records in order and each queue's messages.
@@ -576,7 +581,7 @@ func (st *store) relocate(seq uint64, old *segState) {
 			return
 		}
 		old.live -= mw.recLen
-		mw.prev, mw.prevLen = walPos{mw.seg, mw.off}, mw.recLen
+		mw.prev = &walPlace{walPos{mw.seg, mw.off}, mw.recLen}
 		mw.seg, mw.off, mw.ticket = pos.seg, pos.off, t
 		mw.recLen = int64(walRecordOverhead + len(buf))
 		s := st.segLocked(pos.seg)
@@ -638,10 +643,11 @@ func (st *store) bodyPlace(m *message) (walPos, int64, error) {
 	defer st.mu.Unlock()
 	mw := m.wal
 	if mw.ticket <= st.w.doneAtomic.Load() {
+		mw.prev = nil
 		return walPos{mw.seg, mw.off}, mw.recLen, nil
 	}
-	if mw.prevLen > 0 {
-		return mw.prev, mw.prevLen, nil
+	if mw.prev != nil {
+		return mw.prev.pos, mw.prev.size, nil
 	}
 	return walPos{}, 0, errNotWritten
 }
