@@ -10,13 +10,16 @@ import (
 )
 
 // The paging files: where a long queue keeps the bodies of its transient messages (the
-// persistent ones are in the write-ahead log already). Bodies are appended, uncompressed
-// and unframed, to files of spillSegment octets in <data>/paging; a file goes when nothing
-// in it is queued any more. Nothing here needs to survive a crash, so nothing is fsynced,
-// and the directory is emptied at start.
+// persistent ones are in the write-ahead log already). Bodies are appended, unframed, to
+// files of spillSegment octets in <data>/paging, through a write buffer, so paging costs
+// a copy per message and a write per spillBuffer; a file goes when nothing in it is queued
+// any more, and no file number is used twice. Nothing here needs to survive a crash, so
+// nothing is fsynced, and the directory is emptied at start.
 
-// spillSegment is the size at which a paging file is closed to new bodies.
-const spillSegment = 16 << 20
+const (
+	spillSegment = 16 << 20 // the size at which a paging file is closed to new bodies
+	spillBuffer  = 64 << 10 // what is gathered before a write
+)
 
 // spillRef is where a paged transient body is: a paging file and an offset in it (the
 // length is the message's size). The zero value is no place.
@@ -32,15 +35,17 @@ type spill struct {
 	mu   sync.Mutex
 	segs map[uint32]*spillSeg // guarded by mu
 	head *spillSeg            // guarded by mu: the file bodies are appended to
+	wbuf []byte               // guarded by mu: the head's octets from head.flushed on
 	next uint32               // guarded by mu: the number of the next file
 }
 
 // spillSeg is one paging file.
 type spillSeg struct {
-	n    uint32
-	f    *os.File
-	size int64 // octets written
-	live int   // bodies still queued
+	n       uint32
+	f       *os.File
+	size    int64 // octets appended, buffered ones included
+	flushed int64 // octets written to the file
+	live    int   // bodies still queued
 }
 
 // openSpill empties and opens the paging directory.
@@ -64,6 +69,9 @@ func (sp *spill) put(body []byte) (spillRef, error) {
 	defer sp.mu.Unlock()
 	h := sp.head
 	if h == nil || h.size+int64(len(body)) > spillSegment && h.size > 0 {
+		if err := sp.flushLocked(); err != nil {
+			return spillRef{}, err
+		}
 		f, err := os.OpenFile(sp.path(sp.next), os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
 		if err != nil {
 			return spillRef{}, err
@@ -73,49 +81,65 @@ func (sp *spill) put(body []byte) (spillRef, error) {
 		sp.segs[h.n] = h
 		sp.head = h
 	}
-	if _, err := h.f.WriteAt(body, h.size); err != nil {
-		return spillRef{}, err
+	if len(sp.wbuf)+len(body) > spillBuffer {
+		if err := sp.flushLocked(); err != nil {
+			return spillRef{}, err
+		}
 	}
 	ref := spillRef{seg: h.n, off: uint32(h.size)}
+	if len(body) > spillBuffer {
+		if _, err := h.f.WriteAt(body, h.size); err != nil {
+			return spillRef{}, err
+		}
+		h.flushed += int64(len(body))
+	} else {
+		sp.wbuf = append(sp.wbuf, body...)
+	}
 	h.size += int64(len(body))
 	h.live++
 	return ref, nil
 }
 
-// get reads back a body of size octets.
-func (sp *spill) get(r spillRef, size uint32) ([]byte, error) {
-	sp.mu.Lock()
-	s := sp.segs[r.seg]
-	sp.mu.Unlock()
-	if s == nil {
-		return nil, errors.New("amqp: no paging file " + strconv.FormatUint(uint64(r.seg), 10))
+// flushLocked writes the buffer to the head file. sp.mu must be held.
+func (sp *spill) flushLocked() error {
+	h := sp.head
+	if h == nil || len(sp.wbuf) == 0 {
+		return nil
 	}
-	b := make([]byte, size)
-	if _, err := s.f.ReadAt(b, int64(r.off)); err != nil {
-		return nil, err
+	if _, err := h.f.WriteAt(sp.wbuf, h.flushed); err != nil {
+		return err
 	}
-	return b, nil
+	h.flushed += int64(len(sp.wbuf))
+	sp.wbuf = sp.wbuf[:0]
+	return nil
 }
 
-// getAhead is get through a queue's read-ahead window.
+// getAhead reads back a body of size octets, through a queue's read-ahead window: from
+// the window when it holds the body, from the write buffer when the body is still there,
+// else by reading a new window that starts at the body.
 func (sp *spill) getAhead(r spillRef, size uint32, ra *readAhead) ([]byte, error) {
 	if b := ra.window(true, uint64(r.seg), uint64(r.off), int64(size)); b != nil {
 		return b, nil
 	}
 	sp.mu.Lock()
 	s := sp.segs[r.seg]
-	var written int64
-	if s != nil {
-		written = s.size // every octet below is written whole; a put may be writing past it
-	}
-	sp.mu.Unlock()
 	if s == nil {
+		sp.mu.Unlock()
 		return nil, errors.New("amqp: no paging file " + strconv.FormatUint(uint64(r.seg), 10))
 	}
+	if int64(r.off) >= s.flushed {
+		// Still in the write buffer.
+		i := int64(r.off) - s.flushed
+		b := append([]byte(nil), sp.wbuf[i:i+int64(size)]...)
+		sp.mu.Unlock()
+		return b, nil
+	}
+	written := s.flushed // every octet below is in the file; a flush may be writing past it
+	sp.mu.Unlock()
 	b := make([]byte, min(max(int64(size), readAheadWindow), written-int64(r.off)))
 	n, err := s.f.ReadAt(b, int64(r.off))
 	if n < int(size) {
-		if err == nil {
+		if err == nil || err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
 		return nil, err
@@ -124,8 +148,8 @@ func (sp *spill) getAhead(r spillRef, size uint32, ra *readAhead) ([]byte, error
 	return b[:size:size], nil
 }
 
-// release says a body is no longer queued anywhere; a file with none left goes, unless
-// bodies are still appended to it.
+// release says a body is no longer queued anywhere; a file with none left goes (and is
+// never reused, so a read-ahead window can never hold stale octets).
 func (sp *spill) release(r spillRef) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -136,10 +160,10 @@ func (sp *spill) release(r spillRef) {
 	if s.live--; s.live > 0 {
 		return
 	}
-	// A file is never reused, so a read-ahead window can never hold stale octets.
 	sp.removeLocked(s)
 	if s == sp.head {
 		sp.head = nil
+		sp.wbuf = sp.wbuf[:0]
 	}
 }
 
@@ -165,4 +189,5 @@ func (sp *spill) close() {
 		sp.removeLocked(s)
 	}
 	sp.head = nil
+	sp.wbuf = nil
 }
