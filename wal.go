@@ -843,7 +843,7 @@ func writeZeros(f *os.File, size int64) error {
 // log fsyncs by name.
 var syncObserver atomic.Pointer[func(name string)]
 
-// syncFile fsyncs a file by name.
+// syncFile fsyncs a file or a directory by name.
 func syncFile(name string) error {
 	if f := syncObserver.Load(); f != nil {
 		(*f)(name)
@@ -853,20 +853,11 @@ func syncFile(name string) error {
 		return err
 	}
 	defer f.Close()
-	return f.Sync()
-}
-
-func syncDir(dir string) error {
-	if f := syncObserver.Load(); f != nil {
-		(*f)(dir)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil && !errors.Is(err, io.EOF) {
+	if err := f.Sync(); err != nil && !errors.Is(err, io.EOF) {
 		return err
 	}
 	return nil
 }
+
+// syncDir fsyncs a directory, so that the files created or removed in it stay so.
+func syncDir(dir string) error { return syncFile(dir) }
