@@ -1,6 +1,7 @@
 package amqp
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"log/slog"
@@ -212,7 +213,7 @@ func (st *store) replay(repair bool) (*recovered, error) {
 			}
 			st.segLocked(pos.seg).topology = true
 			if !pos.less(st.snapPos) {
-				rec.topology = append(rec.topology, walRecord{typ, payload})
+				rec.topology = append(rec.topology, walRecord{typ, bytes.Clone(payload)})
 			}
 		case recQueueDeclare:
 			d := decoder{b: payload}
@@ -220,12 +221,12 @@ func (st *store) replay(repair bool) (*recovered, error) {
 			st.nextQID = max(st.nextQID, d.longlong()+1)
 			st.segLocked(pos.seg).topology = true
 			if !pos.less(st.snapPos) {
-				rec.topology = append(rec.topology, walRecord{typ, payload})
+				rec.topology = append(rec.topology, walRecord{typ, bytes.Clone(payload)})
 			}
 		case recExchangeDeclare, recExchangeDelete, recBind, recUnbind:
 			st.segLocked(pos.seg).topology = true
 			if !pos.less(st.snapPos) {
-				rec.topology = append(rec.topology, walRecord{typ, payload})
+				rec.topology = append(rec.topology, walRecord{typ, bytes.Clone(payload)})
 			}
 		default:
 			return errors.New("unknown record type " + strconv.Itoa(int(typ)))

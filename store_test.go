@@ -752,3 +752,31 @@ func TestWALSyncsWhatItReliesOn(t *testing.T) {
 		t.Errorf("cutting the torn tail of %s synced it %d times and the directory %d times, want after the cut too", last, count(last), count(walDir))
 	}
 }
+
+// TestReplayKeepsTopologyAcrossSegments: topology records replayed from an early segment
+// survive the reading of the later ones (replay reuses its read buffer).
+func TestReplayKeepsTopologyAcrossSegments(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	w, _ := openTestWAL(t, dir, storeOptions{segmentSize: 2048})
+	q := walTestQueue(1)
+	decl := queueRecord("/", q)
+	logTestTopology(t, w, recQueueDeclare, decl)
+	for i := range 40 {
+		logTestPublish(t, w, walTestMessage(i, "", "q1", 300), q)
+	}
+	if err := w.sync(); err != nil {
+		t.Fatal(err)
+	}
+	w.close() // no snapshot function: no checkpoint, the log alone holds the topology
+	if n := len(segmentFiles(t, dir)); n < 4 {
+		t.Fatalf("%d segments, want several", n)
+	}
+	_, rec := openTestWAL(t, dir, storeOptions{segmentSize: 2048})
+	if len(rec.topology) != 1 || rec.topology[0].typ != recQueueDeclare || !bytes.Equal(rec.topology[0].payload, decl) {
+		t.Fatalf("recovered topology %v, want the queue.declare as logged", rec.topology)
+	}
+	if n := len(rec.messages[q.walID]); n != 40 {
+		t.Fatalf("recovered %d messages, want 40", n)
+	}
+}

@@ -220,7 +220,7 @@ func (w *wal) segPath(seq uint64) string {
 }
 
 // replay reads every segment in order and calls fn for each record, with its position
-// and size (header included). A torn tail of the last segment is cut off; corruption
+// and size (header included); the payload is valid only during the call. A torn tail of the last segment is cut off; corruption
 // elsewhere is an error, unless repair, which skips the rest of that segment. Every
 // segment read is fsynced first: what the page cache held after a kill -9 may never have
 // reached the disk, and nothing may rely on it until it has.
@@ -230,12 +230,14 @@ func (w *wal) replay(repair bool, fn func(pos walPos, typ uint8, payload []byte,
 		return err
 	}
 	sort.Strings(names)
+	var data []byte
 	for i, name := range names {
 		seq, err := strconv.ParseUint(strings.TrimSuffix(filepath.Base(name), ".seg"), 10, 64)
 		if err != nil {
 			return errors.New("amqp: unexpected file in log directory: " + name)
 		}
-		data, err := os.ReadFile(name)
+		// One buffer serves every segment: the callback copies what it keeps.
+		data, err = readFileInto(data[:0], name)
 		if err != nil {
 			return err
 		}
@@ -287,6 +289,25 @@ func (w *wal) replay(repair bool, fn func(pos walPos, typ uint8, payload []byte,
 		}
 	}
 	return nil
+}
+
+// readFileInto reads a whole file into buf, grown as needed.
+func readFileInto(buf []byte, name string) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	buf = slices.Grow(buf[:0], int(fi.Size()))[:fi.Size()]
+	n, err := io.ReadFull(f, buf)
+	if err == io.ErrUnexpectedEOF {
+		err = nil // shorter than it was: read what is there
+	}
+	return buf[:n], err
 }
 
 // start opens a fresh head segment, numbered past every file and past after (a checkpoint
