@@ -497,22 +497,22 @@ func (st *store) compact() {
 		}
 	}
 	for {
-		segs := w.segments()
-		if len(segs) < 2 || w.failedAtomic.Load() {
+		old, n, size := w.oldest()
+		if n < 2 || w.failedAtomic.Load() {
 			return
 		}
-		old := segs[0]
 		st.mu.Lock()
 		s := st.segLocked(old.seq)
 		if s.live > 0 {
+			if s.relocated != 0 {
+				st.mu.Unlock()
+				return // its copies are on their way; it goes once they are fsynced
+			}
 			// A long-lived backlog at the tail must not keep every dead segment after it:
 			// disk stays about twice the live data plus a segment.
-			var live, size int64
-			for _, o := range segs {
-				if os := st.segs[o.seq]; os != nil {
-					live += os.live
-				}
-				size += o.size
+			var live int64
+			for _, o := range st.segs {
+				live += o.live
 			}
 			mostlyDead := s.live*2 < old.size || live*2 < size && size > 1<<20
 			relocate := s.relocated == 0 && mostlyDead && !w.noSpace.Load()

@@ -453,6 +453,18 @@ func (w *wal) head() walPos {
 	return walPos{h.seq, uint64(h.size)}
 }
 
+// oldest returns the oldest segment, how many segments there are (the head included),
+// and their total size.
+func (w *wal) oldest() (segmentInfo, int, int64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var size int64
+	for _, s := range w.segs {
+		size += s.size
+	}
+	return segmentInfo{seq: w.segs[0].seq, size: w.segs[0].size}, len(w.segs), size
+}
+
 // segments lists the segments, oldest first, with their sizes; the last is the head,
 // which is never removed.
 func (w *wal) segments() []segmentInfo {
