@@ -434,6 +434,9 @@ func (q *queue) took(e qentry) {
 	if !e.msg.paged {
 		q.ramBytes -= int64(e.msg.size)
 	}
+	if q.ahead.buf != nil && q.ready.len() == 0 && len(q.requeued) == 0 {
+		q.ahead = readAhead{} // an empty queue keeps no window of the disk in memory
+	}
 }
 
 // requeueLocked puts a delivered message back in its original place, marked redelivered.
