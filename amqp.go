@@ -152,7 +152,7 @@ type Config struct {
 	// restart, after which bodies are always read back from the log).
 	PageOutBytes int64
 	// SegmentSize is the size at which the write-ahead log starts a new segment file;
-	// default 16 MiB.
+	// default 16 MiB, at most 1 GiB.
 	SegmentSize int64
 	// FsyncInterval selects the fsync policy. Zero (the default) is "always": every batch
 	// of log records is fsynced before the confirms and tx.commit-oks it covers are sent.

@@ -1104,11 +1104,11 @@ func TestQueuePagedReadError(t *testing.T) {
 		t.Fatal("the last message is not paged")
 	}
 	// Flip an octet of its record's body on disk.
-	f, err := os.OpenFile(b.srv.store.w.segPath(last.wal.seg), os.O_RDWR, 0)
+	f, err := os.OpenFile(b.srv.store.w.segPath(uint64(last.wal.seg)), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	at := int64(last.wal.off) + last.wal.recLen - 10
+	at := int64(last.wal.off) + int64(last.wal.recLen) - 10
 	one := []byte{0}
 	f.ReadAt(one, at)
 	one[0] ^= 0xff
@@ -1281,11 +1281,11 @@ func TestQueuePagedReadErrorWithConfirms(t *testing.T) {
 	q.mu.Lock()
 	last := q.ready.at(q.ready.len() - 1).msg
 	q.mu.Unlock()
-	f, err := os.OpenFile(b.srv.store.w.segPath(last.wal.seg), os.O_RDWR, 0)
+	f, err := os.OpenFile(b.srv.store.w.segPath(uint64(last.wal.seg)), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.WriteAt([]byte{0xff, 0x00, 0xff}, int64(last.wal.off)+last.wal.recLen-10)
+	f.WriteAt([]byte{0xff, 0x00, 0xff}, int64(last.wal.off)+int64(last.wal.recLen)-10)
 	f.Close()
 
 	w.send(2, &channelOpen{})

@@ -80,15 +80,23 @@ type segState struct {
 // msgWAL is a persistent message's place in the log; guarded by store.mu.
 type msgWAL struct {
 	id     uint64
-	seg    uint64 // the segment of its record, or of the copy compaction made
-	off    uint64 // the record's offset in seg
-	ticket uint64 // the log ticket of that record: readable back once it is done
-	recLen int64
+	ticket uint64 // the log ticket of its record: readable back once it is done
+	seg    uint32 // the segment of its record, or of the copy compaction made
+	off    uint32 // the record's offset in seg (segments are at most maxSegment)
+	recLen uint32 // the record's size, header included
+	refs   int32  // durable queues still holding the message
 	// prev is where the record was before compaction copied it, readable until the copy
 	// is: the old segment goes only once the copy is fsynced. nil if never copied.
 	prev   *walPlace
-	refs   int      // durable queues still holding the message
-	queues []uint64 // their ids, for copy-forward
+	queues []uint64 // the queues' ids, for copy-forward
+}
+
+// pos is the place of m's record in the log.
+func (mw *msgWAL) pos() walPos { return walPos{uint64(mw.seg), uint64(mw.off)} }
+
+// place records where m's record is.
+func (mw *msgWAL) place(pos walPos, size int64) {
+	mw.seg, mw.off, mw.recLen = uint32(pos.seg), uint32(pos.off), uint32(size)
 }
 
 // walPlace is a record's position and size, header included.
@@ -193,7 +201,7 @@ func (st *store) replay(repair bool) (*recovered, error) {
 				m.wal.queues = slices.DeleteFunc(qids, func(q uint64) bool { return deleted[q] })
 			}
 			// A copy moves the message: this record is now its place in the log.
-			m.wal.seg, m.wal.off, m.wal.recLen = pos.seg, pos.off, size
+			m.wal.place(pos, size)
 			st.nextMsgID = max(st.nextMsgID, m.wal.id+1)
 		case recAck:
 			d := decoder{b: payload}
@@ -250,9 +258,9 @@ func (st *store) replay(repair bool) (*recovered, error) {
 		for _, q := range mw.queues {
 			rec.messages[q] = append(rec.messages[q], m)
 		}
-		mw.refs = len(mw.queues)
-		s := st.segLocked(mw.seg)
-		s.live += mw.recLen
+		mw.refs = int32(len(mw.queues))
+		s := st.segLocked(uint64(mw.seg))
+		s.live += int64(mw.recLen)
 		s.msgs = append(s.msgs, mw)
 	}
 	return rec, nil
@@ -331,7 +339,7 @@ func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *cha
 		}
 	}
 	st.mu.Lock()
-	m.wal = &msgWAL{id: st.nextMsgID, refs: len(qids), queues: qids}
+	m.wal = &msgWAL{id: st.nextMsgID, refs: int32(len(qids)), queues: qids}
 	st.nextMsgID++
 	scratch = m.appendPublishRecord(scratch[:0], qids)
 	if ch != nil {
@@ -339,10 +347,10 @@ func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *cha
 	}
 	t, pos, err := st.w.append(recPublish, scratch)
 	if err == nil {
-		m.wal.seg, m.wal.off, m.wal.ticket = pos.seg, pos.off, t
-		m.wal.recLen = int64(walRecordOverhead + len(scratch))
+		m.wal.place(pos, int64(walRecordOverhead+len(scratch)))
+		m.wal.ticket = t
 		s := st.segLocked(pos.seg)
-		s.live += m.wal.recLen
+		s.live += int64(m.wal.recLen)
 		s.msgs = append(s.msgs, m.wal)
 	} else {
 		m.wal = nil
@@ -384,8 +392,8 @@ func (st *store) unrefLocked(m *message, qid uint64) {
 		}
 	}
 	if mw.refs == 0 {
-		if s := st.segs[mw.seg]; s != nil {
-			s.live -= mw.recLen
+		if s := st.segs[uint64(mw.seg)]; s != nil {
+			s.live -= int64(mw.recLen)
 		}
 	}
 }
@@ -556,9 +564,9 @@ func (st *store) relocate(seq uint64, old *segState) {
 	var live []*msgWAL
 	var at []walPos
 	for _, mw := range old.msgs {
-		if mw.seg == seq && mw.refs > 0 {
+		if uint64(mw.seg) == seq && mw.refs > 0 {
 			live = append(live, mw)
-			at = append(at, walPos{mw.seg, mw.off})
+			at = append(at, mw.pos())
 		}
 	}
 	st.mu.Unlock()
@@ -571,7 +579,7 @@ func (st *store) relocate(seq uint64, old *segState) {
 			return
 		}
 		st.mu.Lock()
-		if mw.refs == 0 || mw.seg != seq {
+		if mw.refs == 0 || uint64(mw.seg) != seq {
 			st.mu.Unlock()
 			continue // settled meanwhile
 		}
@@ -581,12 +589,12 @@ func (st *store) relocate(seq uint64, old *segState) {
 			st.mu.Unlock()
 			return
 		}
-		old.live -= mw.recLen
-		mw.prev = &walPlace{walPos{mw.seg, mw.off}, mw.recLen}
-		mw.seg, mw.off, mw.ticket = pos.seg, pos.off, t
-		mw.recLen = int64(walRecordOverhead + len(buf))
+		old.live -= int64(mw.recLen)
+		mw.prev = &walPlace{mw.pos(), int64(mw.recLen)}
+		mw.place(pos, int64(walRecordOverhead+len(buf)))
+		mw.ticket = t
 		s := st.segLocked(pos.seg)
-		s.live += mw.recLen
+		s.live += int64(mw.recLen)
 		s.msgs = append(s.msgs, mw)
 		last = t
 		// Set as each copy is made: a relocation that stops part-way must still keep the
@@ -645,7 +653,7 @@ func (st *store) bodyPlace(m *message) (walPos, int64, error) {
 	mw := m.wal
 	if mw.ticket <= st.w.doneAtomic.Load() {
 		mw.prev = nil
-		return walPos{mw.seg, mw.off}, mw.recLen, nil
+		return mw.pos(), int64(mw.recLen), nil
 	}
 	if mw.prev != nil {
 		return mw.prev.pos, mw.prev.size, nil

@@ -509,7 +509,7 @@ func TestWALCompactionCopiesForwardInOrder(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.mu.Lock()
-	pinnedSeg := pinned.wal.seg
+	pinnedSeg := uint64(pinned.wal.seg)
 	w.mu.Unlock()
 	w.settle(q2, filler)
 
@@ -517,7 +517,7 @@ func TestWALCompactionCopiesForwardInOrder(t *testing.T) {
 	for {
 		oldest := w.w.segments()[0].seq
 		w.mu.Lock()
-		moved := pinned.wal.seg
+		moved := uint64(pinned.wal.seg)
 		w.mu.Unlock()
 		_, err := os.Stat(w.w.segPath(pinnedSeg))
 		if oldest > pinnedSeg && moved > pinnedSeg && errors.Is(err, os.ErrNotExist) {

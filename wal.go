@@ -61,6 +61,9 @@ const (
 	walRecordOverhead = 9 // len, crc, type
 	walSnapHeader     = 32
 	defaultSegment    = 16 << 20
+	// maxSegment bounds the segment size, so that an offset in a segment (which may
+	// hold one record past it, a message of up to 512 MiB) fits 32 bits.
+	maxSegment = 1 << 30
 )
 
 var (
@@ -144,6 +147,7 @@ func openWAL(dir string, opts walOptions) (*wal, error) {
 	if opts.segmentSize <= 0 {
 		opts.segmentSize = defaultSegment
 	}
+	opts.segmentSize = min(opts.segmentSize, maxSegment)
 	if err := prepareDir(dir, opts.log); err != nil {
 		return nil, err
 	}
