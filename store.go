@@ -2,9 +2,11 @@ package amqp
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"log/slog"
+	"maps"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -181,11 +183,19 @@ func (st *store) replay(repair bool) (*recovered, error) {
 			rest = rest[5+size:]
 		}
 	}
-	// msgs holds every message seen, by id; its msgWAL.queues are the queues that still
-	// hold it, as the records replayed so far say.
-	msgs := make(map[uint64]*message)
+	// Every message seen, found by id; its msgWAL.queues are the queues that still hold
+	// it, as the records replayed so far say. Publish records come in id order but for the
+	// copies compaction made, so the messages are a list in id order, searched, and the
+	// few that come out of order (copies whose original is gone) a map.
+	var inOrder []*message
+	late := make(map[uint64]*message)
+	find := func(id uint64) *message {
+		if i, ok := slices.BinarySearchFunc(inOrder, id, func(m *message, id uint64) int { return cmp.Compare(m.wal.id, id) }); ok {
+			return inOrder[i]
+		}
+		return late[id]
+	}
 	deleted := make(map[uint64]bool) // queue ids deleted
-	var order []uint64
 	err = st.w.replay(repair, func(pos walPos, typ uint8, payload []byte, size int64) error {
 		switch typ {
 		case recPublish:
@@ -193,11 +203,14 @@ func (st *store) replay(repair bool) (*recovered, error) {
 			if !ok {
 				return errors.New("bad publish record")
 			}
-			m := msgs[d.wal.id]
+			m := find(d.wal.id)
 			if m == nil {
 				m = d.message
-				msgs[m.wal.id] = m
-				order = append(order, m.wal.id)
+				if n := len(inOrder); n == 0 || inOrder[n-1].wal.id < m.wal.id {
+					inOrder = append(inOrder, m)
+				} else {
+					late[m.wal.id] = m
+				}
 				m.wal.queues = slices.DeleteFunc(qids, func(q uint64) bool { return deleted[q] })
 			}
 			// A copy moves the message: this record is now its place in the log.
@@ -208,7 +221,7 @@ func (st *store) replay(repair bool) (*recovered, error) {
 			qid := d.longlong()
 			cnt := d.long()
 			for j := uint32(0); j < cnt && d.err == nil; j++ {
-				if m := msgs[d.longlong()]; m != nil {
+				if m := find(d.longlong()); m != nil {
 					m.wal.queues = removeItem(m.wal.queues, qid)
 				}
 			}
@@ -216,7 +229,10 @@ func (st *store) replay(repair bool) (*recovered, error) {
 			d := decoder{b: payload}
 			qid := d.longlong()
 			deleted[qid] = true
-			for _, m := range msgs {
+			for _, m := range inOrder {
+				m.wal.queues = removeItem(m.wal.queues, qid)
+			}
+			for _, m := range late {
 				m.wal.queues = removeItem(m.wal.queues, qid)
 			}
 			st.segLocked(pos.seg).topology = true
@@ -246,9 +262,12 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	}
 	// Queue order is message-id order, never file order: compaction copies old messages
 	// forward past newer ones.
-	slices.Sort(order)
-	for _, id := range order {
-		m := msgs[id]
+	all := inOrder
+	if len(late) > 0 {
+		all = slices.AppendSeq(slices.Clone(inOrder), maps.Values(late))
+		slices.SortFunc(all, func(a, b *message) int { return cmp.Compare(a.wal.id, b.wal.id) })
+	}
+	for _, m := range all {
 		mw := m.wal
 		if len(mw.queues) == 0 {
 			continue
