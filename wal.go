@@ -86,6 +86,7 @@ type segment struct {
 	seq  uint64
 	size int64    // octets assigned, header included; guarded by w.mu
 	rf   *os.File // opened for reading back, lazily; guarded by w.mu
+	used uint64   // when rf was last handed out, in w.reads; guarded by w.mu
 }
 
 // walChunk is appended bytes waiting for the writer, all for one segment.
@@ -110,6 +111,8 @@ type wal struct {
 	pendSpare []walChunk // guarded by mu: the other pend slice, empty
 	freeBufs  [][]byte   // guarded by mu: chunk buffers to reuse
 	appended  uint64     // guarded by mu: tickets handed out (one per record)
+	reads     uint64     // guarded by mu: read handles handed out, a clock for closing the idlest
+	readFiles int        // guarded by mu: segments with a read handle open
 	done      uint64     // guarded by mu: tickets written (and synced, under "always")
 	failed    error      // guarded by mu: a write or fsync failed; the log is closed for good
 	closed    bool       // guarded by mu
@@ -509,6 +512,7 @@ func (w *wal) removeSegment(seq uint64) error {
 	if s.rf != nil {
 		s.rf.Close()
 		s.rf = nil
+		w.readFiles--
 	}
 	w.mu.Unlock()
 	if err := os.Remove(w.segPath(seq)); err != nil {
@@ -526,13 +530,9 @@ func (w *wal) readRecord(pos walPos) (uint8, []byte, error) {
 // readRecordSized is readRecord for a record whose size, header included, the caller
 // knows: one read instead of two. A size of 0 is unknown.
 func (w *wal) readRecordSized(pos walPos, size int64) (uint8, []byte, error) {
-	f, err := w.segFile(pos.seg)
-	if err != nil {
-		return 0, nil, err
-	}
 	if size < walRecordOverhead {
 		var hdr [walRecordOverhead]byte
-		if _, err := f.ReadAt(hdr[:], int64(pos.off)); err != nil {
+		if _, err := w.readFileAt(pos.seg, hdr[:], int64(pos.off)); err != nil {
 			return 0, nil, err
 		}
 		size = walRecordOverhead + int64(binary.BigEndian.Uint32(hdr[:]))
@@ -541,7 +541,7 @@ func (w *wal) readRecordSized(pos walPos, size int64) (uint8, []byte, error) {
 		}
 	}
 	b := make([]byte, size)
-	if _, err := f.ReadAt(b, int64(pos.off)); err != nil {
+	if _, err := w.readFileAt(pos.seg, b, int64(pos.off)); err != nil {
 		return 0, nil, err
 	}
 	typ, payload, n, ok := parseRecord(b)
@@ -555,11 +555,7 @@ func (w *wal) readRecordSized(pos walPos, size int64) (uint8, []byte, error) {
 // how many octets it read. What it reads past the records written so far may be partial,
 // which their CRCs tell.
 func (w *wal) readAt(pos walPos, buf []byte) (int, error) {
-	f, err := w.segFile(pos.seg)
-	if err != nil {
-		return 0, err
-	}
-	n, err := f.ReadAt(buf, int64(pos.off))
+	n, err := w.readFileAt(pos.seg, buf, int64(pos.off))
 	if err == io.EOF {
 		err = nil
 	}
@@ -576,13 +572,48 @@ func (w *wal) segFile(seq uint64) (*os.File, error) {
 	}
 	s := w.segs[i]
 	if s.rf == nil {
+		if w.readFiles >= maxReadFiles {
+			// A backlog spread over many segments must not run out of descriptors: close
+			// the idlest handle (a read on it in flight retries with a new one).
+			var idle *segment
+			for _, o := range w.segs {
+				if o.rf != nil && (idle == nil || o.used < idle.used) {
+					idle = o
+				}
+			}
+			idle.rf.Close()
+			idle.rf = nil
+			w.readFiles--
+		}
 		f, err := os.Open(w.segPath(s.seq))
 		if err != nil {
 			return nil, err
 		}
 		s.rf = f
+		w.readFiles++
 	}
+	w.reads++
+	s.used = w.reads
 	return s.rf, nil
+}
+
+// maxReadFiles bounds the segments kept open for reading back.
+const maxReadFiles = 64
+
+// readFileAt reads from segment seq at off into b, with one retry should the handle be
+// closed under it (segFile closes the idlest when too many are open).
+func (w *wal) readFileAt(seq uint64, b []byte, off int64) (int, error) {
+	for try := 0; ; try++ {
+		f, err := w.segFile(seq)
+		if err != nil {
+			return 0, err
+		}
+		n, err := f.ReadAt(b, off)
+		if errors.Is(err, os.ErrClosed) && try < 2 {
+			continue
+		}
+		return n, err
+	}
 }
 
 // run is the writer: one write and one fsync per batch, then the caller's hooks.
@@ -791,6 +822,7 @@ func (w *wal) close() {
 			s.rf = nil
 		}
 	}
+	w.readFiles = 0
 	w.mu.Unlock()
 }
 

@@ -308,3 +308,54 @@ func TestLogWaitAfterClose(t *testing.T) {
 		t.Fatal("a closed log took a record")
 	}
 }
+
+// TestLogReadBackManySegments: reading back records spread over more segments than the
+// log keeps open for reading, from two goroutines in any order, gets every one right and
+// holds at most maxReadFiles descriptors.
+func TestLogReadBackManySegments(t *testing.T) {
+	t.Parallel()
+	w, _ := openLog(t, t.TempDir(), 1024)
+	var recs []logRec
+	for n := range 3 * maxReadFiles * 2 {
+		p := logPayload(n, 600)
+		_, pos, err := w.append(1, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		recs = append(recs, logRec{pos, 1, p})
+	}
+	if err := w.sync(); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	for g := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range recs {
+				r := recs[(i*7+g*13)%len(recs)]
+				if _, p, err := w.readRecord(r.pos); err != nil || !bytes.Equal(p, r.payload) {
+					errs <- errors.New("record at " + strconv.FormatUint(r.pos.seg, 10) + " read back wrong")
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+	w.mu.Lock()
+	open := 0
+	for _, s := range w.segs {
+		if s.rf != nil {
+			open++
+		}
+	}
+	w.mu.Unlock()
+	if open > maxReadFiles || len(w.segments()) < 2*maxReadFiles {
+		t.Fatalf("%d read handles open over %d segments, want at most %d", open, len(w.segments()), maxReadFiles)
+	}
+}
