@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -1337,5 +1338,40 @@ func TestQueuePagedReadErrorWithConfirms(t *testing.T) {
 	}
 	if closedAt < 0 {
 		t.Fatal("channel 2 was not closed")
+	}
+}
+
+// TestQueuePagesWhileMemoryHigh: while the memory alarm is on, even a short queue keeps
+// the bodies of new messages out of memory (here a transient one, in a paging file), and
+// reads them back.
+func TestQueuePagesWhileMemoryHigh(t *testing.T) {
+	t.Parallel()
+	sp, err := openSpill(filepath.Join(t.TempDir(), "paging"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sp.close()
+	var alarms atomic.Uint32
+	vh := newVhost("/")
+	vh.spill, vh.alarms = sp, &alarms
+	q := &queue{name: "short", vh: vh}
+	body := bytes.Repeat([]byte("m"), 1000)
+	msg := func() *message {
+		return &message{data: append([]byte("k"), body...), keyLen: 1, size: uint32(len(body))}
+	}
+	q.enqueue(msg())
+	alarms.Store(alarmMemory)
+	q.enqueue(msg())
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.ready.at(0).msg.paged || !q.ready.at(1).msg.paged {
+		t.Fatalf("paged: %v then %v, want only the message enqueued during the alarm", q.ready.at(0).msg.paged, q.ready.at(1).msg.paged)
+	}
+	got, e := q.bodyOf(q.ready.at(1).msg)
+	if e != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read back %d octets, %v; want the body", len(got), e)
+	}
+	if q.ramBytes != int64(len(body)) {
+		t.Fatalf("%d body octets counted in memory, want %d", q.ramBytes, len(body))
 	}
 }
