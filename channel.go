@@ -116,16 +116,7 @@ func (ch *channel) killLocked(e *Error) {
 
 // send queues a method on the channel, unless another goroutine killed it: nothing may
 // follow its channel.close.
-func (ch *channel) send(m method) {
-	c := ch.c
-	c.outMu.Lock()
-	if !c.outClosed && ch.killed.Load() == nil {
-		c.out = appendMethodFrame(c.out, ch.id, m)
-		c.storeOutLenLocked()
-	}
-	c.outMu.Unlock()
-	c.signal()
-}
+func (ch *channel) send(m method) { ch.c.sendUnlessKilled(ch.id, m, &ch.killed) }
 
 // canDeliverLocked reports whether consumer c may take one more message. ch.mu must be held.
 func (ch *channel) canDeliverLocked(c *consumer) bool {
@@ -916,8 +907,8 @@ func (ch *channel) basicGet(d *decoder) error {
 		ch.send(&basicGetEmpty{})
 		return nil
 	}
-	body, rerr := q.bodyOf(q.peekLocked().msg)
-	if rerr == errBodyNotYet {
+	body, notYet, rerr := q.bodyOf(q.peekLocked().msg)
+	if notYet {
 		// Wait for the log's writer, off the queue's lock, then look again once.
 		q.mu.Unlock()
 		q.vh.store.sync()
@@ -927,9 +918,9 @@ func (ch *channel) basicGet(d *decoder) error {
 			ch.send(&basicGetEmpty{})
 			return nil
 		}
-		body, rerr = q.bodyOf(q.peekLocked().msg)
+		body, notYet, rerr = q.bodyOf(q.peekLocked().msg)
 	}
-	if rerr == errBodyNotYet {
+	if notYet {
 		// The disk is full and the head message's record is still waiting for room: it
 		// is not to be had now.
 		ch.send(&basicGetEmpty{})

@@ -948,9 +948,14 @@ func (c *conn) channelResult(ch *channel, err error) error {
 func (c *conn) send(m method) { c.sendOn(0, m) }
 
 // sendOn queues a method frame on a channel.
-func (c *conn) sendOn(channel uint16, m method) {
+func (c *conn) sendOn(channel uint16, m method) { c.sendUnlessKilled(channel, m, nil) }
+
+// sendUnlessKilled is sendOn that drops the frame once killed (a channel's, when not nil)
+// is set: it is checked under the outbox lock, so nothing queued after a kill's
+// channel.close can follow it.
+func (c *conn) sendUnlessKilled(channel uint16, m method, killed *atomic.Pointer[Error]) {
 	c.outMu.Lock()
-	if !c.outClosed {
+	if !c.outClosed && (killed == nil || killed.Load() == nil) {
 		c.out = appendMethodFrame(c.out, channel, m)
 		c.storeOutLenLocked()
 	}

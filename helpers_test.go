@@ -679,22 +679,7 @@ type secRemoteConn struct{ net.Conn }
 func (secRemoteConn) RemoteAddr() net.Addr { return secRemote }
 
 // secLog collects a server's log as JSON lines; it is safe for concurrent use.
-type secLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *secLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *secLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
+type secLog struct{ walLogBuffer }
 
 func (l *secLog) logger() *slog.Logger {
 	return slog.New(slog.NewJSONHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))

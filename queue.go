@@ -186,7 +186,7 @@ func (q *queue) enqueue(m *message) bool {
 		// comes. While memory is short, every queue does.
 		if m.wal != nil && q.walID != 0 {
 			e.msg = m.pagedView()
-		} else if sp := q.vh.spill; sp != nil && size > 0 {
+		} else if sp := q.vh.spill; sp != nil {
 			if ref, err := sp.put(m.body()); err == nil {
 				e.msg = m.pagedView()
 				e.msg.spill = ref
@@ -494,18 +494,16 @@ func (q *queue) heapPopLocked() qentry {
 func (q *queue) requeue(es []qentry) {
 	q.mu.Lock()
 	if q.deleted {
+		var logged []*message
 		for _, e := range es {
 			q.unspill(e.msg)
-		}
-	}
-	if q.deleted && q.walID != 0 && q.vh.store != nil {
-		msgs := make([]*message, 0, len(es))
-		for _, e := range es {
 			if e.msg.wal != nil {
-				msgs = append(msgs, e.msg)
+				logged = append(logged, e.msg)
 			}
 		}
-		q.vh.store.dropQueue(q, msgs)
+		if q.walID != 0 && q.vh.store != nil {
+			q.vh.store.dropQueue(q, logged)
+		}
 	}
 	for _, e := range es {
 		q.requeueLocked(e)
@@ -629,8 +627,8 @@ func (c *consumer) deliverLocked(e qentry) bool {
 		ch.c.waitForDrain(c.q)
 		return false
 	}
-	body, err := c.q.bodyOf(e.msg)
-	if err == errBodyNotYet {
+	body, notYet, err := c.q.bodyOf(e.msg)
+	if notYet {
 		c.q.vh.store.dispatchAfterBatch(c.q)
 		return false
 	}
@@ -650,18 +648,14 @@ func (c *consumer) deliverLocked(e qentry) bool {
 	return true
 }
 
-// errBodyNotYet is bodyOf's answer for a paged message whose log record is not written
-// yet: it is delivered after the log's next batch.
-var errBodyNotYet = &Error{Code: replyInternalError, Text: "not written yet"}
-
 // bodyOf returns m's body, read back from the log or a paging file when m is paged. A read
-// that fails is logged and returned as the 541 that closes the channel it was for; a
-// record not yet written is errBodyNotYet. q.mu must be held.
-func (q *queue) bodyOf(m *message) ([]byte, *Error) {
+// that fails is logged and returned as the 541 that closes the channel it was for;
+// notYet says m's log record is not written yet (it can be delivered after the log's next
+// batch). q.mu must be held.
+func (q *queue) bodyOf(m *message) (body []byte, notYet bool, e *Error) {
 	if !m.paged {
-		return m.body(), nil
+		return m.body(), false, nil
 	}
-	var body []byte
 	var err error
 	if m.spill.seg != 0 {
 		body, err = q.vh.spill.getAhead(m.spill, m.size, &q.ahead)
@@ -669,13 +663,13 @@ func (q *queue) bodyOf(m *message) ([]byte, *Error) {
 		body, err = q.vh.store.readBodyAhead(m, &q.ahead)
 	}
 	if err == errNotWritten {
-		return nil, errBodyNotYet
+		return nil, true, nil
 	}
 	if err != nil {
 		q.vh.store.log.Error("reading a paged message body back failed", "queue", q.name, "vhost", q.vh.name, "err", err)
-		return nil, internalError("cannot read a paged message back from disk: " + err.Error())
+		return nil, false, internalError("cannot read a paged message back from disk: " + err.Error())
 	}
-	return body, nil
+	return body, false, nil
 }
 
 // unacked is a delivery waiting for its ack, in a channel's list ordered by tag.

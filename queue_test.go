@@ -1367,7 +1367,7 @@ func TestQueuePagesWhileMemoryHigh(t *testing.T) {
 	if q.ready.at(0).msg.paged || !q.ready.at(1).msg.paged {
 		t.Fatalf("paged: %v then %v, want only the message enqueued during the alarm", q.ready.at(0).msg.paged, q.ready.at(1).msg.paged)
 	}
-	got, e := q.bodyOf(q.ready.at(1).msg)
+	got, _, e := q.bodyOf(q.ready.at(1).msg)
 	if e != nil || !bytes.Equal(got, body) {
 		t.Fatalf("read back %d octets, %v; want the body", len(got), e)
 	}
