@@ -273,15 +273,17 @@ func (t *topicIndex) queue(op topicOp) {
 	// An exchange nobody publishes to would hold its changes, and the bindings they
 	// name, for ever: apply them now when no match is in the way.
 	if n >= 1024 && t.mu.TryLock() {
+		t.applyLocked()
 		t.mu.Unlock()
-		t.apply()
 	}
 }
 
 // match sets rs.hits to the bindings whose keys match key.
 func (t *topicIndex) match(key []byte, rs *routeSet) {
 	if t.pending.Load() > 0 {
-		t.apply()
+		t.mu.Lock()
+		t.applyLocked()
+		t.mu.Unlock()
 	}
 	rs.hits = rs.hits[:0]
 	rs.words = splitWords(rs.words[:0], key)
@@ -290,10 +292,8 @@ func (t *topicIndex) match(key []byte, rs *routeSet) {
 	t.mu.RUnlock()
 }
 
-// apply brings the queued binding changes into the trie.
-func (t *topicIndex) apply() {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+// applyLocked brings the queued binding changes into the trie. t.mu must be held.
+func (t *topicIndex) applyLocked() {
 	t.opsMu.Lock()
 	ops := t.ops
 	t.ops = nil

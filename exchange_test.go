@@ -824,7 +824,9 @@ func TestTopicCollapsedKeys(t *testing.T) {
 	if x.addBindingLocked(&binding{source: x, queue: q, key: "a.#.#.#.b"}) {
 		t.Fatal("a.#.#.#.b bound twice")
 	}
-	x.topic.apply()
+	x.topic.mu.Lock()
+	x.topic.applyLocked()
+	x.topic.mu.Unlock()
 	if n := topicNodes(&x.topic.root); n != 4 {
 		t.Fatalf("trie has %d nodes, want 4 (root a # b)", n)
 	}
@@ -847,7 +849,9 @@ func TestTopicCollapsedKeys(t *testing.T) {
 		t.Fatal("a.#.#.#.b found after its unbind")
 	}
 	x.removeBindingLocked(x.findBindingLocked(&binding{queue: q, key: "a.#.b"}))
-	x.topic.apply()
+	x.topic.mu.Lock()
+	x.topic.applyLocked()
+	x.topic.mu.Unlock()
 	if !x.topic.root.empty() {
 		t.Fatalf("trie not empty after both unbinds: %+v", x.topic.root)
 	}

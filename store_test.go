@@ -515,7 +515,8 @@ func TestWALCompactionCopiesForwardInOrder(t *testing.T) {
 
 	deadline := time.Now().Add(walWait)
 	for {
-		oldest := w.w.segments()[0].seq
+		first, _, _ := w.w.oldest()
+		oldest := first.seq
 		w.mu.Lock()
 		moved := uint64(pinned.wal.seg)
 		w.mu.Unlock()

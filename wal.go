@@ -472,19 +472,7 @@ func (w *wal) oldest() (segmentInfo, int, int64) {
 	return segmentInfo{seq: w.segs[0].seq, size: w.segs[0].size}, len(w.segs), size
 }
 
-// segments lists the segments, oldest first, with their sizes; the last is the head,
-// which is never removed.
-func (w *wal) segments() []segmentInfo {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	infos := make([]segmentInfo, len(w.segs))
-	for i, s := range w.segs {
-		infos[i] = segmentInfo{seq: s.seq, size: s.size}
-	}
-	return infos
-}
-
-// segmentInfo is a segment's number and size, as segments reports them.
+// segmentInfo is a segment's number and size.
 type segmentInfo struct {
 	seq  uint64
 	size int64
