@@ -688,26 +688,30 @@ func (st *store) readBodyAhead(m *message, ra *readAhead) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if rec := ra.window(false, pos.seg, pos.off, size); rec != nil {
-		// A window read while later records were being written may hold them only in
-		// part: their CRC tells, and a fresh read follows.
-		if typ, payload, n, ok := parseRecord(rec); ok && n == len(rec) && typ == recPublish {
-			if body, ok := publishBody(payload, m.wal.id); ok {
-				return body, nil
-			}
-		}
+	// A window read while later records were being written may hold them only in part:
+	// their CRC tells, and a fresh read follows.
+	if body, ok := recordBody(ra.window(false, pos.seg, pos.off, size), m.wal.id); ok {
+		return body, nil
 	}
 	buf := make([]byte, max(size, readAheadWindow))
 	n, err := st.w.readAt(pos, buf)
 	if err == nil && int64(n) >= size {
 		*ra = readAhead{seg: pos.seg, off: pos.off, buf: buf[:n]}
-		if typ, payload, n, ok := parseRecord(buf[:size]); ok && n == int(size) && typ == recPublish {
-			if body, ok := publishBody(payload, m.wal.id); ok {
-				return body, nil
-			}
+		if body, ok := recordBody(buf[:size], m.wal.id); ok {
+			return body, nil
 		}
 	}
 	return st.readBody(m) // moved by compaction meanwhile, or unreadable: the full path says
+}
+
+// recordBody returns the body of message id from rec, one whole publish record with its
+// header, when rec is that.
+func recordBody(rec []byte, id uint64) ([]byte, bool) {
+	typ, payload, n, ok := parseRecord(rec)
+	if !ok || n != len(rec) || typ != recPublish {
+		return nil, false
+	}
+	return publishBody(payload, id)
 }
 
 // readBody reads a paged message's body back from the log, one record, without waiting:
