@@ -907,7 +907,7 @@ func (ch *channel) basicGet(d *decoder) error {
 		ch.send(&basicGetEmpty{})
 		return nil
 	}
-	body, notYet, rerr := q.bodyOf(q.peekLocked().msg)
+	notYet, rerr := q.fillLocked()
 	if notYet {
 		// Wait for the log's writer, off the queue's lock, then look again once.
 		q.mu.Unlock()
@@ -918,7 +918,7 @@ func (ch *channel) basicGet(d *decoder) error {
 			ch.send(&basicGetEmpty{})
 			return nil
 		}
-		body, notYet, rerr = q.bodyOf(q.peekLocked().msg)
+		notYet, rerr = q.fillLocked()
 	}
 	if notYet {
 		// The disk is full and the head message's record is still waiting for room: it
@@ -941,7 +941,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	} else {
 		q.settleOne(e.msg)
 	}
-	ch.c.sendGetOk(ch.id, tag, e, body, uint32(q.messageCountLocked()))
+	ch.c.sendGetOk(ch.id, tag, e, e.msg.body(), uint32(q.messageCountLocked()))
 	ch.mu.Unlock()
 	return nil
 }

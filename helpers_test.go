@@ -1340,39 +1340,54 @@ func isLockBusy(err error) bool {
 	return err != nil && strings.Contains(err.Error(), "in use by another broker")
 }
 
-// openStoreRetry is openStoreDir that retries while the lock is briefly held by a forked child.
-func openStoreRetry(dir string, opts storeOptions) (*store, *recovered, error) {
+// openStoreRetry is openStoreDir that retries while the lock is briefly held by a forked
+// child; it reads every recovered message back whole.
+func openStoreRetry(dir string, opts storeOptions) (*store, *testRecovered, error) {
 	deadline := time.Now().Add(walLockRetry)
 	for {
 		w, rec, err := openStoreDir(dir, opts)
+		var tr *testRecovered
 		if err == nil {
-			err = readBackRecovered(w, rec)
+			tr, err = readBackRecovered(w, rec)
 		}
 		if !isLockBusy(err) || time.Now().After(deadline) {
-			return w, rec, err
+			return w, tr, err
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 }
 
-// readBackRecovered reads the body of every recovered message back from the log, as
-// deliveries would, so that tests compare whole messages.
-func readBackRecovered(st *store, rec *recovered) error {
-	read := map[*message]bool{}
-	for _, ms := range rec.messages {
-		for _, m := range ms {
-			if read[m] {
-				continue
-			}
-			read[m] = true
-			body, err := st.readBody(m)
+// testRecovered is what replay found, with each queue's messages read back whole from the
+// log, as deliveries would read them.
+type testRecovered struct {
+	*recovered
+	messages map[uint64][]*message // queue id → messages in id order
+}
+
+// readBackRecovered reads every recovered message back from the log; each is held in
+// memory by its queue, as after a delivery.
+func readBackRecovered(st *store, rec *recovered) (*testRecovered, error) {
+	tr := &testRecovered{recovered: rec, messages: make(map[uint64][]*message)}
+	for qid, refs := range rec.messages {
+		var ra readAhead
+		var err error
+		var ms []*message
+		refs.each(func(r *diskRef) {
 			if err != nil {
-				return err
+				return
 			}
-			m.data, m.paged = append(m.data, body...), false
+			var m *message
+			if m, err = st.readRef(r, &ra, 0); err == nil {
+				ms = append(ms, m)
+			}
+		})
+		if err != nil {
+			return nil, err
 		}
+		st.loaded(&queue{walID: qid}, ms)
+		tr.messages[qid] = ms
 	}
-	return nil
+	return tr, nil
 }
 
 // segmentFiles lists the segment files of a data directory, oldest first.

@@ -14,31 +14,28 @@ import (
 // without its body, which is read back from the log when it is delivered.
 type message struct {
 	exchange   string // the exchange's own (interned) name
-	data       []byte // routing key | properties | body (no body when paged)
+	data       []byte // routing key | properties | body
 	keyLen     uint8
 	propsLen   uint32
-	size       uint32   // body octets
-	paged      bool     // the body is in the log only
-	publisher  uint64   // the publishing connection's id, for no-local consumers
-	persistent bool     // delivery-mode 2
-	ttl        ttl      // the expiration property
-	wal        *msgWAL  // its place in the log, when it went to a durable queue
-	spill      spillRef // a paged transient message: where its body is
+	size       uint32  // body octets
+	publisher  uint64  // the publishing connection's id, for no-local consumers; 0 if unknown
+	persistent bool    // delivery-mode 2
+	ttl        ttl     // the expiration property
+	wal        *msgWAL // its place in the log, when it went to a durable queue
 }
 
 func (m *message) routingKey() []byte { return m.data[:m.keyLen] }
 func (m *message) props() []byte      { return m.data[m.keyLen : uint32(m.keyLen)+m.propsLen] }
 
-// body is the body of a message that is not paged.
-func (m *message) body() []byte { return m.data[uint32(m.keyLen)+m.propsLen:] }
+func (m *message) body() []byte       { return m.data[uint32(m.keyLen)+m.propsLen:] }
 
-// pagedView returns m without its body, for a queue that keeps it in the log only.
-func (m *message) pagedView() *message {
-	v := *m
-	v.data = slices.Clone(m.data[:uint32(m.keyLen)+m.propsLen])
-	v.paged = true
-	return &v
-}
+// memCost is about what m costs a queue that holds it in memory: its data and the
+// structures around it.
+func (m *message) memCost() int64 { return int64(len(m.data)) + messageOverhead }
+
+// messageOverhead is what a message in memory costs besides its data: the message, its
+// log place, its queue entry, and their allocation slack.
+const messageOverhead = 256
 
 // headers decodes the message's headers table, or returns nil.
 func (m *message) headers() table {
@@ -124,8 +121,11 @@ type queue struct {
 	hadConsumer bool          // guarded by mu: for auto-delete
 	deleted     bool          // guarded by mu
 	readyBytes  int64         // guarded by mu: body octets of the ready messages
-	ramBytes    int64         // guarded by mu: body octets of the ready messages not paged
-	ahead       readAhead     // guarded by mu: the window paged bodies are read from
+	ramBytes    int64         // guarded by mu: memCost of the ready messages in memory
+	tail        refQueue      // guarded by mu: ready messages paged out, after all of ready
+	tailSeq     uint64        // guarded by mu: the seq of tail's front
+	tailTicket  uint64        // guarded by mu: the log ticket by which tail's log records are written
+	ahead       readAhead     // guarded by mu: the window paged messages are read from
 	expiry      *time.Timer   // guarded by mu: drops expired messages at the head, when set
 	expiryAt    int64         // guarded by mu: when expiry fires, in Unix milliseconds
 }
@@ -143,7 +143,7 @@ type consumer struct {
 }
 
 // messageCountLocked is the number of ready messages. q.mu must be held.
-func (q *queue) messageCountLocked() int { return q.ready.len() + len(q.requeued) }
+func (q *queue) messageCountLocked() int { return q.ready.len() + len(q.requeued) + q.tail.len() }
 
 // messageCount is the number of ready messages.
 func (q *queue) messageCount() int {
@@ -180,40 +180,24 @@ func (q *queue) enqueue(m *message) bool {
 	}
 	q.nextSeq++
 	e.seq = q.nextSeq
-	if size >= pageMinBody && (q.vh.pageOut >= 0 && q.ramBytes+size > q.vh.pageOut || q.vh.memoryHigh()) {
-		// A long queue keeps the bodies of its newest messages out of memory, in the log
-		// (persistent) or a paging file (transient): they are read back when their turn
-		// comes. While memory is short, every queue does.
-		if m.wal != nil && q.walID != 0 {
-			e.msg = m.pagedView()
-		} else if sp := q.vh.spill; sp != nil {
-			if ref, err := sp.put(m.body()); err == nil {
-				e.msg = m.pagedView()
-				e.msg.spill = ref
-			}
-		}
+	cost := m.memCost()
+	if !(q.tail.len() > 0 || q.vh.pageOut >= 0 && q.ramBytes+cost > q.vh.pageOut || q.vh.memoryHigh()) || !q.pageOutLocked(e) {
+		q.ready.push(e)
+		q.ramBytes += cost
 	}
-	q.ready.push(e)
 	q.readyBytes += size
-	if !e.msg.paged {
-		q.ramBytes += size
-	}
 	if len(q.consumers) > 0 {
 		q.dispatchLocked()
 	}
 	// drop-head: the oldest ready messages make room (dead-lettering is not built).
 	for q.limits.full(q.messageCountLocked(), q.readyBytes) && q.messageCountLocked() > 0 {
-		q.settleOne(q.popLocked().msg)
+		q.dropHeadLocked()
 	}
 	if len(q.consumers) == 0 && e.expires != 0 {
 		q.scheduleExpiryLocked()
 	}
 	return true
 }
-
-// pageMinBody is the smallest body a queue pages: a paged message still keeps its header
-// in memory, so paging a smaller one saves less memory than its read back costs time.
-const pageMinBody = 512
 
 // queueLimits are a queue's x-max-length, x-max-length-bytes and x-overflow. The zero
 // value is no limit.
@@ -274,24 +258,35 @@ func expiresAt(queue, msg ttl) int64 {
 	return time.Now().UnixMilli() + int64(t) - 1 // t ≤ maxTTL+1: no overflow
 }
 
+// expiresAtFrom is expiresAt for a message enqueued at now.
+func expiresAtFrom(now int64, queue, msg ttl) int64 {
+	t := queue
+	if t == 0 || msg != 0 && msg < t {
+		t = msg
+	}
+	if t == 0 {
+		return 0
+	}
+	return now + int64(t) - 1
+}
+
 // expireLocked drops the expired messages at the head of the queue, as RabbitMQ does: a
 // message with a later expiry ahead of them keeps them until it goes. Dead-lettering is
 // not implemented, so they are gone. q.mu must be held.
 func (q *queue) expireLocked() {
 	var now int64
 	for q.messageCountLocked() > 0 {
-		e := q.peekLocked()
-		if e.expires == 0 {
+		at := q.headExpiresLocked()
+		if at == 0 {
 			return
 		}
 		if now == 0 {
 			now = time.Now().UnixMilli()
 		}
-		if now <= e.expires {
+		if now <= at {
 			return
 		}
-		q.popLocked()
-		q.settleOne(e.msg)
+		q.dropHeadLocked()
 	}
 }
 
@@ -301,7 +296,7 @@ func (q *queue) scheduleExpiryLocked() {
 	if q.deleted || q.messageCountLocked() == 0 {
 		return
 	}
-	at := q.peekLocked().expires
+	at := q.headExpiresLocked()
 	if at == 0 || q.expiry != nil && q.expiryAt <= at {
 		return
 	}
@@ -344,11 +339,22 @@ func (q *queue) dispatchLocked() {
 // deliverLocked is dispatchLocked's delivery loop. q.mu must be held.
 func (q *queue) deliverLocked() {
 	for len(q.consumers) > 0 && q.messageCountLocked() > 0 {
-		e := q.peekLocked()
-		if e.expires != 0 && time.Now().UnixMilli() > e.expires {
+		if at := q.headExpiresLocked(); at != 0 && time.Now().UnixMilli() > at {
 			q.expireLocked()
 			continue
 		}
+		if notYet, err := q.fillLocked(); notYet {
+			q.vh.store.dispatchAfterBatch(q)
+			return
+		} else if err != nil {
+			// The message would have gone to the next consumer: its channel closes.
+			ch := q.consumers[q.rr%len(q.consumers)].ch
+			ch.mu.Lock()
+			ch.killLocked(err)
+			ch.mu.Unlock()
+			return
+		}
+		e := q.peekLocked()
 		n := len(q.consumers)
 		delivered, local := false, false
 		for i := 0; i < n; i++ {
@@ -431,10 +437,8 @@ func (q *queue) popLocked() qentry {
 // took accounts for e leaving the ready messages. q.mu must be held.
 func (q *queue) took(e qentry) {
 	q.readyBytes -= int64(e.msg.size)
-	if !e.msg.paged {
-		q.ramBytes -= int64(e.msg.size)
-	}
-	if q.ahead.buf != nil && q.ready.len() == 0 && len(q.requeued) == 0 {
+	q.ramBytes -= e.msg.memCost()
+	if q.ahead.buf != nil && q.tail.len() == 0 && q.ready.len() == 0 && len(q.requeued) == 0 {
 		q.ahead = readAhead{} // an empty queue keeps no window of the disk in memory
 	}
 }
@@ -447,9 +451,7 @@ func (q *queue) requeueLocked(e qentry) {
 	}
 	e.redelivered = true
 	q.readyBytes += int64(e.msg.size)
-	if !e.msg.paged {
-		q.ramBytes += int64(e.msg.size)
-	}
+	q.ramBytes += e.msg.memCost()
 	h := append(q.requeued, e)
 	for i := len(h) - 1; i > 0; {
 		p := (i - 1) / 2
@@ -496,7 +498,6 @@ func (q *queue) requeue(es []qentry) {
 	if q.deleted {
 		var logged []*message
 		for _, e := range es {
-			q.unspill(e.msg)
 			if e.msg.wal != nil {
 				logged = append(logged, e.msg)
 			}
@@ -520,30 +521,11 @@ func (q *queue) purge() int {
 	if q.walID != 0 && q.vh.store != nil {
 		q.vh.store.settle(q, q.readyLoggedLocked())
 	}
-	q.unspillReadyLocked()
+	q.dropTailLocked(true)
 	q.ready.clear()
 	q.requeued = nil
 	q.readyBytes, q.ramBytes = 0, 0
 	return n
-}
-
-// unspill gives back the paging file space of a transient message q paged, which has
-// left q for good.
-func (q *queue) unspill(m *message) {
-	if m.spill.seg != 0 {
-		q.vh.spill.release(m.spill)
-	}
-}
-
-// unspillReadyLocked gives back the paging file space of the ready messages, which are
-// about to be dropped. q.mu must be held.
-func (q *queue) unspillReadyLocked() {
-	for _, e := range q.requeued {
-		q.unspill(e.msg)
-	}
-	for i := 0; i < q.ready.len(); i++ {
-		q.unspill(q.ready.at(i).msg)
-	}
 }
 
 // readyLoggedLocked lists the ready messages that are in the log. q.mu must be held.
@@ -627,15 +609,6 @@ func (c *consumer) deliverLocked(e qentry) bool {
 		ch.c.waitForDrain(c.q)
 		return false
 	}
-	body, notYet, err := c.q.bodyOf(e.msg)
-	if notYet {
-		c.q.vh.store.dispatchAfterBatch(c.q)
-		return false
-	}
-	if err != nil {
-		ch.killLocked(err)
-		return false
-	}
 	ch.nextTag++
 	if !c.noAck {
 		ch.unacked.push(unacked{tag: ch.nextTag, q: c.q, e: e, c: c})
@@ -644,32 +617,8 @@ func (c *consumer) deliverLocked(e qentry) bool {
 	} else {
 		c.q.settleOne(e.msg)
 	}
-	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e, body)
+	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e, e.msg.body())
 	return true
-}
-
-// bodyOf returns m's body, read back from the log or a paging file when m is paged. A read
-// that fails is logged and returned as the 541 that closes the channel it was for;
-// notYet says m's log record is not written yet (it can be delivered after the log's next
-// batch). q.mu must be held.
-func (q *queue) bodyOf(m *message) (body []byte, notYet bool, e *Error) {
-	if !m.paged {
-		return m.body(), false, nil
-	}
-	var err error
-	if m.spill.seg != 0 {
-		body, err = q.vh.spill.getAhead(m.spill, m.size, &q.ahead)
-	} else {
-		body, err = q.vh.store.readBodyAhead(m, &q.ahead)
-	}
-	if err == errNotWritten {
-		return nil, true, nil
-	}
-	if err != nil {
-		q.vh.store.log.Error("reading a paged message body back failed", "queue", q.name, "vhost", q.vh.name, "err", err)
-		return nil, false, internalError("cannot read a paged message back from disk: " + err.Error())
-	}
-	return body, false, nil
 }
 
 // unacked is a delivery waiting for its ack, in a channel's list ordered by tag.

@@ -931,23 +931,31 @@ func TestExpiryTimerNeverSpins(t *testing.T) {
 // that varies with n, so a body read back from the wrong place shows.
 func pagedBody(n int) []byte {
 	b := []byte(strconv.Itoa(n) + ":")
-	for len(b) < pageMinBody+(n*397)%2500 {
+	for len(b) < 512+(n*397)%2500 {
 		b = append(b, byte('a'+(n+len(b))%26))
 	}
 	return b
 }
 
-// queuePaged counts the ready messages of a queue whose bodies are in the log only.
+// queuePaged counts the ready messages of a queue that are on disk only, and says what
+// the ones in memory cost.
 func queuePaged(srv *Server, vhost, name string) (paged, ready int, ram int64) {
 	q := srv.vhost(vhost).queues[name]
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for i := 0; i < q.ready.len(); i++ {
-		if q.ready.at(i).msg.paged {
-			paged++
-		}
+	return q.tail.len(), q.messageCountLocked(), q.ramBytes
+}
+
+// lastPaged returns the newest paged message of a queue.
+func lastPaged(t *testing.T, srv *Server, name string) diskRef {
+	t.Helper()
+	q := srv.vhost("/").queues[name]
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.tail.len() == 0 {
+		t.Fatal("no message is paged")
 	}
-	return paged, q.messageCountLocked(), q.ramBytes
+	return *q.tail.at(q.tail.len() - 1)
 }
 
 // TestQueuePaging: past PageOutBytes of bodies, a durable queue keeps new persistent
@@ -1097,19 +1105,13 @@ func TestQueuePagedReadError(t *testing.T) {
 		pub.publish("", "broken", false, amqp091.Publishing{DeliveryMode: 2, Body: bytes.Repeat([]byte{byte('a' + i)}, 600)})
 	}
 	pub.wait()
-	q := b.srv.vhost("/").queues["broken"]
-	q.mu.Lock()
-	last := q.ready.at(q.ready.len() - 1).msg
-	q.mu.Unlock()
-	if !last.paged {
-		t.Fatal("the last message is not paged")
-	}
+	last := lastPaged(t, b.srv, "broken")
 	// Flip an octet of its record's body on disk.
-	f, err := os.OpenFile(b.srv.store.w.segPath(uint64(last.wal.seg)), os.O_RDWR, 0)
+	f, err := os.OpenFile(b.srv.store.w.segPath(uint64(last.file)), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	at := int64(last.wal.off) + int64(last.wal.recLen) - 10
+	at := int64(last.offset()) + int64(last.size) - 10
 	one := []byte{0}
 	f.ReadAt(one, at)
 	one[0] ^= 0xff
@@ -1147,7 +1149,7 @@ func TestQueuePagedReadError(t *testing.T) {
 	if n := queueReady(t, openChannel(t, conn), "broken"); n != 10 {
 		t.Fatalf("%d messages ready after the consumer's channel closed, want its 9 unacked back and the broken one", n)
 	}
-	if !strings.Contains(logs.String(), "reading a paged message body back failed") {
+	if !strings.Contains(logs.String(), "reading a paged message back failed") {
 		t.Fatalf("no log line for the read error:\n%s", logs.String())
 	}
 }
@@ -1278,15 +1280,12 @@ func TestQueuePagedReadErrorWithConfirms(t *testing.T) {
 	if err := b.srv.store.sync(); err != nil {
 		t.Fatal(err)
 	}
-	q := b.srv.vhost("/").queues["broken2"]
-	q.mu.Lock()
-	last := q.ready.at(q.ready.len() - 1).msg
-	q.mu.Unlock()
-	f, err := os.OpenFile(b.srv.store.w.segPath(uint64(last.wal.seg)), os.O_RDWR, 0)
+	last := lastPaged(t, b.srv, "broken2")
+	f, err := os.OpenFile(b.srv.store.w.segPath(uint64(last.file)), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.WriteAt([]byte{0xff, 0x00, 0xff}, int64(last.wal.off)+int64(last.wal.recLen)-10)
+	f.WriteAt([]byte{0xff, 0x00, 0xff}, int64(last.offset())+int64(last.size)-10)
 	f.Close()
 
 	w.send(2, &channelOpen{})
@@ -1364,14 +1363,17 @@ func TestQueuePagesWhileMemoryHigh(t *testing.T) {
 	q.enqueue(msg())
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.ready.at(0).msg.paged || !q.ready.at(1).msg.paged {
-		t.Fatalf("paged: %v then %v, want only the message enqueued during the alarm", q.ready.at(0).msg.paged, q.ready.at(1).msg.paged)
+	if q.ready.len() != 1 || q.tail.len() != 1 {
+		t.Fatalf("%d in memory and %d paged, want only the message enqueued during the alarm paged", q.ready.len(), q.tail.len())
 	}
-	got, _, e := q.bodyOf(q.ready.at(1).msg)
-	if e != nil || !bytes.Equal(got, body) {
-		t.Fatalf("read back %d octets, %v; want the body", len(got), e)
+	if want := msg().memCost(); q.ramBytes != want {
+		t.Fatalf("%d octets counted in memory, want %d", q.ramBytes, want)
 	}
-	if q.ramBytes != int64(len(body)) {
-		t.Fatalf("%d body octets counted in memory, want %d", q.ramBytes, len(body))
+	q.popLocked()
+	if notYet, e := q.fillLocked(); notYet || e != nil || q.ready.len() != 1 {
+		t.Fatalf("reading the paged message back: not yet %v, %v, %d in memory", notYet, e, q.ready.len())
+	}
+	if got := q.ready.front().msg.body(); !bytes.Equal(got, body) {
+		t.Fatalf("read back %d octets; want the body", len(got))
 	}
 }

@@ -1,6 +1,7 @@
 package amqp
 
 import (
+	"encoding/binary"
 	"errors"
 	"io"
 	"os"
@@ -9,23 +10,125 @@ import (
 	"sync"
 )
 
-// The paging files: where a long queue keeps the bodies of its transient messages (the
-// persistent ones are in the write-ahead log already). Bodies are appended, unframed, to
-// files of spillSegment octets in <data>/paging, through a write buffer, so paging costs
-// a copy per message and a write per spillBuffer; a file goes when nothing in it is queued
-// any more, and no file number is used twice. Nothing here needs to survive a crash, so
-// nothing is fsynced, and the directory is emptied at start.
+// Paging: a queue past its memory share keeps its newest ready messages wholly on disk and
+// holds only a diskRef for each, 32 octets with no pointers. A persistent message of a
+// durable queue is in the log already; a transient one is written to a paging file. The
+// front of the paged tail is read back into memory, a window at a time, when the messages
+// before it are gone.
+//
+// Paging files are appended through a write buffer to files of spillSegment octets in
+// <data>/paging; a file goes when nothing in it is queued any more, and no file number is
+// used twice. Nothing here needs to survive a crash, so nothing is fsynced, and the
+// directory is emptied at start. A paging file record is
+//
+//	publisher u64, exchange shortstr, key-len u8, props-len u32, data (key | props | body)
+//
+// the tail of a log publish record (store.go) with the publishing connection in front.
 
 const (
-	spillSegment = 16 << 20 // the size at which a paging file is closed to new bodies
+	spillSegment = 16 << 20 // the size at which a paging file is closed to new records
 	spillBuffer  = 64 << 10 // what is gathered before a write
 )
 
-// spillRef is where a paged transient body is: a paging file and an offset in it (the
-// length is the message's size). The zero value is no place.
-type spillRef struct {
-	seg uint32
-	off uint32
+// diskRef is a ready message kept on disk: a publish record in the log, or a record in a
+// paging file.
+type diskRef struct {
+	id      uint64 // the log record's message id; 0: a paging file's record
+	file    uint32 // the log segment or paging file
+	off     uint32 // the record's offset in file; the top bit is refRedelivered
+	size    uint32 // the record's octets (a log record's header included)
+	body    uint32 // the body's octets
+	expires int64  // as qentry.expires
+}
+
+// refRedelivered marks a diskRef's message as delivered before (recovered after a restart).
+const refRedelivered = 1 << 31
+
+func (r *diskRef) inLog() bool      { return r.id != 0 }
+func (r *diskRef) offset() uint32   { return r.off &^ refRedelivered }
+func (r *diskRef) redelivered() bool { return r.off&refRedelivered != 0 }
+
+// refQueue is a FIFO of diskRefs in chunks of refChunk: growing never copies what it
+// holds, and a chunk is freed as soon as its last ref leaves.
+type refQueue struct {
+	chunks [][]diskRef // all full but the last
+	head   int         // the front's index in chunks[0]
+	n      int
+}
+
+const refChunk = 2048
+
+func (r *refQueue) len() int { return r.n }
+
+func (r *refQueue) push(v diskRef) {
+	if k := len(r.chunks); k == 0 || len(r.chunks[k-1]) == refChunk {
+		r.chunks = append(r.chunks, make([]diskRef, 0, refChunk))
+	}
+	k := len(r.chunks) - 1
+	r.chunks[k] = append(r.chunks[k], v)
+	r.n++
+}
+
+// front returns the first ref; r must not be empty.
+func (r *refQueue) front() *diskRef { return &r.chunks[0][r.head] }
+
+// at returns the i-th ref from the front.
+func (r *refQueue) at(i int) *diskRef {
+	i += r.head
+	return &r.chunks[i/refChunk][i%refChunk]
+}
+
+func (r *refQueue) pop() diskRef {
+	v := r.chunks[0][r.head]
+	r.head++
+	r.n--
+	if r.head == len(r.chunks[0]) {
+		r.chunks[0] = nil
+		r.chunks = r.chunks[1:]
+		r.head = 0
+	}
+	if r.n == 0 {
+		*r = refQueue{}
+	}
+	return v
+}
+
+// each calls fn for every ref, front first.
+func (r *refQueue) each(fn func(*diskRef)) {
+	for i, c := range r.chunks {
+		from := 0
+		if i == 0 {
+			from = r.head
+		}
+		for j := from; j < len(c); j++ {
+			fn(&c[j])
+		}
+	}
+}
+
+func (r *refQueue) clear() { *r = refQueue{} }
+
+// appendMessageRecord appends what the log and the paging files both keep of m after
+// their own fields: exchange, key and properties lengths, routing key, properties, body.
+func (m *message) appendMessageRecord(b []byte) []byte {
+	b = appendShortstr(b, m.exchange)
+	b = append(b, m.keyLen)
+	b = binary.BigEndian.AppendUint32(b, m.propsLen)
+	return append(b, m.data...)
+}
+
+// decodeMessageRecord reads what appendMessageRecord wrote; data is copied.
+func decodeMessageRecord(p []byte) (*message, bool) {
+	d := decoder{b: p}
+	ex := d.shortstr()
+	keyLen := d.octet()
+	propsLen := d.long()
+	if d.err != nil || uint64(keyLen)+uint64(propsLen) > uint64(len(d.b)) {
+		return nil, false
+	}
+	head := uint32(keyLen) + propsLen
+	return &message{exchange: ex, keyLen: keyLen, propsLen: propsLen, data: append([]byte(nil), d.b...),
+		size: uint32(len(d.b)) - head}, true
 }
 
 // spill is the set of paging files.
@@ -34,7 +137,7 @@ type spill struct {
 
 	mu   sync.Mutex
 	segs map[uint32]*spillSeg // guarded by mu
-	head *spillSeg            // guarded by mu: the file bodies are appended to
+	head *spillSeg            // guarded by mu: the file records are appended to
 	wbuf []byte               // guarded by mu: the head's octets from head.flushed on
 	next uint32               // guarded by mu: the number of the next file
 }
@@ -45,7 +148,7 @@ type spillSeg struct {
 	f       *os.File
 	size    int64 // octets appended, buffered ones included
 	flushed int64 // octets written to the file
-	live    int   // bodies still queued
+	live    int   // records still queued
 }
 
 // openSpill empties and opens the paging directory.
@@ -63,39 +166,43 @@ func (sp *spill) path(n uint32) string {
 	return filepath.Join(sp.dir, strconv.FormatUint(uint64(n), 10)+".page")
 }
 
-// put appends a body and returns its place.
-func (sp *spill) put(body []byte) (spillRef, error) {
+// put appends m's record and returns its place: a ref with file, off and size set.
+func (sp *spill) put(m *message) (diskRef, error) {
+	size := 8 + 1 + len(m.exchange) + 1 + 4 + len(m.data)
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	h := sp.head
-	if h == nil || h.size+int64(len(body)) > spillSegment && h.size > 0 {
+	if h == nil || h.size+int64(size) > spillSegment && h.size > 0 {
 		if err := sp.flushLocked(); err != nil {
-			return spillRef{}, err
+			return diskRef{}, err
 		}
 		f, err := os.OpenFile(sp.path(sp.next), os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
 		if err != nil {
-			return spillRef{}, err
+			return diskRef{}, err
 		}
 		h = &spillSeg{n: sp.next, f: f}
 		sp.next++
 		sp.segs[h.n] = h
 		sp.head = h
 	}
-	if len(sp.wbuf)+len(body) > spillBuffer {
+	if len(sp.wbuf)+size > spillBuffer {
 		if err := sp.flushLocked(); err != nil {
-			return spillRef{}, err
+			return diskRef{}, err
 		}
 	}
-	ref := spillRef{seg: h.n, off: uint32(h.size)}
-	if len(body) > spillBuffer {
-		if _, err := h.f.WriteAt(body, h.size); err != nil {
-			return spillRef{}, err
+	ref := diskRef{file: h.n, off: uint32(h.size), size: uint32(size), body: m.size}
+	b := binary.BigEndian.AppendUint64(sp.wbuf, m.publisher)
+	b = m.appendMessageRecord(b)
+	if size > spillBuffer {
+		_, err := h.f.WriteAt(b[len(sp.wbuf):], h.size)
+		if err != nil {
+			return diskRef{}, err
 		}
-		h.flushed += int64(len(body))
+		h.flushed += int64(size)
 	} else {
-		sp.wbuf = append(sp.wbuf, body...)
+		sp.wbuf = b
 	}
-	h.size += int64(len(body))
+	h.size += int64(size)
 	h.live++
 	return ref, nil
 }
@@ -114,46 +221,64 @@ func (sp *spill) flushLocked() error {
 	return nil
 }
 
-// getAhead reads back a body of size octets, through a queue's read-ahead window: from
-// the window when it holds the body, from the write buffer when the body is still there,
-// else by reading a new window that starts at the body.
-func (sp *spill) getAhead(r spillRef, size uint32, ra *readAhead) ([]byte, error) {
-	if b := ra.window(true, uint64(r.seg), uint64(r.off), int64(size)); b != nil {
-		return b, nil
+// get reads back the message of a paging file ref, through a queue's read-ahead window:
+// from the window when it holds the record, from the write buffer when the record is
+// still there, else by reading a new window that starts at the record.
+func (sp *spill) get(r *diskRef, ra *readAhead) (*message, error) {
+	rec := ra.window(true, uint64(r.file), uint64(r.offset()), int64(r.size))
+	if rec == nil {
+		var err error
+		if rec, err = sp.read(r, ra); err != nil {
+			return nil, err
+		}
 	}
+	if len(rec) < 8 {
+		return nil, errors.New("amqp: paging file record too short")
+	}
+	m, ok := decodeMessageRecord(rec[8:])
+	if !ok || m.size != r.body {
+		return nil, errors.New("amqp: malformed paging file record")
+	}
+	m.publisher = binary.BigEndian.Uint64(rec)
+	return m, nil
+}
+
+// read reads a record from its file, or the write buffer, into a new window.
+func (sp *spill) read(r *diskRef, ra *readAhead) ([]byte, error) {
+	off, size := int64(r.offset()), int64(r.size)
 	sp.mu.Lock()
-	s := sp.segs[r.seg]
+	s := sp.segs[r.file]
 	if s == nil {
 		sp.mu.Unlock()
-		return nil, errors.New("amqp: no paging file " + strconv.FormatUint(uint64(r.seg), 10))
+		return nil, errors.New("amqp: no paging file " + strconv.FormatUint(uint64(r.file), 10))
 	}
-	if int64(r.off) >= s.flushed {
+	if off >= s.flushed {
 		// Still in the write buffer.
-		i := int64(r.off) - s.flushed
-		b := append([]byte(nil), sp.wbuf[i:i+int64(size)]...)
+		i := off - s.flushed
+		b := append([]byte(nil), sp.wbuf[i:i+size]...)
 		sp.mu.Unlock()
 		return b, nil
 	}
 	written := s.flushed // every octet below is in the file; a flush may be writing past it
 	sp.mu.Unlock()
-	b := make([]byte, min(max(int64(size), readAheadWindow), written-int64(r.off)))
-	n, err := s.f.ReadAt(b, int64(r.off))
-	if n < int(size) {
+	b := make([]byte, min(max(size, readAheadWindow), written-off))
+	n, err := s.f.ReadAt(b, off)
+	if int64(n) < size {
 		if err == nil || err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
 		return nil, err
 	}
-	*ra = readAhead{spill: true, seg: uint64(r.seg), off: uint64(r.off), buf: b[:n]}
+	*ra = readAhead{spill: true, seg: uint64(r.file), off: uint64(off), buf: b[:n]}
 	return b[:size:size], nil
 }
 
-// release says a body is no longer queued anywhere; a file with none left goes (and is
+// release says a record is no longer queued anywhere; a file with none left goes (and is
 // never reused, so a read-ahead window can never hold stale octets).
-func (sp *spill) release(r spillRef) {
+func (sp *spill) release(file uint32) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	s := sp.segs[r.seg]
+	s := sp.segs[file]
 	if s == nil {
 		return
 	}
@@ -190,4 +315,138 @@ func (sp *spill) close() {
 	}
 	sp.head = nil
 	sp.wbuf = nil
+}
+
+// pageOutLocked keeps e's message on disk and only a ref to it in q. It reports false
+// when it cannot (a paging file cannot be written): the message stays in memory, ahead
+// of older paged ones. q.mu must be held.
+func (q *queue) pageOutLocked(e qentry) bool {
+	m := e.msg
+	var ref diskRef
+	if m.wal != nil && q.walID != 0 && q.vh.store != nil {
+		var t uint64
+		ref, t = q.vh.store.pageOut(q, m)
+		q.tailTicket = max(q.tailTicket, t)
+	} else if sp := q.vh.spill; sp != nil {
+		var err error
+		if ref, err = sp.put(m); err != nil {
+			return false
+		}
+	} else {
+		return false
+	}
+	ref.expires = e.expires
+	if q.tail.len() == 0 {
+		q.tailSeq = e.seq
+	}
+	q.tail.push(ref)
+	return true
+}
+
+// fillLocked reads messages at the front of the tail back into memory, about a window's
+// worth, once nothing is ready ahead of them. notYet says the front's log record is not
+// written yet (the caller retries after the log's next batch); a read that fails is
+// logged and returned as the 541 that closes the channel the message was for. q.mu must
+// be held.
+func (q *queue) fillLocked() (notYet bool, e *Error) {
+	if q.ready.len() > 0 || len(q.requeued) > 0 || q.tail.len() == 0 {
+		return false, nil
+	}
+	var logged []*message
+	for read := 0; q.tail.len() > 0 && read < readAheadWindow; {
+		r := q.tail.front()
+		var m *message
+		var err error
+		if r.inLog() {
+			m, err = q.vh.store.readRef(r, &q.ahead, q.tailTicket)
+		} else {
+			m, err = q.vh.spill.get(r, &q.ahead)
+		}
+		if err != nil {
+			if q.ready.len() > 0 {
+				break // deliver what was read; the next fill says what went wrong
+			}
+			if err == errNotWritten {
+				return true, nil
+			}
+			q.vh.log().Error("reading a paged message back failed", "queue", q.name, "vhost", q.vh.name, "err", err)
+			return false, internalError("cannot read a paged message back from disk: " + err.Error())
+		}
+		ref := q.tail.pop()
+		q.ready.push(qentry{msg: m, seq: q.tailSeq, expires: ref.expires, redelivered: ref.redelivered()})
+		q.tailSeq++
+		q.ramBytes += m.memCost()
+		read += int(ref.size)
+		if ref.inLog() {
+			logged = append(logged, m)
+		} else {
+			q.vh.spill.release(ref.file)
+		}
+	}
+	if len(logged) > 0 {
+		q.vh.store.loaded(q, logged)
+	}
+	return false, nil
+}
+
+// settleRefsLocked drops paged messages q is done with: an ack record for those in the
+// log (or none, for a deleted queue) and their paging file space. q.mu must be held.
+func (q *queue) settleRefsLocked(refs []diskRef, record bool) {
+	n := 0
+	for _, r := range refs {
+		if r.inLog() {
+			refs[n] = r
+			n++
+		} else {
+			q.vh.spill.release(r.file)
+		}
+	}
+	if n == 0 || q.walID == 0 || q.vh.store == nil {
+		return
+	}
+	if record {
+		q.vh.store.settleRefs(q, refs[:n])
+	} else {
+		q.vh.store.dropRefs(refs[:n])
+	}
+}
+
+// dropTailLocked drops every paged message (purge, delete). q.mu must be held.
+func (q *queue) dropTailLocked(record bool) {
+	for i, c := range q.tail.chunks {
+		if i == 0 {
+			c = c[q.tail.head:]
+		}
+		q.settleRefsLocked(c, record)
+	}
+	q.tail.clear()
+	q.ahead = readAhead{}
+}
+
+// headExpiresLocked is when the next ready message expires (0: never). q must not be
+// empty, and q.mu must be held.
+func (q *queue) headExpiresLocked() int64 {
+	switch {
+	case len(q.requeued) > 0:
+		return q.requeued[0].expires
+	case q.ready.len() > 0:
+		return q.ready.front().expires
+	}
+	return q.tail.front().expires
+}
+
+// dropHeadLocked drops and settles the next ready message, in memory or paged: it expired
+// or makes room. q must not be empty, and q.mu must be held.
+func (q *queue) dropHeadLocked() {
+	if q.ready.len() > 0 || len(q.requeued) > 0 {
+		q.settleOne(q.popLocked().msg)
+		return
+	}
+	r := [1]diskRef{q.tail.pop()}
+	q.tailSeq++
+	q.readyBytes -= int64(r[0].body)
+	q.settleRefsLocked(r[:], true)
+	if q.tail.len() == 0 {
+		q.ahead = readAhead{}
+	}
 }

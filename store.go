@@ -7,7 +7,9 @@ import (
 	"errors"
 	"log/slog"
 	"maps"
+	"io"
 	"path/filepath"
+	"sort"
 	"slices"
 	"strconv"
 	"sync"
@@ -55,8 +57,9 @@ type store struct {
 
 	mu        sync.Mutex
 	segs      map[uint64]*segState // guarded by mu: what the broker needs of each segment
+	tails     map[*queue]bool      // guarded by mu: queues that may page log records, for copy-forward
 	listeners []*channel           // guarded by mu: channels waiting for confirms after a batch
-	waiting   []*queue             // guarded by mu: queues to dispatch after a batch (bodies not written yet)
+	waiting   []*queue             // guarded by mu: queues to dispatch after a batch (records not written yet)
 	nextMsgID uint64               // guarded by mu
 	nextQID   uint64               // guarded by mu
 	snapPos   walPos               // guarded by mu: the position meta.snap covers
@@ -73,24 +76,48 @@ type store struct {
 
 // segState is what the broker still needs of one segment.
 type segState struct {
-	live      int64     // octets of publish records still held by a queue
-	topology  bool      // holds topology records
-	msgs      []*msgWAL // publish records written here (some may be dead), for copy-forward
-	relocated uint64    // ticket of the copy-forward of its messages, 0 if none
+	// live is the octets of its publish records, counted once for every queue that holds
+	// the message (in memory or paged): the segment is needed while it is above zero.
+	live      int64
+	topology  bool    // holds topology records
+	loaded    *msgWAL // the messages of its records that some queue holds in memory, linked
+	relocated uint64  // ticket of the last copy-forward of its messages, 0 if none
 }
 
-// msgWAL is a persistent message's place in the log; guarded by store.mu.
+// link adds mw to the segment's in-memory messages.
+func (s *segState) link(mw *msgWAL) {
+	mw.prev, mw.next = nil, s.loaded
+	if s.loaded != nil {
+		s.loaded.prev = mw
+	}
+	s.loaded = mw
+}
+
+// unlink removes mw from the segment's in-memory messages.
+func (s *segState) unlink(mw *msgWAL) {
+	if mw.prev != nil {
+		mw.prev.next = mw.next
+	} else if s.loaded == mw {
+		s.loaded = mw.next
+	}
+	if mw.next != nil {
+		mw.next.prev = mw.prev
+	}
+	mw.prev, mw.next = nil, nil
+}
+
+// msgWAL is the log record of a persistent message held in memory by durable queues (a
+// paged one is a diskRef instead); guarded by store.mu.
 type msgWAL struct {
 	id     uint64
-	ticket uint64 // the log ticket of its record: readable back once it is done
-	seg    uint32 // the segment of its record, or of the copy compaction made
-	off    uint32 // the record's offset in seg (segments are at most maxSegment)
-	recLen uint32 // the record's size, header included
-	refs   int32  // durable queues still holding the message
-	// prev is where the record was before compaction copied it, readable until the copy
-	// is: the old segment goes only once the copy is fsynced. nil if never copied.
-	prev   *walPlace
-	queues []uint64 // the queues' ids, for copy-forward
+	ticket uint64   // the log ticket of its record
+	seg    uint32   // the segment of its record, or of the copy compaction made
+	off    uint32   // the record's offset in seg (segments are at most maxSegment)
+	recLen uint32   // the record's size, header included
+	refs   int32    // durable queues holding the message in memory
+	queues []uint64 // their ids, for copy-forward
+
+	prev, next *msgWAL // the segment's list of in-memory messages
 }
 
 // pos is the place of m's record in the log.
@@ -101,16 +128,10 @@ func (mw *msgWAL) place(pos walPos, size int64) {
 	mw.seg, mw.off, mw.recLen = uint32(pos.seg), uint32(pos.off), uint32(size)
 }
 
-// walPlace is a record's position and size, header included.
-type walPlace struct {
-	pos  walPos
-	size int64
-}
-
 // recovered is what replay found: topology records in order and each queue's messages.
 type recovered struct {
 	topology []walRecord           // records 1-6 past the checkpoint, after the checkpoint's own
-	messages map[uint64][]*message // queue id → messages in id order
+	messages map[uint64]refQueue // queue id → ready messages in id order; expires holds the expiration (a ttl)
 }
 
 type walRecord struct {
@@ -134,7 +155,7 @@ func openStoreDir(dir string, opts storeOptions) (*store, *recovered, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	st := &store{w: w, log: opts.log, segs: make(map[uint64]*segState), nextMsgID: 1, nextQID: 1, snapshotFn: opts.snapshot}
+	st := &store{w: w, log: opts.log, segs: make(map[uint64]*segState), tails: make(map[*queue]bool), nextMsgID: 1, nextQID: 1, snapshotFn: opts.snapshot}
 	rec, err := st.replay(opts.repair)
 	if err == nil {
 		w.onBatch, w.maintain = st.batchDone, st.compact
@@ -159,7 +180,7 @@ func (st *store) segLocked(seq uint64) *segState {
 
 // replay reads the checkpoint and every record, and returns what they hold.
 func (st *store) replay(repair bool) (*recovered, error) {
-	rec := &recovered{messages: make(map[uint64][]*message)}
+	rec := &recovered{messages: make(map[uint64]refQueue)}
 	pos, payload, ok, err := st.w.readCheckpoint()
 	if err != nil {
 		return nil, err
@@ -183,58 +204,48 @@ func (st *store) replay(repair bool) (*recovered, error) {
 			rest = rest[5+size:]
 		}
 	}
-	// Every message seen, found by id; its msgWAL.queues are the queues that still hold
-	// it, as the records replayed so far say. Publish records come in id order but for the
-	// copies compaction made, so the messages are a list in id order, searched, and the
-	// few that come out of order (copies whose original is gone) a map.
-	var inOrder []*message
-	late := make(map[uint64]*message)
-	find := func(id uint64) *message {
-		if i, ok := slices.BinarySearchFunc(inOrder, id, func(m *message, id uint64) int { return cmp.Compare(m.wal.id, id) }); ok {
-			return inOrder[i]
-		}
-		return late[id]
-	}
-	deleted := make(map[uint64]bool) // queue ids deleted
+	queues := make(map[uint64]*replayQueue) // queue id → its messages so far
+	deleted := make(map[uint64]bool)        // queue ids deleted
 	err = st.w.replay(repair, func(pos walPos, typ uint8, payload []byte, size int64) error {
 		switch typ {
 		case recPublish:
-			d, qids, ok := decodePublishRecord(payload)
+			p, ok := splitPublishRecord(payload)
 			if !ok {
 				return errors.New("bad publish record")
 			}
-			m := find(d.wal.id)
-			if m == nil {
-				m = d.message
-				if n := len(inOrder); n == 0 || inOrder[n-1].wal.id < m.wal.id {
-					inOrder = append(inOrder, m)
-				} else {
-					late[m.wal.id] = m
-				}
-				m.wal.queues = slices.DeleteFunc(qids, func(q uint64) bool { return deleted[q] })
+			ref := diskRef{id: p.id, file: uint32(pos.seg), off: uint32(pos.off), size: uint32(size), body: p.body}
+			if s, err := scanProperties(p.props); err == nil {
+				t, _ := parseExpiration(s.expiration) // a refused value was never logged
+				ref.expires = int64(t)
 			}
-			// A copy moves the message: this record is now its place in the log.
-			m.wal.place(pos, size)
-			st.nextMsgID = max(st.nextMsgID, m.wal.id+1)
+			for i := range p.n {
+				qid := binary.BigEndian.Uint64(p.qids[8*i:])
+				if deleted[qid] {
+					continue
+				}
+				rq := queues[qid]
+				if rq == nil {
+					rq = &replayQueue{}
+					queues[qid] = rq
+				}
+				rq.put(ref)
+			}
+			st.nextMsgID = max(st.nextMsgID, p.id+1)
 		case recAck:
 			d := decoder{b: payload}
-			qid := d.longlong()
+			rq := queues[d.longlong()]
 			cnt := d.long()
 			for j := uint32(0); j < cnt && d.err == nil; j++ {
-				if m := find(d.longlong()); m != nil {
-					m.wal.queues = removeItem(m.wal.queues, qid)
+				id := d.longlong()
+				if rq != nil {
+					rq.remove(id)
 				}
 			}
 		case recQueueDelete:
 			d := decoder{b: payload}
 			qid := d.longlong()
 			deleted[qid] = true
-			for _, m := range inOrder {
-				m.wal.queues = removeItem(m.wal.queues, qid)
-			}
-			for _, m := range late {
-				m.wal.queues = removeItem(m.wal.queues, qid)
-			}
+			delete(queues, qid)
 			st.segLocked(pos.seg).topology = true
 			if !pos.less(st.snapPos) {
 				rec.topology = append(rec.topology, walRecord{typ, bytes.Clone(payload)})
@@ -260,29 +271,118 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Queue order is message-id order, never file order: compaction copies old messages
-	// forward past newer ones.
-	all := inOrder
-	if len(late) > 0 {
-		all = slices.AppendSeq(slices.Clone(inOrder), maps.Values(late))
-		slices.SortFunc(all, func(a, b *message) int { return cmp.Compare(a.wal.id, b.wal.id) })
-	}
-	for _, m := range all {
-		mw := m.wal
-		if len(mw.queues) == 0 {
-			continue
+	for qid, rq := range queues {
+		refs := rq.result()
+		refs.each(func(r *diskRef) { st.segLocked(uint64(r.file)).live += int64(r.size) })
+		if refs.len() > 0 {
+			rec.messages[qid] = refs
 		}
-		slices.Sort(mw.queues)
-		mw.queues = slices.Compact(mw.queues)
-		for _, q := range mw.queues {
-			rec.messages[q] = append(rec.messages[q], m)
-		}
-		mw.refs = int32(len(mw.queues))
-		s := st.segLocked(uint64(mw.seg))
-		s.live += int64(mw.recLen)
-		s.msgs = append(s.msgs, mw)
 	}
 	return rec, nil
+}
+
+// replayQueue is one queue's messages as replay finds them: refs in id order, and the
+// copies compaction made of messages whose first record is gone (out of order) in late.
+type replayQueue struct {
+	refs refQueue
+	late map[uint64]*diskRef
+	gone int // refs removed (size 0)
+}
+
+// find returns the ref of message id, or nil.
+func (rq *replayQueue) find(id uint64) *diskRef {
+	n := rq.refs.len()
+	i := sort.Search(n, func(i int) bool { return rq.refs.at(i).id >= id })
+	if i < n && rq.refs.at(i).id == id {
+		return rq.refs.at(i)
+	}
+	return rq.late[id]
+}
+
+// put adds a publish record's ref; a second record of the same message is a copy that
+// compaction made, and is now its place.
+func (rq *replayQueue) put(r diskRef) {
+	if n := rq.refs.len(); n == 0 || rq.refs.at(n-1).id < r.id {
+		rq.refs.push(r)
+		return
+	}
+	if p := rq.find(r.id); p != nil {
+		if p.size != 0 {
+			p.file, p.off, p.size = r.file, r.off, r.size
+		}
+		return
+	}
+	if rq.late == nil {
+		rq.late = make(map[uint64]*diskRef)
+	}
+	rq.late[r.id] = &r
+}
+
+// remove drops message id: the queue settled it.
+func (rq *replayQueue) remove(id uint64) {
+	if _, ok := rq.late[id]; ok {
+		delete(rq.late, id)
+		return
+	}
+	if p := rq.find(id); p != nil && p.size != 0 {
+		p.size = 0
+		rq.gone++
+	}
+}
+
+// result returns the queue's messages in id order.
+func (rq *replayQueue) result() refQueue {
+	if rq.gone == 0 && len(rq.late) == 0 {
+		return rq.refs
+	}
+	late := slices.SortedFunc(maps.Values(rq.late), func(a, b *diskRef) int { return cmp.Compare(a.id, b.id) })
+	var out refQueue
+	for rq.refs.len() > 0 || len(late) > 0 {
+		if len(late) > 0 && (rq.refs.len() == 0 || late[0].id < rq.refs.front().id) {
+			out.push(*late[0])
+			late = late[1:]
+			continue
+		}
+		if r := rq.refs.pop(); r.size != 0 {
+			out.push(r)
+		}
+	}
+	return out
+}
+
+// publishRecord is a publish record's payload, split.
+type publishRecord struct {
+	id    uint64
+	n     int    // queue ids
+	qids  []byte // n × u64
+	rest  []byte // the message: see appendMessageRecord
+	props []byte
+	body  uint32 // body octets
+}
+
+// splitPublishRecord splits a publish record's payload without allocating.
+func splitPublishRecord(p []byte) (publishRecord, bool) {
+	if len(p) < 10 {
+		return publishRecord{}, false
+	}
+	r := publishRecord{id: binary.BigEndian.Uint64(p), n: int(binary.BigEndian.Uint16(p[8:]))}
+	i := 10 + 8*r.n
+	if len(p) < i+1 {
+		return publishRecord{}, false
+	}
+	r.qids, r.rest = p[10:i], p[i:]
+	i += 1 + int(p[i]) // exchange
+	if len(p) < i+5 {
+		return publishRecord{}, false
+	}
+	keyLen, propsLen := int(p[i]), int(binary.BigEndian.Uint32(p[i+1:]))
+	i += 5
+	if len(p)-i < keyLen || len(p)-i-keyLen < propsLen {
+		return publishRecord{}, false
+	}
+	r.props = p[i+keyLen : i+keyLen+propsLen]
+	r.body = uint32(len(p) - i - keyLen - propsLen)
+	return r, true
 }
 
 // batchDone runs on the log's writer after each batch: the channels waiting for it
@@ -337,10 +437,7 @@ func (m *message) appendPublishRecord(b []byte, qids []uint64) []byte {
 	for _, id := range qids {
 		b = binary.BigEndian.AppendUint64(b, id)
 	}
-	b = appendShortstr(b, m.exchange)
-	b = append(b, m.keyLen)
-	b = binary.BigEndian.AppendUint32(b, m.propsLen)
-	return append(b, m.data...)
+	return m.appendMessageRecord(b)
 }
 
 // logPublish writes a persistent message routed to durable queues and returns the ticket
@@ -369,8 +466,8 @@ func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *cha
 		m.wal.place(pos, int64(walRecordOverhead+len(scratch)))
 		m.wal.ticket = t
 		s := st.segLocked(pos.seg)
-		s.live += int64(m.wal.recLen)
-		s.msgs = append(s.msgs, m.wal)
+		s.live += int64(m.wal.recLen) * int64(len(qids))
+		s.link(m.wal)
 	} else {
 		m.wal = nil
 	}
@@ -378,8 +475,8 @@ func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *cha
 	return t, scratch, err
 }
 
-// settle records that queue q is done with these persistent messages (acked, rejected,
-// purged, or delivered to a no-ack consumer).
+// settle records that queue q is done with these persistent messages it held in memory
+// (acked, rejected, purged, or delivered to a no-ack consumer).
 func (st *store) settle(q *queue, msgs []*message) uint64 {
 	if len(msgs) == 0 {
 		return 0
@@ -397,33 +494,109 @@ func (st *store) settle(q *queue, msgs []*message) uint64 {
 	return t
 }
 
-// unrefLocked drops one queue's hold on m. st.mu must be held.
+// unrefLocked drops queue qid's hold on m. st.mu must be held.
 func (st *store) unrefLocked(m *message, qid uint64) {
 	mw := m.wal
-	if mw == nil || mw.refs == 0 {
+	if mw == nil {
 		return
 	}
-	for i, id := range mw.queues {
-		if id == qid {
-			mw.queues = slices.Delete(mw.queues, i, i+1)
-			mw.refs--
-			break
+	i := slices.Index(mw.queues, qid)
+	if i < 0 {
+		return
+	}
+	mw.queues = slices.Delete(mw.queues, i, i+1)
+	mw.refs--
+	s := st.segs[uint64(mw.seg)]
+	if s == nil {
+		return
+	}
+	s.live -= int64(mw.recLen)
+	if mw.refs == 0 {
+		s.unlink(mw)
+	}
+}
+
+// pageOut turns q's hold on m, in memory, into a ref to its record: q pages it. The
+// ticket says when the record can be read back.
+func (st *store) pageOut(q *queue, m *message) (diskRef, uint64) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	mw := m.wal
+	if i := slices.Index(mw.queues, q.walID); i >= 0 {
+		mw.queues = slices.Delete(mw.queues, i, i+1)
+		if mw.refs--; mw.refs == 0 {
+			if s := st.segs[uint64(mw.seg)]; s != nil {
+				s.unlink(mw)
+			}
 		}
 	}
-	if mw.refs == 0 {
-		if s := st.segs[uint64(mw.seg)]; s != nil {
-			s.live -= int64(mw.recLen)
+	if !st.tails[q] {
+		st.tails[q] = true
+	}
+	return diskRef{id: mw.id, file: mw.seg, off: mw.off, size: mw.recLen, body: m.size}, mw.ticket
+}
+
+// loaded gives q's in-memory hold on messages read back from its paged refs.
+func (st *store) loaded(q *queue, msgs []*message) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for _, m := range msgs {
+		m.wal.refs, m.wal.queues = 1, []uint64{q.walID}
+		if s := st.segs[uint64(m.wal.seg)]; s != nil {
+			s.link(m.wal)
 		}
 	}
 }
 
-// dropQueue releases a deleted durable queue's hold on its messages (no record: the
+// settleRefs records that q is done with these paged messages, in records of at most
+// maxAckIDs ids.
+func (st *store) settleRefs(q *queue, refs []diskRef) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for len(refs) > 0 {
+		n := min(len(refs), maxAckIDs)
+		b := binary.BigEndian.AppendUint64(st.ackBuf[:0], q.walID)
+		b = binary.BigEndian.AppendUint32(b, uint32(n))
+		for _, r := range refs[:n] {
+			b = binary.BigEndian.AppendUint64(b, r.id)
+		}
+		st.ackBuf = b
+		st.w.append(recAck, b)
+		st.dropRefsLocked(refs[:n])
+		refs = refs[n:]
+	}
+	if cap(st.ackBuf) > 64<<10 {
+		st.ackBuf = nil
+	}
+}
+
+// maxAckIDs bounds an ack record: a purge of millions of paged messages writes many.
+const maxAckIDs = 8192
+
+// dropRefsLocked releases the segments of paged refs a queue no longer holds. st.mu
+// must be held.
+func (st *store) dropRefsLocked(refs []diskRef) {
+	for _, r := range refs {
+		if s := st.segs[uint64(r.file)]; s != nil {
+			s.live -= int64(r.size)
+		}
+	}
+}
+
+// dropQueue releases a deleted durable queue's hold on messages in memory (no record: the
 // queue.delete record implies it).
 func (st *store) dropQueue(q *queue, msgs []*message) {
 	st.mu.Lock()
 	for _, m := range msgs {
 		st.unrefLocked(m, q.walID)
 	}
+	st.mu.Unlock()
+}
+
+// dropRefs releases a deleted durable queue's hold on paged messages (no record).
+func (st *store) dropRefs(refs []diskRef) {
+	st.mu.Lock()
+	st.dropRefsLocked(refs)
 	st.mu.Unlock()
 }
 
@@ -531,10 +704,13 @@ func (st *store) compact() {
 		st.mu.Lock()
 		s := st.segLocked(old.seq)
 		if s.live > 0 {
-			if s.relocated != 0 {
+			if s.relocated > w.fsyncedAtomic.Load() {
 				st.mu.Unlock()
 				return // its copies are on their way; it goes once they are fsynced
 			}
+			// Copied, yet still held: a queue read a message back into memory while the copy
+			// was being made. Copy what is left.
+			s.relocated = 0
 			// A long-lived backlog at the tail must not keep every dead segment after it:
 			// disk stays about twice the live data plus a segment.
 			var live int64
@@ -576,21 +752,27 @@ func (st *store) compact() {
 }
 
 // relocate appends a copy of every live message of segment seq at the head, so the
-// segment can go once the copies are fsynced. The records are read back from the log, as
-// queues may hold their messages paged; it runs on the log's writer.
+// segment can go once the copies are fsynced: the paged ones of every queue, then those
+// queues hold in memory. It runs on the log's writer.
 func (st *store) relocate(seq uint64, old *segState) {
+	st.mu.Lock()
+	tails := slices.Collect(maps.Keys(st.tails))
+	st.mu.Unlock()
+	var buf []byte
+	for _, q := range tails {
+		var ok bool
+		if buf, ok = st.relocateTail(q, seq, old, buf); !ok {
+			return
+		}
+	}
 	st.mu.Lock()
 	var live []*msgWAL
 	var at []walPos
-	for _, mw := range old.msgs {
-		if uint64(mw.seg) == seq && mw.refs > 0 {
-			live = append(live, mw)
-			at = append(at, mw.pos())
-		}
+	for mw := old.loaded; mw != nil; mw = mw.next {
+		live = append(live, mw)
+		at = append(at, mw.pos())
 	}
 	st.mu.Unlock()
-	var buf []byte
-	var last uint64
 	for i, mw := range live {
 		_, payload, err := st.w.readRecord(at[i])
 		if err != nil {
@@ -598,9 +780,9 @@ func (st *store) relocate(seq uint64, old *segState) {
 			return
 		}
 		st.mu.Lock()
-		if mw.refs == 0 || uint64(mw.seg) != seq {
+		if mw.refs == 0 || mw.pos() != at[i] {
 			st.mu.Unlock()
-			continue // settled meanwhile
+			continue // settled or paged meanwhile
 		}
 		buf = reencodePublish(buf[:0], payload, mw.queues)
 		t, pos, err := st.w.append(recPublish, buf)
@@ -608,25 +790,89 @@ func (st *store) relocate(seq uint64, old *segState) {
 			st.mu.Unlock()
 			return
 		}
-		old.live -= int64(mw.recLen)
-		mw.prev = &walPlace{mw.pos(), int64(mw.recLen)}
+		old.live -= int64(mw.recLen) * int64(mw.refs)
+		old.unlink(mw)
 		mw.place(pos, int64(walRecordOverhead+len(buf)))
 		mw.ticket = t
 		s := st.segLocked(pos.seg)
-		s.live += int64(mw.recLen)
-		s.msgs = append(s.msgs, mw)
-		last = t
+		s.live += int64(mw.recLen) * int64(mw.refs)
+		s.link(mw)
 		// Set as each copy is made: a relocation that stops part-way must still keep the
 		// old segment until the copies made are fsynced.
 		old.relocated = max(old.relocated, t)
 		st.mu.Unlock()
 	}
 	st.mu.Lock()
-	old.msgs = nil
-	old.relocated = max(last, st.w.appendedTicket())
+	old.relocated = max(old.relocated, st.w.appendedTicket())
 	st.mu.Unlock()
 	st.w.kick()
 }
+
+// relocateTail copies forward the records of segment seq that q has paged. The records
+// are read with q unlocked; each copy is appended with q locked, and only while q still
+// holds the ref, so no settle of it can come before the copy in the log.
+func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) ([]byte, bool) {
+	type move struct {
+		seq uint64 // the message's seq in q
+		ref diskRef
+	}
+	var moves []move
+	q.mu.Lock()
+	if q.tail.len() == 0 && !q.deleted {
+		st.mu.Lock()
+		delete(st.tails, q) // it registers again when it pages
+		st.mu.Unlock()
+	}
+	n := uint64(0)
+	q.tail.each(func(r *diskRef) {
+		if r.inLog() && uint64(r.file) == seq {
+			moves = append(moves, move{q.tailSeq + n, *r})
+		}
+		n++
+	})
+	q.mu.Unlock()
+	if len(moves) == 0 {
+		return buf, true
+	}
+	recs := make([][]byte, len(moves))
+	var ra readAhead
+	for i, mv := range moves {
+		payload, err := st.readRefRecord(&mv.ref, &ra, relocateWindow)
+		if err != nil {
+			st.log.Error("compaction cannot read back a message; its segment stays", "seg", seq, "err", err)
+			return buf, false
+		}
+		recs[i] = payload
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for i, mv := range moves {
+		if mv.seq < q.tailSeq || mv.seq-q.tailSeq >= uint64(q.tail.len()) {
+			continue
+		}
+		r := q.tail.at(int(mv.seq - q.tailSeq))
+		if *r != mv.ref {
+			continue // settled meanwhile, and another ref took its place
+		}
+		buf = reencodePublish(buf[:0], recs[i], []uint64{q.walID})
+		t, pos, err := st.w.append(recPublish, buf)
+		if err != nil {
+			return buf, false
+		}
+		old.live -= int64(r.size)
+		r.file, r.off = uint32(pos.seg), uint32(pos.off)|r.off&refRedelivered
+		r.size = uint32(walRecordOverhead + len(buf))
+		st.segLocked(pos.seg).live += int64(r.size)
+		q.tailTicket = max(q.tailTicket, t)
+		old.relocated = max(old.relocated, t)
+	}
+	return buf, true
+}
+
+// relocateWindow is how much compaction reads of a segment at once.
+const relocateWindow = 1 << 20
 
 // reencodePublish appends a publish record's payload with its queue ids replaced by qids.
 func reencodePublish(b, payload []byte, qids []uint64) []byte {
@@ -659,132 +905,65 @@ func (ra *readAhead) window(spill bool, seg, off uint64, size int64) []byte {
 	return ra.buf[off-ra.off : off-ra.off+uint64(size)]
 }
 
-// errNotWritten says a paged body cannot be read back yet: its record is still on its
+// errNotWritten says a paged message cannot be read back yet: its record is still on its
 // way to the file (with the disk full, perhaps for long). The delivery waits for a batch.
 var errNotWritten = errors.New("amqp: the message's log record is not written yet")
 
-// bodyPlace returns where m's record can be read back now: its place, or while a copy
-// compaction made is not yet written, the place it was copied from. errNotWritten when
-// neither is.
-func (st *store) bodyPlace(m *message) (walPos, int64, error) {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	mw := m.wal
-	if mw.ticket <= st.w.doneAtomic.Load() {
-		mw.prev = nil
-		return mw.pos(), int64(mw.recLen), nil
+// readRefRecord returns the payload of a paged message's publish record, through ra: from
+// the window when it holds the record, else by reading a new window of at least window
+// octets that starts there. A window read while later records were being written may
+// hold them only in part: their CRC tells, and a fresh read follows.
+func (st *store) readRefRecord(r *diskRef, ra *readAhead, window int) ([]byte, error) {
+	pos := walPos{uint64(r.file), uint64(r.offset())}
+	if p, ok := publishPayload(ra.window(false, pos.seg, pos.off, int64(r.size)), r.id); ok {
+		return p, nil
 	}
-	if mw.prev != nil {
-		return mw.prev.pos, mw.prev.size, nil
+	buf := make([]byte, max(int(r.size), window))
+	n, err := st.w.readAt(pos, buf)
+	if n >= int(r.size) {
+		*ra = readAhead{seg: pos.seg, off: pos.off, buf: buf[:n]}
+		if p, ok := publishPayload(buf[:r.size], r.id); ok {
+			return p, nil
+		}
+		err = errors.New("amqp: the log holds another record where a message should be")
 	}
-	return walPos{}, 0, errNotWritten
+	if err == nil {
+		err = io.ErrUnexpectedEOF
+	}
+	return nil, err
 }
 
-// readBodyAhead reads a paged message's body back from the log through ra: from the
-// window when it holds the record, else by reading a new window that starts there. It
-// never waits: a record not yet written is errNotWritten.
-func (st *store) readBodyAhead(m *message, ra *readAhead) ([]byte, error) {
-	pos, size, err := st.bodyPlace(m)
+// publishPayload returns the payload of rec when it is one whole publish record of message id.
+func publishPayload(rec []byte, id uint64) ([]byte, bool) {
+	typ, payload, n, ok := parseRecord(rec)
+	if !ok || n != len(rec) || typ != recPublish || len(payload) < 8 || binary.BigEndian.Uint64(payload) != id {
+		return nil, false
+	}
+	return payload, true
+}
+
+// readRef reads a paged message of the log back into memory through ra. pending is the
+// ticket by which every record of the queue's refs is written: a record that cannot be
+// read before then is errNotWritten.
+func (st *store) readRef(r *diskRef, ra *readAhead, pending uint64) (*message, error) {
+	done := st.w.doneAtomic.Load()
+	payload, err := st.readRefRecord(r, ra, readAheadWindow)
 	if err != nil {
+		if done < pending {
+			return nil, errNotWritten
+		}
 		return nil, err
 	}
-	// A window read while later records were being written may hold them only in part:
-	// their CRC tells, and a fresh read follows.
-	if body, ok := recordBody(ra.window(false, pos.seg, pos.off, size), m.wal.id); ok {
-		return body, nil
+	p, ok := splitPublishRecord(payload)
+	var m *message
+	if ok {
+		m, ok = decodeMessageRecord(p.rest)
 	}
-	buf := make([]byte, max(size, readAheadWindow))
-	n, err := st.w.readAt(pos, buf)
-	if err == nil && int64(n) >= size {
-		*ra = readAhead{seg: pos.seg, off: pos.off, buf: buf[:n]}
-		if body, ok := recordBody(buf[:size], m.wal.id); ok {
-			return body, nil
-		}
+	if !ok {
+		return nil, errors.New("amqp: malformed publish record")
 	}
-	return st.readBody(m) // moved by compaction meanwhile, or unreadable: the full path says
-}
-
-// recordBody returns the body of message id from rec, one whole publish record with its
-// header, when rec is that.
-func recordBody(rec []byte, id uint64) ([]byte, bool) {
-	typ, payload, n, ok := parseRecord(rec)
-	if !ok || n != len(rec) || typ != recPublish {
-		return nil, false
-	}
-	return publishBody(payload, id)
-}
-
-// readBody reads a paged message's body back from the log, one record, without waiting:
-// a record not yet written is errNotWritten.
-func (st *store) readBody(m *message) ([]byte, error) {
-	for try := 0; ; try++ {
-		pos, size, err := st.bodyPlace(m)
-		if err != nil {
-			return nil, err
-		}
-		typ, payload, err := st.w.readRecordSized(pos, size)
-		if err != nil {
-			if p, _, _ := st.bodyPlace(m); p != pos && try < 3 {
-				continue // compaction copied it forward and removed the old segment
-			}
-			return nil, err
-		}
-		body, ok := publishBody(payload, m.wal.id)
-		if typ != recPublish || !ok {
-			return nil, errors.New("amqp: the log holds another record where a message should be")
-		}
-		return body, nil
-	}
-}
-
-// publishBody returns the body of a publish record for message id, without allocating.
-func publishBody(p []byte, id uint64) ([]byte, bool) {
-	if len(p) < 10 || binary.BigEndian.Uint64(p) != id {
-		return nil, false
-	}
-	i := 10 + 8*int(binary.BigEndian.Uint16(p[8:]))
-	if len(p) < i+1 {
-		return nil, false
-	}
-	i += 1 + int(p[i]) // exchange
-	if len(p) < i+5 {
-		return nil, false
-	}
-	i += 5 + int(p[i]) + int(binary.BigEndian.Uint32(p[i+1:])) // key-len, props-len, key, props
-	if i > len(p) {
-		return nil, false
-	}
-	return p[i:], true
-}
-
-// decodedPublish is a publish record read back: the message as queues keep it (paged:
-// routing key and properties, no body), its queue ids, and its body, which aliases the
-// record.
-type decodedPublish struct {
-	*message
-	body []byte
-}
-
-// decodePublishRecord reads a publish record.
-func decodePublishRecord(p []byte) (decodedPublish, []uint64, bool) {
-	d := decoder{b: p}
-	id := d.longlong()
-	n := d.short()
-	qids := make([]uint64, 0, n)
-	for i := 0; i < int(n); i++ {
-		qids = append(qids, d.longlong())
-	}
-	ex := d.shortstr()
-	keyLen := d.octet()
-	propsLen := d.long()
-	if d.err != nil || uint64(keyLen)+uint64(propsLen) > uint64(len(d.b)) {
-		return decodedPublish{}, nil, false
-	}
-	head := int(keyLen) + int(propsLen)
-	m := &message{exchange: ex, keyLen: keyLen, propsLen: propsLen, data: append([]byte(nil), d.b[:head]...),
-		size: uint32(len(d.b) - head), paged: true, persistent: true}
-	m.wal = &msgWAL{id: id}
-	return decodedPublish{m, d.b[head:]}, qids, true
+	m.wal = &msgWAL{id: r.id, seg: r.file, off: r.offset(), recLen: r.size}
+	return m, nil
 }
 
 // Topology records, shared by the log and the checkpoint.
@@ -968,30 +1147,33 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 		}
 	}
 	n := 0
-	for id, msgs := range rec.messages {
+	now := time.Now().UnixMilli()
+	for id, refs := range rec.messages {
 		q := queues[id]
 		if q == nil {
 			st.mu.Lock()
-			for _, m := range msgs {
-				st.unrefLocked(m, id)
-			}
+			refs.each(func(r *diskRef) { st.dropRefsLocked([]diskRef{*r}) })
 			st.mu.Unlock()
 			continue
 		}
-		for _, m := range msgs {
-			m.persistent = true
-			if s, err := scanProperties(m.props()); err == nil {
-				m.ttl, _ = parseExpiration(s.expiration) // a refused value was never logged
-			}
-			q.nextSeq++
-			// A time to live starts again at the restart: the log keeps no clock.
-			q.ready.push(qentry{msg: m, seq: q.nextSeq, redelivered: true, expires: expiresAt(q.ttl, m.ttl)})
-			q.readyBytes += int64(m.size) // paged: bodies are read back as they are delivered
-			n++
-		}
+		// Every recovered message stays on disk until its turn comes; a time to live
+		// starts again at the restart: the log keeps no clock.
 		q.mu.Lock()
+		refs.each(func(r *diskRef) {
+			r.off |= refRedelivered
+			if t := ttl(r.expires); t != 0 || q.ttl != 0 {
+				r.expires = expiresAtFrom(now, q.ttl, t)
+			}
+			q.readyBytes += int64(r.body)
+		})
+		q.tail, q.tailSeq = refs, q.nextSeq+1
+		q.nextSeq += uint64(refs.len())
+		n += refs.len()
 		q.scheduleExpiryLocked()
 		q.mu.Unlock()
+		st.mu.Lock()
+		st.tails[q] = true
+		st.mu.Unlock()
 	}
 	return n, nil
 }
@@ -1030,9 +1212,6 @@ func (s *Server) snapshotTopology(at func()) []byte {
 
 // logSettled records settled persistent messages of durable queues, one record per queue.
 func (s *Server) logSettled(done []unacked) {
-	for _, u := range done {
-		u.q.unspill(u.e.msg)
-	}
 	st := s.store
 	if st == nil {
 		return
@@ -1050,10 +1229,8 @@ func (s *Server) logSettled(done []unacked) {
 	}
 }
 
-// settleOne records that q is done with m, if both are logged, and gives back its paging
-// file space if q paged it.
+// settleOne records that q is done with m, if both are logged.
 func (q *queue) settleOne(m *message) {
-	q.unspill(m)
 	if m.wal != nil && q.walID != 0 && q.vh.store != nil {
 		one := [1]*message{m}
 		q.vh.store.settle(q, one[:])

@@ -25,7 +25,7 @@ import (
 // it is starting after kill -9. crash_test.go does the same with a real SIGKILL.
 
 // openTestWAL opens the log in dir and closes it when the test ends (close is idempotent).
-func openTestWAL(t testing.TB, dir string, opts storeOptions) (*store, *recovered) {
+func openTestWAL(t testing.TB, dir string, opts storeOptions) (*store, *testRecovered) {
 	t.Helper()
 	if opts.log == nil {
 		opts.log = walQuietLogger()
@@ -88,7 +88,7 @@ func sameMessage(got, want *message) string {
 }
 
 // checkRecovered compares one queue's recovered messages with the expected ones, in order.
-func checkRecovered(t testing.TB, rec *recovered, qid uint64, want []*message) {
+func checkRecovered(t testing.TB, rec *testRecovered, qid uint64, want []*message) {
 	t.Helper()
 	got := rec.messages[qid]
 	if len(got) != len(want) {
@@ -218,7 +218,7 @@ func TestWALReopenTwiceKeepsEverything(t *testing.T) {
 		// compacted here, and copied messages come back out of order.
 		got := slices.Clone(rec.messages[q.walID])
 		slices.SortFunc(got, func(a, b *message) int { return int(a.wal.id) - int(b.wal.id) })
-		checkRecovered(t, &recovered{messages: map[uint64][]*message{q.walID: got}}, q.walID, live)
+		checkRecovered(t, &testRecovered{messages: map[uint64][]*message{q.walID: got}}, q.walID, live)
 		live = got
 		for i := 0; i < 30; i++ {
 			m := walTestMessage(session*100+i, "", "q1", 100)

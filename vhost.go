@@ -3,6 +3,7 @@ package amqp
 import (
 	"encoding/binary"
 	"fmt"
+	"log/slog"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -17,8 +18,8 @@ import (
 type vhost struct {
 	name  string
 	store *store // nil when nothing is durable
-	// pageOut is how many body octets a queue keeps in memory before it keeps new bodies
-	// out of it (in the log, or the paging files); negative: no limit.
+	// pageOut is how much memory (message.memCost) a queue's ready messages may take before
+	// it keeps new ones on disk (in the log, or the paging files); negative: no limit.
 	pageOut int64
 	spill   *spill         // the paging files; nil without a data directory
 	alarms  *atomic.Uint32 // the server's resource alarms; nil in tests
@@ -49,6 +50,14 @@ func newVhost(name string) *vhost {
 // memoryHigh reports whether the memory alarm is on: then every queue pages.
 func (vh *vhost) memoryHigh() bool {
 	return vh.alarms != nil && vh.alarms.Load()&alarmMemory != 0
+}
+
+// log is the logger for vh's queues' disk errors.
+func (vh *vhost) log() *slog.Logger {
+	if vh.store != nil {
+		return vh.store.log
+	}
+	return slog.Default()
 }
 
 // markDeleted refuses every later declare and bind in vh with vhostDeleted.
@@ -161,7 +170,7 @@ func (vh *vhost) deleteQueue(q *queue) int {
 	if q.walID != 0 && vh.store != nil {
 		vh.store.dropQueue(q, q.readyLoggedLocked())
 	}
-	q.unspillReadyLocked()
+	q.dropTailLocked(false)
 	q.ready.clear()
 	q.requeued = nil
 	q.readyBytes, q.ramBytes = 0, 0

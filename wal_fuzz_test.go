@@ -17,7 +17,8 @@ func walTestRecord(typ uint8, payload []byte) []byte {
 }
 
 // FuzzWALRecord: parseRecord never panics or reads past its input, accepts what the writer
-// encodes, and rejects any single flipped bit; a publish record decodes without panicking.
+// encodes, and rejects any single flipped bit; a publish record splits and decodes without
+// panicking, into parts that agree.
 func FuzzWALRecord(f *testing.F) {
 	m := &message{exchange: "x", keyLen: 2, propsLen: 3, data: []byte("rk\x10\x00\x02body"), wal: &msgWAL{id: 7}}
 	pub := m.appendPublishRecord(nil, []uint64{1, 2})
@@ -46,9 +47,12 @@ func FuzzWALRecord(f *testing.F) {
 		if _, p, n, ok := parseRecord(payload); ok && (n > len(payload) || len(p) > len(payload)) {
 			t.Fatal("parseRecord read past its input")
 		}
-		if msg, qids, ok := decodePublishRecord(payload); ok {
-			if int(msg.keyLen)+int(msg.propsLen) > len(msg.data) || len(qids) > len(payload)/8 {
-				t.Fatal("decodePublishRecord returned an impossible message")
+		if p, ok := splitPublishRecord(payload); ok {
+			if len(p.qids) != 8*p.n || len(p.props)+int(p.body) > len(p.rest) {
+				t.Fatal("splitPublishRecord returned an impossible record")
+			}
+			if msg, ok := decodeMessageRecord(p.rest); ok && (int(msg.keyLen)+int(msg.propsLen) > len(msg.data) || msg.size != p.body) {
+				t.Fatal("decodeMessageRecord returned an impossible message")
 			}
 		}
 	})
