@@ -209,7 +209,7 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	err = st.w.replay(repair, func(pos walPos, typ uint8, payload []byte, size int64) error {
 		switch typ {
 		case recPublish:
-			p, ok := splitPublishRecord(payload)
+			p, ok := splitPublishRecord(payload, int(size)-walRecordOverhead)
 			if !ok {
 				return errors.New("bad publish record")
 			}
@@ -360,8 +360,10 @@ type publishRecord struct {
 	body  uint32 // body octets
 }
 
-// splitPublishRecord splits a publish record's payload without allocating.
-func splitPublishRecord(p []byte) (publishRecord, bool) {
+// splitPublishRecord splits a publish record's payload without allocating. p may be only
+// its first octets, up to the body, of a payload of total octets (from a segment index):
+// then rest is cut short too.
+func splitPublishRecord(p []byte, total int) (publishRecord, bool) {
 	if len(p) < 10 {
 		return publishRecord{}, false
 	}
@@ -381,7 +383,10 @@ func splitPublishRecord(p []byte) (publishRecord, bool) {
 		return publishRecord{}, false
 	}
 	r.props = p[i+keyLen : i+keyLen+propsLen]
-	r.body = uint32(len(p) - i - keyLen - propsLen)
+	if total < len(p) {
+		return publishRecord{}, false
+	}
+	r.body = uint32(total - i - keyLen - propsLen)
 	return r, true
 }
 
@@ -461,7 +466,7 @@ func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *cha
 	if ch != nil {
 		st.listenLocked(ch)
 	}
-	t, pos, err := st.w.append(recPublish, scratch)
+	t, pos, err := st.w.appendKeep(recPublish, scratch, len(scratch)-int(m.size))
 	if err == nil {
 		m.wal.place(pos, int64(walRecordOverhead+len(scratch)))
 		m.wal.ticket = t
@@ -785,7 +790,7 @@ func (st *store) relocate(seq uint64, old *segState) {
 			continue // settled or paged meanwhile
 		}
 		buf = reencodePublish(buf[:0], payload, mw.queues)
-		t, pos, err := st.w.append(recPublish, buf)
+		t, pos, err := st.w.appendKeep(recPublish, buf, publishKeep(buf))
 		if err != nil {
 			st.mu.Unlock()
 			return
@@ -857,7 +862,7 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 			continue // settled meanwhile, and another ref took its place
 		}
 		buf = reencodePublish(buf[:0], recs[i], []uint64{q.walID})
-		t, pos, err := st.w.append(recPublish, buf)
+		t, pos, err := st.w.appendKeep(recPublish, buf, publishKeep(buf))
 		if err != nil {
 			return buf, false
 		}
@@ -869,6 +874,13 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 		old.relocated = max(old.relocated, t)
 	}
 	return buf, true
+}
+
+// publishKeep is how much of a publish record's payload the segment index keeps: all but
+// the body.
+func publishKeep(payload []byte) int {
+	p, _ := splitPublishRecord(payload, len(payload))
+	return len(payload) - int(p.body)
 }
 
 // relocateWindow is how much compaction reads of a segment at once.
@@ -954,7 +966,7 @@ func (st *store) readRef(r *diskRef, ra *readAhead, pending uint64) (*message, e
 		}
 		return nil, err
 	}
-	p, ok := splitPublishRecord(payload)
+	p, ok := splitPublishRecord(payload, len(payload))
 	var m *message
 	if ok {
 		m, ok = decodeMessageRecord(p.rest)

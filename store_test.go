@@ -561,7 +561,7 @@ func TestWALCheckpointPastLastFile(t *testing.T) {
 	lw.mu.Lock()
 	head := lw.segs[len(lw.segs)-1].seq
 	for lw.segs[len(lw.segs)-1].seq == head {
-		if _, _, err := lw.appendLocked(recPublish, publishRecordFor(walTestMessage(1, "", "q", 300), 1, 7)); err != nil {
+		if _, _, err := lw.appendLocked(recPublish, publishRecordFor(walTestMessage(1, "", "q", 300), 1, 7), -1); err != nil {
 			lw.mu.Unlock()
 			t.Fatal(err)
 		}

@@ -29,6 +29,7 @@ import (
 //	<dir>/meta.snap                 checkpoint: the caller's state and the position it covers
 //	<dir>/RESERVE                   4 MiB set aside, released when the disk fills up
 //	<dir>/wal/<20-digit seq>.seg    segments, appended in order, rolled at Config.SegmentSize
+//	<dir>/wal/<20-digit seq>.idx    a full segment's index, for replay
 //
 // A segment starts with a 16-octet header, then records:
 //
@@ -52,6 +53,19 @@ import (
 // crc covers everything after it; the position is the head of the log when the payload
 // was taken, so the records before it are covered by it.
 //
+// Once a segment is full and fsynced, its index is written beside it: each record's place,
+// size and type, and as much of its payload as the appender asked to keep (for a message,
+// all but its body), so replay reads the index instead of every body. It is written
+// without fsync: one that is torn, fails its CRC or names another segment size is ignored,
+// and the segment is read instead.
+//
+//	+---------------------+-------------+---------+------------------+---------+
+//	| magic "AMQPIDX\x00" | version u32 | crc u32 | segment size u64 | entries |
+//	+---------------------+-------------+---------+------------------+---------+
+//
+//	entry: offset u32, size u32 (the record's, header included), type u8, kept u32,
+//	       the first kept octets of the payload
+//
 // Replay reads the segments in order. A record that fails its CRC or runs past the end of
 // the last segment is a torn write from a crash and is cut off; anywhere else it stops
 // startup unless the caller asks for repair, which skips the rest of that segment.
@@ -60,6 +74,8 @@ const (
 	walHeaderSize     = 16
 	walRecordOverhead = 9 // len, crc, type
 	walSnapHeader     = 32
+	walIndexHeader    = 24
+	walIndexEntry     = 13 // offset, size, type, kept
 	defaultSegment    = 16 << 20
 	// maxSegment bounds the segment size, so that an offset in a segment (which may
 	// hold one record past it, a message of up to 512 MiB) fits 32 bits.
@@ -69,6 +85,7 @@ const (
 var (
 	walMagic  = [8]byte{'A', 'M', 'Q', 'P', 'W', 'A', 'L', 0}
 	snapMagic = [8]byte{'A', 'M', 'Q', 'P', 'S', 'N', 'A', 'P'}
+	idxMagic  = [8]byte{'A', 'M', 'Q', 'P', 'I', 'D', 'X', 0}
 	crcTable  = crc32.MakeTable(crc32.Castagnoli)
 	errWAL    = errors.New("amqp: write-ahead log failed")
 	// errNoSpace refuses new persistent messages while the log's disk is full.
@@ -87,6 +104,9 @@ type segment struct {
 	size int64    // octets assigned, header included; guarded by w.mu
 	rf   *os.File // opened for reading back, lazily; guarded by w.mu
 	used uint64   // when rf was last handed out, in w.reads; guarded by w.mu
+	// index is the segment's index entries so far (see the format above); guarded by w.mu
+	// until the segment is full, then the writer's.
+	index []byte
 }
 
 // walChunk is appended bytes waiting for the writer, all for one segment.
@@ -227,21 +247,33 @@ func (w *wal) segPath(seq uint64) string {
 }
 
 // replay reads every segment in order and calls fn for each record, with its position
-// and size (header included); the payload is valid only during the call. A torn tail of the last segment is cut off; corruption
-// elsewhere is an error, unless repair, which skips the rest of that segment. Every
-// segment read is fsynced first: what the page cache held after a kill -9 may never have
-// reached the disk, and nothing may rely on it until it has.
+// and size (header included); the payload is valid only during the call, and from a
+// segment's index it is only what the appender asked the index to keep. A torn tail of
+// the last segment is cut off; corruption elsewhere is an error, unless repair, which
+// skips the rest of that segment. Every segment read is fsynced first: what the page cache
+// held after a kill -9 may never have reached the disk, and nothing may rely on it until
+// it has.
 func (w *wal) replay(repair bool, fn func(pos walPos, typ uint8, payload []byte, size int64) error) error {
 	names, err := filepath.Glob(filepath.Join(w.dir, "wal", "*.seg"))
 	if err != nil {
 		return err
 	}
 	sort.Strings(names)
+	w.removeStaleIndexes(names)
 	var data []byte
 	for i, name := range names {
 		seq, err := strconv.ParseUint(strings.TrimSuffix(filepath.Base(name), ".seg"), 10, 64)
 		if err != nil {
 			return errors.New("amqp: unexpected file in log directory: " + name)
+		}
+		if i < len(names)-1 {
+			ok, err := w.replayFromIndex(seq, name, fn)
+			if err != nil {
+				return errors.New("amqp: " + name + ": " + err.Error())
+			}
+			if ok {
+				continue
+			}
 		}
 		// One buffer serves every segment: the callback copies what it keeps.
 		data, err = readFileInto(data[:0], name)
@@ -296,6 +328,41 @@ func (w *wal) replay(repair bool, fn func(pos walPos, typ uint8, payload []byte,
 		}
 	}
 	return nil
+}
+
+// replayFromIndex replays segment seq from its index, when it has a sound one.
+func (w *wal) replayFromIndex(seq uint64, name string, fn func(pos walPos, typ uint8, payload []byte, size int64) error) (bool, error) {
+	fi, err := os.Stat(name)
+	if err != nil {
+		return false, nil
+	}
+	x, ok := w.readIndex(seq, fi.Size())
+	if ok {
+		ok, _ = eachIndexEntry(seq, x, func(walPos, uint8, []byte, int64) error { return nil })
+	}
+	if !ok {
+		return false, nil
+	}
+	if err := syncFile(name); err != nil {
+		return false, err
+	}
+	w.segs = append(w.segs, &segment{seq: seq, size: fi.Size()})
+	_, err = eachIndexEntry(seq, x, fn)
+	return true, err
+}
+
+// removeStaleIndexes removes index files left half written, or whose segment is gone.
+func (w *wal) removeStaleIndexes(segs []string) {
+	tmp, _ := filepath.Glob(filepath.Join(w.dir, "wal", "*.idx.tmp"))
+	idx, _ := filepath.Glob(filepath.Join(w.dir, "wal", "*.idx"))
+	for _, name := range idx {
+		if _, found := slices.BinarySearch(segs, strings.TrimSuffix(name, ".idx")+".seg"); !found {
+			tmp = append(tmp, name)
+		}
+	}
+	for _, name := range tmp {
+		os.Remove(name)
+	}
 }
 
 // readFileInto reads a whole file into buf, grown as needed.
@@ -358,6 +425,7 @@ func (w *wal) openFile(seg *segment) error {
 		os.Remove(name)
 		return err
 	}
+	prev := w.fileSeg
 	if w.file != nil {
 		if err := w.file.Sync(); err != nil {
 			f.Close()
@@ -366,11 +434,77 @@ func (w *wal) openFile(seg *segment) error {
 		w.file.Close()
 	}
 	w.file, w.fileSeg, w.fileOff = f, seg, walHeaderSize
-	return syncDir(filepath.Join(w.dir, "wal"))
+	if err := syncDir(filepath.Join(w.dir, "wal")); err != nil {
+		return err
+	}
+	if prev != nil {
+		w.writeIndex(prev)
+	}
+	return nil
 }
 
-// appendLocked adds one record and returns its ticket and position. w.mu must be held.
-func (w *wal) appendLocked(typ uint8, payload []byte) (uint64, walPos, error) {
+func (w *wal) indexPath(seq uint64) string {
+	return strings.TrimSuffix(w.segPath(seq), ".seg") + ".idx"
+}
+
+// writeIndex writes the index of a full segment, whose records are all written and
+// fsynced. It is a help to replay, not a record of anything: a failure is only logged.
+func (w *wal) writeIndex(seg *segment) {
+	w.mu.Lock()
+	entries, size := seg.index, seg.size
+	seg.index = nil
+	w.mu.Unlock()
+	b := make([]byte, walIndexHeader, walIndexHeader+len(entries))
+	copy(b, idxMagic[:])
+	binary.BigEndian.PutUint32(b[8:], walVersion)
+	binary.BigEndian.PutUint64(b[16:], uint64(size))
+	b = append(b, entries...)
+	binary.BigEndian.PutUint32(b[12:], crc32.Checksum(b[16:], crcTable))
+	name := w.indexPath(seg.seq)
+	err := os.WriteFile(name+".tmp", b, 0o600)
+	if err == nil {
+		err = os.Rename(name+".tmp", name)
+	}
+	if err != nil {
+		os.Remove(name + ".tmp")
+		w.log.Warn("cannot write a log segment's index; replay will read the segment", "seg", seg.seq, "err", err)
+	}
+}
+
+// readIndex returns the entries of segment seq's index when it is whole and was made for
+// a segment of size octets.
+func (w *wal) readIndex(seq uint64, size int64) ([]byte, bool) {
+	b, err := os.ReadFile(w.indexPath(seq))
+	if err != nil || len(b) < walIndexHeader || [8]byte(b[:8]) != idxMagic ||
+		binary.BigEndian.Uint32(b[8:]) != walVersion || int64(binary.BigEndian.Uint64(b[16:])) != size ||
+		binary.BigEndian.Uint32(b[12:]) != crc32.Checksum(b[16:], crcTable) {
+		return nil, false
+	}
+	return b[walIndexHeader:], true
+}
+
+// eachIndexEntry calls fn for each entry of an index until fn fails; it reports false when
+// an entry is malformed.
+func eachIndexEntry(seq uint64, x []byte, fn func(pos walPos, typ uint8, payload []byte, size int64) error) (bool, error) {
+	for len(x) > 0 {
+		if len(x) < walIndexEntry {
+			return false, nil
+		}
+		off, size, typ, kept := binary.BigEndian.Uint32(x), binary.BigEndian.Uint32(x[4:]), x[8], binary.BigEndian.Uint32(x[9:])
+		if uint64(kept) > uint64(len(x)-walIndexEntry) || uint64(kept)+walRecordOverhead > uint64(size) || typ == 0 {
+			return false, nil
+		}
+		if err := fn(walPos{seq, uint64(off)}, typ, x[walIndexEntry:walIndexEntry+kept], int64(size)); err != nil {
+			return true, err
+		}
+		x = x[walIndexEntry+kept:]
+	}
+	return true, nil
+}
+
+// appendLocked adds one record and returns its ticket and position; the segment's index
+// keeps the first keep octets of its payload (all when keep is negative). w.mu must be held.
+func (w *wal) appendLocked(typ uint8, payload []byte, keep int) (uint64, walPos, error) {
 	if w.failed != nil {
 		return 0, walPos{}, w.failed
 	}
@@ -402,14 +536,28 @@ func (w *wal) appendLocked(typ uint8, payload []byte) (uint64, walPos, error) {
 	b = binary.BigEndian.AppendUint32(b, crc)
 	b = append(b, typ)
 	c.buf = append(b, payload...)
+	if keep < 0 || keep > len(payload) {
+		keep = len(payload)
+	}
+	x := binary.BigEndian.AppendUint32(head.index, uint32(pos.off))
+	x = binary.BigEndian.AppendUint32(x, uint32(n))
+	x = append(x, typ)
+	x = binary.BigEndian.AppendUint32(x, uint32(keep))
+	head.index = append(x, payload[:keep]...)
 	w.appended++
 	return w.appended, pos, nil
 }
 
 // append adds one record and wakes the writer; it returns the record's ticket and position.
 func (w *wal) append(typ uint8, payload []byte) (uint64, walPos, error) {
+	return w.appendKeep(typ, payload, -1)
+}
+
+// appendKeep is append for a record whose segment index keeps only the first keep octets
+// of its payload: replay from the index sees only those.
+func (w *wal) appendKeep(typ uint8, payload []byte, keep int) (uint64, walPos, error) {
 	w.mu.Lock()
-	t, pos, err := w.appendLocked(typ, payload)
+	t, pos, err := w.appendLocked(typ, payload, keep)
 	w.mu.Unlock()
 	w.kick()
 	return t, pos, err
@@ -506,6 +654,7 @@ func (w *wal) removeSegment(seq uint64) error {
 	if err := os.Remove(w.segPath(seq)); err != nil {
 		return err
 	}
+	os.Remove(w.indexPath(seq))
 	return syncDir(filepath.Join(w.dir, "wal"))
 }
 

@@ -47,7 +47,7 @@ func FuzzWALRecord(f *testing.F) {
 		if _, p, n, ok := parseRecord(payload); ok && (n > len(payload) || len(p) > len(payload)) {
 			t.Fatal("parseRecord read past its input")
 		}
-		if p, ok := splitPublishRecord(payload); ok {
+		if p, ok := splitPublishRecord(payload, len(payload)); ok {
 			if len(p.qids) != 8*p.n || len(p.props)+int(p.body) > len(p.rest) {
 				t.Fatal("splitPublishRecord returned an impossible record")
 			}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -195,11 +196,15 @@ func TestLogTornTailAndCorruption(t *testing.T) {
 		t.Fatalf("torn segment is %d octets, want it cut to %d", fi.Size(), last.off)
 	}
 
-	// A flipped bit in the first segment.
+	// A flipped bit in the first segment. Replay would read it from its index alone
+	// (bodies are checked as they are read back); without one it reads the segment.
 	first := segmentFiles(t, dir)[0]
 	b, _ := os.ReadFile(first)
 	b[walHeaderSize+walRecordOverhead+5] ^= 1
 	os.WriteFile(first, b, 0o600)
+	if err := os.Remove(w.indexPath(1)); err != nil {
+		t.Fatalf("the first segment has no index: %v", err)
+	}
 	w2, err := openWAL(dir, walOptions{segmentSize: 4 << 10, log: walQuietLogger()})
 	if err != nil {
 		t.Fatal(err)
@@ -357,4 +362,100 @@ func TestLogReadBackManySegments(t *testing.T) {
 	if _, n, _ := w.oldest(); open > maxReadFiles || n < 2*maxReadFiles {
 		t.Fatalf("%d read handles open over %d segments, want at most %d", open, n, maxReadFiles)
 	}
+}
+
+// TestLogIndexReplay: a full segment gets an index, and replay from it gives every record's
+// position, type and size with the kept part of its payload; an index that is corrupt,
+// cut short, made for another segment size, or missing is ignored and the segment read.
+func TestLogIndexReplay(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	w, _ := openLog(t, dir, 4<<10)
+	type rec struct {
+		typ     uint8
+		payload []byte
+		size    int64
+	}
+	want := map[walPos]rec{}
+	for n := range 80 {
+		p, keep := logPayload(n, 200+n), n%7*10
+		_, pos, err := w.appendKeep(uint8(1+n%3), p, keep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[pos] = rec{uint8(1 + n%3), p[:keep], int64(walRecordOverhead + len(p))}
+	}
+	if err := w.sync(); err != nil {
+		t.Fatal(err)
+	}
+	w.close()
+	w.unlock()
+	segs := segmentFiles(t, dir)
+	indexed := 0
+	for _, f := range segs[:len(segs)-1] {
+		if _, err := os.Stat(strings.TrimSuffix(f, ".seg") + ".idx"); err == nil {
+			indexed++
+		}
+	}
+	if indexed < len(segs)-2 {
+		t.Fatalf("%d of %d full segments have an index", indexed, len(segs)-2)
+	}
+	replay := func() map[walPos]rec {
+		t.Helper()
+		lw, err := openWAL(dir, walOptions{segmentSize: 4 << 10, log: walQuietLogger()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer lw.unlock()
+		got := map[walPos]rec{}
+		if err := lw.replay(false, func(pos walPos, typ uint8, payload []byte, size int64) error {
+			got[pos] = rec{typ, bytes.Clone(payload), size}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	check := func(what string, got map[walPos]rec, fromIndex func(walPos) bool) {
+		t.Helper()
+		if len(got) != len(want) {
+			t.Fatalf("%s: replayed %d records, want %d", what, len(got), len(want))
+		}
+		for pos, r := range want {
+			g := got[pos]
+			if g.typ != r.typ || g.size != r.size {
+				t.Fatalf("%s: record at %v: type %d size %d, want %d %d", what, pos, g.typ, g.size, r.typ, r.size)
+			}
+			if fromIndex(pos) && !bytes.Equal(g.payload, r.payload) || !fromIndex(pos) && !bytes.HasPrefix(g.payload, r.payload) {
+				t.Fatalf("%s: record at %v: payload of %d octets, want %d kept", what, pos, len(g.payload), len(r.payload))
+			}
+		}
+	}
+	hasIndex := func(pos walPos) bool {
+		_, err := os.Stat(strings.TrimSuffix(w.segPath(pos.seg), ".seg") + ".idx")
+		return err == nil
+	}
+	check("from the indexes", replay(), hasIndex)
+
+	// Spoil the first segment's index three ways: each time replay reads the segment.
+	idx := strings.TrimSuffix(segs[0], ".seg") + ".idx"
+	good, err := os.ReadFile(idx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromSegment := func(pos walPos) bool { return pos.seg != 1 && hasIndex(pos) }
+	flipped := bytes.Clone(good)
+	flipped[len(flipped)-3] ^= 1
+	otherSize := bytes.Clone(good)
+	otherSize[23]++
+	binary.BigEndian.PutUint32(otherSize[12:], crc32.Checksum(otherSize[16:], crcTable))
+	for _, bad := range []struct {
+		name string
+		b    []byte
+	}{{"corrupt", flipped}, {"cut short", good[:len(good)-5]}, {"another size", otherSize}} {
+		os.WriteFile(idx, bad.b, 0o600)
+		check("index "+bad.name, replay(), fromSegment)
+	}
+	os.Remove(idx)
+	check("index missing", replay(), fromSegment)
 }
