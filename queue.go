@@ -27,7 +27,7 @@ type message struct {
 func (m *message) routingKey() []byte { return m.data[:m.keyLen] }
 func (m *message) props() []byte      { return m.data[m.keyLen : uint32(m.keyLen)+m.propsLen] }
 
-func (m *message) body() []byte       { return m.data[uint32(m.keyLen)+m.propsLen:] }
+func (m *message) body() []byte { return m.data[uint32(m.keyLen)+m.propsLen:] }
 
 // memCost is about what m costs a queue that holds it in memory: its data and the
 // structures around it.

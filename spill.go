@@ -44,8 +44,8 @@ type diskRef struct {
 // refRedelivered marks a diskRef's message as delivered before (recovered after a restart).
 const refRedelivered = 1 << 31
 
-func (r *diskRef) inLog() bool      { return r.id != 0 }
-func (r *diskRef) offset() uint32   { return r.off &^ refRedelivered }
+func (r *diskRef) inLog() bool       { return r.id != 0 }
+func (r *diskRef) offset() uint32    { return r.off &^ refRedelivered }
 func (r *diskRef) redelivered() bool { return r.off&refRedelivered != 0 }
 
 // refQueue is a FIFO of diskRefs in chunks of refChunk: growing never copies what it

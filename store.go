@@ -5,12 +5,12 @@ import (
 	"cmp"
 	"encoding/binary"
 	"errors"
+	"io"
 	"log/slog"
 	"maps"
-	"io"
 	"path/filepath"
-	"sort"
 	"slices"
+	"sort"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -130,7 +130,7 @@ func (mw *msgWAL) place(pos walPos, size int64) {
 
 // recovered is what replay found: topology records in order and each queue's messages.
 type recovered struct {
-	topology []walRecord           // records 1-6 past the checkpoint, after the checkpoint's own
+	topology []walRecord         // records 1-6 past the checkpoint, after the checkpoint's own
 	messages map[uint64]refQueue // queue id → ready messages in id order; expires holds the expiration (a ttl)
 }
 
