@@ -688,8 +688,8 @@ func appendSnapRecord(b []byte, typ uint8, payload []byte) []byte {
 const checkpointEvery = 8192
 
 // compact runs on the log's writer after each batch. It deletes the oldest segments while
-// nothing in them is needed, and copies forward the live messages of an oldest segment
-// that is less than half alive, or of any oldest segment when the whole log is.
+// nothing in them is needed, and copies forward the live messages of the oldest segment
+// when the whole log is less than half alive.
 func (st *store) compact() {
 	w := st.w
 	st.mu.Lock()
@@ -717,12 +717,14 @@ func (st *store) compact() {
 			// was being made. Copy what is left.
 			s.relocated = 0
 			// A long-lived backlog at the tail must not keep every dead segment after it:
-			// disk stays about twice the live data plus a segment.
+			// disk stays about twice the live data plus a segment. A segment that is only
+			// partly dead is not copied for that alone: a backlog drains from its oldest
+			// segment, and copying what is about to be consumed would double the writes.
 			var live int64
 			for _, o := range st.segs {
 				live += o.live
 			}
-			mostlyDead := s.live*2 < old.size || live*2 < size && size > 1<<20
+			mostlyDead := live*2 < size && size > min(1<<20, 4*w.segSize)
 			relocate := s.relocated == 0 && mostlyDead && !w.noSpace.Load()
 			st.mu.Unlock()
 			if relocate {

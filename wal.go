@@ -76,6 +76,7 @@ const (
 	walSnapHeader     = 32
 	walIndexHeader    = 24
 	walIndexEntry     = 13 // offset, size, type, kept
+	walChunkSize      = 1 << 20
 	defaultSegment    = 16 << 20
 	// maxSegment bounds the segment size, so that an offset in a segment (which may
 	// hold one record past it, a message of up to 512 MiB) fits 32 bits.
@@ -520,13 +521,17 @@ func (w *wal) appendLocked(typ uint8, payload []byte, keep int) (uint64, walPos,
 	pos := walPos{head.seq, uint64(head.size)}
 	head.size += n
 	var c *walChunk
-	if k := len(w.pend); k > 0 && w.pend[k-1].seg == head {
+	if k := len(w.pend); k > 0 && w.pend[k-1].seg == head && len(w.pend[k-1].buf)+int(n) <= walChunkSize {
 		c = &w.pend[k-1]
 	} else {
+		// A batch is a list of chunks of at most walChunkSize (but for one larger record),
+		// so a large batch never copies what it holds to grow.
 		var buf []byte
 		if k := len(w.freeBufs); k > 0 {
 			buf = w.freeBufs[k-1]
 			w.freeBufs = w.freeBufs[:k-1]
+		} else {
+			buf = make([]byte, 0, max(int(n), walChunkSize))
 		}
 		w.pend = append(w.pend, walChunk{seg: head, buf: buf})
 		c = &w.pend[len(w.pend)-1]
@@ -793,7 +798,7 @@ func (w *wal) run() {
 
 		w.mu.Lock()
 		for i := range chunks {
-			if cap(chunks[i].buf) <= 1<<20 && len(w.freeBufs) < 4 {
+			if cap(chunks[i].buf) <= walChunkSize && len(w.freeBufs) < 8 {
 				w.freeBufs = append(w.freeBufs, chunks[i].buf[:0])
 			}
 			chunks[i] = walChunk{}
