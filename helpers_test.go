@@ -1372,12 +1372,12 @@ func readBackRecovered(st *store, rec *recovered) (*testRecovered, error) {
 		var ra readAhead
 		var err error
 		var ms []*message
-		refs.each(func(r *diskRef) {
+		refs.each(func(_ int, r diskRef) {
 			if err != nil {
 				return
 			}
 			var m *message
-			if m, err = st.readRef(r, &ra, 0); err == nil {
+			if m, err = st.readRef(&r, &ra, 0); err == nil {
 				ms = append(ms, m)
 			}
 		})

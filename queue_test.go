@@ -955,7 +955,7 @@ func lastPaged(t *testing.T, srv *Server, name string) diskRef {
 	if q.tail.len() == 0 {
 		t.Fatal("no message is paged")
 	}
-	return *q.tail.at(q.tail.len() - 1)
+	return q.tail.at(q.tail.len() - 1)
 }
 
 // TestQueuePaging: past PageOutBytes of bodies, a durable queue keeps new persistent

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 )
 
 // Paging: a queue past its memory share keeps its newest ready messages wholly on disk and
@@ -31,7 +32,8 @@ const (
 )
 
 // diskRef is a ready message kept on disk: a publish record in the log, or a record in a
-// paging file.
+// paging file. A queue stores it in 24 octets without pointers (refEntry), plus 8 for its
+// expiry in a chunk where some message expires.
 type diskRef struct {
 	id      uint64 // the log record's message id; 0: a paging file's record
 	file    uint32 // the log segment or paging file
@@ -48,41 +50,83 @@ func (r *diskRef) inLog() bool       { return r.id != 0 }
 func (r *diskRef) offset() uint32    { return r.off &^ refRedelivered }
 func (r *diskRef) redelivered() bool { return r.off&refRedelivered != 0 }
 
-// refQueue is a FIFO of diskRefs in chunks of refChunk: growing never copies what it
-// holds, and a chunk is freed as soon as its last ref leaves.
+// refEntry is a diskRef as a refQueue stores it, without its expiry.
+type refEntry struct {
+	id                    uint64
+	file, off, size, body uint32
+}
+
+// refChunk is up to refChunkLen refs of a refQueue.
+type refChunk struct {
+	refs    []refEntry
+	expires []int64 // nil while no ref here expires; else parallel to refs
+}
+
+// refQueue is a FIFO of diskRefs in chunks of refChunkLen: growing never copies what it
+// holds, a chunk is freed as soon as its last ref leaves, and expiry times take room only
+// in chunks where some message expires.
 type refQueue struct {
-	chunks [][]diskRef // all full but the last
+	chunks []*refChunk // all full but the last
 	head   int         // the front's index in chunks[0]
 	n      int
 }
 
-const refChunk = 2048
+const refChunkLen = 2048
 
 func (r *refQueue) len() int { return r.n }
 
 func (r *refQueue) push(v diskRef) {
-	if k := len(r.chunks); k == 0 || len(r.chunks[k-1]) == refChunk {
-		r.chunks = append(r.chunks, make([]diskRef, 0, refChunk))
+	if k := len(r.chunks); k == 0 || len(r.chunks[k-1].refs) == refChunkLen {
+		r.chunks = append(r.chunks, &refChunk{refs: make([]refEntry, 0, refChunkLen)})
 	}
-	k := len(r.chunks) - 1
-	r.chunks[k] = append(r.chunks[k], v)
+	c := r.chunks[len(r.chunks)-1]
+	c.refs = append(c.refs, refEntry{v.id, v.file, v.off, v.size, v.body})
+	if c.expires != nil || v.expires != 0 {
+		if c.expires == nil {
+			c.expires = make([]int64, len(c.refs)-1, refChunkLen)
+		}
+		c.expires = append(c.expires, v.expires)
+	}
 	r.n++
 }
 
-// front returns the first ref; r must not be empty.
-func (r *refQueue) front() *diskRef { return &r.chunks[0][r.head] }
-
-// at returns the i-th ref from the front.
-func (r *refQueue) at(i int) *diskRef {
+// locate returns the chunk and index of the i-th ref from the front.
+func (r *refQueue) locate(i int) (*refChunk, int) {
 	i += r.head
-	return &r.chunks[i/refChunk][i%refChunk]
+	return r.chunks[i/refChunkLen], i % refChunkLen
 }
 
+// at returns the i-th ref from the front.
+func (r *refQueue) at(i int) diskRef {
+	c, j := r.locate(i)
+	e := c.refs[j]
+	v := diskRef{id: e.id, file: e.file, off: e.off, size: e.size, body: e.body}
+	if c.expires != nil {
+		v.expires = c.expires[j]
+	}
+	return v
+}
+
+// set replaces the i-th ref from the front.
+func (r *refQueue) set(i int, v diskRef) {
+	c, j := r.locate(i)
+	c.refs[j] = refEntry{v.id, v.file, v.off, v.size, v.body}
+	if c.expires == nil && v.expires != 0 {
+		c.expires = make([]int64, len(c.refs), refChunkLen)
+	}
+	if c.expires != nil {
+		c.expires[j] = v.expires
+	}
+}
+
+// front returns the first ref; r must not be empty.
+func (r *refQueue) front() diskRef { return r.at(0) }
+
 func (r *refQueue) pop() diskRef {
-	v := r.chunks[0][r.head]
+	v := r.at(0)
 	r.head++
 	r.n--
-	if r.head == len(r.chunks[0]) {
+	if r.head == len(r.chunks[0].refs) {
 		r.chunks[0] = nil
 		r.chunks = r.chunks[1:]
 		r.head = 0
@@ -93,16 +137,10 @@ func (r *refQueue) pop() diskRef {
 	return v
 }
 
-// each calls fn for every ref, front first.
-func (r *refQueue) each(fn func(*diskRef)) {
-	for i, c := range r.chunks {
-		from := 0
-		if i == 0 {
-			from = r.head
-		}
-		for j := from; j < len(c); j++ {
-			fn(&c[j])
-		}
+// each calls fn with every ref and its index, front first.
+func (r *refQueue) each(fn func(i int, v diskRef)) {
+	for i := range r.n {
+		fn(i, r.at(i))
 	}
 }
 
@@ -133,7 +171,8 @@ func decodeMessageRecord(p []byte) (*message, bool) {
 
 // spill is the set of paging files.
 type spill struct {
-	dir string
+	dir     string
+	failing atomic.Bool // the last write failed: logged once until one succeeds
 
 	mu   sync.Mutex
 	segs map[uint32]*spillSeg // guarded by mu
@@ -330,7 +369,13 @@ func (q *queue) pageOutLocked(e qentry) bool {
 	} else if sp := q.vh.spill; sp != nil {
 		var err error
 		if ref, err = sp.put(m); err != nil {
+			if !sp.failing.Swap(true) {
+				q.vh.log().Error("cannot write a paging file; transient messages stay in memory, ahead of older paged ones", "queue", q.name, "vhost", q.vh.name, "err", err)
+			}
 			return false
+		}
+		if sp.failing.Load() {
+			sp.failing.Store(false)
 		}
 	} else {
 		return false
@@ -358,9 +403,9 @@ func (q *queue) fillLocked() (notYet bool, e *Error) {
 		var m *message
 		var err error
 		if r.inLog() {
-			m, err = q.vh.store.readRef(r, &q.ahead, q.tailTicket)
+			m, err = q.vh.store.readRef(&r, &q.ahead, q.tailTicket)
 		} else {
-			m, err = q.vh.spill.get(r, &q.ahead)
+			m, err = q.vh.spill.get(&r, &q.ahead)
 		}
 		if err != nil {
 			if q.ready.len() > 0 {
@@ -413,13 +458,14 @@ func (q *queue) settleRefsLocked(refs []diskRef, record bool) {
 
 // dropTailLocked drops every paged message (purge, delete). q.mu must be held.
 func (q *queue) dropTailLocked(record bool) {
-	for i, c := range q.tail.chunks {
-		if i == 0 {
-			c = c[q.tail.head:]
+	batch := make([]diskRef, 0, min(q.tail.len(), maxAckIDs))
+	for q.tail.len() > 0 {
+		batch = append(batch, q.tail.pop())
+		if len(batch) == cap(batch) || q.tail.len() == 0 {
+			q.settleRefsLocked(batch, record)
+			batch = batch[:0]
 		}
-		q.settleRefsLocked(c, record)
 	}
-	q.tail.clear()
 	q.ahead = readAhead{}
 }
 

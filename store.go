@@ -273,7 +273,7 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	}
 	for qid, rq := range queues {
 		refs := rq.result()
-		refs.each(func(r *diskRef) { st.segLocked(uint64(r.file)).live += int64(r.size) })
+		refs.each(func(_ int, r diskRef) { st.segLocked(uint64(r.file)).live += int64(r.size) })
 		if refs.len() > 0 {
 			rec.messages[qid] = refs
 		}
@@ -283,20 +283,21 @@ func (st *store) replay(repair bool) (*recovered, error) {
 
 // replayQueue is one queue's messages as replay finds them: refs in id order, and the
 // copies compaction made of messages whose first record is gone (out of order) in late.
+// Until restore, a ref's expires holds its expiration property (a ttl).
 type replayQueue struct {
 	refs refQueue
-	late map[uint64]*diskRef
+	late map[uint64]diskRef
 	gone int // refs removed (size 0)
 }
 
-// find returns the ref of message id, or nil.
-func (rq *replayQueue) find(id uint64) *diskRef {
+// find returns the index in refs of message id, or -1.
+func (rq *replayQueue) find(id uint64) int {
 	n := rq.refs.len()
 	i := sort.Search(n, func(i int) bool { return rq.refs.at(i).id >= id })
 	if i < n && rq.refs.at(i).id == id {
-		return rq.refs.at(i)
+		return i
 	}
-	return rq.late[id]
+	return -1
 }
 
 // put adds a publish record's ref; a second record of the same message is a copy that
@@ -306,16 +307,17 @@ func (rq *replayQueue) put(r diskRef) {
 		rq.refs.push(r)
 		return
 	}
-	if p := rq.find(r.id); p != nil {
-		if p.size != 0 {
+	if i := rq.find(r.id); i >= 0 {
+		if p := rq.refs.at(i); p.size != 0 {
 			p.file, p.off, p.size = r.file, r.off, r.size
+			rq.refs.set(i, p)
 		}
 		return
 	}
 	if rq.late == nil {
-		rq.late = make(map[uint64]*diskRef)
+		rq.late = make(map[uint64]diskRef)
 	}
-	rq.late[r.id] = &r
+	rq.late[r.id] = r
 }
 
 // remove drops message id: the queue settled it.
@@ -324,9 +326,12 @@ func (rq *replayQueue) remove(id uint64) {
 		delete(rq.late, id)
 		return
 	}
-	if p := rq.find(id); p != nil && p.size != 0 {
-		p.size = 0
-		rq.gone++
+	if i := rq.find(id); i >= 0 {
+		if p := rq.refs.at(i); p.size != 0 {
+			p.size = 0
+			rq.refs.set(i, p)
+			rq.gone++
+		}
 	}
 }
 
@@ -335,11 +340,11 @@ func (rq *replayQueue) result() refQueue {
 	if rq.gone == 0 && len(rq.late) == 0 {
 		return rq.refs
 	}
-	late := slices.SortedFunc(maps.Values(rq.late), func(a, b *diskRef) int { return cmp.Compare(a.id, b.id) })
+	late := slices.SortedFunc(maps.Values(rq.late), func(a, b diskRef) int { return cmp.Compare(a.id, b.id) })
 	var out refQueue
 	for rq.refs.len() > 0 || len(late) > 0 {
 		if len(late) > 0 && (rq.refs.len() == 0 || late[0].id < rq.refs.front().id) {
-			out.push(*late[0])
+			out.push(late[0])
 			late = late[1:]
 			continue
 		}
@@ -448,11 +453,12 @@ func (m *message) appendPublishRecord(b []byte, qids []uint64) []byte {
 // logPublish writes a persistent message routed to durable queues and returns the ticket
 // that covers it. A confirm-mode channel (ch non-nil) is registered for walSynced first,
 // so the batch that writes the record confirms it. While the disk is full, new messages
-// are refused with errNoSpace.
+// are refused with errNoSpace; while the log's writer is far behind, the caller waits.
 func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *channel) (uint64, []byte, error) {
 	if st.w.noSpace.Load() {
 		return 0, scratch, errNoSpace
 	}
+	st.w.waitRoom()
 	qids := make([]uint64, 0, len(queues))
 	for _, q := range queues {
 		if q.walID != 0 {
@@ -825,17 +831,15 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 	}
 	var moves []move
 	q.mu.Lock()
-	if q.tail.len() == 0 && !q.deleted {
+	if q.tail.len() == 0 {
 		st.mu.Lock()
 		delete(st.tails, q) // it registers again when it pages
 		st.mu.Unlock()
 	}
-	n := uint64(0)
-	q.tail.each(func(r *diskRef) {
+	q.tail.each(func(i int, r diskRef) {
 		if r.inLog() && uint64(r.file) == seq {
-			moves = append(moves, move{q.tailSeq + n, *r})
+			moves = append(moves, move{q.tailSeq + uint64(i), r})
 		}
-		n++
 	})
 	q.mu.Unlock()
 	if len(moves) == 0 {
@@ -855,15 +859,16 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 	defer q.mu.Unlock()
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	for i, mv := range moves {
+	for k, mv := range moves {
 		if mv.seq < q.tailSeq || mv.seq-q.tailSeq >= uint64(q.tail.len()) {
 			continue
 		}
-		r := q.tail.at(int(mv.seq - q.tailSeq))
-		if *r != mv.ref {
+		i := int(mv.seq - q.tailSeq)
+		r := q.tail.at(i)
+		if r != mv.ref {
 			continue // settled meanwhile, and another ref took its place
 		}
-		buf = reencodePublish(buf[:0], recs[i], []uint64{q.walID})
+		buf = reencodePublish(buf[:0], recs[k], []uint64{q.walID})
 		t, pos, err := st.w.appendKeep(recPublish, buf, publishKeep(buf))
 		if err != nil {
 			return buf, false
@@ -872,6 +877,7 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 		r.file, r.off = uint32(pos.seg), uint32(pos.off)|r.off&refRedelivered
 		r.size = uint32(walRecordOverhead + len(buf))
 		st.segLocked(pos.seg).live += int64(r.size)
+		q.tail.set(i, r)
 		q.tailTicket = max(q.tailTicket, t)
 		old.relocated = max(old.relocated, t)
 	}
@@ -1166,18 +1172,19 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 		q := queues[id]
 		if q == nil {
 			st.mu.Lock()
-			refs.each(func(r *diskRef) { st.dropRefsLocked([]diskRef{*r}) })
+			refs.each(func(_ int, r diskRef) { st.dropRefsLocked([]diskRef{r}) })
 			st.mu.Unlock()
 			continue
 		}
 		// Every recovered message stays on disk until its turn comes; a time to live
 		// starts again at the restart: the log keeps no clock.
 		q.mu.Lock()
-		refs.each(func(r *diskRef) {
+		refs.each(func(i int, r diskRef) {
 			r.off |= refRedelivered
 			if t := ttl(r.expires); t != 0 || q.ttl != 0 {
 				r.expires = expiresAtFrom(now, q.ttl, t)
 			}
+			refs.set(i, r)
 			q.readyBytes += int64(r.body)
 		})
 		q.tail, q.tailSeq = refs, q.nextSeq+1

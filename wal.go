@@ -132,6 +132,8 @@ type wal struct {
 	pendSpare []walChunk // guarded by mu: the other pend slice, empty
 	freeBufs  [][]byte   // guarded by mu: chunk buffers to reuse
 	appended  uint64     // guarded by mu: tickets handed out (one per record)
+	pendBytes int64      // guarded by mu: octets in pend
+	pendLimit int64      // what waitRoom lets pend hold: maxPending
 	reads     uint64     // guarded by mu: read handles handed out, a clock for closing the idlest
 	readFiles int        // guarded by mu: segments with a read handle open
 	done      uint64     // guarded by mu: tickets written (and synced, under "always")
@@ -143,6 +145,7 @@ type wal struct {
 	doneAtomic    atomic.Uint64 // done, readable without mu
 	fsyncedAtomic atomic.Uint64 // tickets fsynced: only these may stand in for a removed segment
 	failedAtomic  atomic.Bool   // failed != nil, readable without mu
+	pendAtomic    atomic.Int64  // pendBytes, readable without mu
 	noSpace       atomic.Bool   // the disk is full: the writer is waiting for room; set under mu
 
 	// The writer's own state.
@@ -181,7 +184,7 @@ func openWAL(dir string, opts walOptions) (*wal, error) {
 	}
 	w := &wal{
 		dir: dir, log: opts.log, segSize: opts.segmentSize, interval: opts.interval, lock: lock,
-		wake: make(chan struct{}, 1), stopped: make(chan struct{}),
+		wake: make(chan struct{}, 1), stopped: make(chan struct{}), pendLimit: maxPending,
 	}
 	w.synced.L = &w.mu
 	return w, nil
@@ -549,6 +552,8 @@ func (w *wal) appendLocked(typ uint8, payload []byte, keep int) (uint64, walPos,
 	x = append(x, typ)
 	x = binary.BigEndian.AppendUint32(x, uint32(keep))
 	head.index = append(x, payload[:keep]...)
+	w.pendBytes += n
+	w.pendAtomic.Store(w.pendBytes)
 	w.appended++
 	return w.appended, pos, nil
 }
@@ -566,6 +571,24 @@ func (w *wal) appendKeep(typ uint8, payload []byte, keep int) (uint64, walPos, e
 	w.mu.Unlock()
 	w.kick()
 	return t, pos, err
+}
+
+// maxPending bounds what appenders may have waiting for the writer: a publisher that
+// outruns the disk waits (waitRoom), so a backlog is never held in memory on its way to
+// the log.
+const maxPending = 64 << 20
+
+// waitRoom waits while more than maxPending octets wait for the writer. It does not wait
+// while the disk is full (publishes are refused then), or once the log failed or closed.
+func (w *wal) waitRoom() {
+	if w.pendAtomic.Load() <= w.pendLimit {
+		return
+	}
+	w.mu.Lock()
+	for w.pendBytes > w.pendLimit && w.failed == nil && !w.closed && !w.noSpace.Load() {
+		w.synced.Wait()
+	}
+	w.mu.Unlock()
 }
 
 func (w *wal) kick() {
@@ -778,6 +801,8 @@ func (w *wal) run() {
 		w.mu.Lock()
 		chunks, ticket, closed, failed := w.pend, w.appended, w.closed, w.failed
 		w.pend, w.pendSpare = w.pendSpare, nil
+		w.pendBytes = 0
+		w.pendAtomic.Store(0)
 		w.mu.Unlock()
 
 		err := failed

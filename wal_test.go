@@ -459,3 +459,48 @@ func TestLogIndexReplay(t *testing.T) {
 	os.Remove(idx)
 	check("index missing", replay(), fromSegment)
 }
+
+// TestLogWaitRoom: an appender waits in waitRoom while more than maxPending octets wait for
+// a writer that is behind, and goes on once the writer has taken them.
+func TestLogWaitRoom(t *testing.T) {
+	t.Parallel()
+	w, err := openWAL(t.TempDir(), walOptions{log: walQuietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.replay(false, func(walPos, uint8, []byte, int64) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	entered, gate := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	w.onBatch = func(uint64) {
+		once.Do(func() { close(entered); <-gate }) // the writer falls behind after its first batch
+	}
+	w.pendLimit = 1 << 20
+	if err := w.start(0); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.close(); w.unlock() })
+	if _, _, err := w.append(1, []byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	<-entered
+	payload := make([]byte, 64<<10)
+	for w.pendAtomic.Load() <= w.pendLimit {
+		if _, _, err := w.appendKeep(1, payload, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan struct{})
+	go func() { w.waitRoom(); close(done) }()
+	select {
+	case <-done:
+		t.Fatalf("waitRoom returned with %d octets pending", w.pendAtomic.Load())
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(gate)
+	<-done
+	if n := w.pendAtomic.Load(); n > w.pendLimit {
+		t.Fatalf("waitRoom returned with %d octets still pending", n)
+	}
+}
