@@ -781,3 +781,70 @@ func TestReplayKeepsTopologyAcrossSegments(t *testing.T) {
 		t.Fatalf("recovered %d messages, want 40", n)
 	}
 }
+
+// TestWALReplayUnionOfCopies: a message routed to four queues that hold it in different
+// ways (in memory, paged, settled before or after compaction's copies) is copied forward
+// once per paged hold and once for the holds in memory, each copy naming only its own
+// queues; replay with the original and the copies all in the log (a crash before the old
+// segment goes) gives each queue each of its messages exactly once, in order, whatever
+// records name it, and none it settled.
+func TestWALReplayUnionOfCopies(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	w, _ := openTestWAL(t, dir, storeOptions{segmentSize: 1 << 20})
+	q1, q2, q3, q4 := walTestQueue(1), walTestQueue(2), walTestQueue(3), walTestQueue(4)
+	var msgs []*message
+	for i := range 6 {
+		m := walTestMessage(i, "fan", "", 200)
+		logTestPublish(t, w, m, q1, q2, q3, q4)
+		msgs = append(msgs, m)
+	}
+	// q2 and q4 page every message; q1 and q3 hold them in memory. q3 settles the first
+	// before any copy is made.
+	refs := make(map[*queue][]diskRef)
+	for _, q := range []*queue{q2, q4} {
+		q.tailSeq = 1
+		for _, m := range msgs {
+			r, _ := w.pageOut(q, m)
+			q.tail.push(r)
+			refs[q] = append(refs[q], r)
+		}
+	}
+	w.settle(q3, msgs[:1])
+	if err := w.sync(); err != nil {
+		t.Fatal(err)
+	}
+	w.mu.Lock()
+	seq := uint64(msgs[0].wal.seg)
+	old := w.segs[seq]
+	w.mu.Unlock()
+	// Copy forward twice (copies of copies), then settle more: q1 a message in memory,
+	// q2 a paged one.
+	for range 2 {
+		w.relocate(seq, old)
+		if err := w.sync(); err != nil {
+			t.Fatal(err)
+		}
+		w.mu.Lock()
+		seq = uint64(msgs[0].wal.seg)
+		old = w.segs[seq]
+		w.mu.Unlock()
+	}
+	if got := q2.tail.front().file; got == refs[q2][0].file && q2.tail.front().off == refs[q2][0].off {
+		t.Fatal("compaction did not copy the paged messages forward")
+	}
+	w.settle(q1, msgs[1:2])
+	q2.mu.Lock()
+	w.settleRefs(q2, []diskRef{*q2.tail.at(2)})
+	q2.mu.Unlock()
+	w.close()
+
+	_, rec := openTestWAL(t, dir, storeOptions{segmentSize: 1 << 20})
+	without := func(skip int) []*message {
+		return slices.Concat(msgs[:skip], msgs[skip+1:])
+	}
+	checkRecovered(t, rec, q1.walID, without(1))
+	checkRecovered(t, rec, q2.walID, without(2))
+	checkRecovered(t, rec, q3.walID, without(0))
+	checkRecovered(t, rec, q4.walID, msgs)
+}
