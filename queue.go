@@ -182,6 +182,12 @@ func (q *queue) enqueue(m *message) bool {
 	e.seq = q.nextSeq
 	cost := m.memCost()
 	if !(q.tail.len() > 0 || q.vh.pageOut >= 0 && q.ramBytes+cost > q.vh.pageOut || q.vh.memoryHigh()) || !q.pageOutLocked(e) {
+		if q.tail.len() > 0 {
+			// Paging failed: the message stays in memory, ahead of the paged ones, and
+			// gives its number back so theirs stay consecutive.
+			q.nextSeq--
+			e.seq = q.tailSeq - 1
+		}
 		q.ready.push(e)
 		q.ramBytes += cost
 	}

@@ -1084,6 +1084,16 @@ func (s *Server) openStore() error {
 		vh.store, vh.spill = st, sp
 	}
 	s.mu.Unlock()
+	// Recovered messages expire only now that their queues can settle them in the log.
+	for _, vh := range s.vhostList() {
+		vh.mu.RLock()
+		for _, q := range vh.queues {
+			q.mu.Lock()
+			q.scheduleExpiryLocked()
+			q.mu.Unlock()
+		}
+		vh.mu.RUnlock()
+	}
 	s.log.Info("data directory loaded", "dir", s.cfg.DataDir, "messages", n, "took", time.Since(start).String())
 	return nil
 }
@@ -1190,7 +1200,6 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 		q.tail, q.tailSeq = refs, q.nextSeq+1
 		q.nextSeq += uint64(refs.len())
 		n += refs.len()
-		q.scheduleExpiryLocked()
 		q.mu.Unlock()
 		st.mu.Lock()
 		st.tails[q] = true

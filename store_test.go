@@ -835,7 +835,7 @@ func TestWALReplayUnionOfCopies(t *testing.T) {
 	}
 	w.settle(q1, msgs[1:2])
 	q2.mu.Lock()
-	w.settleRefs(q2, []diskRef{*q2.tail.at(2)})
+	w.settleRefs(q2, []diskRef{q2.tail.at(2)})
 	q2.mu.Unlock()
 	w.close()
 
