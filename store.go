@@ -731,7 +731,8 @@ func (st *store) compact() {
 				live += o.live
 			}
 			mostlyDead := live*2 < size && size > min(1<<20, 4*w.segSize)
-			relocate := s.relocated == 0 && mostlyDead && !w.noSpace.Load()
+			// Copies are read back from the file: only once it holds all of the segment.
+			relocate := s.relocated == 0 && mostlyDead && old.written && !w.noSpace.Load()
 			st.mu.Unlock()
 			if relocate {
 				st.relocate(old.seq, s)

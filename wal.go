@@ -105,9 +105,13 @@ type segment struct {
 	size int64    // octets assigned, header included; guarded by w.mu
 	rf   *os.File // opened for reading back, lazily; guarded by w.mu
 	used uint64   // when rf was last handed out, in w.reads; guarded by w.mu
-	// index is the segment's index entries so far (see the format above); guarded by w.mu
-	// until the segment is full, then the writer's.
-	index []byte
+	// index is the segment's index entries so far (see the format above), in blocks of
+	// about indexBlock octets so that it never copies itself to grow; guarded by w.mu until
+	// the segment is full, then the writer's.
+	index      [][]byte
+	indexBytes int
+	noIndex    bool   // the index would be no smaller than the segment: none is kept
+	last       uint64 // the ticket of its last record; guarded by w.mu
 }
 
 // walChunk is appended bytes waiting for the writer, all for one segment.
@@ -447,6 +451,29 @@ func (w *wal) openFile(seg *segment) error {
 	return nil
 }
 
+// indexBlock is the size of the blocks a segment's index is kept in.
+const indexBlock = 256 << 10
+
+// addIndexEntry adds a record to the segment's index, or stops keeping one once the index
+// is about half the segment (small records: replaying the segment costs as much).
+func (seg *segment) addIndexEntry(off, size uint32, typ uint8, kept []byte) {
+	n := walIndexEntry + len(kept)
+	k := len(seg.index)
+	if k == 0 || len(seg.index[k-1])+n > cap(seg.index[k-1]) {
+		seg.index = append(seg.index, make([]byte, 0, max(n, indexBlock)))
+		k++
+	}
+	x := binary.BigEndian.AppendUint32(seg.index[k-1], off)
+	x = binary.BigEndian.AppendUint32(x, size)
+	x = append(x, typ)
+	x = binary.BigEndian.AppendUint32(x, uint32(len(kept)))
+	seg.index[k-1] = append(x, kept...)
+	seg.indexBytes += n
+	if seg.indexBytes > indexBlock && int64(seg.indexBytes)*2 > seg.size {
+		seg.index, seg.indexBytes, seg.noIndex = nil, 0, true
+	}
+}
+
 func (w *wal) indexPath(seq uint64) string {
 	return strings.TrimSuffix(w.segPath(seq), ".seg") + ".idx"
 }
@@ -455,17 +482,23 @@ func (w *wal) indexPath(seq uint64) string {
 // fsynced. It is a help to replay, not a record of anything: a failure is only logged.
 func (w *wal) writeIndex(seg *segment) {
 	w.mu.Lock()
-	entries, size := seg.index, seg.size
-	seg.index = nil
+	blocks, size, none := seg.index, seg.size, seg.noIndex
+	seg.index, seg.indexBytes = nil, 0
 	w.mu.Unlock()
-	b := make([]byte, walIndexHeader, walIndexHeader+len(entries))
-	copy(b, idxMagic[:])
-	binary.BigEndian.PutUint32(b[8:], walVersion)
-	binary.BigEndian.PutUint64(b[16:], uint64(size))
-	b = append(b, entries...)
-	binary.BigEndian.PutUint32(b[12:], crc32.Checksum(b[16:], crcTable))
+	if none {
+		return
+	}
+	hdr := make([]byte, walIndexHeader)
+	copy(hdr, idxMagic[:])
+	binary.BigEndian.PutUint32(hdr[8:], walVersion)
+	binary.BigEndian.PutUint64(hdr[16:], uint64(size))
+	crc := crc32.Update(0, crcTable, hdr[16:])
+	for _, b := range blocks {
+		crc = crc32.Update(crc, crcTable, b)
+	}
+	binary.BigEndian.PutUint32(hdr[12:], crc)
 	name := w.indexPath(seg.seq)
-	err := os.WriteFile(name+".tmp", b, 0o600)
+	err := writeBlocks(name+".tmp", append([][]byte{hdr}, blocks...))
 	if err == nil {
 		err = os.Rename(name+".tmp", name)
 	}
@@ -473,6 +506,21 @@ func (w *wal) writeIndex(seg *segment) {
 		os.Remove(name + ".tmp")
 		w.log.Warn("cannot write a log segment's index; replay will read the segment", "seg", seg.seq, "err", err)
 	}
+}
+
+// writeBlocks writes a new file from blocks, without fsync.
+func writeBlocks(name string, blocks [][]byte) error {
+	f, err := os.OpenFile(name, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	for _, b := range blocks {
+		if _, err := f.Write(b); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	return f.Close()
 }
 
 // readIndex returns the entries of segment seq's index when it is whole and was made for
@@ -547,14 +595,13 @@ func (w *wal) appendLocked(typ uint8, payload []byte, keep int) (uint64, walPos,
 	if keep < 0 || keep > len(payload) {
 		keep = len(payload)
 	}
-	x := binary.BigEndian.AppendUint32(head.index, uint32(pos.off))
-	x = binary.BigEndian.AppendUint32(x, uint32(n))
-	x = append(x, typ)
-	x = binary.BigEndian.AppendUint32(x, uint32(keep))
-	head.index = append(x, payload[:keep]...)
+	if !head.noIndex {
+		head.addIndexEntry(uint32(pos.off), uint32(n), typ, payload[:keep])
+	}
 	w.pendBytes += n
 	w.pendAtomic.Store(w.pendBytes)
 	w.appended++
+	head.last = w.appended
 	return w.appended, pos, nil
 }
 
@@ -645,13 +692,15 @@ func (w *wal) oldest() (segmentInfo, int, int64) {
 	for _, s := range w.segs {
 		size += s.size
 	}
-	return segmentInfo{seq: w.segs[0].seq, size: w.segs[0].size}, len(w.segs), size
+	o := w.segs[0]
+	return segmentInfo{seq: o.seq, size: o.size, written: o.last <= w.done}, len(w.segs), size
 }
 
 // segmentInfo is a segment's number and size.
 type segmentInfo struct {
-	seq  uint64
-	size int64
+	seq     uint64
+	size    int64
+	written bool // every record appended to it so far is written
 }
 
 // errSegmentBusy refuses to remove the segment the writer writes to, or the head.
