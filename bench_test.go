@@ -513,7 +513,7 @@ func BenchmarkBacklogMemory(b *testing.B) {
 	}{
 		{"paged-100B", 0, 100, false}, {"inmemory-100B", -1, 100, false},
 		{"paged-1KiB", 0, 1024, false}, {"inmemory-1KiB", -1, 1024, false},
-		{"transient-paged-1KiB", 0, 1024, true}, {"transient-inmemory-1KiB", -1, 1024, true},
+		{"transient-paged-100B", 0, 100, true}, {"transient-paged-1KiB", 0, 1024, true}, {"transient-inmemory-1KiB", -1, 1024, true},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			srv, _ := newTestServer(b, Config{PageOutBytes: bc.pageOut})

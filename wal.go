@@ -872,7 +872,7 @@ func (w *wal) run() {
 
 		w.mu.Lock()
 		for i := range chunks {
-			if cap(chunks[i].buf) <= walChunkSize && len(w.freeBufs) < 8 {
+			if cap(chunks[i].buf) <= walChunkSize && len(w.freeBufs) < 4 {
 				w.freeBufs = append(w.freeBufs, chunks[i].buf[:0])
 			}
 			chunks[i] = walChunk{}
