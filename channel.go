@@ -902,6 +902,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	q.renewLeaseLocked()
 	q.expireLocked()
 	if q.messageCountLocked() == 0 {
 		ch.send(&basicGetEmpty{})

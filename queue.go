@@ -5,13 +5,14 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
 // message is one published message, shared by every queue it was routed to; it never
 // changes after publish. data holds the routing key, the raw properties (flags first) and
-// the body in one allocation. A paged message is a queue's view of a logged message
-// without its body, which is read back from the log when it is delivered.
+// the body in one allocation. A queue that pages keeps a diskRef instead, and reads the
+// message back into a new one when its turn comes.
 type message struct {
 	exchange   string // the exchange's own (interned) name
 	data       []byte // routing key | properties | body
@@ -109,6 +110,7 @@ type queue struct {
 	args                           table
 	walID                          uint64 // durable queues: the id log records use; 0 if not logged
 	ttl                            ttl    // x-message-ttl
+	expires                        int64  // x-expires: milliseconds unused before it is deleted; 0: never
 	limits                         queueLimits
 	bindings                       []*binding // guarded by vh.mu
 
@@ -128,6 +130,8 @@ type queue struct {
 	ahead       readAhead     // guarded by mu: the window paged messages are read from
 	expiry      *time.Timer   // guarded by mu: drops expired messages at the head, when set
 	expiryAt    int64         // guarded by mu: when expiry fires, in Unix milliseconds
+	lease       *time.Timer   // guarded by mu: deletes a queue with x-expires once unused that long
+	lastUsed    atomic.Int64  // Unix milliseconds of the last basic.get, redeclare or consumer leaving
 }
 
 // consumer is a basic.consume subscription.
@@ -595,7 +599,73 @@ func (q *queue) removeConsumer(c *consumer) (autoDelete bool) {
 			break
 		}
 	}
+	if len(q.consumers) == 0 {
+		q.renewLeaseLocked()
+	}
 	return q.autoDelete && q.hadConsumer && len(q.consumers) == 0 && !q.deleted
+}
+
+// queueExpires reads x-expires from queue arguments: an integer of milliseconds from 1 to
+// maxTTL. The error text is RabbitMQ's.
+func queueExpires(args table) (int64, error) {
+	v, ok := args["x-expires"]
+	if !ok {
+		return 0, nil
+	}
+	n, ok := intValue(v)
+	switch {
+	case !ok:
+		return 0, errors.New("not an integer")
+	case n == 0:
+		return 0, errors.New("{value_zero,0}")
+	case n < 0:
+		return 0, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
+	case n > maxTTL:
+		return 0, errors.New("{value_too_large," + strconv.FormatInt(n, 10) + "}")
+	}
+	return n, nil
+}
+
+// renewLease starts q's x-expires period again: it was used (basic.get, redeclare, its last
+// consumer left, or the broker started). A queue without x-expires pays one comparison.
+func (q *queue) renewLease() {
+	if q.expires == 0 {
+		return
+	}
+	q.mu.Lock()
+	q.renewLeaseLocked()
+	q.mu.Unlock()
+}
+
+// renewLeaseLocked is renewLease with q.mu held.
+func (q *queue) renewLeaseLocked() {
+	if q.expires == 0 || q.deleted {
+		return
+	}
+	q.lastUsed.Store(time.Now().UnixMilli())
+	if q.lease == nil {
+		q.lease = time.AfterFunc(time.Duration(q.expires)*time.Millisecond, q.onLease)
+	}
+}
+
+// onLease runs on the lease timer: a queue unused for x-expires is deleted, as RabbitMQ
+// does (its messages with it, durable ones from the log); one used meanwhile waits for the
+// rest of its period, and one with consumers for its last consumer to leave.
+func (q *queue) onLease() {
+	q.mu.Lock()
+	q.lease = nil
+	if q.deleted || len(q.consumers) > 0 {
+		q.mu.Unlock()
+		return
+	}
+	if left := q.lastUsed.Load() + q.expires - time.Now().UnixMilli(); left > 0 {
+		q.lease = time.AfterFunc(time.Duration(left)*time.Millisecond, q.onLease)
+		q.mu.Unlock()
+		return
+	}
+	q.mu.Unlock()
+	q.vh.deleteQueue(q)
+	q.vh.log().Info("queue expired (x-expires) and was deleted", "queue", q.name, "vhost", q.vh.name)
 }
 
 // deliverLocked sends e to this consumer if it has credit, recording it as unacked unless
@@ -685,7 +755,12 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			vh.mu.Unlock()
 			return preconditionFailed(err.Error() + " for " + describeQueue(name, vh.name))
 		}
-		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits}
+		expires, err := queueExpires(m.Arguments)
+		if err != nil {
+			vh.mu.Unlock()
+			return preconditionFailed("invalid arg 'x-expires' for " + describeQueue(name, vh.name) + ": " + err.Error())
+		}
+		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits, expires: expires}
 		if m.Exclusive {
 			q.owner = ch.c
 		}
@@ -696,6 +771,7 @@ func (ch *channel) queueDeclare(d *decoder) error {
 		}
 	}
 	vh.mu.Unlock()
+	q.renewLease() // a declare, new or again, starts x-expires' period
 	if q.walID != 0 {
 		if err := vh.syncTopology(); err != nil {
 			return err

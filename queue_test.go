@@ -921,3 +921,135 @@ func TestExpiryTimerNeverSpins(t *testing.T) {
 		t.Fatalf("expiresAt(maxTTL) = %d overflowed", got)
 	}
 }
+
+// queueExists reports whether vhost has a queue of this name.
+func queueExists(srv *Server, vhost, name string) bool {
+	vh := srv.vhost(vhost)
+	vh.mu.RLock()
+	defer vh.mu.RUnlock()
+	return vh.queues[name] != nil
+}
+
+// TestQueueExpiresArgument: x-expires must be an integer from 1 to 4,294,967,295 ms, and
+// RabbitMQ's texts say what is wrong with the others.
+func TestQueueExpiresArgument(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	for _, bad := range []struct {
+		v   any
+		why string
+	}{{int32(0), "{value_zero,0}"}, {int64(-5), "{value_negative,-5}"}, {int64(maxTTL + 1), "{value_too_large,4294967296}"}, {"soon", "not an integer"}} {
+		_, err := openChannel(t, c).QueueDeclare("exp", false, false, false, false, amqp091.Table{"x-expires": bad.v})
+		want := "PRECONDITION_FAILED - invalid arg 'x-expires' for queue 'exp' in vhost '/': " + bad.why
+		if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || e.Reason != want {
+			t.Errorf("x-expires %v: %v, want 406 %q", bad.v, err, want)
+		}
+	}
+	if _, err := openChannel(t, c).QueueDeclare("exp", false, false, false, false, amqp091.Table{"x-expires": int64(maxTTL)}); err != nil {
+		t.Fatalf("x-expires %d: %v", maxTTL, err)
+	}
+}
+
+// TestQueueExpires: a queue unused for its x-expires is deleted with its messages; one with
+// a consumer is not, and its period starts when its last consumer leaves; basic.get and a
+// redeclare renew the period. A sentinel queue declared alongside, which nobody uses, tells
+// when a period has passed.
+func TestQueueExpires(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	const period = 150
+	args := amqp091.Table{"x-expires": int32(period)}
+	declare := func(names ...string) {
+		t.Helper()
+		for _, n := range names {
+			if _, err := ch.QueueDeclare(n, false, false, false, false, args); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+
+	// Unused: gone after its period, messages and all.
+	declare("idle")
+	if err := ch.Publish("", "idle", false, false, amqp091.Publishing{Body: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	pollFor(t, "the unused queue to expire", func() bool { return !queueExists(srv, "/", "idle") })
+	if _, err := openChannel(t, c).QueueDeclarePassive("idle", false, false, false, false, nil); amqpCode(err) != 404 {
+		t.Fatalf("passive declare of the expired queue: %v, want 404", err)
+	}
+
+	// Consumed, used by get, redeclared: each outlives a sentinel declared after it.
+	declare("consumed", "got", "redeclared")
+	cons := openChannel(t, c)
+	if _, err := cons.Consume("consumed", "c", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	declare("sentinel")
+	getter := openChannel(t, c)
+	pollFor(t, "the sentinel to expire", func() bool {
+		if _, _, err := getter.Get("got", true); err != nil {
+			t.Fatal(err)
+		}
+		declare("redeclared")
+		return !queueExists(srv, "/", "sentinel")
+	})
+	for _, n := range []string{"consumed", "got", "redeclared"} {
+		if !queueExists(srv, "/", n) {
+			t.Errorf("queue %s expired though it was in use", n)
+		}
+	}
+	// The consumer leaves: its queue's period starts.
+	if err := cons.Cancel("c", false); err != nil {
+		t.Fatal(err)
+	}
+	pollFor(t, "the queue whose consumer left to expire", func() bool { return !queueExists(srv, "/", "consumed") })
+}
+
+// TestQueueExpiresDurable: a durable queue with x-expires that expires is deleted from the
+// log too, its persistent messages settled; after a restart an unused one starts its
+// period again and expires, and one with a longer period stays.
+func TestQueueExpiresDurable(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	for _, q := range []struct {
+		name    string
+		expires int32
+	}{{"soon", 100}, {"held", 100}, {"later", 60_000}} {
+		if _, err := ch.QueueDeclare(q.name, true, false, false, false, amqp091.Table{"x-expires": q.expires}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := openChannel(t, conn).Consume("held", "", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	pub := newConfirmChannel(t, conn)
+	for range 5 {
+		pub.publish("", "soon", false, amqp091.Publishing{DeliveryMode: 2, Body: []byte("x")})
+	}
+	pub.publish("", "later", false, amqp091.Publishing{DeliveryMode: 2, Body: []byte("y")})
+	pub.wait()
+	pollFor(t, "soon to expire", func() bool { return !queueExists(b.srv, "/", "soon") })
+	pollFor(t, "the log to settle its messages", func() bool { return storeLive(b.srv.store) == queueLogHolds(b.srv, "later") })
+	if !queueExists(b.srv, "/", "held") {
+		t.Fatal("a queue with a consumer expired")
+	}
+
+	// A crash drops held's consumer: after the restart its period starts and it expires.
+	b2 := b.restart("crash", Config{})
+	if queueExists(b2.srv, "/", "soon") || !queueExists(b2.srv, "/", "later") {
+		t.Fatalf("after a restart: soon exists %v, later exists %v; want only later", queueExists(b2.srv, "/", "soon"), queueExists(b2.srv, "/", "later"))
+	}
+	pollFor(t, "held to expire after the restart", func() bool { return !queueExists(b2.srv, "/", "held") })
+	if n := queueReady(t, openChannel(t, dial(t, b2.url)), "later"); n != 1 {
+		t.Fatalf("later holds %d messages after a restart, want 1", n)
+	}
+	b3 := b2.restart("clean", Config{})
+	if queueExists(b3.srv, "/", "held") || queueExists(b3.srv, "/", "soon") {
+		t.Fatal("an expired durable queue came back after another restart")
+	}
+}

@@ -1085,12 +1085,14 @@ func (s *Server) openStore() error {
 		vh.store, vh.spill = st, sp
 	}
 	s.mu.Unlock()
-	// Recovered messages expire only now that their queues can settle them in the log.
+	// Recovered messages expire, and unused queues with x-expires start their period, only
+	// now that the queues can write to the log.
 	for _, vh := range s.vhostList() {
 		vh.mu.RLock()
 		for _, q := range vh.queues {
 			q.mu.Lock()
 			q.scheduleExpiryLocked()
+			q.renewLeaseLocked()
 			q.mu.Unlock()
 		}
 		vh.mu.RUnlock()
@@ -1145,7 +1147,8 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			if d.err == nil {
 				qttl, _ := queueTTL(args)
 				limits, _ := parseQueueLimits(args)
-				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits}
+				expires, _ := queueExpires(args)
+				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires}
 				vh.queues[name] = q
 				queues[id] = q
 			}
