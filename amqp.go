@@ -263,6 +263,7 @@ type Server struct {
 
 	unhealthy  atomic.Pointer[string] // why the broker must be restarted; nil while sound
 	alarms     atomic.Uint32          // the resource alarms that are on: alarmMemory, alarmDisk
+	dead       *deadLetters           // moves dropped messages to dead-letter exchanges
 	alarmMu    sync.Mutex             // guards alarmClear
 	alarmClear chan struct{}          // closed when the last alarm goes off
 	liveHeap   func() uint64          // the live heap in bytes; a test may replace it
@@ -293,7 +294,8 @@ func NewServer(cfg Config) *Server {
 	if cfg.AuthFailureLimit > 0 {
 		s.logins = newLoginLimiter(cfg.AuthFailureLimit)
 	}
-	s.vhosts["/"].pageOut, s.vhosts["/"].alarms = cfg.PageOutBytes, &s.alarms
+	s.dead = newDeadLetters(s)
+	s.vhosts["/"].pageOut, s.vhosts["/"].alarms, s.vhosts["/"].dead = cfg.PageOutBytes, &s.alarms, s.dead
 	s.liveHeap = readLiveHeap
 	s.diskFree = func() (uint64, error) { return diskFree(s.cfg.DataDir) }
 	s.stopWatch = make(chan struct{})
@@ -541,6 +543,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		<-done
 		err = ctx.Err()
 	}
+	s.dead.wait() // messages on their way to a dead-letter exchange are logged first
 	if s.store != nil {
 		s.store.close()
 	}

@@ -97,7 +97,7 @@ func (s *Server) loadAuth() error {
 	for _, v := range defs.Vhosts {
 		if s.vhosts[v.Name] == nil {
 			vh := newVhost(v.Name)
-			vh.store, vh.spill, vh.pageOut, vh.alarms = s.store, s.spill, s.cfg.PageOutBytes, &s.alarms
+			vh.store, vh.spill, vh.pageOut, vh.alarms, vh.dead = s.store, s.spill, s.cfg.PageOutBytes, &s.alarms, s.dead
 			s.vhosts[v.Name] = vh
 		}
 	}

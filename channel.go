@@ -707,7 +707,11 @@ func (ch *channel) apply(a txAck, done []unacked, global bool) {
 	if requeue {
 		requeueAll(done)
 	} else {
-		ch.c.s.logSettled(done)
+		settled := done
+		if a.id != idBasicAck {
+			settled = deadLetterRejected(slices.Clone(done))
+		}
+		ch.c.s.logSettled(settled)
 	}
 	if global {
 		// Channel-wide credit may belong to a consumer of another queue.

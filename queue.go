@@ -108,9 +108,10 @@ type queue struct {
 	durable, exclusive, autoDelete bool
 	owner                          *conn // exclusive queues: the declaring connection
 	args                           table
-	walID                          uint64 // durable queues: the id log records use; 0 if not logged
-	ttl                            ttl    // x-message-ttl
-	expires                        int64  // x-expires: milliseconds unused before it is deleted; 0: never
+	walID                          uint64            // durable queues: the id log records use; 0 if not logged
+	ttl                            ttl               // x-message-ttl
+	expires                        int64             // x-expires: milliseconds unused before it is deleted; 0: never
+	dead                           *deadLetterTarget // x-dead-letter-exchange; nil: none
 	limits                         queueLimits
 	bindings                       []*binding // guarded by vh.mu
 
@@ -179,7 +180,9 @@ func (q *queue) enqueue(m *message) bool {
 	}
 	size := int64(m.size)
 	if q.limits.rejectPublish && q.limits.full(q.messageCountLocked()+1, q.readyBytes+size) {
-		q.settleOne(m)
+		if !q.limits.dlx || !q.deadLetterLocked(m, deathMaxlen) {
+			q.settleOne(m)
+		}
 		return false
 	}
 	q.nextSeq++
@@ -201,7 +204,9 @@ func (q *queue) enqueue(m *message) bool {
 	}
 	// drop-head: the oldest ready messages make room (dead-lettering is not built).
 	for q.limits.full(q.messageCountLocked(), q.readyBytes) && q.messageCountLocked() > 0 {
-		q.dropHeadLocked()
+		if !q.dropHeadLocked(deathMaxlen) {
+			break // the next enqueue tries again
+		}
 	}
 	if len(q.consumers) == 0 && e.expires != 0 {
 		q.scheduleExpiryLocked()
@@ -215,6 +220,7 @@ type queueLimits struct {
 	limited          bool  // a limit is set
 	maxLen, maxBytes int64 // -1: none
 	rejectPublish    bool  // x-overflow reject-publish: refuse new messages instead of dropping old
+	dlx              bool  // x-overflow reject-publish-dlx: and dead-letter the refused ones
 }
 
 // full reports whether n ready messages of size octets break a limit.
@@ -243,7 +249,7 @@ func parseQueueLimits(args table) (queueLimits, error) {
 	switch v := args["x-overflow"]; v {
 	case nil, "drop-head":
 	case "reject-publish", "reject-publish-dlx":
-		l.rejectPublish = true
+		l.rejectPublish, l.dlx = true, v == "reject-publish-dlx"
 	default:
 		return l, errors.New("invalid arg 'x-overflow': want drop-head, reject-publish or reject-publish-dlx")
 	}
@@ -293,10 +299,9 @@ func (q *queue) expireLocked() {
 		if now == 0 {
 			now = time.Now().UnixMilli()
 		}
-		if now <= at {
+		if now <= at || !q.dropHeadLocked(deathExpired) {
 			return
 		}
-		q.dropHeadLocked()
 	}
 }
 
@@ -760,7 +765,12 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			vh.mu.Unlock()
 			return preconditionFailed("invalid arg 'x-expires' for " + describeQueue(name, vh.name) + ": " + err.Error())
 		}
-		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits, expires: expires}
+		dead, arg, err := parseDeadLetter(m.Arguments)
+		if err != nil {
+			vh.mu.Unlock()
+			return preconditionFailed("invalid arg '" + arg + "' for " + describeQueue(name, vh.name) + ": " + err.Error())
+		}
+		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits, expires: expires, dead: dead}
 		if m.Exclusive {
 			q.owner = ch.c
 		}

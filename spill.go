@@ -481,18 +481,63 @@ func (q *queue) headExpiresLocked() int64 {
 	return q.tail.front().expires
 }
 
-// dropHeadLocked drops and settles the next ready message, in memory or paged: it expired
-// or makes room. q must not be empty, and q.mu must be held.
-func (q *queue) dropHeadLocked() {
+// dropHeadLocked drops the next ready message, in memory or paged, for reason (it expired
+// or makes room): to the queue's dead-letter exchange when it has one, else settled. It
+// reports false when it cannot yet: a paged message to dead-letter whose log record is
+// not written (it is retried after the log's next batch). q must not be empty, and q.mu
+// must be held.
+func (q *queue) dropHeadLocked(reason string) bool {
 	if q.ready.len() > 0 || len(q.requeued) > 0 {
-		q.settleOne(q.popLocked().msg)
-		return
+		m := q.popLocked().msg
+		if !q.deadLetterLocked(m, reason) {
+			q.settleOne(m)
+		}
+		return true
 	}
-	r := [1]diskRef{q.tail.pop()}
-	q.tailSeq++
-	q.readyBytes -= int64(r[0].body)
+	r := [1]diskRef{q.tail.front()}
+	if q.dead != nil && q.vh.dead != nil {
+		// Dead-lettered, a paged message is read back first: its new copy needs it whole.
+		m, err := q.readRefLocked(&r[0])
+		if err == errNotWritten {
+			q.vh.store.dispatchAfterBatch(q)
+			return false
+		}
+		q.popRefLocked()
+		if err == nil {
+			q.deadLetterLocked(m, reason)
+			return true
+		}
+		q.vh.log().Error("cannot read a paged message back to dead-letter it; it is dropped", "queue", q.name, "vhost", q.vh.name, "err", err)
+	} else {
+		q.popRefLocked()
+	}
 	q.settleRefsLocked(r[:], true)
+	return true
+}
+
+// popRefLocked removes the front of the tail. q.mu must be held.
+func (q *queue) popRefLocked() {
+	r := q.tail.pop()
+	q.tailSeq++
+	q.readyBytes -= int64(r.body)
 	if q.tail.len() == 0 {
 		q.ahead = readAhead{}
 	}
+}
+
+// readRefLocked reads the paged message at the tail's front back into memory, as q's: a
+// log one takes over the ref's hold on its record, a paging file one gives its space back
+// (errNotWritten: not yet; the ref stays). q.mu must be held.
+func (q *queue) readRefLocked(r *diskRef) (*message, error) {
+	if !r.inLog() {
+		m, err := q.vh.spill.get(r, &q.ahead)
+		q.vh.spill.release(r.file)
+		return m, err
+	}
+	m, err := q.vh.store.readRef(r, &q.ahead, q.tailTicket)
+	if err != nil {
+		return nil, err
+	}
+	q.vh.store.loaded(q, []*message{m})
+	return m, nil
 }

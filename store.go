@@ -31,6 +31,8 @@ import (
 //	7 publish           msg id u64, n u16, n × queue id u64, exchange shortstr, key-len u8,
 //	                    props-len u32, data (routing key | properties | body)
 //	8 ack               queue id u64, n u32, n × msg id u64 (ack, reject, purge, no-ack)
+//	9 dead-letter       source queue id u64, msg id u64 (settled there; 0, 0: none), then
+//	                    a publish record's payload (the message as dead-lettered)
 //
 // The checkpoint's payload is the next queue id and message id (u64 each) and the durable
 // topology as a sequence of records 1, 3 and 5, each as type u8, len u32, payload.
@@ -48,7 +50,19 @@ const (
 	recUnbind          = 6
 	recPublish         = 7
 	recAck             = 8
+	recDeadLetter      = 9
 )
+
+// publishPart returns the publish payload a publish or dead-letter record holds.
+func publishPart(typ uint8, payload []byte) ([]byte, bool) {
+	switch {
+	case typ == recPublish:
+		return payload, true
+	case typ == recDeadLetter && len(payload) >= 16:
+		return payload[16:], true
+	}
+	return nil, false
+}
 
 // store is the broker's side of the write-ahead log.
 type store struct {
@@ -208,8 +222,18 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	deleted := make(map[uint64]bool)        // queue ids deleted
 	err = st.w.replay(repair, func(pos walPos, typ uint8, payload []byte, size int64) error {
 		switch typ {
-		case recPublish:
-			p, ok := splitPublishRecord(payload, int(size)-walRecordOverhead)
+		case recPublish, recDeadLetter:
+			total := int(size) - walRecordOverhead
+			if typ == recDeadLetter {
+				if len(payload) < 16 {
+					return errors.New("bad dead-letter record")
+				}
+				if rq := queues[binary.BigEndian.Uint64(payload)]; rq != nil {
+					rq.remove(binary.BigEndian.Uint64(payload[8:]))
+				}
+				payload, total = payload[16:], total-16
+			}
+			p, ok := splitPublishRecord(payload, total)
 			if !ok {
 				return errors.New("bad publish record")
 			}
@@ -788,7 +812,13 @@ func (st *store) relocate(seq uint64, old *segState) {
 	}
 	st.mu.Unlock()
 	for i, mw := range live {
-		_, payload, err := st.w.readRecord(at[i])
+		typ, payload, err := st.w.readRecord(at[i])
+		if err == nil {
+			var ok bool
+			if payload, ok = publishPart(typ, payload); !ok {
+				err = errors.New("another record where a message should be")
+			}
+		}
 		if err != nil {
 			st.log.Error("compaction cannot read back a message; its segment stays", "seg", seq, "err", err)
 			return
@@ -954,10 +984,15 @@ func (st *store) readRefRecord(r *diskRef, ra *readAhead, window int) ([]byte, e
 	return nil, err
 }
 
-// publishPayload returns the payload of rec when it is one whole publish record of message id.
+// publishPayload returns the publish payload of rec when it is one whole publish (or
+// dead-letter) record of message id.
 func publishPayload(rec []byte, id uint64) ([]byte, bool) {
 	typ, payload, n, ok := parseRecord(rec)
-	if !ok || n != len(rec) || typ != recPublish || len(payload) < 8 || binary.BigEndian.Uint64(payload) != id {
+	if !ok || n != len(rec) {
+		return nil, false
+	}
+	payload, ok = publishPart(typ, payload)
+	if !ok || len(payload) < 8 || binary.BigEndian.Uint64(payload) != id {
 		return nil, false
 	}
 	return payload, true
@@ -1148,7 +1183,8 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 				qttl, _ := queueTTL(args)
 				limits, _ := parseQueueLimits(args)
 				expires, _ := queueExpires(args)
-				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires}
+				dead, _, _ := parseDeadLetter(args)
+				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires, dead: dead}
 				vh.queues[name] = q
 				queues[id] = q
 			}

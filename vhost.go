@@ -23,6 +23,7 @@ type vhost struct {
 	pageOut int64
 	spill   *spill         // the paging files; nil without a data directory
 	alarms  *atomic.Uint32 // the server's resource alarms; nil in tests
+	dead    *deadLetters   // the server's dead-letter worker; nil in tests
 	conns   atomic.Int64   // open connections, for Config.MaxConnectionsPerVhost
 
 	mu        sync.RWMutex

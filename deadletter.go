@@ -1,0 +1,376 @@
+package amqp
+
+import (
+	"encoding/binary"
+	"errors"
+	"sync"
+	"time"
+)
+
+// Dead-lettering, as RabbitMQ does it: a queue with x-dead-letter-exchange republishes the
+// messages it drops (rejected or nacked without requeue, expired, pushed out by a length
+// limit) to that exchange, with the history of their deaths in an x-death header. The move
+// runs off the queue's lock, on a worker that lives while there is work: the source queue
+// only hands the message over. A persistent message that moves into a durable queue is
+// written as one record that settles it in the source and publishes it to the targets, so
+// a crash leaves it in one place or the other, never in both and never in neither.
+
+// Reasons a message is dead-lettered, as x-death names them.
+const (
+	deathRejected = "rejected"
+	deathExpired  = "expired"
+	deathMaxlen   = "maxlen"
+)
+
+// deadLetterTarget is a queue's x-dead-letter-exchange and x-dead-letter-routing-key.
+type deadLetterTarget struct {
+	exchange string
+	key      string
+	hasKey   bool // the routing key replaces the message's (and its CC header goes)
+}
+
+// parseDeadLetter reads x-dead-letter-exchange and x-dead-letter-routing-key; the error
+// is RabbitMQ's reason, for "invalid arg '...' for queue ...: reason".
+func parseDeadLetter(args table) (*deadLetterTarget, string, error) {
+	x, hasX := args["x-dead-letter-exchange"]
+	k, hasK := args["x-dead-letter-routing-key"]
+	if hasX {
+		if _, ok := x.(string); !ok {
+			return nil, "x-dead-letter-exchange", errors.New("{unacceptable_type," + amqpTypeName(x) + "}")
+		}
+	}
+	if hasK {
+		s, ok := k.(string)
+		switch {
+		case !ok:
+			return nil, "x-dead-letter-routing-key", errors.New("{unacceptable_type," + amqpTypeName(k) + "}")
+		case !hasX:
+			return nil, "x-dead-letter-routing-key", errors.New("routing_key_but_no_dlx_defined")
+		case len(s) > 255:
+			return nil, "x-dead-letter-routing-key", errors.New("longer than a routing key may be (255 octets)")
+		}
+	}
+	if !hasX {
+		return nil, "", nil
+	}
+	t := &deadLetterTarget{exchange: x.(string)}
+	if hasK {
+		t.key, t.hasKey = k.(string), true
+	}
+	return t, "", nil
+}
+
+// amqpTypeName is RabbitMQ's name for a field value's type, for its error texts.
+func amqpTypeName(v any) string {
+	switch v.(type) {
+	case bool:
+		return "bool"
+	case int8:
+		return "byte"
+	case uint8:
+		return "unsignedbyte"
+	case int16:
+		return "short"
+	case uint16:
+		return "unsignedshort"
+	case int32:
+		return "signedint"
+	case uint32:
+		return "unsignedint"
+	case int64:
+		return "long"
+	case float32:
+		return "float"
+	case float64:
+		return "double"
+	case decimal:
+		return "decimal"
+	case []byte:
+		return "binary"
+	case []any:
+		return "array"
+	case timestamp:
+		return "timestamp"
+	case table:
+		return "table"
+	case nil:
+		return "void"
+	}
+	return "unknown"
+}
+
+// deadLetterJob is a message a queue dropped, on its way to the queue's dead-letter exchange.
+type deadLetterJob struct {
+	q      *queue
+	m      *message
+	reason string
+}
+
+// deadLetters is the server's dead-letter worker: jobs in order, and a goroutine that runs
+// while there are any.
+type deadLetters struct {
+	s *Server
+
+	mu      sync.Mutex
+	jobs    []deadLetterJob // guarded by mu
+	running bool            // guarded by mu: a worker goroutine is draining jobs
+	warned  map[string]bool // guarded by mu: missing exchanges and cycles logged once (bounded)
+	idle    sync.Cond       // broadcast when the worker stops, for tests and shutdown
+}
+
+func newDeadLetters(s *Server) *deadLetters {
+	d := &deadLetters{s: s, warned: make(map[string]bool)}
+	d.idle.L = &d.mu
+	return d
+}
+
+// add hands messages over for dead-lettering. It never blocks on the work itself, so a
+// queue may call it with its lock held.
+func (d *deadLetters) add(jobs ...deadLetterJob) {
+	d.mu.Lock()
+	d.jobs = append(d.jobs, jobs...)
+	start := !d.running
+	d.running = true
+	d.mu.Unlock()
+	if start {
+		go d.run()
+	}
+}
+
+// run moves jobs until none are left.
+func (d *deadLetters) run() {
+	for {
+		d.mu.Lock()
+		jobs := d.jobs
+		d.jobs = nil
+		if len(jobs) == 0 {
+			d.running = false
+			d.idle.Broadcast()
+			d.mu.Unlock()
+			return
+		}
+		d.mu.Unlock()
+		for _, j := range jobs {
+			d.move(j)
+		}
+	}
+}
+
+// wait returns once every job handed over so far is done.
+func (d *deadLetters) wait() {
+	d.mu.Lock()
+	for d.running {
+		d.idle.Wait()
+	}
+	d.mu.Unlock()
+}
+
+// warnOnce logs a warning the first time key is seen; at most maxWarned keys are kept.
+func (d *deadLetters) warnOnce(key, msg string, args ...any) {
+	d.mu.Lock()
+	seen := d.warned[key]
+	if !seen && len(d.warned) < maxWarned {
+		d.warned[key] = true
+	}
+	d.mu.Unlock()
+	if !seen {
+		d.s.log.Warn(msg, args...)
+	}
+}
+
+const maxWarned = 1024
+
+// move dead-letters one message: it builds the message the dead-letter exchange receives,
+// routes it, drops the targets that would close a cycle without a rejection in it, logs
+// the move, and enqueues it.
+func (d *deadLetters) move(j deadLetterJob) {
+	q, t, vh := j.q, j.q.dead, j.q.vh
+	nm := deadLetterMessage(j.m, q.name, j.reason, t, time.Now())
+	var rs routeSet
+	vh.mu.RLock()
+	x := vh.exchanges[t.exchange]
+	switch {
+	case x != nil && x.name == "":
+		if tq := vh.queues[string(nm.routingKey())]; tq != nil {
+			rs.queues = append(rs.queues, tq)
+		}
+	case x != nil:
+		vh.routeLocked(x, nm, &rs)
+	}
+	vh.mu.RUnlock()
+	if x == nil {
+		d.warnOnce("x\x00"+vh.name+"\x00"+q.name+"\x00"+t.exchange,
+			"dead-letter exchange does not exist; messages dead-lettered from the queue are dropped (logged once)",
+			"vhost", vh.name, "queue", q.name, "exchange", t.exchange)
+	}
+	targets := rs.queues
+	if j.reason != deathRejected {
+		deaths, _ := nm.headers()["x-death"].([]any)
+		n := 0
+		for _, tq := range targets {
+			if isDeathCycle(tq.name, deaths) {
+				d.warnOnce("c\x00"+vh.name+"\x00"+tq.name+"\x00"+q.name,
+					"message dropped: dead-lettering it would close a cycle of queues without a rejection in it (logged once per cycle)",
+					"vhost", vh.name, "queue", tq.name, "from", q.name)
+				continue
+			}
+			targets[n] = tq
+			n++
+		}
+		targets = targets[:n]
+	}
+	if st := vh.store; st != nil {
+		st.logDeadLetter(q, j.m, nm, targets)
+	}
+	for _, tq := range targets {
+		tq.enqueue(nm)
+	}
+}
+
+// isDeathCycle reports whether dead-lettering a message into queue closes a cycle that
+// RabbitMQ breaks: the message died in that queue before, and no death since (newest
+// first, that one included) was a rejection. A cycle with a rejection is a retry loop.
+func isDeathCycle(queue string, deaths []any) bool {
+	for _, v := range deaths {
+		e, _ := v.(table)
+		if e["reason"] == deathRejected {
+			return false
+		}
+		if e["queue"] == queue {
+			return true
+		}
+	}
+	return false
+}
+
+// deadLetterMessage is the message a dead-letter exchange receives for m, dead in queue for
+// reason: its x-death history updated as RabbitMQ does (one entry per queue and reason,
+// newest first, count incremented on a repeat), x-first-death-* set once, x-last-death-*
+// each time, the expiration property moved into the entry, and the routing key replaced
+// by x-dead-letter-routing-key when there is one (which drops CC).
+func deadLetterMessage(m *message, queue, reason string, t *deadLetterTarget, now time.Time) *message {
+	var p properties
+	d := decoder{b: m.props()}
+	p.decode(&d)
+	h := make(table, len(p.Headers)+6)
+	for k, v := range p.Headers {
+		h[k] = v
+	}
+	keys := []any{string(m.routingKey())}
+	if cc, ok := h["CC"].([]any); ok {
+		for _, k := range cc {
+			if s, ok := k.(string); ok {
+				keys = append(keys, s)
+			}
+		}
+	}
+	entry := table{"count": int64(1), "reason": reason, "queue": queue, "time": timestamp(now.Unix()),
+		"exchange": m.exchange, "routing-keys": keys}
+	if p.Expiration != "" {
+		entry["original-expiration"] = p.Expiration
+	}
+	deaths, had := h["x-death"].([]any)
+	rest := make([]any, 0, len(deaths)+1)
+	rest = append(rest, entry)
+	for _, v := range deaths {
+		if e, ok := v.(table); ok && e["queue"] == queue && e["reason"] == reason {
+			again := make(table, len(e))
+			for k, v := range e {
+				again[k] = v
+			}
+			n, _ := intValue(e["count"])
+			again["count"] = n + 1
+			rest[0] = again
+			continue
+		}
+		rest = append(rest, v)
+	}
+	h["x-death"] = rest
+	if !had {
+		h["x-first-death-reason"], h["x-first-death-queue"], h["x-first-death-exchange"] = reason, queue, m.exchange
+	}
+	h["x-last-death-reason"], h["x-last-death-queue"], h["x-last-death-exchange"] = reason, queue, m.exchange
+	p.Expiration = ""
+	key := m.routingKey()
+	if t.hasKey {
+		key = []byte(t.key)
+		delete(h, "CC")
+	}
+	p.Headers = h
+	props := p.encode(nil)
+	body := m.body()
+	data := make([]byte, 0, len(key)+len(props)+len(body))
+	data = append(append(append(data, key...), props...), body...)
+	return &message{exchange: t.exchange, data: data, keyLen: uint8(len(key)), propsLen: uint32(len(props)),
+		size: uint32(len(body)), publisher: m.publisher, persistent: p.DeliveryMode == 2}
+}
+
+// deadLetterLocked hands a message q drops over to its dead-letter exchange, and reports
+// whether it did: false when q has none (or runs without a server, in tests), and the
+// caller settles the message itself. q.mu must be held.
+func (q *queue) deadLetterLocked(m *message, reason string) bool {
+	if q.dead == nil || q.vh.dead == nil {
+		return false
+	}
+	q.vh.dead.add(deadLetterJob{q: q, m: m, reason: reason})
+	return true
+}
+
+// deadLetterRejected hands the messages of queues with a dead-letter exchange, rejected
+// or nacked without requeue, over to it, and returns the others, to be settled.
+func deadLetterRejected(done []unacked) []unacked {
+	n := 0
+	for _, u := range done {
+		if u.q.dead != nil && u.q.vh.dead != nil {
+			u.q.vh.dead.add(deadLetterJob{q: u.q, m: u.e.msg, reason: deathRejected})
+			continue
+		}
+		done[n] = u
+		n++
+	}
+	return done[:n]
+}
+
+// logDeadLetter writes the move of a dead-lettered message: one record that settles old in
+// src and publishes nm to the durable targets when nm is persistent and one is durable,
+// else just the settlement of old (when it was logged).
+func (st *store) logDeadLetter(src *queue, old, nm *message, targets []*queue) {
+	srcLogged := old.wal != nil && src.walID != 0
+	if !nm.persistent || !anyLogged(targets) {
+		if srcLogged {
+			st.settle(src, []*message{old})
+		}
+		return
+	}
+	qids := make([]uint64, 0, len(targets))
+	for _, q := range targets {
+		if q.walID != 0 {
+			qids = append(qids, q.walID)
+		}
+	}
+	var srcID, oldID uint64
+	if srcLogged {
+		srcID, oldID = src.walID, old.wal.id
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	nm.wal = &msgWAL{id: st.nextMsgID, refs: int32(len(qids)), queues: qids}
+	st.nextMsgID++
+	b := binary.BigEndian.AppendUint64(nil, srcID)
+	b = binary.BigEndian.AppendUint64(b, oldID)
+	b = nm.appendPublishRecord(b, qids)
+	t, pos, err := st.w.appendKeep(recDeadLetter, b, len(b)-int(nm.size))
+	if err != nil {
+		nm.wal = nil // the message goes on in memory; the source's hold stays in the log
+		st.log.Error("cannot log a dead-lettered message; it is not durable in its new queues", "err", err)
+		return
+	}
+	nm.wal.place(pos, int64(walRecordOverhead+len(b)))
+	nm.wal.ticket = t
+	s := st.segLocked(pos.seg)
+	s.live += int64(nm.wal.recLen) * int64(len(qids))
+	s.link(nm.wal)
+	if srcLogged {
+		st.unrefLocked(old, src.walID)
+	}
+}
