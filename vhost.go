@@ -55,8 +55,11 @@ func (vh *vhost) memoryHigh() bool {
 
 // log is the logger for vh's queues' disk errors.
 func (vh *vhost) log() *slog.Logger {
-	if vh.store != nil {
+	switch {
+	case vh.store != nil:
 		return vh.store.log
+	case vh.dead != nil:
+		return vh.dead.s.log
 	}
 	return slog.Default()
 }
