@@ -1,10 +1,12 @@
 package amqp
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"slices"
 	"sort"
 	"strconv"
@@ -507,6 +509,9 @@ func (ch *channel) routeLocked(x *exchange, msg *message) {
 // deliver enqueues msg on the queues routeLocked found, logging it first when it is
 // persistent and one of them is durable.
 func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err error) {
+	if x := ch.routes.missingAE; x != nil {
+		ch.warnMissingAE(x)
+	}
 	if w := ch.c.s.store; w != nil && msg.persistent && anyLogged(ch.routes.queues) {
 		var listener *channel
 		if ch.confirm {
@@ -531,6 +536,14 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 		return ticket, errRefused
 	}
 	return ticket, nil
+}
+
+// warnMissingAE logs that x's alternate exchange does not exist. Routing reports it once
+// per exchange, not per message; a redeclared exchange is a new one and is logged again.
+func (ch *channel) warnMissingAE(x *exchange) {
+	ch.c.log.LogAttrs(context.Background(), slog.LevelWarn,
+		"alternate exchange not found; messages the exchange cannot route are not rerouted",
+		slog.String("vhost", ch.vh().name), slog.String("exchange", x.name), slog.String("alternate_exchange", x.ae))
 }
 
 // errRefused reports a publish a full queue refused (x-overflow reject-publish).

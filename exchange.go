@@ -37,6 +37,12 @@ type exchange struct {
 	direct   map[string][]*binding // direct: by routing key
 	topic    *topicIndex           // topic: a trie of binding keys, with a lock of its own
 	deleted  bool
+
+	// ae is the alternate-exchange argument, parsed once at declare: the exchange, looked
+	// up by name when routing, that takes the messages this one cannot route. "" is none:
+	// the default exchange routes only as the exchange published to.
+	ae       string
+	aeWarned atomic.Bool // the missing alternate exchange has been logged
 }
 
 // binding routes from an exchange to a queue or, for exchange.bind, to an exchange.
@@ -49,8 +55,11 @@ type binding struct {
 	match  headersMatch // headers exchanges only
 }
 
+// newExchange makes an exchange of a valid kind, with no bindings.
 func newExchange(name, kind string, durable, autoDelete, internal bool, args table) *exchange {
 	x := &exchange{name: name, kind: kind, durable: durable, autoDelete: autoDelete, internal: internal, args: args}
+	// Only a longstr names an alternate exchange, as in RabbitMQ; declare refuses other types.
+	x.ae, _ = args["alternate-exchange"].(string)
 	switch kind {
 	case kindDirect:
 		x.direct = make(map[string][]*binding)
@@ -148,8 +157,11 @@ type routeSet struct {
 
 	hashFrom    map[*topicNode]int // per "#" trie node reached, the lowest word position matched from; for one message
 	topicVisits int                // topic trie nodes visited while routing the message, for tests
+
+	missingAE *exchange // an exchange whose alternate exchange was missing, to log once
 }
 
+// reset empties rs for the next message, keeping its buffers.
 func (rs *routeSet) reset() {
 	clear(rs.queues)
 	rs.queues = rs.queues[:0]
@@ -163,6 +175,7 @@ func (rs *routeSet) reset() {
 	rs.headers, rs.parsed = nil, false
 	clear(rs.hashFrom)
 	rs.topicVisits = 0
+	rs.missingAE = nil
 }
 
 // addQueue adds q unless it is there already: a scan of a short list, a set for a fanout
@@ -189,6 +202,7 @@ func (rs *routeSet) addQueue(q *queue) {
 	rs.queues = append(rs.queues, q)
 }
 
+// addBindings adds the destinations of bs.
 func (rs *routeSet) addBindings(bs []*binding, m *message) {
 	for _, b := range bs {
 		rs.addBinding(b, m)
@@ -205,17 +219,21 @@ func (rs *routeSet) addBinding(b *binding, m *message) {
 }
 
 // route adds the queues m goes to through x's own bindings, and the exchanges bound to x
-// to rs.next. vh.mu must be held for reading.
-func (x *exchange) route(m *message, rs *routeSet) {
+// to rs.next. It reports whether any binding matched. vh.mu must be held for reading.
+func (x *exchange) route(m *message, rs *routeSet) (matched bool) {
 	key := m.routingKey()
 	switch x.kind {
 	case kindDirect:
-		rs.addBindings(x.direct[string(key)], m)
+		bs := x.direct[string(key)]
+		rs.addBindings(bs, m)
+		return len(bs) > 0
 	case kindFanout:
 		rs.addBindings(x.bindings, m)
+		return len(x.bindings) > 0
 	case kindTopic:
 		x.topic.match(key, rs)
 		rs.addBindings(rs.hits, m)
+		return len(rs.hits) > 0
 	case kindHeaders:
 		if !rs.parsed {
 			rs.headers, rs.parsed = m.headers(), true
@@ -223,9 +241,11 @@ func (x *exchange) route(m *message, rs *routeSet) {
 		for _, b := range x.bindings {
 			if b.match.matches(rs.headers) {
 				rs.addBinding(b, m)
+				matched = true
 			}
 		}
 	}
+	return matched
 }
 
 // splitWords splits a topic routing key at dots; the empty key has no words, as in RabbitMQ.
@@ -561,6 +581,10 @@ func (ch *channel) exchangeDeclare(d *decoder) error {
 		return accessRefused("exchange name '" + m.Exchange + "' contains reserved prefix 'amq.*'")
 	}
 	if x == nil {
+		if err := ch.checkAlternate(m.Exchange, m.Arguments); err != nil {
+			vh.mu.Unlock()
+			return err
+		}
 		nx := newExchange(m.Exchange, m.Type, m.Durable, m.AutoDelete, m.Internal, m.Arguments)
 		vh.exchanges[m.Exchange] = nx
 		if nx.durable {
@@ -597,11 +621,88 @@ func (x *exchange) equivalent(m *exchangeDeclare, vhost string) error {
 	case m.Internal != x.internal:
 		return diff("internal", strconv.FormatBool(m.Internal), strconv.FormatBool(x.internal))
 	}
-	// Of the arguments, RabbitMQ compares only alternate-exchange.
+	// Of the arguments, RabbitMQ compares only alternate-exchange: absent and absent, or
+	// equal values of compatible types.
 	if a, b := m.Arguments["alternate-exchange"], x.args["alternate-exchange"]; !argEqual(a, b) {
-		return preconditionFailed("inequivalent arg 'alternate-exchange' for " + describeExchange(x.name, vhost))
+		return preconditionFailed("inequivalent arg 'alternate-exchange' for " + describeExchange(x.name, vhost) +
+			": received " + argText(a) + " but current is " + argText(b))
 	}
 	return nil
+}
+
+// checkAlternate checks a new exchange's alternate-exchange argument as RabbitMQ does: it
+// must be a longstr (406 otherwise), and the user needs read on the exchange and write on
+// the alternate, which need not exist yet.
+func (ch *channel) checkAlternate(name string, args table) error {
+	v, ok := args["alternate-exchange"]
+	if !ok {
+		return nil
+	}
+	ae, ok := v.(string)
+	if !ok {
+		return preconditionFailed("invalid type '" + fieldTypeName(v) + "' for arg 'alternate-exchange' in " +
+			describeExchange(name, ch.vh().name))
+	}
+	if err := ch.allowed(permRead, resExchange, name); err != nil {
+		return err
+	}
+	return ch.allowed(permWrite, resExchange, ae)
+}
+
+// argText writes an argument value as RabbitMQ does in an inequivalence error: none when
+// absent, a string as it is, an integer in decimal, anything else by its type.
+func argText(v any) string {
+	switch v := v.(type) {
+	case nil:
+		return "none"
+	case string:
+		return v
+	case []byte:
+		return string(v)
+	}
+	if n, ok := intValue(v); ok {
+		return strconv.FormatInt(n, 10)
+	}
+	return fieldTypeName(v)
+}
+
+// fieldTypeName is RabbitMQ's name for the type of a field value.
+func fieldTypeName(v any) string {
+	switch v.(type) {
+	case bool:
+		return "bool"
+	case int8:
+		return "byte"
+	case uint8:
+		return "unsignedbyte"
+	case int16:
+		return "short"
+	case uint16:
+		return "unsignedshort"
+	case int32:
+		return "signedint"
+	case uint32:
+		return "unsignedint"
+	case int64:
+		return "long"
+	case float32:
+		return "float"
+	case float64:
+		return "double"
+	case decimal:
+		return "decimal"
+	case string:
+		return "longstr"
+	case []byte:
+		return "binary"
+	case []any:
+		return "array"
+	case timestamp:
+		return "timestamp"
+	case table:
+		return "table"
+	}
+	return "void"
 }
 
 // argEqual compares two argument values as RabbitMQ does when checking equivalence:
@@ -779,9 +880,17 @@ func checkHeadersArgs(x *exchange, args table) error {
 }
 
 // routeLocked collects in rs the queues m goes to through x and, through exchange-to-
-// exchange bindings, the exchanges bound to it. vh.mu must be held for reading; it is
-// released for each topic match, which may take long and runs under the exchange's own
-// lock, so that no writer of the vhost waits for a match.
+// exchange bindings and alternate exchanges, the exchanges bound to it. vh.mu must be held
+// for reading; it is released for each topic match, which may take long and runs under the
+// exchange's own lock, so that no writer of the vhost waits for a match.
+//
+// An exchange none of whose bindings match hands the message, with its routing key and
+// headers, to its alternate exchange, as RabbitMQ's rabbit_exchange:route1 does. That holds
+// for every exchange the message reaches: the one published to, one reached through an
+// exchange-to-exchange binding, and an alternate exchange itself, so alternates chain. A
+// matching binding to an exchange counts as routed even if that exchange routes nowhere.
+// Each exchange routes a message at most once, which ends loops of bindings and cycles of
+// alternates. A missing alternate exchange leaves the message unrouted there.
 func (vh *vhost) routeLocked(x *exchange, m *message, rs *routeSet) {
 	rs.next = append(rs.next, x)
 	for len(rs.next) > 0 {
@@ -791,15 +900,31 @@ func (vh *vhost) routeLocked(x *exchange, m *message, rs *routeSet) {
 			continue // visited: a loop of exchange bindings delivers once
 		}
 		rs.visited = append(rs.visited, x)
+		var matched bool
 		if x.kind != kindTopic {
-			x.route(m, rs)
-			continue
-		}
-		vh.mu.RUnlock()
-		x.topic.match(m.routingKey(), rs)
-		vh.mu.RLock()
-		if !x.deleted {
+			matched = x.route(m, rs)
+		} else {
+			vh.mu.RUnlock()
+			x.topic.match(m.routingKey(), rs)
+			vh.mu.RLock()
+			if x.deleted {
+				continue
+			}
 			rs.addBindings(rs.hits, m)
+			matched = len(rs.hits) > 0
 		}
+		if !matched && x.ae != "" {
+			vh.alternateLocked(x, rs)
+		}
+	}
+}
+
+// alternateLocked adds x's alternate exchange to those still to route, or notes in rs that
+// it is missing the first time that happens for x. vh.mu must be held for reading.
+func (vh *vhost) alternateLocked(x *exchange, rs *routeSet) {
+	if ae := vh.exchanges[x.ae]; ae != nil {
+		rs.next = append(rs.next, ae)
+	} else if rs.missingAE == nil && !x.aeWarned.Load() && x.aeWarned.CompareAndSwap(false, true) {
+		rs.missingAE = x
 	}
 }

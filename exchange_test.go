@@ -1,12 +1,14 @@
 package amqp
 
 import (
+	"errors"
 	"fmt"
 	"reflect"
 	"slices"
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	amqp091 "github.com/rabbitmq/amqp091-go"
 )
@@ -1032,4 +1034,344 @@ func TestTopicMatchHoldsNoVhostLock(t *testing.T) {
 	x.topic.mu.RUnlock()
 	pollFor(t, "the held publish to route", func() bool { return queueReady(t, ops, "t.first") == 1 })
 	pollFor(t, "the held publish to reach the queue bound meanwhile", func() bool { return queueReady(t, ops, "t.second") == 1 })
+}
+
+// declareWithAE declares a transient exchange whose alternate exchange is ae ("" for none).
+func declareWithAE(t testing.TB, ch *amqp091.Channel, name, kind, ae string) {
+	t.Helper()
+	var args amqp091.Table
+	if ae != "" {
+		args = amqp091.Table{"alternate-exchange": ae}
+	}
+	if err := ch.ExchangeDeclare(name, kind, false, false, false, false, args); err != nil {
+		t.Fatalf("declare exchange %s: %v", name, err)
+	}
+}
+
+// bindNewQueue declares a transient queue and binds it to exchange.
+func bindNewQueue(t testing.TB, ch *amqp091.Channel, queue, exchange, key string, args amqp091.Table) {
+	t.Helper()
+	declareTransientQueue(t, ch, queue)
+	if err := ch.QueueBind(queue, key, exchange, false, args); err != nil {
+		t.Fatalf("bind %s to %s: %v", queue, exchange, err)
+	}
+}
+
+// takeReturn receives one basic.return or fails after recvWait.
+func (c *confirmChannel) takeReturn() amqp091.Return {
+	c.t.Helper()
+	select {
+	case r := <-c.returns:
+		return r
+	case <-time.After(recvWait):
+		c.t.Fatal("no basic.return within the wait")
+	}
+	panic("unreachable")
+}
+
+// noReturns checks that no basic.return came; after wait(), any return for the messages
+// confirmed has arrived, as a return precedes its message's confirm.
+func (c *confirmChannel) noReturns() {
+	c.t.Helper()
+	if n := len(c.returns); n > 0 {
+		r := <-c.returns
+		c.t.Fatalf("%d basic.return(s), the first %d %s for %q", n, r.ReplyCode, r.ReplyText, r.Body)
+	}
+}
+
+// TestAlternateExchangeTakesUnroutable: of the messages published to an exchange of each
+// kind, those that match a binding go there and not to the alternate exchange; those that
+// match none go to it, with their exchange and routing key, and mandatory ones are not
+// returned. Each is confirmed.
+func TestAlternateExchangeTakesUnroutable(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	ch := openChannel(t, conn)
+	declareWithAE(t, ch, "ae", "fanout", "")
+	bindNewQueue(t, ch, "caught", "ae", "", nil)
+	declareWithAE(t, ch, "x.direct", "direct", "ae")
+	bindNewQueue(t, ch, "q.direct", "x.direct", "k", nil)
+	declareWithAE(t, ch, "x.topic", "topic", "ae")
+	bindNewQueue(t, ch, "q.topic", "x.topic", "k.*", nil)
+	declareWithAE(t, ch, "x.headers", "headers", "ae")
+	bindNewQueue(t, ch, "q.headers", "x.headers", "", amqp091.Table{"h": "v"})
+	declareWithAE(t, ch, "x.fanout", "fanout", "ae")
+	bindNewQueue(t, ch, "q.fanout", "x.fanout", "", nil)
+	declareWithAE(t, ch, "x.empty", "fanout", "ae") // no bindings: routes nothing
+
+	cc := newConfirmChannel(t, conn)
+	routed := amqp091.Publishing{Headers: amqp091.Table{"h": "v"}, Body: []byte("routed")}
+	unrouted := amqp091.Publishing{Headers: amqp091.Table{"h": "w"}}
+	for _, x := range []string{"x.direct", "x.topic", "x.headers", "x.fanout"} {
+		cc.publish(x, "k.k", true, routed) // x.direct matches with key k
+		if x == "x.direct" {
+			cc.publish(x, "k", true, routed)
+		}
+		if x != "x.fanout" {
+			unrouted.Body = []byte("from " + x)
+			cc.publish(x, "nomatch", true, unrouted)
+		}
+	}
+	unrouted.Body = []byte("from x.empty")
+	cc.publish("x.empty", "nomatch", true, unrouted)
+	cc.wait()
+	cc.noReturns()
+
+	for _, q := range []string{"q.direct", "q.topic", "q.headers", "q.fanout"} {
+		if got := drainText(t, ch, q); !slices.Equal(got, []string{"routed"}) {
+			t.Errorf("%s holds %q, want one routed message", q, got)
+		}
+	}
+	// x.direct's message with key k.k matched nothing and was caught too.
+	var got []string
+	for _, d := range getAll(t, ch, "caught") {
+		got = append(got, string(d.Body)+" "+d.Exchange+" "+d.RoutingKey)
+	}
+	want := []string{"routed x.direct k.k", "from x.direct x.direct nomatch", "from x.topic x.topic nomatch",
+		"from x.headers x.headers nomatch", "from x.empty x.empty nomatch"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("the alternate exchange's queue holds %q (body, exchange, key), want %q", got, want)
+	}
+}
+
+// TestAlternateExchangeChain: a message the first alternate cannot route goes on to its
+// alternate, with the routing key and headers it was published with.
+func TestAlternateExchangeChain(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	declareWithAE(t, ch, "ae2", "headers", "")
+	bindNewQueue(t, ch, "q2", "ae2", "", amqp091.Table{"x-match": "all", "h": "v"})
+	declareWithAE(t, ch, "ae1", "topic", "ae2")
+	bindNewQueue(t, ch, "q1", "ae1", "caught.#", nil)
+	declareWithAE(t, ch, "x", "direct", "ae1")
+
+	pub := func(key, h, body string) {
+		t.Helper()
+		p := amqp091.Publishing{Headers: amqp091.Table{"h": h}, Body: []byte(body)}
+		if err := ch.Publish("x", key, false, false, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pub("caught.one", "v", "first alternate")
+	pub("a.b", "v", "second alternate")
+	pub("a.b", "w", "nowhere")
+	if got := drainText(t, ch, "q1"); !slices.Equal(got, []string{"first alternate"}) {
+		t.Errorf("q1 holds %q, want the message the first alternate routes", got)
+	}
+	ds := getAll(t, ch, "q2")
+	if len(ds) != 1 || string(ds[0].Body) != "second alternate" {
+		t.Fatalf("q2 holds %q, want only the message the second alternate routes", deliveryBodies(ds))
+	}
+	if d := ds[0]; d.Exchange != "x" || d.RoutingKey != "a.b" || d.Headers["h"] != "v" {
+		t.Fatalf("delivered from %q with key %q and headers %v, want those it was published with", d.Exchange, d.RoutingKey, d.Headers)
+	}
+}
+
+// TestAlternateExchangeCycle: alternates that lead back to an exchange already tried, or
+// to itself, end the chain: the message is unroutable, and a mandatory one is returned and
+// confirmed. A queue bound later to one of them catches the next message once.
+func TestAlternateExchangeCycle(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	ch := openChannel(t, conn)
+	declareWithAE(t, ch, "a", "direct", "b")
+	declareWithAE(t, ch, "b", "fanout", "c")
+	declareWithAE(t, ch, "c", "topic", "a")
+	declareWithAE(t, ch, "self", "direct", "self")
+
+	cc := newConfirmChannel(t, conn)
+	for _, x := range []string{"a", "b", "c", "self"} {
+		cc.publish(x, "k", true, amqp091.Publishing{Body: []byte(x)})
+		if r := cc.takeReturn(); r.ReplyCode != 312 || r.Exchange != x || string(r.Body) != x {
+			t.Fatalf("basic.return %d from %q of %q, want 312 NO_ROUTE of the message published to %q", r.ReplyCode, r.Exchange, r.Body, x)
+		}
+	}
+	cc.wait()
+
+	bindNewQueue(t, ch, "q", "b", "", nil)
+	for _, x := range []string{"a", "b", "c"} {
+		cc.publish(x, "k", true, amqp091.Publishing{Body: []byte(x)})
+	}
+	cc.wait()
+	cc.noReturns()
+	if got := drainText(t, ch, "q"); !slices.Equal(got, []string{"a", "b", "c"}) {
+		t.Fatalf("q holds %q, want each message once", got)
+	}
+}
+
+// TestAlternateExchangeMissing: an alternate exchange that does not exist leaves the
+// message unroutable, and is logged once per exchange, not per message. It is looked up
+// when routing, so declaring it later puts it to use.
+func TestAlternateExchangeMissing(t *testing.T) {
+	t.Parallel()
+	var logs walLogBuffer
+	_, url := newTestServer(t, Config{Logger: logs.logger()})
+	conn := dial(t, url)
+	ch := openChannel(t, conn)
+	declareWithAE(t, ch, "x", "direct", "nope")
+	declareWithAE(t, ch, "y", "topic", "nope")
+
+	cc := newConfirmChannel(t, conn)
+	const n = 50
+	for i := range n {
+		cc.publish("x", "k", true, amqp091.Publishing{Body: []byte(fmt.Sprint(i))})
+		cc.publish("y", "k", false, amqp091.Publishing{Body: []byte(fmt.Sprint(i))})
+	}
+	cc.wait()
+	for i := range n {
+		if r := cc.takeReturn(); r.ReplyCode != 312 || string(r.Body) != fmt.Sprint(i) {
+			t.Fatalf("return %d: %d %q, want 312 of message %d", i, r.ReplyCode, r.Body, i)
+		}
+	}
+	cc.noReturns()
+	const warning = "alternate exchange not found"
+	out := logs.String()
+	if got := strings.Count(out, warning); got != 2 {
+		t.Fatalf("logged %q %d times for %d publishes to two exchanges, want 2:\n%s", warning, got, 2*n, out)
+	}
+	for _, x := range []string{"x", "y"} {
+		if !strings.Contains(out, "exchange="+x+" alternate_exchange=nope") {
+			t.Errorf("no warning names exchange %s and its alternate:\n%s", x, out)
+		}
+	}
+
+	declareWithAE(t, ch, "nope", "fanout", "")
+	bindNewQueue(t, ch, "caught", "nope", "", nil)
+	cc.publish("x", "k", true, amqp091.Publishing{Body: []byte("now routed")})
+	cc.wait()
+	cc.noReturns()
+	if got := drainText(t, ch, "caught"); !slices.Equal(got, []string{"now routed"}) {
+		t.Fatalf("caught holds %q, want the message published after the alternate was declared", got)
+	}
+}
+
+// TestAlternateExchangeWithExchangeBindings follows RabbitMQ's route1: each exchange a
+// message reaches uses its own alternate when none of its own bindings match. A binding
+// to another exchange counts as a match, even if that exchange then routes nowhere.
+func TestAlternateExchangeWithExchangeBindings(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	ch := openChannel(t, conn)
+	declareWithAE(t, ch, "src-ae", "fanout", "")
+	bindNewQueue(t, ch, "src-caught", "src-ae", "", nil)
+	declareWithAE(t, ch, "dst-ae", "fanout", "")
+	bindNewQueue(t, ch, "dst-caught", "dst-ae", "", nil)
+	declareWithAE(t, ch, "src", "direct", "src-ae")
+	declareWithAE(t, ch, "dst", "direct", "dst-ae")
+	bindNewQueue(t, ch, "dq", "dst", "d", nil)
+	declareWithAE(t, ch, "plain", "direct", "")
+	for _, b := range []struct{ dst, key string }{{"dst", "d"}, {"dst", "k"}, {"plain", "p"}} {
+		if err := ch.ExchangeBind(b.dst, b.key, "src", false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	cc := newConfirmChannel(t, conn)
+	cc.publish("src", "d", true, amqp091.Publishing{Body: []byte("d")}) // src → dst → dq
+	cc.publish("src", "k", true, amqp091.Publishing{Body: []byte("k")}) // src → dst, which matches nothing → dst-ae
+	cc.publish("src", "z", true, amqp091.Publishing{Body: []byte("z")}) // src matches nothing → src-ae
+	cc.publish("src", "p", true, amqp091.Publishing{Body: []byte("p")}) // src → plain, which matches nothing and has no alternate
+	if r := cc.takeReturn(); string(r.Body) != "p" {
+		t.Fatalf("returned %q, want only p", r.Body)
+	}
+	cc.wait()
+	cc.noReturns()
+	for q, want := range map[string]string{"dq": "d", "dst-caught": "k", "src-caught": "z"} {
+		if got := drainText(t, ch, q); !slices.Equal(got, []string{want}) {
+			t.Errorf("%s holds %q, want [%s]", q, got, want)
+		}
+	}
+}
+
+// TestAlternateExchangeEquivalence: a redeclare must name the same alternate exchange, or
+// none if there was none, as in RabbitMQ; a new exchange's alternate must be a longstr.
+func TestAlternateExchangeEquivalence(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	declareWithAE(t, openChannel(t, c), "x", "direct", "ae1")
+	declareWithAE(t, openChannel(t, c), "x", "direct", "ae1")
+	const prefix = "PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange 'x' in vhost '/': "
+	for _, tc := range []struct {
+		args amqp091.Table
+		text string
+	}{
+		{nil, prefix + "received none but current is ae1"},
+		{amqp091.Table{"alternate-exchange": "ae2"}, prefix + "received ae2 but current is ae1"},
+		{amqp091.Table{"alternate-exchange": int32(7)}, prefix + "received 7 but current is ae1"},
+	} {
+		err := openChannel(t, c).ExchangeDeclare("x", "direct", false, false, false, false, tc.args)
+		if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || e.Reason != tc.text {
+			t.Errorf("redeclare with %v: %v, want 406 %q", tc.args, err, tc.text)
+		}
+	}
+	err := openChannel(t, c).ExchangeDeclare("y", "direct", false, false, false, false, amqp091.Table{"alternate-exchange": int32(7)})
+	const text = "PRECONDITION_FAILED - invalid type 'signedint' for arg 'alternate-exchange' in exchange 'y' in vhost '/'"
+	if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || e.Reason != text {
+		t.Fatalf("declare with an integer alternate: %v, want 406 %q", err, text)
+	}
+	wantReplyCode(t, openChannel(t, c).ExchangeDeclarePassive("y", "direct", false, false, false, false, nil), 404)
+}
+
+// TestAlternateExchangePermissions: declaring an exchange with an alternate needs, besides
+// configure, read on the exchange and write on the alternate, as in RabbitMQ; only when
+// the exchange is new.
+func TestAlternateExchangePermissions(t *testing.T) {
+	t.Parallel()
+	path := secDefsFile(t, func(d *Definitions) error {
+		return errors.Join(d.AddUser("aeu", "p"), d.SetPermissions("aeu", "/", ".*", "^ae-ok$", "^(ax|az)$"))
+	})
+	addr := secServe(t, Config{Definitions: path}, false).Addr().String()
+	declareWithAE(t, openChannel(t, secConnect(t, addr, "guest", "guest", "/")), "aw", "direct", "ae-no")
+	c := secConnect(t, addr, "aeu", "p", "/")
+	declare := func(name, ae string) func(ch *amqp091.Channel) error {
+		return func(ch *amqp091.Channel) error {
+			return ch.ExchangeDeclare(name, "direct", false, false, false, false, amqp091.Table{"alternate-exchange": ae})
+		}
+	}
+	secAllowed(t, "read on the exchange, write on the alternate", secTry(t, c, declare("ax", "ae-ok")))
+	secRefused(t, "no read on the exchange", secTry(t, c, declare("ay", "ae-ok")), 403, secDenied("exchange", "ay", "/", "aeu"))
+	secRefused(t, "no write on the alternate", secTry(t, c, declare("az", "ae-no")), 403, secDenied("exchange", "ae-no", "/", "aeu"))
+	secAllowed(t, "redeclare of an existing exchange", secTry(t, c, declare("aw", "ae-no")))
+}
+
+// TestAlternateExchangeDurable: a persistent message routed through the alternate
+// exchange to a durable queue is confirmed once logged, and kept; the alternate of a
+// durable exchange still works after a restart.
+func TestAlternateExchangeDurable(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{})
+	setup := func(b *durableBroker) (*amqp091.Channel, *confirmChannel) {
+		conn := dial(t, b.url)
+		return openChannel(t, conn), newConfirmChannel(t, conn)
+	}
+	ch, cc := setup(b)
+	if err := ch.ExchangeDeclare("ae", "fanout", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare("x", "direct", true, false, false, false, amqp091.Table{"alternate-exchange": "ae"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare("kept", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind("kept", "", "ae", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	cc.publish("x", "k", true, amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: []byte("before")})
+	cc.wait()
+	cc.noReturns()
+
+	b = b.restart("clean", Config{})
+	ch, cc = setup(b)
+	cc.publish("x", "k", true, amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: []byte("after")})
+	cc.wait()
+	cc.noReturns()
+	if got := drainText(t, ch, "kept"); !slices.Equal(got, []string{"before", "after"}) {
+		t.Fatalf("kept holds %q, want the messages routed through the alternate before and after the restart", got)
+	}
 }
