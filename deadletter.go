@@ -20,6 +20,8 @@ const (
 	deathRejected = "rejected"
 	deathExpired  = "expired"
 	deathMaxlen   = "maxlen"
+	// deathDeliveryLimit: returned unacked more often than x-delivery-limit.
+	deathDeliveryLimit = "delivery_limit"
 )
 
 // deadLetterTarget is a queue's x-dead-letter-exchange and x-dead-letter-routing-key.

@@ -387,3 +387,51 @@ func TestDeadLetterDurableAcrossCrash(t *testing.T) {
 		t.Fatalf("reasons %v, want 1 rejected and 10 expired", reasons)
 	}
 }
+
+// TestDeliveryLimit: a message returned unacked more often than x-delivery-limit is
+// dead-lettered with reason delivery_limit (dropped without a dead-letter exchange); until
+// then each redelivery carries its count in x-delivery-count. A negative limit is 406.
+func TestDeliveryLimit(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	dead := dlxSetup(t, ch, false)
+	for _, q := range []struct {
+		name string
+		args amqp091.Table
+	}{{"poison", amqp091.Table{"x-delivery-limit": int32(2), "x-dead-letter-exchange": "dlx"}}, {"dropped", amqp091.Table{"x-delivery-limit": int64(0)}}} {
+		if _, err := ch.QueueDeclare(q.name, false, false, false, false, q.args); err != nil {
+			t.Fatal(err)
+		}
+		if err := ch.Publish("", q.name, false, false, amqp091.Publishing{Body: []byte(q.name)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	msgs, err := openChannel(t, c).Consume("poison", "", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for want := int64(0); want <= 2; want++ {
+		d := takeDelivery(t, msgs)
+		if got, _ := d.Headers["x-delivery-count"].(int64); got != want || d.Redelivered != (want > 0) {
+			t.Fatalf("delivery %d: x-delivery-count %v redelivered %v", want, d.Headers["x-delivery-count"], d.Redelivered)
+		}
+		d.Nack(false, true)
+	}
+	got := takeDelivery(t, dead)
+	checkDeath(t, deaths(t, got)[0], "poison", "delivery_limit", 1, "")
+
+	d, ok, err := ch.Get("dropped", false)
+	if err != nil || !ok {
+		t.Fatalf("get: %v %v", ok, err)
+	}
+	d.Nack(false, true)
+	if n := queueReady(t, ch, "dropped"); n != 0 {
+		t.Fatalf("%d messages left after a return past x-delivery-limit 0, want 0", n)
+	}
+	_, err = openChannel(t, c).QueueDeclare("bad", false, false, false, false, amqp091.Table{"x-delivery-limit": int32(-1)})
+	if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || !strings.Contains(e.Reason, "{value_negative,-1}") {
+		t.Fatalf("x-delivery-limit -1: %v, want 406", err)
+	}
+}

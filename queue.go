@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"errors"
+	"math"
 	"slices"
 	"strconv"
 	"sync"
@@ -98,6 +99,7 @@ type qentry struct {
 	seq         uint64 // the queue's sequence number: its order
 	expires     int64  // Unix milliseconds after which it is dropped at the head; 0: never
 	redelivered bool
+	returns     uint32 // times it came back unacked, for x-delivery-limit
 }
 
 // queue holds messages for its consumers. Its critical sections are O(1) (O(log n) for a
@@ -112,6 +114,7 @@ type queue struct {
 	ttl                            ttl               // x-message-ttl
 	expires                        int64             // x-expires: milliseconds unused before it is deleted; 0: never
 	dead                           *deadLetterTarget // x-dead-letter-exchange; nil: none
+	deliveryLimit                  int64             // x-delivery-limit plus one; 0: none
 	limits                         queueLimits
 	bindings                       []*binding // guarded by vh.mu
 
@@ -464,6 +467,18 @@ func (q *queue) requeueLocked(e qentry) {
 	if q.deleted {
 		return
 	}
+	if q.deliveryLimit != 0 {
+		// A message returned more often than x-delivery-limit is a poison message: it is
+		// dead-lettered (or dropped), and the others carry their count in x-delivery-count.
+		e.returns++
+		if int64(e.returns) >= q.deliveryLimit {
+			if !q.deadLetterLocked(e.msg, deathDeliveryLimit) {
+				q.settleOne(e.msg)
+			}
+			return
+		}
+		e.msg = e.msg.withHeader("x-delivery-count", int64(e.returns))
+	}
 	e.redelivered = true
 	q.readyBytes += int64(e.msg.size)
 	q.ramBytes += e.msg.memCost()
@@ -631,6 +646,41 @@ func queueExpires(args table) (int64, error) {
 	return n, nil
 }
 
+// queueDeliveryLimit reads x-delivery-limit, a non-negative integer, and returns it plus
+// one (0: none).
+func queueDeliveryLimit(args table) (int64, error) {
+	v, ok := args["x-delivery-limit"]
+	if !ok {
+		return 0, nil
+	}
+	n, ok := intValue(v)
+	switch {
+	case !ok:
+		return 0, errors.New("{unacceptable_type," + amqpTypeName(v) + "}")
+	case n < 0:
+		return 0, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
+	}
+	return min(n, math.MaxUint32) + 1, nil
+}
+
+// withHeader returns a copy of m with one header set; the copy shares m's log place.
+func (m *message) withHeader(name string, v any) *message {
+	var p properties
+	d := decoder{b: m.props()}
+	p.decode(&d)
+	h := make(table, len(p.Headers)+1)
+	for k, v := range p.Headers {
+		h[k] = v
+	}
+	h[name] = v
+	p.Headers = h
+	props := p.encode(nil)
+	c := *m
+	c.data = append(append(append(make([]byte, 0, int(m.keyLen)+len(props)+int(m.size)), m.routingKey()...), props...), m.body()...)
+	c.propsLen = uint32(len(props))
+	return &c
+}
+
 // renewLease starts q's x-expires period again: it was used (basic.get, redeclare, its last
 // consumer left, or the broker started). A queue without x-expires pays one comparison.
 func (q *queue) renewLease() {
@@ -765,12 +815,17 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			vh.mu.Unlock()
 			return preconditionFailed("invalid arg 'x-expires' for " + describeQueue(name, vh.name) + ": " + err.Error())
 		}
+		limit, err := queueDeliveryLimit(m.Arguments)
+		if err != nil {
+			vh.mu.Unlock()
+			return preconditionFailed("invalid arg 'x-delivery-limit' for " + describeQueue(name, vh.name) + ": " + err.Error())
+		}
 		dead, arg, err := parseDeadLetter(m.Arguments)
 		if err != nil {
 			vh.mu.Unlock()
 			return preconditionFailed("invalid arg '" + arg + "' for " + describeQueue(name, vh.name) + ": " + err.Error())
 		}
-		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits, expires: expires, dead: dead}
+		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits, expires: expires, dead: dead, deliveryLimit: limit}
 		if m.Exclusive {
 			q.owner = ch.c
 		}

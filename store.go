@@ -1184,7 +1184,8 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 				limits, _ := parseQueueLimits(args)
 				expires, _ := queueExpires(args)
 				dead, _, _ := parseDeadLetter(args)
-				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires, dead: dead}
+				limit, _ := queueDeliveryLimit(args)
+				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires, dead: dead, deliveryLimit: limit}
 				vh.queues[name] = q
 				queues[id] = q
 			}
