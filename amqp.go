@@ -38,8 +38,8 @@
 // the reader gives up after two intervals of silence.
 //
 // Lock order: Server.reloadMu → Server.mu → vhost.mu → queue.mu → channel.mu → channel.cmu →
-// conn.outMu; wal.mu and loginLimiter.mu are leaves, and code that holds several vhost
-// locks takes them in name order.
+// conn.outMu; wal.mu, loginLimiter.mu and replyRegistry.mu are leaves, and code that holds
+// several vhost locks takes them in name order.
 package amqp
 
 import (
@@ -270,6 +270,7 @@ type Server struct {
 	diskFree   func() (uint64, error) // free octets for the data directory; a test may replace it
 	stopWatch  chan struct{}          // closed by Shutdown
 	store      *store                 // nil without a data directory; set before serving
+	replies    replyRegistry          // direct reply-to consumers by name, across vhosts as in RabbitMQ
 	spill      *spill                 // the paging files; nil without a data directory
 	openOnce   sync.Once
 	openErr    error

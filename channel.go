@@ -67,6 +67,7 @@ type channel struct {
 	prefetchGlobal   uint16               // guarded by mu: basic.qos global=true
 	prefetchConsumer uint16               // guarded by mu: basic.qos global=false, for new consumers
 	consumers        map[string]*consumer // guarded by mu
+	replyTo          *replyConsumer       // guarded by mu (written only by the reader): the amq.rabbitmq.reply-to consumer
 }
 
 // durableConfirm is a confirm that waits for the log: ticket covers the message, and nack
@@ -158,6 +159,7 @@ func (ch *channel) shutdown() {
 	for _, c := range consumers {
 		ch.detach(c)
 	}
+	ch.endReply()
 	requeueAll(pending)
 }
 
@@ -229,7 +231,11 @@ func (ch *channel) handleMethod(id uint32, d decoder) error {
 	case idExchangeBind, idExchangeUnbind:
 		err = ch.exchangeBind(id, &d)
 	case idQueueDeclare:
-		err = ch.queueDeclare(&d)
+		if declaresReplyQueue(d) {
+			err = ch.replyDeclare(&d)
+		} else {
+			err = ch.queueDeclare(&d)
+		}
 	case idQueueBind:
 		err = ch.queueBind(&d)
 	case idQueueUnbind:
@@ -354,6 +360,14 @@ func (ch *channel) handleHeader(p []byte) error {
 	if limit := ch.c.s.cfg.MaxMessageSize; size > uint64(limit) {
 		return withMethod(preconditionFailed("message size "+strconv.FormatUint(size, 10)+" is larger than configured max size "+strconv.Itoa(limit)), idBasicPublish)
 	}
+	// As in RabbitMQ, a request's reply_to amq.rabbitmq.reply-to becomes the name of the
+	// channel's reply consumer, and is 406 without one.
+	replyTo := ""
+	if props.replyTo != nil && string(props.replyTo) == replyToQueue {
+		if replyTo, err = ch.requestReplyTo(); err != nil {
+			return err
+		}
+	}
 	if props.userID != nil && string(props.userID) != ch.c.user && !ch.c.s.auth.Load().hasTag(ch.c.user, "impersonator") {
 		// As in RabbitMQ: consumers may trust user-id to name the publisher.
 		return withMethod(preconditionFailed("user_id property set to '"+string(props.userID)+"' but authenticated user was '"+ch.c.user+"'"), idBasicPublish)
@@ -369,7 +383,12 @@ func (ch *channel) handleHeader(p []byte) error {
 	if cap(ch.pubHead) > maxIdleHead {
 		ch.pubHead = nil
 	}
-	ch.pubHead = append(append(ch.pubHead[:0], ch.pubKey...), raw...)
+	if replyTo == "" {
+		ch.pubHead = append(append(ch.pubHead[:0], ch.pubKey...), raw...)
+	} else {
+		ch.pubHead = appendReplyTo(append(ch.pubHead[:0], ch.pubKey...), raw, props.replyToAt, replyTo)
+		m.propsLen = uint32(len(ch.pubHead) - len(ch.pubKey))
+	}
 	ch.pubMsg, ch.pubFill, ch.pubSize = m, 0, int(size)
 	if size == 0 {
 		m.data = slices.Clone(ch.pubHead)
@@ -521,6 +540,11 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 		if err != nil {
 			return 0, err
 		}
+	}
+	if msg.exchange == "" && isReplyName(msg.routingKey()) {
+		// Direct reply-to. As in RabbitMQ the reply counts as routed to no queue, whether
+		// its requester is there or not: confirmed, and returned 312 when mandatory.
+		ch.c.s.deliverReply(msg)
 	}
 	refused := false
 	for _, q := range ch.routes.queues {
@@ -839,6 +863,9 @@ func (ch *channel) basicConsume(d *decoder) error {
 	if m.decode(d); d.err != nil {
 		return nil
 	}
+	if name := m.Queue; name == replyToQueue || name == "" && ch.lastQueue == replyToQueue {
+		return ch.replyConsume(&m)
+	}
 	q, err := ch.lookupQueue(m.Queue, permRead)
 	if err != nil {
 		return err
@@ -874,6 +901,9 @@ func (ch *channel) basicConsume(d *decoder) error {
 func (ch *channel) basicCancel(d *decoder) error {
 	m := basicCancel{}
 	if m.decode(d); d.err != nil {
+		return nil
+	}
+	if ch.replyCancel(m.ConsumerTag, m.NoWait) {
 		return nil
 	}
 	ch.mu.Lock()

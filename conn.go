@@ -1127,7 +1127,7 @@ func serverProperties() table {
 			"connection.blocked":           true,
 			"authentication_failure_close": true,
 			"per_consumer_qos":             true,
-			"direct_reply_to":              false,
+			"direct_reply_to":              true,
 		},
 		"cluster_name": "amqp-go",
 	}

@@ -632,6 +632,8 @@ type propsSummary struct {
 	expiration   []byte // aliases the raw properties
 	headers      []byte // the raw headers table (with its length prefix), nil when absent
 	userID       []byte // aliases the raw properties; nil when absent
+	replyTo      []byte // aliases the raw properties; nil when absent
+	replyToAt    int    // the offset of reply-to's length octet in the raw properties
 }
 
 // scanProperties validates raw properties (flags first) without allocating and returns
@@ -666,7 +668,8 @@ func scanProperties(raw []byte) (propsSummary, error) {
 		d.shortstrBytes()
 	}
 	if f&flagReplyTo != 0 {
-		d.shortstrBytes()
+		s.replyToAt = len(raw) - len(d.b)
+		s.replyTo = d.shortstrBytes()
 	}
 	if f&flagExpiration != 0 {
 		s.expiration = d.shortstrBytes()
