@@ -1148,7 +1148,8 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 				qttl, _ := queueTTL(args)
 				limits, _ := parseQueueLimits(args)
 				expires, _ := queueExpires(args)
-				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires}
+				single, _ := queueSingleActive(args)
+				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires, single: single}
 				vh.queues[name] = q
 				queues[id] = q
 			}
