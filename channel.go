@@ -156,11 +156,14 @@ func (ch *channel) shutdown() {
 	ch.restoreLocked(uncommitted)
 	pending := ch.takeUnackedLocked()
 	ch.mu.Unlock()
+	// Requeue while the consumers are still attached (they take nothing: the channel is
+	// dead), so that a single active consumer's successor, promoted by detach, gets these
+	// before anything newer, as in RabbitMQ.
+	requeueAll(pending)
 	for _, c := range consumers {
 		ch.detach(c)
 	}
 	ch.endReply()
-	requeueAll(pending)
 }
 
 // takeUnackedLocked removes every unsettled delivery. ch.mu must be held.
@@ -881,7 +884,11 @@ func (ch *channel) basicConsume(d *decoder) error {
 	if dup {
 		return notAllowed("attempt to reuse consumer tag '" + tag + "'")
 	}
-	c := &consumer{tag: tag, ch: ch, q: q, noAck: m.NoAck, exclusive: m.Exclusive, noLocal: m.NoLocal, prefetch: prefetch}
+	priority, err := consumerPriority(m.Arguments)
+	if err != nil {
+		return preconditionFailed("invalid arg 'x-priority' for " + describeQueue(q.name, q.vh.name) + ": " + err.Error())
+	}
+	c := &consumer{tag: tag, ch: ch, q: q, noAck: m.NoAck, exclusive: m.Exclusive, noLocal: m.NoLocal, prefetch: prefetch, priority: priority}
 	ch.mu.Lock()
 	ch.consumers[tag] = c
 	ch.mu.Unlock()
@@ -896,6 +903,20 @@ func (ch *channel) basicConsume(d *decoder) error {
 		return err
 	}
 	return nil
+}
+
+// consumerPriority reads x-priority from basic.consume arguments: an integer of any width
+// and sign, 0 when absent. The error text is RabbitMQ 3.13's.
+func consumerPriority(args table) (int64, error) {
+	v, ok := args["x-priority"]
+	if !ok {
+		return 0, nil
+	}
+	n, ok := intValue(v)
+	if !ok {
+		return 0, errors.New(`"expected integer, got ` + fieldType(v) + `"`)
+	}
+	return n, nil
 }
 
 func (ch *channel) basicCancel(d *decoder) error {

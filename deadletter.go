@@ -38,14 +38,14 @@ func parseDeadLetter(args table) (*deadLetterTarget, string, error) {
 	k, hasK := args["x-dead-letter-routing-key"]
 	if hasX {
 		if _, ok := x.(string); !ok {
-			return nil, "x-dead-letter-exchange", errors.New("{unacceptable_type," + amqpTypeName(x) + "}")
+			return nil, "x-dead-letter-exchange", errors.New("{unacceptable_type," + fieldType(x) + "}")
 		}
 	}
 	if hasK {
 		s, ok := k.(string)
 		switch {
 		case !ok:
-			return nil, "x-dead-letter-routing-key", errors.New("{unacceptable_type," + amqpTypeName(k) + "}")
+			return nil, "x-dead-letter-routing-key", errors.New("{unacceptable_type," + fieldType(k) + "}")
 		case !hasX:
 			return nil, "x-dead-letter-routing-key", errors.New("routing_key_but_no_dlx_defined")
 		case len(s) > 255:
@@ -60,45 +60,6 @@ func parseDeadLetter(args table) (*deadLetterTarget, string, error) {
 		t.key, t.hasKey = k.(string), true
 	}
 	return t, "", nil
-}
-
-// amqpTypeName is RabbitMQ's name for a field value's type, for its error texts.
-func amqpTypeName(v any) string {
-	switch v.(type) {
-	case bool:
-		return "bool"
-	case int8:
-		return "byte"
-	case uint8:
-		return "unsignedbyte"
-	case int16:
-		return "short"
-	case uint16:
-		return "unsignedshort"
-	case int32:
-		return "signedint"
-	case uint32:
-		return "unsignedint"
-	case int64:
-		return "long"
-	case float32:
-		return "float"
-	case float64:
-		return "double"
-	case decimal:
-		return "decimal"
-	case []byte:
-		return "binary"
-	case []any:
-		return "array"
-	case timestamp:
-		return "timestamp"
-	case table:
-		return "table"
-	case nil:
-		return "void"
-	}
-	return "unknown"
 }
 
 // deadLetterJob is a message a queue dropped, on its way to the queue's dead-letter exchange.

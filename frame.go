@@ -358,6 +358,48 @@ func (d *decoder) value(depth int) any {
 	}
 }
 
+// fieldType names a decoded field value's type as RabbitMQ does in its error texts
+// (rabbit_binary_parser): longstr, bool, signedint, and so on.
+func fieldType(v any) string {
+	switch v.(type) {
+	case bool:
+		return "bool"
+	case int8:
+		return "byte"
+	case uint8:
+		return "unsignedbyte"
+	case int16:
+		return "short"
+	case uint16:
+		return "unsignedshort"
+	case int32:
+		return "signedint"
+	case uint32:
+		return "unsignedint"
+	case int64:
+		return "long"
+	case float32:
+		return "float"
+	case float64:
+		return "double"
+	case decimal:
+		return "decimal"
+	case string:
+		return "longstr"
+	case []byte:
+		return "binary"
+	case []any:
+		return "array"
+	case timestamp:
+		return "timestamp"
+	case table:
+		return "table"
+	case nil:
+		return "void"
+	}
+	return "unknown"
+}
+
 // maxTableDepth bounds nesting of tables and arrays so a hostile frame cannot recurse deeply.
 const maxTableDepth = 16
 

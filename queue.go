@@ -116,26 +116,28 @@ type queue struct {
 	dead                           *deadLetterTarget // x-dead-letter-exchange; nil: none
 	deliveryLimit                  int64             // x-delivery-limit plus one; 0: none
 	limits                         queueLimits
+	single                         bool       // x-single-active-consumer: only q.active receives
 	bindings                       []*binding // guarded by vh.mu
 
 	mu          sync.Mutex
-	ready       deque[qentry] // guarded by mu: never delivered, in seq order
-	requeued    []qentry      // guarded by mu: a min-heap by seq; all older than ready
-	nextSeq     uint64        // guarded by mu
-	consumers   []*consumer   // guarded by mu
-	rr          int           // guarded by mu: round-robin position in consumers
-	hadConsumer bool          // guarded by mu: for auto-delete
-	deleted     bool          // guarded by mu
-	readyBytes  int64         // guarded by mu: body octets of the ready messages
-	ramBytes    int64         // guarded by mu: memCost of the ready messages in memory
-	tail        refQueue      // guarded by mu: ready messages paged out, after all of ready
-	tailSeq     uint64        // guarded by mu: the seq of tail's front
-	tailTicket  uint64        // guarded by mu: the log ticket by which tail's log records are written
-	ahead       readAhead     // guarded by mu: the window paged messages are read from
-	expiry      *time.Timer   // guarded by mu: drops expired messages at the head, when set
-	expiryAt    int64         // guarded by mu: when expiry fires, in Unix milliseconds
-	lease       *time.Timer   // guarded by mu: deletes a queue with x-expires once unused that long
-	lastUsed    atomic.Int64  // Unix milliseconds of the last basic.get, redeclare or consumer leaving
+	ready       deque[qentry]   // guarded by mu: never delivered, in seq order
+	requeued    []qentry        // guarded by mu: a min-heap by seq; all older than ready
+	nextSeq     uint64          // guarded by mu
+	consumers   []*consumer     // guarded by mu: by x-priority, highest first; in arrival order within one
+	groups      []consumerGroup // guarded by mu: consumers' runs of equal priority, highest first
+	active      *consumer       // guarded by mu: x-single-active-consumer: the one consumer that receives
+	hadConsumer bool            // guarded by mu: for auto-delete
+	deleted     bool            // guarded by mu
+	readyBytes  int64           // guarded by mu: body octets of the ready messages
+	ramBytes    int64           // guarded by mu: memCost of the ready messages in memory
+	tail        refQueue        // guarded by mu: ready messages paged out, after all of ready
+	tailSeq     uint64          // guarded by mu: the seq of tail's front
+	tailTicket  uint64          // guarded by mu: the log ticket by which tail's log records are written
+	ahead       readAhead       // guarded by mu: the window paged messages are read from
+	expiry      *time.Timer     // guarded by mu: drops expired messages at the head, when set
+	expiryAt    int64           // guarded by mu: when expiry fires, in Unix milliseconds
+	lease       *time.Timer     // guarded by mu: deletes a queue with x-expires once unused that long
+	lastUsed    atomic.Int64    // Unix milliseconds of the last basic.get, redeclare or consumer leaving
 }
 
 // consumer is a basic.consume subscription.
@@ -147,7 +149,16 @@ type consumer struct {
 	exclusive bool
 	noLocal   bool
 	prefetch  uint16 // per-consumer limit from basic.qos global=false; 0 is none
+	priority  int64  // x-priority: higher goes first; 0 by default
 	inflight  int    // guarded by ch.mu: delivered, unacked
+}
+
+// consumerGroup is a run of consumers of one priority in queue.consumers: it ends before
+// index end, and rr is its round-robin position, counted from the run's start.
+type consumerGroup struct {
+	priority int64
+	end      int
+	rr       int
 }
 
 // messageCountLocked is the number of ready messages. q.mu must be held.
@@ -366,27 +377,13 @@ func (q *queue) deliverLocked() {
 			return
 		} else if err != nil {
 			// The message would have gone to the next consumer: its channel closes.
-			ch := q.consumers[q.rr%len(q.consumers)].ch
+			ch := q.nextConsumerLocked().ch
 			ch.mu.Lock()
 			ch.killLocked(err)
 			ch.mu.Unlock()
 			return
 		}
-		e := q.peekLocked()
-		n := len(q.consumers)
-		delivered, local := false, false
-		for i := 0; i < n; i++ {
-			c := q.consumers[(q.rr+i)%n]
-			if c.refuses(e.msg) {
-				local = true
-				continue
-			}
-			if c.deliverLocked(e) {
-				q.rr = (q.rr + i + 1) % n
-				delivered = true
-				break
-			}
-		}
+		delivered, local := q.offerLocked(q.peekLocked())
 		if delivered {
 			q.popLocked()
 			continue
@@ -397,6 +394,48 @@ func (q *queue) deliverLocked() {
 	}
 }
 
+// offerLocked gives e to the consumer whose turn it is: with x-single-active-consumer the
+// active one; otherwise, as in RabbitMQ, the next in round-robin order among those of the
+// highest priority that have credit, a lower priority only when no higher one has. It
+// reports whether e was delivered, and whether a no-local consumer refused it. q.mu must
+// be held.
+func (q *queue) offerLocked(e qentry) (delivered, local bool) {
+	if q.single {
+		c := q.active
+		if c.refuses(e.msg) {
+			return false, true
+		}
+		return c.deliverLocked(e), false
+	}
+	start := 0
+	for g := range q.groups {
+		grp := &q.groups[g]
+		n := grp.end - start
+		for i := 0; i < n; i++ {
+			c := q.consumers[start+(grp.rr+i)%n]
+			if c.refuses(e.msg) {
+				local = true
+				continue
+			}
+			if c.deliverLocked(e) {
+				grp.rr = (grp.rr + i + 1) % n
+				return true, local
+			}
+		}
+		start = grp.end
+	}
+	return false, local
+}
+
+// nextConsumerLocked returns the consumer the next message is offered to first. There
+// must be one. q.mu must be held.
+func (q *queue) nextConsumerLocked() *consumer {
+	if q.single {
+		return q.active
+	}
+	return q.consumers[q.groups[0].rr]
+}
+
 // maxLookahead bounds how far past the head a no-local consumer looks for a message it
 // may take, so one that refuses the head does not stall the queue.
 const maxLookahead = 64
@@ -405,7 +444,7 @@ const maxLookahead = 64
 // that it accepts; it reports whether it delivered one. q.mu must be held.
 func (q *queue) deliverAheadLocked() bool {
 	for _, c := range q.consumers {
-		if !c.noLocal {
+		if !c.noLocal || q.single && c != q.active {
 			continue
 		}
 		for i := 0; i < q.ready.len() && i < maxLookahead; i++ {
@@ -576,47 +615,91 @@ func (q *queue) readyLoggedLocked() []*message {
 
 // addConsumer attaches c and sends ok (basic.consume-ok, unless nil) before the first
 // delivery. An exclusive consumer needs the queue to itself, and no one attaches beside
-// one: both refusals are 403 ACCESS_REFUSED.
+// one: both refusals are 403 ACCESS_REFUSED. As in RabbitMQ, a queue with
+// x-single-active-consumer refuses every exclusive consumer, and its first consumer
+// becomes the active one, whatever its priority.
 func (q *queue) addConsumer(c *consumer, ok method) error {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.deleted {
 		return notFound("no queue '" + q.name + "' in vhost '" + q.vh.name + "'")
 	}
+	inUse := c.exclusive && (q.single || len(q.consumers) > 0)
 	for _, o := range q.consumers {
-		if o.exclusive {
-			return accessRefused("queue '" + q.name + "' in vhost '" + q.vh.name + "' in exclusive use")
-		}
+		inUse = inUse || o.exclusive
 	}
-	if c.exclusive && len(q.consumers) > 0 {
+	if inUse {
 		return accessRefused("queue '" + q.name + "' in vhost '" + q.vh.name + "' in exclusive use")
 	}
 	if ok != nil {
 		c.ch.c.sendOn(c.ch.id, ok)
 	}
-	q.consumers = append(q.consumers, c)
+	q.insertConsumerLocked(c)
+	if q.single && q.active == nil {
+		q.active = c
+	}
 	q.hadConsumer = true
 	q.dispatchLocked()
 	return nil
 }
 
+// insertConsumerLocked puts c after every consumer of its priority or higher, in a group
+// of its priority. q.mu must be held.
+func (q *queue) insertConsumerLocked(c *consumer) {
+	g, start := 0, 0
+	for ; g < len(q.groups) && q.groups[g].priority > c.priority; g++ {
+		start = q.groups[g].end
+	}
+	if g < len(q.groups) && q.groups[g].priority == c.priority {
+		q.consumers = slices.Insert(q.consumers, q.groups[g].end, c)
+	} else {
+		q.consumers = slices.Insert(q.consumers, start, c)
+		q.groups = slices.Insert(q.groups, g, consumerGroup{priority: c.priority, end: start})
+	}
+	for ; g < len(q.groups); g++ {
+		q.groups[g].end++
+	}
+}
+
+// deleteConsumerLocked takes c out of the consumers and its group, keeping the group's
+// round-robin turn; it reports whether c was there. q.mu must be held.
+func (q *queue) deleteConsumerLocked(c *consumer) bool {
+	i := slices.Index(q.consumers, c)
+	if i < 0 {
+		return false
+	}
+	q.consumers = slices.Delete(q.consumers, i, i+1)
+	g, start := 0, 0
+	for q.groups[g].end <= i {
+		start = q.groups[g].end
+		g++
+	}
+	for k := g; k < len(q.groups); k++ {
+		q.groups[k].end--
+	}
+	grp := &q.groups[g]
+	if grp.end == start {
+		q.groups = slices.Delete(q.groups, g, g+1)
+		return true
+	}
+	if grp.rr > i-start {
+		grp.rr--
+	}
+	grp.rr %= grp.end - start
+	return true
+}
+
 // removeConsumer detaches c; it reports whether the queue is auto-delete and now unused,
-// so the caller deletes it.
+// so the caller deletes it. When c was a single active consumer, the next takes over as
+// in RabbitMQ: the one of highest priority that came first.
 func (q *queue) removeConsumer(c *consumer) (autoDelete bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for i, o := range q.consumers {
-		if o == c {
-			q.consumers = slices.Delete(q.consumers, i, i+1)
-			if q.rr > i {
-				q.rr--
-			}
-			if len(q.consumers) > 0 {
-				q.rr %= len(q.consumers)
-			} else {
-				q.rr = 0
-			}
-			break
+	if q.deleteConsumerLocked(c) && q.active == c {
+		q.active = nil
+		if len(q.consumers) > 0 {
+			q.active = q.consumers[0]
+			q.dispatchLocked()
 		}
 	}
 	if len(q.consumers) == 0 {
@@ -656,7 +739,7 @@ func queueDeliveryLimit(args table) (int64, error) {
 	n, ok := intValue(v)
 	switch {
 	case !ok:
-		return 0, errors.New("{unacceptable_type," + amqpTypeName(v) + "}")
+		return 0, errors.New("{unacceptable_type," + fieldType(v) + "}")
 	case n < 0:
 		return 0, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
 	}
@@ -679,6 +762,20 @@ func (m *message) withHeader(name string, v any) *message {
 	c.data = append(append(append(make([]byte, 0, int(m.keyLen)+len(props)+int(m.size)), m.routingKey()...), props...), m.body()...)
 	c.propsLen = uint32(len(props))
 	return &c
+}
+
+// queueSingleActive reads x-single-active-consumer from queue arguments: a boolean, as
+// RabbitMQ requires; its error text is RabbitMQ's.
+func queueSingleActive(args table) (bool, error) {
+	v, ok := args["x-single-active-consumer"]
+	if !ok {
+		return false, nil
+	}
+	b, ok := v.(bool)
+	if !ok {
+		return false, errors.New("{unacceptable_type," + fieldType(v) + "}")
+	}
+	return b, nil
 }
 
 // renewLease starts q's x-expires period again: it was used (basic.get, redeclare, its last
@@ -825,7 +922,12 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			vh.mu.Unlock()
 			return preconditionFailed("invalid arg '" + arg + "' for " + describeQueue(name, vh.name) + ": " + err.Error())
 		}
-		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits, expires: expires, dead: dead, deliveryLimit: limit}
+		single, err := queueSingleActive(m.Arguments)
+		if err != nil {
+			vh.mu.Unlock()
+			return preconditionFailed("invalid arg 'x-single-active-consumer' for " + describeQueue(name, vh.name) + ": " + err.Error())
+		}
+		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits, expires: expires, dead: dead, deliveryLimit: limit, single: single}
 		if m.Exclusive {
 			q.owner = ch.c
 		}

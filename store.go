@@ -1185,7 +1185,8 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 				expires, _ := queueExpires(args)
 				dead, _, _ := parseDeadLetter(args)
 				limit, _ := queueDeliveryLimit(args)
-				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires, dead: dead, deliveryLimit: limit}
+				single, _ := queueSingleActive(args)
+				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires, dead: dead, deliveryLimit: limit, single: single}
 				vh.queues[name] = q
 				queues[id] = q
 			}

@@ -1,0 +1,396 @@
+package amqp
+
+import (
+	"strconv"
+	"testing"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
+)
+
+// Tests of how a queue chooses among its consumers: consumer priorities (x-priority) and
+// single active consumer (x-single-active-consumer), with RabbitMQ 3.13's rules and texts.
+
+// consumeArgs starts a manual-ack consumer with these basic.consume arguments.
+func consumeArgs(t testing.TB, ch *amqp091.Channel, queue, tag string, args amqp091.Table) <-chan amqp091.Delivery {
+	t.Helper()
+	msgs, err := ch.Consume(queue, tag, false, false, false, false, args)
+	if err != nil {
+		t.Fatalf("consume %s as %s: %v", queue, tag, err)
+	}
+	return msgs
+}
+
+// takeBody receives one delivery and checks its body.
+func takeBody(t testing.TB, msgs <-chan amqp091.Delivery, want string) amqp091.Delivery {
+	t.Helper()
+	d := takeDelivery(t, msgs)
+	if string(d.Body) != want {
+		t.Fatalf("got %q, want %q", d.Body, want)
+	}
+	return d
+}
+
+// ackOne acknowledges d alone.
+func ackOne(t testing.TB, d amqp091.Delivery) {
+	t.Helper()
+	if err := d.Ack(false); err != nil {
+		t.Fatalf("ack %q: %v", d.Body, err)
+	}
+}
+
+// TestConsumerPriority: the consumer of higher x-priority gets every message while it has
+// credit; the lower one gets a message only when the higher is out of credit, its prefetch
+// full or its channel's flow off.
+func TestConsumerPriority(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	pub := openChannel(t, conn)
+	declareTransientQueue(t, pub, "prio")
+	consume := func(tag string, priority any) (*amqp091.Channel, <-chan amqp091.Delivery) {
+		ch := openChannel(t, conn)
+		if err := ch.Qos(1, 0, false); err != nil {
+			t.Fatal(err)
+		}
+		return ch, consumeArgs(t, ch, "prio", tag, amqp091.Table{"x-priority": priority})
+	}
+	// The low one comes first: arrival order does not outrank priority.
+	_, low := consume("low", int32(0))
+	highCh, high := consume("high", int64(10))
+
+	for i := range 5 {
+		ackOne(t, takeBody(t, high, publishNumbered(t, pub, "prio", "a", i)))
+	}
+	expectNoDelivery(t, low)
+
+	// high's one unacked message fills it: the next goes to low, the one after waits.
+	h := takeBody(t, high, publishNumbered(t, pub, "prio", "b", 0))
+	l := takeBody(t, low, publishNumbered(t, pub, "prio", "b", 1))
+	b2 := publishNumbered(t, pub, "prio", "b", 2)
+	expectNoDelivery(t, high)
+	expectNoDelivery(t, low)
+	ackOne(t, h)
+	h = takeBody(t, high, b2)
+	ackOne(t, l)
+	l = takeBody(t, low, publishNumbered(t, pub, "prio", "b", 3)) // high is still full
+	ackOne(t, h)
+	ackOne(t, l)
+
+	// Flow off: high has no credit, so low takes the message; flow on: high again.
+	if err := highCh.Flow(false); err != nil {
+		t.Fatal(err)
+	}
+	ackOne(t, takeBody(t, low, publishNumbered(t, pub, "prio", "c", 0)))
+	if err := highCh.Flow(true); err != nil {
+		t.Fatal(err)
+	}
+	ackOne(t, takeBody(t, high, publishNumbered(t, pub, "prio", "c", 1)))
+	expectNoDelivery(t, low)
+}
+
+// publishNumbered publishes prefix+i to queue and returns the body.
+func publishNumbered(t testing.TB, ch *amqp091.Channel, queue, prefix string, i int) string {
+	t.Helper()
+	body := prefix + strconv.Itoa(i)
+	publishText(t, ch, "", queue, body)
+	return body
+}
+
+// TestConsumerPriorityRoundRobin: consumers of equal priority share the messages round-robin
+// while a lower one (a negative priority) waits; the lower one receives when no higher one
+// can, and once the higher ones have gone. Integers of every width are priorities.
+func TestConsumerPriorityRoundRobin(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	pub := openChannel(t, conn)
+	declareTransientQueue(t, pub, "prio")
+	ch := openChannel(t, conn)
+	low := consumeArgs(t, ch, "prio", "low", amqp091.Table{"x-priority": int64(-3)})
+	tags := []string{"a", "b", "c"}
+	equal := []<-chan amqp091.Delivery{
+		consumeArgs(t, ch, "prio", "a", amqp091.Table{"x-priority": int8(5)}),
+		consumeArgs(t, ch, "prio", "b", amqp091.Table{"x-priority": int16(5)}),
+		consumeArgs(t, ch, "prio", "c", amqp091.Table{"x-priority": byte(5)}),
+	}
+	for i := range 9 {
+		publishNumbered(t, pub, "prio", "m", i)
+	}
+	for i := range 9 {
+		ackOne(t, takeBody(t, equal[i%3], "m"+strconv.Itoa(i)))
+	}
+	expectNoDelivery(t, low)
+
+	for _, tag := range tags {
+		if err := ch.Cancel(tag, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ackOne(t, takeBody(t, low, publishNumbered(t, pub, "prio", "m", 9)))
+
+	// Two of priority 1 with prefetch 1 each, over low: low gets the third.
+	ch2 := openChannel(t, conn)
+	if err := ch2.Qos(1, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	x := consumeArgs(t, ch2, "prio", "x", amqp091.Table{"x-priority": int32(1)})
+	y := consumeArgs(t, ch2, "prio", "y", amqp091.Table{"x-priority": int32(1)})
+	takeBody(t, x, publishNumbered(t, pub, "prio", "n", 0))
+	takeBody(t, y, publishNumbered(t, pub, "prio", "n", 1))
+	takeBody(t, low, publishNumbered(t, pub, "prio", "n", 2))
+}
+
+// TestConsumerPriorityArgument: x-priority must be an integer; anything else is 406 with
+// RabbitMQ 3.13's text, and the consumer is not created.
+func TestConsumerPriorityArgument(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	declareTransientQueue(t, openChannel(t, conn), "prio")
+	for _, bad := range []struct {
+		v    any
+		kind string
+	}{{"high", "longstr"}, {1.5, "double"}, {true, "bool"}, {amqp091.Table{}, "table"}} {
+		_, err := openChannel(t, conn).Consume("prio", "", false, false, false, false, amqp091.Table{"x-priority": bad.v})
+		want := `PRECONDITION_FAILED - invalid arg 'x-priority' for queue 'prio' in vhost '/': "expected integer, got ` + bad.kind + `"`
+		if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || e.Reason != want {
+			t.Errorf("x-priority %v: %v, want 406 %q", bad.v, err, want)
+		}
+	}
+	if n := queueConsumers(t, conn, "prio"); n != 0 {
+		t.Fatalf("%d consumers after refused consumes, want 0", n)
+	}
+	ch := openChannel(t, conn)
+	for _, v := range []any{int8(-128), byte(255), int32(-1 << 31), int64(1 << 40)} {
+		if _, err := ch.Consume("prio", "", false, false, false, false, amqp091.Table{"x-priority": v}); err != nil {
+			t.Fatalf("x-priority %v: %v", v, err)
+		}
+	}
+}
+
+// queueConsumers returns a queue's consumer count from a passive declare.
+func queueConsumers(t testing.TB, conn *amqp091.Connection, queue string) int {
+	t.Helper()
+	q, err := openChannel(t, conn).QueueDeclarePassive(queue, false, false, false, false, nil)
+	if err != nil {
+		t.Fatalf("passive declare %s: %v", queue, err)
+	}
+	return q.Consumers
+}
+
+// sacArgs declares a queue with single active consumer.
+var sacArgs = amqp091.Table{"x-single-active-consumer": true}
+
+// TestSingleActiveConsumer: of three consumers, only the first receives; when its channel
+// closes holding 1,000 unacked messages, the second gets all of them, redelivered and in
+// their order, and when the second's connection goes, the third. The waiting ones get
+// nothing meanwhile.
+func TestSingleActiveConsumer(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	pubConn := dial(t, url)
+	if _, err := openChannel(t, pubConn).QueueDeclare("sac", false, false, false, false, sacArgs); err != nil {
+		t.Fatal(err)
+	}
+	var conns [3]*amqp091.Connection
+	var chans [3]*amqp091.Channel
+	var msgs [3]<-chan amqp091.Delivery
+	for i := range 3 {
+		conns[i] = dial(t, url)
+		chans[i] = openChannel(t, conns[i])
+		msgs[i] = consumeTagged(t, chans[i], "sac", "c"+strconv.Itoa(i))
+	}
+	const n = 1000
+	pub := newConfirmChannel(t, pubConn)
+	for i := range n {
+		pub.publish("", "sac", false, amqp091.Publishing{Body: []byte(strconv.Itoa(i))})
+	}
+	pub.wait()
+
+	takeAll := func(c <-chan amqp091.Delivery, redelivered bool) {
+		t.Helper()
+		for i := range n {
+			d := takeDelivery(t, c)
+			if string(d.Body) != strconv.Itoa(i) || d.Redelivered != redelivered {
+				t.Fatalf("delivery %d: %q redelivered=%v, want %d redelivered=%v", i, d.Body, d.Redelivered, i, redelivered)
+			}
+		}
+	}
+	takeAll(msgs[0], false)
+	expectNoDelivery(t, msgs[1])
+	expectNoDelivery(t, msgs[2])
+	if got := queueReady(t, openChannel(t, pubConn), "sac"); got != 0 {
+		t.Fatalf("%d ready while the active consumer holds every message, want 0", got)
+	}
+
+	if err := chans[0].Close(); err != nil {
+		t.Fatal(err)
+	}
+	takeAll(msgs[1], true)
+	expectNoDelivery(t, msgs[2])
+
+	if err := conns[1].Close(); err != nil {
+		t.Fatal(err)
+	}
+	takeAll(msgs[2], true)
+	for i := range n {
+		pub.publish("", "sac", false, amqp091.Publishing{Body: []byte(strconv.Itoa(n + i))})
+	}
+	pub.wait()
+	for i := range n {
+		takeBody(t, msgs[2], strconv.Itoa(n+i))
+	}
+}
+
+// TestSingleActiveConsumerHandover: when the active consumer's channel closes while it holds
+// the head of the queue, its successor gets that message before the ready ones behind it.
+func TestSingleActiveConsumerHandover(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	pub := openChannel(t, conn)
+	if _, err := pub.QueueDeclare("sac", false, false, false, false, sacArgs); err != nil {
+		t.Fatal(err)
+	}
+	chA := openChannel(t, conn)
+	if err := chA.Qos(1, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	a := consumeTagged(t, chA, "sac", "a")
+	b := consumeTagged(t, openChannel(t, conn), "sac", "b")
+	for i := range 10 {
+		publishNumbered(t, pub, "sac", "m", i)
+	}
+	takeBody(t, a, "m0")
+	pollFor(t, "the rest to be ready", func() bool { return queueReady(t, pub, "sac") == 9 })
+	if err := chA.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		d := takeBody(t, b, "m"+strconv.Itoa(i))
+		if d.Redelivered != (i == 0) {
+			t.Fatalf("m%d redelivered=%v", i, d.Redelivered)
+		}
+	}
+}
+
+// TestSingleActiveConsumerCancel: the first consumer is active whatever the priorities (as
+// in RabbitMQ's classic queues); when it is cancelled the next is the one of highest
+// priority, then the earliest. A cancelled consumer's unacked messages stay with its
+// channel: acked there, or requeued to whoever is active then.
+func TestSingleActiveConsumerCancel(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	pub := openChannel(t, conn)
+	if _, err := pub.QueueDeclare("sac", false, false, false, false, sacArgs); err != nil {
+		t.Fatal(err)
+	}
+	chA, chB, chC := openChannel(t, conn), openChannel(t, conn), openChannel(t, conn)
+	a := consumeArgs(t, chA, "sac", "a", nil)
+	b := consumeArgs(t, chB, "sac", "b", amqp091.Table{"x-priority": int32(0)})
+	c := consumeArgs(t, chC, "sac", "c", amqp091.Table{"x-priority": int32(10)})
+
+	m0 := takeBody(t, a, publishNumbered(t, pub, "sac", "m", 0))
+	expectNoDelivery(t, b)
+	expectNoDelivery(t, c)
+
+	if err := chA.Cancel("a", false); err != nil {
+		t.Fatal(err)
+	}
+	m1 := takeBody(t, c, publishNumbered(t, pub, "sac", "m", 1))
+	ackOne(t, m0) // after its consumer's cancel
+	if _, err := chA.QueueDeclarePassive("sac", false, false, false, false, nil); err != nil {
+		t.Fatalf("channel after acking a cancelled consumer's message: %v", err)
+	}
+
+	if err := chC.Cancel("c", false); err != nil {
+		t.Fatal(err)
+	}
+	ackOne(t, takeBody(t, b, publishNumbered(t, pub, "sac", "m", 2)))
+	if err := m1.Nack(false, true); err != nil {
+		t.Fatal(err)
+	}
+	if d := takeBody(t, b, "m1"); !d.Redelivered {
+		t.Fatal("requeued m1 came back not redelivered")
+	}
+}
+
+// TestSingleActiveConsumerArguments: x-single-active-consumer must be a boolean (406 with
+// RabbitMQ's text), takes part in equivalence, and a queue with it refuses exclusive
+// consumers with 403 even when it has none.
+func TestSingleActiveConsumerArguments(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	for _, bad := range []struct {
+		v    any
+		kind string
+	}{{"yes", "longstr"}, {int32(1), "signedint"}, {int64(1), "long"}} {
+		_, err := openChannel(t, conn).QueueDeclare("sac", false, false, false, false, amqp091.Table{"x-single-active-consumer": bad.v})
+		want := "PRECONDITION_FAILED - invalid arg 'x-single-active-consumer' for queue 'sac' in vhost '/': {unacceptable_type," + bad.kind + "}"
+		if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || e.Reason != want {
+			t.Errorf("x-single-active-consumer %v: %v, want 406 %q", bad.v, err, want)
+		}
+	}
+	ch := openChannel(t, conn)
+	if _, err := ch.QueueDeclare("sac", false, false, false, false, sacArgs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare("sac", false, false, false, false, sacArgs); err != nil {
+		t.Fatalf("equivalent redeclare: %v", err)
+	}
+	for _, args := range []amqp091.Table{nil, {"x-single-active-consumer": false}} {
+		_, err := openChannel(t, conn).QueueDeclare("sac", false, false, false, false, args)
+		want := "PRECONDITION_FAILED - inequivalent arg 'x-single-active-consumer' for queue 'sac' in vhost '/'"
+		if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || e.Reason != want {
+			t.Errorf("redeclare with %v: %v, want 406 %q", args, err, want)
+		}
+	}
+	_, err := openChannel(t, conn).Consume("sac", "", false, true, false, false, nil)
+	want := "ACCESS_REFUSED - queue 'sac' in vhost '/' in exclusive use"
+	if e, ok := err.(*amqp091.Error); !ok || e.Code != 403 || e.Reason != want {
+		t.Fatalf("exclusive consume: %v, want 403 %q", err, want)
+	}
+	if _, err := openChannel(t, conn).QueueDeclare("plain", false, false, false, false, amqp091.Table{"x-single-active-consumer": false}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := openChannel(t, conn).Consume("plain", "", false, true, false, false, nil); err != nil {
+		t.Fatalf("exclusive consume where x-single-active-consumer is false: %v", err)
+	}
+}
+
+// TestSingleActiveConsumerDurable: a durable queue keeps x-single-active-consumer across a
+// crash and a clean restart, both for equivalence and for delivery.
+func TestSingleActiveConsumerDurable(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{})
+	if _, err := openChannel(t, dial(t, b.url)).QueueDeclare("sac", true, false, false, false, sacArgs); err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []string{"crash", "clean"} {
+		b = b.restart(mode, Config{})
+		conn := dial(t, b.url)
+		_, err := openChannel(t, conn).QueueDeclare("sac", true, false, false, false, nil)
+		if amqpCode(err) != 406 {
+			t.Fatalf("%s restart: redeclare without the argument: %v, want 406", mode, err)
+		}
+		firstCh, secondCh := openChannel(t, conn), openChannel(t, conn)
+		first := consumeTagged(t, firstCh, "sac", "first")
+		second := consumeTagged(t, secondCh, "sac", "second")
+		pub := newConfirmChannel(t, conn)
+		for i := range 10 {
+			pub.publish("", "sac", false, amqp091.Publishing{DeliveryMode: 2, Body: []byte(strconv.Itoa(i))})
+		}
+		pub.wait()
+		for i := range 10 {
+			ackOne(t, takeBody(t, first, strconv.Itoa(i)))
+		}
+		expectNoDelivery(t, second)
+		for _, ch := range []*amqp091.Channel{firstCh, secondCh} {
+			if err := ch.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
