@@ -199,6 +199,11 @@ func (vh *vhost) syncTopology() error {
 	if vh.store == nil {
 		return nil
 	}
+	if vh.store.w.noSpace.Load() {
+		// The disk is full: the record waits with the others for room, whether or not the
+		// reserve would take it, so the answer does not depend on the writer's timing.
+		return logUnwritable(errNoSpace)
+	}
 	if err := vh.store.sync(); err != nil {
 		return logUnwritable(err)
 	}
