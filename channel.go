@@ -379,7 +379,7 @@ func (ch *channel) handleHeader(p []byte) error {
 	if bad != "" {
 		return withMethod(preconditionFailed("invalid expiration '"+string(props.expiration)+"': "+bad), idBasicPublish)
 	}
-	m := &message{keyLen: uint8(len(ch.pubKey)), propsLen: uint32(len(raw)), publisher: ch.c.id, persistent: props.deliveryMode == 2, ttl: ttl}
+	m := &message{keyLen: uint8(len(ch.pubKey)), propsLen: uint32(len(raw)), publisher: ch.c.id, persistent: props.deliveryMode == 2, priority: props.priority, ttl: ttl}
 	// The message's buffer is allocated when its body arrives (bodyRoom): until then the
 	// key and properties wait in the channel's scratch, so a header announcing a large
 	// body commits no memory the client has not sent.

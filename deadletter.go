@@ -265,7 +265,7 @@ func deadLetterMessage(m *message, queue, reason string, t *deadLetterTarget, no
 	data := make([]byte, 0, len(key)+len(props)+len(body))
 	data = append(append(append(data, key...), props...), body...)
 	return &message{exchange: t.exchange, data: data, keyLen: uint8(len(key)), propsLen: uint32(len(props)),
-		size: uint32(len(body)), publisher: m.publisher, persistent: p.DeliveryMode == 2}
+		size: uint32(len(body)), publisher: m.publisher, persistent: p.DeliveryMode == 2, priority: p.Priority}
 }
 
 // deadLetterLocked hands a message q drops over to its dead-letter exchange, and reports

@@ -22,6 +22,7 @@ type message struct {
 	size       uint32  // body octets
 	publisher  uint64  // the publishing connection's id, for no-local consumers; 0 if unknown
 	persistent bool    // delivery-mode 2
+	priority   uint8   // the priority property
 	ttl        ttl     // the expiration property
 	wal        *msgWAL // its place in the log, when it went to a durable queue
 }
@@ -93,6 +94,88 @@ func (d *deque[T]) resize(size int) {
 
 func (d *deque[T]) clear() { *d = deque[T]{} }
 
+// readyList is a queue's ready messages in memory: one deque, or for a priority queue one
+// per priority, highest first out. A queue without x-max-priority pays a nil check.
+type readyList struct {
+	d      deque[qentry]   // the messages of a queue without priorities
+	levels []deque[qentry] // a priority queue's: levels[p] holds priority p
+	n      int             // messages in levels
+	top    int             // no level above top holds a message
+}
+
+// newPriorityReady makes the ready list of a queue with priorities 0 to max.
+func newPriorityReady(max uint8) readyList {
+	return readyList{levels: make([]deque[qentry], int(max)+1)}
+}
+
+func (r *readyList) len() int {
+	if r.levels == nil {
+		return r.d.len()
+	}
+	return r.n
+}
+
+// head is the deque the next message comes from. r must not be empty.
+func (r *readyList) head() *deque[qentry] {
+	if r.levels == nil {
+		return &r.d
+	}
+	for r.levels[r.top].len() == 0 {
+		r.top--
+	}
+	return &r.levels[r.top]
+}
+
+// priorityOf is the level a message goes to: its priority, at most the highest.
+func (r *readyList) priorityOf(m *message) int { return min(int(m.priority), len(r.levels)-1) }
+
+func (r *readyList) push(e qentry) {
+	if r.levels == nil {
+		r.d.push(e)
+		return
+	}
+	p := r.priorityOf(e.msg)
+	r.levels[p].push(e)
+	r.n++
+	r.top = max(r.top, p)
+}
+
+func (r *readyList) front() *qentry { return r.head().front() }
+
+func (r *readyList) pop() qentry {
+	e := r.head().pop()
+	if r.levels != nil {
+		r.n--
+	}
+	return e
+}
+
+// each calls fn with every ready message, in no particular order.
+func (r *readyList) each(fn func(e *qentry)) {
+	if r.levels == nil {
+		for i := range r.d.len() {
+			fn(r.d.at(i))
+		}
+		return
+	}
+	for p := range r.levels {
+		for i := range r.levels[p].len() {
+			fn(r.levels[p].at(i))
+		}
+	}
+}
+
+func (r *readyList) clear() {
+	if r.levels == nil {
+		r.d.clear()
+		return
+	}
+	for p := range r.levels {
+		r.levels[p].clear()
+	}
+	r.n, r.top = 0, 0
+}
+
 // qentry is a message's place in one queue.
 type qentry struct {
 	msg         *message
@@ -120,7 +203,7 @@ type queue struct {
 	bindings                       []*binding // guarded by vh.mu
 
 	mu          sync.Mutex
-	ready       deque[qentry]   // guarded by mu: never delivered, in seq order
+	ready       readyList       // guarded by mu: never delivered, in seq order (per priority)
 	requeued    []qentry        // guarded by mu: a min-heap by seq; all older than ready
 	nextSeq     uint64          // guarded by mu
 	consumers   []*consumer     // guarded by mu: by x-priority, highest first; in arrival order within one
@@ -202,7 +285,8 @@ func (q *queue) enqueue(m *message) bool {
 	q.nextSeq++
 	e.seq = q.nextSeq
 	cost := m.memCost()
-	if !(q.tail.len() > 0 || q.vh.pageOut >= 0 && q.ramBytes+cost > q.vh.pageOut || q.vh.memoryHigh()) || !q.pageOutLocked(e) {
+	// A priority queue keeps its messages in memory: a paged tail cannot be ordered by priority.
+	if q.ready.levels != nil || !(q.tail.len() > 0 || q.vh.pageOut >= 0 && q.ramBytes+cost > q.vh.pageOut || q.vh.memoryHigh()) || !q.pageOutLocked(e) {
 		if q.tail.len() > 0 {
 			// Paging failed: the message stays in memory, ahead of the paged ones, and
 			// gives its number back so theirs stay consecutive.
@@ -447,8 +531,12 @@ func (q *queue) deliverAheadLocked() bool {
 		if !c.noLocal || q.single && c != q.active {
 			continue
 		}
-		for i := 0; i < q.ready.len() && i < maxLookahead; i++ {
-			e := *q.ready.at(i)
+		if q.ready.len() == 0 {
+			return false
+		}
+		h := q.ready.head() // a priority queue looks ahead within its highest priority
+		for i := 0; i < h.len() && i < maxLookahead; i++ {
+			e := *h.at(i)
 			if c.refuses(e.msg) {
 				continue
 			}
@@ -456,7 +544,7 @@ func (q *queue) deliverAheadLocked() bool {
 				break
 			}
 			for j := i; j > 0; j-- {
-				*q.ready.at(j) = *q.ready.at(j - 1)
+				*h.at(j) = *h.at(j - 1)
 			}
 			q.ready.pop()
 			q.took(e)
@@ -473,7 +561,7 @@ func (c *consumer) refuses(m *message) bool {
 
 // peekLocked returns the next ready message. q.mu must be held.
 func (q *queue) peekLocked() qentry {
-	if len(q.requeued) > 0 {
+	if q.requeuedFirstLocked() {
 		return q.requeued[0]
 	}
 	return *q.ready.front()
@@ -482,13 +570,37 @@ func (q *queue) peekLocked() qentry {
 // popLocked removes and returns the next ready message. q.mu must be held.
 func (q *queue) popLocked() qentry {
 	var e qentry
-	if len(q.requeued) > 0 {
+	if q.requeuedFirstLocked() {
 		e = q.heapPopLocked()
 	} else {
 		e = q.ready.pop()
 	}
 	q.took(e)
 	return e
+}
+
+// requeuedFirstLocked reports whether the next message is a requeued one: they are older
+// than every other ready one, so first, but in a priority queue only within their
+// priority. q.mu must be held.
+func (q *queue) requeuedFirstLocked() bool {
+	if len(q.requeued) == 0 {
+		return false
+	}
+	if q.ready.levels == nil || q.ready.len() == 0 {
+		return true
+	}
+	return q.ready.priorityOf(q.requeued[0].msg) >= q.ready.priorityOf(q.ready.front().msg)
+}
+
+// requeuedBefore orders the requeued heap: by seq, and in a priority queue by priority
+// first, highest first.
+func (q *queue) requeuedBefore(a, b qentry) bool {
+	if q.ready.levels != nil {
+		if pa, pb := q.ready.priorityOf(a.msg), q.ready.priorityOf(b.msg); pa != pb {
+			return pa > pb
+		}
+	}
+	return a.seq < b.seq
 }
 
 // took accounts for e leaving the ready messages. q.mu must be held.
@@ -524,7 +636,7 @@ func (q *queue) requeueLocked(e qentry) {
 	h := append(q.requeued, e)
 	for i := len(h) - 1; i > 0; {
 		p := (i - 1) / 2
-		if h[p].seq <= h[i].seq {
+		if !q.requeuedBefore(h[i], h[p]) {
 			break
 		}
 		h[p], h[i] = h[i], h[p]
@@ -542,10 +654,10 @@ func (q *queue) heapPopLocked() qentry {
 	h = h[:last]
 	for i := 0; ; {
 		l, r, m := 2*i+1, 2*i+2, i
-		if l < len(h) && h[l].seq < h[m].seq {
+		if l < len(h) && q.requeuedBefore(h[l], h[m]) {
 			m = l
 		}
-		if r < len(h) && h[r].seq < h[m].seq {
+		if r < len(h) && q.requeuedBefore(h[r], h[m]) {
 			m = r
 		}
 		if m == i {
@@ -605,11 +717,11 @@ func (q *queue) readyLoggedLocked() []*message {
 			msgs = append(msgs, e.msg)
 		}
 	}
-	for i := 0; i < q.ready.len(); i++ {
-		if m := q.ready.at(i).msg; m.wal != nil {
-			msgs = append(msgs, m)
+	q.ready.each(func(e *qentry) {
+		if e.msg.wal != nil {
+			msgs = append(msgs, e.msg)
 		}
-	}
+	})
 	return msgs
 }
 
@@ -762,6 +874,25 @@ func (m *message) withHeader(name string, v any) *message {
 	c.data = append(append(append(make([]byte, 0, int(m.keyLen)+len(props)+int(m.size)), m.routingKey()...), props...), m.body()...)
 	c.propsLen = uint32(len(props))
 	return &c
+}
+
+// queueMaxPriority reads x-max-priority: an integer from 0 to 255 (0 acts as 1), as
+// RabbitMQ's check_max_priority_arg; ok is false when the queue has no priorities.
+func queueMaxPriority(args table) (highest uint8, ok bool, err error) {
+	v, has := args["x-max-priority"]
+	if !has {
+		return 0, false, nil
+	}
+	n, isInt := intValue(v)
+	switch {
+	case !isInt:
+		return 0, false, errors.New("{unacceptable_type," + fieldType(v) + "}")
+	case n < 0:
+		return 0, false, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
+	case n > 255:
+		return 0, false, errors.New("{max_value_exceeded," + strconv.FormatInt(n, 10) + "}")
+	}
+	return uint8(max(n, 1)), true, nil
 }
 
 // queueSingleActive reads x-single-active-consumer from queue arguments: a boolean, as
@@ -927,7 +1058,15 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			vh.mu.Unlock()
 			return preconditionFailed("invalid arg 'x-single-active-consumer' for " + describeQueue(name, vh.name) + ": " + err.Error())
 		}
+		highest, prio, err := queueMaxPriority(m.Arguments)
+		if err != nil {
+			vh.mu.Unlock()
+			return preconditionFailed("invalid arg 'x-max-priority' for " + describeQueue(name, vh.name) + ": " + err.Error())
+		}
 		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits, expires: expires, dead: dead, deliveryLimit: limit, single: single}
+		if prio {
+			q.ready = newPriorityReady(highest)
+		}
 		if m.Exclusive {
 			q.owner = ch.c
 		}

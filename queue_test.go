@@ -1053,3 +1053,108 @@ func TestQueueExpiresDurable(t *testing.T) {
 		t.Fatal("an expired durable queue came back after another restart")
 	}
 }
+
+// publishPriorities publishes one message per priority to queue, body "i:p" for the i-th;
+// a negative priority publishes none.
+func publishPriorities(t *testing.T, pub *confirmChannel, queue string, prios []int, persistent bool) {
+	t.Helper()
+	mode := uint8(1)
+	if persistent {
+		mode = 2
+	}
+	for i, p := range prios {
+		m := amqp091.Publishing{DeliveryMode: mode, Body: []byte(strconv.Itoa(i) + ":" + strconv.Itoa(p))}
+		if p >= 0 {
+			m.Priority = uint8(p)
+		}
+		pub.publish("", queue, false, m)
+	}
+	pub.wait()
+}
+
+// wantOrder is the bodies publishPriorities wrote, in the order a queue with this highest
+// priority delivers them: priority first (above the highest counts as it), FIFO within one.
+func wantOrder(prios []int, highest int) []string {
+	idx := make([]int, len(prios))
+	for i := range idx {
+		idx[i] = i
+	}
+	level := func(p int) int { return min(max(p, 0), highest) }
+	slices.SortStableFunc(idx, func(a, b int) int { return level(prios[b]) - level(prios[a]) })
+	out := make([]string, len(idx))
+	for k, i := range idx {
+		out[k] = strconv.Itoa(i) + ":" + strconv.Itoa(prios[i])
+	}
+	return out
+}
+
+// TestPriorityQueue: x-max-priority delivers higher priorities first, FIFO within one, a
+// priority above the maximum as the maximum and none as 0; a requeued message returns to
+// its place within its priority; invalid maxima are RabbitMQ's 406s.
+func TestPriorityQueue(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if _, err := ch.QueueDeclare("prio", false, false, false, false, amqp091.Table{"x-max-priority": int32(10)}); err != nil {
+		t.Fatal(err)
+	}
+	prios := []int{0, 5, 10, 3, 10, -1, 20, 1, 5, 0}
+	publishPriorities(t, newConfirmChannel(t, c), "prio", prios, false)
+	want := wantOrder(prios, 10)
+	cons := openChannel(t, c)
+	cons.Qos(1, 0, false)
+	msgs, err := cons.Consume("prio", "", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := takeDelivery(t, msgs)
+	if string(first.Body) != want[0] {
+		t.Fatalf("first delivery %q, want %q", first.Body, want[0])
+	}
+	first.Nack(false, true) // back to the front of priority 10
+	for i, w := range want {
+		d := takeDelivery(t, msgs)
+		if string(d.Body) != w {
+			t.Fatalf("delivery %d: %q, want %q (order %v)", i, d.Body, w, want)
+		}
+		if d.Redelivered != (i == 0) {
+			t.Fatalf("delivery %d: redelivered %v", i, d.Redelivered)
+		}
+		d.Ack(false)
+	}
+	for _, bad := range []struct {
+		v    any
+		want string
+	}{{int32(256), "{max_value_exceeded,256}"}, {int32(-1), "{value_negative,-1}"}, {"high", "{unacceptable_type,longstr}"}} {
+		_, err := openChannel(t, c).QueueDeclare("bad", false, false, false, false, amqp091.Table{"x-max-priority": bad.v})
+		if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || !strings.HasSuffix(e.Reason, bad.want) {
+			t.Errorf("x-max-priority %v: %v, want 406 ending %q", bad.v, err, bad.want)
+		}
+	}
+}
+
+// TestPriorityQueueRecovery: a durable priority queue's persistent messages come back after
+// a crash in priority order.
+func TestPriorityQueueRecovery(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{PageOutBytes: 1})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	if _, err := ch.QueueDeclare("prio", true, false, false, false, amqp091.Table{"x-max-priority": int32(3)}); err != nil {
+		t.Fatal(err)
+	}
+	prios := []int{1, 3, 0, 2, 3, 9, 1}
+	publishPriorities(t, newConfirmChannel(t, conn), "prio", prios, true)
+	b2 := b.restart("crash", Config{PageOutBytes: 1})
+	got := getAll(t, openChannel(t, dial(t, b2.url)), "prio")
+	want := wantOrder(prios, 3)
+	if len(got) != len(want) {
+		t.Fatalf("%d messages after a crash, want %d", len(got), len(want))
+	}
+	for i, d := range got {
+		if string(d.Body) != want[i] {
+			t.Fatalf("message %d after a crash: %q, want %q (order %v)", i, d.Body, want[i], want)
+		}
+	}
+}

@@ -165,8 +165,13 @@ func decodeMessageRecord(p []byte) (*message, bool) {
 		return nil, false
 	}
 	head := uint32(keyLen) + propsLen
-	return &message{exchange: ex, keyLen: keyLen, propsLen: propsLen, data: append([]byte(nil), d.b...),
-		size: uint32(len(d.b)) - head}, true
+	m := &message{exchange: ex, keyLen: keyLen, propsLen: propsLen, data: append([]byte(nil), d.b...),
+		size: uint32(len(d.b)) - head}
+	if s, err := scanProperties(m.props()); err == nil {
+		m.priority, m.persistent = s.priority, s.deliveryMode == 2
+		m.ttl, _ = parseExpiration(s.expiration)
+	}
+	return m, true
 }
 
 // spill is the set of paging files.
@@ -467,6 +472,26 @@ func (q *queue) dropTailLocked(record bool) {
 		}
 	}
 	q.ahead = readAhead{}
+}
+
+// loadTailLocked reads every paged message back into memory: a priority queue orders its
+// messages by priority, which a paged tail cannot (it holds only what a restart recovered;
+// a priority queue never pages). q.mu must be held.
+func (q *queue) loadTailLocked() {
+	for q.tail.len() > 0 {
+		r := q.tail.front()
+		m, err := q.readRefLocked(&r)
+		seq := q.tailSeq
+		q.popRefLocked()
+		if err != nil {
+			q.vh.log().Error("cannot read a recovered message of a priority queue back; it is dropped", "queue", q.name, "vhost", q.vh.name, "err", err)
+			q.settleRefsLocked([]diskRef{r}, true)
+			continue
+		}
+		q.ready.push(qentry{msg: m, seq: seq, expires: r.expires, redelivered: r.redelivered()})
+		q.readyBytes += int64(m.size)
+		q.ramBytes += m.memCost()
+	}
 }
 
 // headExpiresLocked is when the next ready message expires (0: never). q must not be

@@ -559,11 +559,11 @@ func queueLogHolds(srv *Server, name string) int64 {
 			n += int64(r.size)
 		}
 	})
-	for i := range q.ready.len() {
-		if mw := q.ready.at(i).msg.wal; mw != nil {
+	q.ready.each(func(e *qentry) {
+		if mw := e.msg.wal; mw != nil {
 			n += int64(mw.recLen)
 		}
-	}
+	})
 	for _, e := range q.requeued {
 		if mw := e.msg.wal; mw != nil {
 			n += int64(mw.recLen)

@@ -1126,6 +1126,9 @@ func (s *Server) openStore() error {
 		vh.mu.RLock()
 		for _, q := range vh.queues {
 			q.mu.Lock()
+			if q.ready.levels != nil {
+				q.loadTailLocked()
+			}
 			q.scheduleExpiryLocked()
 			q.renewLeaseLocked()
 			q.mu.Unlock()
@@ -1187,6 +1190,9 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 				limit, _ := queueDeliveryLimit(args)
 				single, _ := queueSingleActive(args)
 				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires, dead: dead, deliveryLimit: limit, single: single}
+				if highest, ok, _ := queueMaxPriority(args); ok {
+					q.ready = newPriorityReady(highest)
+				}
 				vh.queues[name] = q
 				queues[id] = q
 			}
