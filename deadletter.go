@@ -3,6 +3,7 @@ package amqp
 import (
 	"encoding/binary"
 	"errors"
+	"slices"
 	"sync"
 	"time"
 )
@@ -77,6 +78,7 @@ type deadLetters struct {
 	mu      sync.Mutex
 	jobs    []deadLetterJob // guarded by mu
 	running bool            // guarded by mu: a worker goroutine is draining jobs
+	later   []*queue        // guarded by mu: queues that wait for the backlog to drain
 	warned  map[string]bool // guarded by mu: missing exchanges and cycles logged once (bounded)
 	idle    sync.Cond       // broadcast when the worker stops, for tests and shutdown
 }
@@ -107,6 +109,15 @@ func (d *deadLetters) run() {
 		jobs := d.jobs
 		d.jobs = nil
 		if len(jobs) == 0 {
+			later := d.later
+			d.later = nil
+			if len(later) > 0 {
+				d.mu.Unlock()
+				for _, q := range later {
+					q.dispatch() // they dead-letter their next paged messages now
+				}
+				continue
+			}
 			d.running = false
 			d.idle.Broadcast()
 			d.mu.Unlock()
@@ -117,6 +128,24 @@ func (d *deadLetters) run() {
 			d.move(j)
 		}
 	}
+}
+
+// deadLetterBacklog bounds the jobs waiting for the worker that a queue adds by reading
+// paged messages back: an expiring paged backlog must not come back into memory at once.
+const deadLetterBacklog = 256
+
+// busy reports whether the worker's backlog is full; if so, q is dispatched again once it
+// has drained. A queue calls it with its lock held.
+func (d *deadLetters) busy(q *queue) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.jobs) < deadLetterBacklog {
+		return false
+	}
+	if !slices.Contains(d.later, q) {
+		d.later = append(d.later, q)
+	}
+	return true
 }
 
 // wait returns once every job handed over so far is done.
@@ -299,6 +328,12 @@ func deadLetterRejected(done []unacked) []unacked {
 // else just the settlement of old (when it was logged).
 func (st *store) logDeadLetter(src *queue, old, nm *message, targets []*queue) {
 	srcLogged := old.wal != nil && src.walID != 0
+	if nm.persistent && anyLogged(targets) && st.w.noSpace.Load() {
+		// The disk is full: the move cannot be written, and the reserve is for settlements.
+		// The message goes on in memory; the source keeps its hold, so a restart brings it
+		// back there.
+		return
+	}
 	if !nm.persistent || !anyLogged(targets) {
 		if srcLogged {
 			st.settle(src, []*message{old})
@@ -315,6 +350,7 @@ func (st *store) logDeadLetter(src *queue, old, nm *message, targets []*queue) {
 	if srcLogged {
 		srcID, oldID = src.walID, old.wal.id
 	}
+	st.w.waitRoom() // the worker waits for the log like a publisher
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	nm.wal = &msgWAL{id: st.nextMsgID, refs: int32(len(qids)), queues: qids}

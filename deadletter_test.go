@@ -2,7 +2,11 @@ package amqp
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -433,5 +437,178 @@ func TestDeliveryLimit(t *testing.T) {
 	_, err = openChannel(t, c).QueueDeclare("bad", false, false, false, false, amqp091.Table{"x-delivery-limit": int32(-1)})
 	if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || !strings.Contains(e.Reason, "{value_negative,-1}") {
 		t.Fatalf("x-delivery-limit -1: %v, want 406", err)
+	}
+}
+
+// TestDeadLetterExpiredUnwrittenHeadDoesNotSpin: a durable queue with a dead-letter exchange and a
+// consumer, every message paged (PageOutBytes 1), messages expiring at once
+// (x-message-ttl 0). When the head of the paged tail has expired but its log record is
+// still in the writer's next batch, deliverLocked loops on expireLocked+continue forever.
+// On the log's writer (batchDone -> q.dispatch) that record is never written: the log
+// stops for good.
+func TestDeadLetterExpiredUnwrittenHeadDoesNotSpin(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{PageOutBytes: 1})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	if err := ch.ExchangeDeclare("dlx", "fanout", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare("dlq", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind("dlq", "", "dlx", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare("src", true, false, false, false, amqp091.Table{"x-dead-letter-exchange": "dlx", "x-message-ttl": int32(0)}); err != nil {
+		t.Fatal(err)
+	}
+	cons := openChannel(t, conn)
+	cons.Qos(1, 0, false)
+	if _, err := cons.Consume("src", "", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	pubConn := dial(t, b.url)
+	pub := openChannel(t, pubConn)
+	body := bytes.Repeat([]byte("x"), 200)
+	stop := make(chan struct{})
+	go func() {
+		for range 10_000 {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if pub.Publish("", "src", false, false, amqp091.Publishing{DeliveryMode: 2, Body: body}) != nil {
+				return
+			}
+		}
+	}()
+	defer close(stop)
+	for i := 0; i < 5; i++ {
+		time.Sleep(100 * time.Millisecond)
+		done := make(chan error, 1)
+		go func() { done <- b.srv.store.sync() }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			// Not t.Fatalf: the deadlocked broker would hang the test's cleanup.
+			panic("the log's writer no longer completes batches (round " + strconv.Itoa(i) + ")")
+		}
+	}
+}
+
+// TestDeadLetterExpiringPagedBacklogStaysOnDisk: a paged backlog that expires into a
+// dead-letter exchange is read back a bounded number of messages at a time, not whole:
+// paging's memory bound holds while it is dead-lettered.
+func TestDeadLetterExpiringPagedBacklogStaysOnDisk(t *testing.T) {
+	t.Parallel()
+	const pageOut = 64 << 10
+	b := startDurable(t, Config{PageOutBytes: pageOut})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	if err := ch.ExchangeDeclare("dlx", "fanout", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare("dlq", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind("dlq", "", "dlx", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare("src", true, false, false, false, amqp091.Table{"x-dead-letter-exchange": "dlx", "x-message-ttl": int32(3000)}); err != nil {
+		t.Fatal(err)
+	}
+	pub := newConfirmChannel(t, conn)
+	const n = 20000
+	body := bytes.Repeat([]byte("b"), 2048)
+	for i := range n {
+		pub.publish("", "src", false, amqp091.Publishing{DeliveryMode: 2, MessageId: strconv.Itoa(i), Body: body})
+	}
+	pub.wait()
+	if p, _, _ := queuePaged(b.srv, "/", "src"); p < n*9/10 {
+		t.Fatalf("only %d of %d paged", p, n)
+	}
+	d := b.srv.dead
+	var peak atomic.Int64
+	stop := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			d.mu.Lock()
+			k := int64(len(d.jobs))
+			d.mu.Unlock()
+			if k > peak.Load() {
+				peak.Store(k)
+			}
+			time.Sleep(200 * time.Microsecond)
+		}
+	}()
+	// The queue's lock: how long does a basic.get-sized operation wait for it?
+	q := testQueue(b.srv, "src")
+	var worst time.Duration
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		t0 := time.Now()
+		q.mu.Lock()
+		left := q.messageCountLocked()
+		q.mu.Unlock()
+		worst = max(worst, time.Since(t0))
+		if left == 0 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	pollFor(t, "dlq to hold every message", func() bool { d.wait(); return queueReady(t, ch, "dlq") == n })
+	close(stop)
+	t.Logf("peak dead-letter jobs held in memory: %d messages (%d KiB of bodies; PageOutBytes %d KiB); longest wait for src's lock: %v",
+		peak.Load(), peak.Load()*int64(len(body))>>10, pageOut>>10, worst)
+	// Read back paged messages wait for the worker once deadLetterBacklog are waiting: the
+	// memory they take is bounded, not the backlog's size (20,000 here).
+	if peak.Load() > deadLetterBacklog+64 {
+		t.Errorf("dead-lettering the expired backlog held %d messages in memory at once, want at most about %d", peak.Load(), deadLetterBacklog)
+	}
+}
+
+// TestDeadLetterUnreadablePagedMessageReleasedOnce: a paged transient message to dead-letter whose paging file
+// record cannot be read is released twice (readRefLocked, then settleRefsLocked): the
+// paging file goes while a queued message is still in it, and that message is lost.
+func TestDeadLetterUnreadablePagedMessageReleasedOnce(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{PageOutBytes: 1})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	dlxSetup(t, ch, false)
+	if _, err := ch.QueueDeclare("src", false, false, false, false, amqp091.Table{"x-dead-letter-exchange": "dlx"}); err != nil {
+		t.Fatal(err)
+	}
+	// The first message is larger than the write buffer: it is written at once, at offset
+	// 0 of paging file 1. The others stay in the write buffer.
+	publish := func(body []byte, exp string) {
+		if err := ch.Publish("", "src", false, false, amqp091.Publishing{Body: body, Expiration: exp}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	publish(bytes.Repeat([]byte("0"), spillBuffer+1000), "300")
+	for _, s := range []string{"one", "two", "three"} {
+		publish([]byte(s), "")
+	}
+	pollFor(t, "4 paged", func() bool { p, _, _ := queuePaged(b.srv, "/", "src"); return p == 4 })
+	// A read error on the first record (a bad sector, say).
+	if err := os.Truncate(filepath.Join(b.dir, "paging", "1.page"), 0); err != nil {
+		t.Fatal(err)
+	}
+	pollFor(t, "the expired one gone", func() bool { return queueReady(t, ch, "src") == 3 })
+	var got []string
+	for range 3 {
+		d, ok, err := ch.Get("src", true)
+		if err != nil || !ok {
+			t.Fatalf("after %v: get: ok %v err %v; paging files left %d", got, ok, err, b.srv.spill.files())
+		}
+		got = append(got, string(d.Body))
 	}
 }

@@ -298,13 +298,9 @@ func (q *queue) enqueue(m *message) bool {
 	}
 	q.readyBytes += size
 	if len(q.consumers) > 0 {
-		q.dispatchLocked()
-	}
-	// drop-head: the oldest ready messages make room (dead-lettering is not built).
-	for q.limits.full(q.messageCountLocked(), q.readyBytes) && q.messageCountLocked() > 0 {
-		if !q.dropHeadLocked(deathMaxlen) {
-			break // the next enqueue tries again
-		}
+		q.dispatchLocked() // delivers first: what a consumer takes is not dropped
+	} else {
+		q.dropOverLimitLocked()
 	}
 	if len(q.consumers) == 0 && e.expires != 0 {
 		q.scheduleExpiryLocked()
@@ -441,11 +437,23 @@ func (q *queue) dispatch() {
 	q.mu.Unlock()
 }
 
+// dropOverLimitLocked makes room as drop-head does: the oldest ready messages go (to the
+// dead-letter exchange, if any) while the queue is over x-max-length or -bytes. A head that
+// cannot go yet stops it; dispatch comes back. q.mu must be held.
+func (q *queue) dropOverLimitLocked() {
+	for q.limits.full(q.messageCountLocked(), q.readyBytes) && q.messageCountLocked() > 0 {
+		if !q.dropHeadLocked(deathMaxlen) {
+			return
+		}
+	}
+}
+
 // dispatchLocked delivers ready messages round-robin to consumers with credit, until
 // either runs out. q.mu must be held.
 func (q *queue) dispatchLocked() {
 	q.expireLocked()
 	q.deliverLocked()
+	q.dropOverLimitLocked()
 	q.scheduleExpiryLocked()
 }
 
@@ -453,7 +461,11 @@ func (q *queue) dispatchLocked() {
 func (q *queue) deliverLocked() {
 	for len(q.consumers) > 0 && q.messageCountLocked() > 0 {
 		if at := q.headExpiresLocked(); at != 0 && time.Now().UnixMilli() > at {
+			n := q.messageCountLocked()
 			q.expireLocked()
+			if q.messageCountLocked() == n {
+				return // the head cannot be dropped before the log's next batch (dispatchAfterBatch)
+			}
 			continue
 		}
 		if notYet, err := q.fillLocked(); notYet {
@@ -947,7 +959,18 @@ func (q *queue) onLease() {
 		return
 	}
 	q.mu.Unlock()
-	q.vh.deleteQueue(q)
+	unused := func() bool {
+		if q.deleted || len(q.consumers) > 0 || q.lastUsed.Load()+q.expires > time.Now().UnixMilli() {
+			if !q.deleted && q.lease == nil && len(q.consumers) == 0 {
+				q.lease = time.AfterFunc(time.Duration(q.expires)*time.Millisecond, q.onLease)
+			}
+			return false
+		}
+		return true
+	}
+	if q.vh.deleteQueueIf(q, unused) == 0 && !q.isDeleted() {
+		return
+	}
 	q.vh.log().Info("queue expired (x-expires) and was deleted", "queue", q.name, "vhost", q.vh.name)
 }
 
@@ -1076,8 +1099,8 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			vh.logLocked(recQueueDeclare, queueRecord(vh.name, q))
 		}
 	}
+	q.renewLease() // a declare, new or again, starts x-expires' period (under vh.mu: see onLease)
 	vh.mu.Unlock()
-	q.renewLease() // a declare, new or again, starts x-expires' period
 	if q.walID != 0 {
 		if err := vh.syncTopology(); err != nil {
 			return err

@@ -1158,3 +1158,31 @@ func TestPriorityQueueRecovery(t *testing.T) {
 		}
 	}
 }
+
+// TestQueueExpiresRedeclareRaceKeepsQueue: onLease decides under q.mu that the queue is unused,
+// then deletes it later under vh.mu without looking again. A redeclare whose critical
+// section (vh.mu) overlaps the timer gets declare-ok and then loses the queue.
+func TestQueueExpiresRedeclareRaceKeepsQueue(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if _, err := ch.QueueDeclare("lease", false, false, false, false, amqp091.Table{"x-expires": int32(100)}); err != nil {
+		t.Fatal(err)
+	}
+	vh := srv.vhost("/")
+	q := testQueue(srv, "lease")
+	// A queue.declare of "lease" is in its critical section when the period ends.
+	vh.mu.Lock()
+	pollFor(t, "the lease timer to decide", func() bool {
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return q.lease == nil
+	})
+	time.Sleep(10 * time.Millisecond) // onLease now waits for vh.mu in deleteQueueIf
+	q.renewLease()                    // what queueDeclare does before it lets go of vh.mu
+	vh.mu.Unlock()
+	time.Sleep(50 * time.Millisecond)
+	if q.isDeleted() {
+		t.Fatal("the queue was deleted right after a redeclare renewed its lease (declare-ok already on its way)")
+	}
+}

@@ -521,6 +521,9 @@ func (q *queue) dropHeadLocked(reason string) bool {
 	}
 	r := [1]diskRef{q.tail.front()}
 	if q.dead != nil && q.vh.dead != nil {
+		if q.vh.dead.busy(q) {
+			return false // read back once the worker has room: q is dispatched then
+		}
 		// Dead-lettered, a paged message is read back first: its new copy needs it whole.
 		m, err := q.readRefLocked(&r[0])
 		if err == errNotWritten {
@@ -533,6 +536,9 @@ func (q *queue) dropHeadLocked(reason string) bool {
 			return true
 		}
 		q.vh.log().Error("cannot read a paged message back to dead-letter it; it is dropped", "queue", q.name, "vhost", q.vh.name, "err", err)
+		if !r[0].inLog() {
+			return true // readRefLocked gave its paging file space back already
+		}
 	} else {
 		q.popRefLocked()
 	}

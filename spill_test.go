@@ -3,6 +3,7 @@ package amqp
 import (
 	"bytes"
 	"errors"
+	"math/rand"
 	"os"
 	"path/filepath"
 	"slices"
@@ -1067,5 +1068,157 @@ func TestRecoveredMessagesExpireIntoTheLog(t *testing.T) {
 	_, rec := openTestWAL(t, b2.crashImage(), storeOptions{})
 	if n := len(rec.messages[q.walID]); n != 0 {
 		t.Fatalf("the log still holds %d expired messages", n)
+	}
+}
+
+// TestPagingStress: random publishes (persistent and transient), gets, consumes with
+// acks, requeues and rejects, purges, expiry, max-length and delivery limits, dead-letters,
+// paging and compaction; once everything is drained, nothing may be live in the log or the
+// paging files, and the queues' byte counts must be zero; a crash restart brings nothing back.
+func TestPagingStress(t *testing.T) {
+	t.Parallel()
+	seed := time.Now().UnixNano()
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewSource(seed))
+	cfg := Config{PageOutBytes: 2 << 10, SegmentSize: 32 << 10}
+	b := startDurable(t, cfg)
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(ch.ExchangeDeclare("fan", "fanout", true, false, false, false, nil))
+	must(ch.ExchangeDeclare("dlx", "fanout", true, false, false, false, nil))
+	queues := map[string]amqp091.Table{
+		"ttl":   {"x-dead-letter-exchange": "dlx", "x-message-ttl": int32(30)},
+		"max":   {"x-dead-letter-exchange": "dlx", "x-max-length": int32(40)},
+		"limit": {"x-dead-letter-exchange": "dlx", "x-delivery-limit": int32(1)},
+		"plain": nil,
+		"rpdlx": {"x-dead-letter-exchange": "dlx", "x-max-length": int32(25), "x-overflow": "reject-publish-dlx"},
+	}
+	names := []string{"ttl", "max", "limit", "plain", "rpdlx", "dlq", "tr"}
+	for name, args := range queues {
+		_, err := ch.QueueDeclare(name, true, false, false, false, args)
+		must(err)
+		must(ch.QueueBind(name, "", "fan", false, nil))
+	}
+	_, err := ch.QueueDeclare("dlq", true, false, false, false, nil)
+	must(err)
+	must(ch.QueueBind("dlq", "", "dlx", false, nil))
+	_, err = ch.QueueDeclare("tr", false, false, false, false, amqp091.Table{"x-dead-letter-exchange": "dlx"})
+	must(err)
+	must(ch.QueueBind("tr", "", "fan", false, nil))
+
+	cons := openChannel(t, conn)
+	must(cons.Qos(20, 0, false))
+	var deliveries []<-chan amqp091.Delivery
+	for _, q := range []string{"limit", "plain", "tr"} {
+		d, err := cons.Consume(q, "", false, false, false, false, nil)
+		must(err)
+		deliveries = append(deliveries, d)
+	}
+	pub := openChannel(t, conn)
+	deadline := time.Now().Add(4 * time.Second)
+	for i := 0; time.Now().Before(deadline); i++ {
+		switch op := rng.Intn(100); {
+		case op < 60:
+			mode := uint8(2)
+			if rng.Intn(3) == 0 {
+				mode = 1
+			}
+			body := make([]byte, 100+rng.Intn(3000))
+			must(pub.Publish("fan", "", false, false, amqp091.Publishing{DeliveryMode: mode, MessageId: strconv.Itoa(i), Body: body}))
+		case op < 75:
+			q := names[rng.Intn(len(names))]
+			d, ok, err := ch.Get(q, false)
+			must(err)
+			if ok {
+				switch rng.Intn(3) {
+				case 0:
+					d.Ack(false)
+				case 1:
+					d.Nack(false, true)
+				default:
+					d.Reject(false)
+				}
+			}
+		case op < 98:
+			for _, c := range deliveries {
+				select {
+				case d := <-c:
+					switch rng.Intn(4) {
+					case 0:
+						d.Nack(false, true)
+					case 1:
+						d.Reject(false)
+					default:
+						d.Ack(false)
+					}
+				default:
+				}
+			}
+		default:
+			_, err := ch.QueuePurge(names[rng.Intn(len(names))], false)
+			must(err)
+		}
+	}
+	must(cons.Close())
+	// Drain: everything, dead-letters included, until all is quiet.
+	for round := 0; ; round++ {
+		b.srv.dead.wait()
+		n := 0
+		for _, q := range names {
+			n += len(getAll(t, ch, q))
+		}
+		b.srv.dead.wait()
+		if n == 0 {
+			total := 0
+			for _, q := range names {
+				total += queueReady(t, ch, q)
+			}
+			if total == 0 {
+				break
+			}
+		}
+		if round > 100 {
+			t.Fatal("never drained")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	must(b.srv.store.sync())
+	for _, q := range names {
+		qq := testQueue(b.srv, q)
+		qq.mu.Lock()
+		rb, rm, tl := qq.readyBytes, qq.ramBytes, qq.tail.len()
+		qq.mu.Unlock()
+		if rb != 0 || rm != 0 || tl != 0 {
+			t.Errorf("%s: readyBytes %d ramBytes %d tail %d after draining", q, rb, rm, tl)
+		}
+	}
+	if live := storeLive(b.srv.store); live != 0 {
+		b.srv.store.mu.Lock()
+		for seq, s := range b.srv.store.segs {
+			if s.live != 0 {
+				t.Logf("segment %d live %d", seq, s.live)
+			}
+		}
+		b.srv.store.mu.Unlock()
+		t.Errorf("the log still counts %d octets live", live)
+	}
+	if k := b.srv.spill.files(); k != 0 {
+		t.Errorf("%d paging files left", k)
+	}
+	b2 := b.restart("crash", cfg)
+	conn2 := dial(t, b2.url)
+	for _, q := range names {
+		if q == "tr" {
+			continue
+		}
+		if k := queueDepth(t, conn2, q); k != 0 {
+			t.Errorf("crash restart: %s holds %d", q, k)
+		}
 	}
 }

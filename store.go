@@ -625,6 +625,7 @@ func (st *store) dropQueue(q *queue, msgs []*message) {
 	for _, m := range msgs {
 		st.unrefLocked(m, q.walID)
 	}
+	delete(st.tails, q)
 	st.mu.Unlock()
 }
 

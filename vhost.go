@@ -146,11 +146,24 @@ func (vh *vhost) autoDeleteLocked(x *exchange) {
 
 // deleteQueue removes q with its bindings (and auto-delete exchanges left unbound), drops
 // its messages, and cancels its consumers. It returns the number of ready messages dropped.
-func (vh *vhost) deleteQueue(q *queue) int {
+func (vh *vhost) deleteQueue(q *queue) int { return vh.deleteQueueIf(q, nil) }
+
+// deleteQueueIf is deleteQueue when unused (q.mu held) still says so, checked with vh.mu
+// held, so that nothing can find and use the queue in between.
+func (vh *vhost) deleteQueueIf(q *queue, unused func() bool) int {
 	vh.mu.Lock()
 	if vh.queues[q.name] != q {
 		vh.mu.Unlock()
 		return 0
+	}
+	if unused != nil {
+		q.mu.Lock()
+		ok := unused()
+		q.mu.Unlock()
+		if !ok {
+			vh.mu.Unlock()
+			return 0
+		}
 	}
 	delete(vh.queues, q.name)
 	if q.walID != 0 {
