@@ -544,7 +544,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		<-done
 		err = ctx.Err()
 	}
-	s.dead.wait() // messages on their way to a dead-letter exchange are logged first
+	s.dead.close() // messages on their way to a dead-letter exchange are logged first
 	if s.store != nil {
 		s.store.close()
 	}

@@ -79,6 +79,7 @@ type deadLetters struct {
 	jobs    []deadLetterJob // guarded by mu
 	running bool            // guarded by mu: a worker goroutine is draining jobs
 	later   []*queue        // guarded by mu: queues that wait for the backlog to drain
+	closed  bool            // guarded by mu: the server stopped; jobs are refused
 	warned  map[string]bool // guarded by mu: missing exchanges and cycles logged once (bounded)
 	idle    sync.Cond       // broadcast when the worker stops, for tests and shutdown
 }
@@ -93,6 +94,12 @@ func newDeadLetters(s *Server) *deadLetters {
 // queue may call it with its lock held.
 func (d *deadLetters) add(jobs ...deadLetterJob) {
 	d.mu.Lock()
+	if d.closed {
+		// The server stopped (a timer fired late): the messages stay where the log has
+		// them, in their source queue, and come back there at the next start.
+		d.mu.Unlock()
+		return
+	}
 	d.jobs = append(d.jobs, jobs...)
 	start := !d.running
 	d.running = true
@@ -146,6 +153,14 @@ func (d *deadLetters) busy(q *queue) bool {
 		d.later = append(d.later, q)
 	}
 	return true
+}
+
+// close drains the jobs handed over so far and refuses later ones.
+func (d *deadLetters) close() {
+	d.mu.Lock()
+	d.closed = true
+	d.mu.Unlock()
+	d.wait()
 }
 
 // wait returns once every job handed over so far is done.

@@ -182,6 +182,7 @@ type spill struct {
 	mu   sync.Mutex
 	segs map[uint32]*spillSeg // guarded by mu
 	head *spillSeg            // guarded by mu: the file records are appended to
+	shut bool                 // guarded by mu: closed; nothing more is written
 	wbuf []byte               // guarded by mu: the head's octets from head.flushed on
 	next uint32               // guarded by mu: the number of the next file
 }
@@ -215,6 +216,9 @@ func (sp *spill) put(m *message) (diskRef, error) {
 	size := 8 + 1 + len(m.exchange) + 1 + 4 + len(m.data)
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
+	if sp.shut {
+		return diskRef{}, errors.New("amqp: paging files closed")
+	}
 	h := sp.head
 	if h == nil || h.size+int64(size) > spillSegment && h.size > 0 {
 		if err := sp.flushLocked(); err != nil {
@@ -354,6 +358,7 @@ func (sp *spill) files() int {
 func (sp *spill) close() {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
+	sp.shut = true
 	for _, s := range sp.segs {
 		sp.removeLocked(s)
 	}
