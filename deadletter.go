@@ -373,14 +373,13 @@ func (st *store) logDeadLetter(src *queue, old, nm *message, targets []*queue) {
 	b := binary.BigEndian.AppendUint64(nil, srcID)
 	b = binary.BigEndian.AppendUint64(b, oldID)
 	b = nm.appendPublishRecord(b, qids)
-	t, pos, err := st.w.appendKeep(recDeadLetter, b, len(b)-int(nm.size))
+	_, pos, err := st.w.appendKeep(recDeadLetter, b, len(b)-int(nm.size))
 	if err != nil {
 		nm.wal = nil // the message goes on in memory; the source's hold stays in the log
 		st.log.Error("cannot log a dead-lettered message; it is not durable in its new queues", "err", err)
 		return
 	}
 	nm.wal.place(pos, int64(walRecordOverhead+len(b)))
-	nm.wal.ticket = t
 	s := st.segLocked(pos.seg)
 	s.live += int64(nm.wal.recLen) * int64(len(qids))
 	s.link(nm.wal)

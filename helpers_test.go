@@ -1377,7 +1377,7 @@ func readBackRecovered(st *store, rec *recovered) (*testRecovered, error) {
 				return
 			}
 			var m *message
-			if m, err = st.readRef(&r, &ra, 0); err == nil {
+			if m, err = st.readRef(&r, &ra); err == nil {
 				ms = append(ms, m)
 			}
 		})

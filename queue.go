@@ -215,7 +215,6 @@ type queue struct {
 	ramBytes    int64           // guarded by mu: memCost of the ready messages in memory
 	tail        refQueue        // guarded by mu: ready messages paged out, after all of ready
 	tailSeq     uint64          // guarded by mu: the seq of tail's front
-	tailTicket  uint64          // guarded by mu: the log ticket by which tail's log records are written
 	ahead       readAhead       // guarded by mu: the window paged messages are read from
 	expiry      *time.Timer     // guarded by mu: drops expired messages at the head, when set
 	expiryAt    int64           // guarded by mu: when expiry fires, in Unix milliseconds

@@ -373,9 +373,7 @@ func (q *queue) pageOutLocked(e qentry) bool {
 	m := e.msg
 	var ref diskRef
 	if m.wal != nil && q.walID != 0 && q.vh.store != nil {
-		var t uint64
-		ref, t = q.vh.store.pageOut(q, m)
-		q.tailTicket = max(q.tailTicket, t)
+		ref = q.vh.store.pageOut(q, m)
 	} else if sp := q.vh.spill; sp != nil {
 		var err error
 		if ref, err = sp.put(m); err != nil {
@@ -413,7 +411,7 @@ func (q *queue) fillLocked() (notYet bool, e *Error) {
 		var m *message
 		var err error
 		if r.inLog() {
-			m, err = q.vh.store.readRef(&r, &q.ahead, q.tailTicket)
+			m, err = q.vh.store.readRef(&r, &q.ahead)
 		} else {
 			m, err = q.vh.spill.get(&r, &q.ahead)
 		}
@@ -570,7 +568,7 @@ func (q *queue) readRefLocked(r *diskRef) (*message, error) {
 		q.vh.spill.release(r.file)
 		return m, err
 	}
-	m, err := q.vh.store.readRef(r, &q.ahead, q.tailTicket)
+	m, err := q.vh.store.readRef(r, &q.ahead)
 	if err != nil {
 		return nil, err
 	}

@@ -124,7 +124,6 @@ func (s *segState) unlink(mw *msgWAL) {
 // paged one is a diskRef instead); guarded by store.mu.
 type msgWAL struct {
 	id     uint64
-	ticket uint64   // the log ticket of its record
 	seg    uint32   // the segment of its record, or of the copy compaction made
 	off    uint32   // the record's offset in seg (segments are at most maxSegment)
 	recLen uint32   // the record's size, header included
@@ -499,7 +498,6 @@ func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *cha
 	t, pos, err := st.w.appendKeep(recPublish, scratch, len(scratch)-int(m.size))
 	if err == nil {
 		m.wal.place(pos, int64(walRecordOverhead+len(scratch)))
-		m.wal.ticket = t
 		s := st.segLocked(pos.seg)
 		s.live += int64(m.wal.recLen) * int64(len(qids))
 		s.link(m.wal)
@@ -551,9 +549,9 @@ func (st *store) unrefLocked(m *message, qid uint64) {
 	}
 }
 
-// pageOut turns q's hold on m, in memory, into a ref to its record: q pages it. The
-// ticket says when the record can be read back.
-func (st *store) pageOut(q *queue, m *message) (diskRef, uint64) {
+// pageOut turns q's hold on m, in memory, into a ref to its record: q pages it.
+
+func (st *store) pageOut(q *queue, m *message) diskRef {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	mw := m.wal
@@ -568,7 +566,7 @@ func (st *store) pageOut(q *queue, m *message) (diskRef, uint64) {
 	if !st.tails[q] {
 		st.tails[q] = true
 	}
-	return diskRef{id: mw.id, file: mw.seg, off: mw.off, size: mw.recLen, body: m.size}, mw.ticket
+	return diskRef{id: mw.id, file: mw.seg, off: mw.off, size: mw.recLen, body: m.size}
 }
 
 // loaded gives q's in-memory hold on messages read back from its paged refs.
@@ -838,7 +836,6 @@ func (st *store) relocate(seq uint64, old *segState) {
 		old.live -= int64(mw.recLen) * int64(mw.refs)
 		old.unlink(mw)
 		mw.place(pos, int64(walRecordOverhead+len(buf)))
-		mw.ticket = t
 		s := st.segLocked(pos.seg)
 		s.live += int64(mw.recLen) * int64(mw.refs)
 		s.link(mw)
@@ -910,7 +907,6 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 		r.size = uint32(walRecordOverhead + len(buf))
 		st.segLocked(pos.seg).live += int64(r.size)
 		q.tail.set(i, r)
-		q.tailTicket = max(q.tailTicket, t)
 		old.relocated = max(old.relocated, t)
 	}
 	return buf, true
@@ -999,14 +995,14 @@ func publishPayload(rec []byte, id uint64) ([]byte, bool) {
 	return payload, true
 }
 
-// readRef reads a paged message of the log back into memory through ra. pending is the
-// ticket by which every record of the queue's refs is written: a record that cannot be
-// read before then is errNotWritten.
-func (st *store) readRef(r *diskRef, ra *readAhead, pending uint64) (*message, error) {
-	done := st.w.doneAtomic.Load()
+// readRef reads a paged message of the log back into memory through ra: errNotWritten
+// when its record is not in its file yet (it may be in a batch the writer has not
+// written), any other error when it was and cannot be read.
+func (st *store) readRef(r *diskRef, ra *readAhead) (*message, error) {
+	written := st.w.isWritten(walPos{uint64(r.file), uint64(r.offset())}, int64(r.size))
 	payload, err := st.readRefRecord(r, ra, readAheadWindow)
 	if err != nil {
-		if done < pending {
+		if !written {
 			return nil, errNotWritten
 		}
 		return nil, err

@@ -805,7 +805,7 @@ func TestWALReplayUnionOfCopies(t *testing.T) {
 	for _, q := range []*queue{q2, q4} {
 		q.tailSeq = 1
 		for _, m := range msgs {
-			r, _ := w.pageOut(q, m)
+			r := w.pageOut(q, m)
 			q.tail.push(r)
 			refs[q] = append(refs[q], r)
 		}

@@ -150,6 +150,7 @@ type wal struct {
 	fsyncedAtomic atomic.Uint64 // tickets fsynced: only these may stand in for a removed segment
 	failedAtomic  atomic.Bool   // failed != nil, readable without mu
 	pendAtomic    atomic.Int64  // pendBytes, readable without mu
+	writtenTo     atomic.Uint64 // segment<<32 | offset: every record before it is in its file
 	noSpace       atomic.Bool   // the disk is full: the writer is waiting for room; set under mu
 
 	// The writer's own state.
@@ -442,6 +443,7 @@ func (w *wal) openFile(seg *segment) error {
 		w.file.Close()
 	}
 	w.file, w.fileSeg, w.fileOff = f, seg, walHeaderSize
+	w.writtenTo.Store(seg.seq<<32 | walHeaderSize)
 	if err := syncDir(filepath.Join(w.dir, "wal")); err != nil {
 		return err
 	}
@@ -666,6 +668,13 @@ func (w *wal) sync() error {
 	w.mu.Unlock()
 	w.kick()
 	return w.wait(t)
+}
+
+// isWritten reports whether the record of size octets at pos is in its file, readable.
+func (w *wal) isWritten(pos walPos, size int64) bool {
+	at := w.writtenTo.Load()
+	seg, off := at>>32, at&(1<<32-1)
+	return pos.seg < seg || pos.seg == seg && pos.off+uint64(size) <= off
 }
 
 // appendedTicket is the ticket of the last record appended.
@@ -951,6 +960,7 @@ func (w *wal) writeSome(chunks []walChunk) (int, error) {
 			return i, err
 		}
 		w.fileOff += int64(len(c.buf))
+		w.writtenTo.Store(w.fileSeg.seq<<32 | uint64(w.fileOff))
 	}
 	return len(chunks), nil
 }

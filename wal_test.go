@@ -504,3 +504,58 @@ func TestLogWaitRoom(t *testing.T) {
 		t.Fatalf("waitRoom returned with %d octets still pending", n)
 	}
 }
+
+// TestLogIsWritten: a record is reported written once the writer has put it in its file,
+// and not before: a reader tells a record still on its way from one that cannot be read.
+func TestLogIsWritten(t *testing.T) {
+	t.Parallel()
+	w, err := openWAL(t.TempDir(), walOptions{segmentSize: 4 << 10, log: walQuietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.replay(false, func(walPos, uint8, []byte, int64) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	entered, gate := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	w.onBatch = func(uint64) { once.Do(func() { close(entered); <-gate }) }
+	if err := w.start(0); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.close(); w.unlock() })
+	first := logPayload(1, 100)
+	_, p1, err := w.append(1, first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-entered // the first batch is written; the writer now waits in onBatch
+	size := int64(walRecordOverhead + len(first))
+	if !w.isWritten(p1, size) {
+		t.Fatal("a record in a written batch is not reported written")
+	}
+	var later []walPos
+	for n := range 60 { // several segments' worth, none written yet
+		_, p, err := w.append(1, logPayload(n, 300))
+		if err != nil {
+			t.Fatal(err)
+		}
+		later = append(later, p)
+	}
+	for _, p := range later {
+		if w.isWritten(p, walRecordOverhead+300) {
+			t.Fatalf("record at %v reported written while the writer has not written it", p)
+		}
+	}
+	close(gate)
+	if err := w.sync(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range later {
+		if !w.isWritten(p, walRecordOverhead+300) {
+			t.Fatalf("record at %v not reported written after a sync", p)
+		}
+		if _, _, err := w.readRecord(p); err != nil {
+			t.Fatalf("record at %v reported written but unreadable: %v", p, err)
+		}
+	}
+}
