@@ -165,13 +165,10 @@ func decodeMessageRecord(p []byte) (*message, bool) {
 		return nil, false
 	}
 	head := uint32(keyLen) + propsLen
-	m := &message{exchange: ex, keyLen: keyLen, propsLen: propsLen, data: append([]byte(nil), d.b...),
-		size: uint32(len(d.b)) - head}
-	if s, err := scanProperties(m.props()); err == nil {
-		m.priority, m.persistent = s.priority, s.deliveryMode == 2
-		m.ttl, _ = parseExpiration(s.expiration)
-	}
-	return m, true
+	// Read back, a message needs none of what its properties say: its queue has its expiry,
+	// and only a publish looks at its delivery mode (a priority queue reads its priority).
+	return &message{exchange: ex, keyLen: keyLen, propsLen: propsLen, data: append([]byte(nil), d.b...),
+		size: uint32(len(d.b)) - head}, true
 }
 
 // spill is the set of paging files.
@@ -490,6 +487,9 @@ func (q *queue) loadTailLocked() {
 			q.vh.log().Error("cannot read a recovered message of a priority queue back; it is dropped", "queue", q.name, "vhost", q.vh.name, "err", err)
 			q.settleRefsLocked([]diskRef{r}, true)
 			continue
+		}
+		if s, err := scanProperties(m.props()); err == nil {
+			m.priority = s.priority
 		}
 		q.ready.push(qentry{msg: m, seq: seq, expires: r.expires, redelivered: r.redelivered()})
 		q.readyBytes += int64(m.size)
