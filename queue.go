@@ -285,7 +285,7 @@ func (q *queue) enqueue(m *message) bool {
 	e.seq = q.nextSeq
 	cost := m.memCost()
 	// A priority queue keeps its messages in memory: a paged tail cannot be ordered by priority.
-	if q.ready.levels != nil || !(q.tail.len() > 0 || q.vh.pageOut >= 0 && q.ramBytes+cost > q.vh.pageOut || q.vh.memoryHigh()) || !q.pageOutLocked(e) {
+	if q.ready.levels != nil || !(q.tail.len() > 0 || q.overShareLocked(cost) || q.vh.memoryHigh()) || !q.pageOutLocked(e) {
 		if q.tail.len() > 0 {
 			// Paging failed: the message stays in memory, ahead of the paged ones, and
 			// gives its number back so theirs stay consecutive.
@@ -306,6 +306,24 @@ func (q *queue) enqueue(m *message) bool {
 	}
 	return true
 }
+
+// overShareLocked reports whether a message of cost more takes q's messages in memory past
+// its share (vhost.pageOut). A queue with consumers may hold consumedShare times as much:
+// its messages are on their way out, and paging what is delivered moments later costs
+// more than it saves (the memory alarm still pages every queue). q.mu must be held.
+func (q *queue) overShareLocked(cost int64) bool {
+	limit := q.vh.pageOut
+	if limit < 0 {
+		return false
+	}
+	if len(q.consumers) > 0 {
+		limit *= consumedShare
+	}
+	return q.ramBytes+cost > limit
+}
+
+// consumedShare is how many times its share of memory a queue with consumers may hold.
+const consumedShare = 64
 
 // queueLimits are a queue's x-max-length, x-max-length-bytes and x-overflow. The zero
 // value is no limit.

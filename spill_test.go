@@ -1222,3 +1222,38 @@ func TestPagingStress(t *testing.T) {
 		}
 	}
 }
+
+// TestQueueWithConsumersPagesLater: a queue with a consumer holds up to consumedShare
+// times its share in memory before it pages (what it holds is on its way out); one
+// without pages past its share.
+func TestQueueWithConsumersPagesLater(t *testing.T) {
+	t.Parallel()
+	const share = 8 << 10
+	b := startDurable(t, Config{PageOutBytes: share})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	for _, q := range []string{"consumed", "idle"} {
+		declareTransientQueue(t, ch, q)
+	}
+	cons := openChannel(t, conn)
+	cons.Qos(1, 0, false) // takes one message and holds it: the rest wait in the queue
+	msgs, err := cons.Consume("consumed", "", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := newConfirmChannel(t, conn)
+	body := make([]byte, 1024)
+	const n = 100 // about 130 KiB of memCost: over the share, under consumedShare times it
+	for range n {
+		pub.publish("", "consumed", false, amqp091.Publishing{Body: body})
+		pub.publish("", "idle", false, amqp091.Publishing{Body: body})
+	}
+	pub.wait()
+	takeDelivery(t, msgs)
+	if paged, ready, _ := queuePaged(b.srv, "/", "consumed"); paged != 0 || ready != n-1 {
+		t.Fatalf("the consumed queue: %d paged of %d ready, want none paged", paged, ready)
+	}
+	if paged, _, ram := queuePaged(b.srv, "/", "idle"); paged == 0 || ram > share {
+		t.Fatalf("the idle queue: %d paged, %d octets in memory; want paging past %d", paged, ram, share)
+	}
+}
