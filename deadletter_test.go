@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -611,4 +612,24 @@ func TestDeadLetterUnreadablePagedMessageReleasedOnce(t *testing.T) {
 		}
 		got = append(got, string(d.Body))
 	}
+}
+
+// TestDeadLetterDeclarePermissions: as in RabbitMQ, declaring a queue with a dead-letter
+// exchange needs read on the queue and write on the exchange, besides configure.
+func TestDeadLetterDeclarePermissions(t *testing.T) {
+	t.Parallel()
+	path := secDefsFile(t, func(d *Definitions) error {
+		return errors.Join(d.AddUser("dlu", "p"), d.SetPermissions("dlu", "/", ".*", "^dlx-ok$", "^(qa|qc)$"))
+	})
+	addr := secServe(t, Config{Definitions: path}, false).Addr().String()
+	c := secConnect(t, addr, "dlu", "p", "/")
+	declare := func(queue, dlx string) func(ch *amqp091.Channel) error {
+		return func(ch *amqp091.Channel) error {
+			_, err := ch.QueueDeclare(queue, false, false, false, false, amqp091.Table{"x-dead-letter-exchange": dlx})
+			return err
+		}
+	}
+	secAllowed(t, "read on the queue, write on the exchange", secTry(t, c, declare("qa", "dlx-ok")))
+	secRefused(t, "no read on the queue", secTry(t, c, declare("qb", "dlx-ok")), 403, secDenied("queue", "qb", "/", "dlu"))
+	secRefused(t, "no write on the exchange", secTry(t, c, declare("qc", "dlx-no")), 403, secDenied("exchange", "dlx-no", "/", "dlu"))
 }

@@ -640,7 +640,7 @@ func (ch *channel) checkAlternate(name string, args table) error {
 	}
 	ae, ok := v.(string)
 	if !ok {
-		return preconditionFailed("invalid type '" + fieldTypeName(v) + "' for arg 'alternate-exchange' in " +
+		return preconditionFailed("invalid type '" + fieldType(v) + "' for arg 'alternate-exchange' in " +
 			describeExchange(name, ch.vh().name))
 	}
 	if err := ch.allowed(permRead, resExchange, name); err != nil {
@@ -663,46 +663,7 @@ func argText(v any) string {
 	if n, ok := intValue(v); ok {
 		return strconv.FormatInt(n, 10)
 	}
-	return fieldTypeName(v)
-}
-
-// fieldTypeName is RabbitMQ's name for the type of a field value.
-func fieldTypeName(v any) string {
-	switch v.(type) {
-	case bool:
-		return "bool"
-	case int8:
-		return "byte"
-	case uint8:
-		return "unsignedbyte"
-	case int16:
-		return "short"
-	case uint16:
-		return "unsignedshort"
-	case int32:
-		return "signedint"
-	case uint32:
-		return "unsignedint"
-	case int64:
-		return "long"
-	case float32:
-		return "float"
-	case float64:
-		return "double"
-	case decimal:
-		return "decimal"
-	case string:
-		return "longstr"
-	case []byte:
-		return "binary"
-	case []any:
-		return "array"
-	case timestamp:
-		return "timestamp"
-	case table:
-		return "table"
-	}
-	return "void"
+	return fieldType(v)
 }
 
 // argEqual compares two argument values as RabbitMQ does when checking equivalence:

@@ -1093,6 +1093,17 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			vh.mu.Unlock()
 			return preconditionFailed("invalid arg '" + arg + "' for " + describeQueue(name, vh.name) + ": " + err.Error())
 		}
+		if dead != nil {
+			// As in RabbitMQ: dead-lettering reads the queue and writes the exchange.
+			if err := ch.allowed(permRead, resQueue, name); err != nil {
+				vh.mu.Unlock()
+				return err
+			}
+			if err := ch.allowed(permWrite, resExchange, dead.exchange); err != nil {
+				vh.mu.Unlock()
+				return err
+			}
+		}
 		single, err := queueSingleActive(m.Arguments)
 		if err != nil {
 			vh.mu.Unlock()
