@@ -372,6 +372,7 @@ func (st *store) logDeadLetter(src *queue, old, nm *message, targets []*queue) {
 	st.nextMsgID++
 	b := binary.BigEndian.AppendUint64(nil, srcID)
 	b = binary.BigEndian.AppendUint64(b, oldID)
+	b = binary.BigEndian.AppendUint64(b, uint64(time.Now().UnixMilli()))
 	b = nm.appendPublishRecord(b, qids)
 	_, pos, err := st.w.appendKeep(recDeadLetter, b, len(b)-int(nm.size))
 	if err != nil {

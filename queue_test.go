@@ -1186,3 +1186,37 @@ func TestQueueExpiresRedeclareRaceKeepsQueue(t *testing.T) {
 		t.Fatal("the queue was deleted right after a redeclare renewed its lease (declare-ok already on its way)")
 	}
 }
+
+// TestMessageTTLRunsOnAcrossRestart: a persistent message's time to live counts from its
+// publish, not from the last start: one that expired while the broker was down is gone at
+// once after the restart, by x-message-ttl and by expiration alike, and one with time left
+// is still there.
+func TestMessageTTLRunsOnAcrossRestart(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	for _, q := range []struct {
+		name string
+		args amqp091.Table
+	}{{"queue-ttl", amqp091.Table{"x-message-ttl": int32(300)}}, {"message-ttl", nil}, {"time-left", amqp091.Table{"x-message-ttl": int32(60_000)}}} {
+		if _, err := ch.QueueDeclare(q.name, true, false, false, false, q.args); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pub := newConfirmChannel(t, conn)
+	pub.publish("", "queue-ttl", false, amqp091.Publishing{DeliveryMode: 2, Body: []byte("a")})
+	pub.publish("", "message-ttl", false, amqp091.Publishing{DeliveryMode: 2, Body: []byte("b"), Expiration: "300"})
+	pub.publish("", "time-left", false, amqp091.Publishing{DeliveryMode: 2, Body: []byte("c")})
+	pub.wait()
+	conn.Close()
+	b.stop()
+	time.Sleep(400 * time.Millisecond) // the broker is down while the first two expire
+	b = startDurable(t, Config{DataDir: b.dir})
+	ch = openChannel(t, dial(t, b.url))
+	for q, want := range map[string]int{"queue-ttl": 0, "message-ttl": 0, "time-left": 1} {
+		if n := queueReady(t, ch, q); n != want {
+			t.Errorf("%s holds %d messages right after the restart, want %d", q, n, want)
+		}
+	}
+}

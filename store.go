@@ -31,8 +31,13 @@ import (
 //	7 publish           msg id u64, n u16, n × queue id u64, exchange shortstr, key-len u8,
 //	                    props-len u32, data (routing key | properties | body)
 //	8 ack               queue id u64, n u32, n × msg id u64 (ack, reject, purge, no-ack)
-//	9 dead-letter       source queue id u64, msg id u64 (settled there; 0, 0: none), then
-//	                    a publish record's payload (the message as dead-lettered)
+//	9 dead-letter       source queue id u64, msg id u64 (settled there; 0, 0: none), time
+//	                    u64, then a publish record's payload (the message as dead-lettered)
+//	10 publish at       time u64, then a publish record's payload
+//
+// A time is Unix milliseconds: when the message was published (or dead-lettered), so that
+// its time to live runs on across a restart. Records of type 7 (written before there was
+// a time) restart theirs.
 //
 // The checkpoint's payload is the next queue id and message id (u64 each) and the durable
 // topology as a sequence of records 1, 3 and 5, each as type u8, len u32, payload.
@@ -51,17 +56,51 @@ const (
 	recPublish         = 7
 	recAck             = 8
 	recDeadLetter      = 9
+	recPublishAt       = 10
 )
 
-// publishPart returns the publish payload a publish or dead-letter record holds.
+// publishPart returns the publish payload a publish, publish-at or dead-letter record holds.
 func publishPart(typ uint8, payload []byte) ([]byte, bool) {
 	switch {
 	case typ == recPublish:
 		return payload, true
-	case typ == recDeadLetter && len(payload) >= 16:
-		return payload[16:], true
+	case typ == recPublishAt && len(payload) >= 8:
+		return payload[8:], true
+	case typ == recDeadLetter && len(payload) >= 24:
+		return payload[24:], true
 	}
 	return nil, false
+}
+
+// publishTime returns when the message of a publish-at or dead-letter record was published,
+// in Unix milliseconds.
+func publishTime(typ uint8, payload []byte) (int64, bool) {
+	switch {
+	case typ == recPublishAt && len(payload) >= 8:
+		return int64(binary.BigEndian.Uint64(payload)), true
+	case typ == recDeadLetter && len(payload) >= 24:
+		return int64(binary.BigEndian.Uint64(payload[16:])), true
+	}
+	return 0, false
+}
+
+// copyRecord appends the payload of a copy of a publish-kind record for queues qids, with
+// its publish time, and returns the copy's type.
+func copyRecord(b []byte, typ uint8, payload []byte, qids []uint64) (uint8, []byte) {
+	pub, _ := publishPart(typ, payload)
+	if at, ok := publishTime(typ, payload); ok {
+		b = binary.BigEndian.AppendUint64(b, uint64(at))
+		return recPublishAt, reencodePublish(b, pub, qids)
+	}
+	return recPublish, reencodePublish(b, pub, qids)
+}
+
+// recordKeep is how much of a publish-kind record's payload the segment index keeps: all
+// but the body.
+func recordKeep(typ uint8, payload []byte) int {
+	pub, _ := publishPart(typ, payload)
+	p, _ := splitPublishRecord(pub, len(pub))
+	return len(payload) - int(p.body)
 }
 
 // store is the broker's side of the write-ahead log.
@@ -219,27 +258,33 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	}
 	queues := make(map[uint64]*replayQueue) // queue id → its messages so far
 	deleted := make(map[uint64]bool)        // queue ids deleted
+	qttl := make(map[uint64]ttl)            // queue id → its x-message-ttl, for exact expiry
+	for _, r := range rec.topology {
+		if r.typ == recQueueDeclare {
+			noteQueueTTL(qttl, r.payload)
+		}
+	}
 	err = st.w.replay(repair, func(pos walPos, typ uint8, payload []byte, size int64) error {
 		switch typ {
-		case recPublish, recDeadLetter:
-			total := int(size) - walRecordOverhead
-			if typ == recDeadLetter {
-				if len(payload) < 16 {
-					return errors.New("bad dead-letter record")
-				}
+		case recPublish, recPublishAt, recDeadLetter:
+			if typ == recDeadLetter && len(payload) >= 16 {
 				if rq := queues[binary.BigEndian.Uint64(payload)]; rq != nil {
 					rq.remove(binary.BigEndian.Uint64(payload[8:]))
 				}
-				payload, total = payload[16:], total-16
 			}
-			p, ok := splitPublishRecord(payload, total)
+			at, timed := publishTime(typ, payload)
+			pub, ok := publishPart(typ, payload)
+			if !ok {
+				return errors.New("bad publish record")
+			}
+			p, ok := splitPublishRecord(pub, int(size)-walRecordOverhead-(len(payload)-len(pub)))
 			if !ok {
 				return errors.New("bad publish record")
 			}
 			ref := diskRef{id: p.id, file: uint32(pos.seg), off: uint32(pos.off), size: uint32(size), body: p.body}
+			var mttl ttl
 			if s, err := scanProperties(p.props); err == nil {
-				t, _ := parseExpiration(s.expiration) // a refused value was never logged
-				ref.expires = int64(t)
+				mttl, _ = parseExpiration(s.expiration) // a refused value was never logged
 			}
 			for i := range p.n {
 				qid := binary.BigEndian.Uint64(p.qids[8*i:])
@@ -250,6 +295,12 @@ func (st *store) replay(repair bool) (*recovered, error) {
 				if rq == nil {
 					rq = &replayQueue{}
 					queues[qid] = rq
+				}
+				// A timed record's expiry is exact (Unix milliseconds); an untimed one keeps
+				// its message's ttl, negated, for restore to start at the restart.
+				ref.expires = -int64(mttl)
+				if timed {
+					ref.expires = expiresAtFrom(at, qttl[qid], mttl)
 				}
 				rq.put(ref)
 			}
@@ -274,6 +325,7 @@ func (st *store) replay(repair bool) (*recovered, error) {
 				rec.topology = append(rec.topology, walRecord{typ, bytes.Clone(payload)})
 			}
 		case recQueueDeclare:
+			noteQueueTTL(qttl, payload)
 			d := decoder{b: payload}
 			d.shortstr()
 			st.nextQID = max(st.nextQID, d.longlong()+1)
@@ -304,9 +356,23 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	return rec, nil
 }
 
+// noteQueueTTL records the x-message-ttl of a queue.declare record's queue.
+func noteQueueTTL(qttl map[uint64]ttl, payload []byte) {
+	d := decoder{b: payload}
+	d.shortstr()
+	id := d.longlong()
+	d.shortstr()
+	d.octet()
+	args := d.table()
+	if t, err := queueTTL(args); d.err == nil && err == nil && t != 0 {
+		qttl[id] = t
+	}
+}
+
 // replayQueue is one queue's messages as replay finds them: refs in id order, and the
 // copies compaction made of messages whose first record is gone (out of order) in late.
-// Until restore, a ref's expires holds its expiration property (a ttl).
+// A ref's expires is its exact expiry when its record has a publish time, else its
+// expiration property's ttl negated, for restore to start it again.
 type replayQueue struct {
 	refs refQueue
 	late map[uint64]diskRef
@@ -491,11 +557,12 @@ func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *cha
 	st.mu.Lock()
 	m.wal = &msgWAL{id: st.nextMsgID, refs: int32(len(qids)), queues: qids}
 	st.nextMsgID++
-	scratch = m.appendPublishRecord(scratch[:0], qids)
+	scratch = binary.BigEndian.AppendUint64(scratch[:0], uint64(time.Now().UnixMilli()))
+	scratch = m.appendPublishRecord(scratch, qids)
 	if ch != nil {
 		st.listenLocked(ch)
 	}
-	t, pos, err := st.w.appendKeep(recPublish, scratch, len(scratch)-int(m.size))
+	t, pos, err := st.w.appendKeep(recPublishAt, scratch, len(scratch)-int(m.size))
 	if err == nil {
 		m.wal.place(pos, int64(walRecordOverhead+len(scratch)))
 		s := st.segLocked(pos.seg)
@@ -812,11 +879,8 @@ func (st *store) relocate(seq uint64, old *segState) {
 	st.mu.Unlock()
 	for i, mw := range live {
 		typ, payload, err := st.w.readRecord(at[i])
-		if err == nil {
-			var ok bool
-			if payload, ok = publishPart(typ, payload); !ok {
-				err = errors.New("another record where a message should be")
-			}
+		if _, ok := publishPart(typ, payload); err == nil && !ok {
+			err = errors.New("another record where a message should be")
 		}
 		if err != nil {
 			st.log.Error("compaction cannot read back a message; its segment stays", "seg", seq, "err", err)
@@ -827,8 +891,9 @@ func (st *store) relocate(seq uint64, old *segState) {
 			st.mu.Unlock()
 			continue // settled or paged meanwhile
 		}
-		buf = reencodePublish(buf[:0], payload, mw.queues)
-		t, pos, err := st.w.appendKeep(recPublish, buf, publishKeep(buf))
+		var ct uint8
+		ct, buf = copyRecord(buf[:0], typ, payload, mw.queues)
+		t, pos, err := st.w.appendKeep(ct, buf, recordKeep(ct, buf))
 		if err != nil {
 			st.mu.Unlock()
 			return
@@ -875,14 +940,15 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 		return buf, true
 	}
 	recs := make([][]byte, len(moves))
+	types := make([]uint8, len(moves))
 	var ra readAhead
 	for i, mv := range moves {
-		payload, err := st.readRefRecord(&mv.ref, &ra, relocateWindow)
+		typ, payload, err := st.readRefRecord(&mv.ref, &ra, relocateWindow)
 		if err != nil {
 			st.log.Error("compaction cannot read back a message; its segment stays", "seg", seq, "err", err)
 			return buf, false
 		}
-		recs[i] = payload
+		recs[i], types[i] = payload, typ
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -897,8 +963,9 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 		if r != mv.ref {
 			continue // settled meanwhile, and another ref took its place
 		}
-		buf = reencodePublish(buf[:0], recs[k], []uint64{q.walID})
-		t, pos, err := st.w.appendKeep(recPublish, buf, publishKeep(buf))
+		var ct uint8
+		ct, buf = copyRecord(buf[:0], types[k], recs[k], []uint64{q.walID})
+		t, pos, err := st.w.appendKeep(ct, buf, recordKeep(ct, buf))
 		if err != nil {
 			return buf, false
 		}
@@ -910,13 +977,6 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 		old.relocated = max(old.relocated, t)
 	}
 	return buf, true
-}
-
-// publishKeep is how much of a publish record's payload the segment index keeps: all but
-// the body.
-func publishKeep(payload []byte) int {
-	p, _ := splitPublishRecord(payload, len(payload))
-	return len(payload) - int(p.body)
 }
 
 // relocateWindow is how much compaction reads of a segment at once.
@@ -957,42 +1017,42 @@ func (ra *readAhead) window(spill bool, seg, off uint64, size int64) []byte {
 // way to the file (with the disk full, perhaps for long). The delivery waits for a batch.
 var errNotWritten = errors.New("amqp: the message's log record is not written yet")
 
-// readRefRecord returns the payload of a paged message's publish record, through ra: from
+// readRefRecord returns the type and payload of a paged message's record, through ra: from
 // the window when it holds the record, else by reading a new window of at least window
 // octets that starts there. A window read while later records were being written may
 // hold them only in part: their CRC tells, and a fresh read follows.
-func (st *store) readRefRecord(r *diskRef, ra *readAhead, window int) ([]byte, error) {
+func (st *store) readRefRecord(r *diskRef, ra *readAhead, window int) (uint8, []byte, error) {
 	pos := walPos{uint64(r.file), uint64(r.offset())}
-	if p, ok := publishPayload(ra.window(false, pos.seg, pos.off, int64(r.size)), r.id); ok {
-		return p, nil
+	if typ, p, ok := messageRecord(ra.window(false, pos.seg, pos.off, int64(r.size)), r.id); ok {
+		return typ, p, nil
 	}
 	buf := make([]byte, max(int(r.size), window))
 	n, err := st.w.readAt(pos, buf)
 	if n >= int(r.size) {
 		*ra = readAhead{seg: pos.seg, off: pos.off, buf: buf[:n]}
-		if p, ok := publishPayload(buf[:r.size], r.id); ok {
-			return p, nil
+		if typ, p, ok := messageRecord(buf[:r.size], r.id); ok {
+			return typ, p, nil
 		}
 		err = errors.New("amqp: the log holds another record where a message should be")
 	}
 	if err == nil {
 		err = io.ErrUnexpectedEOF
 	}
-	return nil, err
+	return 0, nil, err
 }
 
-// publishPayload returns the publish payload of rec when it is one whole publish (or
-// dead-letter) record of message id.
-func publishPayload(rec []byte, id uint64) ([]byte, bool) {
+// messageRecord returns the type and payload of rec when it is one whole publish-kind
+// record of message id.
+func messageRecord(rec []byte, id uint64) (uint8, []byte, bool) {
 	typ, payload, n, ok := parseRecord(rec)
 	if !ok || n != len(rec) {
-		return nil, false
+		return 0, nil, false
 	}
-	payload, ok = publishPart(typ, payload)
-	if !ok || len(payload) < 8 || binary.BigEndian.Uint64(payload) != id {
-		return nil, false
+	pub, ok := publishPart(typ, payload)
+	if !ok || len(pub) < 8 || binary.BigEndian.Uint64(pub) != id {
+		return 0, nil, false
 	}
-	return payload, true
+	return typ, payload, true
 }
 
 // readRef reads a paged message of the log back into memory through ra: errNotWritten
@@ -1000,14 +1060,15 @@ func publishPayload(rec []byte, id uint64) ([]byte, bool) {
 // written), any other error when it was and cannot be read.
 func (st *store) readRef(r *diskRef, ra *readAhead) (*message, error) {
 	written := st.w.isWritten(walPos{uint64(r.file), uint64(r.offset())}, int64(r.size))
-	payload, err := st.readRefRecord(r, ra, readAheadWindow)
+	typ, payload, err := st.readRefRecord(r, ra, readAheadWindow)
 	if err != nil {
 		if !written {
 			return nil, errNotWritten
 		}
 		return nil, err
 	}
-	p, ok := splitPublishRecord(payload, len(payload))
+	pub, _ := publishPart(typ, payload)
+	p, ok := splitPublishRecord(pub, len(pub))
 	var m *message
 	if ok {
 		m, ok = decodeMessageRecord(p.rest)
@@ -1231,13 +1292,15 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			st.mu.Unlock()
 			continue
 		}
-		// Every recovered message stays on disk until its turn comes; a time to live
-		// starts again at the restart: the log keeps no clock.
+		// Every recovered message stays on disk until its turn comes. A message's time to
+		// live runs on from its publish time, or starts again for one logged without.
 		q.mu.Lock()
 		refs.each(func(i int, r diskRef) {
 			r.off |= refRedelivered
-			if t := ttl(r.expires); t != 0 || q.ttl != 0 {
-				r.expires = expiresAtFrom(now, q.ttl, t)
+			if r.expires <= 0 { // not exact: the message's ttl, negated; it starts again now
+				if t := ttl(-r.expires); t != 0 || q.ttl != 0 {
+					r.expires = expiresAtFrom(now, q.ttl, t)
+				}
 			}
 			refs.set(i, r)
 			q.readyBytes += int64(r.body)

@@ -848,3 +848,33 @@ func TestWALReplayUnionOfCopies(t *testing.T) {
 	checkRecovered(t, rec, q3.walID, without(0))
 	checkRecovered(t, rec, q4.walID, msgs)
 }
+
+// TestCopyRecordKeepsPublishTime: compaction's copy of a record with a publish time (a
+// publish-at or a dead-letter record) keeps that time and names only the new queues; a
+// copy of an untimed publish stays untimed.
+func TestCopyRecordKeepsPublishTime(t *testing.T) {
+	m := walTestMessage(3, "x", "k", 20)
+	m.wal = &msgWAL{id: 42}
+	pub := m.appendPublishRecord(nil, []uint64{1, 2})
+	at := binary.BigEndian.AppendUint64(nil, 1_700_000_000_123)
+	dead := append(binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, 5), 41), at...)
+	for _, c := range []struct {
+		typ     uint8
+		payload []byte
+		timed   bool
+	}{{recPublish, pub, false}, {recPublishAt, append(slices.Clone(at), pub...), true}, {recDeadLetter, append(slices.Clone(dead), pub...), true}} {
+		typ, b := copyRecord(nil, c.typ, c.payload, []uint64{9})
+		when, timed := publishTime(typ, b)
+		if timed != c.timed || timed && when != 1_700_000_000_123 {
+			t.Errorf("copy of type %d: type %d, time %d %v; want the time kept: %v", c.typ, typ, when, timed, c.timed)
+		}
+		p, ok := publishPart(typ, b)
+		sp, ok2 := splitPublishRecord(p, len(p))
+		if !ok || !ok2 || sp.id != 42 || sp.n != 1 || binary.BigEndian.Uint64(sp.qids) != 9 {
+			t.Errorf("copy of type %d: id %d, %d queues, want message 42 for queue 9 alone", c.typ, sp.id, sp.n)
+		}
+		if keep := recordKeep(typ, b); keep != len(b)-20 {
+			t.Errorf("copy of type %d: index keeps %d octets, want all but the 20-octet body (%d)", c.typ, keep, len(b)-20)
+		}
+	}
+}
