@@ -388,3 +388,129 @@ func (st *store) logDeadLetter(src *queue, old, nm *message, targets []*queue) {
 		st.unrefLocked(old, src.walID)
 	}
 }
+
+// Redrive moves the messages of a dead-letter queue back to where they first died: each is
+// published again, headers and all, to the exchange of its first x-death entry with that
+// entry's routing keys, oldest first. A message leaves the queue only once it is routed (in
+// one log record with its new place when it is persistent); Redrive stops at the first one
+// it cannot place: one without x-death, or that routes nowhere, which stays first in the
+// queue. It returns how many messages moved.
+func (s *Server) Redrive(vhost, queue string) (int, error) {
+	vh := s.vhost(vhost)
+	if vh == nil {
+		return 0, errors.New("amqp: no vhost '" + vhost + "'")
+	}
+	vh.mu.RLock()
+	q := vh.queues[queue]
+	vh.mu.RUnlock()
+	if q == nil {
+		return 0, errors.New("amqp: no queue '" + queue + "' in vhost '" + vhost + "'")
+	}
+	for moved := 0; ; moved++ {
+		e, ok, err := q.peekForRedrive()
+		if err != nil || !ok {
+			return moved, err
+		}
+		nm, targets, err := vh.routeFirstDeath(e.msg)
+		if err != nil {
+			return moved, err
+		}
+		q.mu.Lock()
+		if q.messageCountLocked() == 0 || q.peekLocked().seq != e.seq {
+			q.mu.Unlock()
+			moved--
+			continue // a consumer took it meanwhile
+		}
+		q.popLocked()
+		q.mu.Unlock()
+		if vh.store != nil {
+			vh.store.logDeadLetter(q, e.msg, nm, targets) // settled here, published there
+		}
+		for _, tq := range targets {
+			tq.enqueue(nm)
+		}
+	}
+}
+
+// peekForRedrive returns the queue's next ready message, read back into memory if it is
+// paged; ok is false when there is none.
+func (q *queue) peekForRedrive() (qentry, bool, error) {
+	for try := 0; ; try++ {
+		q.mu.Lock()
+		q.expireLocked()
+		if q.messageCountLocked() == 0 {
+			q.mu.Unlock()
+			return qentry{}, false, nil
+		}
+		notYet, err := q.fillLocked()
+		if !notYet && err == nil {
+			e := q.peekLocked()
+			q.mu.Unlock()
+			return e, true, nil
+		}
+		q.mu.Unlock()
+		if err != nil {
+			return qentry{}, false, err
+		}
+		if try == 3 {
+			return qentry{}, false, errNotWritten
+		}
+		if serr := q.vh.store.sync(); serr != nil {
+			return qentry{}, false, serr
+		}
+	}
+}
+
+// routeFirstDeath builds the copy of m to publish again where it first died, and finds its
+// queues: the first x-death entry's exchange, routed by each of its routing keys.
+func (vh *vhost) routeFirstDeath(m *message) (*message, []*queue, error) {
+	h := m.headers()
+	deaths, _ := h["x-death"].([]any)
+	var first table
+	for _, v := range deaths {
+		if e, ok := v.(table); ok && e["queue"] == h["x-first-death-queue"] && e["reason"] == h["x-first-death-reason"] {
+			first = e
+		}
+	}
+	exchange, ok := first["exchange"].(string)
+	keys, _ := first["routing-keys"].([]any)
+	if !ok || len(keys) == 0 {
+		return nil, nil, errors.New("amqp: a message without a first death to go back to")
+	}
+	key, _ := keys[0].(string)
+	props := m.props()
+	data := append(append(append(make([]byte, 0, len(key)+len(props)+int(m.size)), key...), props...), m.body()...)
+	nm := &message{exchange: exchange, data: data, keyLen: uint8(len(key)), propsLen: uint32(len(props)),
+		size: m.size, publisher: m.publisher, persistent: m.persistent, priority: m.priority}
+	if s, err := scanProperties(props); err == nil {
+		nm.persistent, nm.priority = s.deliveryMode == 2, s.priority
+	}
+	var targets []*queue
+	vh.mu.RLock()
+	x := vh.exchanges[exchange]
+	for _, k := range keys {
+		k, _ := k.(string)
+		var rs routeSet // one per key: a route set routes through each exchange once
+		switch {
+		case x == nil:
+		case x.name == "":
+			if tq := vh.queues[k]; tq != nil {
+				rs.queues = append(rs.queues, tq)
+			}
+		default:
+			probe := *nm
+			probe.data, probe.keyLen = append([]byte(k), props...), uint8(len(k))
+			vh.routeLocked(x, &probe, &rs)
+		}
+		for _, tq := range rs.queues {
+			if !slices.Contains(targets, tq) {
+				targets = append(targets, tq)
+			}
+		}
+	}
+	vh.mu.RUnlock()
+	if len(targets) == 0 {
+		return nil, nil, errors.New("amqp: the message's first death exchange '" + exchange + "' routes it nowhere")
+	}
+	return nm, targets, nil
+}

@@ -633,3 +633,96 @@ func TestDeadLetterDeclarePermissions(t *testing.T) {
 	secRefused(t, "no read on the queue", secTry(t, c, declare("qb", "dlx-ok")), 403, secDenied("queue", "qb", "/", "dlu"))
 	secRefused(t, "no write on the exchange", secTry(t, c, declare("qc", "dlx-no")), 403, secDenied("exchange", "dlx-no", "/", "dlu"))
 }
+
+// TestRedrive: Server.Redrive publishes a dead-letter queue's messages again where they
+// first died, in order, with their x-death headers; persistent messages moved are in
+// their new queue only after a crash.
+func TestRedrive(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	if err := ch.ExchangeDeclare("dlx", "fanout", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare("jobs", "direct", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []struct {
+		name string
+		args amqp091.Table
+	}{{"dlq", nil}, {"work", amqp091.Table{"x-dead-letter-exchange": "dlx"}}} {
+		if _, err := ch.QueueDeclare(q.name, true, false, false, false, q.args); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ch.QueueBind("dlq", "", "dlx", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind("work", "job", "jobs", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	pub := newConfirmChannel(t, conn)
+	for i := range 5 {
+		pub.publish("jobs", "job", false, amqp091.Publishing{DeliveryMode: 2, Body: []byte{byte('0' + i)}})
+	}
+	pub.wait()
+	for range 5 {
+		d, ok, err := ch.Get("work", false)
+		if err != nil || !ok {
+			t.Fatalf("get: %v %v", ok, err)
+		}
+		d.Reject(false)
+	}
+	pollFor(t, "the dead-letter queue to hold all five", func() bool { b.srv.dead.wait(); return queueReady(t, ch, "dlq") == 5 })
+
+	if n, err := b.srv.Redrive("/", "dlq"); n != 5 || err != nil {
+		t.Fatalf("Redrive: %d moved, %v; want 5", n, err)
+	}
+	if n := queueReady(t, ch, "dlq"); n != 0 {
+		t.Fatalf("%d messages left in the dead-letter queue, want 0", n)
+	}
+	b2 := b.restart("crash", Config{})
+	ch2 := openChannel(t, dial(t, b2.url))
+	if n := queueReady(t, ch2, "dlq"); n != 0 {
+		t.Fatalf("after a crash the dead-letter queue holds %d, want 0", n)
+	}
+	got := getAll(t, ch2, "work")
+	if len(got) != 5 {
+		t.Fatalf("after a crash work holds %d messages, want 5", len(got))
+	}
+	for i, d := range got {
+		if d.Body[0] != byte('0'+i) || d.Exchange != "jobs" || d.RoutingKey != "job" {
+			t.Fatalf("message %d: body %q via %q/%q, want %d via jobs/job", i, d.Body, d.Exchange, d.RoutingKey, i)
+		}
+		checkDeath(t, deaths(t, d)[0], "work", "rejected", 1, "jobs")
+	}
+}
+
+// TestRedriveStopsAtUnroutable: a message whose first death's exchange no longer routes
+// it stays first in the dead-letter queue, and Redrive says why.
+func TestRedriveStopsAtUnroutable(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	dlxSetup(t, ch, false)
+	ch.Close()
+	ch = openChannel(t, dial(t, url))
+	if _, err := ch.QueueDeclare("gone", false, false, false, false, amqp091.Table{"x-dead-letter-exchange": "dlx", "x-message-ttl": int32(0)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.Publish("", "gone", false, false, amqp091.Publishing{Body: []byte("lost")}); err != nil {
+		t.Fatal(err)
+	}
+	pollFor(t, "the message to be dead-lettered", func() bool { srv.dead.wait(); return queueReady(t, ch, "dlq") == 1 })
+	if _, err := ch.QueueDelete("gone", false, false, false); err != nil {
+		t.Fatal(err)
+	}
+	n, err := srv.Redrive("/", "dlq")
+	if n != 0 || err == nil || !strings.Contains(err.Error(), "routes it nowhere") {
+		t.Fatalf("Redrive: %d moved, %v; want none moved and why", n, err)
+	}
+	if n := queueReady(t, ch, "dlq"); n != 1 {
+		t.Fatalf("the dead-letter queue holds %d, want the message still there", n)
+	}
+}
