@@ -395,16 +395,16 @@ func (st *store) logDeadLetter(src *queue, old, nm *message, targets []*queue) {
 // one log record with its new place when it is persistent); Redrive stops at the first one
 // it cannot place: one without x-death, or that routes nowhere, which stays first in the
 // queue. It returns how many messages moved.
-func (s *Server) Redrive(vhost, queue string) (int, error) {
+func (s *Server) Redrive(vhost, name string) (int, error) {
 	vh := s.vhost(vhost)
 	if vh == nil {
 		return 0, errors.New("amqp: no vhost '" + vhost + "'")
 	}
 	vh.mu.RLock()
-	q := vh.queues[queue]
+	q := vh.queues[name]
 	vh.mu.RUnlock()
 	if q == nil {
-		return 0, errors.New("amqp: no queue '" + queue + "' in vhost '" + vhost + "'")
+		return 0, errors.New("amqp: no queue '" + name + "' in vhost '" + vhost + "'")
 	}
 	for moved := 0; ; moved++ {
 		e, ok, err := q.peekForRedrive()
@@ -414,6 +414,11 @@ func (s *Server) Redrive(vhost, queue string) (int, error) {
 		nm, targets, err := vh.routeFirstDeath(e.msg)
 		if err != nil {
 			return moved, err
+		}
+		// Never back into the queue being drained: the redrive would take it again.
+		targets = slices.DeleteFunc(targets, func(tq *queue) bool { return tq == q })
+		if len(targets) == 0 {
+			return moved, errors.New("amqp: the message's first death routes it only back to '" + name + "'")
 		}
 		q.mu.Lock()
 		if q.messageCountLocked() == 0 || q.peekLocked().seq != e.seq {
