@@ -256,13 +256,7 @@ func isDeathCycle(queue string, deaths []any) bool {
 // each time, the expiration property moved into the entry, and the routing key replaced
 // by x-dead-letter-routing-key when there is one (which drops CC).
 func deadLetterMessage(m *message, queue, reason string, t *deadLetterTarget, now time.Time) *message {
-	var p properties
-	d := decoder{b: m.props()}
-	p.decode(&d)
-	h := make(table, len(p.Headers)+6)
-	for k, v := range p.Headers {
-		h[k] = v
-	}
+	p, h := m.propertiesToEdit(6)
 	keys := []any{string(m.routingKey())}
 	if cc, ok := h["CC"].([]any); ok {
 		for _, k := range cc {

@@ -852,22 +852,8 @@ func (q *queue) removeConsumer(c *consumer) (autoDelete bool) {
 // queueExpires reads x-expires from queue arguments: an integer of milliseconds from 1 to
 // maxTTL. The error text is RabbitMQ's.
 func queueExpires(args table) (int64, error) {
-	v, ok := args["x-expires"]
-	if !ok {
-		return 0, nil
-	}
-	n, ok := intValue(v)
-	switch {
-	case !ok:
-		return 0, errors.New("not an integer")
-	case n == 0:
-		return 0, errors.New("{value_zero,0}")
-	case n < 0:
-		return 0, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
-	case n > maxTTL:
-		return 0, errors.New("{value_too_large," + strconv.FormatInt(n, 10) + "}")
-	}
-	return n, nil
+	n, _, err := millisArg(args, "x-expires", false)
+	return n, err
 }
 
 // queueDeliveryLimit reads x-delivery-limit, a non-negative integer, and returns it plus
@@ -887,15 +873,22 @@ func queueDeliveryLimit(args table) (int64, error) {
 	return min(n, math.MaxUint32) + 1, nil
 }
 
-// withHeader returns a copy of m with one header set; the copy shares m's log place.
-func (m *message) withHeader(name string, v any) *message {
+// propertiesToEdit decodes m's properties and returns them with a copy of their headers
+// that has room for extra more.
+func (m *message) propertiesToEdit(extra int) (properties, table) {
 	var p properties
 	d := decoder{b: m.props()}
 	p.decode(&d)
-	h := make(table, len(p.Headers)+1)
+	h := make(table, len(p.Headers)+extra)
 	for k, v := range p.Headers {
 		h[k] = v
 	}
+	return p, h
+}
+
+// withHeader returns a copy of m with one header set; the copy shares m's log place.
+func (m *message) withHeader(name string, v any) *message {
+	p, h := m.propertiesToEdit(1)
 	h[name] = v
 	p.Headers = h
 	props := p.encode(nil)
@@ -1343,20 +1336,32 @@ const maxTTL = 1<<32 - 1
 // queueTTL reads x-message-ttl from queue arguments: an integer of milliseconds from 0 to
 // maxTTL. The error text is RabbitMQ's.
 func queueTTL(args table) (ttl, error) {
-	v, ok := args["x-message-ttl"]
-	if !ok {
-		return 0, nil
-	}
-	n, ok := intValue(v)
-	switch {
-	case !ok:
-		return 0, errors.New("not an integer")
-	case n < 0:
-		return 0, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
-	case n > maxTTL:
-		return 0, errors.New("{value_too_large," + strconv.FormatInt(n, 10) + "}")
+	n, ok, err := millisArg(args, "x-message-ttl", true)
+	if !ok || err != nil {
+		return 0, err
 	}
 	return newTTL(n), nil
+}
+
+// millisArg reads a queue argument of milliseconds, at most maxTTL (0 allowed when
+// zeroOK), as RabbitMQ checks x-message-ttl and x-expires; ok says it is present.
+func millisArg(args table, name string, zeroOK bool) (n int64, ok bool, err error) {
+	v, ok := args[name]
+	if !ok {
+		return 0, false, nil
+	}
+	n, isInt := intValue(v)
+	switch {
+	case !isInt:
+		return 0, true, errors.New("not an integer")
+	case n == 0 && !zeroOK:
+		return 0, true, errors.New("{value_zero,0}")
+	case n < 0:
+		return 0, true, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
+	case n > maxTTL:
+		return 0, true, errors.New("{value_too_large," + strconv.FormatInt(n, 10) + "}")
+	}
+	return n, true, nil
 }
 
 // parseExpiration reads the expiration property: milliseconds as a decimal string, as
