@@ -340,7 +340,7 @@ func (l queueLimits) full(n int, size int64) bool {
 }
 
 // parseQueueLimits reads x-max-length, x-max-length-bytes and x-overflow.
-func parseQueueLimits(args table) (queueLimits, error) {
+func parseQueueLimits(args table) (queueLimits, string, error) {
 	l := queueLimits{maxLen: -1, maxBytes: -1}
 	for _, a := range []struct {
 		name string
@@ -351,8 +351,11 @@ func parseQueueLimits(args table) (queueLimits, error) {
 			continue
 		}
 		n, ok := intValue(v)
-		if !ok || n < 0 {
-			return l, errors.New("invalid arg '" + a.name + "': not a non-negative integer")
+		if !ok {
+			return l, a.name, errors.New("{unacceptable_type," + fieldType(v) + "}")
+		}
+		if n < 0 {
+			return l, a.name, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
 		}
 		*a.dst = n
 		l.limited = true
@@ -362,9 +365,59 @@ func parseQueueLimits(args table) (queueLimits, error) {
 	case "reject-publish", "reject-publish-dlx":
 		l.rejectPublish, l.dlx = true, v == "reject-publish-dlx"
 	default:
-		return l, errors.New("invalid arg 'x-overflow': want drop-head, reject-publish or reject-publish-dlx")
+		return l, "x-overflow", errors.New("invalid_overflow")
 	}
-	return l, nil
+	return l, "", nil
+}
+
+// queueArgs are what a queue's x-arguments make of it.
+type queueArgs struct {
+	ttl           ttl
+	limits        queueLimits
+	expires       int64
+	deliveryLimit int64
+	dead          *deadLetterTarget
+	single        bool
+	priorities    bool
+	maxPriority   uint8
+}
+
+// parseQueueArgs reads a queue's x-arguments. The first wrong one is named in bad, with
+// RabbitMQ's reason, for "invalid arg 'bad' for queue ...: reason"; the others are read
+// all the same (recovery uses what it can of arguments an older version accepted).
+func parseQueueArgs(args table) (qa queueArgs, bad string, err error) {
+	note := func(name string, e error) {
+		if e != nil && err == nil {
+			bad, err = name, e
+		}
+	}
+	var e error
+	var name string
+	qa.ttl, e = queueTTL(args)
+	note("x-message-ttl", e)
+	qa.limits, name, e = parseQueueLimits(args)
+	note(name, e)
+	qa.expires, e = queueExpires(args)
+	note("x-expires", e)
+	qa.deliveryLimit, e = queueDeliveryLimit(args)
+	note("x-delivery-limit", e)
+	qa.dead, name, e = parseDeadLetter(args)
+	note(name, e)
+	qa.single, e = queueSingleActive(args)
+	note("x-single-active-consumer", e)
+	qa.maxPriority, qa.priorities, e = queueMaxPriority(args)
+	note("x-max-priority", e)
+	return qa, bad, err
+}
+
+// newQueue makes a queue of vh with these arguments, not yet in vh.
+func newQueue(name string, vh *vhost, durable, autoDelete bool, args table, qa queueArgs) *queue {
+	q := &queue{name: name, vh: vh, durable: durable, autoDelete: autoDelete, args: args, ttl: qa.ttl, limits: qa.limits,
+		expires: qa.expires, dead: qa.dead, deliveryLimit: qa.deliveryLimit, single: qa.single}
+	if qa.priorities {
+		q.ready = newPriorityReady(qa.maxPriority)
+	}
+	return q
 }
 
 // ttl is a time to live in milliseconds, kept plus one so that the zero value means none.
@@ -1061,56 +1114,24 @@ func (ch *channel) queueDeclare(d *decoder) error {
 		return preconditionFailed("cannot declare queue '" + name + "': queue limit in vhost '" + vh.name + "' (" + strconv.Itoa(limit) + ") is reached")
 	}
 	if created {
-		qttl, err := queueTTL(m.Arguments)
+		qa, bad, err := parseQueueArgs(m.Arguments)
 		if err != nil {
 			vh.mu.Unlock()
-			return preconditionFailed("invalid arg 'x-message-ttl' for " + describeQueue(name, vh.name) + ": " + err.Error())
+			return preconditionFailed("invalid arg '" + bad + "' for " + describeQueue(name, vh.name) + ": " + err.Error())
 		}
-		limits, err := parseQueueLimits(m.Arguments)
-		if err != nil {
-			vh.mu.Unlock()
-			return preconditionFailed(err.Error() + " for " + describeQueue(name, vh.name))
-		}
-		expires, err := queueExpires(m.Arguments)
-		if err != nil {
-			vh.mu.Unlock()
-			return preconditionFailed("invalid arg 'x-expires' for " + describeQueue(name, vh.name) + ": " + err.Error())
-		}
-		limit, err := queueDeliveryLimit(m.Arguments)
-		if err != nil {
-			vh.mu.Unlock()
-			return preconditionFailed("invalid arg 'x-delivery-limit' for " + describeQueue(name, vh.name) + ": " + err.Error())
-		}
-		dead, arg, err := parseDeadLetter(m.Arguments)
-		if err != nil {
-			vh.mu.Unlock()
-			return preconditionFailed("invalid arg '" + arg + "' for " + describeQueue(name, vh.name) + ": " + err.Error())
-		}
-		if dead != nil {
+		if qa.dead != nil {
 			// As in RabbitMQ: dead-lettering reads the queue and writes the exchange.
 			if err := ch.allowed(permRead, resQueue, name); err != nil {
 				vh.mu.Unlock()
 				return err
 			}
-			if err := ch.allowed(permWrite, resExchange, dead.exchange); err != nil {
+			if err := ch.allowed(permWrite, resExchange, qa.dead.exchange); err != nil {
 				vh.mu.Unlock()
 				return err
 			}
 		}
-		single, err := queueSingleActive(m.Arguments)
-		if err != nil {
-			vh.mu.Unlock()
-			return preconditionFailed("invalid arg 'x-single-active-consumer' for " + describeQueue(name, vh.name) + ": " + err.Error())
-		}
-		highest, prio, err := queueMaxPriority(m.Arguments)
-		if err != nil {
-			vh.mu.Unlock()
-			return preconditionFailed("invalid arg 'x-max-priority' for " + describeQueue(name, vh.name) + ": " + err.Error())
-		}
-		q = &queue{name: name, vh: vh, durable: m.Durable, exclusive: m.Exclusive, autoDelete: m.AutoDelete, args: m.Arguments, ttl: qttl, limits: limits, expires: expires, dead: dead, deliveryLimit: limit, single: single}
-		if prio {
-			q.ready = newPriorityReady(highest)
-		}
+		q = newQueue(name, vh, m.Durable, m.AutoDelete, m.Arguments, qa)
+		q.exclusive = m.Exclusive
 		if m.Exclusive {
 			q.owner = ch.c
 		}

@@ -828,9 +828,17 @@ func TestQueueMaxLength(t *testing.T) {
 		t.Fatalf("reject-publish kept %q, want 1 2", got)
 	}
 
-	for _, args := range []amqp091.Table{{"x-max-length": int32(-1)}, {"x-max-length-bytes": "big"}, {"x-overflow": "sometimes"}} {
-		if _, err := openChannel(t, c).QueueDeclare("bad-limits", false, false, false, false, args); amqpCode(err) != 406 {
-			t.Errorf("%v: %v, want 406", args, err)
+	for _, bad := range []struct {
+		args amqp091.Table
+		want string
+	}{
+		{amqp091.Table{"x-max-length": int32(-1)}, "invalid arg 'x-max-length' for queue 'bad-limits' in vhost '/': {value_negative,-1}"},
+		{amqp091.Table{"x-max-length-bytes": "big"}, "invalid arg 'x-max-length-bytes' for queue 'bad-limits' in vhost '/': {unacceptable_type,longstr}"},
+		{amqp091.Table{"x-overflow": "sometimes"}, "invalid arg 'x-overflow' for queue 'bad-limits' in vhost '/': invalid_overflow"},
+	} {
+		_, err := openChannel(t, c).QueueDeclare("bad-limits", false, false, false, false, bad.args)
+		if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || e.Reason != "PRECONDITION_FAILED - "+bad.want {
+			t.Errorf("%v: %v, want 406 %q", bad.args, err, bad.want)
 		}
 	}
 }

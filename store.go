@@ -1241,16 +1241,9 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			f := d.octet()
 			args := d.table()
 			if d.err == nil {
-				qttl, _ := queueTTL(args)
-				limits, _ := parseQueueLimits(args)
-				expires, _ := queueExpires(args)
-				dead, _, _ := parseDeadLetter(args)
-				limit, _ := queueDeliveryLimit(args)
-				single, _ := queueSingleActive(args)
-				q := &queue{name: name, vh: vh, durable: f&1 != 0, autoDelete: f&2 != 0, args: args, walID: id, ttl: qttl, limits: limits, expires: expires, dead: dead, deliveryLimit: limit, single: single}
-				if highest, ok, _ := queueMaxPriority(args); ok {
-					q.ready = newPriorityReady(highest)
-				}
+				qa, _, _ := parseQueueArgs(args) // checked at declare
+				q := newQueue(name, vh, f&1 != 0, f&2 != 0, args, qa)
+				q.walID = id
 				vh.queues[name] = q
 				queues[id] = q
 			}
