@@ -1374,7 +1374,7 @@ func millisArg(args table, name string, zeroOK bool) (n int64, ok bool, err erro
 	n, isInt := intValue(v)
 	switch {
 	case !isInt:
-		return 0, true, errors.New("not an integer")
+		return 0, true, errors.New("{unacceptable_type," + fieldType(v) + "}")
 	case n == 0 && !zeroOK:
 		return 0, true, errors.New("{value_zero,0}")
 	case n < 0:

@@ -947,7 +947,7 @@ func TestQueueExpiresArgument(t *testing.T) {
 	for _, bad := range []struct {
 		v   any
 		why string
-	}{{int32(0), "{value_zero,0}"}, {int64(-5), "{value_negative,-5}"}, {int64(maxTTL + 1), "{value_too_large,4294967296}"}, {"soon", "not an integer"}} {
+	}{{int32(0), "{value_zero,0}"}, {int64(-5), "{value_negative,-5}"}, {int64(maxTTL + 1), "{value_too_large,4294967296}"}, {"soon", "{unacceptable_type,longstr}"}} {
 		_, err := openChannel(t, c).QueueDeclare("exp", false, false, false, false, amqp091.Table{"x-expires": bad.v})
 		want := "PRECONDITION_FAILED - invalid arg 'x-expires' for queue 'exp' in vhost '/': " + bad.why
 		if e, ok := err.(*amqp091.Error); !ok || e.Code != 406 || e.Reason != want {
