@@ -1228,3 +1228,34 @@ func TestMessageTTLRunsOnAcrossRestart(t *testing.T) {
 		}
 	}
 }
+
+// TestPriorityQueueExpiresTheNextMessageOnly: in a priority queue, expiry looks at the
+// message that goes next, not at the oldest requeued one: an expired requeued message of
+// low priority does not make the higher one ahead of it go.
+func TestPriorityQueueExpiresTheNextMessageOnly(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	ch := openChannel(t, dial(t, url))
+	if _, err := ch.QueueDeclare("prio-ttl", false, false, false, false, amqp091.Table{"x-max-priority": int32(5)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.Publish("", "prio-ttl", false, false, amqp091.Publishing{Body: []byte("low"), Expiration: "50"}); err != nil {
+		t.Fatal(err)
+	}
+	low, ok, err := ch.Get("prio-ttl", false)
+	if err != nil || !ok {
+		t.Fatalf("get: %v %v", ok, err)
+	}
+	if err := ch.Publish("", "prio-ttl", false, false, amqp091.Publishing{Body: []byte("high"), Priority: 5}); err != nil {
+		t.Fatal(err)
+	}
+	low.Nack(false, true)             // requeued, behind the higher priority
+	time.Sleep(80 * time.Millisecond) // low expires
+	d, ok, err := ch.Get("prio-ttl", true)
+	if err != nil || !ok || string(d.Body) != "high" {
+		t.Fatalf("get after low expired: %q %v %v, want high", d.Body, ok, err)
+	}
+	if n := queueReady(t, ch, "prio-ttl"); n != 0 {
+		t.Fatalf("%d left, want the expired low one gone", n)
+	}
+}

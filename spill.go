@@ -12,7 +12,7 @@ import (
 )
 
 // Paging: a queue past its memory share keeps its newest ready messages wholly on disk and
-// holds only a diskRef for each, 32 octets with no pointers. A persistent message of a
+// holds only a diskRef for each, 24 octets with no pointers. A persistent message of a
 // durable queue is in the log already; a transient one is written to a paging file. The
 // front of the paged tail is read back into memory, a window at a time, when the messages
 // before it are gone.
@@ -500,11 +500,8 @@ func (q *queue) loadTailLocked() {
 // headExpiresLocked is when the next ready message expires (0: never). q must not be
 // empty, and q.mu must be held.
 func (q *queue) headExpiresLocked() int64 {
-	switch {
-	case len(q.requeued) > 0:
-		return q.requeued[0].expires
-	case q.ready.len() > 0:
-		return q.ready.front().expires
+	if q.ready.len() > 0 || len(q.requeued) > 0 {
+		return q.peekLocked().expires // the message popLocked takes next
 	}
 	return q.tail.front().expires
 }
