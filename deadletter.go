@@ -400,7 +400,7 @@ func (s *Server) Redrive(vhost, name string) (int, error) {
 	if q == nil {
 		return 0, errors.New("amqp: no queue '" + name + "' in vhost '" + vhost + "'")
 	}
-	for moved := 0; ; moved++ {
+	for moved := 0; ; {
 		e, ok, err := q.peekForRedrive()
 		if err != nil || !ok {
 			return moved, err
@@ -415,19 +415,22 @@ func (s *Server) Redrive(vhost, name string) (int, error) {
 			return moved, errors.New("amqp: the message's first death routes it only back to '" + name + "'")
 		}
 		q.mu.Lock()
-		if q.messageCountLocked() == 0 || q.peekLocked().seq != e.seq {
-			q.mu.Unlock()
-			moved--
-			continue // a consumer took it meanwhile
+		// In memory still (peeked), unless a consumer took it meanwhile.
+		still := q.ready.len()+len(q.requeued) > 0 && q.peekLocked().seq == e.seq
+		if still {
+			q.popLocked()
 		}
-		q.popLocked()
 		q.mu.Unlock()
+		if !still {
+			continue
+		}
 		if vh.store != nil {
 			vh.store.logDeadLetter(q, e.msg, nm, targets) // settled here, published there
 		}
 		for _, tq := range targets {
 			tq.enqueue(nm)
 		}
+		moved++
 	}
 }
 
@@ -480,8 +483,8 @@ func (vh *vhost) routeFirstDeath(m *message) (*message, []*queue, error) {
 	props := m.props()
 	data := append(append(append(make([]byte, 0, len(key)+len(props)+int(m.size)), key...), props...), m.body()...)
 	nm := &message{exchange: exchange, data: data, keyLen: uint8(len(key)), propsLen: uint32(len(props)),
-		size: m.size, publisher: m.publisher, persistent: m.persistent, priority: m.priority}
-	if s, err := scanProperties(props); err == nil {
+		size: m.size, publisher: m.publisher}
+	if s, err := scanProperties(props); err == nil { // read back, m does not know them
 		nm.persistent, nm.priority = s.deliveryMode == 2, s.priority
 	}
 	var targets []*queue
