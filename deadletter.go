@@ -349,12 +349,6 @@ func (st *store) logDeadLetter(src *queue, old, nm *message, targets []*queue) {
 		}
 		return
 	}
-	qids := make([]uint64, 0, len(targets))
-	for _, q := range targets {
-		if q.walID != 0 {
-			qids = append(qids, q.walID)
-		}
-	}
 	var srcID, oldID uint64
 	if srcLogged {
 		srcID, oldID = src.walID, old.wal.id
@@ -362,22 +356,14 @@ func (st *store) logDeadLetter(src *queue, old, nm *message, targets []*queue) {
 	st.w.waitRoom() // the worker waits for the log like a publisher
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	nm.wal = &msgWAL{id: st.nextMsgID, refs: int32(len(qids)), queues: qids}
-	st.nextMsgID++
 	b := binary.BigEndian.AppendUint64(nil, srcID)
 	b = binary.BigEndian.AppendUint64(b, oldID)
 	b = binary.BigEndian.AppendUint64(b, uint64(time.Now().UnixMilli()))
-	b = nm.appendPublishRecord(b, qids)
-	_, pos, err := st.w.appendKeep(recDeadLetter, b, len(b)-int(nm.size))
-	if err != nil {
-		nm.wal = nil // the message goes on in memory; the source's hold stays in the log
+	if _, _, err := st.logMessageLocked(recDeadLetter, nm, b, loggedIDs(targets)); err != nil {
+		// The message goes on in memory; the source's hold stays in the log.
 		st.log.Error("cannot log a dead-lettered message; it is not durable in its new queues", "err", err)
 		return
 	}
-	nm.wal.place(pos, int64(walRecordOverhead+len(b)))
-	s := st.segLocked(pos.seg)
-	s.live += int64(nm.wal.recLen) * int64(len(qids))
-	s.link(nm.wal)
 	if srcLogged {
 		st.unrefLocked(old, src.walID)
 	}

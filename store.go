@@ -548,31 +548,45 @@ func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *cha
 		return 0, scratch, errNoSpace
 	}
 	st.w.waitRoom()
+	qids := loggedIDs(queues)
+	st.mu.Lock()
+	if ch != nil {
+		st.listenLocked(ch)
+	}
+	scratch = binary.BigEndian.AppendUint64(scratch[:0], uint64(time.Now().UnixMilli()))
+	t, scratch, err := st.logMessageLocked(recPublishAt, m, scratch, qids)
+	st.mu.Unlock()
+	return t, scratch, err
+}
+
+// loggedIDs lists the ids of the durable queues among queues.
+func loggedIDs(queues []*queue) []uint64 {
 	qids := make([]uint64, 0, len(queues))
 	for _, q := range queues {
 		if q.walID != 0 {
 			qids = append(qids, q.walID)
 		}
 	}
-	st.mu.Lock()
+	return qids
+}
+
+// logMessageLocked gives m its id and its place in the log: one record of type typ, b (the
+// fields the type puts first) then m's publish payload for queues qids, each of which
+// holds it. On failure m has no place. st.mu must be held.
+func (st *store) logMessageLocked(typ uint8, m *message, b []byte, qids []uint64) (uint64, []byte, error) {
 	m.wal = &msgWAL{id: st.nextMsgID, refs: int32(len(qids)), queues: qids}
 	st.nextMsgID++
-	scratch = binary.BigEndian.AppendUint64(scratch[:0], uint64(time.Now().UnixMilli()))
-	scratch = m.appendPublishRecord(scratch, qids)
-	if ch != nil {
-		st.listenLocked(ch)
-	}
-	t, pos, err := st.w.appendKeep(recPublishAt, scratch, len(scratch)-int(m.size))
-	if err == nil {
-		m.wal.place(pos, int64(walRecordOverhead+len(scratch)))
-		s := st.segLocked(pos.seg)
-		s.live += int64(m.wal.recLen) * int64(len(qids))
-		s.link(m.wal)
-	} else {
+	b = m.appendPublishRecord(b, qids)
+	t, pos, err := st.w.appendKeep(typ, b, len(b)-int(m.size))
+	if err != nil {
 		m.wal = nil
+		return t, b, err
 	}
-	st.mu.Unlock()
-	return t, scratch, err
+	m.wal.place(pos, int64(walRecordOverhead+len(b)))
+	s := st.segLocked(pos.seg)
+	s.live += int64(m.wal.recLen) * int64(len(qids))
+	s.link(m.wal)
+	return t, b, nil
 }
 
 // settle records that queue q is done with these persistent messages it held in memory
