@@ -749,7 +749,7 @@ func (ch *channel) apply(a txAck, done []unacked, global bool) {
 	} else {
 		settled := done
 		if a.id != idBasicAck {
-			settled = deadLetterRejected(slices.Clone(done))
+			settled = deadLetterRejected(done)
 		}
 		ch.c.s.logSettled(settled)
 	}
@@ -1010,7 +1010,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	} else {
 		q.settleOne(e.msg)
 	}
-	ch.c.sendGetOk(ch.id, tag, e, e.msg.body(), uint32(q.messageCountLocked()))
+	ch.c.sendGetOk(ch.id, tag, e, uint32(q.messageCountLocked()))
 	ch.mu.Unlock()
 	return nil
 }

@@ -272,12 +272,12 @@ func isPeerGone(err error) bool {
 // and the reader gives the client defaultCloseTimeout to answer close-ok.
 // A connection still in its handshake is simply dropped.
 func (c *conn) closeWith(e *Error) {
-	c.shutdown.Store(true)
-	c.stopOnce.Do(func() { close(c.stop) })
 	if !c.opened.Load() {
-		c.nc.SetReadDeadline(time.Now())
+		c.abandon()
 		return
 	}
+	c.shutdown.Store(true)
+	c.stopOnce.Do(func() { close(c.stop) })
 	if c.sendClose(e) {
 		c.nc.SetReadDeadline(time.Now().Add(defaultCloseTimeout))
 	}
@@ -1149,51 +1149,51 @@ func parseCaps(props table) clientCaps {
 // sendReturn appends basic.return and the message's content to the outbox.
 func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) {
 	c.outMu.Lock()
-	if !c.outClosed {
-		b := c.out
-		start := len(b)
-		b = appendFrameStart(b, frameMethod, channel)
-		b = binary.BigEndian.AppendUint32(b, idBasicReturn)
+	if b, start, ok := c.startMethodLocked(channel, idBasicReturn); ok {
 		b = appendShort(b, code)
 		b = appendShortstr(b, text)
 		b = appendExchangeKey(b, m)
-		c.finishContentLocked(b, start, channel, m, m.body())
+		c.finishContentLocked(b, start, channel, m)
 	}
 	c.outMu.Unlock()
 	c.signal()
 }
 
+// startMethodLocked starts a method frame in the outbox unless it is closed: the outbox,
+// where the frame starts, and whether it may be written. c.outMu must be held.
+func (c *conn) startMethodLocked(channel uint16, id uint32) ([]byte, int, bool) {
+	if c.outClosed {
+		return nil, 0, false
+	}
+	b := c.out
+	start := len(b)
+	b = appendFrameStart(b, frameMethod, channel)
+	return binary.BigEndian.AppendUint32(b, id), start, true
+}
+
 // sendGetOk appends basic.get-ok and the content to the outbox.
-func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, body []byte, count uint32) {
+func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
 	c.outMu.Lock()
-	if !c.outClosed {
-		b := c.out
-		start := len(b)
-		b = appendFrameStart(b, frameMethod, channel)
-		b = binary.BigEndian.AppendUint32(b, idBasicGetOk)
+	if b, start, ok := c.startMethodLocked(channel, idBasicGetOk); ok {
 		b = appendLonglong(b, tag)
 		b = appendBit(b, e.redelivered)
 		b = appendExchangeKey(b, e.msg)
 		b = appendLong(b, count)
-		c.finishContentLocked(b, start, channel, e.msg, body)
+		c.finishContentLocked(b, start, channel, e.msg)
 	}
 	c.outMu.Unlock()
 	c.signal()
 }
 
 // sendDelivery appends basic.deliver and the content to the outbox.
-func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qentry, body []byte) {
+func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qentry) {
 	c.outMu.Lock()
-	if !c.outClosed {
-		b := c.out
-		start := len(b)
-		b = appendFrameStart(b, frameMethod, channel)
-		b = binary.BigEndian.AppendUint32(b, idBasicDeliver)
+	if b, start, ok := c.startMethodLocked(channel, idBasicDeliver); ok {
 		b = appendShortstr(b, consumerTag)
-		b = binary.BigEndian.AppendUint64(b, tag)
+		b = appendLonglong(b, tag)
 		b = appendBit(b, e.redelivered)
 		b = appendExchangeKey(b, e.msg)
-		c.finishContentLocked(b, start, channel, e.msg, body)
+		c.finishContentLocked(b, start, channel, e.msg)
 	}
 	c.outMu.Unlock()
 	c.signal()
@@ -1215,8 +1215,8 @@ func appendBit(b []byte, v bool) []byte {
 
 // finishContentLocked ends the method frame started at start in b, makes b the outbox, and
 // appends m's properties and body after it. c.outMu must be held.
-func (c *conn) finishContentLocked(b []byte, start int, channel uint16, m *message, body []byte) {
+func (c *conn) finishContentLocked(b []byte, start int, channel uint16, m *message) {
 	c.out = appendFrameEnd(b, start)
-	c.appendContentLocked(channel, m.props(), body)
+	c.appendContentLocked(channel, m.props(), m.body())
 	c.storeOutLenLocked()
 }

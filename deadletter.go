@@ -319,17 +319,26 @@ func (q *queue) deadLetterLocked(m *message, reason string) bool {
 
 // deadLetterRejected hands the messages of queues with a dead-letter exchange, rejected
 // or nacked without requeue, over to it, and returns the others, to be settled.
+// done is left as it was (the caller dispatches its queues); a new list is made only when
+// some message goes to a dead-letter exchange.
 func deadLetterRejected(done []unacked) []unacked {
-	n := 0
-	for _, u := range done {
-		if u.q.dead != nil && u.q.vh.dead != nil {
-			u.q.vh.dead.add(deadLetterJob{q: u.q, m: u.e.msg, reason: deathRejected})
+	var rest []unacked
+	for i, u := range done {
+		if u.q.dead == nil || u.q.vh.dead == nil {
+			if rest != nil {
+				rest = append(rest, u)
+			}
 			continue
 		}
-		done[n] = u
-		n++
+		if rest == nil {
+			rest = append(make([]unacked, 0, len(done)), done[:i]...)
+		}
+		u.q.vh.dead.add(deadLetterJob{q: u.q, m: u.e.msg, reason: deathRejected})
 	}
-	return done[:n]
+	if rest == nil {
+		return done
+	}
+	return rest
 }
 
 // logDeadLetter writes the move of a dead-lettered message: one record that settles old in

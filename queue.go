@@ -1062,7 +1062,7 @@ func (c *consumer) deliverLocked(e qentry) bool {
 	} else {
 		c.q.settleOne(e.msg)
 	}
-	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e, e.msg.body())
+	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e)
 	return true
 }
 
