@@ -145,11 +145,11 @@ type Config struct {
 	// MaxMessageSize is the largest message body accepted, in octets; default 16 MiB as in
 	// RabbitMQ 4, at most 512 MiB. A larger publish is 406 PRECONDITION_FAILED.
 	MaxMessageSize int
-	// PageOutBytes is how many octets of message bodies a durable queue keeps in memory;
-	// past it, new persistent messages keep their body in the write-ahead log only, and
-	// it is read back when they are delivered, so a long backlog costs memory for its
-	// index, not its bodies. Default 4 MiB; negative keeps every body in memory (until a
-	// restart, after which bodies are always read back from the log).
+	// PageOutBytes is how much memory a queue's ready messages may take (each its data plus
+	// 256 octets; 64 times as much for a queue with consumers) before it keeps new ones on
+	// disk, 24 octets of index each in memory: persistent ones of a durable queue in the
+	// write-ahead log, others in paging files. Default 4 MiB; negative pages only while the
+	// memory alarm is on (recovered messages are always read back from the log).
 	PageOutBytes int64
 	// SegmentSize is the size at which the write-ahead log starts a new segment file;
 	// default 16 MiB, at most 1 GiB.
@@ -287,7 +287,7 @@ func NewServer(cfg Config) *Server {
 		listeners: make(map[net.Listener]struct{}),
 		active:    make(map[*conn]struct{}),
 		ready:     make(chan struct{}),
-		vhosts:    map[string]*vhost{"/": newVhost("/")},
+		vhosts:    map[string]*vhost{},
 		users:     make(map[string]*userUsage),
 	}
 	db, _ := newAuthDB(DefaultDefinitions(), cfg.LoopbackUsers)
@@ -296,7 +296,7 @@ func NewServer(cfg Config) *Server {
 		s.logins = newLoginLimiter(cfg.AuthFailureLimit)
 	}
 	s.dead = newDeadLetters(s)
-	s.vhosts["/"].pageOut, s.vhosts["/"].alarms, s.vhosts["/"].dead = cfg.PageOutBytes, &s.alarms, s.dead
+	s.vhosts["/"] = s.newVhost("/")
 	s.liveHeap = readLiveHeap
 	s.diskFree = func() (uint64, error) { return diskFree(s.cfg.DataDir) }
 	s.stopWatch = make(chan struct{})

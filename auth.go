@@ -96,9 +96,7 @@ func (s *Server) loadAuth() error {
 	s.mu.Lock()
 	for _, v := range defs.Vhosts {
 		if s.vhosts[v.Name] == nil {
-			vh := newVhost(v.Name)
-			vh.store, vh.spill, vh.pageOut, vh.alarms, vh.dead = s.store, s.spill, s.cfg.PageOutBytes, &s.alarms, s.dead
-			s.vhosts[v.Name] = vh
+			s.vhosts[v.Name] = s.newVhost(v.Name)
 		}
 	}
 	var gone []*vhost

@@ -53,6 +53,14 @@ func (vh *vhost) memoryHigh() bool {
 	return vh.alarms != nil && vh.alarms.Load()&alarmMemory != 0
 }
 
+// newVhost makes a vhost of the server: its store and paging files, its memory share,
+// alarms and dead-letter worker. s.mu must be held, or s not yet serving.
+func (s *Server) newVhost(name string) *vhost {
+	vh := newVhost(name)
+	vh.store, vh.spill, vh.pageOut, vh.alarms, vh.dead = s.store, s.spill, s.cfg.PageOutBytes, &s.alarms, s.dead
+	return vh
+}
+
 // log is the logger for vh's queues' disk errors.
 func (vh *vhost) log() *slog.Logger {
 	switch {

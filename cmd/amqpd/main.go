@@ -48,7 +48,7 @@ func run(args []string, stderr io.Writer) int {
 	frameMax := fs.Uint("frame-max", 131072, "frame-max offered to clients, 4096 to 16 MiB")
 	heartbeat := fs.Duration("heartbeat", 60*time.Second, "heartbeat interval offered to clients (0: none)")
 	handshake := fs.Duration("handshake-timeout", 10*time.Second, "time a client has to open its connection")
-	pageOut := fs.Int64("page-out-bytes", 4<<20, "body bytes a durable queue keeps in memory; past it, persistent bodies stay in the log only and are read back on delivery (-1: keep all)")
+	pageOut := fs.Int64("page-out-bytes", 4<<20, "memory a queue's ready messages may take (64x for a queue with consumers) before new ones stay on disk and are read back on delivery (-1: only under the memory alarm)")
 	segmentSize := fs.Int64("segment-size", 16<<20, "size at which the write-ahead log starts a new segment file")
 	fsyncInterval := fs.Duration("fsync-interval", 0, "0: fsync every batch before confirming (always); >0: fsync at most this often, confirming after the write (a machine crash may lose up to this much)")
 	diskFreeLimit := fs.Int64("disk-free-limit", 50_000_000, "block publishers while the data directory's disk has fewer free bytes than this; 0: never")
