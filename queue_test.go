@@ -930,14 +930,6 @@ func TestExpiryTimerNeverSpins(t *testing.T) {
 	}
 }
 
-// queueExists reports whether vhost has a queue of this name.
-func queueExists(srv *Server, vhost, name string) bool {
-	vh := srv.vhost(vhost)
-	vh.mu.RLock()
-	defer vh.mu.RUnlock()
-	return vh.queues[name] != nil
-}
-
 // TestQueueExpiresArgument: x-expires must be an integer from 1 to 4,294,967,295 ms, and
 // RabbitMQ's texts say what is wrong with the others.
 func TestQueueExpiresArgument(t *testing.T) {
@@ -984,7 +976,7 @@ func TestQueueExpires(t *testing.T) {
 	if err := ch.Publish("", "idle", false, false, amqp091.Publishing{Body: []byte("x")}); err != nil {
 		t.Fatal(err)
 	}
-	pollFor(t, "the unused queue to expire", func() bool { return !queueExists(srv, "/", "idle") })
+	pollFor(t, "the unused queue to expire", func() bool { return testQueue(srv, "idle") == nil })
 	if _, err := openChannel(t, c).QueueDeclarePassive("idle", false, false, false, false, nil); amqpCode(err) != 404 {
 		t.Fatalf("passive declare of the expired queue: %v, want 404", err)
 	}
@@ -996,24 +988,28 @@ func TestQueueExpires(t *testing.T) {
 		t.Fatal(err)
 	}
 	declare("sentinel")
+	redeclared := testQueue(srv, "redeclared") // a redeclare must renew it, not make it again
 	getter := openChannel(t, c)
 	pollFor(t, "the sentinel to expire", func() bool {
 		if _, _, err := getter.Get("got", true); err != nil {
 			t.Fatal(err)
 		}
 		declare("redeclared")
-		return !queueExists(srv, "/", "sentinel")
+		return testQueue(srv, "sentinel") == nil
 	})
-	for _, n := range []string{"consumed", "got", "redeclared"} {
-		if !queueExists(srv, "/", n) {
+	for _, n := range []string{"consumed", "got"} {
+		if testQueue(srv, n) == nil {
 			t.Errorf("queue %s expired though it was in use", n)
 		}
+	}
+	if testQueue(srv, "redeclared") != redeclared {
+		t.Error("queue redeclared expired though it was redeclared, and was made again")
 	}
 	// The consumer leaves: its queue's period starts.
 	if err := cons.Cancel("c", false); err != nil {
 		t.Fatal(err)
 	}
-	pollFor(t, "the queue whose consumer left to expire", func() bool { return !queueExists(srv, "/", "consumed") })
+	pollFor(t, "the queue whose consumer left to expire", func() bool { return testQueue(srv, "consumed") == nil })
 }
 
 // TestQueueExpiresDurable: a durable queue with x-expires that expires is deleted from the
@@ -1041,23 +1037,23 @@ func TestQueueExpiresDurable(t *testing.T) {
 	}
 	pub.publish("", "later", false, amqp091.Publishing{DeliveryMode: 2, Body: []byte("y")})
 	pub.wait()
-	pollFor(t, "soon to expire", func() bool { return !queueExists(b.srv, "/", "soon") })
+	pollFor(t, "soon to expire", func() bool { return testQueue(b.srv, "soon") == nil })
 	pollFor(t, "the log to settle its messages", func() bool { return storeLive(b.srv.store) == queueLogHolds(b.srv, "later") })
-	if !queueExists(b.srv, "/", "held") {
+	if testQueue(b.srv, "held") == nil {
 		t.Fatal("a queue with a consumer expired")
 	}
 
 	// A crash drops held's consumer: after the restart its period starts and it expires.
 	b2 := b.restart("crash", Config{})
-	if queueExists(b2.srv, "/", "soon") || !queueExists(b2.srv, "/", "later") {
-		t.Fatalf("after a restart: soon exists %v, later exists %v; want only later", queueExists(b2.srv, "/", "soon"), queueExists(b2.srv, "/", "later"))
+	if testQueue(b2.srv, "soon") != nil || testQueue(b2.srv, "later") == nil {
+		t.Fatalf("after a restart: soon exists %v, later exists %v; want only later", testQueue(b2.srv, "soon") != nil, testQueue(b2.srv, "later") != nil)
 	}
-	pollFor(t, "held to expire after the restart", func() bool { return !queueExists(b2.srv, "/", "held") })
+	pollFor(t, "held to expire after the restart", func() bool { return testQueue(b2.srv, "held") == nil })
 	if n := queueReady(t, openChannel(t, dial(t, b2.url)), "later"); n != 1 {
 		t.Fatalf("later holds %d messages after a restart, want 1", n)
 	}
 	b3 := b2.restart("clean", Config{})
-	if queueExists(b3.srv, "/", "held") || queueExists(b3.srv, "/", "soon") {
+	if testQueue(b3.srv, "held") != nil || testQueue(b3.srv, "soon") != nil {
 		t.Fatal("an expired durable queue came back after another restart")
 	}
 }

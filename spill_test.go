@@ -276,15 +276,20 @@ func TestQueuePagingTransient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	requeued := false
 	for i := 0; i < n; i++ {
 		d := takeDelivery(t, msgs)
 		if d.MessageId != strconv.Itoa(i) || !bytes.Equal(d.Body, pagedBody(i)) {
 			t.Fatalf("delivery %d: message %s with a %d-octet body, want message %d byte-exact", i, d.MessageId, len(d.Body), i)
 		}
-		if i == n-10 && !d.Redelivered {
+		if i == n-10 && !requeued {
 			d.Nack(false, true) // comes back next, from its paging file
+			requeued = true
 			i--
 			continue
+		}
+		if i == n-10 && !d.Redelivered {
+			t.Fatal("the requeued message came back without redelivered")
 		}
 		d.Ack(false)
 	}
