@@ -15,9 +15,8 @@ import (
 	amqp091 "github.com/rabbitmq/amqp091-go"
 )
 
-// dlxSetup declares a fanout dead-letter exchange "dlx" bound to queue "dlq", and returns a
-// consumer on dlq.
-func dlxSetup(t *testing.T, ch *amqp091.Channel, durable bool) <-chan amqp091.Delivery {
+// dlxDeclare declares a fanout dead-letter exchange "dlx" bound to queue "dlq".
+func dlxDeclare(t *testing.T, ch *amqp091.Channel, durable bool) {
 	t.Helper()
 	if err := ch.ExchangeDeclare("dlx", "fanout", durable, false, false, false, nil); err != nil {
 		t.Fatal(err)
@@ -28,6 +27,12 @@ func dlxSetup(t *testing.T, ch *amqp091.Channel, durable bool) <-chan amqp091.De
 	if err := ch.QueueBind("dlq", "", "dlx", false, nil); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// dlxSetup declares what dlxDeclare does, and returns a consumer on dlq.
+func dlxSetup(t *testing.T, ch *amqp091.Channel, durable bool) <-chan amqp091.Delivery {
+	t.Helper()
+	dlxDeclare(t, ch, durable)
 	msgs, err := ch.Consume("dlq", "", true, false, false, false, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -341,15 +346,7 @@ func TestDeadLetterDurableAcrossCrash(t *testing.T) {
 	b := startDurable(t, Config{PageOutBytes: 1})
 	conn := dial(t, b.url)
 	ch := openChannel(t, conn)
-	if err := ch.ExchangeDeclare("dlx", "fanout", true, false, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ch.QueueDeclare("dlq", true, false, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.QueueBind("dlq", "", "dlx", false, nil); err != nil {
-		t.Fatal(err)
-	}
+	dlxDeclare(t, ch, true)
 	for _, q := range []struct {
 		name string
 		args amqp091.Table
@@ -453,15 +450,7 @@ func TestDeadLetterExpiredUnwrittenHeadDoesNotSpin(t *testing.T) {
 	b := startDurable(t, Config{PageOutBytes: 1})
 	conn := dial(t, b.url)
 	ch := openChannel(t, conn)
-	if err := ch.ExchangeDeclare("dlx", "fanout", true, false, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ch.QueueDeclare("dlq", true, false, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.QueueBind("dlq", "", "dlx", false, nil); err != nil {
-		t.Fatal(err)
-	}
+	dlxDeclare(t, ch, true)
 	if _, err := ch.QueueDeclare("src", true, false, false, false, amqp091.Table{"x-dead-letter-exchange": "dlx", "x-message-ttl": int32(0)}); err != nil {
 		t.Fatal(err)
 	}
@@ -509,15 +498,7 @@ func TestDeadLetterExpiringPagedBacklogStaysOnDisk(t *testing.T) {
 	b := startDurable(t, Config{PageOutBytes: pageOut})
 	conn := dial(t, b.url)
 	ch := openChannel(t, conn)
-	if err := ch.ExchangeDeclare("dlx", "fanout", true, false, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ch.QueueDeclare("dlq", true, false, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.QueueBind("dlq", "", "dlx", false, nil); err != nil {
-		t.Fatal(err)
-	}
+	dlxDeclare(t, ch, true)
 	if _, err := ch.QueueDeclare("src", true, false, false, false, amqp091.Table{"x-dead-letter-exchange": "dlx", "x-message-ttl": int32(3000)}); err != nil {
 		t.Fatal(err)
 	}

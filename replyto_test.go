@@ -104,18 +104,6 @@ func replyExists(t *testing.T, conn *amqp091.Connection, name string) (bool, amq
 	return true, q
 }
 
-// replyTake receives a request seen by the replier.
-func replyTake(t *testing.T, seen <-chan amqp091.Delivery) amqp091.Delivery {
-	t.Helper()
-	select {
-	case d := <-seen:
-		return d
-	case <-time.After(recvWait):
-		t.Fatalf("no request within %v", recvWait)
-	}
-	panic("unreachable")
-}
-
 func TestReplyToRoundTrip(t *testing.T) {
 	t.Parallel()
 	_, url := newTestServer(t)
@@ -132,7 +120,7 @@ func TestReplyToRoundTrip(t *testing.T) {
 	if err := ch.Publish("", "rpc", false, false, req); err != nil {
 		t.Fatal(err)
 	}
-	got := replyTake(t, seen)
+	got := takeDelivery(t, seen)
 	name := got.ReplyTo
 	if !strings.HasPrefix(name, replyToPrefix) || len(name) < len(replyToPrefix)+16 {
 		t.Fatalf("reply_to %q, want %s<opaque>", name, replyToPrefix)
@@ -153,7 +141,7 @@ func TestReplyToRoundTrip(t *testing.T) {
 
 	// The same channel's next request carries the same name; another reply_to is untouched.
 	replyRequest(t, ch, "rpc", "c-2", "again")
-	if n := replyTake(t, seen).ReplyTo; n != name {
+	if n := takeDelivery(t, seen).ReplyTo; n != name {
 		t.Fatalf("second request's reply_to %q, want %q", n, name)
 	}
 	if d := takeDelivery(t, replies); string(d.Body) != "re:again" || d.CorrelationId != "c-2" {
@@ -162,7 +150,7 @@ func TestReplyToRoundTrip(t *testing.T) {
 	if err := ch.Publish("", "rpc", false, false, amqp091.Publishing{ReplyTo: "amq.rabbitmq.reply-tox"}); err != nil {
 		t.Fatal(err)
 	}
-	if n := replyTake(t, seen).ReplyTo; n != "amq.rabbitmq.reply-tox" {
+	if n := takeDelivery(t, seen).ReplyTo; n != "amq.rabbitmq.reply-tox" {
 		t.Fatalf("reply_to rewritten to %q", n)
 	}
 }
@@ -297,7 +285,7 @@ func TestReplyToErrors(t *testing.T) {
 		seen := make(chan amqp091.Delivery, 1)
 		replyServe(t, url, "rpc-get", seen)
 		replyRequest(t, rch, "rpc-get", "c", "x")
-		name := replyTake(t, seen).ReplyTo
+		name := takeDelivery(t, seen).ReplyTo
 		err := onFreshChannel(t, conn, func(ch *amqp091.Channel) error {
 			_, err := ch.Consume(name, "", true, false, false, false, nil)
 			return err
@@ -405,7 +393,7 @@ func TestReplyToDeclareTracksRequester(t *testing.T) {
 	replyServe(t, url, "rpc", seen)
 	requesterName := func(ch *amqp091.Channel) string {
 		replyRequest(t, ch, "rpc", "c", "x")
-		return replyTake(t, seen).ReplyTo
+		return takeDelivery(t, seen).ReplyTo
 	}
 	exists := func(name string) bool {
 		ok, q := replyExists(t, conn, name)
