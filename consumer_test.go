@@ -146,7 +146,13 @@ func TestConsumerPriorityArgument(t *testing.T) {
 	t.Parallel()
 	_, url := newTestServer(t)
 	conn := dial(t, url)
-	declareTransientQueue(t, openChannel(t, conn), "prio")
+	pub := openChannel(t, conn)
+	declareTransientQueue(t, pub, "prio")
+	// A consumer that existed, however briefly, would take this one, and its channel's
+	// close would requeue it redelivered.
+	if err := pub.Publish("", "prio", false, false, amqp091.Publishing{Body: []byte("bait")}); err != nil {
+		t.Fatal(err)
+	}
 	for _, bad := range []struct {
 		v    any
 		kind string
@@ -159,6 +165,9 @@ func TestConsumerPriorityArgument(t *testing.T) {
 	}
 	if n := queueConsumers(t, conn, "prio"); n != 0 {
 		t.Fatalf("%d consumers after refused consumes, want 0", n)
+	}
+	if d, ok, err := pub.Get("prio", true); err != nil || !ok || d.Redelivered {
+		t.Fatalf("the bait after refused consumes: ok %v, redelivered %v, %v; want never delivered", ok, d.Redelivered, err)
 	}
 	ch := openChannel(t, conn)
 	for _, v := range []any{int8(-128), byte(255), int32(-1 << 31), int64(1 << 40)} {
