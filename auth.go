@@ -87,6 +87,11 @@ func (s *Server) loadAuth() error {
 	if err != nil {
 		return err
 	}
+	policies, ignored, err := defs.policySets()
+	if err != nil {
+		return err
+	}
+	db.ignored = append(db.ignored, ignored...)
 	if len(db.ignored) > 0 {
 		// One warning per load: a migration from RabbitMQ should not lose a rule silently.
 		s.log.Warn("definitions: not enforced, ignored", "file", s.cfg.Definitions, "ignored", strings.Join(db.ignored, "; "))
@@ -109,6 +114,11 @@ func (s *Server) loadAuth() error {
 	s.auth.Store(db)
 	for _, vh := range gone {
 		vh.markDeleted()
+	}
+	for _, vh := range s.vhostList() {
+		if db.vhosts[vh.name] {
+			vh.setPolicies(policies[vh.name])
+		}
 	}
 	s.closeRemoved()
 	return s.deleteVhosts(gone)

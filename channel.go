@@ -568,9 +568,13 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 // warnMissingAE logs that x's alternate exchange does not exist. Routing reports it once
 // per exchange, not per message; a redeclared exchange is a new one and is logged again.
 func (ch *channel) warnMissingAE(x *exchange) {
+	vh := ch.vh()
+	vh.mu.RLock()
+	ae := x.ae
+	vh.mu.RUnlock()
 	ch.c.log.LogAttrs(context.Background(), slog.LevelWarn,
 		"alternate exchange not found; messages the exchange cannot route are not rerouted",
-		slog.String("vhost", ch.vh().name), slog.String("exchange", x.name), slog.String("alternate_exchange", x.ae))
+		slog.String("vhost", vh.name), slog.String("exchange", x.name), slog.String("alternate_exchange", ae))
 }
 
 // errRefused reports a publish a full queue refused (x-overflow reject-publish).

@@ -66,6 +66,7 @@ func parseDeadLetter(args table) (*deadLetterTarget, string, error) {
 // deadLetterJob is a message a queue dropped, on its way to the queue's dead-letter exchange.
 type deadLetterJob struct {
 	q      *queue
+	t      *deadLetterTarget // q's dead-letter exchange when it dropped m
 	m      *message
 	reason string
 }
@@ -191,7 +192,7 @@ const maxWarned = 1024
 // routes it, drops the targets that would close a cycle without a rejection in it, logs
 // the move, and enqueues it.
 func (d *deadLetters) move(j deadLetterJob) {
-	q, t, vh := j.q, j.q.dead, j.q.vh
+	q, t, vh := j.q, j.t, j.q.vh
 	nm := deadLetterMessage(j.m, q.name, j.reason, t, time.Now())
 	var rs routeSet
 	vh.mu.RLock()
@@ -310,10 +311,11 @@ func deadLetterMessage(m *message, queue, reason string, t *deadLetterTarget, no
 // whether it did: false when q has none (or runs without a server, in tests), and the
 // caller settles the message itself. q.mu must be held.
 func (q *queue) deadLetterLocked(m *message, reason string) bool {
-	if q.dead == nil || q.vh.dead == nil {
+	t := q.dead.Load()
+	if t == nil || q.vh.dead == nil {
 		return false
 	}
-	q.vh.dead.add(deadLetterJob{q: q, m: m, reason: reason})
+	q.vh.dead.add(deadLetterJob{q: q, t: t, m: m, reason: reason})
 	return true
 }
 
@@ -324,7 +326,8 @@ func (q *queue) deadLetterLocked(m *message, reason string) bool {
 func deadLetterRejected(done []unacked) []unacked {
 	var rest []unacked
 	for i, u := range done {
-		if u.q.dead == nil || u.q.vh.dead == nil {
+		t := u.q.dead.Load()
+		if t == nil || u.q.vh.dead == nil {
 			if rest != nil {
 				rest = append(rest, u)
 			}
@@ -333,7 +336,7 @@ func deadLetterRejected(done []unacked) []unacked {
 		if rest == nil {
 			rest = append(make([]unacked, 0, len(done)), done[:i]...)
 		}
-		u.q.vh.dead.add(deadLetterJob{q: u.q, m: u.e.msg, reason: deathRejected})
+		u.q.vh.dead.add(deadLetterJob{q: u.q, t: t, m: u.e.msg, reason: deathRejected})
 	}
 	if rest == nil {
 		return done

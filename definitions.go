@@ -631,6 +631,9 @@ func (d *Definitions) vhostLimits() (map[string]limits, []string, error) {
 		if err := takeStrings(m, map[string]*string{"vhost": &vhost, "component": &component, "name": &name}); err != nil {
 			return nil, nil, fmt.Errorf("parameters[%d]: %w", i, err)
 		}
+		if component == operatorPolicyComponent {
+			continue // see OperatorPolicies
+		}
 		if component != "vhost-limits" || name != "limits" {
 			other[component]++
 			continue
@@ -685,7 +688,7 @@ func (d *Definitions) ignoredSections(vls map[string]limits) []string {
 	var ignored []string
 	for _, key := range slices.Sorted(maps.Keys(d.sections)) {
 		raw := d.sections[key]
-		if key == "topic_permissions" || key == "parameters" || slices.Contains(informationalSections, key) {
+		if key == "topic_permissions" || key == "parameters" || key == "policies" || slices.Contains(informationalSections, key) {
 			continue
 		}
 		var list []json.RawMessage
@@ -811,4 +814,224 @@ func writeFileAtomic(path string, b []byte) error {
 		return nil // directories cannot be opened for syncing
 	}
 	return syncDir(dir)
+}
+
+// Policies returns the policies of the file: its "policies" section, as RabbitMQ exports
+// them ({"vhost", "name", "pattern", "apply-to", "definition", "priority"}).
+func (d *Definitions) Policies() ([]Policy, error) {
+	objs, err := d.sectionObjects("policies")
+	if err != nil {
+		return nil, err
+	}
+	ps := make([]Policy, 0, len(objs))
+	for i, m := range objs {
+		p, err := decodePolicy(m)
+		if err != nil {
+			return nil, fmt.Errorf("policies[%d]: %w", i, err)
+		}
+		ps = append(ps, p)
+	}
+	return ps, nil
+}
+
+// OperatorPolicies returns the operator policies of the file: the entries of its
+// "parameters" section of component "operator_policy", whose value holds the pattern,
+// apply-to, definition and priority.
+func (d *Definitions) OperatorPolicies() ([]Policy, error) {
+	objs, err := d.sectionObjects("parameters")
+	if err != nil {
+		return nil, err
+	}
+	var ps []Policy
+	for i, m := range objs {
+		var vhost, component, name string
+		if err := takeStrings(m, map[string]*string{"vhost": &vhost, "component": &component, "name": &name}); err != nil {
+			return nil, fmt.Errorf("parameters[%d]: %w", i, err)
+		}
+		if component != operatorPolicyComponent {
+			continue
+		}
+		var value map[string]json.RawMessage
+		if json.Unmarshal(m["value"], &value) != nil || value == nil {
+			return nil, fmt.Errorf("parameters[%d]: operator policy %q: the value must be an object", i, name)
+		}
+		p, err := decodePolicy(value)
+		if err != nil {
+			return nil, fmt.Errorf("parameters[%d]: operator policy %q: %w", i, name, err)
+		}
+		p.Vhost, p.Name = vhost, name
+		ps = append(ps, p)
+	}
+	return ps, nil
+}
+
+// operatorPolicyComponent is the parameters component RabbitMQ keeps operator policies in.
+const operatorPolicyComponent = "operator_policy"
+
+// decodePolicy reads a policy object; a missing apply-to is "all", as in RabbitMQ.
+func decodePolicy(m map[string]json.RawMessage) (Policy, error) {
+	var p Policy
+	if err := takeStrings(m, map[string]*string{"vhost": &p.Vhost, "name": &p.Name, "pattern": &p.Pattern, "apply-to": &p.ApplyTo}); err != nil {
+		return p, err
+	}
+	if p.ApplyTo == "" {
+		p.ApplyTo = "all"
+	}
+	if raw := m["priority"]; len(raw) > 0 && string(raw) != "null" {
+		if err := json.Unmarshal(raw, &p.Priority); err != nil {
+			return p, fmt.Errorf("priority: want an integer, not %s", raw)
+		}
+	}
+	var def bytes.Buffer
+	if raw := m["definition"]; len(raw) > 0 && json.Compact(&def, raw) == nil {
+		p.Definition = def.Bytes()
+	}
+	return p, nil
+}
+
+// SetPolicy adds a policy, or replaces the one of the same name in its virtual host. The
+// virtual host must exist; the pattern, apply-to and definition are checked as RabbitMQ
+// checks them (an empty ApplyTo is "all").
+func (d *Definitions) SetPolicy(p Policy) error { return d.setPolicy(p, false) }
+
+// SetOperatorPolicy is SetPolicy for an operator policy, which may set only message-ttl,
+// expires, max-length, max-length-bytes and delivery-limit.
+func (d *Definitions) SetOperatorPolicy(p Policy) error { return d.setPolicy(p, true) }
+
+// ClearPolicy removes a policy; it is an error if there is none of that name.
+func (d *Definitions) ClearPolicy(vhost, name string) error { return d.clearPolicy(vhost, name, false) }
+
+// ClearOperatorPolicy removes an operator policy; it is an error if there is none of that name.
+func (d *Definitions) ClearOperatorPolicy(vhost, name string) error {
+	return d.clearPolicy(vhost, name, true)
+}
+
+func (d *Definitions) setPolicy(p Policy, operator bool) error {
+	if p.ApplyTo == "" {
+		p.ApplyTo = "all"
+	}
+	if d.vhost(p.Vhost) < 0 {
+		return fmt.Errorf("amqp: virtual host %q does not exist", p.Vhost)
+	}
+	if _, _, err := compilePolicy(p, operator); err != nil {
+		return errors.New("amqp: " + err.Error())
+	}
+	def := json.RawMessage(bytes.TrimSpace(p.Definition))
+	body := map[string]any{"pattern": p.Pattern, "apply-to": p.ApplyTo, "definition": def, "priority": p.Priority}
+	if operator {
+		d.editSection("parameters", policyEntry(p.Vhost, p.Name, true),
+			map[string]any{"vhost": p.Vhost, "component": operatorPolicyComponent, "name": p.Name, "value": body})
+		return nil
+	}
+	body["vhost"], body["name"] = p.Vhost, p.Name
+	d.editSection("policies", policyEntry(p.Vhost, p.Name, false), body)
+	return nil
+}
+
+func (d *Definitions) clearPolicy(vhost, name string, operator bool) error {
+	key, what := "policies", "policy"
+	if operator {
+		key, what = "parameters", "operator policy"
+	}
+	if !d.editSection(key, policyEntry(vhost, name, operator), nil) {
+		return fmt.Errorf("amqp: %s %q in virtual host %q does not exist", what, name, vhost)
+	}
+	return nil
+}
+
+// policyEntry matches the entry of a policy, or of an operator policy, in its section.
+func policyEntry(vhost, name string, operator bool) func(map[string]json.RawMessage) bool {
+	return func(obj map[string]json.RawMessage) bool {
+		var v, n, c string
+		json.Unmarshal(obj["vhost"], &v)
+		json.Unmarshal(obj["name"], &n)
+		json.Unmarshal(obj["component"], &c)
+		return v == vhost && n == name && (!operator || c == operatorPolicyComponent)
+	}
+}
+
+// editSection replaces the first entry of the list section key that same matches with
+// entry, or appends entry if none does; a nil entry removes the matching entries instead.
+// It reports whether an entry matched.
+func (d *Definitions) editSection(key string, same func(map[string]json.RawMessage) bool, entry any) bool {
+	var list []json.RawMessage
+	json.Unmarshal(d.sections[key], &list) // a section that is not a list is replaced
+	found := false
+	out := make([]any, 0, len(list)+1)
+	for _, raw := range list {
+		var obj map[string]json.RawMessage
+		if json.Unmarshal(raw, &obj) == nil && same(obj) {
+			if !found && entry != nil {
+				out = append(out, entry)
+			}
+			found = true
+			continue
+		}
+		out = append(out, raw)
+	}
+	if !found && entry != nil {
+		out = append(out, entry)
+	}
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	enc.Encode(out) // cannot fail: every element is valid JSON
+	if d.sections == nil {
+		d.sections = make(map[string]json.RawMessage)
+	}
+	d.sections[key] = bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
+	return found
+}
+
+// policySets reads and compiles the policies and operator policies of each virtual host,
+// and names, for the load warning, the definition keys the broker does not act on.
+func (d *Definitions) policySets() (map[string]*policySet, []string, error) {
+	user, err := d.Policies()
+	if err != nil {
+		return nil, nil, err
+	}
+	op, err := d.OperatorPolicies()
+	if err != nil {
+		return nil, nil, err
+	}
+	sets := make(map[string]*policySet)
+	var ignored []string
+	for i, p := range slices.Concat(user, op) {
+		operator := i >= len(user)
+		what := "policy"
+		if operator {
+			what = "operator policy"
+		}
+		if d.vhost(p.Vhost) < 0 {
+			return nil, nil, fmt.Errorf("%s %q of virtual host %q: no such virtual host", what, p.Name, p.Vhost)
+		}
+		c, keys, err := compilePolicy(p, operator)
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, k := range keys {
+			ignored = append(ignored, "key "+k+" of "+what+" '"+p.Name+"' in vhost '"+p.Vhost+"'")
+		}
+		if c == nil {
+			continue
+		}
+		ps := sets[p.Vhost]
+		if ps == nil {
+			ps = &policySet{}
+			sets[p.Vhost] = ps
+		}
+		list := &ps.user
+		if operator {
+			list = &ps.operator
+		}
+		if slices.ContainsFunc(*list, func(o *policy) bool { return o.name == p.Name }) {
+			return nil, nil, fmt.Errorf("%s %q of virtual host %q is defined twice", what, p.Name, p.Vhost)
+		}
+		*list = append(*list, c)
+	}
+	for _, ps := range sets {
+		sortPolicies(ps.user)
+		sortPolicies(ps.operator)
+	}
+	return sets, ignored, nil
 }

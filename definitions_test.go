@@ -341,7 +341,8 @@ func TestDefinitionsLoadWarning(t *testing.T) {
 			{"vhost":"v3","component":"vhost-limits","name":"limits","value":{"max-queues":1,"max-sessions":2}}],
 		"global_parameters":[{"name":"cluster_name","value":"rabbit@old"},{"name":"internal_cluster_id","value":"x"},
 			{"name":"mqtt_port_to_vhost_mapping","value":{}}],
-		"policies":[{"vhost":"/","name":"ttl","pattern":".*","apply-to":"queues","definition":{"message-ttl":1000},"priority":0}],
+		"policies":[{"vhost":"/","name":"ttl","pattern":".*","apply-to":"queues","definition":{"message-ttl":1000,"ha-mode":"all"},"priority":0},
+			{"vhost":"/","name":"ha","pattern":"^(?!amq\\.).*","apply-to":"all","definition":{"ha-mode":"all"},"priority":0}],
 		"queues":[{"name":"a","vhost":"/","durable":true},{"name":"b","vhost":"/","durable":true}],
 		"exchanges":[{"name":"x","vhost":"/","type":"topic"}],
 		"bindings":[],
@@ -368,10 +369,11 @@ func TestDefinitionsLoadWarning(t *testing.T) {
 	if len(got) != 1 {
 		t.Fatalf("%d warnings at load, want 1:\n%s", len(got), log)
 	}
-	want := "exchanges (1); feature_flags; global_parameters mqtt_port_to_vhost_mapping; policies (1); queues (2); " +
+	want := "exchanges (1); feature_flags; global_parameters mqtt_port_to_vhost_mapping; queues (2); " +
 		"limits of vhost 'v2' in vhosts (vhost limits are read from parameters, component vhost-limits); " +
 		"limit max-sessions of vhost 'v3'; parameters of component federation-upstream (1); parameters of component shovel (2); " +
-		"limit max-bananas of user 'guest'"
+		"limit max-bananas of user 'guest'; key ha-mode of policy 'ttl' in vhost '/'; key ha-mode of policy 'ha' in vhost '/'; " +
+		"key pattern \"^(?!amq\\\\.).*\" (not RE2) of policy 'ha' in vhost '/'"
 	if got[0] != want {
 		t.Errorf("warning lists\n %q\nwant\n %q", got[0], want)
 	}

@@ -38,9 +38,10 @@ type exchange struct {
 	topic    *topicIndex           // topic: a trie of binding keys, with a lock of its own
 	deleted  bool
 
-	// ae is the alternate-exchange argument, parsed once at declare: the exchange, looked
-	// up by name when routing, that takes the messages this one cannot route. "" is none:
-	// the default exchange routes only as the exchange published to.
+	// ae is the alternate exchange, from the alternate-exchange argument or a policy: the
+	// exchange, looked up by name when routing, that takes the messages this one cannot
+	// route. "" is none: the default exchange routes only as the exchange published to.
+	// Guarded by vh.mu.
 	ae       string
 	aeWarned atomic.Bool // the missing alternate exchange has been logged
 }
@@ -58,8 +59,6 @@ type binding struct {
 // newExchange makes an exchange of a valid kind, with no bindings.
 func newExchange(name, kind string, durable, autoDelete, internal bool, args table) *exchange {
 	x := &exchange{name: name, kind: kind, durable: durable, autoDelete: autoDelete, internal: internal, args: args}
-	// Only a longstr names an alternate exchange, as in RabbitMQ; declare refuses other types.
-	x.ae, _ = args["alternate-exchange"].(string)
 	switch kind {
 	case kindDirect:
 		x.direct = make(map[string][]*binding)
@@ -586,6 +585,7 @@ func (ch *channel) exchangeDeclare(d *decoder) error {
 			return err
 		}
 		nx := newExchange(m.Exchange, m.Type, m.Durable, m.AutoDelete, m.Internal, m.Arguments)
+		nx.ae = vh.policies.alternate(nx.name, nx.args)
 		vh.exchanges[m.Exchange] = nx
 		if nx.durable {
 			vh.logLocked(recExchangeDeclare, exchangeRecord(vh.name, nx))

@@ -193,11 +193,12 @@ type queue struct {
 	durable, exclusive, autoDelete bool
 	owner                          *conn // exclusive queues: the declaring connection
 	args                           table
-	walID                          uint64            // durable queues: the id log records use; 0 if not logged
-	ttl                            ttl               // x-message-ttl
-	expires                        int64             // x-expires: milliseconds unused before it is deleted; 0: never
-	dead                           *deadLetterTarget // x-dead-letter-exchange; nil: none
-	deliveryLimit                  int64             // x-delivery-limit plus one; 0: none
+	walID                          uint64                           // durable queues: the id log records use; 0 if not logged
+	ttl                            ttl                              // guarded by mu: x-message-ttl
+	expires                        atomic.Int64                     // x-expires: milliseconds unused before it is deleted; 0: never
+	dead                           atomic.Pointer[deadLetterTarget] // x-dead-letter-exchange; nil: none
+	deliveryLimit                  int64                            // guarded by mu: x-delivery-limit plus one; 0: none
+	policy, operatorPolicy         string                           // guarded by mu: the policies applied; "": none
 	limits                         queueLimits
 	single                         bool       // x-single-active-consumer: only q.active receives
 	bindings                       []*binding // guarded by vh.mu
@@ -263,9 +264,9 @@ func (q *queue) consumerCount() int {
 // enqueue adds a message and delivers what it can. It reports false when the queue is
 // full and its x-overflow is reject-publish: the message is refused.
 func (q *queue) enqueue(m *message) bool {
-	e := qentry{msg: m, expires: expiresAt(q.ttl, m.ttl)}
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	e := qentry{msg: m, expires: expiresAt(q.ttl, m.ttl)}
 	if q.deleted {
 		// Routed before the delete: release the hold logPublish gave q on m.
 		if m.wal != nil && q.walID != 0 && q.vh.store != nil {
@@ -410,14 +411,24 @@ func parseQueueArgs(args table) (qa queueArgs, bad string, err error) {
 	return qa, bad, err
 }
 
-// newQueue makes a queue of vh with these arguments, not yet in vh.
+// newQueue makes a queue of vh with these arguments (qa is what they make of it) and
+// vh's policies, not yet in vh. vh.mu must be held, or vh not yet serving.
 func newQueue(name string, vh *vhost, durable, autoDelete bool, args table, qa queueArgs) *queue {
-	q := &queue{name: name, vh: vh, durable: durable, autoDelete: autoDelete, args: args, ttl: qa.ttl, limits: qa.limits,
-		expires: qa.expires, dead: qa.dead, deliveryLimit: qa.deliveryLimit, single: qa.single}
+	q := &queue{name: name, vh: vh, durable: durable, autoDelete: autoDelete, args: args, single: qa.single}
 	if qa.priorities {
 		q.ready = newPriorityReady(qa.maxPriority)
 	}
+	q.setArgsLocked(vh.policies.queueArgs(name, args, qa))
 	return q
+}
+
+// setArgsLocked sets what arguments and policies make of q, and reports whether its
+// x-expires changed. q.mu must be held, or q not yet shared.
+func (q *queue) setArgsLocked(qa queueArgs, policy, operatorPolicy string) (expiresChanged bool) {
+	q.ttl, q.limits, q.deliveryLimit = qa.ttl, qa.limits, qa.deliveryLimit
+	q.dead.Store(qa.dead)
+	q.policy, q.operatorPolicy = policy, operatorPolicy
+	return q.expires.Swap(qa.expires) != qa.expires
 }
 
 // ttl is a time to live in milliseconds, kept plus one so that the zero value means none.
@@ -987,7 +998,7 @@ func queueSingleActive(args table) (bool, error) {
 // renewLease starts q's x-expires period again: it was used (basic.get, redeclare, its last
 // consumer left, or the broker started). A queue without x-expires pays one comparison.
 func (q *queue) renewLease() {
-	if q.expires == 0 {
+	if q.expires.Load() == 0 {
 		return
 	}
 	q.mu.Lock()
@@ -997,12 +1008,13 @@ func (q *queue) renewLease() {
 
 // renewLeaseLocked is renewLease with q.mu held.
 func (q *queue) renewLeaseLocked() {
-	if q.expires == 0 || q.deleted {
+	expires := q.expires.Load()
+	if expires == 0 || q.deleted {
 		return
 	}
 	q.lastUsed.Store(time.Now().UnixMilli())
 	if q.lease == nil {
-		q.lease = time.AfterFunc(time.Duration(q.expires)*time.Millisecond, q.onLease)
+		q.lease = time.AfterFunc(time.Duration(expires)*time.Millisecond, q.onLease)
 	}
 }
 
@@ -1012,20 +1024,21 @@ func (q *queue) renewLeaseLocked() {
 func (q *queue) onLease() {
 	q.mu.Lock()
 	q.lease = nil
-	if q.deleted || len(q.consumers) > 0 {
+	if q.deleted || len(q.consumers) > 0 || q.expires.Load() == 0 {
 		q.mu.Unlock()
 		return
 	}
-	if left := q.lastUsed.Load() + q.expires - time.Now().UnixMilli(); left > 0 {
+	if left := q.lastUsed.Load() + q.expires.Load() - time.Now().UnixMilli(); left > 0 {
 		q.lease = time.AfterFunc(time.Duration(left)*time.Millisecond, q.onLease)
 		q.mu.Unlock()
 		return
 	}
 	q.mu.Unlock()
 	unused := func() bool {
-		if q.deleted || len(q.consumers) > 0 || q.lastUsed.Load()+q.expires > time.Now().UnixMilli() {
-			if !q.deleted && q.lease == nil && len(q.consumers) == 0 {
-				q.lease = time.AfterFunc(time.Duration(q.expires)*time.Millisecond, q.onLease)
+		expires := q.expires.Load()
+		if q.deleted || len(q.consumers) > 0 || expires == 0 || q.lastUsed.Load()+expires > time.Now().UnixMilli() {
+			if !q.deleted && q.lease == nil && len(q.consumers) == 0 && expires != 0 {
+				q.lease = time.AfterFunc(time.Duration(expires)*time.Millisecond, q.onLease)
 			}
 			return false
 		}

@@ -198,6 +198,9 @@ type storeOptions struct {
 	repair      bool
 	log         *slog.Logger
 	snapshot    func(at func()) []byte // see store.snapshotFn
+	// queueTTL is the message TTL of a queue of vhost with arguments args, policies
+	// applied; nil reads x-message-ttl alone.
+	queueTTL func(vhost, queue string, args table) ttl
 }
 
 // openStoreDir opens the log in dir, reads the checkpoint, replays the segments, and
@@ -208,7 +211,7 @@ func openStoreDir(dir string, opts storeOptions) (*store, *recovered, error) {
 		return nil, nil, err
 	}
 	st := &store{w: w, log: opts.log, segs: make(map[uint64]*segState), tails: make(map[*queue]bool), nextMsgID: 1, nextQID: 1, snapshotFn: opts.snapshot}
-	rec, err := st.replay(opts.repair)
+	rec, err := st.replay(opts.repair, opts.queueTTL)
 	if err == nil {
 		w.onBatch, w.maintain = st.batchDone, st.compact
 		err = w.start(st.snapPos.seg)
@@ -230,8 +233,9 @@ func (st *store) segLocked(seq uint64) *segState {
 	return s
 }
 
-// replay reads the checkpoint and every record, and returns what they hold.
-func (st *store) replay(repair bool) (*recovered, error) {
+// replay reads the checkpoint and every record, and returns what they hold. queueTTL is as
+// storeOptions.queueTTL.
+func (st *store) replay(repair bool, queueTTL func(vhost, queue string, args table) ttl) (*recovered, error) {
 	rec := &recovered{messages: make(map[uint64]refQueue)}
 	pos, payload, ok, err := st.w.readCheckpoint()
 	if err != nil {
@@ -261,7 +265,7 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	qttl := make(map[uint64]ttl)            // queue id → its x-message-ttl, for exact expiry
 	for _, r := range rec.topology {
 		if r.typ == recQueueDeclare {
-			noteQueueTTL(qttl, r.payload)
+			noteQueueTTL(qttl, r.payload, queueTTL)
 		}
 	}
 	err = st.w.replay(repair, func(pos walPos, typ uint8, payload []byte, size int64) error {
@@ -325,7 +329,7 @@ func (st *store) replay(repair bool) (*recovered, error) {
 				rec.topology = append(rec.topology, walRecord{typ, bytes.Clone(payload)})
 			}
 		case recQueueDeclare:
-			noteQueueTTL(qttl, payload)
+			noteQueueTTL(qttl, payload, queueTTL)
 			d := decoder{b: payload}
 			d.shortstr()
 			st.nextQID = max(st.nextQID, d.longlong()+1)
@@ -356,15 +360,23 @@ func (st *store) replay(repair bool) (*recovered, error) {
 	return rec, nil
 }
 
-// noteQueueTTL records the x-message-ttl of a queue.declare record's queue.
-func noteQueueTTL(qttl map[uint64]ttl, payload []byte) {
+// noteQueueTTL records the message TTL of a queue.declare record's queue: with policies
+// applied by effective, else its x-message-ttl.
+func noteQueueTTL(qttl map[uint64]ttl, payload []byte, effective func(vhost, queue string, args table) ttl) {
 	d := decoder{b: payload}
-	d.shortstr()
+	vhost := d.shortstr()
 	id := d.longlong()
-	d.shortstr()
+	name := d.shortstr()
 	d.octet()
 	args := d.table()
-	if t, err := queueTTL(args); d.err == nil && err == nil && t != 0 {
+	if d.err != nil {
+		return
+	}
+	t, _ := queueTTL(args)
+	if effective != nil {
+		t = effective(vhost, name, args)
+	}
+	if t != 0 {
 		qttl[id] = t
 	}
 }
@@ -1161,6 +1173,22 @@ func logUnwritable(err error) *Error {
 }
 
 // openStore opens the data directory, replays it into the vhosts, and starts logging.
+// queueTTL is the message TTL queue of vhost has, with arguments args and the vhost's
+// policies as they are now.
+func (s *Server) queueTTL(vhost, queue string, args table) ttl {
+	qa, _, _ := parseQueueArgs(args)
+	s.mu.Lock()
+	vh := s.vhosts[vhost]
+	s.mu.Unlock()
+	if vh == nil {
+		return qa.ttl
+	}
+	vh.mu.RLock()
+	qa, _, _ = vh.policies.queueArgs(queue, args, qa)
+	vh.mu.RUnlock()
+	return qa.ttl
+}
+
 func (s *Server) openStore() error {
 	if s.cfg.DataDir == "" {
 		return nil
@@ -1172,6 +1200,7 @@ func (s *Server) openStore() error {
 		repair:      s.cfg.Repair,
 		log:         s.log,
 		snapshot:    s.snapshotTopology,
+		queueTTL:    s.queueTTL,
 	})
 	if err != nil {
 		return err
@@ -1243,7 +1272,9 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			f := d.octet()
 			args := d.table()
 			if d.err == nil && validKind(kind) {
-				vh.exchanges[name] = newExchange(name, kind, f&1 != 0, f&2 != 0, f&4 != 0, args)
+				x := newExchange(name, kind, f&1 != 0, f&2 != 0, f&4 != 0, args)
+				x.ae = vh.policies.alternate(name, args)
+				vh.exchanges[name] = x
 			}
 		case recExchangeDelete:
 			if x := vh.exchanges[d.shortstr()]; x != nil && d.err == nil {

@@ -29,6 +29,7 @@ type vhost struct {
 	mu        sync.RWMutex
 	exchanges map[string]*exchange // guarded by mu
 	queues    map[string]*queue    // guarded by mu
+	policies  *policySet           // guarded by mu: nil when none
 	deleted   bool                 // guarded by mu: a reload deleted it; nothing is declared or bound in it
 }
 

@@ -18,6 +18,7 @@ type ctlCommand struct {
 	min, max int    // how many positional arguments
 	vhost    bool   // takes -p VHOST
 	password bool   // reads a password from standard input
+	policy   bool   // takes --priority and --apply-to
 }
 
 // ctlCommands are the definitions subcommands, named as rabbitmqctl names them.
@@ -33,6 +34,13 @@ var ctlCommands = map[string]ctlCommand{
 	"set_permissions":   {args: "USER CONF WRITE READ", min: 4, max: 4, vhost: true},
 	"clear_permissions": {args: "USER", min: 1, max: 1, vhost: true},
 	"list_permissions":  {vhost: true},
+
+	"set_policy":             {args: "NAME PATTERN DEFINITION", min: 3, max: 3, vhost: true, policy: true},
+	"clear_policy":           {args: "NAME", min: 1, max: 1, vhost: true},
+	"list_policies":          {vhost: true},
+	"set_operator_policy":    {args: "NAME PATTERN DEFINITION", min: 3, max: 3, vhost: true, policy: true},
+	"clear_operator_policy":  {args: "NAME", min: 1, max: 1, vhost: true},
+	"list_operator_policies": {vhost: true},
 }
 
 // maxPasswordLine bounds the password read from standard input.
@@ -65,7 +73,14 @@ func runCtl(verb string, args []string, stdin io.Reader, stdout, stderr io.Write
 	usage := "usage: amqpd " + verb + " [-definitions FILE]"
 	if cmd.vhost {
 		flags.StringVar(&vhost, "p", "/", "virtual host")
+		flags.StringVar(&vhost, "vhost", "/", "virtual host")
 		usage += " [-p VHOST]"
+	}
+	priority, applyTo := 0, "all"
+	if cmd.policy {
+		flags.IntVar(&priority, "priority", 0, "policy priority")
+		flags.StringVar(&applyTo, "apply-to", "all", "what the policy applies to")
+		usage += " [--priority N] [--apply-to all|queues|exchanges]"
 	}
 	if cmd.args != "" {
 		usage += " " + cmd.args
@@ -120,6 +135,30 @@ func runCtl(verb string, args []string, stdin io.Reader, stdout, stderr io.Write
 			}
 		}
 		return 0
+	case "list_policies", "list_operator_policies":
+		list := d.Policies
+		if verb == "list_operator_policies" {
+			list = d.OperatorPolicies
+		}
+		ps, err := list()
+		if err != nil {
+			return fail(1, "%s", strings.TrimPrefix(err.Error(), "amqp: "))
+		}
+		fmt.Fprintln(stdout, "vhost\tname\tpattern\tapply-to\tdefinition\tpriority")
+		for _, p := range ps {
+			if p.Vhost == vhost {
+				fmt.Fprintf(stdout, "%s\t%s\t%s\t%s\t%s\t%d\n", p.Vhost, p.Name, p.Pattern, p.ApplyTo, p.Definition, p.Priority)
+			}
+		}
+		return 0
+	case "set_policy":
+		err = d.SetPolicy(amqp.Policy{Vhost: vhost, Name: pos[0], Pattern: pos[1], Definition: []byte(pos[2]), Priority: priority, ApplyTo: applyTo})
+	case "set_operator_policy":
+		err = d.SetOperatorPolicy(amqp.Policy{Vhost: vhost, Name: pos[0], Pattern: pos[1], Definition: []byte(pos[2]), Priority: priority, ApplyTo: applyTo})
+	case "clear_policy":
+		err = d.ClearPolicy(vhost, pos[0])
+	case "clear_operator_policy":
+		err = d.ClearOperatorPolicy(vhost, pos[0])
 	case "add_user":
 		err = d.AddUser(pos[0], password)
 	case "delete_user":
