@@ -67,6 +67,7 @@ func TestConfigFile(t *testing.T) {
 			map[string]string{"addr": "", "log-file": "/var/log/a b/#1.log", "definitions": `C:\defs.json`}},
 		{"empty value", "tls-addr =\n", map[string]string{"tls-addr": ""}},
 		{"byte order mark", "\uFEFFmax-connections = 7\n", map[string]string{"max-connections": "7"}},
+		{"the new flags", "pidfile = /run/amqpd.pid\n", map[string]string{"pidfile": "/run/amqpd.pid"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, defaults, _, _ := printConfig(t)
@@ -217,6 +218,7 @@ page-out-bytes = 1000
 		"frame-max":       "131072",    // default
 		"tls-verify":      "none",      // default
 		"log-level":       "info",      // default
+		"pidfile":         "",          // default
 		"segment-size":    "16777216",  // default
 		"definitions":     "",          // default
 		"tls-addr":        ":5671",     // default
@@ -277,13 +279,13 @@ func TestPrintConfigRoundTrip(t *testing.T) {
 	file := writeFile(t, "in.conf", "log-file = \"/var/log/amqpd #1/a \\\"b\\\".log\"\nmemory-high-watermark = 0.25\nfsync-interval = 1.5s\n")
 	t.Setenv("AMQPD_DEFINITIONS", `C:\amqp\defs.json`)
 	t.Setenv("AMQPD_TLS_CA", " \tleading space")
-	code, first, out, errOut := printConfig(t, "-config", file, "-addr", "", "-repair")
+	code, first, out, errOut := printConfig(t, "-config", file, "-addr", "", "-repair", "-pidfile", "/run/amqpd/pid")
 	if code != 0 || errOut != "" {
 		t.Fatalf("exit %d, stderr %q", code, errOut)
 	}
 	for k, want := range map[string]string{"log-file": `/var/log/amqpd #1/a "b".log`, "memory-high-watermark": "0.25",
 		"fsync-interval": "1.5s", "definitions": `C:\amqp\defs.json`, "tls-ca": " \tleading space", "addr": "",
-		"repair": "true"} {
+		"repair": "true", "pidfile": "/run/amqpd/pid"} {
 		if first[k] != want {
 			t.Errorf("%s = %q, want %q", k, first[k], want)
 		}

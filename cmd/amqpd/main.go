@@ -1,7 +1,7 @@
 // Command amqpd runs the amqp-go AMQP 0.9.1 broker.
 //
 //	go run ./cmd/amqpd -addr 127.0.0.1:5672 -log-level debug
-//	AMQPD_DATA_DIR=/var/lib/amqpd amqpd -config /etc/amqpd.conf
+//	AMQPD_DATA_DIR=/var/lib/amqpd amqpd -config /etc/amqpd.conf -pidfile /run/amqpd.pid
 //	echo "$PASSWORD" | amqpd add_user -definitions defs.json alice
 package main
 
@@ -61,6 +61,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	logFile := fs.String("log-file", "", "log to this file instead of standard error")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	fs.IntVar(&cfg.MaxMessageSize, "max-message-size", 16<<20, "largest message body in bytes (at most 512 MiB)")
+	pidPath := fs.String("pidfile", "", "write the process id here once listening, remove it on exit; refuse to start if it names a running amqpd")
 	fs.String("config", "", "file of key = value lines setting these flags; AMQPD_<FLAG> variables override it, and the command line both")
 	printConfig := fs.Bool("print-config", false, "print the effective flags as a config file and exit")
 	if err := fs.Parse(args); err != nil {
@@ -133,6 +134,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "amqpd: -addr is empty and no -tls-cert is given: nothing to listen on")
 		return 2
 	}
+	pid, err := claimPidfile(*pidPath)
+	if err != nil {
+		fmt.Fprintf(stderr, "amqpd: %v\n", err)
+		return 1
+	}
+	defer pid.remove()
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
@@ -140,11 +147,21 @@ func run(args []string, stdout, stderr io.Writer) int {
 	srv := amqp.NewServer(cfg)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.ListenAndServe() }()
+	// Addr returns once the data is loaded and the listeners are open. If ListenAndServe
+	// fails it never returns, and this goroutine ends with the process.
+	listening := make(chan struct{})
+	go func() { srv.Addr(); close(listening) }()
 	health := time.NewTicker(time.Second)
 	defer health.Stop()
 	code := 0
 	for done := false; !done; {
 		select {
+		case <-listening:
+			listening = nil
+			if err := pid.write(); err != nil {
+				logger.Error("exiting", "err", err)
+				done, code = true, 1
+			}
 		case <-health.C:
 			if err := srv.Healthy(); err != nil {
 				// State may be locked or half changed: exit so a supervisor restarts the
