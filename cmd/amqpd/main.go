@@ -140,6 +140,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	defer pid.remove()
+	sd := newNotifier(os.Getenv("NOTIFY_SOCKET"), logger)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
@@ -161,6 +162,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 			if err := pid.write(); err != nil {
 				logger.Error("exiting", "err", err)
 				done, code = true, 1
+			} else {
+				sd.isReady()
 			}
 		case <-health.C:
 			if err := srv.Healthy(); err != nil {
@@ -179,17 +182,20 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return 1
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
+				sd.reloading()
 				if err := srv.Reload(); err != nil {
 					logger.Error("reload failed; keeping the previous users and certificates", "err", err)
 				} else {
 					logger.Info("reloaded definitions and certificates")
 				}
+				sd.reloaded()
 				continue
 			}
 			logger.Info("shutting down", "signal", sig.String())
 			done = true
 		}
 	}
+	sd.stopping()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	stopped := make(chan error, 1)
