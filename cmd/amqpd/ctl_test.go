@@ -311,7 +311,7 @@ func (errReader) Read([]byte) (int, error) { return 0, os.ErrClosed }
 
 func TestRunDispatchesCtl(t *testing.T) {
 	var stderr bytes.Buffer
-	if code := run([]string{"delete_user", "-definitions", filepath.Join(t.TempDir(), "d.json"), "nobody"}, &stderr); code != 1 {
+	if code := run([]string{"delete_user", "-definitions", filepath.Join(t.TempDir(), "d.json"), "nobody"}, io.Discard, &stderr); code != 1 {
 		t.Errorf("exit %d, want 1", code)
 	}
 	if stderr.String() != "amqpd delete_user: user \"nobody\" does not exist\n" {

@@ -1,6 +1,7 @@
 // Command amqpd runs the amqp-go AMQP 0.9.1 broker.
 //
 //	go run ./cmd/amqpd -addr 127.0.0.1:5672 -log-level debug
+//	AMQPD_DATA_DIR=/var/lib/amqpd amqpd -config /etc/amqpd.conf -pidfile /run/amqpd.pid
 //	echo "$PASSWORD" | amqpd add_user -definitions defs.json alice
 package main
 
@@ -20,44 +21,49 @@ import (
 )
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stderr))
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-// run parses flags, serves until SIGINT or SIGTERM, and returns the exit code. A first
-// argument naming a definitions subcommand (add_user, list_users, ...) runs that instead.
-func run(args []string, stderr io.Writer) int {
+// run reads the flags (command line, AMQPD_* variables, config file), serves until SIGINT
+// or SIGTERM, and returns the exit code. A first argument naming a definitions subcommand
+// (add_user, list_users, ...) runs that instead, with its own flags only.
+func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && isCtlVerb(args[0]) {
-		return runCtl(args[0], args[1:], os.Stdin, os.Stdout, stderr)
+		return runCtl(args[0], args[1:], os.Stdin, stdout, stderr)
 	}
 	fs := flag.NewFlagSet("amqpd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported below, in one line
-	addr := fs.String("addr", ":5672", `TCP address to listen on; "" turns the plain listener off`)
-	dataDir := fs.String("data-dir", "amqp-data", "directory for the write-ahead log")
-	definitions := fs.String("definitions", "", "RabbitMQ definitions JSON file with users, vhosts and permissions (default: guest/guest on vhost /)")
+	var cfg amqp.Config      // flags Config takes unchanged are bound to its fields
+	fs.StringVar(&cfg.Addr, "addr", ":5672", `TCP address to listen on; "" turns the plain listener off`)
+	fs.StringVar(&cfg.DataDir, "data-dir", "amqp-data", "directory for the write-ahead log")
+	fs.StringVar(&cfg.Definitions, "definitions", "", "RabbitMQ definitions JSON file with users, vhosts and permissions (default: guest/guest on vhost /)")
 	tlsAddr := fs.String("tls-addr", ":5671", "TCP address of the amqps listener, when -tls-cert is given")
 	tlsCert := fs.String("tls-cert", "", "PEM certificate file for amqps")
 	tlsKey := fs.String("tls-key", "", "PEM private key file for amqps")
 	tlsCA := fs.String("tls-ca", "", "PEM CA bundle for checking client certificates")
 	tlsVerify := fs.String("tls-verify", "none", "client certificates: none, optional or required")
-	maxConns := fs.Int("max-connections", 0, "most open client connections, past login (0: no limit)")
-	maxHandshakes := fs.Int("max-handshakes", 1024, "most sockets in their handshake; past it the oldest is dropped (-1: no limit)")
-	authFailures := fs.Int("auth-failure-limit", 10, "failed logins one address (IPv6: /64) may make before it is held to one a second (-1: no limit)")
-	maxVhostConns := fs.Int("max-connections-per-vhost", 0, "most connections to one vhost (0: no limit)")
-	maxQueues := fs.Int("max-queues-per-vhost", 0, "most queues in one vhost (0: no limit)")
+	fs.IntVar(&cfg.MaxConnections, "max-connections", 0, "most open client connections, past login (0: no limit)")
+	fs.IntVar(&cfg.MaxHandshakes, "max-handshakes", 1024, "most sockets in their handshake; past it the oldest is dropped (-1: no limit)")
+	fs.IntVar(&cfg.AuthFailureLimit, "auth-failure-limit", 10, "failed logins one address (IPv6: /64) may make before it is held to one a second (-1: no limit)")
+	fs.IntVar(&cfg.MaxConnectionsPerVhost, "max-connections-per-vhost", 0, "most connections to one vhost (0: no limit)")
+	fs.IntVar(&cfg.MaxQueuesPerVhost, "max-queues-per-vhost", 0, "most queues in one vhost (0: no limit)")
 	channelMax := fs.Uint("channel-max", 2047, "channel-max offered to clients")
 	frameMax := fs.Uint("frame-max", 131072, "frame-max offered to clients, 4096 to 16 MiB")
-	heartbeat := fs.Duration("heartbeat", 60*time.Second, "heartbeat interval offered to clients (0: none)")
-	handshake := fs.Duration("handshake-timeout", 10*time.Second, "time a client has to open its connection")
-	pageOut := fs.Int64("page-out-bytes", 4<<20, "memory a queue's ready messages may take (64x for a queue with consumers) before new ones stay on disk and are read back on delivery (-1: only under the memory alarm)")
-	segmentSize := fs.Int64("segment-size", 16<<20, "size at which the write-ahead log starts a new segment file")
-	fsyncInterval := fs.Duration("fsync-interval", 0, "0: fsync every batch before confirming (always); >0: fsync at most this often, confirming after the write (a machine crash may lose up to this much)")
-	diskFreeLimit := fs.Int64("disk-free-limit", 50_000_000, "block publishers while the data directory's disk has fewer free bytes than this; 0: never")
+	fs.DurationVar(&cfg.Heartbeat, "heartbeat", 60*time.Second, "heartbeat interval offered to clients (0: none)")
+	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", 10*time.Second, "time a client has to open its connection")
+	fs.Int64Var(&cfg.PageOutBytes, "page-out-bytes", 4<<20, "memory a queue's ready messages may take (64x for a queue with consumers) before new ones stay on disk and are read back on delivery (-1: only under the memory alarm)")
+	fs.Int64Var(&cfg.SegmentSize, "segment-size", 16<<20, "size at which the write-ahead log starts a new segment file")
+	fs.DurationVar(&cfg.FsyncInterval, "fsync-interval", 0, "0: fsync every batch before confirming (always); >0: fsync at most this often, confirming after the write (a machine crash may lose up to this much)")
+	fs.Int64Var(&cfg.DiskFreeLimit, "disk-free-limit", 50_000_000, "block publishers while the data directory's disk has fewer free bytes than this; 0: never")
 	memWatermark := fs.Float64("memory-high-watermark", 0.4, "block publishers when the live heap passes this fraction of RAM (<= 1) or this many bytes (> 1); 0: never")
-	repair := fs.Bool("repair", false, "skip corrupt records in the middle of the log at startup, logging what is lost")
+	fs.BoolVar(&cfg.Repair, "repair", false, "skip corrupt records in the middle of the log at startup, logging what is lost")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	logFile := fs.String("log-file", "", "log to this file instead of standard error")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
-	maxMessage := fs.Int("max-message-size", 16<<20, "largest message body in bytes (at most 512 MiB)")
+	fs.IntVar(&cfg.MaxMessageSize, "max-message-size", 16<<20, "largest message body in bytes (at most 512 MiB)")
+	pidPath := fs.String("pidfile", "", "write the process id here once listening, remove it on exit; refuse to start if it names a running amqpd")
+	fs.String("config", "", "file of key = value lines setting these flags; AMQPD_<FLAG> variables override it, and the command line both")
+	printConfig := fs.Bool("print-config", false, "print the effective flags as a config file and exit")
 	if err := fs.Parse(args); err != nil {
 		if err == flag.ErrHelp {
 			fs.SetOutput(stderr)
@@ -71,10 +77,25 @@ func run(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "amqpd: unexpected argument %q\n", fs.Arg(0))
 		return 2
 	}
+	unknownEnv, err := loadConfig(fs, os.Environ())
+	if err != nil {
+		fmt.Fprintf(stderr, "amqpd: %v\n", err)
+		return 2
+	}
+	if *printConfig {
+		if writeConfig(stdout, fs) != nil {
+			return 1
+		}
+		return 0
+	}
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		fmt.Fprintf(stderr, "amqpd: bad -log-level %q: want debug, info, warn or error\n", *logLevel)
+		return 2
+	}
+	if *logFormat != "text" && *logFormat != "json" {
+		fmt.Fprintf(stderr, "amqpd: bad -log-format %q: want text or json\n", *logFormat)
 		return 2
 	}
 	out := stderr
@@ -87,67 +108,63 @@ func run(args []string, stderr io.Writer) int {
 		defer f.Close()
 		out = f
 	}
-	opts := &slog.HandlerOptions{Level: level}
-	var handler slog.Handler
-	switch *logFormat {
-	case "text":
-		handler = slog.NewTextHandler(out, opts)
-	case "json":
-		handler = slog.NewJSONHandler(out, opts)
-	default:
-		fmt.Fprintf(stderr, "amqpd: bad -log-format %q: want text or json\n", *logFormat)
-		return 2
+	var handler slog.Handler = slog.NewTextHandler(out, &slog.HandlerOptions{Level: level})
+	if *logFormat == "json" {
+		handler = slog.NewJSONHandler(out, &slog.HandlerOptions{Level: level})
 	}
 	logger := slog.New(handler)
-
-	cfg := amqp.Config{
-		Addr:           *addr,
-		DataDir:        *dataDir,
-		Logger:         logger,
-		MaxMessageSize: *maxMessage,
-		MaxConnections: *maxConns,
-		Definitions:    *definitions,
-		Repair:         *repair,
-		SegmentSize:    *segmentSize,
-		PageOutBytes:   *pageOut,
-		FsyncInterval:  *fsyncInterval,
-
-		MaxHandshakes:          *maxHandshakes,
-		AuthFailureLimit:       *authFailures,
-		MaxConnectionsPerVhost: *maxVhostConns,
-		MaxQueuesPerVhost:      *maxQueues,
-		ChannelMax:             uint16(min(*channelMax, 65535)),
-		FrameMax:               uint32(min(*frameMax, 16<<20)),
-		Heartbeat:              *heartbeat,
-		HandshakeTimeout:       *handshake,
+	for _, name := range unknownEnv {
+		logger.Warn("ignoring an environment variable that names no flag", "name", name)
 	}
+
+	cfg.Logger = logger
+	cfg.ChannelMax = uint16(min(*channelMax, 65535))
+	cfg.FrameMax = uint32(min(*frameMax, 16<<20))
 	cfg.MemoryHighWatermark = watermark(*memWatermark)
-	cfg.DiskFreeLimit = *diskFreeLimit
-	if *diskFreeLimit <= 0 {
+	if cfg.DiskFreeLimit <= 0 {
 		cfg.DiskFreeLimit = -1 // Config's zero means the default
 	}
-	if *heartbeat == 0 {
+	if cfg.Heartbeat == 0 {
 		cfg.Heartbeat = -1 // Config's zero means the default
 	}
 	if *tlsCert != "" {
 		cfg.TLSAddr = *tlsAddr
 		cfg.TLS = &amqp.TLSConfig{CertFile: *tlsCert, KeyFile: *tlsKey, CAFile: *tlsCA, Verify: *tlsVerify}
-	} else if *addr == "" {
+	} else if cfg.Addr == "" {
 		fmt.Fprintln(stderr, "amqpd: -addr is empty and no -tls-cert is given: nothing to listen on")
 		return 2
 	}
-	srv := amqp.NewServer(cfg)
-	errc := make(chan error, 1)
-	go func() { errc <- srv.ListenAndServe() }()
+	pid, err := claimPidfile(*pidPath)
+	if err != nil {
+		fmt.Fprintf(stderr, "amqpd: %v\n", err)
+		return 1
+	}
+	defer pid.remove()
+	sd := newNotifier(os.Getenv("NOTIFY_SOCKET"), logger)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
+	srv := amqp.NewServer(cfg)
+	errc := make(chan error, 1)
+	go func() { errc <- srv.ListenAndServe() }()
+	// Addr returns once the data is loaded and the listeners are open. If ListenAndServe
+	// fails it never returns, and this goroutine ends with the process.
+	listening := make(chan struct{})
+	go func() { srv.Addr(); close(listening) }()
 	health := time.NewTicker(time.Second)
 	defer health.Stop()
 	code := 0
 	for done := false; !done; {
 		select {
+		case <-listening:
+			listening = nil
+			if err := pid.write(); err != nil {
+				logger.Error("exiting", "err", err)
+				done, code = true, 1
+			} else {
+				sd.isReady()
+			}
 		case <-health.C:
 			if err := srv.Healthy(); err != nil {
 				// State may be locked or half changed: exit so a supervisor restarts the
@@ -165,17 +182,20 @@ func run(args []string, stderr io.Writer) int {
 			return 1
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
+				sd.reloading()
 				if err := srv.Reload(); err != nil {
 					logger.Error("reload failed; keeping the previous users and certificates", "err", err)
 				} else {
 					logger.Info("reloaded definitions and certificates")
 				}
+				sd.reloaded()
 				continue
 			}
 			logger.Info("shutting down", "signal", sig.String())
 			done = true
 		}
 	}
+	sd.stopping()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	stopped := make(chan error, 1)

@@ -2,12 +2,10 @@ package main
 
 import (
 	"bytes"
+	"io"
 	"net"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -27,7 +25,7 @@ func TestRunBadArguments(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			var stderr bytes.Buffer
 			args := append([]string{"-addr", "127.0.0.1:0", "-data-dir", t.TempDir()}, tc.args...)
-			if code := run(args, &stderr); code != 2 {
+			if code := run(args, io.Discard, &stderr); code != 2 {
 				t.Errorf("exit code %d, want 2", code)
 			}
 			if msg := stderr.String(); !strings.Contains(msg, tc.want) || strings.Count(msg, "\n") != 1 {
@@ -39,7 +37,7 @@ func TestRunBadArguments(t *testing.T) {
 
 func TestRunUnknownFlag(t *testing.T) {
 	var stderr bytes.Buffer
-	if code := run([]string{"-no-such-flag"}, &stderr); code != 2 {
+	if code := run([]string{"-no-such-flag"}, io.Discard, &stderr); code != 2 {
 		t.Errorf("exit code %d, want 2", code)
 	}
 	if msg := stderr.String(); !strings.Contains(msg, "-no-such-flag") || strings.Count(msg, "\n") != 1 {
@@ -54,7 +52,7 @@ func TestRunAddressInUse(t *testing.T) {
 	}
 	defer ln.Close()
 	var stderr bytes.Buffer
-	if code := run([]string{"-addr", ln.Addr().String(), "-data-dir", t.TempDir()}, &stderr); code != 1 {
+	if code := run([]string{"-addr", ln.Addr().String(), "-data-dir", t.TempDir()}, io.Discard, &stderr); code != 1 {
 		t.Errorf("exit code %d, want 1", code)
 	}
 	if !strings.Contains(stderr.String(), "already in use") {
@@ -64,49 +62,15 @@ func TestRunAddressInUse(t *testing.T) {
 
 // TestDaemonServesUntilSIGTERM builds amqpd, serves a client, and stops it with SIGTERM.
 func TestDaemonServesUntilSIGTERM(t *testing.T) {
-	if runtime.GOOS == "windows" {
-		t.Skip("needs SIGTERM")
-	}
-	goTool, err := exec.LookPath(filepath.Join(runtime.GOROOT(), "bin", "go"))
-	if err != nil {
-		if goTool, err = exec.LookPath("go"); err != nil {
-			t.Skip("go command not found")
-		}
-	}
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "amqpd")
-	if out, err := exec.Command(goTool, "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-
-	var logs bytes.Buffer // read only after Wait
-	cmd := exec.Command(bin, "-addr", addr, "-data-dir", filepath.Join(dir, "data"))
-	cmd.Stderr = &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-exited
-	})
+	addr := freeAddr(t)
+	d := startDaemon(t, nil, "-addr", addr, "-data-dir", filepath.Join(t.TempDir(), "data"))
 
 	var conn *amqp091.Connection
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if conn, err = amqp091.Dial("amqp://guest:guest@" + addr + "/"); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("amqpd did not come up on %s: %v", addr, err)
-		}
-	}
+	var err error
+	pollFor(t, 10*time.Second, "amqpd to come up on "+addr, func() bool {
+		conn, err = amqp091.Dial("amqp://guest:guest@" + addr + "/")
+		return err == nil
+	})
 	defer conn.Close()
 	ch, err := conn.Channel()
 	if err != nil {
@@ -117,20 +81,9 @@ func TestDaemonServesUntilSIGTERM(t *testing.T) {
 	}
 	closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
 
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-exited:
-		exited <- err // for the cleanup
-		if err != nil {
-			t.Errorf("amqpd exited with %v, want status 0; log:\n%s", err, logs.String())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("amqpd still running 10s after SIGTERM")
-	}
-	if !strings.Contains(logs.String(), "shutting down") {
-		t.Errorf("log does not mention shutting down:\n%s", logs.String())
+	d.stop(t)
+	if !strings.Contains(d.logs.String(), "shutting down") {
+		t.Errorf("log does not mention shutting down:\n%s", d.logs)
 	}
 	select {
 	case e := <-closed:

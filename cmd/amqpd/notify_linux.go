@@ -1,0 +1,19 @@
+package main
+
+// CLOCK_MONOTONIC for notify.go's MONOTONIC_USEC, which the time package does not expose.
+
+import (
+	"syscall"
+	"unsafe"
+)
+
+// monotonicUsec returns CLOCK_MONOTONIC in microseconds, systemd's MONOTONIC_USEC.
+func monotonicUsec() (uint64, bool) {
+	const clockMonotonic = 1 // CLOCK_MONOTONIC in <time.h>
+	var ts syscall.Timespec
+	_, _, errno := syscall.Syscall(syscall.SYS_CLOCK_GETTIME, clockMonotonic, uintptr(unsafe.Pointer(&ts)), 0)
+	if errno != 0 {
+		return 0, false
+	}
+	return uint64(ts.Sec)*1e6 + uint64(ts.Nsec)/1e3, true
+}
