@@ -50,6 +50,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"runtime"
 	"runtime/metrics"
@@ -90,6 +91,12 @@ type Config struct {
 	// TLSAddr is the address of the amqps listener ListenAndServe opens when TLS is set;
 	// default ":5671".
 	TLSAddr string
+	// HTTPAddr is the address ListenAndServe serves the management HTTP API on (RabbitMQ's
+	// port is 15672); "" is none. See ManagementHandler.
+	HTTPAddr string
+	// PrometheusAddr is the address ListenAndServe serves Prometheus metrics on (RabbitMQ's
+	// port is 15692); "" is none. See MetricsHandler.
+	PrometheusAddr string
 	// TLS configures amqps: certificate and key files, and client certificate checks.
 	TLS *TLSConfig
 	// MaxConnections caps the open client connections (past connection.open); 0 is no
@@ -245,6 +252,10 @@ type Server struct {
 	// reloadMu serializes loadAuth, so a reload deletes a virtual host before the next one
 	// may create it again.
 	reloadMu sync.Mutex
+	// defsMu serializes reading, editing and applying the definitions; defs is the copy in
+	// force (guarded by defsMu).
+	defsMu sync.Mutex
+	defs   *Definitions
 
 	mu         sync.Mutex
 	listeners  map[net.Listener]struct{} // guarded by mu
@@ -274,7 +285,9 @@ type Server struct {
 	spill      *spill                 // the paging files; nil without a data directory
 	openOnce   sync.Once
 	openErr    error
-	ready      chan struct{} // closed when the first listener is up
+	ready      chan struct{}  // closed when the first listener is up
+	startedAt  time.Time      // when NewServer made the server
+	httpSrvs   []*http.Server // guarded by mu: the HTTP listeners ListenAndServe opened
 }
 
 // NewServer returns a server configured by cfg; it does not listen until Serve or
@@ -283,6 +296,7 @@ func NewServer(cfg Config) *Server {
 	cfg.setDefaults()
 	s := &Server{
 		cfg:       cfg,
+		startedAt: time.Now(),
 		log:       cfg.Logger,
 		listeners: make(map[net.Listener]struct{}),
 		active:    make(map[*conn]struct{}),
@@ -313,6 +327,9 @@ func (s *Server) ListenAndServe() error {
 	}
 	var plain, secure net.Listener
 	var err error
+	if err := s.listenHTTP(); err != nil {
+		return err
+	}
 	if s.cfg.TLS != nil {
 		if err := s.loadTLS(); err != nil {
 			return err
@@ -544,6 +561,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		<-done
 		err = ctx.Err()
 	}
+	s.closeHTTP()
 	s.dead.close() // messages on their way to a dead-letter exchange are logged first
 	if s.store != nil {
 		s.store.close()

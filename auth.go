@@ -71,18 +71,76 @@ func (s *Server) mechanisms(peerCN string) string {
 // longer defined are deleted with everything in them (see deleteVhosts), and the
 // connections of deleted users and virtual hosts are closed.
 func (s *Server) loadAuth() error {
-	defs := DefaultDefinitions()
+	s.defsMu.Lock()
+	defer s.defsMu.Unlock()
+	defs, err := s.readDefinitions()
+	if err != nil {
+		return err
+	}
+	return s.applyDefinitions(defs)
+}
+
+// readDefinitions reads Config.Definitions; without a file, the definitions the API last
+// set, or RabbitMQ's defaults. s.defsMu must be held.
+func (s *Server) readDefinitions() (*Definitions, error) {
+	path := s.cfg.Definitions
+	if path == "" {
+		if s.defs != nil {
+			return s.defs.clone(), nil
+		}
+		return DefaultDefinitions(), nil
+	}
+	d, err := LoadDefinitions(path)
+	if errors.Is(err, os.ErrNotExist) {
+		s.log.Warn("definitions file not found; using the default guest user and vhost /", "file", path)
+		return DefaultDefinitions(), nil
+	}
+	return d, err
+}
+
+// editDefinitions changes the definitions with edit, saves them (atomically, when there is
+// a file) and applies them, as a reload does. Nothing changes if edit, the save or the
+// checks fail.
+func (s *Server) editDefinitions(edit func(d *Definitions) error) error {
+	s.defsMu.Lock()
+	defer s.defsMu.Unlock()
+	d, err := s.readDefinitions()
+	if err != nil {
+		return err
+	}
+	if err := edit(d); err != nil {
+		return err
+	}
+	if err := d.check(); err != nil {
+		return errors.New("amqp: " + err.Error())
+	}
+	if _, err := newAuthDB(d, s.cfg.LoopbackUsers); err != nil {
+		return err
+	}
+	if _, _, err := d.policySets(); err != nil {
+		return errors.New("amqp: " + err.Error())
+	}
 	if path := s.cfg.Definitions; path != "" {
-		d, err := LoadDefinitions(path)
-		switch {
-		case errors.Is(err, os.ErrNotExist):
-			s.log.Warn("definitions file not found; using the default guest user and vhost /", "file", path)
-		case err != nil:
+		if err := d.Save(path); err != nil {
 			return err
-		default:
-			defs = d
 		}
 	}
+	return s.applyDefinitions(d)
+}
+
+// definitions returns a copy of the definitions in force.
+func (s *Server) definitions() *Definitions {
+	s.defsMu.Lock()
+	defer s.defsMu.Unlock()
+	if s.defs == nil {
+		return DefaultDefinitions()
+	}
+	return s.defs.clone()
+}
+
+// applyDefinitions makes defs the users, vhosts, permissions and policies in force.
+// s.defsMu must be held.
+func (s *Server) applyDefinitions(defs *Definitions) error {
 	db, err := newAuthDB(defs, s.cfg.LoopbackUsers)
 	if err != nil {
 		return err
@@ -92,6 +150,7 @@ func (s *Server) loadAuth() error {
 		return err
 	}
 	db.ignored = append(db.ignored, ignored...)
+	s.defs = defs.clone()
 	if len(db.ignored) > 0 {
 		// One warning per load: a migration from RabbitMQ should not lose a rule silently.
 		s.log.Warn("definitions: not enforced, ignored", "file", s.cfg.Definitions, "ignored", strings.Join(db.ignored, "; "))

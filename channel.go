@@ -41,7 +41,8 @@ type channel struct {
 	permTopic     *topicPerm // the user's topic permission on permN; nil if none
 
 	confirm    bool
-	inConfirms bool // listed in c.confirms for the next flush
+	modes      atomic.Uint32 // modeConfirm, modeTx: confirm and tx, readable by other goroutines
+	inConfirms bool          // listed in c.confirms for the next flush
 	tx         bool
 	txPubs     []txPublish
 	txAcks     []txAck
@@ -69,6 +70,12 @@ type channel struct {
 	consumers        map[string]*consumer // guarded by mu
 	replyTo          *replyConsumer       // guarded by mu (written only by the reader): the amq.rabbitmq.reply-to consumer
 }
+
+// The modes of a channel, in channel.modes.
+const (
+	modeConfirm = 1 << iota
+	modeTx
+)
 
 // durableConfirm is a confirm that waits for the log: ticket covers the message, and nack
 // is set when the log refused it.
@@ -175,6 +182,7 @@ func (ch *channel) takeUnackedLocked() []unacked {
 		}
 	}
 	for _, u := range pending {
+		u.q.unacked.Add(-1)
 		if u.c != nil {
 			u.c.inflight--
 		}
@@ -735,6 +743,7 @@ func (ch *channel) takeLocked(tag uint64, multiple bool) ([]unacked, bool) {
 // the channel has a channel-wide limit. ch.mu must be held.
 func (ch *channel) releaseLocked(done []unacked) (global bool) {
 	for _, u := range done {
+		u.q.unacked.Add(-1)
 		if u.c != nil {
 			u.c.inflight--
 			ch.inflight--
@@ -1006,11 +1015,16 @@ func (ch *channel) basicGet(d *decoder) error {
 		return nil
 	}
 	e := q.popLocked()
+	q.counts.delivered++
+	if e.redelivered {
+		q.counts.redelivered++
+	}
 	ch.mu.Lock()
 	ch.nextTag++
 	tag := ch.nextTag
 	if !m.NoAck {
 		ch.unacked.push(unacked{tag: tag, q: q, e: e})
+		q.unacked.Add(1)
 	} else {
 		q.settleOne(e.msg)
 	}
@@ -1058,6 +1072,7 @@ func (ch *channel) confirmSelect(d *decoder) error {
 		return preconditionFailed("cannot switch from tx to confirm mode")
 	}
 	ch.confirm = true
+	ch.modes.Or(modeConfirm)
 	if !m.NoWait {
 		ch.send(&confirmSelectOk{})
 	}
@@ -1071,6 +1086,7 @@ func (ch *channel) txMethod(id uint32) error {
 			return preconditionFailed("cannot switch from confirm to tx mode")
 		}
 		ch.tx = true
+		ch.modes.Or(modeTx)
 		ch.send(&txSelectOk{})
 		return nil
 	case idTxCommit:

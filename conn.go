@@ -62,6 +62,10 @@ type conn struct {
 	hsEnd      time.Time     // the handshake deadline
 	hsElem     *list.Element // guarded by s.mu: c in s.handshakes; nil once open or dropped
 	counted    bool          // guarded by s.mu: c counts in s.open
+	internal   bool          // a session of the HTTP API: not listed, not counted
+	started    time.Time     // when the socket was accepted
+	clientInfo table         // start-ok's client-properties; read by others once opened
+	chMu       sync.Mutex    // guards writes to channels, and reads of it by other goroutines
 
 	outMu      sync.Mutex
 	out        []byte        // guarded by outMu: encoded frames waiting for the writer
@@ -96,6 +100,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 		drained:    make(chan struct{}, 1),
 		stop:       make(chan struct{}),
 		writerDone: make(chan struct{}),
+		started:    time.Now(),
 	}
 	c.log = s.log.With("conn", c.id, "remote", c.remote)
 	c.fr = frameReader{r: bufio.NewReaderSize(deadlineReader{c}, readBufferSize), frameMax: frameMinSize}
@@ -398,7 +403,9 @@ func (c *conn) dropChannel(id uint16) {
 	if c.channels[id] != nil && c.usage != nil {
 		c.usage.channels.Add(-1)
 	}
+	c.chMu.Lock()
 	c.channels[id] = nil
+	c.chMu.Unlock()
 }
 
 // confirmPending notes that ch has publishes to confirm at the next flush.
@@ -519,6 +526,7 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.caps = parseCaps(startOk.ClientProperties)
+	c.clientInfo = startOk.ClientProperties
 	src, err := c.awaitLoginTurn()
 	if err != nil {
 		return err
@@ -849,6 +857,19 @@ func (c *conn) openChannels() int {
 	return n
 }
 
+// openChannelList returns c's open channels, from any goroutine.
+func (c *conn) openChannelList() []*channel {
+	c.chMu.Lock()
+	defer c.chMu.Unlock()
+	var chs []*channel
+	for _, ch := range c.channels {
+		if ch != nil {
+			chs = append(chs, ch)
+		}
+	}
+	return chs
+}
+
 // channel returns the open channel with this id, or nil.
 func (c *conn) channel(id uint16) *channel {
 	if int(id) < len(c.channels) {
@@ -894,12 +915,14 @@ func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 				return nil, notAllowed("number of channels opened for user '" + c.user + "' has reached the maximum allowed user limit of (" + strconv.Itoa(limit) + ")")
 			}
 		}
+		c.chMu.Lock()
 		if int(id) >= len(c.channels) {
 			grown := make([]*channel, max(int(id)+1, 2*len(c.channels), 8))
 			copy(grown, c.channels)
 			c.channels = grown
 		}
 		c.channels[id] = newChannel(c, id)
+		c.chMu.Unlock()
 		c.sendOn(id, &channelOpenOk{})
 		return nil, nil
 	}

@@ -118,6 +118,18 @@ func LoadDefinitions(path string) (*Definitions, error) {
 	return d, nil
 }
 
+// clone returns a deep copy of d.
+func (d *Definitions) clone() *Definitions {
+	b, err := d.encode()
+	if err == nil {
+		if c, err := decodeDefinitions(b); err == nil {
+			return c
+		}
+	}
+	c := *d // unreachable: d encodes and decodes
+	return &c
+}
+
 // Save writes d to path atomically: a temporary file in the same directory is written,
 // synced and renamed over path, and the directory is synced. The file has mode 0600.
 func (d *Definitions) Save(path string) error {

@@ -56,8 +56,8 @@ func testQueueOf(t *testing.T, srv *Server, name string) *queue {
 	return q
 }
 
-// policiesOf returns the names of q's policy and operator policy.
-func policiesOf(q *queue) [2]string {
+// queuePolicies returns the names of q's policy and operator policy.
+func queuePolicies(q *queue) [2]string {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return [2]string{q.policy, q.operatorPolicy}
@@ -96,7 +96,7 @@ func TestPolicyAppliesToNewAndExistingQueues(t *testing.T) {
 	if deaths, _ := d.Headers["x-death"].([]any); len(deaths) != 1 || deaths[0].(amqp091.Table)["reason"] != "maxlen" {
 		t.Errorf("x-death %v, want one maxlen death", d.Headers["x-death"])
 	}
-	if got := policiesOf(testQueueOf(t, srv, "capped.a")); got != [2]string{"cap", ""} {
+	if got := queuePolicies(testQueueOf(t, srv, "capped.a")); got != [2]string{"cap", ""} {
 		t.Errorf("capped.a's policies are %q", got)
 	}
 
@@ -116,7 +116,7 @@ func TestPolicyAppliesToNewAndExistingQueues(t *testing.T) {
 	if n := queueReady(t, ch, "dlq"); n != 1 {
 		t.Errorf("dlq holds %d, want the one left: nothing more is dead-lettered", n)
 	}
-	if got := policiesOf(testQueueOf(t, srv, "capped.a")); got != [2]string{} {
+	if got := queuePolicies(testQueueOf(t, srv, "capped.a")); got != [2]string{} {
 		t.Errorf("capped.a's policies are %q after the reload", got)
 	}
 }
@@ -163,7 +163,7 @@ func TestPolicyPrecedence(t *testing.T) {
 		}
 	}
 	for q, want := range map[string][2]string{"q-args": {"low", "cap"}, "q-high": {"high", "cap"}, "q-plain": {"low", "cap"}} {
-		if got := policiesOf(testQueueOf(t, srv, q)); got != want {
+		if got := queuePolicies(testQueueOf(t, srv, q)); got != want {
 			t.Errorf("%s has policies %q, want %q", q, got, want)
 		}
 	}

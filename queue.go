@@ -221,6 +221,16 @@ type queue struct {
 	expiryAt    int64           // guarded by mu: when expiry fires, in Unix milliseconds
 	lease       *time.Timer     // guarded by mu: deletes a queue with x-expires once unused that long
 	lastUsed    atomic.Int64    // Unix milliseconds of the last basic.get, redeclare or consumer leaving
+	unacked     atomic.Int64    // deliveries of q waiting for an ack on some channel
+	counts      queueCounts     // guarded by mu
+}
+
+// queueCounts count what went through a queue, for the management API's message_stats.
+type queueCounts struct {
+	published   uint64 // messages enqueued
+	delivered   uint64 // to consumers and basic.get, with or without acks
+	redelivered uint64 // of those, messages delivered before
+	sample      rateSample
 }
 
 // consumer is a basic.consume subscription.
@@ -297,6 +307,7 @@ func (q *queue) enqueue(m *message) bool {
 		q.ramBytes += cost
 	}
 	q.readyBytes += size
+	q.counts.published++
 	if len(q.consumers) > 0 {
 		q.dispatchLocked() // delivers first: what a consumer takes is not dropped
 	} else {
@@ -696,6 +707,40 @@ func (q *queue) requeuedBefore(a, b qentry) bool {
 	return a.seq < b.seq
 }
 
+// firstLocked returns up to n of the ready messages in memory, in the order they are
+// delivered, without taking them. q.mu must be held.
+func (q *queue) firstLocked(n int) []qentry {
+	requeued := slices.Clone(q.requeued)
+	slices.SortFunc(requeued, func(a, b qentry) int {
+		if q.requeuedBefore(a, b) {
+			return -1
+		}
+		return 1
+	})
+	var ready []qentry
+	if q.ready.levels == nil {
+		for i := 0; i < q.ready.d.len() && i < n; i++ {
+			ready = append(ready, *q.ready.d.at(i))
+		}
+	} else {
+		for p := len(q.ready.levels) - 1; p >= 0 && len(ready) < n; p-- {
+			for i := 0; i < q.ready.levels[p].len() && len(ready) < n; i++ {
+				ready = append(ready, *q.ready.levels[p].at(i))
+			}
+		}
+	}
+	out := make([]qentry, 0, n)
+	for len(out) < n && (len(requeued) > 0 || len(ready) > 0) {
+		if len(requeued) > 0 && (len(ready) == 0 || q.ready.levels == nil ||
+			q.ready.priorityOf(requeued[0].msg) >= q.ready.priorityOf(ready[0].msg)) {
+			out, requeued = append(out, requeued[0]), requeued[1:]
+		} else {
+			out, ready = append(out, ready[0]), ready[1:]
+		}
+	}
+	return out
+}
+
 // took accounts for e leaving the ready messages. q.mu must be held.
 func (q *queue) took(e qentry) {
 	q.readyBytes -= int64(e.msg.size)
@@ -1068,8 +1113,13 @@ func (c *consumer) deliverLocked(e qentry) bool {
 		return false
 	}
 	ch.nextTag++
+	c.q.counts.delivered++
+	if e.redelivered {
+		c.q.counts.redelivered++
+	}
 	if !c.noAck {
 		ch.unacked.push(unacked{tag: ch.nextTag, q: c.q, e: e, c: c})
+		c.q.unacked.Add(1)
 		c.inflight++
 		ch.inflight++
 	} else {

@@ -1,0 +1,2335 @@
+package amqp
+
+import (
+	"bytes"
+	"cmp"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"hash/fnv"
+	"io"
+	"log"
+	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+)
+
+// The management HTTP API, on RabbitMQ's paths and in its JSON shapes (3.13 is the
+// contract), so that rabbitmqadmin, the UI, KEDA, telegraf and scripts written for
+// RabbitMQ work unchanged. Users log in with HTTP Basic against the same users and hashes
+// as AMQP clients, and their tags decide what they see and may do, as in RabbitMQ:
+//
+//   - management: the vhosts they have permissions on, their objects, and their own
+//     connections and channels;
+//   - policymaker: that, and policies;
+//   - monitoring: that, and every connection and channel, and the node's data;
+//   - administrator: everything, users, vhosts, permissions and definitions included.
+//
+// Changes to queues, exchanges and bindings, publish and get, go through a session (see
+// loopback.go) as the user who asked, so they are checked and answered exactly as over
+// AMQP; a refusal comes back as RabbitMQ's API gives it ({"error": ..., "reason": ...}).
+// Changes to users, vhosts, permissions and policies are saved to the definitions file
+// (atomically) and applied at once.
+
+// maxAPIBody bounds a request body: definitions files up to 20 MB, as the issue asks.
+const maxAPIBody = 20 << 20
+
+// nodeName is the node name the API and the metrics report.
+const nodeName = "rabbit@localhost"
+
+// apiUser is the user of a request, logged in.
+type apiUser struct {
+	name, password string
+	tags           []string
+	remote         net.Addr
+}
+
+func (u *apiUser) has(tag string) bool { return slices.Contains(u.tags, tag) }
+func (u *apiUser) admin() bool         { return u.has("administrator") }
+func (u *apiUser) monitor() bool       { return u.admin() || u.has("monitoring") }
+func (u *apiUser) policymaker() bool   { return u.admin() || u.has("policymaker") }
+
+// apiError is an answer other than success: RabbitMQ's {"error": ..., "reason": ...}.
+type apiError struct {
+	status        int
+	error, reason string
+}
+
+func (e *apiError) Error() string { return e.error + ": " + e.reason }
+
+func notFoundAPI() *apiError { return &apiError{http.StatusNotFound, "Object Not Found", "Not Found"} }
+func badRequest(reason string) *apiError {
+	return &apiError{http.StatusBadRequest, "bad_request", reason}
+}
+func notAuthorised(reason string) *apiError {
+	return &apiError{http.StatusUnauthorized, "not_authorized", reason}
+}
+
+// apiStatus is a handler's answer without a body: 201 Created or 204 No Content.
+type apiStatus int
+
+// apiFunc handles a request of a logged-in user and returns what to answer: a value to
+// encode as JSON (200), an apiStatus, or an error.
+type apiFunc func(r *http.Request, u *apiUser) (any, error)
+
+// ManagementHandler returns the management HTTP API, as RabbitMQ's management plugin
+// serves it on port 15672. Config.HTTPAddr serves it from ListenAndServe; an embedding
+// program may serve it on a listener of its own.
+func (s *Server) ManagementHandler() http.Handler {
+	mux := &apiRouter{}
+	handle := func(pattern string, need func(*apiUser) bool, fn apiFunc) {
+		mux.handle(pattern, s.api(need, fn))
+	}
+	anyone := func(*apiUser) bool { return true }
+	admin := (*apiUser).admin
+	monitor := (*apiUser).monitor
+
+	handle("GET /api/overview", anyone, s.apiOverview)
+	handle("GET /api/whoami", anyone, func(r *http.Request, u *apiUser) (any, error) {
+		return map[string]any{"name": u.name, "tags": u.tags}, nil
+	})
+	handle("GET /api/nodes", monitor, func(r *http.Request, u *apiUser) (any, error) { return []any{s.nodeInfo()}, nil })
+	handle("GET /api/nodes/{node}", monitor, func(r *http.Request, u *apiUser) (any, error) {
+		if r.PathValue("node") != nodeName {
+			return nil, notFoundAPI()
+		}
+		return s.nodeInfo(), nil
+	})
+	handle("GET /api/extensions", anyone, func(*http.Request, *apiUser) (any, error) { return []any{}, nil })
+
+	handle("GET /api/vhosts", anyone, s.apiVhosts)
+	handle("GET /api/vhosts/{vhost}", anyone, s.apiVhost)
+	handle("PUT /api/vhosts/{vhost}", admin, s.apiPutVhost)
+	handle("DELETE /api/vhosts/{vhost}", admin, s.apiDeleteVhost)
+	handle("GET /api/vhosts/{vhost}/permissions", admin, s.apiPermissions)
+	handle("GET /api/users", admin, s.apiUsers)
+	handle("GET /api/users/{user}", admin, s.apiUser)
+	handle("PUT /api/users/{user}", admin, s.apiPutUser)
+	handle("DELETE /api/users/{user}", admin, s.apiDeleteUser)
+	handle("GET /api/users/{user}/permissions", admin, s.apiPermissions)
+	handle("GET /api/permissions", admin, s.apiPermissions)
+	handle("GET /api/permissions/{vhost}/{user}", admin, s.apiPermission)
+	handle("PUT /api/permissions/{vhost}/{user}", admin, s.apiPutPermission)
+	handle("DELETE /api/permissions/{vhost}/{user}", admin, s.apiDeletePermission)
+	for _, kind := range []string{"policies", "operator-policies"} {
+		operator := kind == "operator-policies"
+		need := (*apiUser).policymaker
+		if operator {
+			need = admin
+		}
+		list := func(r *http.Request, u *apiUser) (any, error) { return s.apiPolicies(r, u, operator) }
+		handle("GET /api/"+kind, need, list)
+		handle("GET /api/"+kind+"/{vhost}", need, list)
+		handle("GET /api/"+kind+"/{vhost}/{name}", need, func(r *http.Request, u *apiUser) (any, error) { return s.apiPolicy(r, u, operator) })
+		handle("PUT /api/"+kind+"/{vhost}/{name}", need, func(r *http.Request, u *apiUser) (any, error) { return s.apiPutPolicy(r, u, operator) })
+		handle("DELETE /api/"+kind+"/{vhost}/{name}", need, func(r *http.Request, u *apiUser) (any, error) { return s.apiDeletePolicy(r, u, operator) })
+	}
+
+	handle("GET /api/connections", anyone, s.apiConnections)
+	handle("GET /api/vhosts/{vhost}/connections", anyone, s.apiConnections)
+	handle("GET /api/connections/{name}", anyone, s.apiConnection)
+	handle("DELETE /api/connections/{name}", anyone, s.apiCloseConnection)
+	handle("GET /api/connections/{name}/channels", anyone, s.apiChannels)
+	handle("GET /api/channels", anyone, s.apiChannels)
+	handle("GET /api/vhosts/{vhost}/channels", anyone, s.apiChannels)
+	handle("GET /api/consumers", anyone, s.apiConsumers)
+	handle("GET /api/consumers/{vhost}", anyone, s.apiConsumers)
+
+	handle("GET /api/exchanges", anyone, s.apiExchanges)
+	handle("GET /api/exchanges/{vhost}", anyone, s.apiExchanges)
+	handle("GET /api/exchanges/{vhost}/{name}", anyone, s.apiExchange)
+	handle("PUT /api/exchanges/{vhost}/{name}", anyone, s.apiPutExchange)
+	handle("DELETE /api/exchanges/{vhost}/{name}", anyone, s.apiDeleteExchange)
+	handle("POST /api/exchanges/{vhost}/{name}/publish", anyone, s.apiPublish)
+	handle("GET /api/exchanges/{vhost}/{name}/bindings/source", anyone, s.apiBindings)
+	handle("GET /api/exchanges/{vhost}/{name}/bindings/destination", anyone, s.apiBindings)
+
+	handle("GET /api/queues", anyone, s.apiQueues)
+	handle("GET /api/queues/{vhost}", anyone, s.apiQueues)
+	handle("GET /api/queues/{vhost}/{name}", anyone, s.apiQueue)
+	handle("PUT /api/queues/{vhost}/{name}", anyone, s.apiPutQueue)
+	handle("DELETE /api/queues/{vhost}/{name}", anyone, s.apiDeleteQueue)
+	handle("DELETE /api/queues/{vhost}/{name}/contents", anyone, s.apiPurge)
+	handle("POST /api/queues/{vhost}/{name}/get", anyone, s.apiGet)
+	handle("GET /api/queues/{vhost}/{name}/peek", anyone, s.apiPeek)
+	handle("POST /api/queues/{vhost}/{name}/actions", anyone, s.apiQueueAction)
+	handle("GET /api/queues/{vhost}/{name}/bindings", anyone, s.apiBindings)
+
+	handle("GET /api/bindings", anyone, s.apiBindings)
+	handle("GET /api/bindings/{vhost}", anyone, s.apiBindings)
+	for _, dk := range []string{"q", "e"} {
+		handle("GET /api/bindings/{vhost}/e/{source}/"+dk+"/{dest}", anyone, s.apiBindings)
+		handle("POST /api/bindings/{vhost}/e/{source}/"+dk+"/{dest}", anyone, s.apiPostBinding)
+		handle("GET /api/bindings/{vhost}/e/{source}/"+dk+"/{dest}/{props}", anyone, s.apiBinding)
+		handle("DELETE /api/bindings/{vhost}/e/{source}/"+dk+"/{dest}/{props}", anyone, s.apiDeleteBinding)
+	}
+
+	handle("GET /api/definitions", admin, s.apiDefinitions)
+	handle("GET /api/definitions/{vhost}", admin, s.apiDefinitions)
+
+	handle("GET /api/health/checks/alarms", anyone, s.apiHealthAlarms)
+	handle("GET /api/health/checks/local-alarms", anyone, s.apiHealthAlarms)
+	handle("GET /api/health/checks/virtual-hosts", anyone, s.apiHealthVhosts)
+	handle("GET /api/health/checks/port-listener/{port}", anyone, s.apiHealthPort)
+	handle("GET /api/health/checks/protocol-listener/{protocol}", anyone, s.apiHealthProtocol)
+	handle("GET /api/health/checks/is-in-service", anyone, s.apiHealthInService)
+	handle("GET /api/health/checks/ready-to-serve-clients", anyone, s.apiHealthInService)
+	handle("GET /api/health/checks/node-is-quorum-critical", anyone, okStatus)
+	handle("GET /api/health/checks/node-is-mirror-sync-critical", anyone, okStatus)
+	handle("GET /api/health/checks/certificate-expiration/{within}/{unit}", anyone, s.apiHealthCerts)
+	handle("GET /api/aliveness-test/{vhost}", anyone, s.apiAliveness)
+
+	return mux
+}
+
+// apiRouter routes requests by method and path segments, each unescaped on its own, so
+// that "%2F", the default vhost, is one segment as RabbitMQ's API wants it (http.ServeMux
+// unescapes the path first). Values are set as path values; a path matched by several
+// patterns goes to the one with the most literal segments.
+type apiRouter struct{ routes []apiRoute }
+
+type apiRoute struct {
+	method, pattern string
+	segs            []string // literal segments, and "{name}" for a wildcard
+	literals        int
+	h               http.Handler
+}
+
+// handle adds a route for a pattern "METHOD /path/{name}/...".
+func (rt *apiRouter) handle(pattern string, h http.Handler) {
+	method, path, _ := strings.Cut(pattern, " ")
+	r := apiRoute{method: method, pattern: pattern, segs: strings.Split(strings.Trim(path, "/"), "/"), h: h}
+	for _, sg := range r.segs {
+		if !strings.HasPrefix(sg, "{") {
+			r.literals++
+		}
+	}
+	rt.routes = append(rt.routes, r)
+}
+
+func (rt *apiRouter) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	raw := strings.Split(strings.Trim(r.URL.EscapedPath(), "/"), "/")
+	segs := make([]string, len(raw))
+	for i, sg := range raw {
+		u, err := url.PathUnescape(sg)
+		if err != nil {
+			writeAPIError(w, badRequest("bad path escape"))
+			return
+		}
+		segs[i] = u
+	}
+	var best *apiRoute
+	methodMismatch := false
+	for i := range rt.routes {
+		rr := &rt.routes[i]
+		if len(rr.segs) != len(segs) || best != nil && rr.literals <= best.literals {
+			continue
+		}
+		ok := true
+		for j, sg := range rr.segs {
+			if !strings.HasPrefix(sg, "{") && sg != segs[j] {
+				ok = false
+				break
+			}
+		}
+		if !ok {
+			continue
+		}
+		if rr.method != r.Method && !(rr.method == "GET" && r.Method == "HEAD") {
+			methodMismatch = true
+			continue
+		}
+		best = rr
+	}
+	if best == nil {
+		if methodMismatch {
+			writeAPIError(w, &apiError{http.StatusMethodNotAllowed, "Method Not Allowed", "method not allowed"})
+			return
+		}
+		writeAPIError(w, notFoundAPI())
+		return
+	}
+	for j, sg := range best.segs {
+		if strings.HasPrefix(sg, "{") {
+			r.SetPathValue(strings.Trim(sg, "{}"), segs[j])
+		}
+	}
+	r.Pattern = best.pattern
+	best.h.ServeHTTP(w, r)
+}
+
+// listenHTTP opens the HTTP listeners Config names, for ListenAndServe: the management API
+// and the metrics. Slow or hostile HTTP clients are cut off by timeouts and size limits,
+// and are served by goroutines of their own, apart from AMQP traffic.
+func (s *Server) listenHTTP() error {
+	for _, l := range []struct {
+		addr    string
+		handler func() http.Handler
+	}{{s.cfg.HTTPAddr, s.ManagementHandler}, {s.cfg.PrometheusAddr, s.metricsHandler}} {
+		if l.addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", l.addr)
+		if err != nil {
+			s.closeHTTP()
+			return err
+		}
+		hs := &http.Server{Handler: l.handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute,
+			WriteTimeout: time.Minute, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
+			ErrorLog: slogErrorLog(s.log)}
+		s.mu.Lock()
+		s.httpSrvs = append(s.httpSrvs, hs)
+		s.mu.Unlock()
+		s.log.Info("HTTP listening", "addr", ln.Addr().String())
+		go hs.Serve(ln)
+	}
+	return nil
+}
+
+// closeHTTP closes the HTTP listeners and their connections.
+func (s *Server) closeHTTP() {
+	s.mu.Lock()
+	srvs := s.httpSrvs
+	s.httpSrvs = nil
+	s.mu.Unlock()
+	for _, hs := range srvs {
+		hs.Close()
+	}
+}
+
+// slogErrorLog makes net/http's error log write to the broker's log, at debug level:
+// what it reports is a client's fault (a bad TLS handshake, a reset).
+func slogErrorLog(l *slog.Logger) *log.Logger {
+	return slog.NewLogLogger(l.Handler(), slog.LevelDebug)
+}
+
+// okStatus is a health check that always passes here (a single node has no quorum or
+// mirrors to lose).
+func okStatus(*http.Request, *apiUser) (any, error) { return map[string]any{"status": "ok"}, nil }
+
+// api wraps a handler: it logs the user in, checks need, and writes the answer.
+func (s *Server) api(need func(*apiUser) bool, fn apiFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-cache")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		u, err := s.apiLogin(r)
+		if err == nil && !need(u) {
+			err = notAuthorised("Not administrator user")
+			if !u.admin() && !u.monitor() && !u.policymaker() && !u.has("management") {
+				err = notAuthorised("Not management user")
+			}
+		}
+		if err != nil {
+			if e, ok := err.(*apiError); ok && e.status == http.StatusUnauthorized {
+				w.Header().Set("WWW-Authenticate", `Basic realm="RabbitMQ Management"`)
+			}
+			writeAPIError(w, err)
+			return
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, maxAPIBody)
+		v, err := fn(r, u)
+		switch {
+		case err != nil:
+			writeAPIError(w, err)
+		case v == nil:
+			w.WriteHeader(http.StatusNoContent)
+		default:
+			if st, ok := v.(apiStatus); ok {
+				w.WriteHeader(int(st))
+				return
+			}
+			writeJSON(w, http.StatusOK, v)
+		}
+	})
+}
+
+// apiLogin checks the request's HTTP Basic credentials as an AMQP login is checked,
+// failures throttled per source address, and requires a management tag.
+func (s *Server) apiLogin(r *http.Request) (*apiUser, error) {
+	name, password, ok := r.BasicAuth()
+	if !ok {
+		return nil, notAuthorised("Not_Authorized")
+	}
+	remote := httpRemote(r)
+	var src netip.Addr
+	if s.logins != nil {
+		src = loginSource(remote)
+		now := time.Now()
+		at, _, ok := s.logins.take(src, now, now.Add(5*time.Second))
+		if !ok {
+			return nil, &apiError{http.StatusTooManyRequests, "too_many_requests", "too many failed logins from this address"}
+		}
+		if wait := at.Sub(now); wait > 0 {
+			select {
+			case <-time.After(wait):
+			case <-r.Context().Done():
+				return nil, r.Context().Err()
+			}
+		}
+	}
+	db := s.auth.Load()
+	if err := db.login(name, password, remote); err != nil {
+		s.log.Warn("HTTP API login refused", "user", name, "remote", remote.String(), "reason", loginReason(err))
+		return nil, notAuthorised("Not_Authorized")
+	}
+	if s.logins != nil {
+		s.logins.give(src, time.Now())
+	}
+	u := &apiUser{name: name, password: password, tags: db.userTags(name), remote: remote}
+	if !u.admin() && !u.monitor() && !u.policymaker() && !u.has("management") {
+		return nil, notAuthorised("Not management user")
+	}
+	return u, nil
+}
+
+// httpRemote returns the address of the HTTP client.
+func httpRemote(r *http.Request) net.Addr {
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+		return net.TCPAddrFromAddrPort(ap)
+	}
+	return &net.TCPAddr{}
+}
+
+// writeJSON writes v as JSON with status.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		writeAPIError(w, &apiError{http.StatusInternalServerError, "internal_error", err.Error()})
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	w.Write(buf.Bytes())
+}
+
+// writeAPIError writes err as RabbitMQ's API does: an *apiError as it is, an AMQP
+// exception with the HTTP status RabbitMQ's management plugin gives it.
+func writeAPIError(w http.ResponseWriter, err error) {
+	var ae *apiError
+	var amqpErr *Error
+	var tooBig *http.MaxBytesError
+	var health *apiHealth
+	switch {
+	case errors.As(err, &health):
+		writeJSON(w, http.StatusServiceUnavailable, health.body)
+		return
+	case errors.As(err, &ae):
+	case errors.As(err, &tooBig):
+		ae = &apiError{http.StatusRequestEntityTooLarge, "bad_request", "request body larger than " + strconv.Itoa(maxAPIBody) + " bytes"}
+	case errors.As(err, &amqpErr):
+		switch amqpErr.Code {
+		case replyNotFound:
+			ae = &apiError{http.StatusNotFound, "Object Not Found", "Not Found"}
+		case replyAccessRefused, replyNotAllowed:
+			ae = notAuthorised(amqpErr.Text)
+		case replyPreconditionFailed, replyResourceLocked, replyCommandInvalid, replySyntaxError:
+			ae = badRequest(amqpErr.Text)
+		default:
+			ae = &apiError{http.StatusInternalServerError, "internal_error", amqpErr.Text}
+		}
+	default:
+		ae = &apiError{http.StatusInternalServerError, "internal_error", err.Error()}
+	}
+	writeJSON(w, ae.status, map[string]string{"error": ae.error, "reason": ae.reason})
+}
+
+// readJSON decodes the request body, a JSON object, with numbers kept exact.
+func readJSON(r *http.Request) (map[string]any, error) {
+	b, err := io.ReadAll(r.Body)
+	if err != nil {
+		return nil, err
+	}
+	if len(bytes.TrimSpace(b)) == 0 {
+		return map[string]any{}, nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	var m map[string]any
+	if err := dec.Decode(&m); err != nil || m == nil {
+		return nil, badRequest("the body is not a JSON object")
+	}
+	return m, nil
+}
+
+// jsonBool reads a boolean field, also given as a string ("true"), as rabbitmqadmin sends.
+func jsonBool(m map[string]any, key string, def bool) (bool, error) {
+	switch v := m[key].(type) {
+	case nil:
+		return def, nil
+	case bool:
+		return v, nil
+	case string:
+		if b, err := strconv.ParseBool(v); err == nil {
+			return b, nil
+		}
+	}
+	return false, badRequest(key + " must be a boolean")
+}
+
+// jsonInt reads an integer field, also given as a string.
+func jsonInt(m map[string]any, key string, def int64) (int64, error) {
+	switch v := m[key].(type) {
+	case nil:
+		return def, nil
+	case json.Number:
+		if n, err := v.Int64(); err == nil {
+			return n, nil
+		}
+	case string:
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+			return n, nil
+		}
+	}
+	return 0, badRequest(key + " must be an integer")
+}
+
+// jsonString reads a string field.
+func jsonString(m map[string]any, key, def string) (string, error) {
+	switch v := m[key].(type) {
+	case nil:
+		return def, nil
+	case string:
+		return v, nil
+	}
+	return "", badRequest(key + " must be a string")
+}
+
+// jsonTable turns a JSON "arguments" object into a field table: integers as signed 64-bit,
+// other numbers as doubles, objects as tables.
+func jsonTable(v any) (table, error) {
+	switch v := v.(type) {
+	case nil:
+		return nil, nil
+	case map[string]any:
+		t := make(table, len(v))
+		for k, e := range v {
+			t[k] = jsonField(e)
+		}
+		return t, nil
+	}
+	return nil, badRequest("arguments must be an object")
+}
+
+func jsonField(v any) any {
+	switch v := v.(type) {
+	case json.Number:
+		if n, err := v.Int64(); err == nil {
+			return n
+		}
+		f, _ := v.Float64()
+		return f
+	case map[string]any:
+		t, _ := jsonTable(v)
+		return t
+	case []any:
+		out := make([]any, len(v))
+		for i, e := range v {
+			out[i] = jsonField(e)
+		}
+		return out
+	}
+	return v // string, bool, nil
+}
+
+// tableJSON turns a field table into what RabbitMQ's API shows: {} for none.
+func tableJSON(t table) map[string]any {
+	m := make(map[string]any, len(t))
+	for k, v := range t {
+		m[k] = fieldJSON(v)
+	}
+	return m
+}
+
+func fieldJSON(v any) any {
+	switch v := v.(type) {
+	case table:
+		return tableJSON(v)
+	case []any:
+		out := make([]any, len(v))
+		for i, e := range v {
+			out[i] = fieldJSON(e)
+		}
+		return out
+	case []byte:
+		return string(v)
+	case decimal:
+		return float64(v.Value) / math.Pow10(int(v.Scale))
+	case timestamp:
+		return uint64(v)
+	case float32:
+		return float64(v)
+	}
+	return v
+}
+
+// listAnswer filters, sorts, pages and trims a list as RabbitMQ's API does with the
+// query parameters name and use_regex, sort and sort_reverse, page and page_size, and
+// columns. Without page, the whole list is the answer.
+func listAnswer(r *http.Request, items []map[string]any) (any, error) {
+	q := r.URL.Query()
+	total := len(items)
+	if name := q.Get("name"); name != "" {
+		match := func(s string) bool { return strings.Contains(s, name) }
+		if q.Get("use_regex") == "true" {
+			re, err := regexp.Compile(name)
+			if err != nil {
+				return nil, badRequest("invalid regular expression in name: " + err.Error())
+			}
+			match = re.MatchString
+		}
+		items = slices.DeleteFunc(items, func(m map[string]any) bool {
+			s, _ := m["name"].(string)
+			return !match(s)
+		})
+	}
+	if key := q.Get("sort"); key != "" {
+		slices.SortStableFunc(items, func(a, b map[string]any) int { return compareJSON(pick(a, key), pick(b, key)) })
+		if q.Get("sort_reverse") == "true" {
+			slices.Reverse(items)
+		}
+	}
+	var out []any
+	paged := q.Get("page") != ""
+	page, size := 1, 100
+	if paged {
+		var err1, err2 error
+		page, err1 = strconv.Atoi(q.Get("page"))
+		if ps := q.Get("page_size"); ps != "" {
+			size, err2 = strconv.Atoi(ps)
+		}
+		if err1 != nil || err2 != nil || page < 1 || size < 1 || size > 500 {
+			return nil, badRequest("page and page_size must be positive integers, page_size at most 500")
+		}
+	}
+	filtered := len(items)
+	if paged {
+		start := min((page-1)*size, len(items))
+		items = items[start:min(start+size, len(items))]
+	}
+	cols := q.Get("columns")
+	for _, m := range items {
+		if cols != "" {
+			out = append(out, columns(m, strings.Split(cols, ",")))
+		} else {
+			out = append(out, m)
+		}
+	}
+	if out == nil {
+		out = []any{}
+	}
+	if !paged {
+		return out, nil
+	}
+	return map[string]any{"filtered_count": filtered, "item_count": len(out), "items": out, "page": page,
+		"page_count": max(1, (filtered+size-1)/size), "page_size": size, "total_count": total}, nil
+}
+
+// pick returns the value at a dotted path ("message_stats.publish") of m, or nil.
+func pick(m map[string]any, path string) any {
+	var v any = m
+	for _, k := range strings.Split(path, ".") {
+		mm, ok := v.(map[string]any)
+		if !ok {
+			return nil
+		}
+		v = mm[k]
+	}
+	return v
+}
+
+// columns keeps only the dotted paths cols of m.
+func columns(m map[string]any, cols []string) map[string]any {
+	out := map[string]any{}
+	for _, c := range cols {
+		v := pick(m, c)
+		if v == nil {
+			continue
+		}
+		dst := out
+		keys := strings.Split(c, ".")
+		for _, k := range keys[:len(keys)-1] {
+			next, ok := dst[k].(map[string]any)
+			if !ok {
+				next = map[string]any{}
+				dst[k] = next
+			}
+			dst = next
+		}
+		dst[keys[len(keys)-1]] = v
+	}
+	return out
+}
+
+// compareJSON orders two JSON values: numbers by value, the rest as strings.
+func compareJSON(a, b any) int {
+	num := func(v any) (float64, bool) {
+		switch v := v.(type) {
+		case int:
+			return float64(v), true
+		case int64:
+			return float64(v), true
+		case uint64:
+			return float64(v), true
+		case float64:
+			return v, true
+		}
+		return 0, false
+	}
+	x, xok := num(a)
+	y, yok := num(b)
+	if xok && yok {
+		return cmp.Compare(x, y)
+	}
+	as, _ := json.Marshal(a)
+	bs, _ := json.Marshal(b)
+	return bytes.Compare(as, bs)
+}
+
+// --- virtual hosts ---
+
+// canSee reports whether u may see the objects of vhost: monitoring and administrator
+// users see every vhost, others those they have permissions on.
+func (s *Server) canSee(u *apiUser, vhost string) bool {
+	db := s.auth.Load()
+	if !db.vhosts[vhost] {
+		return false
+	}
+	if u.monitor() {
+		return true
+	}
+	du := db.users[u.name]
+	return du != nil && du.perms[vhost] != nil
+}
+
+// pathVhost returns the vhost the request names and u may see, or 404.
+func (s *Server) pathVhost(r *http.Request, u *apiUser) (*vhost, error) {
+	name := r.PathValue("vhost")
+	if !s.canSee(u, name) {
+		return nil, notFoundAPI()
+	}
+	vh := s.vhost(name)
+	if vh == nil {
+		return nil, notFoundAPI()
+	}
+	return vh, nil
+}
+
+// visibleVhosts returns the vhosts a list covers: the one in the path, or all u may see.
+func (s *Server) visibleVhosts(r *http.Request, u *apiUser) ([]*vhost, error) {
+	if r.PathValue("vhost") != "" {
+		vh, err := s.pathVhost(r, u)
+		if err != nil {
+			return nil, err
+		}
+		return []*vhost{vh}, nil
+	}
+	var vhs []*vhost
+	for _, vh := range s.vhostList() {
+		if s.canSee(u, vh.name) {
+			vhs = append(vhs, vh)
+		}
+	}
+	return vhs, nil
+}
+
+func (s *Server) vhostInfo(vh *vhost) map[string]any {
+	var ready, unacked int64
+	vh.mu.RLock()
+	qs := make([]*queue, 0, len(vh.queues))
+	for _, q := range vh.queues {
+		qs = append(qs, q)
+	}
+	vh.mu.RUnlock()
+	for _, q := range qs {
+		q.mu.Lock()
+		ready += int64(q.messageCountLocked())
+		q.mu.Unlock()
+		unacked += q.unacked.Load()
+	}
+	return map[string]any{"name": vh.name, "description": "", "tags": []string{}, "default_queue_type": "classic",
+		"metadata": map[string]any{"description": "", "tags": []string{}}, "tracing": false,
+		"cluster_state": map[string]string{nodeName: "running"},
+		"messages":      ready + unacked, "messages_ready": ready, "messages_unacknowledged": unacked}
+}
+
+func (s *Server) apiVhosts(r *http.Request, u *apiUser) (any, error) {
+	vhs, _ := s.visibleVhosts(r, u)
+	items := make([]map[string]any, 0, len(vhs))
+	for _, vh := range vhs {
+		items = append(items, s.vhostInfo(vh))
+	}
+	return listAnswer(r, items)
+}
+
+func (s *Server) apiVhost(r *http.Request, u *apiUser) (any, error) {
+	vh, err := s.pathVhost(r, u)
+	if err != nil {
+		return nil, err
+	}
+	return s.vhostInfo(vh), nil
+}
+
+func (s *Server) apiPutVhost(r *http.Request, u *apiUser) (any, error) {
+	name := r.PathValue("vhost")
+	if _, err := readJSON(r); err != nil {
+		return nil, err
+	}
+	created := false
+	err := s.editDefinitions(func(d *Definitions) error {
+		if d.vhost(name) >= 0 {
+			return nil
+		}
+		created = true
+		return d.AddVhost(name)
+	})
+	if err != nil {
+		return nil, badRequest(strings.TrimPrefix(err.Error(), "amqp: "))
+	}
+	if created {
+		return apiStatus(http.StatusCreated), nil
+	}
+	return apiStatus(http.StatusNoContent), nil
+}
+
+func (s *Server) apiDeleteVhost(r *http.Request, u *apiUser) (any, error) {
+	name := r.PathValue("vhost")
+	return s.editOrNotFound(func(d *Definitions) (bool, error) {
+		if d.vhost(name) < 0 {
+			return false, nil
+		}
+		return true, d.DeleteVhost(name)
+	})
+}
+
+// editOrNotFound runs editDefinitions with an edit that reports whether its object exists:
+// 404 when it does not, 204 when the change is made.
+func (s *Server) editOrNotFound(edit func(d *Definitions) (bool, error)) (any, error) {
+	found := true
+	err := s.editDefinitions(func(d *Definitions) error {
+		var err error
+		found, err = edit(d)
+		if !found && err == nil {
+			return errNoChange
+		}
+		return err
+	})
+	switch {
+	case !found:
+		return nil, notFoundAPI()
+	case err != nil:
+		return nil, badRequest(strings.TrimPrefix(err.Error(), "amqp: "))
+	}
+	return apiStatus(http.StatusNoContent), nil
+}
+
+// errNoChange stops editDefinitions without saving.
+var errNoChange = errors.New("amqp: nothing to change")
+
+// --- users and permissions ---
+
+func userInfo(du User) map[string]any {
+	tags := du.Tags
+	if tags == nil {
+		tags = []string{}
+	}
+	return map[string]any{"name": du.Name, "password_hash": du.PasswordHash, "hashing_algorithm": du.HashingAlgorithm,
+		"tags": tags, "limits": map[string]any{}}
+}
+
+func (s *Server) apiUsers(r *http.Request, u *apiUser) (any, error) {
+	d := s.definitions()
+	items := make([]map[string]any, 0, len(d.Users))
+	for _, du := range d.Users {
+		items = append(items, userInfo(du))
+	}
+	return listAnswer(r, items)
+}
+
+func (s *Server) apiUser(r *http.Request, u *apiUser) (any, error) {
+	d := s.definitions()
+	if i := d.user(r.PathValue("user")); i >= 0 {
+		return userInfo(d.Users[i]), nil
+	}
+	return nil, notFoundAPI()
+}
+
+// apiPutUser creates or updates a user: password (hashed here) or password_hash (with
+// hashing_algorithm), and tags, a list or a comma-separated string.
+func (s *Server) apiPutUser(r *http.Request, u *apiUser) (any, error) {
+	name := r.PathValue("user")
+	body, err := readJSON(r)
+	if err != nil {
+		return nil, err
+	}
+	password, err1 := jsonString(body, "password", "")
+	hash, err2 := jsonString(body, "password_hash", "")
+	algorithm, err3 := jsonString(body, "hashing_algorithm", hashingSHA256)
+	if err := cmp.Or(err1, err2, err3); err != nil {
+		return nil, err
+	}
+	_, hasPassword := body["password"]
+	_, hasHash := body["password_hash"]
+	if !hasPassword && !hasHash {
+		return nil, badRequest("user needs a password or a password_hash")
+	}
+	var tags []string
+	switch t := body["tags"].(type) {
+	case string:
+		for _, tag := range strings.Split(t, ",") {
+			if tag = strings.TrimSpace(tag); tag != "" {
+				tags = append(tags, tag)
+			}
+		}
+	case []any:
+		for _, e := range t {
+			tag, ok := e.(string)
+			if !ok {
+				return nil, badRequest("tags must be strings")
+			}
+			tags = append(tags, tag)
+		}
+	case nil:
+	default:
+		return nil, badRequest("tags must be a list or a comma-separated string")
+	}
+	if hasHash {
+		if hashFunc(algorithm) == nil {
+			return nil, badRequest("unknown hashing_algorithm " + strconv.Quote(algorithm))
+		}
+		if hash != "" {
+			if b, err := base64.StdEncoding.DecodeString(hash); err != nil || len(b) <= saltLen {
+				return nil, badRequest("password_hash must be base64 of a salt and a hash")
+			}
+		}
+	}
+	created := false
+	err = s.editDefinitions(func(d *Definitions) error {
+		i := d.user(name)
+		if i < 0 {
+			created = true
+			if err := d.AddUser(name, ""); err != nil {
+				return err
+			}
+			i = d.user(name)
+		}
+		du := &d.Users[i]
+		if hasHash {
+			du.PasswordHash, du.HashingAlgorithm = hash, algorithm
+		} else if password != "" {
+			du.PasswordHash, du.HashingAlgorithm = hashPassword(password), hashingSHA256
+		} else {
+			du.PasswordHash = ""
+		}
+		du.Tags = tags
+		return nil
+	})
+	if err != nil {
+		return nil, badRequest(strings.TrimPrefix(err.Error(), "amqp: "))
+	}
+	if created {
+		return apiStatus(http.StatusCreated), nil
+	}
+	return apiStatus(http.StatusNoContent), nil
+}
+
+func (s *Server) apiDeleteUser(r *http.Request, u *apiUser) (any, error) {
+	name := r.PathValue("user")
+	return s.editOrNotFound(func(d *Definitions) (bool, error) {
+		if d.user(name) < 0 {
+			return false, nil
+		}
+		return true, d.DeleteUser(name)
+	})
+}
+
+func permissionInfo(p Permission) map[string]any {
+	return map[string]any{"user": p.User, "vhost": p.Vhost, "configure": p.Configure, "write": p.Write, "read": p.Read}
+}
+
+func (s *Server) apiPermissions(r *http.Request, u *apiUser) (any, error) {
+	d := s.definitions()
+	vhost, user := r.PathValue("vhost"), r.PathValue("user")
+	if vhost != "" && d.vhost(vhost) < 0 || user != "" && d.user(user) < 0 {
+		return nil, notFoundAPI()
+	}
+	var items []map[string]any
+	for _, p := range d.Permissions {
+		if (vhost == "" || p.Vhost == vhost) && (user == "" || p.User == user) {
+			items = append(items, permissionInfo(p))
+		}
+	}
+	return listAnswer(r, items)
+}
+
+func (s *Server) apiPermission(r *http.Request, u *apiUser) (any, error) {
+	d := s.definitions()
+	if i := d.permission(r.PathValue("user"), r.PathValue("vhost")); i >= 0 {
+		return permissionInfo(d.Permissions[i]), nil
+	}
+	return nil, notFoundAPI()
+}
+
+func (s *Server) apiPutPermission(r *http.Request, u *apiUser) (any, error) {
+	vhost, user := r.PathValue("vhost"), r.PathValue("user")
+	body, err := readJSON(r)
+	if err != nil {
+		return nil, err
+	}
+	conf, err1 := jsonString(body, "configure", "")
+	write, err2 := jsonString(body, "write", "")
+	read, err3 := jsonString(body, "read", "")
+	if err := cmp.Or(err1, err2, err3); err != nil {
+		return nil, err
+	}
+	created := false
+	err = s.editDefinitions(func(d *Definitions) error {
+		if d.vhost(vhost) < 0 || d.user(user) < 0 {
+			return errNoChange
+		}
+		created = d.permission(user, vhost) < 0
+		return d.SetPermissions(user, vhost, conf, write, read)
+	})
+	switch {
+	case err == errNoChange:
+		return nil, notFoundAPI()
+	case err != nil:
+		return nil, badRequest(strings.TrimPrefix(err.Error(), "amqp: "))
+	case created:
+		return apiStatus(http.StatusCreated), nil
+	}
+	return apiStatus(http.StatusNoContent), nil
+}
+
+func (s *Server) apiDeletePermission(r *http.Request, u *apiUser) (any, error) {
+	vhost, user := r.PathValue("vhost"), r.PathValue("user")
+	return s.editOrNotFound(func(d *Definitions) (bool, error) {
+		if d.permission(user, vhost) < 0 {
+			return false, nil
+		}
+		return true, d.ClearPermissions(user, vhost)
+	})
+}
+
+// --- policies ---
+
+func policyInfo(p Policy) map[string]any {
+	var def any = map[string]any{}
+	json.Unmarshal(p.Definition, &def)
+	return map[string]any{"vhost": p.Vhost, "name": p.Name, "pattern": p.Pattern, "apply-to": p.ApplyTo,
+		"definition": def, "priority": p.Priority}
+}
+
+func policiesOf(d *Definitions, operator bool) ([]Policy, error) {
+	if operator {
+		return d.OperatorPolicies()
+	}
+	return d.Policies()
+}
+
+func (s *Server) apiPolicies(r *http.Request, u *apiUser, operator bool) (any, error) {
+	vhost := r.PathValue("vhost")
+	if vhost != "" && !s.canSee(u, vhost) {
+		return nil, notFoundAPI()
+	}
+	ps, err := policiesOf(s.definitions(), operator)
+	if err != nil {
+		return nil, err
+	}
+	var items []map[string]any
+	for _, p := range ps {
+		if (vhost == "" || p.Vhost == vhost) && s.canSee(u, p.Vhost) {
+			items = append(items, policyInfo(p))
+		}
+	}
+	return listAnswer(r, items)
+}
+
+func (s *Server) apiPolicy(r *http.Request, u *apiUser, operator bool) (any, error) {
+	vhost, name := r.PathValue("vhost"), r.PathValue("name")
+	if !s.canSee(u, vhost) {
+		return nil, notFoundAPI()
+	}
+	ps, err := policiesOf(s.definitions(), operator)
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range ps {
+		if p.Vhost == vhost && p.Name == name {
+			return policyInfo(p), nil
+		}
+	}
+	return nil, notFoundAPI()
+}
+
+func (s *Server) apiPutPolicy(r *http.Request, u *apiUser, operator bool) (any, error) {
+	vhost, name := r.PathValue("vhost"), r.PathValue("name")
+	if !s.canSee(u, vhost) {
+		return nil, notFoundAPI()
+	}
+	body, err := readJSON(r)
+	if err != nil {
+		return nil, err
+	}
+	pattern, err1 := jsonString(body, "pattern", "")
+	applyTo, err2 := jsonString(body, "apply-to", "all")
+	priority, err3 := jsonInt(body, "priority", 0)
+	if err := cmp.Or(err1, err2, err3); err != nil {
+		return nil, err
+	}
+	def, err := json.Marshal(body["definition"])
+	if err != nil || body["definition"] == nil {
+		return nil, badRequest("definition must be an object")
+	}
+	p := Policy{Vhost: vhost, Name: name, Pattern: pattern, ApplyTo: applyTo, Priority: int(priority), Definition: def}
+	created := false
+	err = s.editDefinitions(func(d *Definitions) error {
+		ps, err := policiesOf(d, operator)
+		if err != nil {
+			return err
+		}
+		created = !slices.ContainsFunc(ps, func(o Policy) bool { return o.Vhost == vhost && o.Name == name })
+		if operator {
+			return d.SetOperatorPolicy(p)
+		}
+		return d.SetPolicy(p)
+	})
+	if err != nil {
+		return nil, badRequest(strings.TrimPrefix(err.Error(), "amqp: "))
+	}
+	if created {
+		return apiStatus(http.StatusCreated), nil
+	}
+	return apiStatus(http.StatusNoContent), nil
+}
+
+func (s *Server) apiDeletePolicy(r *http.Request, u *apiUser, operator bool) (any, error) {
+	vhost, name := r.PathValue("vhost"), r.PathValue("name")
+	if !s.canSee(u, vhost) {
+		return nil, notFoundAPI()
+	}
+	return s.editOrNotFound(func(d *Definitions) (bool, error) {
+		var err error
+		if operator {
+			err = d.ClearOperatorPolicy(vhost, name)
+		} else {
+			err = d.ClearPolicy(vhost, name)
+		}
+		return err == nil, nil
+	})
+}
+
+// --- sessions: what goes through the AMQP code ---
+
+// withSession runs fn in a session of u on the request's vhost.
+func (s *Server) withSession(r *http.Request, u *apiUser, fn func(ss *session) (any, error)) (any, error) {
+	vh, err := s.pathVhost(r, u)
+	if err != nil {
+		return nil, err
+	}
+	ss, err := s.openSession(u.name, u.password, vh.name, u.remote)
+	if err != nil {
+		return nil, err
+	}
+	defer ss.close()
+	return fn(ss)
+}
+
+// exchangeName maps the API's name of the default exchange, amq.default, to "".
+func exchangeName(name string) string {
+	if name == defaultExchangeName {
+		return ""
+	}
+	return name
+}
+
+// --- exchanges ---
+
+func exchangeInfo(vh *vhost, x *exchange) map[string]any {
+	name := x.name
+	args := tableJSON(x.args)
+	return map[string]any{"name": name, "vhost": vh.name, "type": x.kind, "durable": x.durable, "auto_delete": x.autoDelete,
+		"internal": x.internal, "arguments": args, "user_who_performed_action": "rmq-internal", "policy": nil}
+}
+
+func (s *Server) apiExchanges(r *http.Request, u *apiUser) (any, error) {
+	vhs, err := s.visibleVhosts(r, u)
+	if err != nil {
+		return nil, err
+	}
+	var items []map[string]any
+	for _, vh := range vhs {
+		vh.mu.RLock()
+		for _, x := range vh.exchanges {
+			items = append(items, exchangeInfo(vh, x))
+		}
+		vh.mu.RUnlock()
+	}
+	sortByVhostName(items)
+	return listAnswer(r, items)
+}
+
+// sortByVhostName orders API items by vhost, then name, as RabbitMQ lists them.
+func sortByVhostName(items []map[string]any) {
+	slices.SortFunc(items, func(a, b map[string]any) int {
+		av, _ := a["vhost"].(string)
+		bv, _ := b["vhost"].(string)
+		an, _ := a["name"].(string)
+		bn, _ := b["name"].(string)
+		return cmp.Or(cmp.Compare(av, bv), cmp.Compare(an, bn))
+	})
+}
+
+func (s *Server) apiExchange(r *http.Request, u *apiUser) (any, error) {
+	vh, err := s.pathVhost(r, u)
+	if err != nil {
+		return nil, err
+	}
+	vh.mu.RLock()
+	defer vh.mu.RUnlock()
+	x := vh.exchanges[exchangeName(r.PathValue("name"))]
+	if x == nil {
+		return nil, notFoundAPI()
+	}
+	return exchangeInfo(vh, x), nil
+}
+
+func (s *Server) apiPutExchange(r *http.Request, u *apiUser) (any, error) {
+	body, err := readJSON(r)
+	if err != nil {
+		return nil, err
+	}
+	kind, err1 := jsonString(body, "type", "")
+	durable, err2 := jsonBool(body, "durable", true)
+	autoDelete, err3 := jsonBool(body, "auto_delete", false)
+	internal, err4 := jsonBool(body, "internal", false)
+	args, err5 := jsonTable(body["arguments"])
+	if err := cmp.Or(err1, err2, err3, err4, err5); err != nil {
+		return nil, err
+	}
+	if kind == "" {
+		return nil, badRequest("type must be given")
+	}
+	name := r.PathValue("name")
+	existed := false
+	if vh := s.vhost(r.PathValue("vhost")); vh != nil {
+		vh.mu.RLock()
+		existed = vh.exchanges[name] != nil
+		vh.mu.RUnlock()
+	}
+	_, err = s.withSession(r, u, func(ss *session) (any, error) {
+		return ss.call(&exchangeDeclare{Exchange: name, Type: kind, Durable: durable, AutoDelete: autoDelete, Internal: internal, Arguments: args}, idExchangeDeclareOk)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if existed {
+		return apiStatus(http.StatusNoContent), nil
+	}
+	return apiStatus(http.StatusCreated), nil
+}
+
+func (s *Server) apiDeleteExchange(r *http.Request, u *apiUser) (any, error) {
+	name := exchangeName(r.PathValue("name"))
+	ifUnused := r.URL.Query().Get("if-unused") == "true"
+	if _, err := s.apiExchange(r, u); err != nil {
+		return nil, err
+	}
+	_, err := s.withSession(r, u, func(ss *session) (any, error) {
+		return ss.call(&exchangeDelete{Exchange: name, IfUnused: ifUnused}, idExchangeDeleteOk)
+	})
+	return nil, err
+}
+
+// apiPublish publishes a message, as RabbitMQ's API does: routing_key, payload,
+// payload_encoding (string or base64) and properties; the answer says whether it routed.
+func (s *Server) apiPublish(r *http.Request, u *apiUser) (any, error) {
+	body, err := readJSON(r)
+	if err != nil {
+		return nil, err
+	}
+	key, err1 := jsonString(body, "routing_key", "")
+	payload, err2 := jsonString(body, "payload", "")
+	encoding, err3 := jsonString(body, "payload_encoding", "string")
+	if err := cmp.Or(err1, err2, err3); err != nil {
+		return nil, err
+	}
+	data := []byte(payload)
+	switch encoding {
+	case "string":
+	case "base64":
+		if data, err = base64.StdEncoding.DecodeString(payload); err != nil {
+			return nil, badRequest("payload is not base64")
+		}
+	default:
+		return nil, badRequest("payload_encoding must be string or base64")
+	}
+	props, err := apiProperties(body["properties"])
+	if err != nil {
+		return nil, err
+	}
+	name := exchangeName(r.PathValue("name"))
+	return s.withSession(r, u, func(ss *session) (any, error) {
+		routed, err := ss.publish(name, key, props, data)
+		if err != nil {
+			return nil, err
+		}
+		return map[string]bool{"routed": routed}, nil
+	})
+}
+
+// apiProperties reads the properties object of a publish: RabbitMQ's names, headers as a
+// table, delivery_mode and priority as numbers.
+func apiProperties(v any) (*properties, error) {
+	p := &properties{}
+	m, _ := v.(map[string]any)
+	if v != nil && m == nil {
+		return nil, badRequest("properties must be an object")
+	}
+	for k, raw := range m {
+		str, _ := raw.(string)
+		num := func() (int64, error) { return jsonInt(m, k, 0) }
+		var err error
+		switch k {
+		case "content_type":
+			p.ContentType = str
+		case "content_encoding":
+			p.ContentEncoding = str
+		case "correlation_id":
+			p.CorrelationID = str
+		case "reply_to":
+			p.ReplyTo = str
+		case "expiration":
+			p.Expiration = str
+		case "message_id":
+			p.MessageID = str
+		case "type":
+			p.Type = str
+		case "user_id":
+			p.UserID = str
+		case "app_id":
+			p.AppID = str
+		case "headers":
+			p.Headers, err = jsonTable(raw)
+		case "delivery_mode":
+			var n int64
+			n, err = num()
+			p.DeliveryMode = uint8(n)
+		case "priority":
+			var n int64
+			n, err = num()
+			p.Priority = uint8(n)
+		case "timestamp":
+			var n int64
+			n, err = num()
+			p.Timestamp = uint64(n)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// --- queues ---
+
+// rateSample is the last look at a counter, for a rate: RabbitMQ's *_details.rate, here
+// the rate since the previous sample at least five seconds older.
+type rateSample struct {
+	at                   time.Time
+	published, delivered uint64
+	pubRate, delRate     float64
+}
+
+// rates returns q's publish and deliver rates, taking a new sample when the last is five
+// seconds old. q.mu must be held.
+func (q *queue) ratesLocked(now time.Time) (pub, del float64) {
+	sm := &q.counts.sample
+	if d := now.Sub(sm.at); sm.at.IsZero() || d >= 5*time.Second {
+		if !sm.at.IsZero() {
+			sm.pubRate = float64(q.counts.published-sm.published) / d.Seconds()
+			sm.delRate = float64(q.counts.delivered-sm.delivered) / d.Seconds()
+		}
+		sm.at, sm.published, sm.delivered = now, q.counts.published, q.counts.delivered
+	}
+	return sm.pubRate, sm.delRate
+}
+
+func queueInfo(vh *vhost, q *queue, now time.Time) map[string]any {
+	q.mu.Lock()
+	q.expireLocked()
+	ready := q.messageCountLocked()
+	readyBytes := q.readyBytes
+	consumers := len(q.consumers)
+	counts := q.counts
+	pubRate, delRate := q.ratesLocked(now)
+	policy, opPolicy := q.policy, q.operatorPolicy
+	var single, exclusiveTag any
+	if q.single && q.active != nil {
+		single = q.active.tag
+	}
+	for _, c := range q.consumers {
+		if c.exclusive {
+			exclusiveTag = c.tag
+		}
+	}
+	var head any
+	if ready > 0 && q.ready.len() > 0 {
+		if ts, ok := headTimestamp(q.peekLocked().msg); ok {
+			head = ts
+		}
+	}
+	q.mu.Unlock()
+	unacked := q.unacked.Load()
+	info := map[string]any{
+		"name": q.name, "vhost": vh.name, "durable": q.durable, "auto_delete": q.autoDelete, "exclusive": q.exclusive,
+		"arguments": tableJSON(q.args), "node": nodeName, "state": "running", "type": "classic",
+		"messages": int64(ready) + unacked, "messages_ready": ready, "messages_unacknowledged": unacked,
+		"message_bytes": readyBytes, "message_bytes_ready": readyBytes, "message_bytes_unacknowledged": 0,
+		"consumers": consumers, "policy": nilIfEmpty(policy), "operator_policy": nilIfEmpty(opPolicy),
+		"exclusive_consumer_tag": exclusiveTag, "single_active_consumer_tag": single,
+		"head_message_timestamp": head,
+		"message_stats": map[string]any{
+			"publish": counts.published, "publish_details": map[string]any{"rate": pubRate},
+			"deliver_get": counts.delivered, "deliver_get_details": map[string]any{"rate": delRate},
+			"redeliver": counts.redelivered, "redeliver_details": map[string]any{"rate": 0.0},
+		},
+	}
+	if consumers == 0 {
+		idle := q.lastUsed.Load()
+		if idle == 0 {
+			idle = now.UnixMilli()
+		}
+		info["idle_since"] = time.UnixMilli(idle).UTC().Format("2006-01-02T15:04:05.000+00:00")
+	}
+	if q.exclusive && q.owner != nil {
+		info["owner_pid_details"] = map[string]any{"name": connectionName(q.owner)}
+	}
+	return info
+}
+
+// headTimestamp returns the timestamp property of m, if it has one.
+func headTimestamp(m *message) (uint64, bool) {
+	var p properties
+	d := decoder{b: m.props()}
+	p.decode(&d)
+	return uint64(p.Timestamp), d.err == nil && p.Timestamp != 0
+}
+
+func nilIfEmpty(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
+
+func (s *Server) apiQueues(r *http.Request, u *apiUser) (any, error) {
+	vhs, err := s.visibleVhosts(r, u)
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	var items []map[string]any
+	for _, vh := range vhs {
+		for _, q := range vh.queueList() {
+			items = append(items, queueInfo(vh, q, now))
+		}
+	}
+	sortByVhostName(items)
+	return listAnswer(r, items)
+}
+
+// queueList returns vh's queues.
+func (vh *vhost) queueList() []*queue {
+	vh.mu.RLock()
+	defer vh.mu.RUnlock()
+	qs := make([]*queue, 0, len(vh.queues))
+	for _, q := range vh.queues {
+		qs = append(qs, q)
+	}
+	return qs
+}
+
+// pathQueue returns the queue the request names, or 404.
+func (s *Server) pathQueue(r *http.Request, u *apiUser) (*vhost, *queue, error) {
+	vh, err := s.pathVhost(r, u)
+	if err != nil {
+		return nil, nil, err
+	}
+	vh.mu.RLock()
+	q := vh.queues[r.PathValue("name")]
+	vh.mu.RUnlock()
+	if q == nil {
+		return nil, nil, notFoundAPI()
+	}
+	return vh, q, nil
+}
+
+func (s *Server) apiQueue(r *http.Request, u *apiUser) (any, error) {
+	vh, q, err := s.pathQueue(r, u)
+	if err != nil {
+		return nil, err
+	}
+	return queueInfo(vh, q, time.Now()), nil
+}
+
+func (s *Server) apiPutQueue(r *http.Request, u *apiUser) (any, error) {
+	body, err := readJSON(r)
+	if err != nil {
+		return nil, err
+	}
+	durable, err1 := jsonBool(body, "durable", true)
+	autoDelete, err2 := jsonBool(body, "auto_delete", false)
+	args, err3 := jsonTable(body["arguments"])
+	if err := cmp.Or(err1, err2, err3); err != nil {
+		return nil, err
+	}
+	if t, _ := jsonString(body, "type", ""); t != "" && t != "classic" {
+		if args == nil {
+			args = table{}
+		}
+		args["x-queue-type"] = t
+	}
+	name := r.PathValue("name")
+	existed := false
+	if vh := s.vhost(r.PathValue("vhost")); vh != nil {
+		vh.mu.RLock()
+		existed = vh.queues[name] != nil
+		vh.mu.RUnlock()
+	}
+	_, err = s.withSession(r, u, func(ss *session) (any, error) {
+		return ss.call(&queueDeclare{Queue: name, Durable: durable, AutoDelete: autoDelete, Arguments: args}, idQueueDeclareOk)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if existed {
+		return apiStatus(http.StatusNoContent), nil
+	}
+	return apiStatus(http.StatusCreated), nil
+}
+
+func (s *Server) apiDeleteQueue(r *http.Request, u *apiUser) (any, error) {
+	if _, _, err := s.pathQueue(r, u); err != nil {
+		return nil, err
+	}
+	q := r.URL.Query()
+	_, err := s.withSession(r, u, func(ss *session) (any, error) {
+		return ss.call(&queueDelete{Queue: r.PathValue("name"), IfUnused: q.Get("if-unused") == "true", IfEmpty: q.Get("if-empty") == "true"}, idQueueDeleteOk)
+	})
+	return nil, err
+}
+
+func (s *Server) apiPurge(r *http.Request, u *apiUser) (any, error) {
+	if _, _, err := s.pathQueue(r, u); err != nil {
+		return nil, err
+	}
+	_, err := s.withSession(r, u, func(ss *session) (any, error) {
+		return ss.call(&queuePurge{Queue: r.PathValue("name")}, idQueuePurgeOk)
+	})
+	return nil, err
+}
+
+// apiGet takes up to count messages, as RabbitMQ's API does: ackmode ack_requeue_true or
+// reject_requeue_true puts them back (redelivered), ack_requeue_false acks them,
+// reject_requeue_false rejects them (to the dead-letter exchange, if any); encoding auto
+// (a UTF-8 body as a string, else base64) or base64; truncate cuts payloads.
+func (s *Server) apiGet(r *http.Request, u *apiUser) (any, error) {
+	body, err := readJSON(r)
+	if err != nil {
+		return nil, err
+	}
+	count, err1 := jsonInt(body, "count", 1)
+	ackmode, err2 := jsonString(body, "ackmode", "")
+	encoding, err3 := jsonString(body, "encoding", "auto")
+	truncate, err4 := jsonInt(body, "truncate", -1)
+	if err := cmp.Or(err1, err2, err3, err4); err != nil {
+		return nil, err
+	}
+	switch {
+	case ackmode != "ack_requeue_true" && ackmode != "ack_requeue_false" && ackmode != "reject_requeue_true" && ackmode != "reject_requeue_false":
+		return nil, badRequest("ackmode must be ack_requeue_true, ack_requeue_false, reject_requeue_true or reject_requeue_false")
+	case encoding != "auto" && encoding != "base64":
+		return nil, badRequest("encoding must be auto or base64")
+	case count < 1 || count > 10000:
+		return nil, badRequest("count must be between 1 and 10000")
+	}
+	if _, _, err := s.pathQueue(r, u); err != nil {
+		return nil, err
+	}
+	name := r.PathValue("name")
+	return s.withSession(r, u, func(ss *session) (any, error) {
+		out := []any{}
+		var last uint64
+		for range count {
+			g, err := ss.get(name, false)
+			if err != nil {
+				return nil, err
+			}
+			if g == nil {
+				break
+			}
+			last = g.ok.DeliveryTag
+			out = append(out, messageJSON(g.ok.Exchange, g.ok.RoutingKey, g.ok.Redelivered, int(g.ok.MessageCount), &g.props, g.body, encoding, truncate))
+		}
+		if last != 0 {
+			switch ackmode {
+			case "ack_requeue_false":
+				ss.send(1, &basicAck{DeliveryTag: last, Multiple: true})
+			default:
+				ss.send(1, &basicNack{DeliveryTag: last, Multiple: true, Requeue: ackmode != "reject_requeue_false"})
+			}
+			// A round trip after the settlement: it is done when the answer is sent.
+			if _, err := ss.call(&basicQos{}, idBasicQosOk); err != nil {
+				return nil, err
+			}
+		}
+		return out, nil
+	})
+}
+
+// messageJSON is a message as RabbitMQ's get answers it.
+func messageJSON(exchange, key string, redelivered bool, left int, p *properties, body []byte, encoding string, truncate int64) map[string]any {
+	size := len(body)
+	if truncate >= 0 && int64(len(body)) > truncate {
+		body = body[:truncate]
+	}
+	payload, enc := string(body), "string"
+	if encoding == "base64" || !utf8.Valid(body) {
+		payload, enc = base64.StdEncoding.EncodeToString(body), "base64"
+	}
+	return map[string]any{"payload_bytes": size, "redelivered": redelivered, "exchange": exchange, "routing_key": key,
+		"message_count": left, "properties": propertiesJSON(p), "payload": payload, "payload_encoding": enc}
+}
+
+// propertiesJSON is a message's properties as RabbitMQ's API shows them: only those set.
+func propertiesJSON(p *properties) map[string]any {
+	m := map[string]any{}
+	for k, v := range map[string]string{"content_type": p.ContentType, "content_encoding": p.ContentEncoding,
+		"correlation_id": p.CorrelationID, "reply_to": p.ReplyTo, "expiration": p.Expiration, "message_id": p.MessageID,
+		"type": p.Type, "user_id": p.UserID, "app_id": p.AppID} {
+		if v != "" {
+			m[k] = v
+		}
+	}
+	if p.Headers != nil {
+		m["headers"] = tableJSON(p.Headers)
+	}
+	if p.DeliveryMode != 0 {
+		m["delivery_mode"] = p.DeliveryMode
+	}
+	if p.Priority != 0 {
+		m["priority"] = p.Priority
+	}
+	if p.Timestamp != 0 {
+		m["timestamp"] = uint64(p.Timestamp)
+	}
+	return m
+}
+
+// apiPeek shows the first count (default 1, at most 1000) ready messages without taking,
+// requeueing or marking them: beyond RabbitMQ. It needs read permission on the queue, as
+// basic.get does. Messages paged out to disk are shown only once read back, so a peek of
+// a long queue shows those in memory.
+func (s *Server) apiPeek(r *http.Request, u *apiUser) (any, error) {
+	vh, q, err := s.pathQueue(r, u)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.auth.Load().check(u.name, vh.name, permRead, resQueue, q.name); err != nil {
+		return nil, err
+	}
+	count := 1
+	if c := r.URL.Query().Get("count"); c != "" {
+		if count, err = strconv.Atoi(c); err != nil || count < 1 || count > 1000 {
+			return nil, badRequest("count must be between 1 and 1000")
+		}
+	}
+	out := []any{}
+	q.mu.Lock()
+	q.expireLocked()
+	left := q.messageCountLocked()
+	for _, e := range q.firstLocked(count) {
+		var p properties
+		d := decoder{b: e.msg.props()}
+		p.decode(&d)
+		left--
+		out = append(out, messageJSON(e.msg.exchange, string(e.msg.routingKey()), e.redelivered, left, &p, e.msg.body(), "auto", -1))
+	}
+	q.mu.Unlock()
+	return out, nil
+}
+
+// apiQueueAction runs an action on a queue: "redrive" moves a dead-letter queue's messages
+// back to where their first death says they came from (see Server.Redrive); RabbitMQ's
+// "sync" and "cancel_sync" do nothing here (there are no mirrors).
+func (s *Server) apiQueueAction(r *http.Request, u *apiUser) (any, error) {
+	vh, q, err := s.pathQueue(r, u)
+	if err != nil {
+		return nil, err
+	}
+	body, err := readJSON(r)
+	if err != nil {
+		return nil, err
+	}
+	action, err := jsonString(body, "action", "")
+	if err != nil {
+		return nil, err
+	}
+	switch action {
+	case "sync", "cancel_sync":
+		return apiStatus(http.StatusNoContent), nil
+	case "redrive":
+		db := s.auth.Load()
+		if err := db.check(u.name, vh.name, permRead, resQueue, q.name); err != nil {
+			return nil, err
+		}
+		n, err := s.Redrive(vh.name, q.name)
+		if err != nil {
+			return nil, badRequest(strings.TrimPrefix(err.Error(), "amqp: "))
+		}
+		return map[string]int{"redriven": n}, nil
+	}
+	return nil, badRequest("unknown action " + strconv.Quote(action))
+}
+
+// --- bindings ---
+
+func bindingInfo(vhost, source, dest, destType, key string, args table) map[string]any {
+	return map[string]any{"source": source, "vhost": vhost, "destination": dest, "destination_type": destType,
+		"routing_key": key, "arguments": tableJSON(args), "properties_key": propertiesKey(key, args)}
+}
+
+// propertiesKey is RabbitMQ's name of a binding in the API: "~" for an empty key without
+// arguments, the key URL-escaped, and "~" and a hash of the arguments when it has some.
+func propertiesKey(key string, args table) string {
+	if len(args) == 0 {
+		if key == "" {
+			return "~"
+		}
+		return strings.ReplaceAll(urlEscape(key), "%7E", "~")
+	}
+	h := fnv.New64a()
+	h.Write(appendTable(nil, args))
+	return urlEscape(key) + "~" + base64.RawURLEncoding.EncodeToString(h.Sum(nil))
+}
+
+// urlEscape escapes s as a path segment.
+func urlEscape(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("-_.", c) >= 0 {
+			b.WriteByte(c)
+		} else {
+			b.WriteString("%" + strings.ToUpper(strconv.FormatUint(uint64(c)>>4, 16)+strconv.FormatUint(uint64(c)&15, 16)))
+		}
+	}
+	return b.String()
+}
+
+// vhostBindings lists vh's bindings, the default exchange's implicit ones first, as
+// RabbitMQ lists them.
+func vhostBindings(vh *vhost) []map[string]any {
+	vh.mu.RLock()
+	defer vh.mu.RUnlock()
+	var items []map[string]any
+	names := make([]string, 0, len(vh.queues))
+	for name := range vh.queues {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		items = append(items, bindingInfo(vh.name, "", name, "queue", name, nil))
+	}
+	xnames := make([]string, 0, len(vh.exchanges))
+	for name := range vh.exchanges {
+		xnames = append(xnames, name)
+	}
+	slices.Sort(xnames)
+	for _, name := range xnames {
+		for _, b := range vh.exchanges[name].bindings {
+			if b.queue != nil {
+				items = append(items, bindingInfo(vh.name, name, b.queue.name, "queue", b.key, b.args))
+			} else if b.dest != nil {
+				items = append(items, bindingInfo(vh.name, name, b.dest.name, "exchange", b.key, b.args))
+			}
+		}
+	}
+	return items
+}
+
+// apiBindings lists bindings: all, a vhost's, an exchange's as source or destination, a
+// queue's, or those between a source and a destination.
+func (s *Server) apiBindings(r *http.Request, u *apiUser) (any, error) {
+	vhs, err := s.visibleVhosts(r, u)
+	if err != nil {
+		return nil, err
+	}
+	path := r.URL.Path
+	var keep func(b map[string]any) bool
+	name := r.PathValue("name")
+	switch {
+	case strings.HasSuffix(path, "/bindings/source"):
+		keep = func(b map[string]any) bool { return b["source"] == exchangeName(name) }
+	case strings.HasSuffix(path, "/bindings/destination"):
+		keep = func(b map[string]any) bool { return b["destination"] == name && b["destination_type"] == "exchange" }
+	case strings.HasPrefix(path, "/api/queues/"):
+		keep = func(b map[string]any) bool { return b["destination"] == name && b["destination_type"] == "queue" }
+	case r.PathValue("source") != "":
+		src, dest, destType := bindingEnds(r)
+		keep = func(b map[string]any) bool {
+			return b["source"] == src && b["destination"] == dest && b["destination_type"] == destType
+		}
+	}
+	var items []map[string]any
+	for _, vh := range vhs {
+		for _, b := range vhostBindings(vh) {
+			if keep == nil || keep(b) {
+				items = append(items, b)
+			}
+		}
+	}
+	return listAnswer(r, items)
+}
+
+// bindingEnds returns the source, destination and destination type a bindings path names.
+func bindingEnds(r *http.Request) (source, dest, destType string) {
+	destType = "queue"
+	if strings.Contains(r.Pattern, "/e/{dest}") {
+		destType = "exchange"
+	}
+	return exchangeName(r.PathValue("source")), r.PathValue("dest"), destType
+}
+
+func (s *Server) apiBinding(r *http.Request, u *apiUser) (any, error) {
+	vhs, err := s.visibleVhosts(r, u)
+	if err != nil {
+		return nil, err
+	}
+	src, dest, destType := bindingEnds(r)
+	for _, b := range vhostBindings(vhs[0]) {
+		if b["source"] == src && b["destination"] == dest && b["destination_type"] == destType && b["properties_key"] == r.PathValue("props") {
+			return b, nil
+		}
+	}
+	return nil, notFoundAPI()
+}
+
+func (s *Server) apiPostBinding(r *http.Request, u *apiUser) (any, error) {
+	body, err := readJSON(r)
+	if err != nil {
+		return nil, err
+	}
+	key, err1 := jsonString(body, "routing_key", "")
+	args, err2 := jsonTable(body["arguments"])
+	if err := cmp.Or(err1, err2); err != nil {
+		return nil, err
+	}
+	src, dest, destType := bindingEnds(r)
+	_, err = s.withSession(r, u, func(ss *session) (any, error) {
+		if destType == "queue" {
+			return ss.call(&queueBind{Queue: dest, Exchange: src, RoutingKey: key, Arguments: args}, idQueueBindOk)
+		}
+		return ss.call(&exchangeBind{Destination: dest, Source: src, RoutingKey: key, Arguments: args}, idExchangeBindOk)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return apiStatus(http.StatusCreated), nil
+}
+
+func (s *Server) apiDeleteBinding(r *http.Request, u *apiUser) (any, error) {
+	b, err := s.apiBinding(r, u)
+	if err != nil {
+		return nil, err
+	}
+	info := b.(map[string]any)
+	key := info["routing_key"].(string)
+	args, _ := jsonTable(info["arguments"])
+	src, dest, destType := bindingEnds(r)
+	vh, _ := s.pathVhost(r, u)
+	vh.mu.RLock()
+	for _, x := range vh.exchanges {
+		for _, bb := range x.bindings {
+			if x.name == src && bb.key == key && (bb.queue != nil && bb.queue.name == dest || bb.dest != nil && bb.dest.name == dest) {
+				args = bb.args // the binding's own arguments, types and all
+			}
+		}
+	}
+	vh.mu.RUnlock()
+	_, err = s.withSession(r, u, func(ss *session) (any, error) {
+		if destType == "queue" {
+			return ss.call(&queueUnbind{Queue: dest, Exchange: src, RoutingKey: key, Arguments: args}, idQueueUnbindOk)
+		}
+		return ss.call(&exchangeUnbind{Destination: dest, Source: src, RoutingKey: key, Arguments: args}, idExchangeUnbindOk)
+	})
+	return nil, err
+}
+
+// --- connections, channels, consumers ---
+
+// connectionName is RabbitMQ's name of a connection: "client -> server".
+func connectionName(c *conn) string {
+	return c.remote + " -> " + c.nc.LocalAddr().String()
+}
+
+// openConnList returns the open client connections u may see: all for monitoring users,
+// their own for others.
+func (s *Server) openConnList(u *apiUser) []*conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var cs []*conn
+	for c := range s.active {
+		if !c.internal && c.opened.Load() && (u.monitor() || c.user == u.name) {
+			cs = append(cs, c)
+		}
+	}
+	slices.SortFunc(cs, func(a, b *conn) int { return cmp.Compare(a.id, b.id) })
+	return cs
+}
+
+func connInfo(c *conn) map[string]any {
+	host, port := splitHostPort(c.remote)
+	lhost, lport := splitHostPort(c.nc.LocalAddr().String())
+	props := tableJSON(c.clientInfo)
+	protocol := "AMQP 0-9-1"
+	return map[string]any{"name": connectionName(c), "node": nodeName, "vhost": c.vh.name, "user": c.user,
+		"state": "running", "type": "network", "protocol": protocol, "ssl": c.isTLS, "auth_mechanism": "PLAIN",
+		"peer_host": host, "peer_port": port, "host": lhost, "port": lport,
+		"channels": len(c.openChannelList()), "channel_max": c.channelMax, "frame_max": c.frameMax,
+		"timeout": c.heartbeat.Load() / int64(time.Second), "connected_at": c.started.UnixMilli(),
+		"client_properties": props}
+}
+
+func splitHostPort(addr string) (string, int) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr, 0
+	}
+	n, _ := strconv.Atoi(port)
+	return host, n
+}
+
+func (s *Server) apiConnections(r *http.Request, u *apiUser) (any, error) {
+	vhost := r.PathValue("vhost")
+	if vhost != "" && !s.canSee(u, vhost) {
+		return nil, notFoundAPI()
+	}
+	var items []map[string]any
+	for _, c := range s.openConnList(u) {
+		if vhost == "" || c.vh.name == vhost {
+			items = append(items, connInfo(c))
+		}
+	}
+	return listAnswer(r, items)
+}
+
+// pathConn returns the connection the request names, if u may see it.
+func (s *Server) pathConn(r *http.Request, u *apiUser) (*conn, error) {
+	name := r.PathValue("name")
+	for _, c := range s.openConnList(u) {
+		if connectionName(c) == name {
+			return c, nil
+		}
+	}
+	return nil, notFoundAPI()
+}
+
+func (s *Server) apiConnection(r *http.Request, u *apiUser) (any, error) {
+	c, err := s.pathConn(r, u)
+	if err != nil {
+		return nil, err
+	}
+	return connInfo(c), nil
+}
+
+// apiCloseConnection closes a connection with 320 CONNECTION_FORCED and the X-Reason
+// header's text, as RabbitMQ does. Closing another user's connection needs administrator.
+func (s *Server) apiCloseConnection(r *http.Request, u *apiUser) (any, error) {
+	c, err := s.pathConn(r, u)
+	if err != nil {
+		return nil, err
+	}
+	if c.user != u.name && !u.admin() {
+		return nil, notAuthorised("Not administrator user")
+	}
+	reason := r.Header.Get("X-Reason")
+	if reason == "" {
+		reason = "Closed via management plugin"
+	}
+	c.closeWith(newError(replyConnectionForced, reason))
+	return nil, nil
+}
+
+func channelInfo(c *conn, ch *channel) map[string]any {
+	ch.mu.Lock()
+	unacked := ch.unacked.len()
+	prefetch, global := ch.prefetchConsumer, ch.prefetchGlobal
+	consumers := len(ch.consumers)
+	ch.mu.Unlock()
+	modes := ch.modes.Load()
+	name := connectionName(c) + " (" + strconv.Itoa(int(ch.id)) + ")"
+	return map[string]any{"name": name, "number": ch.id, "node": nodeName, "vhost": c.vh.name, "user": c.user,
+		"connection_details": map[string]any{"name": connectionName(c)}, "state": "running",
+		"confirm": modes&modeConfirm != 0, "transactional": modes&modeTx != 0,
+		"prefetch_count": prefetch, "global_prefetch_count": global, "messages_unacknowledged": unacked,
+		"consumer_count": consumers}
+}
+
+func (s *Server) apiChannels(r *http.Request, u *apiUser) (any, error) {
+	vhost := r.PathValue("vhost")
+	if vhost != "" && !s.canSee(u, vhost) {
+		return nil, notFoundAPI()
+	}
+	conns := s.openConnList(u)
+	if r.PathValue("name") != "" {
+		c, err := s.pathConn(r, u)
+		if err != nil {
+			return nil, err
+		}
+		conns = []*conn{c}
+	}
+	var items []map[string]any
+	for _, c := range conns {
+		if vhost != "" && c.vh.name != vhost {
+			continue
+		}
+		for _, ch := range c.openChannelList() {
+			items = append(items, channelInfo(c, ch))
+		}
+	}
+	return listAnswer(r, items)
+}
+
+func (s *Server) apiConsumers(r *http.Request, u *apiUser) (any, error) {
+	vhs, err := s.visibleVhosts(r, u)
+	if err != nil {
+		return nil, err
+	}
+	var items []map[string]any
+	for _, vh := range vhs {
+		for _, q := range vh.queueList() {
+			q.mu.Lock()
+			for _, c := range q.consumers {
+				if !u.monitor() && c.ch.c.user != u.name {
+					continue
+				}
+				active := !q.single || q.active == c
+				items = append(items, map[string]any{"consumer_tag": c.tag, "exclusive": c.exclusive, "ack_required": !c.noAck,
+					"prefetch_count": c.prefetch, "active": active, "activity_status": map[bool]string{true: "up", false: "waiting"}[active],
+					"arguments":       map[string]any{"x-priority": c.priority},
+					"queue":           map[string]any{"name": q.name, "vhost": vh.name},
+					"channel_details": map[string]any{"name": connectionName(c.ch.c) + " (" + strconv.Itoa(int(c.ch.id)) + ")", "number": c.ch.id, "connection_name": connectionName(c.ch.c), "user": c.ch.c.user, "node": nodeName}})
+			}
+			q.mu.Unlock()
+		}
+	}
+	return listAnswer(r, items)
+}
+
+// --- overview and node ---
+
+func (s *Server) apiOverview(r *http.Request, u *apiUser) (any, error) {
+	vhs, _ := s.visibleVhosts(r, u)
+	var ready, unacked, queues, exchanges, consumers int64
+	var pub, del uint64
+	var pubRate, delRate float64
+	now := time.Now()
+	for _, vh := range vhs {
+		vh.mu.RLock()
+		exchanges += int64(len(vh.exchanges))
+		vh.mu.RUnlock()
+		for _, q := range vh.queueList() {
+			queues++
+			q.mu.Lock()
+			ready += int64(q.messageCountLocked())
+			consumers += int64(len(q.consumers))
+			pub += q.counts.published
+			del += q.counts.delivered
+			pr, dr := q.ratesLocked(now)
+			pubRate += pr
+			delRate += dr
+			q.mu.Unlock()
+			unacked += q.unacked.Load()
+		}
+	}
+	conns := s.openConnList(u)
+	var channels int
+	for _, c := range conns {
+		channels += len(c.openChannelList())
+	}
+	listeners := []any{}
+	s.mu.Lock()
+	for ln := range s.listeners {
+		_, port := splitHostPort(ln.Addr().String())
+		listeners = append(listeners, map[string]any{"node": nodeName, "protocol": "amqp", "port": port, "ip_address": ln.Addr().String()})
+	}
+	s.mu.Unlock()
+	return map[string]any{
+		"management_version": Version, "rabbitmq_version": Version, "product_name": "amqp-go", "product_version": Version,
+		"erlang_version": "none (Go)", "cluster_name": nodeName, "node": nodeName,
+		"rates_mode": "basic", "exchange_types": exchangeTypes(),
+		"message_stats": map[string]any{
+			"publish": pub, "publish_details": map[string]any{"rate": pubRate},
+			"deliver_get": del, "deliver_get_details": map[string]any{"rate": delRate},
+		},
+		"queue_totals": map[string]any{"messages": ready + unacked, "messages_ready": ready, "messages_unacknowledged": unacked,
+			"messages_details": map[string]any{"rate": 0.0}},
+		"object_totals": map[string]any{"connections": len(conns), "channels": channels, "exchanges": exchanges,
+			"queues": queues, "consumers": consumers},
+		"listeners": listeners, "contexts": []any{},
+	}, nil
+}
+
+func exchangeTypes() []any {
+	var out []any
+	for _, k := range []string{kindDirect, kindFanout, kindHeaders, kindTopic} {
+		out = append(out, map[string]any{"name": k, "description": "AMQP " + k + " exchange", "enabled": true})
+	}
+	return out
+}
+
+func (s *Server) nodeInfo() map[string]any {
+	alarms := s.alarms.Load()
+	var free uint64
+	if s.diskFree != nil {
+		free, _ = s.diskFree()
+	}
+	var heap uint64
+	if s.liveHeap != nil {
+		heap = s.liveHeap()
+	}
+	return map[string]any{"name": nodeName, "type": "disc", "running": true, "uptime": time.Since(s.startedAt).Milliseconds(),
+		"mem_used": heap, "mem_limit": s.cfg.MemoryHighWatermark, "mem_alarm": alarms&alarmMemory != 0,
+		"disk_free": free, "disk_free_limit": s.cfg.DiskFreeLimit, "disk_free_alarm": alarms&alarmDisk != 0,
+		"partitions": []any{}, "os_pid": strconv.Itoa(os.Getpid())}
+}
+
+// --- definitions ---
+
+// apiDefinitions exports the definitions in RabbitMQ's format: users, vhosts,
+// permissions, policies and parameters from the definitions in force, and the durable
+// queues, exchanges and bindings of the broker; for one vhost, its part.
+func (s *Server) apiDefinitions(r *http.Request, u *apiUser) (any, error) {
+	vhost := r.PathValue("vhost")
+	if vhost != "" && s.vhost(vhost) == nil {
+		return nil, notFoundAPI()
+	}
+	d := s.definitions()
+	b, err := d.encode()
+	if err != nil {
+		return nil, err
+	}
+	var out map[string]any
+	if err := json.Unmarshal(b, &out); err != nil {
+		return nil, err
+	}
+	out["rabbit_version"], out["rabbitmq_version"], out["product_name"], out["product_version"] = Version, Version, "amqp-go", Version
+	var queues, exchanges, bindings []any
+	for _, vh := range s.vhostList() {
+		if vhost != "" && vh.name != vhost {
+			continue
+		}
+		vh.mu.RLock()
+		for _, q := range vh.queues {
+			if q.durable && !q.exclusive {
+				queues = append(queues, map[string]any{"name": q.name, "vhost": vh.name, "durable": true,
+					"auto_delete": q.autoDelete, "arguments": tableJSON(q.args), "type": "classic"})
+			}
+		}
+		for _, x := range vh.exchanges {
+			if x.durable && !predeclared(x.name) && !strings.HasPrefix(x.name, "amq.") {
+				exchanges = append(exchanges, map[string]any{"name": x.name, "vhost": vh.name, "type": x.kind, "durable": true,
+					"auto_delete": x.autoDelete, "internal": x.internal, "arguments": tableJSON(x.args)})
+			}
+			for _, b := range x.bindings {
+				switch {
+				case b.queue != nil && b.queue.durable && !b.queue.exclusive && x.durable:
+					bindings = append(bindings, map[string]any{"source": x.name, "vhost": vh.name, "destination": b.queue.name,
+						"destination_type": "queue", "routing_key": b.key, "arguments": tableJSON(b.args)})
+				case b.dest != nil && b.dest.durable && x.durable:
+					bindings = append(bindings, map[string]any{"source": x.name, "vhost": vh.name, "destination": b.dest.name,
+						"destination_type": "exchange", "routing_key": b.key, "arguments": tableJSON(b.args)})
+				}
+			}
+		}
+		vh.mu.RUnlock()
+	}
+	byName := func(items []any, keys ...string) []any {
+		if items == nil {
+			return []any{}
+		}
+		slices.SortFunc(items, func(a, b any) int {
+			for _, k := range keys {
+				x, _ := a.(map[string]any)[k].(string)
+				y, _ := b.(map[string]any)[k].(string)
+				if c := cmp.Compare(x, y); c != 0 {
+					return c
+				}
+			}
+			return 0
+		})
+		return items
+	}
+	out["queues"] = byName(queues, "vhost", "name")
+	out["exchanges"] = byName(exchanges, "vhost", "name")
+	out["bindings"] = byName(bindings, "vhost", "source", "destination", "routing_key")
+	for _, k := range []string{"policies", "parameters", "global_parameters", "topic_permissions"} {
+		if out[k] == nil {
+			out[k] = []any{}
+		}
+	}
+	if vhost != "" {
+		for _, k := range []string{"users", "vhosts", "permissions", "topic_permissions", "global_parameters"} {
+			delete(out, k)
+		}
+		for _, k := range []string{"policies", "parameters"} {
+			list, _ := out[k].([]any)
+			out[k] = slices.DeleteFunc(slices.Clone(list), func(e any) bool {
+				m, _ := e.(map[string]any)
+				return m["vhost"] != vhost
+			})
+		}
+	}
+	return out, nil
+}
+
+// --- health checks ---
+
+// healthFailed is a failed health check: 503 with RabbitMQ's shape.
+func healthFailed(reason string, extra map[string]any) *apiHealth {
+	m := map[string]any{"status": "failed", "reason": reason}
+	for k, v := range extra {
+		m[k] = v
+	}
+	return &apiHealth{m}
+}
+
+// apiHealth is a failed health check's answer.
+type apiHealth struct{ body map[string]any }
+
+func (h *apiHealth) Error() string { return h.body["reason"].(string) }
+
+func (s *Server) apiHealthAlarms(r *http.Request, u *apiUser) (any, error) {
+	a := s.alarms.Load()
+	if a == 0 {
+		return map[string]any{"status": "ok"}, nil
+	}
+	var alarms []any
+	if a&alarmMemory != 0 {
+		alarms = append(alarms, map[string]any{"node": nodeName, "resource": "memory"})
+	}
+	if a&alarmDisk != 0 {
+		alarms = append(alarms, map[string]any{"node": nodeName, "resource": "disk"})
+	}
+	return nil, healthFailed("resource alarm(s) in effect", map[string]any{"alarms": alarms})
+}
+
+func (s *Server) apiHealthVhosts(r *http.Request, u *apiUser) (any, error) {
+	if err := s.Healthy(); err != nil {
+		return nil, healthFailed(err.Error(), nil)
+	}
+	return map[string]any{"status": "ok"}, nil
+}
+
+func (s *Server) apiHealthInService(r *http.Request, u *apiUser) (any, error) {
+	if err := s.Healthy(); err != nil {
+		return nil, healthFailed(err.Error(), nil)
+	}
+	if s.isClosed() {
+		return nil, healthFailed("the broker is shutting down", nil)
+	}
+	return map[string]any{"status": "ok"}, nil
+}
+
+func (s *Server) apiHealthPort(r *http.Request, u *apiUser) (any, error) {
+	port, err := strconv.Atoi(r.PathValue("port"))
+	if err != nil {
+		return nil, badRequest("port must be a number")
+	}
+	s.mu.Lock()
+	var ports []any
+	found := false
+	for ln := range s.listeners {
+		_, p := splitHostPort(ln.Addr().String())
+		ports = append(ports, p)
+		found = found || p == port
+	}
+	s.mu.Unlock()
+	if !found {
+		return nil, healthFailed("No active listener", map[string]any{"missing": port, "ports": ports})
+	}
+	return map[string]any{"status": "ok", "port": port}, nil
+}
+
+func (s *Server) apiHealthProtocol(r *http.Request, u *apiUser) (any, error) {
+	protocol := r.PathValue("protocol")
+	s.mu.Lock()
+	n := len(s.listeners)
+	s.mu.Unlock()
+	if (protocol == "amqp" || protocol == "amqp091" || protocol == "amqp0-9-1") && n > 0 {
+		return map[string]any{"status": "ok", "protocol": protocol}, nil
+	}
+	return nil, healthFailed("No active listener", map[string]any{"missing": protocol, "protocols": []string{"amqp"}})
+}
+
+func (s *Server) apiHealthCerts(r *http.Request, u *apiUser) (any, error) {
+	within, err := strconv.Atoi(r.PathValue("within"))
+	unit := map[string]time.Duration{"days": 24 * time.Hour, "weeks": 7 * 24 * time.Hour, "months": 30 * 24 * time.Hour, "years": 365 * 24 * time.Hour}[r.PathValue("unit")]
+	if err != nil || within < 0 || unit == 0 {
+		return nil, badRequest("want /certificate-expiration/N/days|weeks|months|years")
+	}
+	conf := s.tlsConf.Load()
+	if conf == nil {
+		return map[string]any{"status": "ok"}, nil
+	}
+	deadline := time.Now().Add(time.Duration(within) * unit)
+	for _, c := range conf.Certificates {
+		if c.Leaf != nil && c.Leaf.NotAfter.Before(deadline) {
+			return nil, healthFailed("Certificates expiring", map[string]any{"expired": []any{map[string]any{"node": nodeName, "expires": c.Leaf.NotAfter.Format(time.RFC3339)}}})
+		}
+	}
+	return map[string]any{"status": "ok"}, nil
+}
+
+// apiAliveness declares aliveness-test in the vhost, publishes a message to it and gets
+// it back, as the user, as RabbitMQ's aliveness test does.
+func (s *Server) apiAliveness(r *http.Request, u *apiUser) (any, error) {
+	v, err := s.withSession(r, u, func(ss *session) (any, error) {
+		const q = "aliveness-test"
+		if _, err := ss.call(&queueDeclare{Queue: q}, idQueueDeclareOk); err != nil {
+			return nil, err
+		}
+		if _, err := ss.publish("", q, &properties{}, []byte("test_message")); err != nil {
+			return nil, err
+		}
+		g, err := ss.get(q, true)
+		if err != nil {
+			return nil, err
+		}
+		if g == nil || string(g.body) != "test_message" {
+			return nil, healthFailed("the test message did not come back", nil)
+		}
+		return map[string]any{"status": "ok"}, nil
+	})
+	var e *Error
+	if errors.As(err, &e) && e.Code != replyAccessRefused && e.Code != replyNotAllowed {
+		return nil, healthFailed(e.Text, nil)
+	}
+	return v, err
+}
+
+// metricsHandler serves Config.PrometheusAddr.
+func (s *Server) metricsHandler() http.Handler { return http.NotFoundHandler() }

@@ -1,0 +1,407 @@
+package amqp
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
+)
+
+// apiBroker is a broker with its management API served on 127.0.0.1.
+type apiBroker struct {
+	t    *testing.T
+	srv  *Server
+	url  string // AMQP
+	http string // base URL of the API
+	defs string // the definitions file
+}
+
+// startAPIBroker starts a broker whose definitions file holds, besides guest, the users
+// edit adds.
+func startAPIBroker(t *testing.T, edit func(d *Definitions) error) *apiBroker {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "definitions.json")
+	secSaveDefs(t, path, edit)
+	srv, url := newTestServer(t, Config{Definitions: path})
+	hs := httptest.NewServer(srv.ManagementHandler())
+	t.Cleanup(hs.Close)
+	return &apiBroker{t: t, srv: srv, url: url, http: hs.URL, defs: path}
+}
+
+// do sends a request as user (password "pw", or guest's) and returns the status and the
+// decoded JSON answer (nil if none).
+func (b *apiBroker) do(method, path, user string, body any, header ...string) (int, any) {
+	b.t.Helper()
+	var rd io.Reader
+	switch v := body.(type) {
+	case nil:
+	case string:
+		rd = strings.NewReader(v)
+	default:
+		j, _ := json.Marshal(v)
+		rd = bytes.NewReader(j)
+	}
+	req, err := http.NewRequest(method, b.http+path, rd)
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	if user != "" {
+		pw := "pw"
+		if user == "guest" {
+			pw = "guest"
+		}
+		req.SetBasicAuth(user, pw)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	var v any
+	if len(raw) > 0 {
+		if err := json.Unmarshal(raw, &v); err != nil {
+			b.t.Fatalf("%s %s: %d, not JSON: %q", method, path, resp.StatusCode, raw)
+		}
+	}
+	return resp.StatusCode, v
+}
+
+// must is do that requires the status want.
+func (b *apiBroker) must(want int, method, path, user string, body any) any {
+	b.t.Helper()
+	st, v := b.do(method, path, user, body)
+	if st != want {
+		b.t.Fatalf("%s %s as %s: %d %v, want %d", method, path, user, st, v, want)
+	}
+	return v
+}
+
+func field(v any, path string) any {
+	m, _ := v.(map[string]any)
+	return pick(m, path)
+}
+
+func addUser(name string, tags ...string) func(d *Definitions) error {
+	return func(d *Definitions) error {
+		if err := d.AddUser(name, "pw"); err != nil {
+			return err
+		}
+		return d.SetUserTags(name, tags...)
+	}
+}
+
+func allEdits(edits ...func(d *Definitions) error) func(d *Definitions) error {
+	return func(d *Definitions) error {
+		for _, e := range edits {
+			if err := e(d); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
+// TestAPIQueuesAndOverview checks a queue made over AMQP in the API: its depth, unacked
+// count, consumers and message stats, and the overview's totals and fixed fields.
+func TestAPIQueuesAndOverview(t *testing.T) {
+	t.Parallel()
+	b := startAPIBroker(t, nil)
+	ch := openChannel(t, dial(t, b.url))
+	declareTransientQueue(t, ch, "work")
+	publishN(t, ch, "work", 3)
+	pollFor(t, "three messages", func() bool { return queueReady(t, ch, "work") == 3 })
+	d, ok, err := ch.Get("work", false)
+	if err != nil || !ok {
+		t.Fatal(ok, err)
+	}
+	q := b.must(200, "GET", "/api/queues/%2F/work", "guest", nil)
+	for k, want := range map[string]any{"name": "work", "vhost": "/", "messages_ready": 2.0, "messages_unacknowledged": 1.0,
+		"messages": 3.0, "consumers": 0.0, "durable": false, "message_stats.publish": 3.0, "message_stats.deliver_get": 1.0,
+		"message_bytes_ready": 5.0, "type": "classic", "state": "running"} {
+		if got := field(q, k); got != want {
+			t.Errorf("queue %s = %v, want %v", k, got, want)
+		}
+	}
+	if field(q, "idle_since") == nil {
+		t.Error("a queue without consumers has no idle_since")
+	}
+	d.Ack(false)
+	list := b.must(200, "GET", "/api/queues?page=1&page_size=10&name=wor", "guest", nil)
+	if field(list, "total_count") != 1.0 || field(list, "filtered_count") != 1.0 || len(field(list, "items").([]any)) != 1 {
+		t.Errorf("paged list %v", list)
+	}
+	cols := b.must(200, "GET", "/api/queues/%2F?columns=name,message_stats.publish", "guest", nil).([]any)
+	if len(cols) != 1 || len(cols[0].(map[string]any)) != 2 || field(cols[0], "message_stats.publish") != 3.0 {
+		t.Errorf("columns %v", cols)
+	}
+	o := b.must(200, "GET", "/api/overview", "guest", nil)
+	for _, k := range []string{"rabbitmq_version", "product_name", "cluster_name", "node", "listeners", "exchange_types",
+		"message_stats.publish_details.rate", "queue_totals.messages", "object_totals.queues", "object_totals.connections"} {
+		if field(o, k) == nil {
+			t.Errorf("overview lacks %s: %v", k, o)
+		}
+	}
+	if field(o, "object_totals.queues") != 1.0 || field(o, "queue_totals.messages_ready") != 2.0 {
+		t.Errorf("overview totals %v %v", field(o, "object_totals"), field(o, "queue_totals"))
+	}
+}
+
+// TestAPIDeclarePublishGet declares, binds, publishes, gets and deletes through the API,
+// and checks RabbitMQ's answers: 201 then 204, routed, the four ackmodes, 404 after delete.
+func TestAPIDeclarePublishGet(t *testing.T) {
+	t.Parallel()
+	b := startAPIBroker(t, nil)
+	b.must(201, "PUT", "/api/queues/%2F/api-q", "guest", map[string]any{"durable": "false", "arguments": map[string]any{"x-max-length": 10}})
+	b.must(204, "PUT", "/api/queues/%2F/api-q", "guest", map[string]any{"durable": false, "arguments": map[string]any{"x-max-length": 10}})
+	st, v := b.do("PUT", "/api/queues/%2F/api-q", "guest", map[string]any{"durable": true})
+	if st != 400 || !strings.Contains(field(v, "reason").(string), "inequivalent arg 'durable'") {
+		t.Errorf("inequivalent redeclare: %d %v", st, v)
+	}
+	b.must(201, "PUT", "/api/exchanges/%2F/api-x", "guest", map[string]any{"type": "direct", "durable": false})
+	b.must(201, "POST", "/api/bindings/%2F/e/api-x/q/api-q", "guest", map[string]any{"routing_key": "k"})
+	bs := b.must(200, "GET", "/api/bindings/%2F/e/api-x/q/api-q", "guest", nil).([]any)
+	if len(bs) != 1 || field(bs[0], "properties_key") != "k" {
+		t.Fatalf("bindings %v", bs)
+	}
+	pub := func(key, payload string) any {
+		return b.must(200, "POST", "/api/exchanges/%2F/api-x/publish", "guest", map[string]any{
+			"routing_key": key, "payload": payload, "payload_encoding": "string",
+			"properties": map[string]any{"delivery_mode": 2, "headers": map[string]any{"h": "v"}}})
+	}
+	if r := pub("k", "one"); field(r, "routed") != true {
+		t.Errorf("publish to k: %v", r)
+	}
+	if r := pub("nowhere", "lost"); field(r, "routed") != false {
+		t.Errorf("unroutable publish: %v", r)
+	}
+	pub("k", "two")
+	msgs := b.must(200, "POST", "/api/queues/%2F/api-q/get", "guest", map[string]any{"count": 5, "ackmode": "ack_requeue_true", "encoding": "auto"}).([]any)
+	if len(msgs) != 2 || field(msgs[0], "payload") != "one" || field(msgs[0], "properties.headers.h") != "v" ||
+		field(msgs[0], "routing_key") != "k" || field(msgs[0], "properties.delivery_mode") != 2.0 {
+		t.Fatalf("get requeue: %v", msgs)
+	}
+	msgs = b.must(200, "POST", "/api/queues/%2F/api-q/get", "guest", map[string]any{"count": 1, "ackmode": "ack_requeue_false", "encoding": "base64"}).([]any)
+	if len(msgs) != 1 || field(msgs[0], "payload") != "b25l" || field(msgs[0], "redelivered") != true {
+		t.Fatalf("get ack: %v", msgs)
+	}
+	peek := b.must(200, "GET", "/api/queues/%2F/api-q/peek?count=5", "guest", nil).([]any)
+	if len(peek) != 1 || field(peek[0], "payload") != "two" {
+		t.Errorf("peek: %v", peek)
+	}
+	if q := b.must(200, "GET", "/api/queues/%2F/api-q", "guest", nil); field(q, "messages") != 1.0 {
+		t.Errorf("after get: %v messages, want 1 (peek takes nothing)", field(q, "messages"))
+	}
+	b.must(204, "DELETE", "/api/bindings/%2F/e/api-x/q/api-q/k", "guest", nil)
+	if r := pub("k", "three"); field(r, "routed") != false {
+		t.Errorf("publish after unbind: %v", r)
+	}
+	b.must(204, "DELETE", "/api/queues/%2F/api-q/contents", "guest", nil)
+	b.must(204, "DELETE", "/api/queues/%2F/api-q", "guest", nil)
+	b.must(404, "GET", "/api/queues/%2F/api-q", "guest", nil)
+	b.must(204, "DELETE", "/api/exchanges/%2F/api-x", "guest", nil)
+	b.must(404, "GET", "/api/exchanges/%2F/api-x", "guest", nil)
+	if x := b.must(200, "GET", "/api/exchanges/%2F/amq.default", "guest", nil); field(x, "type") != "direct" {
+		t.Errorf("amq.default: %v", x)
+	}
+}
+
+// TestAPIAuthorisation checks the tags: no credentials, a wrong password and a user
+// without a management tag get 401; management users see only the vhosts they have
+// permissions on and their own connections; administrator-only paths refuse others.
+func TestAPIAuthorisation(t *testing.T) {
+	t.Parallel()
+	b := startAPIBroker(t, allEdits(addUser("mgmt", "management"), addUser("mon", "monitoring"), addUser("plain"),
+		func(d *Definitions) error { return d.AddVhost("private") },
+		func(d *Definitions) error { return d.SetPermissions("mgmt", "/", ".*", ".*", ".*") },
+		func(d *Definitions) error { return d.SetPermissions("guest", "private", ".*", ".*", ".*") }))
+	if st, v := b.do("GET", "/api/overview", "", nil); st != 401 || field(v, "error") != "not_authorized" {
+		t.Errorf("no credentials: %d %v", st, v)
+	}
+	req, _ := http.NewRequest("GET", b.http+"/api/overview", nil)
+	req.SetBasicAuth("guest", "wrong")
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 401 || resp.Header.Get("WWW-Authenticate") == "" {
+		t.Errorf("wrong password: %v %v", resp, err)
+	}
+	if st, v := b.do("GET", "/api/overview", "plain", nil); st != 401 || field(v, "reason") != "Not management user" {
+		t.Errorf("no tags: %d %v", st, v)
+	}
+	if st, v := b.do("GET", "/api/users", "mgmt", nil); st != 401 || field(v, "reason") != "Not administrator user" {
+		t.Errorf("users as management: %d %v", st, v)
+	}
+	b.must(200, "GET", "/api/users", "guest", nil)
+	vhosts := b.must(200, "GET", "/api/vhosts", "mgmt", nil).([]any)
+	if len(vhosts) != 1 || field(vhosts[0], "name") != "/" {
+		t.Errorf("management user's vhosts: %v", vhosts)
+	}
+	b.must(404, "GET", "/api/queues/private", "mgmt", nil)
+	if vs := b.must(200, "GET", "/api/vhosts", "mon", nil).([]any); len(vs) != 2 {
+		t.Errorf("monitoring user's vhosts: %v", vs)
+	}
+	// Connections: guest's is seen by guest and mon, not by mgmt; mgmt may not close it.
+	conn := dial(t, b.url)
+	pollFor(t, "guest's connection listed", func() bool {
+		return len(b.must(200, "GET", "/api/connections", "guest", nil).([]any)) == 1
+	})
+	if cs := b.must(200, "GET", "/api/connections", "mgmt", nil).([]any); len(cs) != 0 {
+		t.Errorf("management user sees others' connections: %v", cs)
+	}
+	cs := b.must(200, "GET", "/api/connections", "mon", nil).([]any)
+	if len(cs) != 1 || field(cs[0], "user") != "guest" || !strings.Contains(field(cs[0], "name").(string), " -> ") {
+		t.Fatalf("monitoring user's connections: %v", cs)
+	}
+	name := urlEscape(field(cs[0], "name").(string))
+	b.must(404, "DELETE", "/api/connections/"+name, "mgmt", nil)
+	closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
+	if st, _ := b.do("DELETE", "/api/connections/"+name, "guest", nil, "X-Reason", "maintenance"); st != 204 {
+		t.Fatalf("close connection: %d", st)
+	}
+	select {
+	case e := <-closed:
+		if e == nil || e.Code != 320 || e.Reason != "CONNECTION_FORCED - maintenance" {
+			t.Errorf("closed with %v, want 320 and the X-Reason", e)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the connection was not closed")
+	}
+}
+
+// TestAPIDefinitionsEdits creates a user, a vhost, permissions and a policy through the
+// API, and checks each takes effect at once and is saved in the definitions file.
+func TestAPIDefinitionsEdits(t *testing.T) {
+	t.Parallel()
+	b := startAPIBroker(t, nil)
+	b.must(201, "PUT", "/api/vhosts/staging", "guest", nil)
+	b.must(204, "PUT", "/api/vhosts/staging", "guest", nil)
+	b.must(201, "PUT", "/api/users/alice", "guest", map[string]any{"password": "s3cret", "tags": "management"})
+	b.must(201, "PUT", "/api/permissions/staging/alice", "guest", map[string]any{"configure": ".*", "write": ".*", "read": ".*"})
+	b.must(201, "PUT", "/api/policies/staging/cap", "guest", map[string]any{"pattern": "^capped$", "apply-to": "queues",
+		"definition": map[string]any{"max-length": 1}, "priority": 0})
+	st, v := b.do("PUT", "/api/policies/staging/bad", "guest", map[string]any{"pattern": ".*", "definition": map[string]any{"max-length": -1}})
+	if st != 400 || !strings.Contains(field(v, "reason").(string), "not a valid maximum length") {
+		t.Errorf("bad policy: %d %v", st, v)
+	}
+
+	conn, err := amqp091.Dial(strings.Replace(b.url, "guest:guest@", "alice:s3cret@", 1) + "staging")
+	if err != nil {
+		t.Fatalf("alice cannot log in to staging: %v", err)
+	}
+	defer conn.Close()
+	ch := openChannel(t, conn)
+	declareTransientQueue(t, ch, "capped")
+	publishN(t, ch, "capped", 3)
+	if n := queueReady(t, ch, "capped"); n != 1 {
+		t.Errorf("capped holds %d, want the API's policy max-length 1", n)
+	}
+	d, err := LoadDefinitions(b.defs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps, _ := d.Policies()
+	if d.vhost("staging") < 0 || d.user("alice") < 0 || d.permission("alice", "staging") < 0 || len(ps) != 1 {
+		t.Errorf("the file lacks the API's changes: %+v %+v", d, ps)
+	}
+	if u := b.must(200, "GET", "/api/users/alice", "guest", nil); field(u, "tags").([]any)[0] != "management" {
+		t.Errorf("alice: %v", u)
+	}
+	b.must(204, "DELETE", "/api/policies/staging/cap", "guest", nil)
+	b.must(404, "DELETE", "/api/policies/staging/cap", "guest", nil)
+	b.must(204, "DELETE", "/api/users/alice", "guest", nil)
+	b.must(404, "GET", "/api/users/alice", "guest", nil)
+	b.must(204, "DELETE", "/api/vhosts/staging", "guest", nil)
+	b.must(404, "GET", "/api/vhosts/staging", "guest", nil)
+}
+
+// TestAPIBadRequests checks that a body that is not JSON is 400 and one over 20 MB is 413,
+// with nothing changed, and that an unknown path is 404 in RabbitMQ's shape.
+func TestAPIBadRequests(t *testing.T) {
+	t.Parallel()
+	b := startAPIBroker(t, nil)
+	if st, v := b.do("PUT", "/api/queues/%2F/q", "guest", "{not json"); st != 400 || field(v, "error") != "bad_request" {
+		t.Errorf("bad JSON: %d %v", st, v)
+	}
+	big := `{"arguments":{"x":"` + strings.Repeat("a", maxAPIBody) + `"}}`
+	if st, _ := b.do("PUT", "/api/queues/%2F/q", "guest", big); st != 413 {
+		t.Errorf("oversize body: %d", st)
+	}
+	b.must(404, "GET", "/api/queues/%2F/q", "guest", nil)
+	if st, v := b.do("GET", "/api/nothing-here", "guest", nil); st != 404 || field(v, "error") == nil {
+		t.Errorf("unknown path: %d %v", st, v)
+	}
+	b.must(404, "GET", "/api/queues/no-such-vhost", "guest", nil)
+}
+
+// TestAPIHealthChecks checks the health checks in both states.
+func TestAPIHealthChecks(t *testing.T) {
+	t.Parallel()
+	b := startAPIBroker(t, nil)
+	if v := b.must(200, "GET", "/api/health/checks/alarms", "guest", nil); field(v, "status") != "ok" {
+		t.Errorf("alarms: %v", v)
+	}
+	b.srv.alarms.Store(alarmMemory)
+	if v := b.must(503, "GET", "/api/health/checks/alarms", "guest", nil); field(v, "status") != "failed" {
+		t.Errorf("alarms with the memory alarm on: %v", v)
+	}
+	b.srv.alarms.Store(0)
+	_, port := splitHostPort(b.srv.Addr().String())
+	b.must(200, "GET", "/api/health/checks/port-listener/"+strconv.Itoa(port), "guest", nil)
+	b.must(503, "GET", "/api/health/checks/port-listener/1", "guest", nil)
+	b.must(200, "GET", "/api/health/checks/protocol-listener/amqp", "guest", nil)
+	b.must(503, "GET", "/api/health/checks/protocol-listener/mqtt", "guest", nil)
+	b.must(200, "GET", "/api/health/checks/virtual-hosts", "guest", nil)
+	b.must(200, "GET", "/api/health/checks/is-in-service", "guest", nil)
+	b.must(200, "GET", "/api/health/checks/certificate-expiration/1/months", "guest", nil)
+	if v := b.must(200, "GET", "/api/aliveness-test/%2F", "guest", nil); field(v, "status") != "ok" {
+		t.Errorf("aliveness: %v", v)
+	}
+	b.srv.setUnhealthy("test")
+	b.must(503, "GET", "/api/health/checks/virtual-hosts", "guest", nil)
+}
+
+// TestAPIDefinitionsExport checks that the export holds the users, vhosts and policies in
+// force and the broker's durable queues, exchanges and bindings, in RabbitMQ's format.
+func TestAPIDefinitionsExport(t *testing.T) {
+	t.Parallel()
+	b := startAPIBroker(t, nil)
+	ch := openChannel(t, dial(t, b.url))
+	if err := ch.ExchangeDeclare("orders", "topic", true, false, false, false, amqp091.Table{"alternate-exchange": "ae"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare("orders.q", true, false, false, false, amqp091.Table{"x-max-length": int32(5)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind("orders.q", "orders.#", "orders", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "transient")
+	d := b.must(200, "GET", "/api/definitions", "guest", nil)
+	qs := field(d, "queues").([]any)
+	if len(qs) != 1 || field(qs[0], "name") != "orders.q" || field(qs[0], "arguments.x-max-length") != 5.0 {
+		t.Errorf("queues %v", qs)
+	}
+	xs := field(d, "exchanges").([]any)
+	if len(xs) != 1 || field(xs[0], "name") != "orders" || field(xs[0], "internal") != false {
+		t.Errorf("exchanges %v", xs)
+	}
+	bs := field(d, "bindings").([]any)
+	if len(bs) != 1 || field(bs[0], "routing_key") != "orders.#" || field(bs[0], "destination_type") != "queue" {
+		t.Errorf("bindings %v", bs)
+	}
+	if us := field(d, "users").([]any); len(us) != 1 || field(us[0], "name") != "guest" || field(us[0], "password_hash") == "" {
+		t.Errorf("users %v", us)
+	}
+	if v := b.must(200, "GET", "/api/definitions/%2F", "guest", nil); field(v, "users") != nil || len(field(v, "queues").([]any)) != 1 {
+		t.Errorf("vhost export %v", v)
+	}
+}
