@@ -67,6 +67,8 @@ type daemon struct {
 // and AMQPD_* variables, plus env. The cleanup kills it if it still runs.
 func startDaemon(t *testing.T, env []string, args ...string) *daemon {
 	t.Helper()
+	// The HTTP listeners are off unless a test turns them on: daemons run in parallel.
+	args = append([]string{"-http-addr=", "-prometheus-addr="}, args...)
 	d := &daemon{cmd: exec.Command(amqpdBinary(t), args...), exited: make(chan error, 1), logs: new(bytes.Buffer)}
 	d.cmd.Env = append(cleanEnviron(), env...)
 	d.cmd.Stderr = d.logs

@@ -37,6 +37,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&cfg.Addr, "addr", ":5672", `TCP address to listen on; "" turns the plain listener off`)
 	fs.StringVar(&cfg.DataDir, "data-dir", "amqp-data", "directory for the write-ahead log")
 	fs.StringVar(&cfg.Definitions, "definitions", "", "RabbitMQ definitions JSON file with users, vhosts and permissions (default: guest/guest on vhost /)")
+	fs.StringVar(&cfg.HTTPAddr, "http-addr", "127.0.0.1:15672", `address of the management HTTP API; "" turns it off`)
+	fs.StringVar(&cfg.PrometheusAddr, "prometheus-addr", "127.0.0.1:15692", `address of the Prometheus metrics; "" turns them off`)
 	tlsAddr := fs.String("tls-addr", ":5671", "TCP address of the amqps listener, when -tls-cert is given")
 	tlsCert := fs.String("tls-cert", "", "PEM certificate file for amqps")
 	tlsKey := fs.String("tls-key", "", "PEM private key file for amqps")

@@ -52,7 +52,7 @@ func TestRunAddressInUse(t *testing.T) {
 	}
 	defer ln.Close()
 	var stderr bytes.Buffer
-	if code := run([]string{"-addr", ln.Addr().String(), "-data-dir", t.TempDir()}, io.Discard, &stderr); code != 1 {
+	if code := run([]string{"-http-addr=", "-prometheus-addr=", "-addr", ln.Addr().String(), "-data-dir", t.TempDir()}, io.Discard, &stderr); code != 1 {
 		t.Errorf("exit code %d, want 1", code)
 	}
 	if !strings.Contains(stderr.String(), "already in use") {
