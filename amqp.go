@@ -288,6 +288,22 @@ type Server struct {
 	ready      chan struct{}  // closed when the first listener is up
 	startedAt  time.Time      // when NewServer made the server
 	httpSrvs   []*http.Server // guarded by mu: the HTTP listeners ListenAndServe opened
+	memLimit   atomic.Uint64  // the memory alarm's watermark in bytes; 0: none
+	diskLimit  atomic.Int64   // the disk alarm's limit in free bytes; <= 0: none
+}
+
+// SetMemoryHighWatermark changes the memory alarm's watermark (Config.MemoryHighWatermark)
+// on a running broker; 0 turns the alarm off. The alarms look again within 100 ms.
+func (s *Server) SetMemoryHighWatermark(bytes uint64) {
+	s.memLimit.Store(bytes)
+	s.log.Info("memory high watermark set", "bytes", bytes)
+}
+
+// SetDiskFreeLimit changes the disk alarm's limit (Config.DiskFreeLimit) on a running
+// broker; 0 or less turns the alarm off.
+func (s *Server) SetDiskFreeLimit(bytes int64) {
+	s.diskLimit.Store(bytes)
+	s.log.Info("disk free limit set", "bytes", bytes)
 }
 
 // NewServer returns a server configured by cfg; it does not listen until Serve or
@@ -310,6 +326,8 @@ func NewServer(cfg Config) *Server {
 		s.logins = newLoginLimiter(cfg.AuthFailureLimit)
 	}
 	s.dead = newDeadLetters(s)
+	s.memLimit.Store(cfg.MemoryHighWatermark)
+	s.diskLimit.Store(cfg.DiskFreeLimit)
 	s.vhosts["/"] = s.newVhost("/")
 	s.liveHeap = readLiveHeap
 	s.diskFree = func() (uint64, error) { return diskFree(s.cfg.DataDir) }
@@ -508,7 +526,7 @@ func (s *Server) load() error {
 		if s.openErr = s.loadAuth(); s.openErr == nil {
 			s.openErr = s.openStore()
 		}
-		if s.openErr == nil && (s.cfg.MemoryHighWatermark > 0 || s.store != nil && s.cfg.DiskFreeLimit > 0) {
+		if s.openErr == nil {
 			go s.watchResources()
 		}
 	})
@@ -719,7 +737,7 @@ func (s *Server) watchResources() {
 			return
 		case <-t.C:
 		}
-		if limit := s.cfg.MemoryHighWatermark; limit > 0 {
+		if limit := s.memLimit.Load(); limit > 0 {
 			if s.alarms.Load()&alarmMemory != 0 && time.Since(forced) >= time.Second {
 				// The live heap only changes when the collector runs, and a broker whose
 				// publishers are blocked allocates too little to start it: collect, or
@@ -730,7 +748,7 @@ func (s *Server) watchResources() {
 			live := s.liveHeap()
 			s.setAlarm(alarmMemory, live > limit, "memory alarm", "live_heap", live, "watermark", limit)
 		}
-		if limit := s.cfg.DiskFreeLimit; limit > 0 && s.store != nil {
+		if limit := s.diskLimit.Load(); limit > 0 && s.store != nil {
 			free, err := s.diskFree()
 			if err != nil {
 				if !diskErr {

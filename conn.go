@@ -63,6 +63,7 @@ type conn struct {
 	hsElem     *list.Element // guarded by s.mu: c in s.handshakes; nil once open or dropped
 	counted    bool          // guarded by s.mu: c counts in s.open
 	internal   bool          // a session of the HTTP API: not listed, not counted
+	superuser  bool          // an internal session importing definitions: no permission checks
 	started    time.Time     // when the socket was accepted
 	clientInfo table         // start-ok's client-properties; read by others once opened
 	chMu       sync.Mutex    // guards writes to channels, and reads of it by other goroutines
@@ -577,7 +578,7 @@ func (c *conn) handshake() error {
 		return err
 	}
 	db := c.s.auth.Load()
-	if err := db.vhostAccess(c.user, open.VirtualHost); err != nil {
+	if err := db.vhostAccess(c.user, open.VirtualHost); err != nil && !c.superuser {
 		return err
 	}
 	c.vh = c.s.vhost(open.VirtualHost)

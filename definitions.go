@@ -354,6 +354,19 @@ func (d *Definitions) check() error {
 // instead of a "password_hash", as RabbitMQ accepts on import, gets it hashed here, so
 // the clear text is never written back.
 func decodeDefinitions(b []byte) (*Definitions, error) {
+	d, err := decodeUnchecked(b)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.check(); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// decodeUnchecked is decodeDefinitions without the checks across sections: for an import,
+// whose permissions may name users and vhosts the broker already has.
+func decodeUnchecked(b []byte) (*Definitions, error) {
 	var top map[string]json.RawMessage
 	if err := json.Unmarshal(b, &top); err != nil {
 		return nil, err
@@ -399,11 +412,9 @@ func decodeDefinitions(b []byte) (*Definitions, error) {
 		d.Permissions = append(d.Permissions, p)
 	}
 	d.sections = nonEmpty(top)
-	if err := d.check(); err != nil {
-		return nil, err
-	}
 	return d, nil
 }
+
 
 // decodeObjects removes section key from top and returns its objects; absent or null is
 // none.
@@ -1046,4 +1057,48 @@ func (d *Definitions) policySets() (map[string]*policySet, []string, error) {
 		sortPolicies(ps.operator)
 	}
 	return sets, ignored, nil
+}
+
+// merge adds what o defines to d, as RabbitMQ's import does: users, permissions, topic
+// permissions, policies and parameters of the same name are replaced, the rest are added;
+// nothing of d is removed. The queues, exchanges and bindings of o are not kept in d.
+func (d *Definitions) merge(o *Definitions) {
+	for _, u := range o.Users {
+		if i := d.user(u.Name); i >= 0 {
+			d.Users[i] = u
+		} else {
+			d.Users = append(d.Users, u)
+		}
+	}
+	for _, v := range o.Vhosts {
+		if d.vhost(v.Name) < 0 {
+			d.Vhosts = append(d.Vhosts, v)
+		}
+	}
+	for _, p := range o.Permissions {
+		if i := d.permission(p.User, p.Vhost); i >= 0 {
+			d.Permissions[i] = p
+		} else {
+			d.Permissions = append(d.Permissions, p)
+		}
+	}
+	for key, fields := range map[string][]string{"topic_permissions": {"user", "vhost", "exchange"},
+		"policies": {"vhost", "name"}, "parameters": {"vhost", "component", "name"}, "global_parameters": {"name"}} {
+		objs, _ := o.sectionObjects(key)
+		for _, obj := range objs {
+			d.editSection(key, sameFields(obj, fields), obj)
+		}
+	}
+}
+
+// sameFields matches the objects whose fields are those of obj.
+func sameFields(obj map[string]json.RawMessage, fields []string) func(map[string]json.RawMessage) bool {
+	return func(other map[string]json.RawMessage) bool {
+		for _, f := range fields {
+			if !bytes.Equal(bytes.TrimSpace(obj[f]), bytes.TrimSpace(other[f])) {
+				return false
+			}
+		}
+		return true
+	}
 }

@@ -105,6 +105,8 @@ func (s *Server) ManagementHandler() http.Handler {
 		}
 		return s.nodeInfo(), nil
 	})
+	handle("PUT /api/nodes/{node}/vm_memory_high_watermark", admin, s.apiSetLimit)
+	handle("PUT /api/nodes/{node}/disk_free_limit", admin, s.apiSetLimit)
 	handle("GET /api/extensions", anyone, func(*http.Request, *apiUser) (any, error) { return []any{}, nil })
 
 	handle("GET /api/vhosts", anyone, s.apiVhosts)
@@ -176,6 +178,8 @@ func (s *Server) ManagementHandler() http.Handler {
 
 	handle("GET /api/definitions", admin, s.apiDefinitions)
 	handle("GET /api/definitions/{vhost}", admin, s.apiDefinitions)
+	handle("POST /api/definitions", admin, s.apiImportDefinitions)
+	handle("POST /api/definitions/{vhost}", admin, s.apiImportDefinitions)
 
 	handle("GET /api/health/checks/alarms", anyone, s.apiHealthAlarms)
 	handle("GET /api/health/checks/local-alarms", anyone, s.apiHealthAlarms)
@@ -1138,7 +1142,7 @@ func (s *Server) withSession(r *http.Request, u *apiUser, fn func(ss *session) (
 	if err != nil {
 		return nil, err
 	}
-	ss, err := s.openSession(u.name, u.password, vh.name, u.remote)
+	ss, err := s.openSession(u.name, u.password, vh.name, u.remote, false)
 	if err != nil {
 		return nil, err
 	}
@@ -2112,9 +2116,32 @@ func (s *Server) nodeInfo() map[string]any {
 		heap = s.liveHeap()
 	}
 	return map[string]any{"name": nodeName, "type": "disc", "running": true, "uptime": time.Since(s.startedAt).Milliseconds(),
-		"mem_used": heap, "mem_limit": s.cfg.MemoryHighWatermark, "mem_alarm": alarms&alarmMemory != 0,
-		"disk_free": free, "disk_free_limit": s.cfg.DiskFreeLimit, "disk_free_alarm": alarms&alarmDisk != 0,
+		"mem_used": heap, "mem_limit": s.memLimit.Load(), "mem_alarm": alarms&alarmMemory != 0,
+		"disk_free": free, "disk_free_limit": s.diskLimit.Load(), "disk_free_alarm": alarms&alarmDisk != 0,
 		"partitions": []any{}, "os_pid": strconv.Itoa(os.Getpid())}
+}
+
+// apiSetLimit changes the memory watermark or the disk free limit, {"value": bytes}: what
+// rabbitmqctl set_vm_memory_high_watermark and set_disk_free_limit do (not in RabbitMQ's
+// HTTP API; amqpd's verbs of those names call it).
+func (s *Server) apiSetLimit(r *http.Request, u *apiUser) (any, error) {
+	if r.PathValue("node") != nodeName {
+		return nil, notFoundAPI()
+	}
+	body, err := readJSON(r)
+	if err != nil {
+		return nil, err
+	}
+	n, err := jsonInt(body, "value", -1)
+	if err != nil || n < 0 {
+		return nil, badRequest("value must be a non-negative integer of bytes")
+	}
+	if strings.HasSuffix(r.URL.Path, "/disk_free_limit") {
+		s.SetDiskFreeLimit(n)
+	} else {
+		s.SetMemoryHighWatermark(uint64(n))
+	}
+	return apiStatus(http.StatusNoContent), nil
 }
 
 // --- definitions ---
@@ -2204,6 +2231,311 @@ func (s *Server) apiDefinitions(r *http.Request, u *apiUser) (any, error) {
 		}
 	}
 	return out, nil
+}
+
+// importTopology is the queues, exchanges and bindings of a definitions import.
+type importTopology struct {
+	queues    []importQueue
+	exchanges []importExchange
+	bindings  []importBinding
+}
+
+type importQueue struct {
+	vhost, name         string
+	durable, autoDelete bool
+	args                table
+}
+
+type importExchange struct {
+	vhost, name, kind             string
+	durable, autoDelete, internal bool
+	args                          table
+}
+
+type importBinding struct {
+	vhost, source, dest, destType, key string
+	args                               table
+}
+
+// apiImportDefinitions imports a definitions document, as RabbitMQ's POST
+// /api/definitions does: users, vhosts, permissions, topic permissions, policies and
+// parameters are merged into the definitions file, then exchanges, queues and bindings are
+// declared, in that order. Everything is checked first (formats, arguments, equivalence with
+// what exists, binding ends), so an import that fails changes nothing. For one vhost
+// (/api/definitions/{vhost}), objects without a vhost go to it and users, vhosts and
+// permissions are ignored.
+func (s *Server) apiImportDefinitions(r *http.Request, u *apiUser) (any, error) {
+	raw, err := io.ReadAll(r.Body)
+	if err != nil {
+		return nil, err
+	}
+	vhost := r.PathValue("vhost")
+	var top map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &top); err != nil || top == nil {
+		return nil, badRequest("the body is not a JSON object")
+	}
+	if vhost != "" {
+		if s.vhost(vhost) == nil {
+			return nil, notFoundAPI()
+		}
+		for _, k := range []string{"users", "vhosts", "permissions", "topic_permissions", "global_parameters"} {
+			delete(top, k)
+		}
+		for _, k := range []string{"policies", "parameters", "queues", "exchanges", "bindings"} {
+			if list, ok := top[k]; ok {
+				top[k] = setVhost(list, vhost)
+			}
+		}
+		raw, _ = json.Marshal(top)
+	}
+	in, err := decodeUnchecked(raw)
+	if err != nil {
+		return nil, badRequest("definitions: " + err.Error())
+	}
+	merged := s.definitions()
+	merged.merge(in)
+	if err := merged.check(); err != nil {
+		return nil, badRequest(err.Error())
+	}
+	if _, _, err := merged.policySets(); err != nil {
+		return nil, badRequest(err.Error())
+	}
+	topo, err := readImportTopology(in)
+	if err != nil {
+		return nil, badRequest(err.Error())
+	}
+	if err := s.checkImport(merged, topo); err != nil {
+		return nil, badRequest(err.Error())
+	}
+	if err := s.editDefinitions(func(d *Definitions) error { d.merge(in); return nil }); err != nil {
+		return nil, badRequest(strings.TrimPrefix(err.Error(), "amqp: "))
+	}
+	if err := s.declareImport(u, topo); err != nil {
+		return nil, err
+	}
+	return apiStatus(http.StatusNoContent), nil
+}
+
+// setVhost sets "vhost" on the objects of a list that have none.
+func setVhost(list json.RawMessage, vhost string) json.RawMessage {
+	var objs []map[string]json.RawMessage
+	if json.Unmarshal(list, &objs) != nil {
+		return list
+	}
+	v, _ := json.Marshal(vhost)
+	for _, o := range objs {
+		if o != nil && len(o["vhost"]) == 0 {
+			o["vhost"] = v
+		}
+	}
+	b, _ := json.Marshal(objs)
+	return b
+}
+
+// readImportTopology reads the queues, exchanges and bindings sections of an import.
+func readImportTopology(d *Definitions) (*importTopology, error) {
+	t := &importTopology{}
+	read := func(key string, each func(m map[string]any) error) error {
+		objs, err := d.sectionObjects(key)
+		if err != nil {
+			return err
+		}
+		for i, o := range objs {
+			b, _ := json.Marshal(o)
+			dec := json.NewDecoder(bytes.NewReader(b))
+			dec.UseNumber()
+			var m map[string]any
+			dec.Decode(&m)
+			if err := each(m); err != nil {
+				return errors.New(key + "[" + strconv.Itoa(i) + "]: " + err.Error())
+			}
+		}
+		return nil
+	}
+	str := func(m map[string]any, k string) string { v, _ := m[k].(string); return v }
+	err := read("queues", func(m map[string]any) error {
+		q := importQueue{vhost: str(m, "vhost"), name: str(m, "name")}
+		var err1, err2, err3 error
+		q.durable, err1 = jsonBool(m, "durable", true)
+		q.autoDelete, err2 = jsonBool(m, "auto_delete", false)
+		q.args, err3 = jsonTable(m["arguments"])
+		if t, _ := m["type"].(string); t != "" && t != "classic" {
+			if q.args == nil {
+				q.args = table{}
+			}
+			q.args["x-queue-type"] = t
+		}
+		t.queues = append(t.queues, q)
+		return cmp.Or(err1, err2, err3)
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = read("exchanges", func(m map[string]any) error {
+		x := importExchange{vhost: str(m, "vhost"), name: str(m, "name"), kind: str(m, "type")}
+		var err1, err2, err3, err4 error
+		x.durable, err1 = jsonBool(m, "durable", true)
+		x.autoDelete, err2 = jsonBool(m, "auto_delete", false)
+		x.internal, err3 = jsonBool(m, "internal", false)
+		x.args, err4 = jsonTable(m["arguments"])
+		t.exchanges = append(t.exchanges, x)
+		return cmp.Or(err1, err2, err3, err4)
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = read("bindings", func(m map[string]any) error {
+		b := importBinding{vhost: str(m, "vhost"), source: str(m, "source"), dest: str(m, "destination"),
+			destType: str(m, "destination_type"), key: str(m, "routing_key")}
+		var err error
+		b.args, err = jsonTable(m["arguments"])
+		if b.destType != "queue" && b.destType != "exchange" {
+			return errors.New("destination_type must be queue or exchange")
+		}
+		t.bindings = append(t.bindings, b)
+		return err
+	})
+	return t, err
+}
+
+// checkImport checks an import's topology before anything changes: vhosts that exist,
+// names, exchange types, arguments, equivalence with what is declared, and binding ends.
+func (s *Server) checkImport(d *Definitions, t *importTopology) error {
+	exists := func(vhost, name string, queue bool) bool {
+		vh := s.vhost(vhost)
+		if vh == nil {
+			return false
+		}
+		vh.mu.RLock()
+		defer vh.mu.RUnlock()
+		if queue {
+			return vh.queues[name] != nil
+		}
+		return vh.exchanges[name] != nil
+	}
+	xs := map[[2]string]bool{}
+	qs := map[[2]string]bool{}
+	for _, x := range t.exchanges {
+		what := describeExchange(x.name, x.vhost)
+		switch {
+		case d.vhost(x.vhost) < 0:
+			return errors.New(what + ": no such vhost")
+		case x.name == "" || predeclared(x.name):
+			continue
+		case !validKind(x.kind):
+			return errors.New(what + ": unknown exchange type '" + x.kind + "'")
+		}
+		if ae, ok := x.args["alternate-exchange"]; ok {
+			if _, isStr := ae.(string); !isStr {
+				return errors.New(what + ": alternate-exchange must be a string")
+			}
+		}
+		if vh := s.vhost(x.vhost); vh != nil {
+			vh.mu.RLock()
+			old := vh.exchanges[x.name]
+			vh.mu.RUnlock()
+			if old != nil {
+				if err := old.equivalent(&exchangeDeclare{Exchange: x.name, Type: x.kind, Durable: x.durable, AutoDelete: x.autoDelete, Internal: x.internal, Arguments: x.args}, x.vhost); err != nil {
+					return err
+				}
+			}
+		}
+		xs[[2]string{x.vhost, x.name}] = true
+	}
+	for _, q := range t.queues {
+		what := describeQueue(q.name, q.vhost)
+		if d.vhost(q.vhost) < 0 {
+			return errors.New(what + ": no such vhost")
+		}
+		if q.name == "" || reservedName(q.name) {
+			return errors.New(what + ": a queue needs a name, not starting amq.")
+		}
+		if _, bad, err := parseQueueArgs(q.args); err != nil {
+			return errors.New("invalid arg '" + bad + "' for " + what + ": " + err.Error())
+		}
+		if vh := s.vhost(q.vhost); vh != nil {
+			vh.mu.RLock()
+			old := vh.queues[q.name]
+			vh.mu.RUnlock()
+			if old != nil {
+				if err := old.equivalent(&queueDeclare{Queue: q.name, Durable: q.durable, AutoDelete: q.autoDelete, Exclusive: old.exclusive, Arguments: q.args}); err != nil {
+					return err
+				}
+			}
+		}
+		qs[[2]string{q.vhost, q.name}] = true
+	}
+	for _, b := range t.bindings {
+		k := [2]string{b.vhost, b.source}
+		if b.source != "" && !xs[k] && !exists(b.vhost, b.source, false) {
+			return errors.New("binding from " + describeExchange(b.source, b.vhost) + ": no such exchange")
+		}
+		if b.source == "" {
+			return errors.New("binding to '" + b.dest + "': the default exchange cannot be bound")
+		}
+		k = [2]string{b.vhost, b.dest}
+		if b.destType == "queue" && !qs[k] && !exists(b.vhost, b.dest, true) ||
+			b.destType == "exchange" && !xs[k] && !exists(b.vhost, b.dest, false) {
+			return errors.New("binding to " + b.destType + " '" + b.dest + "' in vhost '" + b.vhost + "': no such " + b.destType)
+		}
+	}
+	return nil
+}
+
+// declareImport declares an import's exchanges, queues and bindings, vhost by vhost, in a
+// session of u that skips permission checks.
+func (s *Server) declareImport(u *apiUser, t *importTopology) error {
+	sessions := map[string]*session{}
+	defer func() {
+		for _, ss := range sessions {
+			ss.close()
+		}
+	}()
+	in := func(vhost string) (*session, error) {
+		if ss := sessions[vhost]; ss != nil {
+			return ss, nil
+		}
+		ss, err := s.openSession(u.name, u.password, vhost, u.remote, true)
+		if err == nil {
+			sessions[vhost] = ss
+		}
+		return ss, err
+	}
+	for _, x := range t.exchanges {
+		if x.name == "" || predeclared(x.name) {
+			continue
+		}
+		ss, err := in(x.vhost)
+		if err == nil {
+			_, err = ss.call(&exchangeDeclare{Exchange: x.name, Type: x.kind, Durable: x.durable, AutoDelete: x.autoDelete, Internal: x.internal, Arguments: x.args}, idExchangeDeclareOk)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	for _, q := range t.queues {
+		ss, err := in(q.vhost)
+		if err == nil {
+			_, err = ss.call(&queueDeclare{Queue: q.name, Durable: q.durable, AutoDelete: q.autoDelete, Arguments: q.args}, idQueueDeclareOk)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	for _, b := range t.bindings {
+		ss, err := in(b.vhost)
+		if err == nil {
+			if b.destType == "queue" {
+				_, err = ss.call(&queueBind{Queue: b.dest, Exchange: b.source, RoutingKey: b.key, Arguments: b.args}, idQueueBindOk)
+			} else {
+				_, err = ss.call(&exchangeBind{Destination: b.dest, Source: b.source, RoutingKey: b.key, Arguments: b.args}, idExchangeBindOk)
+			}
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // --- health checks ---

@@ -36,11 +36,12 @@ type pipeConn struct {
 
 func (p pipeConn) RemoteAddr() net.Addr { return p.remote }
 
-// openSession logs user in to vhost over a new pipe from remote, and opens channel 1.
-func (s *Server) openSession(user, password, vhost string, remote net.Addr) (*session, error) {
+// openSession logs user in to vhost over a new pipe from remote, and opens channel 1. A
+// superuser session skips the permission checks, as RabbitMQ's definitions import does.
+func (s *Server) openSession(user, password, vhost string, remote net.Addr, superuser bool) (*session, error) {
 	client, server := net.Pipe()
 	c := newConn(s, pipeConn{server, remote})
-	c.internal = true
+	c.internal, c.superuser = true, superuser
 	if _, _, ok := s.track(c); !ok {
 		client.Close()
 		server.Close()

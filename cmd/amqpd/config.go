@@ -48,7 +48,7 @@ func loadConfig(fs *flag.FlagSet, environ []string) (unknownEnv []string, err er
 	env := map[string]string{} // flag name to value
 	for _, kv := range environ {
 		k, v, _ := strings.Cut(kv, "=")
-		if !strings.HasPrefix(k, envPrefix) {
+		if !strings.HasPrefix(k, envPrefix) || k == "AMQPD_USERNAME" || k == "AMQPD_PASSWORD" { // the API verbs'
 			continue
 		}
 		name := strings.ToLower(strings.ReplaceAll(k[len(envPrefix):], "_", "-"))
