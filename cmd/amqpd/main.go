@@ -29,6 +29,9 @@ func run(args []string, stderr io.Writer) int {
 	if len(args) > 0 && isCtlVerb(args[0]) {
 		return runCtl(args[0], args[1:], os.Stdin, os.Stdout, stderr)
 	}
+	if len(args) > 0 && args[0] == "check" {
+		return runCheck(args[1:], os.Stdout, stderr)
+	}
 	fs := flag.NewFlagSet("amqpd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported below, in one line
 	addr := fs.String("addr", ":5672", `TCP address to listen on; "" turns the plain listener off`)
