@@ -237,29 +237,43 @@ func (st *store) segLocked(seq uint64) *segState {
 // storeOptions.queueTTL.
 func (st *store) replay(repair bool, queueTTL func(vhost, queue string, args table) ttl) (*recovered, error) {
 	rec := &recovered{messages: make(map[uint64]refQueue)}
-	pos, payload, ok, err := st.w.readCheckpoint()
-	if err != nil {
+	if err := st.loadCheckpoint(rec); err != nil {
 		return nil, err
 	}
-	if ok {
-		if len(payload) < 16 {
-			return nil, errors.New("amqp: meta.snap: truncated checkpoint")
-		}
-		st.snapPos = pos
-		st.nextQID = binary.BigEndian.Uint64(payload)
-		st.nextMsgID = binary.BigEndian.Uint64(payload[8:])
-		for rest := payload[16:]; len(rest) > 0; {
-			if len(rest) < 5 {
-				return nil, errors.New("amqp: meta.snap: truncated checkpoint")
-			}
-			size := binary.BigEndian.Uint32(rest[1:])
-			if uint64(size) > uint64(len(rest)-5) {
-				return nil, errors.New("amqp: meta.snap: truncated checkpoint")
-			}
-			rec.topology = append(rec.topology, walRecord{rest[0], rest[5 : 5+size]})
-			rest = rest[5+size:]
-		}
+	if err := st.replayLog(rec, repair, queueTTL); err != nil {
+		return nil, err
 	}
+	return rec, nil
+}
+
+// loadCheckpoint reads meta.snap, when there is one, into st and rec.topology.
+func (st *store) loadCheckpoint(rec *recovered) error {
+	pos, payload, ok, err := st.w.readCheckpoint()
+	if err != nil || !ok {
+		return err
+	}
+	if len(payload) < 16 {
+		return errors.New("amqp: meta.snap: truncated checkpoint")
+	}
+	st.snapPos = pos
+	st.nextQID = binary.BigEndian.Uint64(payload)
+	st.nextMsgID = binary.BigEndian.Uint64(payload[8:])
+	for rest := payload[16:]; len(rest) > 0; {
+		if len(rest) < 5 {
+			return errors.New("amqp: meta.snap: truncated checkpoint")
+		}
+		size := binary.BigEndian.Uint32(rest[1:])
+		if uint64(size) > uint64(len(rest)-5) {
+			return errors.New("amqp: meta.snap: truncated checkpoint")
+		}
+		rec.topology = append(rec.topology, walRecord{rest[0], rest[5 : 5+size]})
+		rest = rest[5+size:]
+	}
+	return nil
+}
+
+// replayLog replays every segment into rec, past the checkpoint loadCheckpoint read.
+func (st *store) replayLog(rec *recovered, repair bool, queueTTL func(vhost, queue string, args table) ttl) error {
 	queues := make(map[uint64]*replayQueue) // queue id → its messages so far
 	deleted := make(map[uint64]bool)        // queue ids deleted
 	qttl := make(map[uint64]ttl)            // queue id → its x-message-ttl, for exact expiry
@@ -268,7 +282,7 @@ func (st *store) replay(repair bool, queueTTL func(vhost, queue string, args tab
 			noteQueueTTL(qttl, r.payload, queueTTL)
 		}
 	}
-	err = st.w.replay(repair, func(pos walPos, typ uint8, payload []byte, size int64) error {
+	err := st.w.replay(repair, func(pos walPos, typ uint8, payload []byte, size int64) error {
 		switch typ {
 		case recPublish, recPublishAt, recDeadLetter:
 			if typ == recDeadLetter && len(payload) >= 16 {
@@ -348,7 +362,7 @@ func (st *store) replay(repair bool, queueTTL func(vhost, queue string, args tab
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	for qid, rq := range queues {
 		refs := rq.result()
@@ -357,7 +371,7 @@ func (st *store) replay(repair bool, queueTTL func(vhost, queue string, args tab
 			rec.messages[qid] = refs
 		}
 	}
-	return rec, nil
+	return nil
 }
 
 // noteQueueTTL records the message TTL of a queue.declare record's queue: with policies

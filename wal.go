@@ -1,6 +1,7 @@
 package amqp
 
 import (
+	"bytes"
 	"cmp"
 	"encoding/binary"
 	"errors"
@@ -164,6 +165,8 @@ type wal struct {
 	// Set by the caller before start; they run on the writer goroutine, holding no lock.
 	onBatch  func(done uint64) // after each batch: tickets up to done are written
 	maintain func()            // after a batch that wrote, and while waiting for disk space
+
+	check *walCheck // set: replay is a read-only check (see replay); nil in a broker
 }
 
 // walOptions configure openWAL.
@@ -262,6 +265,10 @@ func (w *wal) segPath(seq uint64) string {
 // skips the rest of that segment. Every segment read is fsynced first: what the page cache
 // held after a kill -9 may never have reached the disk, and nothing may rely on it until
 // it has.
+//
+// With w.check set, replay is a read-only check instead: it writes, syncs and removes
+// nothing, reads every segment rather than its index (and compares the index), and notes
+// each problem in w.check, with the same rules, then goes on to the next segment.
 func (w *wal) replay(repair bool, fn func(pos walPos, typ uint8, payload []byte, size int64) error) error {
 	names, err := filepath.Glob(filepath.Join(w.dir, "wal", "*.seg"))
 	if err != nil {
@@ -273,9 +280,12 @@ func (w *wal) replay(repair bool, fn func(pos walPos, typ uint8, payload []byte,
 	for i, name := range names {
 		seq, err := strconv.ParseUint(strings.TrimSuffix(filepath.Base(name), ".seg"), 10, 64)
 		if err != nil {
+			if w.check.add(checkCorrupt, name, -1, "unexpected file in log directory") {
+				continue
+			}
 			return errors.New("amqp: unexpected file in log directory: " + name)
 		}
-		if i < len(names)-1 {
+		if i < len(names)-1 && w.check == nil {
 			ok, err := w.replayFromIndex(seq, name, fn)
 			if err != nil {
 				return errors.New("amqp: " + name + ": " + err.Error())
@@ -289,12 +299,18 @@ func (w *wal) replay(repair bool, fn func(pos walPos, typ uint8, payload []byte,
 		if err != nil {
 			return err
 		}
-		if err := syncFile(name); err != nil {
+		if w.check != nil {
+			w.check.segments++
+			w.check.bytes += int64(len(data))
+		} else if err := syncFile(name); err != nil {
 			return err
 		}
 		last := i == len(names)-1
 		if last && len(data) < walHeaderSize {
 			// A crash while creating the file: nothing in it.
+			if w.check.add(checkNote, name, -1, "a segment cut short in its header by a crash: the next start removes it") {
+				continue
+			}
 			w.log.Warn("removing a log segment cut short in its header", "file", name, "bytes", len(data))
 			if err := os.Remove(name); err != nil {
 				return err
@@ -307,9 +323,15 @@ func (w *wal) replay(repair bool, fn func(pos walPos, typ uint8, payload []byte,
 		seg := &segment{seq: seq, size: int64(len(data))}
 		w.segs = append(w.segs, seg)
 		if len(data) < walHeaderSize || [8]byte(data[:8]) != walMagic {
+			if w.check.add(checkCorrupt, name, 0, "not a log segment (bad header)") {
+				continue
+			}
 			return errors.New("amqp: " + name + ": not a log segment (bad header)")
 		}
 		if v := binary.BigEndian.Uint32(data[8:]); v != walVersion {
+			if w.check.add(checkCorrupt, name, 8, "log format version "+strconv.Itoa(int(v))+" is not supported") {
+				continue
+			}
 			return errors.New("amqp: " + name + ": log format version " + strconv.Itoa(int(v)) + " is not supported")
 		}
 		off := walHeaderSize
@@ -317,6 +339,9 @@ func (w *wal) replay(repair bool, fn func(pos walPos, typ uint8, payload []byte,
 			typ, payload, n, ok := parseRecord(data[off:])
 			if !ok {
 				if last {
+					if w.check.add(checkNote, name, off, "a torn write at the end of the log: the next start cuts off its "+strconv.Itoa(len(data)-off)+" octets") {
+						break
+					}
 					w.log.Warn("cutting off a torn write at the end of the log", "file", name, "offset", off, "bytes", len(data)-off)
 					if err := w.truncate(name, int64(off)); err != nil {
 						return err
@@ -325,18 +350,110 @@ func (w *wal) replay(repair bool, fn func(pos walPos, typ uint8, payload []byte,
 					break
 				}
 				if !repair {
+					if w.check.add(checkCorrupt, name, off, "corrupt record (bad length or checksum): the rest of this segment cannot be read") {
+						break
+					}
 					return errors.New("amqp: " + name + ": corrupt record at offset " + strconv.Itoa(off) + " (start with repair to skip the rest of this segment)")
 				}
 				w.log.Error("repair: skipping corrupt log data; the records in it are lost", "file", name, "offset", off, "bytes", len(data)-off)
 				break
 			}
+			if w.check != nil {
+				w.check.records[typ]++
+			}
 			if err := fn(walPos{seq, uint64(off)}, typ, payload, int64(n)); err != nil {
+				if w.check.add(checkCorrupt, name, off, err.Error()+" (a start stops here)") {
+					off += n
+					continue
+				}
 				return errors.New("amqp: " + name + ": record at offset " + strconv.Itoa(off) + ": " + err.Error())
 			}
 			off += n
 		}
+		if w.check != nil {
+			w.checkIndex(seq, data, off, last)
+		}
 	}
 	return nil
+}
+
+// walCheck is what a read-only replay found (see replay).
+type walCheck struct {
+	segments int
+	bytes    int64
+	records  [256]int // records read, by type
+	indexes  int      // indexes that match their segment
+	problems []walProblem
+}
+
+// walProblem is one thing a check found wrong in a file.
+type walProblem struct {
+	level int // checkCorrupt, checkWarning or checkNote
+	file  string
+	off   int // -1: the file as a whole
+	text  string
+}
+
+const (
+	checkCorrupt = iota // data a start refuses, or that is lost
+	checkWarning        // a broken index, which a start ignores (it reads the segment)
+	checkNote           // what a start tidies: a torn tail, files a crash left
+)
+
+// add notes a problem and reports true; on a nil c (no check: a broker's replay) it does
+// nothing and reports false.
+func (c *walCheck) add(level int, file string, off int, text string) bool {
+	if c == nil {
+		return false
+	}
+	c.problems = append(c.problems, walProblem{level, file, off, text})
+	return true
+}
+
+// checkIndex compares segment seq's index, when it has one, with the segment's records in
+// data up to end, where they stop parsing. An index that fails its own checks is a
+// warning: replay ignores it and reads the segment. One that passes them but disagrees
+// with its segment is corruption: replay would trust it. Replay reads the index of every
+// segment but the last.
+func (w *wal) checkIndex(seq uint64, data []byte, end int, last bool) {
+	name := w.indexPath(seq)
+	if _, err := os.Stat(name); errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	x, ok := w.readIndex(seq, int64(len(data)))
+	if !ok {
+		w.check.add(checkWarning, name, -1, "index is torn, fails its checksum or was made for another segment size: a start ignores it and reads the segment")
+		return
+	}
+	off, bad := walHeaderSize, -1
+	ok, _ = eachIndexEntry(seq, x, func(pos walPos, typ uint8, kept []byte, size int64) error {
+		if off >= end {
+			if end == len(data) {
+				bad = off // an entry past the segment's last record
+			}
+			return io.EOF // past where a corrupt segment's records stop: nothing to compare
+		}
+		rt, payload, n, _ := parseRecord(data[off:])
+		if pos.off != uint64(off) || rt != typ || int64(n) != size || !bytes.HasPrefix(payload, kept) {
+			bad = off
+			return io.EOF
+		}
+		off += n
+		return nil
+	})
+	switch {
+	case !ok:
+		w.check.add(checkWarning, name, -1, "index has a malformed entry: a start ignores it and reads the segment")
+	case bad >= 0:
+		w.check.add(checkCorrupt, name, -1, "index passes its checksum but disagrees with its segment at offset "+strconv.Itoa(bad)+": a start would replay the index")
+	case off < end:
+		w.check.add(checkCorrupt, name, -1, "index passes its checksum but ends before its segment, at offset "+strconv.Itoa(off)+": a start would replay the index")
+	default:
+		w.check.indexes++
+		if end < len(data) && !last {
+			w.check.add(checkNote, name, -1, "index is sound: a start replays it instead of the damaged segment, and fails only when it reads a damaged record back")
+		}
+	}
 }
 
 // replayFromIndex replays segment seq from its index, when it has a sound one.
@@ -370,7 +487,9 @@ func (w *wal) removeStaleIndexes(segs []string) {
 		}
 	}
 	for _, name := range tmp {
-		os.Remove(name)
+		if !w.check.add(checkNote, name, -1, "an index file left half written, or whose segment is gone: the next start removes it") {
+			os.Remove(name)
+		}
 	}
 }
 

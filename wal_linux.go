@@ -32,6 +32,35 @@ func lockDir(name string) (*os.File, error) {
 	return nil, err
 }
 
+// lockDirShared takes a shared flock on an existing lock file, for a reader of a stopped
+// broker's directory: it fails while a broker holds the lock, and keeps one from starting
+// until the reader closes the file. It opens the file read-only and never creates it: a
+// missing file (no broker ever ran there) is no lock, nil and no error.
+func lockDirShared(name string) (*os.File, error) {
+	f, err := os.Open(name)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	for try := 0; ; try++ { // a busy lock gets a few tries, as in lockDir
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) || try == 20 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	f.Close()
+	if errors.Is(err, syscall.EWOULDBLOCK) {
+		return nil, errors.New("amqp: data directory is in use by a running broker (" + name + " is locked)")
+	}
+	return nil, err
+}
+
 // diskFree returns the octets an unprivileged writer may still use on dir's filesystem.
 func diskFree(dir string) (uint64, error) {
 	var st syscall.Statfs_t

@@ -34,6 +34,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && isAPIVerb(args[0]) {
 		return runAPI(args[0], args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && args[0] == "check" {
+		return runCheck(args[1:], os.Stdout, stderr)
+	}
 	fs := flag.NewFlagSet("amqpd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported below, in one line
 	var cfg amqp.Config      // flags Config takes unchanged are bound to its fields
