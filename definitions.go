@@ -415,7 +415,6 @@ func decodeUnchecked(b []byte) (*Definitions, error) {
 	return d, nil
 }
 
-
 // decodeObjects removes section key from top and returns its objects; absent or null is
 // none.
 func decodeObjects(top map[string]json.RawMessage, key string) ([]map[string]json.RawMessage, error) {

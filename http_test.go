@@ -413,8 +413,8 @@ func TestAPIDefinitionsImport(t *testing.T) {
 	t.Parallel()
 	b := startAPIBroker(t, nil)
 	doc := map[string]any{
-		"users":       []any{map[string]any{"name": "bob", "password": "bobpw", "tags": []any{"management"}}},
-		"vhosts":      []any{map[string]any{"name": "imp"}},
+		"users":  []any{map[string]any{"name": "bob", "password": "bobpw", "tags": []any{"management"}}},
+		"vhosts": []any{map[string]any{"name": "imp"}},
 		"permissions": []any{map[string]any{"user": "bob", "vhost": "imp", "configure": ".*", "write": ".*", "read": ".*"},
 			map[string]any{"user": "guest", "vhost": "imp", "configure": ".*", "write": ".*", "read": ".*"}},
 		"policies": []any{map[string]any{"vhost": "imp", "name": "cap", "pattern": "^capped$", "apply-to": "queues",

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net"
@@ -171,7 +172,7 @@ func TestCheckVerb(t *testing.T) {
 func TestCheckVerbUsage(t *testing.T) {
 	for _, args := range [][]string{{"check"}, {"check", "a", "b"}, {"check", "-x"}} {
 		var stderr bytes.Buffer
-		if code := run(args, &stderr); code != 2 || !strings.Contains(stderr.String(), "usage: amqpd check DIR") {
+		if code := run(args, io.Discard, &stderr); code != 2 || !strings.Contains(stderr.String(), "usage: amqpd check DIR") {
 			t.Errorf("amqpd %q: exit %d, stderr %q; want 2 and the usage", args, code, stderr.String())
 		}
 	}

@@ -35,7 +35,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return runAPI(args[0], args[1:], stdout, stderr)
 	}
 	if len(args) > 0 && args[0] == "check" {
-		return runCheck(args[1:], os.Stdout, stderr)
+		return runCheck(args[1:], stdout, stderr)
 	}
 	fs := flag.NewFlagSet("amqpd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are reported below, in one line
