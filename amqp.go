@@ -20,9 +20,10 @@
 // # Durability
 //
 // With Config.DataDir set, durable exchanges, queues and bindings, and persistent messages
-// (delivery-mode 2) routed to durable queues, are written to a write-ahead log there and
-// survive a crash and a restart. A publisher confirm or tx.commit-ok for such a message is
-// sent only after the fsync that covers it (unless Config.FsyncInterval relaxes that).
+// (delivery-mode 2) routed to durable queues or held by durable delayed exchanges (type
+// x-delayed-message), are written to a write-ahead log there and survive a crash and a
+// restart. A publisher confirm or tx.commit-ok for such a message is sent only after the
+// fsync that covers it (unless Config.FsyncInterval relaxes that).
 // Without DataDir everything is in memory. wal.go draws the log's format, store.go what the
 // broker writes in it.
 //
@@ -38,8 +39,12 @@
 // the reader gives up after two intervals of silence.
 //
 // Lock order: Server.reloadMu → Server.mu → vhost.mu → queue.mu → channel.mu → channel.cmu →
-// conn.outMu; wal.mu, loginLimiter.mu and replyRegistry.mu are leaves, and code that holds
-// several vhost locks takes them in name order.
+// conn.outMu; wal.mu, loginLimiter.mu, replyRegistry.mu and delays.mu are leaves, and code
+// that holds several vhost locks takes them in name order.
+//
+// Messages held by x-delayed-message exchanges wait in one heap per server with one timer
+// (delayed.go); when it fires, the timer's goroutine routes what is due, enqueueing (and
+// so dispatching) as a publisher does.
 package amqp
 
 import (
@@ -275,6 +280,7 @@ type Server struct {
 	unhealthy  atomic.Pointer[string] // why the broker must be restarted; nil while sound
 	alarms     atomic.Uint32          // the resource alarms that are on: alarmMemory, alarmDisk
 	dead       *deadLetters           // moves dropped messages to dead-letter exchanges
+	delays     *delays                // holds the messages of x-delayed-message exchanges until due
 	alarmMu    sync.Mutex             // guards alarmClear
 	alarmClear chan struct{}          // closed when the last alarm goes off
 	liveHeap   func() uint64          // the live heap in bytes; a test may replace it
@@ -328,6 +334,7 @@ func NewServer(cfg Config) *Server {
 	s.dead = newDeadLetters(s)
 	s.memLimit.Store(cfg.MemoryHighWatermark)
 	s.diskLimit.Store(cfg.DiskFreeLimit)
+	s.delays = newDelays(s)
 	s.vhosts["/"] = s.newVhost("/")
 	s.liveHeap = readLiveHeap
 	s.diskFree = func() (uint64, error) { return diskFree(s.cfg.DataDir) }
@@ -527,6 +534,7 @@ func (s *Server) load() error {
 			s.openErr = s.openStore()
 		}
 		if s.openErr == nil {
+			s.delays.start() // the log takes records: held messages due may be routed
 			go s.watchResources()
 		}
 	})
@@ -580,7 +588,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		err = ctx.Err()
 	}
 	s.closeHTTP()
-	s.dead.close() // messages on their way to a dead-letter exchange are logged first
+	s.delays.close() // delayed messages falling due now are logged first
+	s.dead.close()   // messages on their way to a dead-letter exchange are logged first
 	if s.store != nil {
 		s.store.close()
 	}

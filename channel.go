@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // channel is one AMQP channel of a connection. The connection's reader goroutine owns the
@@ -542,12 +543,20 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 	if x := ch.routes.missingAE; x != nil {
 		ch.warnMissingAE(x)
 	}
-	if w := ch.c.s.store; w != nil && msg.persistent && anyLogged(ch.routes.queues) {
+	holds := ch.routes.holds
+	var at int64 // when msg was published, for its due time and its record
+	if len(holds) > 0 {
+		at = time.Now().UnixMilli()
+	}
+	if w := ch.c.s.store; w != nil && msg.persistent && (anyLogged(ch.routes.queues) || anyHoldLogged(holds)) {
 		var listener *channel
 		if ch.confirm {
 			listener = ch
 		}
-		ticket, ch.walBuf, err = w.logPublish(msg, ch.routes.queues, ch.walBuf, listener)
+		if at == 0 {
+			at = time.Now().UnixMilli()
+		}
+		ticket, ch.walBuf, err = w.logPublishAt(msg, holdIDs(loggedIDs(ch.routes.queues), holds), at, ch.walBuf, listener)
 		if err != nil {
 			return 0, err
 		}
@@ -563,7 +572,12 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 			refused = true
 		}
 	}
-	if len(ch.routes.queues) == 0 && mandatory {
+	if len(holds) > 0 {
+		// Held by delayed exchanges: confirmed now (once logged), never returned, since
+		// whether it routes is known only when it falls due.
+		ch.c.s.delays.hold(holds, msg, at, ch.routes.delay)
+	}
+	if len(ch.routes.queues) == 0 && len(holds) == 0 && mandatory {
 		ch.c.sendReturn(ch.id, replyNoRoute, "NO_ROUTE", msg)
 	}
 	if refused {

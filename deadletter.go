@@ -227,11 +227,17 @@ func (d *deadLetters) move(j deadLetterJob) {
 		}
 		targets = targets[:n]
 	}
+	// A delayed exchange may hold it (its x-delay is positive): one record still, with the
+	// exchange's hold id among the targets.
+	at := time.Now().UnixMilli()
 	if st := vh.store; st != nil {
-		st.logDeadLetter(q, j.m, nm, targets)
+		st.logMove(q.walID, j.m, nm, holdIDs(loggedIDs(targets), rs.holds), at)
 	}
 	for _, tq := range targets {
 		tq.enqueue(nm)
+	}
+	if len(rs.holds) > 0 {
+		d.s.delays.hold(rs.holds, nm, at, rs.delay)
 	}
 }
 
@@ -348,36 +354,44 @@ func deadLetterRejected(done []unacked) []unacked {
 // src and publishes nm to the durable targets when nm is persistent and one is durable,
 // else just the settlement of old (when it was logged).
 func (st *store) logDeadLetter(src *queue, old, nm *message, targets []*queue) {
-	srcLogged := old.wal != nil && src.walID != 0
-	if nm.persistent && anyLogged(targets) && st.w.noSpace.Load() {
+	st.logMove(src.walID, old, nm, loggedIDs(targets), time.Now().UnixMilli())
+}
+
+// logMove is logDeadLetter from the log queue srcID (0: none) to the log queues qids (durable
+// queues, and delayed exchanges that hold nm), at at (Unix milliseconds).
+func (st *store) logMove(srcID uint64, old, nm *message, qids []uint64, at int64) {
+	srcLogged := old.wal != nil && srcID != 0
+	if nm.persistent && len(qids) > 0 && st.w.noSpace.Load() {
 		// The disk is full: the move cannot be written, and the reserve is for settlements.
 		// The message goes on in memory; the source keeps its hold, so a restart brings it
 		// back there.
 		return
 	}
-	if !nm.persistent || !anyLogged(targets) {
+	if !nm.persistent || len(qids) == 0 {
 		if srcLogged {
-			st.settle(src, []*message{old})
+			st.settleID(srcID, []*message{old})
 		}
 		return
 	}
-	var srcID, oldID uint64
+	var oldID uint64
 	if srcLogged {
-		srcID, oldID = src.walID, old.wal.id
+		oldID = old.wal.id
+	} else {
+		srcID = 0
 	}
 	st.w.waitRoom() // the worker waits for the log like a publisher
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	b := binary.BigEndian.AppendUint64(nil, srcID)
 	b = binary.BigEndian.AppendUint64(b, oldID)
-	b = binary.BigEndian.AppendUint64(b, uint64(time.Now().UnixMilli()))
-	if _, _, err := st.logMessageLocked(recDeadLetter, nm, b, loggedIDs(targets)); err != nil {
+	b = binary.BigEndian.AppendUint64(b, uint64(at))
+	if _, _, err := st.logMessageLocked(recDeadLetter, nm, b, qids); err != nil {
 		// The message goes on in memory; the source's hold stays in the log.
-		st.log.Error("cannot log a dead-lettered message; it is not durable in its new queues", "err", err)
+		st.log.Error("cannot log a moved message (dead-lettered, redriven or fallen due); it is not durable in its new queues", "err", err)
 		return
 	}
 	if srcLogged {
-		st.unrefLocked(old, src.walID)
+		st.unrefLocked(old, srcID)
 	}
 }
 
@@ -500,6 +514,7 @@ func (vh *vhost) routeFirstDeath(m *message) (*message, []*queue, error) {
 		default:
 			probe := *nm
 			probe.data, probe.keyLen = append([]byte(k), props...), uint8(len(k))
+			rs.now = true // through delayed exchanges at once: a redrive is not held again
 			vh.routeLocked(x, &probe, &rs)
 		}
 		for _, tq := range rs.queues {

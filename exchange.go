@@ -44,6 +44,10 @@ type exchange struct {
 	// Guarded by vh.mu.
 	ae       string
 	aeWarned atomic.Bool // the missing alternate exchange has been logged
+
+	// delay makes an x-delayed-message exchange (delayed.go); kind is then its
+	// x-delayed-type. nil for the other types.
+	delay *delayHold
 }
 
 // binding routes from an exchange to a queue or, for exchange.bind, to an exchange.
@@ -59,6 +63,11 @@ type binding struct {
 // newExchange makes an exchange of a valid kind, with no bindings.
 func newExchange(name, kind string, durable, autoDelete, internal bool, args table) *exchange {
 	x := &exchange{name: name, kind: kind, durable: durable, autoDelete: autoDelete, internal: internal, args: args}
+	if kind == kindDelayed {
+		// It routes as its x-delayed-type, which declare has checked.
+		kind, _ = args["x-delayed-type"].(string)
+		x.kind, x.delay = kind, &delayHold{}
+	}
 	switch kind {
 	case kindDirect:
 		x.direct = make(map[string][]*binding)
@@ -145,14 +154,18 @@ func removeItem[T comparable](s []T, v T) []T {
 
 // routeSet collects the distinct queues a message goes to. It is reused per channel.
 type routeSet struct {
-	queues  []*queue
-	seen    map[*queue]struct{} // the queues, once there are many of them
-	visited []*exchange         // exchanges already routed through, against binding loops
-	next    []*exchange         // exchanges bound to the ones routed through, still to route
-	hits    []*binding          // the topic bindings a match found
-	words   [][]byte            // topic key split into words
-	headers table               // the message's headers, decoded once when a headers exchange needs them
-	parsed  bool
+	queues    []*queue
+	seen      map[*queue]struct{} // the queues, once there are many of them
+	visited   []*exchange         // exchanges already routed through, against binding loops
+	next      []*exchange         // exchanges bound to the ones routed through, still to route
+	hits      []*binding          // the topic bindings a match found
+	words     [][]byte            // topic key split into words
+	headers   table               // the message's headers, decoded once when a headers exchange needs them
+	parsed    bool
+	holds     []*exchange // delayed exchanges that hold the message for delay ms instead of routing it
+	delay     int64       // the message's x-delay, when delayRead
+	delayRead bool
+	now       bool // route through delayed exchanges at once: the message fell due, or is redriven
 
 	hashFrom    map[*topicNode]int // per "#" trie node reached, the lowest word position matched from; for one message
 	topicVisits int                // topic trie nodes visited while routing the message, for tests
@@ -172,6 +185,9 @@ func (rs *routeSet) reset() {
 	clear(rs.hits)
 	rs.hits = rs.hits[:0]
 	rs.headers, rs.parsed = nil, false
+	clear(rs.holds)
+	rs.holds = rs.holds[:0]
+	rs.delay, rs.delayRead, rs.now = 0, false, false
 	clear(rs.hashFrom)
 	rs.topicVisits = 0
 	rs.missingAE = nil
@@ -560,7 +576,7 @@ func (ch *channel) exchangeDeclare(d *decoder) error {
 		return ch.reply(m.NoWait, &exchangeDeclareOk{})
 	}
 	// RabbitMQ's order: the type, the default exchange, then amq.* only for a new name.
-	if !validKind(m.Type) {
+	if !validKind(m.Type) && m.Type != kindDelayed {
 		return commandInvalid("unknown exchange type '" + m.Type + "'")
 	}
 	if m.Exchange == "" {
@@ -584,8 +600,17 @@ func (ch *channel) exchangeDeclare(d *decoder) error {
 			vh.mu.Unlock()
 			return err
 		}
+		if m.Type == kindDelayed {
+			if err := checkDelayedType(m.Arguments); err != nil {
+				vh.mu.Unlock()
+				return err
+			}
+		}
 		nx := newExchange(m.Exchange, m.Type, m.Durable, m.AutoDelete, m.Internal, m.Arguments)
 		nx.ae = vh.policies.alternate(nx.name, nx.args)
+		if nx.delay != nil {
+			ch.c.s.attachDelayedLocked(nx, vh)
+		}
 		vh.exchanges[m.Exchange] = nx
 		if nx.durable {
 			vh.logLocked(recExchangeDeclare, exchangeRecord(vh.name, nx))
@@ -612,8 +637,8 @@ func (x *exchange) equivalent(m *exchangeDeclare, vhost string) error {
 			": received '" + got + "' but current is '" + have + "'")
 	}
 	switch {
-	case m.Type != x.kind:
-		return diff("type", m.Type, x.kind)
+	case m.Type != x.typeName():
+		return diff("type", m.Type, x.typeName())
 	case m.Durable != x.durable:
 		return diff("durable", strconv.FormatBool(m.Durable), strconv.FormatBool(x.durable))
 	case m.AutoDelete != x.autoDelete:
@@ -625,6 +650,11 @@ func (x *exchange) equivalent(m *exchangeDeclare, vhost string) error {
 	// equal values of compatible types.
 	if a, b := m.Arguments["alternate-exchange"], x.args["alternate-exchange"]; !argEqual(a, b) {
 		return preconditionFailed("inequivalent arg 'alternate-exchange' for " + describeExchange(x.name, vhost) +
+			": received " + argText(a) + " but current is " + argText(b))
+	}
+	// And, unlike the plugin (which lets a redeclare change nothing silently), x-delayed-type.
+	if a, b := m.Arguments["x-delayed-type"], x.args["x-delayed-type"]; x.delay != nil && !argEqual(a, b) {
+		return preconditionFailed("inequivalent arg 'x-delayed-type' for " + describeExchange(x.name, vhost) +
 			": received " + argText(a) + " but current is " + argText(b))
 	}
 	return nil
@@ -861,6 +891,9 @@ func (vh *vhost) routeLocked(x *exchange, m *message, rs *routeSet) {
 			continue // visited: a loop of exchange bindings delivers once
 		}
 		rs.visited = append(rs.visited, x)
+		if x.delay != nil && !rs.now && rs.holdLocked(x, m) {
+			continue // held: routed when it falls due, then to the alternate if unroutable
+		}
 		var matched bool
 		if x.kind != kindTopic {
 			matched = x.route(m, rs)
@@ -878,6 +911,20 @@ func (vh *vhost) routeLocked(x *exchange, m *message, rs *routeSet) {
 			vh.alternateLocked(x, rs)
 		}
 	}
+}
+
+// holdLocked reports whether the delayed exchange x holds m: its x-delay is positive. The
+// exchange is noted in rs.holds. vh.mu must be held for reading.
+func (rs *routeSet) holdLocked(x *exchange, m *message) bool {
+	if !rs.delayRead {
+		rs.delay, _ = messageDelay(m.props())
+		rs.delayRead = true
+	}
+	if rs.delay <= 0 {
+		return false
+	}
+	rs.holds = append(rs.holds, x)
+	return true
 }
 
 // alternateLocked adds x's alternate exchange to those still to route, or notes in rs that

@@ -673,6 +673,7 @@ type propsSummary struct {
 	priority     uint8
 	expiration   []byte // aliases the raw properties
 	headers      []byte // the raw headers table (with its length prefix), nil when absent
+	headersAt    int    // the offset of headers in the raw properties
 	userID       []byte // aliases the raw properties; nil when absent
 	replyTo      []byte // aliases the raw properties; nil when absent
 	replyToAt    int    // the offset of reply-to's length octet in the raw properties
@@ -697,7 +698,7 @@ func scanProperties(raw []byte) (propsSummary, error) {
 		before := d.b
 		d.skipTable(0)
 		if d.err == nil {
-			s.headers = before[:len(before)-len(d.b)]
+			s.headers, s.headersAt = before[:len(before)-len(d.b)], len(raw)-len(before)
 		}
 	}
 	if f&flagDeliveryMode != 0 {

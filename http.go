@@ -1163,7 +1163,7 @@ func exchangeName(name string) string {
 func exchangeInfo(vh *vhost, x *exchange) map[string]any {
 	name := x.name
 	args := tableJSON(x.args)
-	return map[string]any{"name": name, "vhost": vh.name, "type": x.kind, "durable": x.durable, "auto_delete": x.autoDelete,
+	return map[string]any{"name": name, "vhost": vh.name, "type": exchangeType(x), "durable": x.durable, "auto_delete": x.autoDelete,
 		"internal": x.internal, "arguments": args, "user_who_performed_action": "rmq-internal", "policy": nil}
 }
 
@@ -2097,9 +2097,17 @@ func (s *Server) apiOverview(r *http.Request, u *apiUser) (any, error) {
 	}, nil
 }
 
+// exchangeType is the type an exchange was declared with.
+func exchangeType(x *exchange) string {
+	if x.delay != nil {
+		return kindDelayed
+	}
+	return x.kind
+}
+
 func exchangeTypes() []any {
 	var out []any
-	for _, k := range []string{kindDirect, kindFanout, kindHeaders, kindTopic} {
+	for _, k := range []string{kindDirect, kindFanout, kindHeaders, kindTopic, kindDelayed} {
 		out = append(out, map[string]any{"name": k, "description": "AMQP " + k + " exchange", "enabled": true})
 	}
 	return out
@@ -2178,7 +2186,7 @@ func (s *Server) apiDefinitions(r *http.Request, u *apiUser) (any, error) {
 		}
 		for _, x := range vh.exchanges {
 			if x.durable && !predeclared(x.name) && !strings.HasPrefix(x.name, "amq.") {
-				exchanges = append(exchanges, map[string]any{"name": x.name, "vhost": vh.name, "type": x.kind, "durable": true,
+				exchanges = append(exchanges, map[string]any{"name": x.name, "vhost": vh.name, "type": exchangeType(x), "durable": true,
 					"auto_delete": x.autoDelete, "internal": x.internal, "arguments": tableJSON(x.args)})
 			}
 			for _, b := range x.bindings {
@@ -2422,6 +2430,10 @@ func (s *Server) checkImport(d *Definitions, t *importTopology) error {
 			return errors.New(what + ": no such vhost")
 		case x.name == "" || predeclared(x.name):
 			continue
+		case x.kind == kindDelayed:
+			if err := checkDelayedType(x.args); err != nil {
+				return errors.New(what + ": " + err.Error())
+			}
 		case !validKind(x.kind):
 			return errors.New(what + ": unknown exchange type '" + x.kind + "'")
 		}

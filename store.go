@@ -23,6 +23,7 @@ import (
 // encodings of frame.go (shortstr, longstr, field table):
 //
 //	1 exchange.declare  vhost shortstr, name shortstr, type shortstr, flags u8, args table
+//	                    [, hold id u64: an x-delayed-message exchange's log queue id]
 //	2 exchange.delete   vhost shortstr, name shortstr
 //	3 queue.declare     vhost shortstr, id u64, name shortstr, flags u8, args table
 //	4 queue.delete      id u64
@@ -38,6 +39,15 @@ import (
 // A time is Unix milliseconds: when the message was published (or dead-lettered), so that
 // its time to live runs on across a restart. Records of type 7 (written before there was
 // a time) restart theirs.
+//
+// A durable x-delayed-message exchange has a log queue id of its own, from the queue ids
+// (never reused), at the end of its declare record. The messages it holds are messages of
+// that id, published with records 10 (or 9, dead-lettered into it): one falls due at the
+// record's time plus its x-delay header, exactly, across any restart. Its move into the
+// queues it routes to when due is one record 9 with the hold id as source (an ack 8 when
+// no durable queue takes it), so after a crash it is held or in its queues, never both and
+// never neither. Deleting the exchange writes queue.delete 4 of its hold id after
+// exchange.delete 2: its messages go with it.
 //
 // The checkpoint's payload is the next queue id and message id (u64 each) and the durable
 // topology as a sequence of records 1, 3 and 5, each as type u8, len u32, payload.
@@ -352,6 +362,9 @@ func (st *store) replayLog(rec *recovered, repair bool, queueTTL func(vhost, que
 				rec.topology = append(rec.topology, walRecord{typ, bytes.Clone(payload)})
 			}
 		case recExchangeDeclare, recExchangeDelete, recBind, recUnbind:
+			if typ == recExchangeDeclare {
+				st.nextQID = max(st.nextQID, exchangeHoldID(payload)+1)
+			}
 			st.segLocked(pos.seg).topology = true
 			if !pos.less(st.snapPos) {
 				rec.topology = append(rec.topology, walRecord{typ, bytes.Clone(payload)})
@@ -570,16 +583,21 @@ func (m *message) appendPublishRecord(b []byte, qids []uint64) []byte {
 // so the batch that writes the record confirms it. While the disk is full, new messages
 // are refused with errNoSpace; while the log's writer is far behind, the caller waits.
 func (st *store) logPublish(m *message, queues []*queue, scratch []byte, ch *channel) (uint64, []byte, error) {
+	return st.logPublishAt(m, loggedIDs(queues), time.Now().UnixMilli(), scratch, ch)
+}
+
+// logPublishAt is logPublish for the log queues qids (durable queues, and delayed
+// exchanges that hold the message), of a message published at at (Unix milliseconds).
+func (st *store) logPublishAt(m *message, qids []uint64, at int64, scratch []byte, ch *channel) (uint64, []byte, error) {
 	if st.w.noSpace.Load() {
 		return 0, scratch, errNoSpace
 	}
 	st.w.waitRoom()
-	qids := loggedIDs(queues)
 	st.mu.Lock()
 	if ch != nil {
 		st.listenLocked(ch)
 	}
-	scratch = binary.BigEndian.AppendUint64(scratch[:0], uint64(time.Now().UnixMilli()))
+	scratch = binary.BigEndian.AppendUint64(scratch[:0], uint64(at))
 	t, scratch, err := st.logMessageLocked(recPublishAt, m, scratch, qids)
 	st.mu.Unlock()
 	return t, scratch, err
@@ -617,16 +635,19 @@ func (st *store) logMessageLocked(typ uint8, m *message, b []byte, qids []uint64
 
 // settle records that queue q is done with these persistent messages it held in memory
 // (acked, rejected, purged, or delivered to a no-ack consumer).
-func (st *store) settle(q *queue, msgs []*message) uint64 {
+func (st *store) settle(q *queue, msgs []*message) uint64 { return st.settleID(q.walID, msgs) }
+
+// settleID is settle for the log queue qid: a durable queue, or a delayed exchange.
+func (st *store) settleID(qid uint64, msgs []*message) uint64 {
 	if len(msgs) == 0 {
 		return 0
 	}
 	st.mu.Lock()
-	b := binary.BigEndian.AppendUint64(st.ackBuf[:0], q.walID)
+	b := binary.BigEndian.AppendUint64(st.ackBuf[:0], qid)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(msgs)))
 	for _, m := range msgs {
 		b = binary.BigEndian.AppendUint64(b, m.wal.id)
-		st.unrefLocked(m, q.walID)
+		st.unrefLocked(m, qid)
 	}
 	st.ackBuf = b
 	t, _, _ := st.w.append(recAck, b)
@@ -1125,9 +1146,13 @@ func (st *store) readRef(r *diskRef, ra *readAhead) (*message, error) {
 func exchangeRecord(vh string, x *exchange) []byte {
 	b := appendShortstr(nil, vh)
 	b = appendShortstr(b, x.name)
-	b = appendShortstr(b, x.kind)
+	b = appendShortstr(b, x.typeName())
 	b = append(b, flagByte(x.durable, x.autoDelete, x.internal))
-	return appendTable(b, x.args)
+	b = appendTable(b, x.args)
+	if x.delay != nil && x.delay.id != 0 {
+		b = binary.BigEndian.AppendUint64(b, x.delay.id)
+	}
+	return b
 }
 
 func queueRecord(vh string, q *queue) []byte {
@@ -1285,9 +1310,15 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			name, kind := d.shortstr(), d.shortstr()
 			f := d.octet()
 			args := d.table()
-			if d.err == nil && validKind(kind) {
+			if d.err == nil && (validKind(kind) || kind == kindDelayed && checkDelayedType(args) == nil) {
 				x := newExchange(name, kind, f&1 != 0, f&2 != 0, f&4 != 0, args)
 				x.ae = vh.policies.alternate(name, args)
+				if x.delay != nil {
+					x.delay.sched, x.delay.vh = s.delays, vh
+					if len(d.b) >= 8 {
+						x.delay.id = d.longlong()
+					}
+				}
 				vh.exchanges[name] = x
 			}
 		case recExchangeDelete:
@@ -1336,7 +1367,20 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 	}
 	n := 0
 	now := time.Now().UnixMilli()
+	holds := make(map[uint64]*exchange) // log queue id → the delayed exchange holding its messages
+	for _, vh := range s.vhosts {
+		for _, x := range vh.exchanges {
+			if x.delay != nil && x.delay.id != 0 {
+				holds[x.delay.id] = x
+			}
+		}
+	}
 	for id, refs := range rec.messages {
+		if x := holds[id]; x != nil {
+			s.delays.restoreHeld(st, x, refs)
+			n += refs.len()
+			continue
+		}
 		q := queues[id]
 		if q == nil {
 			st.mu.Lock()

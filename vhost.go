@@ -134,6 +134,9 @@ func (vh *vhost) deleteExchangeLocked(x *exchange) {
 	if x.durable {
 		vh.logLocked(recExchangeDelete, append(appendShortstr(nil, vh.name), appendShortstr(nil, x.name)...))
 	}
+	if x.delay != nil {
+		vh.dropHeldLocked(x)
+	}
 	for len(x.bindings) > 0 {
 		x.removeBindingLocked(len(x.bindings) - 1)
 	}
