@@ -1388,6 +1388,11 @@ func queueInfo(vh *vhost, q *queue, now time.Time) map[string]any {
 			exclusiveTag = c.tag
 		}
 	}
+	paged, ram, ramBytes := q.tail.len(), q.ready.len()+len(q.requeued), q.ramBytes
+	consumerDetails := make([]any, 0, len(q.consumers))
+	for _, c := range q.consumers {
+		consumerDetails = append(consumerDetails, consumerInfo(vh, q, c))
+	}
 	var head any
 	if ready > 0 && q.ready.len() > 0 {
 		if ts, ok := headTimestamp(q.peekLocked().msg); ok {
@@ -1403,7 +1408,9 @@ func queueInfo(vh *vhost, q *queue, now time.Time) map[string]any {
 		"message_bytes": readyBytes, "message_bytes_ready": readyBytes, "message_bytes_unacknowledged": 0,
 		"consumers": consumers, "policy": nilIfEmpty(policy), "operator_policy": nilIfEmpty(opPolicy),
 		"exclusive_consumer_tag": exclusiveTag, "single_active_consumer_tag": single,
-		"head_message_timestamp": head,
+		"head_message_timestamp": head, "consumer_details": consumerDetails,
+		"messages_paged_out": paged, "messages_ram": ram, "messages_ready_ram": ram, "memory": ramBytes,
+		"message_bytes_ram": ramBytes, "effective_policy_definition": vh.effectivePolicy(policy, opPolicy),
 		"message_stats": map[string]any{
 			"publish": counts.published, "publish_details": map[string]any{"rate": pubRate},
 			"deliver_get": counts.delivered, "deliver_get_details": map[string]any{"rate": delRate},
@@ -1914,7 +1921,7 @@ func connInfo(c *conn) map[string]any {
 		"peer_host": host, "peer_port": port, "host": lhost, "port": lport,
 		"channels": len(c.openChannelList()), "channel_max": c.channelMax, "frame_max": c.frameMax,
 		"timeout": c.heartbeat.Load() / int64(time.Second), "connected_at": c.started.UnixMilli(),
-		"client_properties": props}
+		"client_properties": props, "user_who_performed_action": c.user}
 }
 
 func splitHostPort(addr string) (string, int) {
@@ -1984,12 +1991,15 @@ func channelInfo(c *conn, ch *channel) map[string]any {
 	consumers := len(ch.consumers)
 	ch.mu.Unlock()
 	modes := ch.modes.Load()
+	ch.cmu.Lock()
+	unconfirmed := ch.confirmSeq - ch.confirmSent
+	ch.cmu.Unlock()
 	name := connectionName(c) + " (" + strconv.Itoa(int(ch.id)) + ")"
 	return map[string]any{"name": name, "number": ch.id, "node": nodeName, "vhost": c.vh.name, "user": c.user,
 		"connection_details": map[string]any{"name": connectionName(c)}, "state": "running",
 		"confirm": modes&modeConfirm != 0, "transactional": modes&modeTx != 0,
 		"prefetch_count": prefetch, "global_prefetch_count": global, "messages_unacknowledged": unacked,
-		"consumer_count": consumers}
+		"consumer_count": consumers, "messages_unconfirmed": unconfirmed, "user_who_performed_action": c.user}
 }
 
 func (s *Server) apiChannels(r *http.Request, u *apiUser) (any, error) {
@@ -2015,6 +2025,58 @@ func (s *Server) apiChannels(r *http.Request, u *apiUser) (any, error) {
 		}
 	}
 	return listAnswer(r, items)
+}
+
+// consumerInfo is a consumer as RabbitMQ's API shows it. q.mu must be held.
+func consumerInfo(vh *vhost, q *queue, c *consumer) map[string]any {
+	active := !q.single || q.active == c
+	status := "up"
+	if !active {
+		status = "waiting"
+	}
+	args := map[string]any{}
+	if c.priority != 0 {
+		args["x-priority"] = c.priority
+	}
+	return map[string]any{"consumer_tag": c.tag, "exclusive": c.exclusive, "ack_required": !c.noAck,
+		"prefetch_count": c.prefetch, "active": active, "activity_status": status, "arguments": args,
+		"queue": map[string]any{"name": q.name, "vhost": vh.name},
+		"channel_details": map[string]any{"name": connectionName(c.ch.c) + " (" + strconv.Itoa(int(c.ch.id)) + ")",
+			"number": c.ch.id, "connection_name": connectionName(c.ch.c), "user": c.ch.c.user, "node": nodeName,
+			"peer_host": hostOf(c.ch.c.remote), "peer_port": portOf(c.ch.c.remote)}}
+}
+
+func hostOf(addr string) string { h, _ := splitHostPort(addr); return h }
+func portOf(addr string) int    { _, p := splitHostPort(addr); return p }
+
+// effectivePolicy is the definition keys a queue's policies set, as RabbitMQ's
+// effective_policy_definition shows them.
+func (vh *vhost) effectivePolicy(userPolicy, operatorPolicy string) map[string]any {
+	out := map[string]any{}
+	vh.mu.RLock()
+	ps := vh.policies
+	vh.mu.RUnlock()
+	if ps == nil {
+		return out
+	}
+	add := func(list []*policy, name string) {
+		for _, p := range list {
+			if p.name != name {
+				continue
+			}
+			for key, arg := range policyKeys {
+				if v, ok := p.args[arg]; ok {
+					if old, ok := out[key].(int64); ok {
+						v = min(old, v.(int64))
+					}
+					out[key] = v
+				}
+			}
+		}
+	}
+	add(ps.user, userPolicy)
+	add(ps.operator, operatorPolicy)
+	return out
 }
 
 func (s *Server) apiConsumers(r *http.Request, u *apiUser) (any, error) {
