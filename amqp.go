@@ -182,6 +182,10 @@ type Config struct {
 	DiskFreeLimit int64
 	// HandshakeTimeout bounds the time from accepting a socket to connection.open; default 10s.
 	HandshakeTimeout time.Duration
+	// ConsumerTimeout is how long a delivery may wait for its ack before its channel is
+	// closed with 406 and its messages requeued, as RabbitMQ's consumer_timeout; default
+	// 30 minutes, negative for none. A queue's x-consumer-timeout overrides it.
+	ConsumerTimeout time.Duration
 }
 
 // TLSConfig names the files of the amqps listener; Reload reads them again.
@@ -195,6 +199,9 @@ type TLSConfig struct {
 }
 
 func (c *Config) setDefaults() {
+	if c.ConsumerTimeout == 0 {
+		c.ConsumerTimeout = 30 * time.Minute
+	}
 	if c.Addr == "" && c.TLS == nil {
 		c.Addr = defaultAddr
 	}
@@ -294,6 +301,7 @@ type Server struct {
 	ready      chan struct{}  // closed when the first listener is up
 	startedAt  time.Time      // when NewServer made the server
 	httpSrvs   []*http.Server // guarded by mu: the HTTP listeners ListenAndServe opened
+	clock      atomic.Int64   // Unix milliseconds, updated every resourceCheckInterval: stamps deliveries
 	memLimit   atomic.Uint64  // the memory alarm's watermark in bytes; 0: none
 	diskLimit  atomic.Int64   // the disk alarm's limit in free bytes; <= 0: none
 }
@@ -332,6 +340,7 @@ func NewServer(cfg Config) *Server {
 		s.logins = newLoginLimiter(cfg.AuthFailureLimit)
 	}
 	s.dead = newDeadLetters(s)
+	s.clock.Store(time.Now().UnixMilli())
 	s.memLimit.Store(cfg.MemoryHighWatermark)
 	s.diskLimit.Store(cfg.DiskFreeLimit)
 	s.delays = newDelays(s)
@@ -738,13 +747,19 @@ const (
 func (s *Server) watchResources() {
 	t := time.NewTicker(resourceCheckInterval)
 	defer t.Stop()
-	var forced time.Time
+	var forced, timeouts time.Time
 	diskErr := false
 	for {
 		select {
 		case <-s.stopWatch:
 			return
 		case <-t.C:
+		}
+		now := time.Now()
+		s.clock.Store(now.UnixMilli())
+		if now.Sub(timeouts) >= time.Second {
+			timeouts = now
+			s.checkConsumerTimeouts(now.UnixMilli())
 		}
 		if limit := s.memLimit.Load(); limit > 0 {
 			if s.alarms.Load()&alarmMemory != 0 && time.Since(forced) >= time.Second {

@@ -72,6 +72,42 @@ type channel struct {
 	replyTo          *replyConsumer       // guarded by mu (written only by the reader): the amq.rabbitmq.reply-to consumer
 }
 
+// checkConsumerTimeouts closes, with RabbitMQ's 406, every channel whose oldest unacked
+// delivery waited longer than its queue's x-consumer-timeout, or Config.ConsumerTimeout;
+// closing it requeues its deliveries. It runs every second.
+func (s *Server) checkConsumerTimeouts(now int64) {
+	def := s.cfg.ConsumerTimeout.Milliseconds()
+	s.mu.Lock()
+	conns := make([]*conn, 0, len(s.active))
+	for c := range s.active {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		if !c.opened.Load() || c.closing.Load() {
+			continue
+		}
+		for _, ch := range c.openChannelList() {
+			ch.mu.Lock()
+			if !ch.dead && ch.unacked.len() > 0 {
+				u := ch.unacked.front()
+				limit := u.q.consumerTimeout.Load()
+				if limit == 0 {
+					limit = def
+				}
+				if u.at != 0 && limit > 0 && now-u.at > limit {
+					ch.killLocked(preconditionFailed("delivery acknowledgement on channel " + strconv.Itoa(int(ch.id)) +
+						" timed out. Timeout value used: " + strconv.FormatInt(limit, 10) +
+						" ms. This timeout value can be configured, see consumers doc guide to learn more"))
+					c.log.Warn("consumer timeout: closing the channel; its unacked messages are requeued",
+						"channel", ch.id, "queue", u.q.name, "timeout_ms", limit)
+				}
+			}
+			ch.mu.Unlock()
+		}
+	}
+}
+
 // The modes of a channel, in channel.modes.
 const (
 	modeConfirm = 1 << iota
@@ -1037,7 +1073,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	ch.nextTag++
 	tag := ch.nextTag
 	if !m.NoAck {
-		ch.unacked.push(unacked{tag: tag, q: q, e: e})
+		ch.unacked.push(unacked{tag: tag, q: q, e: e, at: ch.c.s.clock.Load()})
 		q.unacked.Add(1)
 	} else {
 		q.settleOne(e.msg)

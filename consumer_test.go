@@ -2,7 +2,9 @@ package amqp
 
 import (
 	"strconv"
+	"strings"
 	"testing"
+	"time"
 
 	amqp091 "github.com/rabbitmq/amqp091-go"
 )
@@ -401,5 +403,54 @@ func TestSingleActiveConsumerDurable(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+	}
+}
+
+// TestConsumerTimeout checks RabbitMQ's consumer timeout: a channel whose oldest delivery
+// waits for its ack longer than the queue's x-consumer-timeout (or Config.ConsumerTimeout)
+// is closed with 406 and RabbitMQ's text, and its message goes to another consumer.
+func TestConsumerTimeout(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t, Config{ConsumerTimeout: 300 * time.Millisecond})
+	conn := dial(t, url)
+	ch := openChannel(t, conn)
+	if _, err := ch.QueueDeclare("slow", false, false, false, false, amqp091.Table{"x-consumer-timeout": int64(200)}); err != nil {
+		t.Fatal(err)
+	}
+	declareTransientQueue(t, ch, "default")
+	if _, err := ch.QueueDeclare("bad", false, false, false, false, amqp091.Table{"x-consumer-timeout": "soon"}); amqpCode(err) != 406 {
+		t.Errorf("x-consumer-timeout \"soon\": %v, want 406", err)
+	}
+	for _, q := range []string{"slow", "default"} {
+		ch = openChannel(t, conn)
+		publishText(t, ch, "", q, "job-"+q)
+		closed := notifyChannelClose(ch)
+		msgs, err := ch.Consume(q, "", false, false, false, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		takeDelivery(t, msgs) // and never ack it
+		start := time.Now()
+		select {
+		case e := <-closed:
+			want := " timed out. Timeout value used: 200 ms. This timeout value can be configured, see consumers doc guide to learn more"
+			if q == "default" {
+				want = " timed out. Timeout value used: 300 ms. This timeout value can be configured, see consumers doc guide to learn more"
+			}
+			if e == nil || e.Code != 406 || !strings.HasPrefix(e.Reason, "PRECONDITION_FAILED - delivery acknowledgement on channel ") || !strings.HasSuffix(e.Reason, want) {
+				t.Errorf("%s: closed with %v", q, e)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: the channel was not closed after its consumer timeout", q)
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("%s: closed after %v", q, d)
+		}
+		other := openChannel(t, dial(t, url))
+		d := takeDelivery(t, consumeTagged(t, other, q, "next"))
+		if string(d.Body) != "job-"+q || !d.Redelivered {
+			t.Errorf("%s: the next consumer got %q (redelivered %v), want the timed-out message again", q, d.Body, d.Redelivered)
+		}
+		d.Ack(false)
 	}
 }

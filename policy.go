@@ -40,6 +40,7 @@ var policyKeys = map[string]string{
 	"max-length-bytes":        "x-max-length-bytes",
 	"overflow":                "x-overflow",
 	"delivery-limit":          "x-delivery-limit",
+	"consumer-timeout":        "x-consumer-timeout",
 }
 
 // operatorPolicyKeys are the keys an operator policy may set; for each the smallest value
@@ -220,7 +221,7 @@ func policyValue(key string, raw json.RawMessage) (any, error) {
 	}
 	least, most := int64(0), int64(1)<<62
 	switch key {
-	case "expires":
+	case "expires", "consumer-timeout":
 		least, most = 1, maxTTL
 	case "message-ttl":
 		most = maxTTL
@@ -229,7 +230,7 @@ func policyValue(key string, raw json.RawMessage) (any, error) {
 	if err != nil || n < least || n > most {
 		return nil, fmt.Errorf("%s is not a valid %s", raw, map[string]string{"message-ttl": "message TTL",
 			"expires": "queue expiry", "max-length": "maximum length", "max-length-bytes": "maximum length in bytes",
-			"delivery-limit": "delivery limit"}[key])
+			"delivery-limit": "delivery limit", "consumer-timeout": "consumer timeout"}[key])
 	}
 	return n, nil
 }

@@ -199,6 +199,7 @@ type queue struct {
 	dead                           atomic.Pointer[deadLetterTarget] // x-dead-letter-exchange; nil: none
 	deliveryLimit                  int64                            // guarded by mu: x-delivery-limit plus one; 0: none
 	policy, operatorPolicy         string                           // guarded by mu: the policies applied; "": none
+	consumerTimeout                atomic.Int64                     // x-consumer-timeout in milliseconds; 0: the server's
 	limits                         queueLimits
 	single                         bool       // x-single-active-consumer: only q.active receives
 	bindings                       []*binding // guarded by vh.mu
@@ -384,14 +385,15 @@ func parseQueueLimits(args table) (queueLimits, string, error) {
 
 // queueArgs are what a queue's x-arguments make of it.
 type queueArgs struct {
-	ttl           ttl
-	limits        queueLimits
-	expires       int64
-	deliveryLimit int64
-	dead          *deadLetterTarget
-	single        bool
-	priorities    bool
-	maxPriority   uint8
+	ttl             ttl
+	limits          queueLimits
+	expires         int64
+	deliveryLimit   int64
+	dead            *deadLetterTarget
+	single          bool
+	priorities      bool
+	maxPriority     uint8
+	consumerTimeout int64
 }
 
 // parseQueueArgs reads a queue's x-arguments. The first wrong one is named in bad, with
@@ -419,6 +421,8 @@ func parseQueueArgs(args table) (qa queueArgs, bad string, err error) {
 	note("x-single-active-consumer", e)
 	qa.maxPriority, qa.priorities, e = queueMaxPriority(args)
 	note("x-max-priority", e)
+	qa.consumerTimeout, _, e = millisArg(args, "x-consumer-timeout", false)
+	note("x-consumer-timeout", e)
 	return qa, bad, err
 }
 
@@ -438,6 +442,7 @@ func newQueue(name string, vh *vhost, durable, autoDelete bool, args table, qa q
 func (q *queue) setArgsLocked(qa queueArgs, policy, operatorPolicy string) (expiresChanged bool) {
 	q.ttl, q.limits, q.deliveryLimit = qa.ttl, qa.limits, qa.deliveryLimit
 	q.dead.Store(qa.dead)
+	q.consumerTimeout.Store(qa.consumerTimeout)
 	q.policy, q.operatorPolicy = policy, operatorPolicy
 	return q.expires.Swap(qa.expires) != qa.expires
 }
@@ -1118,7 +1123,7 @@ func (c *consumer) deliverLocked(e qentry) bool {
 		c.q.counts.redelivered++
 	}
 	if !c.noAck {
-		ch.unacked.push(unacked{tag: ch.nextTag, q: c.q, e: e, c: c})
+		ch.unacked.push(unacked{tag: ch.nextTag, q: c.q, e: e, c: c, at: ch.c.s.clock.Load()})
 		c.q.unacked.Add(1)
 		c.inflight++
 		ch.inflight++
@@ -1136,6 +1141,7 @@ type unacked struct {
 	e    qentry
 	c    *consumer // nil for basic.get
 	done bool      // settled out of order; dropped when it reaches the front
+	at   int64     // when it was delivered, Unix milliseconds (Server.clock); 0: unknown
 }
 
 // queueDeclare handles queue.declare: "" gets a server name, amq.* is 403, an inequivalent

@@ -58,6 +58,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	channelMax := fs.Uint("channel-max", 2047, "channel-max offered to clients")
 	frameMax := fs.Uint("frame-max", 131072, "frame-max offered to clients, 4096 to 16 MiB")
 	fs.DurationVar(&cfg.Heartbeat, "heartbeat", 60*time.Second, "heartbeat interval offered to clients (0: none)")
+	fs.DurationVar(&cfg.ConsumerTimeout, "consumer-timeout", 30*time.Minute, "close a channel whose oldest delivery waited this long for its ack, requeueing its messages (a queue's x-consumer-timeout overrides it; -1ns: never)")
 	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", 10*time.Second, "time a client has to open its connection")
 	fs.Int64Var(&cfg.PageOutBytes, "page-out-bytes", 4<<20, "memory a queue's ready messages may take (64x for a queue with consumers) before new ones stay on disk and are read back on delivery (-1: only under the memory alarm)")
 	fs.Int64Var(&cfg.SegmentSize, "segment-size", 16<<20, "size at which the write-ahead log starts a new segment file")
