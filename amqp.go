@@ -99,6 +99,9 @@ type Config struct {
 	// HTTPAddr is the address ListenAndServe serves the management HTTP API on (RabbitMQ's
 	// port is 15672); "" is none. See ManagementHandler.
 	HTTPAddr string
+	// HTTPTLS, when set, serves HTTPAddr over HTTPS with this certificate and key (CAFile
+	// and Verify are not used); Reload reads them again.
+	HTTPTLS *TLSConfig
 	// PrometheusAddr is the address ListenAndServe serves Prometheus metrics on (RabbitMQ's
 	// port is 15692); "" is none. See MetricsHandler.
 	PrometheusAddr string
@@ -301,9 +304,11 @@ type Server struct {
 	ready      chan struct{}  // closed when the first listener is up
 	startedAt  time.Time      // when NewServer made the server
 	httpSrvs   []*http.Server // guarded by mu: the HTTP listeners ListenAndServe opened
-	clock      atomic.Int64   // Unix milliseconds, updated every resourceCheckInterval: stamps deliveries
-	memLimit   atomic.Uint64  // the memory alarm's watermark in bytes; 0: none
-	diskLimit  atomic.Int64   // the disk alarm's limit in free bytes; <= 0: none
+	httpAddr   net.Addr       // guarded by mu: the management API's listener, once open
+	httpCert   atomic.Pointer[tls.Certificate]
+	clock      atomic.Int64  // Unix milliseconds, updated every resourceCheckInterval: stamps deliveries
+	memLimit   atomic.Uint64 // the memory alarm's watermark in bytes; 0: none
+	diskLimit  atomic.Int64  // the disk alarm's limit in free bytes; <= 0: none
 }
 
 // SetMemoryHighWatermark changes the memory alarm's watermark (Config.MemoryHighWatermark)
@@ -465,6 +470,9 @@ func (s *Server) Reload() error {
 		if err := s.loadTLS(); err != nil {
 			return err
 		}
+	}
+	if s.cfg.HTTPTLS != nil {
+		return s.loadHTTPCert()
 	}
 	return nil
 }

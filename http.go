@@ -3,6 +3,7 @@ package amqp
 import (
 	"bytes"
 	"cmp"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -277,9 +278,10 @@ func (rt *apiRouter) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // and are served by goroutines of their own, apart from AMQP traffic.
 func (s *Server) listenHTTP() error {
 	for _, l := range []struct {
-		addr    string
-		handler func() http.Handler
-	}{{s.cfg.HTTPAddr, s.ManagementHandler}, {s.cfg.PrometheusAddr, s.metricsHandler}} {
+		addr       string
+		handler    func() http.Handler
+		management bool
+	}{{s.cfg.HTTPAddr, s.ManagementHandler, true}, {s.cfg.PrometheusAddr, s.metricsHandler, false}} {
 		if l.addr == "" {
 			continue
 		}
@@ -288,16 +290,47 @@ func (s *Server) listenHTTP() error {
 			s.closeHTTP()
 			return err
 		}
+		management := l.management
+		if management && s.cfg.HTTPTLS != nil {
+			if err := s.loadHTTPCert(); err != nil {
+				ln.Close()
+				s.closeHTTP()
+				return err
+			}
+			ln = tls.NewListener(ln, &tls.Config{MinVersion: tls.VersionTLS12,
+				GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return s.httpCert.Load(), nil }})
+		}
 		hs := &http.Server{Handler: l.handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute,
 			WriteTimeout: time.Minute, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
 			ErrorLog: slogErrorLog(s.log)}
 		s.mu.Lock()
 		s.httpSrvs = append(s.httpSrvs, hs)
+		if management {
+			s.httpAddr = ln.Addr()
+		}
 		s.mu.Unlock()
 		s.log.Info("HTTP listening", "addr", ln.Addr().String())
 		go hs.Serve(ln)
 	}
 	return nil
+}
+
+// loadHTTPCert reads Config.HTTPTLS's certificate and key.
+func (s *Server) loadHTTPCert() error {
+	cert, err := tls.LoadX509KeyPair(s.cfg.HTTPTLS.CertFile, s.cfg.HTTPTLS.KeyFile)
+	if err != nil {
+		return errors.New("amqp: HTTP TLS certificate: " + err.Error())
+	}
+	s.httpCert.Store(&cert)
+	return nil
+}
+
+// HTTPAddr returns the address the management API listens on, once ListenAndServe has
+// opened it; nil otherwise.
+func (s *Server) HTTPAddr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.httpAddr
 }
 
 // closeHTTP closes the HTTP listeners and their connections.

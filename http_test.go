@@ -2,8 +2,11 @@ package amqp
 
 import (
 	"bytes"
+	"context"
+	"crypto/tls"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -619,5 +622,45 @@ func TestRabbitmqadmin(t *testing.T) {
 	}
 	if out := admin("show", "overview"); !strings.Contains(out, Version) {
 		t.Errorf("overview: %q", out)
+	}
+}
+
+// TestAPIListeners checks the listeners ListenAndServe opens from Config: the management
+// API over HTTPS with Config.HTTPTLS, and that Shutdown closes it.
+func TestAPIListeners(t *testing.T) {
+	t.Parallel()
+	p := newTestPKI(t)
+	srv := NewServer(Config{Addr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", HTTPTLS: &TLSConfig{CertFile: p.certFile, KeyFile: p.keyFile},
+		Logger: wireDiscardLogger()})
+	done := make(chan error, 1)
+	go func() { done <- srv.ListenAndServe() }()
+	var addr net.Addr
+	pollFor(t, "the HTTPS listener", func() bool { addr = srv.HTTPAddr(); return addr != nil })
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: p.pool}}, Timeout: 10 * time.Second}
+	req, _ := http.NewRequest("GET", "https://"+addr.String()+"/api/overview", nil)
+	req.SetBasicAuth("guest", "guest")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("HTTPS: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.TLS == nil {
+		t.Errorf("HTTPS overview: %d, TLS %v", resp.StatusCode, resp.TLS != nil)
+	}
+	if resp, err := http.Get("http://" + addr.String() + "/api/overview"); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode != 400 {
+			t.Errorf("plain HTTP on the HTTPS listener: %d, want 400", resp.StatusCode)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	srv.Shutdown(ctx)
+	if err := <-done; err != ErrServerClosed {
+		t.Errorf("ListenAndServe: %v", err)
+	}
+	if c, err := net.DialTimeout("tcp", addr.String(), time.Second); err == nil {
+		c.Close()
+		t.Error("the HTTPS listener is still open after Shutdown")
 	}
 }

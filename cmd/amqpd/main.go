@@ -44,6 +44,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&cfg.DataDir, "data-dir", "amqp-data", "directory for the write-ahead log")
 	fs.StringVar(&cfg.Definitions, "definitions", "", "RabbitMQ definitions JSON file with users, vhosts and permissions (default: guest/guest on vhost /)")
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", "127.0.0.1:15672", `address of the management HTTP API; "" turns it off`)
+	httpCert := fs.String("http-tls-cert", "", "PEM certificate file: serve the management API over HTTPS")
+	httpKey := fs.String("http-tls-key", "", "PEM private key file for -http-tls-cert")
 	fs.StringVar(&cfg.PrometheusAddr, "prometheus-addr", "127.0.0.1:15692", `address of the Prometheus metrics; "" turns them off`)
 	tlsAddr := fs.String("tls-addr", ":5671", "TCP address of the amqps listener, when -tls-cert is given")
 	tlsCert := fs.String("tls-cert", "", "PEM certificate file for amqps")
@@ -135,6 +137,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if cfg.Heartbeat == 0 {
 		cfg.Heartbeat = -1 // Config's zero means the default
+	}
+	if *httpCert != "" {
+		cfg.HTTPTLS = &amqp.TLSConfig{CertFile: *httpCert, KeyFile: *httpKey}
 	}
 	if *tlsCert != "" {
 		cfg.TLSAddr = *tlsAddr
