@@ -133,8 +133,8 @@ type Config struct {
 	LoopbackUsers []string
 	// AnonymousUser, when set, offers SASL ANONYMOUS and logs such clients in as this user.
 	AnonymousUser string
-	// MemoryHighWatermark sets off the memory alarm when the live Go heap passes it (in
-	// bytes; 0: no alarm). As in RabbitMQ, connections that publish are then blocked (sent
+	// MemoryHighWatermark sets off the memory alarm when the memory in use (the live Go
+	// heap and the runtime's own memory, not garbage) passes it (in bytes; 0: no alarm). As in RabbitMQ, connections that publish are then blocked (sent
 	// connection.blocked when they advertise it, and no longer read) until the heap falls
 	// below it again; consumers keep flowing, so queues drain.
 	MemoryHighWatermark uint64
@@ -293,7 +293,7 @@ type Server struct {
 	delays     *delays                // holds the messages of x-delayed-message exchanges until due
 	alarmMu    sync.Mutex             // guards alarmClear
 	alarmClear chan struct{}          // closed when the last alarm goes off
-	liveHeap   func() uint64          // the live heap in bytes; a test may replace it
+	liveHeap   func() uint64          // the memory in use in bytes (readLiveHeap); a test may replace it
 	diskFree   func() (uint64, error) // free octets for the data directory; a test may replace it
 	stopWatch  chan struct{}          // closed by Shutdown
 	store      *store                 // nil without a data directory; set before serving
@@ -316,6 +316,9 @@ type Server struct {
 func (s *Server) SetMemoryHighWatermark(bytes uint64) {
 	s.memLimit.Store(bytes)
 	s.log.Info("memory high watermark set", "bytes", bytes)
+	// As in RabbitMQ, the alarm is evaluated at once: a publish right after sees it.
+	live := s.liveHeap()
+	s.setAlarm(alarmMemory, bytes > 0 && live > bytes, "memory alarm", "live_heap", live, "watermark", bytes)
 }
 
 // SetDiskFreeLimit changes the disk alarm's limit (Config.DiskFreeLimit) on a running
@@ -323,6 +326,12 @@ func (s *Server) SetMemoryHighWatermark(bytes uint64) {
 func (s *Server) SetDiskFreeLimit(bytes int64) {
 	s.diskLimit.Store(bytes)
 	s.log.Info("disk free limit set", "bytes", bytes)
+	if s.store == nil {
+		return
+	}
+	if free, err := s.diskFree(); err == nil {
+		s.setAlarm(alarmDisk, bytes > 0 && free < uint64(bytes), "disk alarm", "free", free, "limit", bytes)
+	}
 }
 
 // NewServer returns a server configured by cfg; it does not listen until Serve or
@@ -834,10 +843,24 @@ func blockedReason(alarms uint32) string {
 
 // readLiveHeap reads the heap that survived the last garbage collection.
 func readLiveHeap() uint64 {
-	sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
-	metrics.Read(sample)
-	if sample[0].Value.Kind() != metrics.KindUint64 {
-		return 0
+	samples := make([]metrics.Sample, len(memoryInUse))
+	for i, name := range memoryInUse {
+		samples[i].Name = name
 	}
-	return sample[0].Value.Uint64()
+	metrics.Read(samples)
+	var total uint64
+	for _, sm := range samples {
+		if sm.Value.Kind() == metrics.KindUint64 {
+			total += sm.Value.Uint64()
+		}
+	}
+	return total
 }
+
+// memoryInUse are the runtime's memory classes the memory alarm counts: the live heap (what
+// the last collection kept, not garbage waiting for the next) and the runtime's own memory
+// (goroutine stacks, heap metadata, profiling buckets, other), as RabbitMQ counts the whole
+// process and not only message data.
+var memoryInUse = []string{"/gc/heap/live:bytes", "/memory/classes/heap/stacks:bytes", "/memory/classes/os-stacks:bytes",
+	"/memory/classes/metadata/other:bytes", "/memory/classes/metadata/mspan/inuse:bytes",
+	"/memory/classes/metadata/mcache/inuse:bytes", "/memory/classes/other:bytes", "/memory/classes/profiling/buckets:bytes"}

@@ -62,7 +62,6 @@ type channel struct {
 
 	mu               sync.Mutex
 	dead             bool                 // guarded by mu: closed; no more deliveries
-	active           bool                 // guarded by mu: channel.flow
 	nextTag          uint64               // guarded by mu: the last delivery tag used
 	unacked          deque[unacked]       // guarded by mu: in tag order
 	inflight         int                  // guarded by mu: unacked deliveries to consumers
@@ -142,7 +141,7 @@ type txAck struct {
 var errChannelClosed = errors.New("amqp: channel closed")
 
 func newChannel(c *conn, id uint16) *channel {
-	return &channel{c: c, id: id, active: true, consumers: make(map[string]*consumer)}
+	return &channel{c: c, id: id, consumers: make(map[string]*consumer)}
 }
 
 // killLocked closes the channel from any goroutine, for an error met while delivering to
@@ -167,7 +166,7 @@ func (ch *channel) send(m method) { ch.c.sendUnlessKilled(ch.id, m, &ch.killed) 
 
 // canDeliverLocked reports whether consumer c may take one more message. ch.mu must be held.
 func (ch *channel) canDeliverLocked(c *consumer) bool {
-	if ch.dead || !ch.active {
+	if ch.dead {
 		return false
 	}
 	if c.noAck {
@@ -311,13 +310,12 @@ func (ch *channel) handleMethod(id uint32, d decoder) error {
 		if m.decode(&d); d.err != nil {
 			break
 		}
-		ch.mu.Lock()
-		ch.active = m.Active
-		ch.mu.Unlock()
-		ch.send(&channelFlowOk{Active: m.Active})
-		if m.Active {
-			ch.redispatch()
+		if !m.Active {
+			// As RabbitMQ: a client may not stop its deliveries this way (540, which closes
+			// the connection); basic.qos and basic.cancel do that.
+			return notImplemented("active=false")
 		}
+		ch.send(&channelFlowOk{Active: true})
 	case idChannelFlowOk:
 	default:
 		if newMethod(id) == nil {

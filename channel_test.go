@@ -1425,3 +1425,21 @@ func TestUserIDValidated(t *testing.T) {
 		t.Fatalf("user-ids %q, want alice then bob", got)
 	}
 }
+
+// TestChannelFlow: channel.flow active=true is answered, active=false is RabbitMQ's 540
+// NOT_IMPLEMENTED "active=false", which closes the connection.
+func TestChannelFlow(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	conn := dial(t, url)
+	ch := openChannel(t, conn)
+	if err := ch.Flow(true); err != nil {
+		t.Fatalf("flow active=true: %v", err)
+	}
+	closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
+	err := ch.Flow(false)
+	if e, ok := err.(*amqp091.Error); !ok || e.Code != 540 || e.Reason != "NOT_IMPLEMENTED - active=false" {
+		t.Fatalf("flow active=false: %v, want 540 NOT_IMPLEMENTED - active=false", err)
+	}
+	awaitCloseCode(t, closed, 540)
+}

@@ -341,9 +341,10 @@ func (c *conn) teardown() {
 	c.signal()
 	select {
 	case <-c.writerDone:
+		lingerClose(c.nc)
 	case <-time.After(defaultCloseTimeout):
+		c.nc.Close()
 	}
-	c.nc.Close()
 	<-c.writerDone
 	for id, ch := range c.channels {
 		if ch != nil {
@@ -358,6 +359,18 @@ func (c *conn) teardown() {
 		c.vh.conns.Add(-1)
 	}
 	c.s.closeUser(c)
+}
+
+// lingerClose closes a socket whose last frames are written without resetting it: it shuts
+// its sending side, then reads what the client still sends (a heartbeat, a second close)
+// until the client closes, for at most a second and 64 KiB. Closing a socket with unread
+// data sends a TCP reset, which can make the client lose the close-ok it was sent.
+func lingerClose(nc net.Conn) {
+	if cw, ok := nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		nc.SetReadDeadline(time.Now().Add(time.Second))
+		io.Copy(io.Discard, io.LimitReader(nc, 64<<10))
+	}
+	nc.Close()
 }
 
 // userUsage counts a user's open connections and channels, for the user limits of the

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"runtime/metrics"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -773,11 +774,22 @@ func TestMemoryAlarmBlocksPublishers(t *testing.T) {
 }
 
 // TestReadLiveHeap: the memory alarm's gauge reads the runtime's live-heap metric, which a
-// garbage collection sets.
+// garbage collection sets, and the runtime's own memory; every class it names exists.
 func TestReadLiveHeap(t *testing.T) {
 	runtime.GC()
-	if readLiveHeap() == 0 {
-		t.Fatal("the live heap reads as 0: /gc/heap/live:bytes is missing")
+	known := map[string]bool{}
+	for _, d := range metrics.All() {
+		known[d.Name] = true
+	}
+	for _, name := range memoryInUse {
+		if !known[name] {
+			t.Errorf("runtime metric %s does not exist", name)
+		}
+	}
+	samples := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	metrics.Read(samples)
+	if live := samples[0].Value.Uint64(); live == 0 || readLiveHeap() <= live {
+		t.Fatalf("memory in use %d, live heap %d: want the live heap and more", readLiveHeap(), live)
 	}
 }
 

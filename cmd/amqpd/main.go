@@ -66,7 +66,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.Int64Var(&cfg.SegmentSize, "segment-size", 16<<20, "size at which the write-ahead log starts a new segment file")
 	fs.DurationVar(&cfg.FsyncInterval, "fsync-interval", 0, "0: fsync every batch before confirming (always); >0: fsync at most this often, confirming after the write (a machine crash may lose up to this much)")
 	fs.Int64Var(&cfg.DiskFreeLimit, "disk-free-limit", 50_000_000, "block publishers while the data directory's disk has fewer free bytes than this; 0: never")
-	memWatermark := fs.Float64("memory-high-watermark", 0.4, "block publishers when the live heap passes this fraction of RAM (<= 1) or this many bytes (> 1); 0: never")
+	memWatermark := fs.Float64("memory-high-watermark", 0.4, "block publishers when the memory in use passes this fraction of RAM (<= 1) or this many bytes (> 1); 0: never")
 	fs.BoolVar(&cfg.Repair, "repair", false, "skip corrupt records in the middle of the log at startup, logging what is lost")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	logFile := fs.String("log-file", "", "log to this file instead of standard error")
