@@ -275,6 +275,7 @@ type Server struct {
 	openOnce   sync.Once
 	openErr    error
 	ready      chan struct{} // closed when the first listener is up
+	metrics    serverMetrics // counts of ended connections and of events off any connection (metrics.go)
 }
 
 // NewServer returns a server configured by cfg; it does not listen until Serve or
@@ -663,6 +664,7 @@ func (s *Server) establish(c *conn) error {
 	c.hsElem = nil
 	c.counted = true
 	s.open++
+	s.metrics.connsOpened++
 	return nil
 }
 
@@ -676,6 +678,7 @@ func (s *Server) untrack(c *conn) {
 	if c.counted {
 		s.open--
 	}
+	s.foldConnLocked(c)
 	s.mu.Unlock()
 	s.conns.Done()
 }

@@ -42,6 +42,7 @@ type channel struct {
 
 	confirm    bool
 	inConfirms bool // listed in c.confirms for the next flush
+	published  bool // has published: counts among the publishers (metrics.go)
 	tx         bool
 	txPubs     []txPublish
 	txAcks     []txAck
@@ -180,6 +181,7 @@ func (ch *channel) takeUnackedLocked() []unacked {
 		}
 	}
 	ch.inflight = 0
+	uncountUnacked(pending)
 	return pending
 }
 
@@ -453,6 +455,7 @@ func (ch *channel) publishComplete() error {
 	msg := ch.pubMsg
 	ch.pubMsg = nil
 	msg.size = uint32(ch.pubSize)
+	ch.countReceived(ch.pubSize)
 	vh := ch.vh()
 	vh.mu.RLock()
 	x := ch.exCache
@@ -555,6 +558,7 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 			refused = true
 		}
 	}
+	ch.countRouted(len(ch.routes.queues), mandatory)
 	if len(ch.routes.queues) == 0 && mandatory {
 		ch.c.sendReturn(ch.id, replyNoRoute, "NO_ROUTE", msg)
 	}
@@ -629,6 +633,7 @@ func (ch *channel) ackUpToLocked(tag uint64) {
 		return
 	}
 	multiple := tag-ch.confirmSent > 1
+	ch.c.stats.n[cntConfirmed].Add(tag - ch.confirmSent)
 	ch.confirmSent = tag
 	ch.send(&basicAck{DeliveryTag: tag, Multiple: multiple})
 }
@@ -747,6 +752,7 @@ func (ch *channel) releaseLocked(done []unacked) (global bool) {
 // the others leave their queues for good; then the queues deliver on the freed credit.
 // global says the channel has a channel-wide prefetch limit.
 func (ch *channel) apply(a txAck, done []unacked, global bool) {
+	ch.countSettled(a.id, done)
 	requeue := a.id != idBasicAck && a.requeue
 	if requeue {
 		requeueAll(done)
@@ -977,7 +983,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	q.renewLeaseLocked()
 	q.expireLocked()
 	if q.messageCountLocked() == 0 {
-		ch.send(&basicGetEmpty{})
+		ch.sendGetEmpty()
 		return nil
 	}
 	notYet, rerr := q.fillLocked()
@@ -988,7 +994,7 @@ func (ch *channel) basicGet(d *decoder) error {
 		q.mu.Lock()
 		q.expireLocked()
 		if q.messageCountLocked() == 0 {
-			ch.send(&basicGetEmpty{})
+			ch.sendGetEmpty()
 			return nil
 		}
 		notYet, rerr = q.fillLocked()
@@ -996,7 +1002,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	if notYet {
 		// The disk is full and the head message's record is still waiting for room: it
 		// is not to be had now.
-		ch.send(&basicGetEmpty{})
+		ch.sendGetEmpty()
 		return nil
 	}
 	if rerr != nil {
@@ -1009,6 +1015,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	ch.mu.Lock()
 	ch.nextTag++
 	tag := ch.nextTag
+	ch.countDelivery(q, true, m.NoAck, e.redelivered)
 	if !m.NoAck {
 		ch.unacked.push(unacked{tag: tag, q: q, e: e})
 	} else {

@@ -62,6 +62,7 @@ type conn struct {
 	hsEnd      time.Time     // the handshake deadline
 	hsElem     *list.Element // guarded by s.mu: c in s.handshakes; nil once open or dropped
 	counted    bool          // guarded by s.mu: c counts in s.open
+	stats      connStats     // message and channel counts, summed when read (metrics.go)
 
 	outMu      sync.Mutex
 	out        []byte        // guarded by outMu: encoded frames waiting for the writer
@@ -395,6 +396,7 @@ func (s *Server) closeUser(c *conn) {
 
 // dropChannel forgets a channel that is closed, uncounting it from the user's channels.
 func (c *conn) dropChannel(id uint16) {
+	c.countChannelClosed(c.channels[id])
 	if c.channels[id] != nil && c.usage != nil {
 		c.usage.channels.Add(-1)
 	}
@@ -900,6 +902,7 @@ func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 			c.channels = grown
 		}
 		c.channels[id] = newChannel(c, id)
+		c.stats.n[cntChannelsOpened].Add(1)
 		c.sendOn(id, &channelOpenOk{})
 		return nil, nil
 	}

@@ -204,6 +204,7 @@ type queue struct {
 	bindings                       []*binding // guarded by vh.mu
 
 	mu          sync.Mutex
+	pendingAcks atomic.Int64    // deliveries waiting for an ack; beside mu, written by those who hold it (metrics.go)
 	ready       readyList       // guarded by mu: never delivered, in seq order (per priority)
 	requeued    []qentry        // guarded by mu: a min-heap by seq; all older than ready
 	nextSeq     uint64          // guarded by mu
@@ -1075,6 +1076,7 @@ func (c *consumer) deliverLocked(e qentry) bool {
 	} else {
 		c.q.settleOne(e.msg)
 	}
+	ch.countDelivery(c.q, false, c.noAck, e.redelivered)
 	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e)
 	return true
 }
@@ -1173,6 +1175,7 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			return err
 		}
 	}
+	ch.countDeclared(created)
 	ch.lastQueue = name
 	return ch.reply(m.NoWait, &queueDeclareOk{Queue: name, MessageCount: uint32(q.messageCount()), ConsumerCount: uint32(q.consumerCount())})
 }

@@ -25,6 +25,7 @@ type vhost struct {
 	alarms  *atomic.Uint32 // the server's resource alarms; nil in tests
 	dead    *deadLetters   // the server's dead-letter worker; nil in tests
 	conns   atomic.Int64   // open connections, for Config.MaxConnectionsPerVhost
+	metrics *serverMetrics // the server's counters; nil in tests
 
 	mu        sync.RWMutex
 	exchanges map[string]*exchange // guarded by mu
@@ -59,6 +60,7 @@ func (vh *vhost) memoryHigh() bool {
 func (s *Server) newVhost(name string) *vhost {
 	vh := newVhost(name)
 	vh.store, vh.spill, vh.pageOut, vh.alarms, vh.dead = s.store, s.spill, s.cfg.PageOutBytes, &s.alarms, s.dead
+	vh.metrics = &s.metrics
 	return vh
 }
 
@@ -175,6 +177,7 @@ func (vh *vhost) deleteQueueIf(q *queue, unused func() bool) int {
 		}
 	}
 	delete(vh.queues, q.name)
+	vh.countQueueDeleted()
 	if q.walID != 0 {
 		vh.logLocked(recQueueDelete, binary.BigEndian.AppendUint64(nil, q.walID))
 	}
