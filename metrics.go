@@ -1,9 +1,23 @@
 package amqp
 
-// Prometheus text output: the counters the broker keeps for it.
+// Prometheus text output: the counters the broker keeps for it, and MetricsHandler, which
+// serves them with rabbitmq_prometheus's metric names, types, help texts and labels
+// (RabbitMQ 3.13), so that RabbitMQ's Grafana dashboards and alerts work unchanged.
 
 import (
+	"crypto/sha256"
+	"encoding/base64"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
 	"sync/atomic"
+	"unicode/utf8"
 )
 
 // # Counters
@@ -85,12 +99,15 @@ type connStats struct {
 	publishers atomic.Int64 // the connection's channels that have published
 }
 
-// serverMetrics are the counts no open connection holds.
+// serverMetrics are the counts no open connection holds, and the broker's identity.
 type serverMetrics struct {
 	closed      counts   // guarded by Server.mu: the sum of the counters of every connection that ended
 	connsOpened uint64   // guarded by Server.mu: connections past connection.open
 	connsClosed uint64   // guarded by Server.mu: of those, the ones that ended
 	other       counters // counted off any connection: queues deleted by any path
+
+	identOnce                  sync.Once
+	node, cluster, permanentID string // set by identOnce
 }
 
 // The hot-path increments, one line where each event happens.
@@ -307,4 +324,409 @@ func (t *counts) messages() messageTotals {
 		redelivered:        t[cntRedelivered],
 		acknowledged:       t[cntAcknowledged],
 	}
+}
+
+// queueStat is what a scrape reads of one queue, or the sum over all of them.
+type queueStat struct {
+	ready, unacked, consumers, readyBytes, pagedOut int64
+	labels                                          [2]int // the queue's {vhost,queue} labels in queueScan.labels
+}
+
+// queueScan is one reading of every queue.
+type queueScan struct {
+	sum    queueStat
+	queues int64
+	each   []queueStat // per queue, by vhost and name; only for per-object output
+	labels []byte      // the label sets each[i].labels point into
+}
+
+// scanQueues reads every queue's counts, each under its own lock for a moment; with
+// perObject it keeps them per queue, in vhost and name order, with their labels.
+func (s *Server) scanQueues(perObject bool) queueScan {
+	var sc queueScan
+	var qs []*queue
+	for _, vh := range s.vhostList() {
+		vh.mu.RLock()
+		qs = qs[:0]
+		for _, q := range vh.queues {
+			qs = append(qs, q)
+		}
+		vh.mu.RUnlock()
+		if perObject {
+			slices.SortFunc(qs, func(a, b *queue) int { return strings.Compare(a.name, b.name) })
+			sc.each = slices.Grow(sc.each, len(qs))
+			sc.labels = slices.Grow(sc.labels, len(qs)*(len(`{vhost="",queue=""}`)+len(vh.name)+32))
+		}
+		for i, q := range qs {
+			q.mu.Lock()
+			st := queueStat{
+				ready:      int64(q.messageCountLocked()),
+				consumers:  int64(len(q.consumers)),
+				readyBytes: q.readyBytes,
+				pagedOut:   int64(q.tail.len()),
+			}
+			q.mu.Unlock()
+			st.unacked = max(q.pendingAcks.Load(), 0)
+			qs[i] = nil
+			sc.queues++
+			sc.sum.ready += st.ready
+			sc.sum.unacked += st.unacked
+			sc.sum.consumers += st.consumers
+			sc.sum.readyBytes += st.readyBytes
+			sc.sum.pagedOut += st.pagedOut
+			if perObject {
+				start := len(sc.labels)
+				sc.labels = append(sc.labels, `{vhost="`...)
+				sc.labels = appendLabelValue(sc.labels, vh.name)
+				sc.labels = append(sc.labels, `",queue="`...)
+				sc.labels = appendLabelValue(sc.labels, q.name)
+				sc.labels = append(sc.labels, `"}`...)
+				st.labels = [2]int{start, len(sc.labels)}
+				sc.each = append(sc.each, st)
+			}
+		}
+	}
+	return sc
+}
+
+// identity returns the node name, cluster name and permanent cluster id that
+// rabbitmq_identity_info carries: amqp-go@<short host name>, "amqp-go" (the cluster_name
+// of connection.start), and an id derived from the host name, the data directory and the
+// listen addresses, so that it stays the same across restarts of one deployment.
+func (s *Server) identity() (node, cluster, permanentID string) {
+	m := &s.metrics
+	m.identOnce.Do(func() {
+		host, err := os.Hostname()
+		if err != nil || host == "" {
+			host = "localhost"
+		}
+		short, _, _ := strings.Cut(host, ".")
+		dir := s.cfg.DataDir
+		if abs, err := filepath.Abs(dir); dir != "" && err == nil {
+			dir = abs
+		}
+		sum := sha256.Sum256([]byte(host + "\x00" + dir + "\x00" + s.cfg.Addr + "\x00" + s.cfg.TLSAddr))
+		m.node = "amqp-go@" + short
+		m.cluster = "amqp-go"
+		m.permanentID = "amqp-go-cluster-id-" + base64.RawURLEncoding.EncodeToString(sum[:16])
+	})
+	return m.node, m.cluster, m.permanentID
+}
+
+// # Output
+
+// metricsContentType is the Prometheus text exposition format, version 0.0.4.
+const metricsContentType = "text/plain; version=0.0.4; charset=utf-8"
+
+// MetricsHandler returns a handler that serves the broker's metrics in Prometheus's text
+// format, as RabbitMQ's rabbitmq_prometheus plugin does (RabbitMQ 3.13's metric names,
+// types, help texts and labels): /metrics with queue metrics summed over all queues, and
+// /metrics/per-object with them per queue (labels vhost and queue). It asks for no
+// authentication, as the plugin does not; serve it where only the scraper can reach it.
+func (s *Server) MetricsHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var perObject bool
+		switch r.URL.Path {
+		case "/metrics":
+		case "/metrics/per-object":
+			perObject = true
+		default:
+			http.NotFound(w, r)
+			return
+		}
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET, HEAD")
+			http.Error(w, "405 method not allowed", http.StatusMethodNotAllowed)
+			return
+		}
+		w.Header().Set("Content-Type", metricsContentType)
+		if r.Method == http.MethodHead {
+			return
+		}
+		s.writeMetrics(w, perObject)
+	})
+}
+
+// promWriter writes the text format into one buffer, handing it to w whenever it holds
+// promFlushSize octets, so that output of any size takes a bounded amount of memory. It
+// uses strconv only: no fmt, no allocation per sample.
+type promWriter struct {
+	w   io.Writer
+	b   []byte
+	err error
+}
+
+const promFlushSize = 64 << 10
+
+// family starts a metric family: its HELP and TYPE lines.
+func (p *promWriter) family(name, typ, help string) {
+	p.b = append(p.b, "# HELP "...)
+	p.b = append(p.b, name...)
+	p.b = append(p.b, ' ')
+	p.b = append(p.b, help...)
+	p.b = append(p.b, "\n# TYPE "...)
+	p.b = append(p.b, name...)
+	p.b = append(p.b, ' ')
+	p.b = append(p.b, typ...)
+	p.b = append(p.b, '\n')
+}
+
+// sample writes one sample; labels is "" or a whole label set, braces included.
+func (p *promWriter) sample(name, labels string, v uint64) {
+	p.b = append(p.b, name...)
+	p.b = append(p.b, labels...)
+	p.b = append(p.b, ' ')
+	p.b = strconv.AppendUint(p.b, v, 10)
+	p.b = append(p.b, '\n')
+	p.flushIfFull()
+}
+
+// one writes a family of one sample.
+func (p *promWriter) one(name, typ, help, labels string, v uint64) {
+	p.family(name, typ, help)
+	p.sample(name, labels, v)
+}
+
+func (p *promWriter) flushIfFull() {
+	if len(p.b) >= promFlushSize {
+		p.flush()
+	}
+}
+
+func (p *promWriter) flush() {
+	if p.err == nil && len(p.b) > 0 {
+		_, p.err = p.w.Write(p.b)
+	}
+	p.b = p.b[:0]
+}
+
+// appendLabelValue appends v as the text format wants a label value: backslash, double
+// quote and line feed escaped, and octets that are not UTF-8 (a queue name may hold any)
+// replaced by U+FFFD.
+func appendLabelValue(b []byte, v string) []byte {
+	for i := 0; i < len(v); {
+		c := v[i]
+		if c < utf8.RuneSelf {
+			switch c {
+			case '\\':
+				b = append(b, `\\`...)
+			case '"':
+				b = append(b, `\"`...)
+			case '\n':
+				b = append(b, `\n`...)
+			default:
+				b = append(b, c)
+			}
+			i++
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(v[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = utf8.AppendRune(b, utf8.RuneError)
+		} else {
+			b = append(b, v[i:i+size]...)
+		}
+		i += size
+	}
+	return b
+}
+
+// The label sets of the global counters, as rabbitmq_prometheus writes them.
+const (
+	labelsProtocol  = `{protocol="amqp091"}`
+	labelsQueueType = `{protocol="amqp091",queue_type="rabbit_classic_queue"}`
+)
+
+// counterFamilies are the families read from the summed counters: RabbitMQ's global
+// counters, the churn counters, and the aggregated channel counters of /metrics that the
+// RabbitMQ-Overview dashboard plots.
+var counterFamilies = [...]struct {
+	name, help, labels string
+	value              func(t *liveTotals) uint64
+}{
+	{"rabbitmq_global_messages_received_total", "Total number of messages received from publishers", labelsProtocol,
+		func(t *liveTotals) uint64 { return t.n.received() }},
+	{"rabbitmq_global_messages_received_confirm_total", "Total number of messages received from publishers expecting confirmations", labelsProtocol,
+		func(t *liveTotals) uint64 { return t.n[cntReceivedConfirm] }},
+	{"rabbitmq_global_messages_routed_total", "Total number of messages routed to queues or streams", labelsProtocol,
+		func(t *liveTotals) uint64 { return t.n[cntRouted] }},
+	{"rabbitmq_global_messages_unroutable_dropped_total", "Total number of messages published as non-mandatory into an exchange and dropped as unroutable", labelsProtocol,
+		func(t *liveTotals) uint64 { return t.n[cntUnroutableDropped] }},
+	{"rabbitmq_global_messages_unroutable_returned_total", "Total number of messages published as mandatory into an exchange and returned to the publisher as unroutable", labelsProtocol,
+		func(t *liveTotals) uint64 { return t.n[cntUnroutableReturned] }},
+	{"rabbitmq_global_messages_confirmed_total", "Total number of messages confirmed to publishers", labelsProtocol,
+		func(t *liveTotals) uint64 { return t.n[cntConfirmed] }},
+	{"rabbitmq_global_messages_delivered_total", "Total number of messages delivered to consumers", labelsQueueType,
+		func(t *liveTotals) uint64 { return t.n.messages().delivered() }},
+	{"rabbitmq_global_messages_delivered_consume_manual_ack_total", "Total number of messages delivered to consumers using basic.consume with manual acknowledgment", labelsQueueType,
+		func(t *liveTotals) uint64 { return t.n[cntConsumeManual] }},
+	{"rabbitmq_global_messages_delivered_consume_auto_ack_total", "Total number of messages delivered to consumers using basic.consume with automatic acknowledgment", labelsQueueType,
+		func(t *liveTotals) uint64 { return t.n[cntConsumeAuto] }},
+	{"rabbitmq_global_messages_delivered_get_manual_ack_total", "Total number of messages delivered to consumers using basic.get with manual acknowledgment", labelsQueueType,
+		func(t *liveTotals) uint64 { return t.n[cntGetManual] }},
+	{"rabbitmq_global_messages_delivered_get_auto_ack_total", "Total number of messages delivered to consumers using basic.get with automatic acknowledgment", labelsQueueType,
+		func(t *liveTotals) uint64 { return t.n[cntGetAuto] }},
+	{"rabbitmq_global_messages_get_empty_total", "Total number of times basic.get operations fetched no message", labelsQueueType,
+		func(t *liveTotals) uint64 { return t.n[cntGetEmpty] }},
+	{"rabbitmq_global_messages_redelivered_total", "Total number of messages redelivered to consumers", labelsQueueType,
+		func(t *liveTotals) uint64 { return t.n[cntRedelivered] }},
+	{"rabbitmq_global_messages_acknowledged_total", "Total number of messages acknowledged by consumers", labelsQueueType,
+		func(t *liveTotals) uint64 { return t.n[cntAcknowledged] }},
+
+	{"rabbitmq_connections_opened_total", "Total number of connections opened", "",
+		func(t *liveTotals) uint64 { return t.connsOpened }},
+	{"rabbitmq_connections_closed_total", "Total number of connections closed or terminated", "",
+		func(t *liveTotals) uint64 { return t.connsClosed }},
+	{"rabbitmq_channels_opened_total", "Total number of channels opened", "",
+		func(t *liveTotals) uint64 { return t.n[cntChannelsOpened] }},
+	{"rabbitmq_channels_closed_total", "Total number of channels closed", "",
+		func(t *liveTotals) uint64 { return t.n[cntChannelsClosed] }},
+	{"rabbitmq_queues_declared_total", "Total number of queues declared", "",
+		func(t *liveTotals) uint64 { return t.n[cntQueuesDeclared] }},
+	{"rabbitmq_queues_created_total", "Total number of queues created", "",
+		func(t *liveTotals) uint64 { return t.n[cntQueuesCreated] }},
+	{"rabbitmq_queues_deleted_total", "Total number of queues deleted", "",
+		func(t *liveTotals) uint64 { return t.n[cntQueuesDeleted] }},
+
+	{"rabbitmq_channel_messages_published_total", "Total number of messages published into an exchange on a channel", "",
+		func(t *liveTotals) uint64 { return t.n.received() }},
+	{"rabbitmq_channel_messages_confirmed_total", "Total number of messages published into an exchange and confirmed on the channel", "",
+		func(t *liveTotals) uint64 { return t.n[cntConfirmed] }},
+	{"rabbitmq_channel_messages_unroutable_returned_total", "Total number of messages published as mandatory into an exchange and returned to the publisher as unroutable", "",
+		func(t *liveTotals) uint64 { return t.n[cntUnroutableReturned] }},
+	{"rabbitmq_channel_messages_unroutable_dropped_total", "Total number of messages published as non-mandatory into an exchange and dropped as unroutable", "",
+		func(t *liveTotals) uint64 { return t.n[cntUnroutableDropped] }},
+	{"rabbitmq_channel_get_ack_total", "Total number of messages fetched with basic.get in manual acknowledgement mode", "",
+		func(t *liveTotals) uint64 { return t.n[cntGetManual] }},
+	{"rabbitmq_channel_get_total", "Total number of messages fetched with basic.get in automatic acknowledgement mode", "",
+		func(t *liveTotals) uint64 { return t.n[cntGetAuto] }},
+	{"rabbitmq_channel_messages_delivered_ack_total", "Total number of messages delivered to consumers in manual acknowledgement mode", "",
+		func(t *liveTotals) uint64 { return t.n[cntConsumeManual] }},
+	{"rabbitmq_channel_messages_delivered_total", "Total number of messages delivered to consumers in automatic acknowledgement mode", "",
+		func(t *liveTotals) uint64 { return t.n[cntConsumeAuto] }},
+	{"rabbitmq_channel_messages_redelivered_total", "Total number of messages redelivered to consumers", "",
+		func(t *liveTotals) uint64 { return t.n[cntRedelivered] }},
+	{"rabbitmq_channel_messages_acked_total", "Total number of messages acknowledged by consumers", "",
+		func(t *liveTotals) uint64 { return t.n[cntAcknowledged] }},
+	{"rabbitmq_channel_get_empty_total", "Total number of times basic.get operations fetched no message", "",
+		func(t *liveTotals) uint64 { return t.n[cntGetEmpty] }},
+	{"rabbitmq_queue_messages_published_total", "Total number of messages published to queues", "",
+		func(t *liveTotals) uint64 { return t.n[cntQueuePublished] }},
+}
+
+// queueFamilies are the per-queue gauges: per queue in /metrics/per-object, summed in
+// /metrics.
+var queueFamilies = [...]struct {
+	name, help string
+	value      func(q *queueStat) int64
+}{
+	{"rabbitmq_queue_messages_ready", "Messages ready to be delivered to consumers",
+		func(q *queueStat) int64 { return q.ready }},
+	{"rabbitmq_queue_messages_unacked", "Messages delivered to consumers but not yet acknowledged",
+		func(q *queueStat) int64 { return q.unacked }},
+	{"rabbitmq_queue_messages", "Sum of ready and unacknowledged messages - total queue depth",
+		func(q *queueStat) int64 { return q.ready + q.unacked }},
+	{"rabbitmq_queue_consumers", "Consumers on a queue",
+		func(q *queueStat) int64 { return q.consumers }},
+	{"rabbitmq_queue_messages_ready_bytes", "Size in bytes of ready messages",
+		func(q *queueStat) int64 { return q.readyBytes }},
+	{"rabbitmq_queue_messages_paged_out", "Messages paged out to disk",
+		func(q *queueStat) int64 { return q.pagedOut }},
+}
+
+// writeMetrics writes every metric family to w; perObject gives the queue families one
+// sample per queue instead of one sum. It returns the first write error.
+func (s *Server) writeMetrics(w io.Writer, perObject bool) error {
+	t := s.totals()
+	sc := s.scanQueues(perObject)
+	p := &promWriter{w: w, b: make([]byte, 0, promFlushSize+4<<10)}
+
+	node, cluster, id := s.identity()
+	p.family("rabbitmq_identity_info", "untyped", "RabbitMQ node & cluster identity info")
+	p.b = append(p.b, `rabbitmq_identity_info{rabbitmq_node="`...)
+	p.b = appendLabelValue(p.b, node)
+	p.b = append(p.b, `",rabbitmq_cluster="`...)
+	p.b = appendLabelValue(p.b, cluster)
+	p.b = append(p.b, `",rabbitmq_cluster_permanent_id="`...)
+	p.b = appendLabelValue(p.b, id)
+	p.b = append(p.b, "\"} 1\n"...)
+	p.family("rabbitmq_build_info", "untyped", "RabbitMQ & Erlang/OTP version info")
+	p.b = append(p.b, `rabbitmq_build_info{rabbitmq_version="`+Version+`",product_name="amqp-go",product_version="`+Version+`",erlang_version="`...)
+	p.b = appendLabelValue(p.b, runtime.Version())
+	p.b = append(p.b, "\"} 1\n"...)
+
+	// The node: memory, disk and file descriptors, each where it is known.
+	p.one("rabbitmq_process_resident_memory_bytes", "gauge", "Memory used in bytes", "", s.liveHeap())
+	if limit := s.cfg.MemoryHighWatermark; limit > 0 {
+		p.one("rabbitmq_resident_memory_limit_bytes", "gauge", "Memory high watermark in bytes", "", limit)
+	}
+	if s.store != nil {
+		if free, err := s.diskFree(); err == nil {
+			p.one("rabbitmq_disk_space_available_bytes", "gauge", "Disk space available in bytes", "", free)
+		}
+		if limit := s.cfg.DiskFreeLimit; limit > 0 {
+			p.one("rabbitmq_disk_space_available_limit_bytes", "gauge", "Free disk space low watermark in bytes", "", uint64(limit))
+		}
+	}
+	if open, limit, ok := openFDs(); ok {
+		p.one("rabbitmq_process_open_fds", "gauge", "Open file descriptors", "", open)
+		p.one("rabbitmq_process_max_fds", "gauge", "Open file descriptors limit", "", limit)
+	}
+	alarms := s.alarms.Load()
+	p.one("rabbitmq_alarms_file_descriptor_limit", "untyped", "is 1 if file descriptor limit alarm is in effect", "", 0)
+	p.one("rabbitmq_alarms_free_disk_space_watermark", "untyped", "is 1 if free disk space watermark alarm is in effect", "", uint64(alarms&alarmDisk)/alarmDisk)
+	p.one("rabbitmq_alarms_memory_used_watermark", "untyped", "is 1 if VM memory watermark alarm is in effect", "", uint64(alarms&alarmMemory)/alarmMemory)
+
+	p.one("rabbitmq_connections", "gauge", "Connections currently open", "", uint64(t.connections))
+	p.one("rabbitmq_channels", "gauge", "Channels currently open", "", uint64(t.channels))
+	p.one("rabbitmq_consumers", "gauge", "Consumers currently connected", "", uint64(sc.sum.consumers))
+	p.one("rabbitmq_queues", "gauge", "Queues available", "", uint64(sc.queues))
+	p.one("rabbitmq_channel_consumers", "gauge", "Consumers on a channel", "", uint64(sc.sum.consumers))
+	p.one("rabbitmq_channel_messages_unacked", "gauge", "Delivered but not yet acknowledged messages", "", uint64(sc.sum.unacked))
+	p.one("rabbitmq_global_publishers", "gauge", "Current number of publishers", labelsProtocol, uint64(t.publishers))
+	p.one("rabbitmq_global_consumers", "gauge", "Current number of consumers", labelsProtocol, uint64(sc.sum.consumers))
+
+	for _, f := range counterFamilies {
+		p.one(f.name, "counter", f.help, f.labels, f.value(&t))
+	}
+
+	const size = "rabbitmq_message_size_bytes"
+	p.family(size, "histogram", "Size of messages received from publishers")
+	var cum uint64
+	for i := range len(sizeBounds) + 1 {
+		cum += t.n[cntSize0+i]
+		p.b = append(p.b, size+`_bucket{protocol="amqp091",le="`...)
+		if i < len(sizeBounds) {
+			p.b = strconv.AppendUint(p.b, sizeBounds[i], 10)
+		} else {
+			p.b = append(p.b, "+Inf"...)
+		}
+		p.b = append(p.b, `"} `...)
+		p.b = strconv.AppendUint(p.b, cum, 10)
+		p.b = append(p.b, '\n')
+	}
+	p.sample(size+"_sum", labelsProtocol, t.n[cntSizeSum])
+	p.sample(size+"_count", labelsProtocol, cum)
+
+	for _, f := range queueFamilies {
+		if perObject && len(sc.each) == 0 {
+			break // a family with no samples: left out
+		}
+		p.family(f.name, "gauge", f.help)
+		if !perObject {
+			p.sample(f.name, "", uint64(f.value(&sc.sum)))
+			continue
+		}
+		for i := range sc.each {
+			q := &sc.each[i]
+			p.b = append(p.b, f.name...)
+			p.b = append(p.b, sc.labels[q.labels[0]:q.labels[1]]...)
+			p.b = append(p.b, ' ')
+			p.b = strconv.AppendInt(p.b, f.value(q), 10)
+			p.b = append(p.b, '\n')
+			p.flushIfFull()
+		}
+	}
+	p.flush()
+	return p.err
 }
