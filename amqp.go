@@ -37,7 +37,7 @@
 // also sends heartbeats when the connection has been idle for half the heartbeat interval;
 // the reader gives up after two intervals of silence.
 //
-// Lock order: Server.reloadMu → Server.mu → vhost.mu → queue.mu → channel.mu → channel.cmu →
+// Lock order: Server.reloadMu → Server.metrics.scanMu → Server.mu → vhost.mu → queue.mu → channel.mu → channel.cmu →
 // conn.outMu; wal.mu, loginLimiter.mu and replyRegistry.mu are leaves, and code that holds
 // several vhost locks takes them in name order.
 package amqp

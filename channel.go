@@ -983,7 +983,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	q.renewLeaseLocked()
 	q.expireLocked()
 	if q.messageCountLocked() == 0 {
-		ch.sendGetEmpty()
+		ch.sendGetEmpty(q)
 		return nil
 	}
 	notYet, rerr := q.fillLocked()
@@ -994,7 +994,7 @@ func (ch *channel) basicGet(d *decoder) error {
 		q.mu.Lock()
 		q.expireLocked()
 		if q.messageCountLocked() == 0 {
-			ch.sendGetEmpty()
+			ch.sendGetEmpty(q)
 			return nil
 		}
 		notYet, rerr = q.fillLocked()
@@ -1002,7 +1002,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	if notYet {
 		// The disk is full and the head message's record is still waiting for room: it
 		// is not to be had now.
-		ch.sendGetEmpty()
+		ch.sendGetEmpty(q)
 		return nil
 	}
 	if rerr != nil {
@@ -1015,7 +1015,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	ch.mu.Lock()
 	ch.nextTag++
 	tag := ch.nextTag
-	ch.countDelivery(q, true, m.NoAck, e.redelivered)
+	q.countDeliveryLocked(true, m.NoAck, e.redelivered)
 	if !m.NoAck {
 		ch.unacked.push(unacked{tag: tag, q: q, e: e})
 	} else {

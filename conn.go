@@ -209,6 +209,7 @@ func (c *conn) serve() {
 				// The client has nothing more queued: confirm the batch in one ack.
 				c.flushConfirms()
 			}
+			c.flushCountsIfDrained()
 			c.pauseWhileFull()
 		}
 		if err != nil {
@@ -450,6 +451,7 @@ func (c *conn) blockWhileAlarm() {
 	}
 	// Confirm what was published before the block, or clients wait out the whole alarm.
 	c.flushConfirms()
+	c.flushCounts()
 	if c.caps.connectionBlocked {
 		c.send(&connectionBlocked{Reason: blockedReason(on)})
 	}
@@ -469,6 +471,7 @@ func (c *conn) pauseWhileFull() {
 		c.flushConfirms()
 	}
 	for c.outLen.Load() > readPauseWater {
+		c.flushCounts()
 		select {
 		case <-c.drained:
 		case <-c.writerDone:
@@ -902,7 +905,7 @@ func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 			c.channels = grown
 		}
 		c.channels[id] = newChannel(c, id)
-		c.stats.n[cntChannelsOpened].Add(1)
+		c.stats.pend[cntChannelsOpened]++
 		c.sendOn(id, &channelOpenOk{})
 		return nil, nil
 	}

@@ -22,58 +22,69 @@ import (
 
 // # Counters
 //
-// Message counts are kept per connection, in a connStats embedded in the conn, and summed
-// only when they are read (a scrape, /api/overview). Each event is one atomic add on its
-// connection's own counters, with no lock and no allocation: the connection's reader
-// counts publishes, gets, acks and confirms; whichever goroutine delivers to one of its
-// consumers counts the delivery, under the consumer's channel lock, on a cache line of its
-// own. No counter is shared by all connections, so counting adds no contended cache line to
-// the hot path. When a connection ends, Server.untrack folds its counts into
-// serverMetrics.closed under Server.mu, where a reader takes them together with the list
-// of open connections: a count is never lost nor read twice, and the sums never go down.
+// Counting costs the publish → route → deliver → ack path no atomic operation and no lock
+// of its own, per message:
 //
-// Each queue counts its deliveries waiting for an ack (queue.pendingAcks, next to its
-// lock, which both ends of a delivery take anyway); ready messages, consumers and the
-// rest are read from the queues at scrape time.
+//   - A connection's reader counts what it does (publishes by size, routing, acks, channel
+//     and queue churn) in plain fields only it touches (connStats.pend), and moves them
+//     into the connection's atomic counters (connStats.n) each time it has read all its
+//     input, before it can block: a burst of frames costs one flush. Confirms, which the
+//     log's writer also sends, are added to the atomic counters directly, once per
+//     basic.ack.
+//   - A queue counts the messages it delivers and hands out by basic.get (queue.stats),
+//     under its own lock, which the delivery holds anyway. The one atomic add is on the
+//     way out of the unacked list: once per queue per basic.ack, however many it covers
+//     (queueStats.settled).
+//
+// Nothing is shared by all connections or all queues. A reader of the counts (a scrape,
+// /api/overview) sums the open connections' atomic counters and the queues' counts; what
+// ended is folded into the server's totals on its way out: a connection's counters by
+// Server.untrack under Server.mu, where the reader takes them together with the list of
+// open connections; a deleted queue's under serverMetrics.scanMu, which a reader holds
+// while it goes through the queues. So a count is never read twice and the sums never go
+// down. A connection's counts since its reader last ran out of input are not seen until it
+// does (in practice at once: it does before every blocking read).
 
-// Counter indexes. The reader's counters come first; the deliverers' start on another
-// cache line (8 unused slots apart).
+// Counter indexes.
 const (
 	cntReceivedConfirm    = iota // publishes on a channel in confirm mode
 	cntRouted                    // publishes routed to at least one queue
 	cntQueuePublished            // messages enqueued: one per queue a publish was routed to
 	cntUnroutableDropped         // publishes routed nowhere, not mandatory
 	cntUnroutableReturned        // publishes routed nowhere, mandatory: basic.return
-	cntConfirmed                 // publishes confirmed with basic.ack
-	cntGetManual                 // basic.get-ok, no-ack=false
-	cntGetAuto                   // basic.get-ok, no-ack=true
-	cntGetEmpty                  // basic.get-empty
+	cntConfirmed                 // publishes confirmed with basic.ack (added atomically, never pending)
 	cntAcknowledged              // deliveries acknowledged with basic.ack
 	cntChannelsOpened
 	cntChannelsClosed
 	cntQueuesDeclared // queue.declare, not passive, that succeeded
 	cntQueuesCreated
 	cntQueuesDeleted
-	cntSize0    // received messages by body size: one counter per bucket of sizeBounds, then +Inf
-	cntSizeSum  = cntSize0 + len(sizeBounds) + 1
-	cntDeliver0 = cntSizeSum + 1 + 8 // the deliverers' counters, a cache line further on
+	cntSize0   // received messages by body size: one counter per bucket of sizeBounds, then +Inf
+	cntSizeSum = cntSize0 + len(sizeBounds) + 1
+	cntQueue0  = cntSizeSum + 1 // the queues' counters, as queueStats.n holds them
 )
 
+// The counters a queue keeps, from cntQueue0.
 const (
-	cntConsumeManual = cntDeliver0 + iota // basic.deliver to a consumer with no-ack=false
-	cntConsumeAuto                        // basic.deliver to a no-ack consumer
-	cntRedelivered                        // deliveries and get-oks with redelivered set
-	numCounters
+	qcConsumeManual = iota // basic.deliver to a consumer with no-ack=false
+	qcConsumeAuto          // basic.deliver to a no-ack consumer
+	qcGetManual            // basic.get-ok, no-ack=false
+	qcGetAuto              // basic.get-ok, no-ack=true
+	qcGetEmpty             // basic.get-empty
+	qcRedelivered          // deliveries and get-oks with redelivered set
+	numQueueCounters
+
+	numCounters = cntQueue0 + numQueueCounters
 )
 
 // sizeBounds are the upper bounds of rabbitmq_message_size_bytes's buckets, RabbitMQ's
 // (rabbit_msg_size_metrics); one more bucket takes what is larger.
 var sizeBounds = [...]uint64{100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 50_000_000, 100_000_000}
 
-// counters is a set of message counts, added to atomically.
+// counters is a set of counts that other goroutines read, added to atomically.
 type counters [numCounters]atomic.Uint64
 
-// counts is a sum of counters.
+// counts is a set of counts in plain fields, or a sum of counters.
 type counts [numCounters]uint64
 
 // add adds what c holds to t.
@@ -93,34 +104,66 @@ func (t *counts) received() uint64 {
 	return n
 }
 
-// connStats are a connection's counters and gauges.
+// connStats are a connection's counts.
 type connStats struct {
-	n          counters
+	pend       counts       // owned by the reader: counted, not yet in n
+	n          counters     // what the reader has flushed, and confirms
 	publishers atomic.Int64 // the connection's channels that have published
 }
 
-// serverMetrics are the counts no open connection holds, and the broker's identity.
+// flushCounts moves the reader's pending counts where readers of the counts see them.
+// It runs on the reader, whenever the reader has consumed its input or is about to wait.
+func (c *conn) flushCounts() {
+	for i, v := range c.stats.pend {
+		if v != 0 {
+			c.stats.n[i].Add(v)
+			c.stats.pend[i] = 0
+		}
+	}
+}
+
+// flushCountsIfDrained flushes the reader's counts when it has no input left to handle.
+func (c *conn) flushCountsIfDrained() {
+	if c.fr.r.Buffered() == 0 {
+		c.flushCounts()
+	}
+}
+
+// queueStats are a queue's counts.
+type queueStats struct {
+	n       [numQueueCounters]uint64 // guarded by queue.mu
+	settled atomic.Uint64            // deliveries that left a channel's unacked list: acked, rejected or requeued
+}
+
+// serverMetrics are the counts no open connection or queue holds, and the broker's
+// identity.
 type serverMetrics struct {
 	closed      counts   // guarded by Server.mu: the sum of the counters of every connection that ended
 	connsOpened uint64   // guarded by Server.mu: connections past connection.open
 	connsClosed uint64   // guarded by Server.mu: of those, the ones that ended
-	other       counters // counted off any connection: queues deleted by any path
+	other       counters // the queue deletions
+
+	// scanMu is held by readers of the queues' counts while they go through the queues,
+	// and by a queue's deletion, which moves its counts into gone: a queue's counts are read
+	// either from it or from gone. It comes before Server.mu in the lock order.
+	scanMu sync.Mutex
+	gone   [numQueueCounters]uint64 // guarded by scanMu: what the deleted queues counted
 
 	identOnce                  sync.Once
 	node, cluster, permanentID string // set by identOnce
 }
 
-// The hot-path increments, one line where each event happens.
+// The increments, one line where each event happens.
 
 // countReceived counts a publish whose content is complete, before it is routed, as
 // RabbitMQ counts messages_received: its size, confirm mode, and the channel as a
-// publisher the first time.
+// publisher the first time. It runs on the reader.
 func (ch *channel) countReceived(size int) {
 	st := &ch.c.stats
-	st.n[cntSize0+sizeBucket(uint64(size))].Add(1)
-	st.n[cntSizeSum].Add(uint64(size))
+	st.pend[cntSize0+sizeBucket(uint64(size))]++
+	st.pend[cntSizeSum] += uint64(size)
 	if ch.confirm {
-		st.n[cntReceivedConfirm].Add(1)
+		st.pend[cntReceivedConfirm]++
 	}
 	if !ch.published {
 		ch.published = true
@@ -139,99 +182,120 @@ func sizeBucket(size uint64) int {
 }
 
 // countRouted counts where a publish went: to queues (how many), back to its publisher
-// (mandatory) or nowhere.
+// (mandatory) or nowhere. It runs on the reader.
 func (ch *channel) countRouted(queues int, mandatory bool) {
-	st := &ch.c.stats.n
+	st := &ch.c.stats.pend
 	switch {
 	case queues > 0:
-		st[cntRouted].Add(1)
-		st[cntQueuePublished].Add(uint64(queues))
+		st[cntRouted]++
+		st[cntQueuePublished] += uint64(queues)
 	case mandatory:
-		st[cntUnroutableReturned].Add(1)
+		st[cntUnroutableReturned]++
 	default:
-		st[cntUnroutableDropped].Add(1)
+		st[cntUnroutableDropped]++
 	}
 }
 
-// countDelivery counts a message of q sent on ch by basic.deliver or (get) basic.get-ok;
-// one with an ack to come counts in q's unacked until it is settled. q.mu and ch.mu must
-// be held.
-func (ch *channel) countDelivery(q *queue, get, noAck, redelivered bool) {
-	st := &ch.c.stats.n
+// countDeliveryLocked counts a message q sends by basic.deliver or (get) basic.get-ok.
+// q.mu must be held.
+func (q *queue) countDeliveryLocked(get, noAck, redelivered bool) {
 	switch {
 	case get && noAck:
-		st[cntGetAuto].Add(1)
+		q.stats.n[qcGetAuto]++
 	case get:
-		st[cntGetManual].Add(1)
+		q.stats.n[qcGetManual]++
 	case noAck:
-		st[cntConsumeAuto].Add(1)
+		q.stats.n[qcConsumeAuto]++
 	default:
-		st[cntConsumeManual].Add(1)
-	}
-	if !noAck {
-		q.pendingAcks.Add(1)
+		q.stats.n[qcConsumeManual]++
 	}
 	if redelivered {
-		st[cntRedelivered].Add(1)
+		q.stats.n[qcRedelivered]++
 	}
 }
 
-// sendGetEmpty answers basic.get on an empty queue.
-func (ch *channel) sendGetEmpty() {
-	ch.c.stats.n[cntGetEmpty].Add(1)
+// unackedLocked is the number of q's deliveries waiting for an ack. q.mu must be held.
+func (q *queue) unackedLocked() int64 {
+	settled := q.stats.settled.Load() // first: a settle follows its delivery's count
+	return max(int64(q.stats.n[qcConsumeManual]+q.stats.n[qcGetManual]-settled), 0)
+}
+
+// sendGetEmpty answers basic.get on the empty q. q.mu must be held.
+func (ch *channel) sendGetEmpty(q *queue) {
+	q.stats.n[qcGetEmpty]++
 	ch.send(&basicGetEmpty{})
 }
 
 // countSettled counts deliveries that leave the channel's unacked list by basic.ack
-// (acknowledged), or by nack or reject (id).
+// (acknowledged), or by nack or reject (id). It runs on the reader.
 func (ch *channel) countSettled(id uint32, done []unacked) {
 	if id == idBasicAck {
-		ch.c.stats.n[cntAcknowledged].Add(uint64(len(done)))
+		ch.c.stats.pend[cntAcknowledged] += uint64(len(done))
 	}
 	uncountUnacked(done)
 }
 
-// uncountUnacked takes settled or requeued deliveries out of their queues' unacked counts,
-// with one atomic add per run of one queue.
+// uncountUnacked counts deliveries out of their queues' unacked messages: one atomic add
+// per run of one queue.
 func uncountUnacked(done []unacked) {
 	for i := 0; i < len(done); {
-		q, n := done[i].q, int64(0)
+		q, n := done[i].q, uint64(0)
 		for ; i < len(done) && done[i].q == q; i++ {
 			n++
 		}
-		q.pendingAcks.Add(-n)
+		q.stats.settled.Add(n)
 	}
 }
 
-// countChannelClosed counts a channel leaving the connection's table; nil is none.
+// countChannelClosed counts a channel leaving the connection's table; nil is none. It
+// runs on the reader.
 func (c *conn) countChannelClosed(ch *channel) {
 	if ch == nil {
 		return
 	}
-	c.stats.n[cntChannelsClosed].Add(1)
+	c.stats.pend[cntChannelsClosed]++
 	if ch.published {
 		c.stats.publishers.Add(-1)
 	}
 }
 
-// countDeclared counts a successful queue.declare, which created the queue or not.
+// countDeclared counts a successful queue.declare, which created the queue or not. It
+// runs on the reader.
 func (ch *channel) countDeclared(created bool) {
-	ch.c.stats.n[cntQueuesDeclared].Add(1)
+	ch.c.stats.pend[cntQueuesDeclared]++
 	if created {
-		ch.c.stats.n[cntQueuesCreated].Add(1)
+		ch.c.stats.pend[cntQueuesCreated]++
 	}
 }
 
-// countQueueDeleted counts a queue deleted by any path (queue.delete, auto-delete,
-// x-expires, an exclusive owner's close, a vhost's deletion).
-func (vh *vhost) countQueueDeleted() {
-	if vh.metrics != nil {
-		vh.metrics.other[cntQueuesDeleted].Add(1)
+// lockScans keeps readers of the queues' counts out while a queue is deleted, so that
+// they read its counts either from it or from the server's totals, never both or neither;
+// it returns the unlock. A deletion may wait for a scrape to end.
+func (vh *vhost) lockScans() (unlock func()) {
+	if vh.metrics == nil {
+		return func() {}
+	}
+	vh.metrics.scanMu.Lock()
+	return vh.metrics.scanMu.Unlock
+}
+
+// countQueueDeletedLocked counts a queue deleted by any path (queue.delete, auto-delete,
+// x-expires, an exclusive owner's close, a vhost's deletion), and keeps what it counted,
+// as it is marked deleted: it counts nothing more. q.mu and the lock of lockScans must be
+// held.
+func (vh *vhost) countQueueDeletedLocked(q *queue) {
+	if m := vh.metrics; m != nil {
+		m.other[cntQueuesDeleted].Add(1)
+		for i, v := range q.stats.n {
+			m.gone[i] += v
+		}
 	}
 }
 
-// foldConnLocked adds an ending connection's counts to the server's. s.mu must be held.
+// foldConnLocked adds an ending connection's counts to the server's. It runs on the
+// connection's reader. s.mu must be held.
 func (s *Server) foldConnLocked(c *conn) {
+	c.flushCounts()
 	s.metrics.closed.add(&c.stats.n)
 	if c.counted {
 		s.metrics.connsClosed++
@@ -242,16 +306,17 @@ func (s *Server) foldConnLocked(c *conn) {
 
 // liveTotals are the counts of the whole broker at one moment.
 type liveTotals struct {
-	n                        counts // every connection's, open or ended, and those off any connection
+	n                        counts // every connection's and queue's, live or gone
 	connections              int64  // open connections (past connection.open)
 	channels                 int64  // open channels
 	publishers               int64  // open channels that have published
 	connsOpened, connsClosed uint64
 }
 
-// totals sums the counters of every connection, open or ended. A connection that ends
-// meanwhile is counted once: either its counters are read here, or they were folded into
-// the closed sum taken under the same lock as the list of open connections.
+// totals sums the counters of every connection, open or ended, and those of deleted
+// queues; scanQueues adds the live queues'. A connection that ends meanwhile is counted
+// once: either its counters are read here, or they were folded into the closed sum taken
+// under the same lock as the list of open connections.
 func (s *Server) totals() liveTotals {
 	var t liveTotals
 	s.mu.Lock()
@@ -275,8 +340,8 @@ func (s *Server) totals() liveTotals {
 }
 
 // messageTotals are the broker's message counts since it started, over every connection
-// open or ended, as the global counters of rabbitmq_prometheus count them. The names in
-// brackets are the management API's message_stats fields they answer.
+// and queue, live or gone, as the global counters of rabbitmq_prometheus count them. The
+// names in brackets are the management API's message_stats fields they answer.
 type messageTotals struct {
 	received           uint64 // [publish] messages received from publishers
 	receivedConfirm    uint64 // of those, on channels in confirm mode
@@ -301,10 +366,11 @@ func (m messageTotals) delivered() uint64 {
 }
 
 // messageTotals returns the broker's message counts now; for /api/overview. It takes
-// Server.mu for a moment and reads every connection's counters: call it per request, not
-// per message.
+// Server.mu for a moment, reads every connection's counters and takes every queue's lock
+// in turn: call it per request, not per message.
 func (s *Server) messageTotals() messageTotals {
 	t := s.totals()
+	s.scanQueues(false, &t)
 	return t.n.messages()
 }
 
@@ -316,12 +382,12 @@ func (t *counts) messages() messageTotals {
 		unroutableDropped:  t[cntUnroutableDropped],
 		unroutableReturned: t[cntUnroutableReturned],
 		confirmed:          t[cntConfirmed],
-		consumeManualAck:   t[cntConsumeManual],
-		consumeAutoAck:     t[cntConsumeAuto],
-		getManualAck:       t[cntGetManual],
-		getAutoAck:         t[cntGetAuto],
-		getEmpty:           t[cntGetEmpty],
-		redelivered:        t[cntRedelivered],
+		consumeManualAck:   t[cntQueue0+qcConsumeManual],
+		consumeAutoAck:     t[cntQueue0+qcConsumeAuto],
+		getManualAck:       t[cntQueue0+qcGetManual],
+		getAutoAck:         t[cntQueue0+qcGetAuto],
+		getEmpty:           t[cntQueue0+qcGetEmpty],
+		redelivered:        t[cntQueue0+qcRedelivered],
 		acknowledged:       t[cntAcknowledged],
 	}
 }
@@ -340,11 +406,18 @@ type queueScan struct {
 	labels []byte      // the label sets each[i].labels point into
 }
 
-// scanQueues reads every queue's counts, each under its own lock for a moment; with
-// perObject it keeps them per queue, in vhost and name order, with their labels.
-func (s *Server) scanQueues(perObject bool) queueScan {
+// scanQueues reads every queue's counts, each under its own lock for a moment, adding
+// its message counters to t; with perObject it keeps them per queue, in vhost and name
+// order, with their labels.
+func (s *Server) scanQueues(perObject bool, t *liveTotals) queueScan {
 	var sc queueScan
 	var qs []*queue
+	m := &s.metrics
+	m.scanMu.Lock()
+	defer m.scanMu.Unlock()
+	for i, v := range m.gone {
+		t.n[cntQueue0+i] += v
+	}
 	for _, vh := range s.vhostList() {
 		vh.mu.RLock()
 		qs = qs[:0]
@@ -359,14 +432,21 @@ func (s *Server) scanQueues(perObject bool) queueScan {
 		}
 		for i, q := range qs {
 			q.mu.Lock()
+			if q.deleted {
+				q.mu.Unlock()
+				continue // its counts are in gone
+			}
+			for j, v := range q.stats.n {
+				t.n[cntQueue0+j] += v
+			}
 			st := queueStat{
 				ready:      int64(q.messageCountLocked()),
+				unacked:    q.unackedLocked(),
 				consumers:  int64(len(q.consumers)),
 				readyBytes: q.readyBytes,
 				pagedOut:   int64(q.tail.len()),
 			}
 			q.mu.Unlock()
-			st.unacked = max(q.pendingAcks.Load(), 0)
 			qs[i] = nil
 			sc.queues++
 			sc.sum.ready += st.ready
@@ -559,17 +639,17 @@ var counterFamilies = [...]struct {
 	{"rabbitmq_global_messages_delivered_total", "Total number of messages delivered to consumers", labelsQueueType,
 		func(t *liveTotals) uint64 { return t.n.messages().delivered() }},
 	{"rabbitmq_global_messages_delivered_consume_manual_ack_total", "Total number of messages delivered to consumers using basic.consume with manual acknowledgment", labelsQueueType,
-		func(t *liveTotals) uint64 { return t.n[cntConsumeManual] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcConsumeManual] }},
 	{"rabbitmq_global_messages_delivered_consume_auto_ack_total", "Total number of messages delivered to consumers using basic.consume with automatic acknowledgment", labelsQueueType,
-		func(t *liveTotals) uint64 { return t.n[cntConsumeAuto] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcConsumeAuto] }},
 	{"rabbitmq_global_messages_delivered_get_manual_ack_total", "Total number of messages delivered to consumers using basic.get with manual acknowledgment", labelsQueueType,
-		func(t *liveTotals) uint64 { return t.n[cntGetManual] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcGetManual] }},
 	{"rabbitmq_global_messages_delivered_get_auto_ack_total", "Total number of messages delivered to consumers using basic.get with automatic acknowledgment", labelsQueueType,
-		func(t *liveTotals) uint64 { return t.n[cntGetAuto] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcGetAuto] }},
 	{"rabbitmq_global_messages_get_empty_total", "Total number of times basic.get operations fetched no message", labelsQueueType,
-		func(t *liveTotals) uint64 { return t.n[cntGetEmpty] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcGetEmpty] }},
 	{"rabbitmq_global_messages_redelivered_total", "Total number of messages redelivered to consumers", labelsQueueType,
-		func(t *liveTotals) uint64 { return t.n[cntRedelivered] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcRedelivered] }},
 	{"rabbitmq_global_messages_acknowledged_total", "Total number of messages acknowledged by consumers", labelsQueueType,
 		func(t *liveTotals) uint64 { return t.n[cntAcknowledged] }},
 
@@ -597,19 +677,19 @@ var counterFamilies = [...]struct {
 	{"rabbitmq_channel_messages_unroutable_dropped_total", "Total number of messages published as non-mandatory into an exchange and dropped as unroutable", "",
 		func(t *liveTotals) uint64 { return t.n[cntUnroutableDropped] }},
 	{"rabbitmq_channel_get_ack_total", "Total number of messages fetched with basic.get in manual acknowledgement mode", "",
-		func(t *liveTotals) uint64 { return t.n[cntGetManual] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcGetManual] }},
 	{"rabbitmq_channel_get_total", "Total number of messages fetched with basic.get in automatic acknowledgement mode", "",
-		func(t *liveTotals) uint64 { return t.n[cntGetAuto] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcGetAuto] }},
 	{"rabbitmq_channel_messages_delivered_ack_total", "Total number of messages delivered to consumers in manual acknowledgement mode", "",
-		func(t *liveTotals) uint64 { return t.n[cntConsumeManual] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcConsumeManual] }},
 	{"rabbitmq_channel_messages_delivered_total", "Total number of messages delivered to consumers in automatic acknowledgement mode", "",
-		func(t *liveTotals) uint64 { return t.n[cntConsumeAuto] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcConsumeAuto] }},
 	{"rabbitmq_channel_messages_redelivered_total", "Total number of messages redelivered to consumers", "",
-		func(t *liveTotals) uint64 { return t.n[cntRedelivered] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcRedelivered] }},
 	{"rabbitmq_channel_messages_acked_total", "Total number of messages acknowledged by consumers", "",
 		func(t *liveTotals) uint64 { return t.n[cntAcknowledged] }},
 	{"rabbitmq_channel_get_empty_total", "Total number of times basic.get operations fetched no message", "",
-		func(t *liveTotals) uint64 { return t.n[cntGetEmpty] }},
+		func(t *liveTotals) uint64 { return t.n[cntQueue0+qcGetEmpty] }},
 	{"rabbitmq_queue_messages_published_total", "Total number of messages published to queues", "",
 		func(t *liveTotals) uint64 { return t.n[cntQueuePublished] }},
 }
@@ -638,7 +718,7 @@ var queueFamilies = [...]struct {
 // sample per queue instead of one sum. It returns the first write error.
 func (s *Server) writeMetrics(w io.Writer, perObject bool) error {
 	t := s.totals()
-	sc := s.scanQueues(perObject)
+	sc := s.scanQueues(perObject, &t)
 	p := &promWriter{w: w, b: make([]byte, 0, promFlushSize+4<<10)}
 
 	node, cluster, id := s.identity()

@@ -994,3 +994,68 @@ func metricsQueues(t testing.TB, n int) *Server {
 	}
 	return srv
 }
+
+// TestMetricsNeverGoDown: while connections and queues come and go (their counts folded
+// into the server's totals), the sums read concurrently never decrease, and at the end
+// they are exact.
+func TestMetricsNeverGoDown(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	const rounds = 60
+	done := make(chan struct{})
+	var last messageTotals
+	var reads int
+	go func() {
+		defer close(done)
+		for {
+			m := srv.messageTotals()
+			reads++
+			if m.received < last.received || m.getAutoAck < last.getAutoAck || m.getEmpty < last.getEmpty ||
+				m.routed < last.routed || m.consumeAutoAck < last.consumeAutoAck {
+				t.Errorf("counts went down: %+v after %+v", m, last)
+				return
+			}
+			last = m
+			if m.received == 2*rounds && m.getAutoAck == rounds && m.getEmpty == rounds && m.consumeAutoAck == rounds {
+				return
+			}
+			runtime.Gosched()
+		}
+	}()
+	for i := range rounds {
+		conn := dial(t, url)
+		ch := openChannel(t, conn)
+		name := "churn-" + strconv.Itoa(i)
+		declareTransientQueue(t, ch, name)
+		publishText(t, ch, "", name, "a")
+		if _, ok, err := ch.Get(name, true); err != nil || !ok {
+			t.Fatalf("get: %v %v", err, ok)
+		}
+		if _, ok, err := ch.Get(name, true); err != nil || ok {
+			t.Fatalf("get on an empty queue: %v %v", err, ok)
+		}
+		msgs, err := ch.Consume(name, "", true, false, false, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		publishText(t, ch, "", name, "b")
+		takeDelivery(t, msgs)
+		if _, err := ch.QueueDelete(name, false, false, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := conn.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	select {
+	case <-done:
+	case <-time.After(recvWait):
+		t.Fatalf("final counts %+v, want %d received, %d gets, %d empty gets, %d deliveries", last, 2*rounds, rounds, rounds, rounds)
+	}
+	if reads < 2 {
+		t.Fatalf("only %d reads of the counts", reads)
+	}
+	if m := srv.messageTotals(); m.routed != 2*rounds || m.delivered() != 2*rounds {
+		t.Errorf("final counts %+v", m)
+	}
+}

@@ -204,7 +204,7 @@ type queue struct {
 	bindings                       []*binding // guarded by vh.mu
 
 	mu          sync.Mutex
-	pendingAcks atomic.Int64    // deliveries waiting for an ack; beside mu, written by those who hold it (metrics.go)
+	stats       queueStats      // guarded by mu, except stats.settled: messages delivered, got, acked (metrics.go)
 	ready       readyList       // guarded by mu: never delivered, in seq order (per priority)
 	requeued    []qentry        // guarded by mu: a min-heap by seq; all older than ready
 	nextSeq     uint64          // guarded by mu
@@ -1076,7 +1076,7 @@ func (c *consumer) deliverLocked(e qentry) bool {
 	} else {
 		c.q.settleOne(e.msg)
 	}
-	ch.countDelivery(c.q, false, c.noAck, e.redelivered)
+	c.q.countDeliveryLocked(false, c.noAck, e.redelivered)
 	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e)
 	return true
 }

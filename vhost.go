@@ -162,6 +162,7 @@ func (vh *vhost) deleteQueue(q *queue) int { return vh.deleteQueueIf(q, nil) }
 // deleteQueueIf is deleteQueue when unused (q.mu held) still says so, checked with vh.mu
 // held, so that nothing can find and use the queue in between.
 func (vh *vhost) deleteQueueIf(q *queue, unused func() bool) int {
+	defer vh.lockScans()()
 	vh.mu.Lock()
 	if vh.queues[q.name] != q {
 		vh.mu.Unlock()
@@ -177,7 +178,6 @@ func (vh *vhost) deleteQueueIf(q *queue, unused func() bool) int {
 		}
 	}
 	delete(vh.queues, q.name)
-	vh.countQueueDeleted()
 	if q.walID != 0 {
 		vh.logLocked(recQueueDelete, binary.BigEndian.AppendUint64(nil, q.walID))
 	}
@@ -191,6 +191,7 @@ func (vh *vhost) deleteQueueIf(q *queue, unused func() bool) int {
 
 	q.mu.Lock()
 	q.deleted = true
+	vh.countQueueDeletedLocked(q)
 	if q.expiry != nil {
 		q.expiry.Stop()
 		q.expiry = nil
