@@ -37,9 +37,9 @@
 // also sends heartbeats when the connection has been idle for half the heartbeat interval;
 // the reader gives up after two intervals of silence.
 //
-// Lock order: Server.reloadMu → Server.metrics.scanMu → Server.mu → vhost.mu → queue.mu → channel.mu → channel.cmu →
-// conn.outMu; wal.mu, loginLimiter.mu and replyRegistry.mu are leaves, and code that holds
-// several vhost locks takes them in name order.
+// Lock order: Server.reloadMu → Server.metrics.scanMu → Server.mu → vhost.mu → queue.mu →
+// channel.mu → channel.cmu → conn.outMu; wal.mu, loginLimiter.mu and replyRegistry.mu are
+// leaves, and code that holds several vhost locks takes them in name order.
 package amqp
 
 import (
@@ -275,7 +275,7 @@ type Server struct {
 	openOnce   sync.Once
 	openErr    error
 	ready      chan struct{} // closed when the first listener is up
-	metrics    serverMetrics // counts of ended connections and of events off any connection (metrics.go)
+	metrics    serverMetrics // what ended connections and deleted queues counted, the node's identity (metrics.go)
 }
 
 // NewServer returns a server configured by cfg; it does not listen until Serve or
