@@ -38,9 +38,10 @@
 // also sends heartbeats when the connection has been idle for half the heartbeat interval;
 // the reader gives up after two intervals of silence.
 //
-// Lock order: Server.reloadMu → Server.mu → vhost.mu → queue.mu → channel.mu → channel.cmu →
-// conn.outMu; wal.mu, loginLimiter.mu, replyRegistry.mu and delays.mu are leaves, and code
-// that holds several vhost locks takes them in name order.
+// Lock order: Server.defsMu → Server.reloadMu → Server.metrics.scanMu → Server.mu → vhost.mu →
+// queue.mu → channel.mu → channel.cmu → conn.outMu; wal.mu, loginLimiter.mu,
+// replyRegistry.mu and delays.mu are leaves, and code that holds several vhost locks takes
+// them in name order.
 //
 // Messages held by x-delayed-message exchanges wait in one heap per server with one timer
 // (delayed.go); when it fires, the timer's goroutine routes what is due, enqueueing (and
@@ -302,6 +303,7 @@ type Server struct {
 	openOnce   sync.Once
 	openErr    error
 	ready      chan struct{}  // closed when the first listener is up
+	metrics    serverMetrics  // what ended connections and deleted queues counted, the node's identity (metrics.go)
 	startedAt  time.Time      // when NewServer made the server
 	httpSrvs   []*http.Server // guarded by mu: the HTTP listeners ListenAndServe opened
 	httpAddr   net.Addr       // guarded by mu: the management API's listener, once open
@@ -725,6 +727,12 @@ func (s *Server) establish(c *conn) error {
 	if c.hsElem == nil {
 		return errHandshakeDropped
 	}
+	if c.internal {
+		// An API session is not a client connection: no limit, not counted.
+		s.handshakes.Remove(c.hsElem)
+		c.hsElem = nil
+		return nil
+	}
 	if max := s.cfg.MaxConnections; max > 0 && s.open >= max {
 		e := notAllowed("connection refused: node connection limit (" + strconv.Itoa(max) + ") is reached")
 		e.ClassID, e.MethodID = classConnection, 40
@@ -734,6 +742,7 @@ func (s *Server) establish(c *conn) error {
 	c.hsElem = nil
 	c.counted = true
 	s.open++
+	s.metrics.connsOpened++
 	return nil
 }
 
@@ -747,6 +756,7 @@ func (s *Server) untrack(c *conn) {
 	if c.counted {
 		s.open--
 	}
+	s.foldConnLocked(c)
 	s.mu.Unlock()
 	s.conns.Done()
 }

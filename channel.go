@@ -42,8 +42,9 @@ type channel struct {
 	permTopic     *topicPerm // the user's topic permission on permN; nil if none
 
 	confirm    bool
-	modes      atomic.Uint32 // modeConfirm, modeTx: confirm and tx, readable by other goroutines
 	inConfirms bool          // listed in c.confirms for the next flush
+	modes      atomic.Uint32 // modeConfirm, modeTx: confirm and tx, readable by other goroutines
+	published  bool          // has published: counts among the publishers (metrics.go)
 	tx         bool
 	txPubs     []txPublish
 	txAcks     []txAck
@@ -218,12 +219,12 @@ func (ch *channel) takeUnackedLocked() []unacked {
 		}
 	}
 	for _, u := range pending {
-		u.q.unacked.Add(-1)
 		if u.c != nil {
 			u.c.inflight--
 		}
 	}
 	ch.inflight = 0
+	uncountUnacked(pending)
 	return pending
 }
 
@@ -496,6 +497,7 @@ func (ch *channel) publishComplete() error {
 	msg := ch.pubMsg
 	ch.pubMsg = nil
 	msg.size = uint32(ch.pubSize)
+	ch.countReceived(ch.pubSize)
 	vh := ch.vh()
 	vh.mu.RLock()
 	x := ch.exCache
@@ -611,6 +613,7 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 		// whether it routes is known only when it falls due.
 		ch.c.s.delays.hold(holds, msg, at, ch.routes.delay)
 	}
+	ch.countRouted(len(ch.routes.queues)+len(holds), mandatory)
 	if len(ch.routes.queues) == 0 && len(holds) == 0 && mandatory {
 		ch.c.sendReturn(ch.id, replyNoRoute, "NO_ROUTE", msg)
 	}
@@ -685,6 +688,7 @@ func (ch *channel) ackUpToLocked(tag uint64) {
 		return
 	}
 	multiple := tag-ch.confirmSent > 1
+	ch.c.stats.n[cntConfirmed].Add(tag - ch.confirmSent)
 	ch.confirmSent = tag
 	ch.send(&basicAck{DeliveryTag: tag, Multiple: multiple})
 }
@@ -791,7 +795,6 @@ func (ch *channel) takeLocked(tag uint64, multiple bool) ([]unacked, bool) {
 // the channel has a channel-wide limit. ch.mu must be held.
 func (ch *channel) releaseLocked(done []unacked) (global bool) {
 	for _, u := range done {
-		u.q.unacked.Add(-1)
 		if u.c != nil {
 			u.c.inflight--
 			ch.inflight--
@@ -804,6 +807,7 @@ func (ch *channel) releaseLocked(done []unacked) (global bool) {
 // the others leave their queues for good; then the queues deliver on the freed credit.
 // global says the channel has a channel-wide prefetch limit.
 func (ch *channel) apply(a txAck, done []unacked, global bool) {
+	ch.countSettled(a.id, done)
 	requeue := a.id != idBasicAck && a.requeue
 	if requeue {
 		requeueAll(done)
@@ -1034,7 +1038,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	q.renewLeaseLocked()
 	q.expireLocked()
 	if q.messageCountLocked() == 0 {
-		ch.send(&basicGetEmpty{})
+		ch.sendGetEmpty(q)
 		return nil
 	}
 	notYet, rerr := q.fillLocked()
@@ -1045,7 +1049,7 @@ func (ch *channel) basicGet(d *decoder) error {
 		q.mu.Lock()
 		q.expireLocked()
 		if q.messageCountLocked() == 0 {
-			ch.send(&basicGetEmpty{})
+			ch.sendGetEmpty(q)
 			return nil
 		}
 		notYet, rerr = q.fillLocked()
@@ -1053,7 +1057,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	if notYet {
 		// The disk is full and the head message's record is still waiting for room: it
 		// is not to be had now.
-		ch.send(&basicGetEmpty{})
+		ch.sendGetEmpty(q)
 		return nil
 	}
 	if rerr != nil {
@@ -1063,16 +1067,12 @@ func (ch *channel) basicGet(d *decoder) error {
 		return nil
 	}
 	e := q.popLocked()
-	q.counts.delivered++
-	if e.redelivered {
-		q.counts.redelivered++
-	}
 	ch.mu.Lock()
 	ch.nextTag++
 	tag := ch.nextTag
+	q.countDeliveryLocked(true, m.NoAck, e.redelivered)
 	if !m.NoAck {
 		ch.unacked.push(unacked{tag: tag, q: q, e: e, at: ch.c.s.clock.Load()})
-		q.unacked.Add(1)
 	} else {
 		q.settleOne(e.msg)
 	}

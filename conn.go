@@ -67,6 +67,7 @@ type conn struct {
 	started    time.Time     // when the socket was accepted
 	clientInfo table         // start-ok's client-properties; read by others once opened
 	chMu       sync.Mutex    // guards writes to channels, and reads of it by other goroutines
+	stats      connStats     // message and channel counts, summed when read (metrics.go)
 
 	outMu      sync.Mutex
 	out        []byte        // guarded by outMu: encoded frames waiting for the writer
@@ -214,6 +215,7 @@ func (c *conn) serve() {
 				// The client has nothing more queued: confirm the batch in one ack.
 				c.flushConfirms()
 			}
+			c.flushCountsIfDrained()
 			c.pauseWhileFull()
 		}
 		if err != nil {
@@ -414,6 +416,7 @@ func (s *Server) closeUser(c *conn) {
 
 // dropChannel forgets a channel that is closed, uncounting it from the user's channels.
 func (c *conn) dropChannel(id uint16) {
+	c.countChannelClosed(c.channels[id])
 	if c.channels[id] != nil && c.usage != nil {
 		c.usage.channels.Add(-1)
 	}
@@ -469,6 +472,7 @@ func (c *conn) blockWhileAlarm() {
 	}
 	// Confirm what was published before the block, or clients wait out the whole alarm.
 	c.flushConfirms()
+	c.flushCounts()
 	if c.caps.connectionBlocked {
 		c.send(&connectionBlocked{Reason: blockedReason(on)})
 	}
@@ -488,6 +492,7 @@ func (c *conn) pauseWhileFull() {
 		c.flushConfirms()
 	}
 	for c.outLen.Load() > readPauseWater {
+		c.flushCounts()
 		select {
 		case <-c.drained:
 		case <-c.writerDone:
@@ -603,11 +608,15 @@ func (c *conn) handshake() error {
 	// The vhost's connection limit, then the user's, as RabbitMQ checks them. The vhost
 	// limit is the stricter of Config.MaxConnectionsPerVhost and the vhost's max-connections.
 	limit := stricterLimit(c.s.cfg.MaxConnectionsPerVhost, db.vhostLimit(open.VirtualHost).maxConnections)
+	userLimit := db.userLimit(c.user).maxConnections
+	if c.internal {
+		limit, userLimit = -1, -1 // an API session: the limits are for clients
+	}
 	var e *Error
 	if n := c.vh.conns.Add(1); limit >= 0 && n > int64(limit) {
 		e = notAllowed("access to vhost '" + open.VirtualHost + "' refused for user '" + c.user + "': connection limit (" + strconv.Itoa(limit) + ") is reached")
 	} else {
-		e = c.s.openUser(c, db.userLimit(c.user).maxConnections)
+		e = c.s.openUser(c, userLimit)
 	}
 	if e != nil {
 		c.vh.conns.Add(-1)
@@ -937,6 +946,7 @@ func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 		}
 		c.channels[id] = newChannel(c, id)
 		c.chMu.Unlock()
+		c.stats.pend[cntChannelsOpened]++
 		c.sendOn(id, &channelOpenOk{})
 		return nil, nil
 	}

@@ -792,8 +792,8 @@ func (s *Server) vhostInfo(vh *vhost) map[string]any {
 	for _, q := range qs {
 		q.mu.Lock()
 		ready += int64(q.messageCountLocked())
+		unacked += q.unackedLocked()
 		q.mu.Unlock()
-		unacked += q.unacked.Load()
 	}
 	return map[string]any{"name": vh.name, "description": "", "tags": []string{}, "default_queue_type": "classic",
 		"metadata": map[string]any{"description": "", "tags": []string{}}, "tracing": false,
@@ -1389,6 +1389,12 @@ type rateSample struct {
 	pubRate, delRate     float64
 }
 
+// deliveredLocked is the number of messages q delivered and basic.get took. q.mu must be
+// held.
+func (q *queue) deliveredLocked() uint64 {
+	return q.stats.n[qcConsumeManual] + q.stats.n[qcConsumeAuto] + q.stats.n[qcGetManual] + q.stats.n[qcGetAuto]
+}
+
 // rates returns q's publish and deliver rates, taking a new sample when the last is five
 // seconds old. q.mu must be held.
 func (q *queue) ratesLocked(now time.Time) (pub, del float64) {
@@ -1396,9 +1402,9 @@ func (q *queue) ratesLocked(now time.Time) (pub, del float64) {
 	if d := now.Sub(sm.at); sm.at.IsZero() || d >= 5*time.Second {
 		if !sm.at.IsZero() {
 			sm.pubRate = float64(q.counts.published-sm.published) / d.Seconds()
-			sm.delRate = float64(q.counts.delivered-sm.delivered) / d.Seconds()
+			sm.delRate = float64(q.deliveredLocked()-sm.delivered) / d.Seconds()
 		}
-		sm.at, sm.published, sm.delivered = now, q.counts.published, q.counts.delivered
+		sm.at, sm.published, sm.delivered = now, q.counts.published, q.deliveredLocked()
 	}
 	return sm.pubRate, sm.delRate
 }
@@ -1409,7 +1415,8 @@ func queueInfo(vh *vhost, q *queue, now time.Time) map[string]any {
 	ready := q.messageCountLocked()
 	readyBytes := q.readyBytes
 	consumers := len(q.consumers)
-	counts := q.counts
+	published, delivered, redelivered := q.counts.published, q.deliveredLocked(), q.stats.n[qcRedelivered]
+	unacked := q.unackedLocked()
 	pubRate, delRate := q.ratesLocked(now)
 	policy, opPolicy := q.policy, q.operatorPolicy
 	var single, exclusiveTag any
@@ -1433,7 +1440,6 @@ func queueInfo(vh *vhost, q *queue, now time.Time) map[string]any {
 		}
 	}
 	q.mu.Unlock()
-	unacked := q.unacked.Load()
 	info := map[string]any{
 		"name": q.name, "vhost": vh.name, "durable": q.durable, "auto_delete": q.autoDelete, "exclusive": q.exclusive,
 		"arguments": tableJSON(q.args), "node": nodeName, "state": "running", "type": "classic",
@@ -1445,9 +1451,9 @@ func queueInfo(vh *vhost, q *queue, now time.Time) map[string]any {
 		"messages_paged_out": paged, "messages_ram": ram, "messages_ready_ram": ram, "memory": ramBytes,
 		"message_bytes_ram": ramBytes, "effective_policy_definition": vh.effectivePolicy(policy, opPolicy),
 		"message_stats": map[string]any{
-			"publish": counts.published, "publish_details": map[string]any{"rate": pubRate},
-			"deliver_get": counts.delivered, "deliver_get_details": map[string]any{"rate": delRate},
-			"redeliver": counts.redelivered, "redeliver_details": map[string]any{"rate": 0.0},
+			"publish": published, "publish_details": map[string]any{"rate": pubRate},
+			"deliver_get": delivered, "deliver_get_details": map[string]any{"rate": delRate},
+			"redeliver": redelivered,
 		},
 	}
 	if consumers == 0 {
@@ -2156,12 +2162,12 @@ func (s *Server) apiOverview(r *http.Request, u *apiUser) (any, error) {
 			ready += int64(q.messageCountLocked())
 			consumers += int64(len(q.consumers))
 			pub += q.counts.published
-			del += q.counts.delivered
+			del += q.deliveredLocked()
+			unacked += q.unackedLocked()
 			pr, dr := q.ratesLocked(now)
 			pubRate += pr
 			delRate += dr
 			q.mu.Unlock()
-			unacked += q.unacked.Load()
 		}
 	}
 	conns := s.openConnList(u)

@@ -205,6 +205,7 @@ type queue struct {
 	bindings                       []*binding // guarded by vh.mu
 
 	mu          sync.Mutex
+	stats       queueStats      // guarded by mu, except stats.settled: messages delivered, got, acked (metrics.go)
 	ready       readyList       // guarded by mu: never delivered, in seq order (per priority)
 	requeued    []qentry        // guarded by mu: a min-heap by seq; all older than ready
 	nextSeq     uint64          // guarded by mu
@@ -222,16 +223,14 @@ type queue struct {
 	expiryAt    int64           // guarded by mu: when expiry fires, in Unix milliseconds
 	lease       *time.Timer     // guarded by mu: deletes a queue with x-expires once unused that long
 	lastUsed    atomic.Int64    // Unix milliseconds of the last basic.get, redeclare or consumer leaving
-	unacked     atomic.Int64    // deliveries of q waiting for an ack on some channel
 	counts      queueCounts     // guarded by mu
 }
 
-// queueCounts count what went through a queue, for the management API's message_stats.
+// queueCounts count what went into a queue, for the management API's message_stats (the
+// deliveries are in stats).
 type queueCounts struct {
-	published   uint64 // messages enqueued
-	delivered   uint64 // to consumers and basic.get, with or without acks
-	redelivered uint64 // of those, messages delivered before
-	sample      rateSample
+	published uint64 // messages enqueued
+	sample    rateSample
 }
 
 // consumer is a basic.consume subscription.
@@ -1118,18 +1117,14 @@ func (c *consumer) deliverLocked(e qentry) bool {
 		return false
 	}
 	ch.nextTag++
-	c.q.counts.delivered++
-	if e.redelivered {
-		c.q.counts.redelivered++
-	}
 	if !c.noAck {
 		ch.unacked.push(unacked{tag: ch.nextTag, q: c.q, e: e, c: c, at: ch.c.s.clock.Load()})
-		c.q.unacked.Add(1)
 		c.inflight++
 		ch.inflight++
 	} else {
 		c.q.settleOne(e.msg)
 	}
+	c.q.countDeliveryLocked(false, c.noAck, e.redelivered)
 	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e)
 	return true
 }
@@ -1229,6 +1224,7 @@ func (ch *channel) queueDeclare(d *decoder) error {
 			return err
 		}
 	}
+	ch.countDeclared(created)
 	ch.lastQueue = name
 	return ch.reply(m.NoWait, &queueDeclareOk{Queue: name, MessageCount: uint32(q.messageCount()), ConsumerCount: uint32(q.consumerCount())})
 }

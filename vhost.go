@@ -25,6 +25,7 @@ type vhost struct {
 	alarms  *atomic.Uint32 // the server's resource alarms; nil in tests
 	dead    *deadLetters   // the server's dead-letter worker; nil in tests
 	conns   atomic.Int64   // open connections, for Config.MaxConnectionsPerVhost
+	metrics *serverMetrics // the server's counters; nil in tests
 
 	mu        sync.RWMutex
 	exchanges map[string]*exchange // guarded by mu
@@ -59,6 +60,7 @@ func (vh *vhost) memoryHigh() bool {
 func (s *Server) newVhost(name string) *vhost {
 	vh := newVhost(name)
 	vh.store, vh.spill, vh.pageOut, vh.alarms, vh.dead = s.store, s.spill, s.cfg.PageOutBytes, &s.alarms, s.dead
+	vh.metrics = &s.metrics
 	return vh
 }
 
@@ -163,6 +165,7 @@ func (vh *vhost) deleteQueue(q *queue) int { return vh.deleteQueueIf(q, nil) }
 // deleteQueueIf is deleteQueue when unused (q.mu held) still says so, checked with vh.mu
 // held, so that nothing can find and use the queue in between.
 func (vh *vhost) deleteQueueIf(q *queue, unused func() bool) int {
+	defer vh.lockScans()()
 	vh.mu.Lock()
 	if vh.queues[q.name] != q {
 		vh.mu.Unlock()
@@ -191,6 +194,7 @@ func (vh *vhost) deleteQueueIf(q *queue, unused func() bool) int {
 
 	q.mu.Lock()
 	q.deleted = true
+	vh.countQueueDeletedLocked(q)
 	if q.expiry != nil {
 		q.expiry.Stop()
 		q.expiry = nil
