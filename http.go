@@ -281,7 +281,7 @@ func (s *Server) listenHTTP() error {
 		addr       string
 		handler    func() http.Handler
 		management bool
-	}{{s.cfg.HTTPAddr, s.ManagementHandler, true}, {s.cfg.PrometheusAddr, s.metricsHandler, false}} {
+	}{{s.cfg.HTTPAddr, s.ManagementHandler, true}, {s.cfg.PrometheusAddr, s.MetricsHandler, false}} {
 		if l.addr == "" {
 			continue
 		}
@@ -2775,6 +2775,3 @@ func (s *Server) apiAliveness(r *http.Request, u *apiUser) (any, error) {
 	}
 	return v, err
 }
-
-// metricsHandler serves Config.PrometheusAddr.
-func (s *Server) metricsHandler() http.Handler { return http.NotFoundHandler() }

@@ -630,8 +630,14 @@ func TestRabbitmqadmin(t *testing.T) {
 func TestAPIListeners(t *testing.T) {
 	t.Parallel()
 	p := newTestPKI(t)
+	free, err := net.Listen("tcp", "127.0.0.1:0") // a port for the metrics, free a moment ago
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := free.Addr().String()
+	free.Close()
 	srv := NewServer(Config{Addr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", HTTPTLS: &TLSConfig{CertFile: p.certFile, KeyFile: p.keyFile},
-		Logger: wireDiscardLogger()})
+		PrometheusAddr: metricsAddr, Logger: wireDiscardLogger()})
 	done := make(chan error, 1)
 	go func() { done <- srv.ListenAndServe() }()
 	var addr net.Addr
@@ -646,6 +652,15 @@ func TestAPIListeners(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 200 || resp.TLS == nil {
 		t.Errorf("HTTPS overview: %d, TLS %v", resp.StatusCode, resp.TLS != nil)
+	}
+	if resp, err := http.Get("http://" + metricsAddr + "/metrics"); err != nil || resp.StatusCode != 200 {
+		t.Errorf("Prometheus on %s: %v %v", metricsAddr, resp, err)
+	} else {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(b), "rabbitmq_identity_info") {
+			t.Errorf("metrics lack rabbitmq_identity_info: %.200s", b)
+		}
 	}
 	if resp, err := http.Get("http://" + addr.String() + "/api/overview"); err == nil {
 		resp.Body.Close()

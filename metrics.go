@@ -737,14 +737,14 @@ func (s *Server) writeMetrics(w io.Writer, perObject bool) error {
 
 	// The node: memory, disk and file descriptors, each where it is known.
 	p.one("rabbitmq_process_resident_memory_bytes", "gauge", "Memory used in bytes", "", s.liveHeap())
-	if limit := s.cfg.MemoryHighWatermark; limit > 0 {
+	if limit := s.memLimit.Load(); limit > 0 {
 		p.one("rabbitmq_resident_memory_limit_bytes", "gauge", "Memory high watermark in bytes", "", limit)
 	}
 	if s.store != nil {
 		if free, err := s.diskFree(); err == nil {
 			p.one("rabbitmq_disk_space_available_bytes", "gauge", "Disk space available in bytes", "", free)
 		}
-		if limit := s.cfg.DiskFreeLimit; limit > 0 {
+		if limit := s.diskLimit.Load(); limit > 0 {
 			p.one("rabbitmq_disk_space_available_limit_bytes", "gauge", "Free disk space low watermark in bytes", "", uint64(limit))
 		}
 	}
