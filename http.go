@@ -1434,10 +1434,8 @@ func queueInfo(vh *vhost, q *queue, now time.Time) map[string]any {
 		consumerDetails = append(consumerDetails, consumerInfo(vh, q, c))
 	}
 	var head any
-	if ready > 0 && q.ready.len() > 0 {
-		if ts, ok := headTimestamp(q.peekLocked().msg); ok {
-			head = ts
-		}
+	if at, ok := q.headEnqueuedLocked(); ok {
+		head = at / 1000 // seconds, RabbitMQ's unit
 	}
 	q.mu.Unlock()
 	info := map[string]any{
@@ -1467,14 +1465,6 @@ func queueInfo(vh *vhost, q *queue, now time.Time) map[string]any {
 		info["owner_pid_details"] = map[string]any{"name": connectionName(q.owner)}
 	}
 	return info
-}
-
-// headTimestamp returns the timestamp property of m, if it has one.
-func headTimestamp(m *message) (uint64, bool) {
-	var p properties
-	d := decoder{b: m.props()}
-	p.decode(&d)
-	return uint64(p.Timestamp), d.err == nil && p.Timestamp != 0
 }
 
 func nilIfEmpty(s string) any {

@@ -679,3 +679,52 @@ func TestAPIListeners(t *testing.T) {
 		t.Error("the HTTPS listener is still open after Shutdown")
 	}
 }
+
+// TestQueueHeadAge checks the age of a queue's oldest ready message, from when the broker
+// enqueued it: in the API's head_message_timestamp and the Prometheus gauge, moving on
+// to the next message when the head goes, and none for an empty queue.
+func TestQueueHeadAge(t *testing.T) {
+	t.Parallel()
+	b := startAPIBroker(t, nil)
+	ch := openChannel(t, dial(t, b.url))
+	declareTransientQueue(t, ch, "aging")
+	first := time.Now()
+	publishText(t, ch, "", "aging", "old")
+	time.Sleep(1200 * time.Millisecond)
+	second := time.Now()
+	publishText(t, ch, "", "aging", "new")
+	pollFor(t, "two messages", func() bool { return queueReady(t, ch, "aging") == 2 })
+	head := func() (int64, bool) {
+		q := testQueueOf(t, b.srv, "aging")
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return q.headEnqueuedLocked()
+	}
+	if at, ok := head(); !ok || at < first.UnixMilli()-250 || at > first.UnixMilli()+250 {
+		t.Errorf("head enqueued at %d (%v), want about %d", at, ok, first.UnixMilli())
+	}
+	if v := field(b.must(200, "GET", "/api/queues/%2F/aging", "guest", nil), "head_message_timestamp"); v != float64(first.Unix()) && v != float64(first.Unix()-1) {
+		t.Errorf("head_message_timestamp %v, want %d", v, first.Unix())
+	}
+	ms := httptest.NewServer(b.srv.MetricsHandler())
+	defer ms.Close()
+	resp, err := http.Get(ms.URL + "/metrics/per-object")
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(raw), `amqpgo_queue_head_message_age_seconds{vhost="/",queue="aging"} 1`) {
+		t.Errorf("no age gauge of 1 s for aging in:\n%s", raw)
+	}
+	if d, ok, err := ch.Get("aging", true); err != nil || !ok || string(d.Body) != "old" {
+		t.Fatalf("get: %v %v", ok, err)
+	}
+	if at, ok := head(); !ok || at < second.UnixMilli()-250 || at > second.UnixMilli()+250 {
+		t.Errorf("after the first went, head enqueued at %d, want about %d", at, second.UnixMilli())
+	}
+	ch.Get("aging", true)
+	if _, ok := head(); ok {
+		t.Error("an empty queue has a head")
+	}
+}

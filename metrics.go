@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unicode/utf8"
 )
 
@@ -395,6 +396,7 @@ func (t *counts) messages() messageTotals {
 // queueStat is what a scrape reads of one queue, or the sum over all of them.
 type queueStat struct {
 	ready, unacked, consumers, readyBytes, pagedOut int64
+	headAge                                         int64 // milliseconds since the next ready message was enqueued; 0 if none
 	labels                                          [2]int // the queue's {vhost,queue} labels in queueScan.labels
 }
 
@@ -412,6 +414,7 @@ type queueScan struct {
 func (s *Server) scanQueues(perObject bool, t *liveTotals) queueScan {
 	var sc queueScan
 	var qs []*queue
+	now := time.Now().UnixMilli()
 	m := &s.metrics
 	m.scanMu.Lock()
 	defer m.scanMu.Unlock()
@@ -446,6 +449,9 @@ func (s *Server) scanQueues(perObject bool, t *liveTotals) queueScan {
 				readyBytes: q.readyBytes,
 				pagedOut:   int64(q.tail.len()),
 			}
+			if at, ok := q.headEnqueuedLocked(); ok {
+				st.headAge = max(now-at, 0)
+			}
 			q.mu.Unlock()
 			qs[i] = nil
 			sc.queues++
@@ -454,6 +460,7 @@ func (s *Server) scanQueues(perObject bool, t *liveTotals) queueScan {
 			sc.sum.consumers += st.consumers
 			sc.sum.readyBytes += st.readyBytes
 			sc.sum.pagedOut += st.pagedOut
+			sc.sum.headAge = max(sc.sum.headAge, st.headAge) // the oldest, not a sum
 			if perObject {
 				start := len(sc.labels)
 				sc.labels = append(sc.labels, `{vhost="`...)
@@ -712,6 +719,8 @@ var queueFamilies = [...]struct {
 		func(q *queueStat) int64 { return q.readyBytes }},
 	{"rabbitmq_queue_messages_paged_out", "Messages paged out to disk",
 		func(q *queueStat) int64 { return q.pagedOut }},
+	{"amqpgo_queue_head_message_age_seconds", "Seconds since the broker enqueued the next ready message (not in RabbitMQ); the largest over queues in /metrics",
+		func(q *queueStat) int64 { return q.headAge / 1000 }},
 }
 
 // writeMetrics writes every metric family to w; perObject gives the queue families one

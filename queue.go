@@ -205,25 +205,90 @@ type queue struct {
 	bindings                       []*binding // guarded by vh.mu
 
 	mu          sync.Mutex
-	stats       queueStats      // guarded by mu, except stats.settled: messages delivered, got, acked (metrics.go)
-	ready       readyList       // guarded by mu: never delivered, in seq order (per priority)
-	requeued    []qentry        // guarded by mu: a min-heap by seq; all older than ready
-	nextSeq     uint64          // guarded by mu
-	consumers   []*consumer     // guarded by mu: by x-priority, highest first; in arrival order within one
-	groups      []consumerGroup // guarded by mu: consumers' runs of equal priority, highest first
-	active      *consumer       // guarded by mu: x-single-active-consumer: the one consumer that receives
-	hadConsumer bool            // guarded by mu: for auto-delete
-	deleted     bool            // guarded by mu
-	readyBytes  int64           // guarded by mu: body octets of the ready messages
-	ramBytes    int64           // guarded by mu: memCost of the ready messages in memory
-	tail        refQueue        // guarded by mu: ready messages paged out, after all of ready
-	tailSeq     uint64          // guarded by mu: the seq of tail's front
-	ahead       readAhead       // guarded by mu: the window paged messages are read from
-	expiry      *time.Timer     // guarded by mu: drops expired messages at the head, when set
-	expiryAt    int64           // guarded by mu: when expiry fires, in Unix milliseconds
-	lease       *time.Timer     // guarded by mu: deletes a queue with x-expires once unused that long
-	lastUsed    atomic.Int64    // Unix milliseconds of the last basic.get, redeclare or consumer leaving
-	counts      queueCounts     // guarded by mu
+	stats       queueStats           // guarded by mu, except stats.settled: messages delivered, got, acked (metrics.go)
+	ready       readyList            // guarded by mu: never delivered, in seq order (per priority)
+	requeued    []qentry             // guarded by mu: a min-heap by seq; all older than ready
+	nextSeq     uint64               // guarded by mu
+	consumers   []*consumer          // guarded by mu: by x-priority, highest first; in arrival order within one
+	groups      []consumerGroup      // guarded by mu: consumers' runs of equal priority, highest first
+	active      *consumer            // guarded by mu: x-single-active-consumer: the one consumer that receives
+	hadConsumer bool                 // guarded by mu: for auto-delete
+	deleted     bool                 // guarded by mu
+	readyBytes  int64                // guarded by mu: body octets of the ready messages
+	ramBytes    int64                // guarded by mu: memCost of the ready messages in memory
+	tail        refQueue             // guarded by mu: ready messages paged out, after all of ready
+	tailSeq     uint64               // guarded by mu: the seq of tail's front
+	ahead       readAhead            // guarded by mu: the window paged messages are read from
+	expiry      *time.Timer          // guarded by mu: drops expired messages at the head, when set
+	expiryAt    int64                // guarded by mu: when expiry fires, in Unix milliseconds
+	lease       *time.Timer          // guarded by mu: deletes a queue with x-expires once unused that long
+	lastUsed    atomic.Int64         // Unix milliseconds of the last basic.get, redeclare or consumer leaving
+	counts      queueCounts          // guarded by mu
+	enqueued    deque[enqueueSample] // guarded by mu: when messages were enqueued, sampled
+}
+
+// enqueueSample says that the messages of a queue from seq on were enqueued at or after
+// at (Unix milliseconds).
+type enqueueSample struct {
+	seq uint64
+	at  int64
+}
+
+// maxEnqueueSamples bounds a queue's samples: one per 100 ms while it is enqueued to, so
+// this many cover about seven minutes of a backlog that does not drain; past it the oldest
+// go, and the head's age reads as that of the oldest sample kept.
+const maxEnqueueSamples = 4096
+
+// noteEnqueueLocked records, at most once per step of the server's clock, that seq was
+// enqueued now. q.mu must be held.
+func (q *queue) noteEnqueueLocked(seq uint64) {
+	now := q.vh.now()
+	if n := q.enqueued.len(); n > 0 && q.enqueued.at(n-1).at == now {
+		return
+	}
+	if q.enqueued.len() == maxEnqueueSamples {
+		q.enqueued.pop()
+	}
+	q.enqueued.push(enqueueSample{seq: seq, at: now})
+}
+
+// headEnqueuedLocked returns when the next ready message was enqueued (Unix milliseconds,
+// within the clock's 100 ms step), as the broker saw it: not a publisher's timestamp
+// property. Messages recovered at a start count from the start. ok is false when the
+// queue is empty. q.mu must be held.
+func (q *queue) headEnqueuedLocked() (at int64, ok bool) {
+	var seq uint64
+	switch {
+	case q.ready.len() > 0 || len(q.requeued) > 0:
+		seq = q.peekLocked().seq
+	case q.tail.len() > 0:
+		seq = q.tailSeq
+	default:
+		return 0, false
+	}
+	d := &q.enqueued
+	if q.ready.levels == nil {
+		// In a queue without priorities the head has the lowest seq: samples before it go.
+		for d.len() > 1 && d.at(1).seq <= seq {
+			d.pop()
+		}
+	}
+	// The last sample at or before seq; samples are in seq order.
+	lo, hi := 0, d.len()
+	for lo < hi {
+		if mid := (lo + hi) / 2; d.at(mid).seq <= seq {
+			lo = mid + 1
+		} else {
+			hi = mid
+		}
+	}
+	if lo == 0 {
+		if d.len() == 0 {
+			return 0, false
+		}
+		return d.at(0).at, true // older than every sample kept
+	}
+	return d.at(lo - 1).at, true
 }
 
 // queueCounts count what went into a queue, for the management API's message_stats (the
@@ -294,6 +359,7 @@ func (q *queue) enqueue(m *message) bool {
 	}
 	q.nextSeq++
 	e.seq = q.nextSeq
+	q.noteEnqueueLocked(e.seq)
 	cost := m.memCost()
 	// A priority queue keeps its messages in memory: a paged tail cannot be ordered by priority.
 	if q.ready.levels != nil || !(q.tail.len() > 0 || q.overShareLocked(cost) || q.vh.memoryHigh()) || !q.pageOutLocked(e) {

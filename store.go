@@ -1402,6 +1402,7 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			q.readyBytes += int64(r.body)
 		})
 		q.tail, q.tailSeq = refs, q.nextSeq+1
+		q.noteEnqueueLocked(q.tailSeq) // their age counts from the start
 		q.nextSeq += uint64(refs.len())
 		n += refs.len()
 		q.mu.Unlock()

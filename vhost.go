@@ -7,6 +7,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // The virtual host: its exchanges and queues, their deletion, and the durable topology it
@@ -23,6 +24,7 @@ type vhost struct {
 	pageOut int64
 	spill   *spill         // the paging files; nil without a data directory
 	alarms  *atomic.Uint32 // the server's resource alarms; nil in tests
+	clock   *atomic.Int64  // the server's coarse clock; nil in tests
 	dead    *deadLetters   // the server's dead-letter worker; nil in tests
 	conns   atomic.Int64   // open connections, for Config.MaxConnectionsPerVhost
 	metrics *serverMetrics // the server's counters; nil in tests
@@ -61,7 +63,16 @@ func (s *Server) newVhost(name string) *vhost {
 	vh := newVhost(name)
 	vh.store, vh.spill, vh.pageOut, vh.alarms, vh.dead = s.store, s.spill, s.cfg.PageOutBytes, &s.alarms, s.dead
 	vh.metrics = &s.metrics
+	vh.clock = &s.clock
 	return vh
+}
+
+// now is the server's coarse clock (Unix milliseconds, 100 ms steps), or the time.
+func (vh *vhost) now() int64 {
+	if vh.clock != nil {
+		return vh.clock.Load()
+	}
+	return time.Now().UnixMilli()
 }
 
 // log is the logger for vh's queues' disk errors.
