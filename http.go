@@ -2214,10 +2214,14 @@ func (s *Server) nodeInfo() map[string]any {
 	if s.liveHeap != nil {
 		heap = s.liveHeap()
 	}
-	return map[string]any{"name": nodeName, "type": "disc", "running": true, "uptime": time.Since(s.startedAt).Milliseconds(),
+	info := map[string]any{"name": nodeName, "type": "disc", "running": true, "uptime": time.Since(s.startedAt).Milliseconds(),
 		"mem_used": heap, "mem_limit": s.memLimit.Load(), "mem_alarm": alarms&alarmMemory != 0,
 		"disk_free": free, "disk_free_limit": s.diskLimit.Load(), "disk_free_alarm": alarms&alarmDisk != 0,
-		"partitions": []any{}, "os_pid": strconv.Itoa(os.Getpid())}
+		"partitions": []any{}, "os_pid": strconv.Itoa(os.Getpid()), "exchange_types": exchangeTypes()}
+	if open, limit, ok := openFDs(); ok {
+		info["fd_used"], info["fd_total"] = open, limit
+	}
+	return info
 }
 
 // apiSetLimit changes the memory watermark or the disk free limit, {"value": bytes}: what
@@ -2722,9 +2726,9 @@ func (s *Server) apiHealthProtocol(r *http.Request, u *apiUser) (any, error) {
 
 func (s *Server) apiHealthCerts(r *http.Request, u *apiUser) (any, error) {
 	within, err := strconv.Atoi(r.PathValue("within"))
-	unit := map[string]time.Duration{"days": 24 * time.Hour, "weeks": 7 * 24 * time.Hour, "months": 30 * 24 * time.Hour, "years": 365 * 24 * time.Hour}[r.PathValue("unit")]
+	unit := map[string]time.Duration{"seconds": time.Second, "minutes": time.Minute, "hours": time.Hour, "days": 24 * time.Hour, "weeks": 7 * 24 * time.Hour, "months": 30 * 24 * time.Hour, "years": 365 * 24 * time.Hour}[r.PathValue("unit")]
 	if err != nil || within < 0 || unit == 0 {
-		return nil, badRequest("want /certificate-expiration/N/days|weeks|months|years")
+		return nil, badRequest("want /certificate-expiration/N/seconds|minutes|hours|days|weeks|months|years")
 	}
 	conf := s.tlsConf.Load()
 	if conf == nil {

@@ -374,6 +374,21 @@ func TestAPIHealthChecks(t *testing.T) {
 	}
 	b.srv.setUnhealthy("test")
 	b.must(503, "GET", "/api/health/checks/virtual-hosts", "guest", nil)
+	b.must(503, "GET", "/api/health/checks/is-in-service", "guest", nil)
+
+	// A certificate that expires within the hour (the test CA's) fails a check for a day.
+	p := newTestPKI(t)
+	srv := NewServer(Config{TLS: &TLSConfig{CertFile: p.certFile, KeyFile: p.keyFile}, Logger: wireDiscardLogger()})
+	if err := srv.loadTLS(); err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewServer(srv.ManagementHandler())
+	defer hs.Close()
+	tb := &apiBroker{t: t, srv: srv, http: hs.URL}
+	if v := tb.must(503, "GET", "/api/health/checks/certificate-expiration/1/days", "guest", nil); field(v, "status") != "failed" {
+		t.Errorf("certificate expiring within a day: %v", v)
+	}
+	tb.must(200, "GET", "/api/health/checks/certificate-expiration/10/seconds", "guest", nil)
 }
 
 // TestAPIDefinitionsExport checks that the export holds the users, vhosts and policies in
@@ -727,4 +742,96 @@ func TestQueueHeadAge(t *testing.T) {
 	if _, ok := head(); ok {
 		t.Error("an empty queue has a head")
 	}
+}
+
+// TestAPITags checks every kind of endpoint against each user tag, allowed and refused,
+// as RabbitMQ's management plugin decides: no tag is refused everywhere; management sees
+// its vhosts' objects; policymaker adds policies; monitoring adds the node; administrator
+// has users, vhosts, permissions, operator policies and definitions.
+func TestAPITags(t *testing.T) {
+	t.Parallel()
+	tags := []string{"none", "management", "policymaker", "monitoring", "administrator"}
+	edits := []func(d *Definitions) error{}
+	for _, tag := range tags {
+		tagList := []string{tag}
+		if tag == "none" {
+			tagList = nil
+		}
+		edits = append(edits, addUser("u-"+tag, tagList...))
+		user := "u-" + tag
+		edits = append(edits, func(d *Definitions) error { return d.SetPermissions(user, "/", ".*", ".*", ".*") })
+	}
+	b := startAPIBroker(t, allEdits(edits...))
+	const (
+		all    = "management policymaker monitoring administrator"
+		policy = "policymaker administrator"
+		mon    = "monitoring administrator"
+		admin  = "administrator"
+	)
+	for _, c := range []struct {
+		method, path string
+		body         any
+		allowed      string // the tags allowed
+		ok           int    // the status when allowed
+	}{
+		{"GET", "/api/overview", nil, all, 200},
+		{"GET", "/api/whoami", nil, all, 200},
+		{"GET", "/api/vhosts", nil, all, 200},
+		{"GET", "/api/queues", nil, all, 200},
+		{"GET", "/api/exchanges/%2F", nil, all, 200},
+		{"GET", "/api/bindings", nil, all, 200},
+		{"GET", "/api/connections", nil, all, 200},
+		{"GET", "/api/channels", nil, all, 200},
+		{"GET", "/api/consumers", nil, all, 200},
+		{"GET", "/api/health/checks/alarms", nil, all, 200},
+		{"GET", "/api/aliveness-test/%2F", nil, all, 200},
+		{"GET", "/api/policies", nil, policy, 200},
+		{"GET", "/api/nodes", nil, mon, 200},
+		{"GET", "/api/users", nil, admin, 200},
+		{"GET", "/api/permissions", nil, admin, 200},
+		{"GET", "/api/operator-policies", nil, admin, 200},
+		{"GET", "/api/definitions", nil, admin, 200},
+		{"PUT", "/api/policies/%2F/p-{tag}", map[string]any{"pattern": "^nothing$", "definition": map[string]any{"max-length": 1}}, policy, 201},
+		{"PUT", "/api/queues/%2F/q-{tag}", map[string]any{"durable": false}, all, 201},
+		{"PUT", "/api/vhosts/v-{tag}", nil, admin, 201},
+		{"PUT", "/api/users/n-{tag}", map[string]any{"password": "x", "tags": ""}, admin, 201},
+		{"PUT", "/api/nodes/rabbit@localhost/disk_free_limit", map[string]any{"value": 50000000}, admin, 204},
+	} {
+		for _, tag := range tags {
+			path := strings.ReplaceAll(c.path, "{tag}", tag)
+			st, v := b.do(c.method, path, "u-"+tag, c.body)
+			want := 401
+			if strings.Contains(c.allowed, tag) {
+				want = c.ok
+			}
+			if st != want {
+				t.Errorf("%s %s as %s: %d %v, want %d", c.method, path, tag, st, v, want)
+			}
+		}
+	}
+}
+
+// TestAPIEscaping checks names that need escaping in paths: a vhost with a slash, a queue
+// with spaces, a percent sign and a slash, and an exchange with a hash.
+func TestAPIEscaping(t *testing.T) {
+	t.Parallel()
+	b := startAPIBroker(t, allEdits(func(d *Definitions) error { return d.AddVhost("a/b") },
+		func(d *Definitions) error { return d.SetPermissions("guest", "a/b", ".*", ".*", ".*") }))
+	vh, q, x := url.PathEscape("a/b"), url.PathEscape("my queue/100%"), url.PathEscape("x#1")
+	b.must(201, "PUT", "/api/queues/"+vh+"/"+q, "guest", map[string]any{"durable": false})
+	b.must(201, "PUT", "/api/exchanges/"+vh+"/"+x, "guest", map[string]any{"type": "fanout", "durable": false})
+	b.must(201, "POST", "/api/bindings/"+vh+"/e/"+x+"/q/"+q, "guest", map[string]any{"routing_key": "k y"})
+	got := b.must(200, "GET", "/api/queues/"+vh+"/"+q, "guest", nil)
+	if field(got, "name") != "my queue/100%" || field(got, "vhost") != "a/b" {
+		t.Errorf("queue %v", got)
+	}
+	bs := b.must(200, "GET", "/api/queues/"+vh+"/"+q+"/bindings", "guest", nil).([]any)
+	if len(bs) != 2 || field(bs[1], "source") != "x#1" || field(bs[1], "properties_key") != "k%20y" {
+		t.Fatalf("bindings %v", bs)
+	}
+	b.must(204, "DELETE", "/api/bindings/"+vh+"/e/"+x+"/q/"+q+"/k%2520y", "guest", nil)
+	if r := b.must(200, "POST", "/api/exchanges/"+vh+"/"+x+"/publish", "guest", map[string]any{"routing_key": "", "payload": "p", "payload_encoding": "string"}); field(r, "routed") != false {
+		t.Errorf("publish after the unbind: %v", r)
+	}
+	b.must(404, "GET", "/api/queues/a/b/"+q, "guest", nil)
 }
