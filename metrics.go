@@ -396,7 +396,7 @@ func (t *counts) messages() messageTotals {
 // queueStat is what a scrape reads of one queue, or the sum over all of them.
 type queueStat struct {
 	ready, unacked, consumers, readyBytes, pagedOut int64
-	headAge                                         int64 // milliseconds since the next ready message was enqueued; 0 if none
+	headAge                                         int64  // milliseconds since the next ready message was enqueued; 0 if none
 	labels                                          [2]int // the queue's {vhost,queue} labels in queueScan.labels
 }
 
