@@ -37,37 +37,38 @@ type conn struct {
 	log    *slog.Logger
 	remote string
 
-	fr         frameReader
-	channels   []*channel // indexed by channel id; nil when not open
-	channelMax uint16
-	frameMax   uint32
-	heartbeat  atomic.Int64 // nanoseconds; set by the reader at tune-ok, read by the writer
-	vh         *vhost
-	user       string
-	usage      *userUsage // the user's open connections and channels, from connection.open
-	exclusive  []*queue   // exclusive queues declared here, deleted when the connection ends
-	confirms   []*channel // channels with publishes to confirm at the next flush
-	caps       clientCaps
-	closing    atomic.Bool   // connection.close sent by the server; only close/close-ok count now
-	opened     atomic.Bool   // the handshake finished
-	shutdown   atomic.Bool   // the server is shutting down
-	stop       chan struct{} // closed by closeWith: wakes a reader blocked by the memory alarm
-	stopOnce   sync.Once
-	readIdle   time.Duration
-	peerCN     string // the verified TLS client certificate's subject CN, for EXTERNAL
-	isTLS      bool   // writes go through TLS, where writev buys nothing
-	preAuth    int    // octets read before login, against Config.MaxPreAuthBytes
-	authed     bool
-	panicked   bool          // the reader recovered from a panic: shared state may be locked
-	hsEnd      time.Time     // the handshake deadline
-	hsElem     *list.Element // guarded by s.mu: c in s.handshakes; nil once open or dropped
-	counted    bool          // guarded by s.mu: c counts in s.open
-	internal   bool          // a session of the HTTP API: not listed, not counted
-	superuser  bool          // an internal session importing definitions: no permission checks
-	started    time.Time     // when the socket was accepted
-	clientInfo table         // start-ok's client-properties; read by others once opened
-	chMu       sync.Mutex    // guards writes to channels, and reads of it by other goroutines
-	stats      connStats     // message and channel counts, summed when read (metrics.go)
+	fr          frameReader
+	channels    []*channel // indexed by channel id; nil when not open
+	channelMax  uint16
+	frameMax    uint32
+	heartbeat   atomic.Int64 // nanoseconds; set by the reader at tune-ok, read by the writer
+	vh          *vhost
+	user        string
+	usage       *userUsage // the user's open connections and channels, from connection.open
+	exclusive   []*queue   // exclusive queues declared here, deleted when the connection ends
+	confirms    []*channel // channels with publishes to confirm at the next flush
+	caps        clientCaps
+	closing     atomic.Bool   // connection.close sent by the server; only close/close-ok count now
+	opened      atomic.Bool   // the handshake finished
+	shutdown    atomic.Bool   // the server is shutting down
+	stop        chan struct{} // closed by closeWith: wakes a reader blocked by the memory alarm
+	stopOnce    sync.Once
+	readIdle    time.Duration
+	peerCN      string // the verified TLS client certificate's subject CN, for EXTERNAL
+	isTLS       bool   // writes go through TLS, where writev buys nothing
+	preAuth     int    // octets read before login, against Config.MaxPreAuthBytes
+	authed      bool
+	panicked    bool          // the reader recovered from a panic: shared state may be locked
+	hsEnd       time.Time     // the handshake deadline
+	hsElem      *list.Element // guarded by s.mu: c in s.handshakes; nil once open or dropped
+	counted     bool          // guarded by s.mu: c counts in s.open
+	internal    bool          // a session of the HTTP API: not listed, not counted
+	superuser   bool          // an internal session importing definitions: no permission checks
+	started     time.Time     // when the socket was accepted
+	clientInfo  table         // start-ok's client-properties; read by others once opened
+	chMu        sync.Mutex    // guards writes to channels, and reads of it by other goroutines
+	closeOkSent bool          // the reader answered the client's connection.close
+	stats       connStats     // message and channel counts, summed when read (metrics.go)
 
 	outMu      sync.Mutex
 	out        []byte        // guarded by outMu: encoded frames waiting for the writer
@@ -343,7 +344,11 @@ func (c *conn) teardown() {
 	c.signal()
 	select {
 	case <-c.writerDone:
-		lingerClose(c.nc)
+		if c.closeOkSent {
+			lingerClose(c.nc)
+		} else {
+			c.nc.Close()
+		}
 	case <-time.After(defaultCloseTimeout):
 		c.nc.Close()
 	}
@@ -361,6 +366,13 @@ func (c *conn) teardown() {
 		c.vh.conns.Add(-1)
 	}
 	c.s.closeUser(c)
+}
+
+// sendCloseOk answers the client's connection.close; the socket then closes gently
+// (lingerClose), since the client may still be sending.
+func (c *conn) sendCloseOk() {
+	c.closeOkSent = true
+	c.send(&connectionCloseOk{})
 }
 
 // lingerClose closes a socket whose last frames are written without resetting it: it shuts
@@ -734,7 +746,7 @@ func (c *conn) expect(m method) error {
 		return err
 	}
 	if id == idConnectionClose {
-		c.send(&connectionCloseOk{})
+		c.sendCloseOk()
 		return errConnectionClosed
 	}
 	if id != m.id() {
@@ -820,7 +832,7 @@ func (c *conn) handleWhileClosing(f frame) error {
 	case idConnectionCloseOk:
 		return errConnectionClosed
 	case idConnectionClose:
-		c.send(&connectionCloseOk{})
+		c.sendCloseOk()
 		return errConnectionClosed
 	}
 	return nil
@@ -834,7 +846,7 @@ func (c *conn) connectionMethod(id uint32, d decoder) error {
 		m.decode(&d)
 		c.log.Debug("client closed connection", "code", m.ReplyCode, "text", m.ReplyText)
 		c.closing.Store(true)
-		c.send(&connectionCloseOk{})
+		c.sendCloseOk()
 		return errConnectionClosed
 	case idConnectionCloseOk:
 		// A close-ok we did not ask for: RabbitMQ ends the connection.
