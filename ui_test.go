@@ -150,9 +150,9 @@ func TestUIFilesKeepTheRules(t *testing.T) {
 // page, peeks, gets, publishes, purges and deletes from the queue's page, publishes from
 // an exchange's page to an AMQP consumer, binds and unbinds, declares and deletes
 // exchanges and queues, closes a connection, lists channels, adds and deletes a vhost, a
-// user and permissions, checks that a non-administrator sees no admin pages and that a
-// refused password returns to the login form, and that the page ran without a script
-// error or a CSP violation.
+// user and permissions, checks that a non-administrator sees no admin pages, that a
+// refused password returns to the login form and a page opened meanwhile follows the
+// login, and that the page ran without a script error or a CSP violation.
 func TestUIBrowser(t *testing.T) {
 	t.Parallel()
 	chromium := uiChromium(t)
@@ -378,6 +378,14 @@ func TestUIBrowser(t *testing.T) {
 	if got := br.evalString(`String(sessionStorage.getItem('amqp-go.auth'))`); got != "null" {
 		t.Errorf("credentials kept after logout: %s", got)
 	}
+
+	// A page opened while logged out is the one shown after the login.
+	br.navigate("#/queues")
+	br.typeInto(jsField("Log in", "username"), "viewer")
+	br.typeInto(jsField("Log in", "password"), "changed")
+	br.click(jsSubmit("Log in"))
+	br.waitText("the queues page after the login", `document.querySelector('main h1').textContent`, "Queues")
+	br.waitText("ui-in's consumer, seen by the viewer", jsCell("Queues", "ui-in", "Consumers"), "1")
 	br.checkProblems()
 }
 

@@ -315,7 +315,8 @@ function loginPage() {
   ], 'Log in', async els => {
     await login(els.username.value, els.password.value);
     statusLine.hidden = true;
-    go('#/overview');
+    // A link to a page opened while logged out leads there once logged in.
+    go(location.hash && location.hash !== '#/login' ? location.hash : '#/overview');
   });
   main.append(el('div', { class: 'login' }, el('h1', {}, 'amqp-go management'), f));
   f.elements.username.focus();
