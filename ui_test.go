@@ -153,8 +153,10 @@ func TestUIFilesKeepTheRules(t *testing.T) {
 // user and permissions, checks that a non-administrator sees no admin pages, that a
 // refused password returns to the login form and a page opened meanwhile follows the
 // login, and that the page ran without a script error or a CSP violation.
+//
+// Not parallel: Chromium is heavy, so it runs before the parallel tests start, and its
+// load does not stretch their timed waits.
 func TestUIBrowser(t *testing.T) {
-	t.Parallel()
 	chromium := uiChromium(t)
 	b := startAPIBroker(t, allEdits(addUser("viewer", "management"),
 		func(d *Definitions) error { return d.SetPermissions("viewer", "/", ".*", ".*", ".*") }))
