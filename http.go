@@ -81,8 +81,8 @@ type apiStatus int
 type apiFunc func(r *http.Request, u *apiUser) (any, error)
 
 // ManagementHandler returns the management HTTP API, as RabbitMQ's management plugin
-// serves it on port 15672. Config.HTTPAddr serves it from ListenAndServe; an embedding
-// program may serve it on a listener of its own.
+// serves it on port 15672, and the web UI at / (ui.go). Config.HTTPAddr serves it from
+// ListenAndServe; an embedding program may serve it on a listener of its own.
 func (s *Server) ManagementHandler() http.Handler {
 	mux := &apiRouter{}
 	handle := func(pattern string, need func(*apiUser) bool, fn apiFunc) {
@@ -191,6 +191,7 @@ func (s *Server) ManagementHandler() http.Handler {
 	handle("GET /api/health/checks/certificate-expiration/{within}/{unit}", anyone, s.apiHealthCerts)
 	handle("GET /api/aliveness-test/{vhost}", anyone, s.apiAliveness)
 
+	mountUI(mux)
 	return mux
 }
 
