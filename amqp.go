@@ -303,6 +303,7 @@ type Server struct {
 	openOnce   sync.Once
 	openErr    error
 	ready      chan struct{}  // closed when the first listener is up
+	overview   overviewRates  // the management API's overview rates
 	metrics    serverMetrics  // what ended connections and deleted queues counted, the node's identity (metrics.go)
 	startedAt  time.Time      // when NewServer made the server
 	httpSrvs   []*http.Server // guarded by mu: the HTTP listeners ListenAndServe opened
@@ -797,7 +798,9 @@ func (s *Server) watchResources() {
 				forced = time.Now()
 			}
 			live := s.liveHeap()
-			s.setAlarm(alarmMemory, live > limit, "memory alarm", "live_heap", live, "watermark", limit)
+			if s.memLimit.Load() == limit { // not changed meanwhile by SetMemoryHighWatermark
+				s.setAlarm(alarmMemory, live > limit, "memory alarm", "live_heap", live, "watermark", limit)
+			}
 		}
 		if limit := s.diskLimit.Load(); limit > 0 && s.store != nil {
 			free, err := s.diskFree()

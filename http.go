@@ -19,6 +19,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -953,9 +954,6 @@ func (s *Server) apiConsumers(r *http.Request, u *apiUser) (any, error) {
 func (s *Server) apiOverview(r *http.Request, u *apiUser) (any, error) {
 	vhs, _ := s.visibleVhosts(r, u)
 	var ready, unacked, queues, exchanges, consumers int64
-	var pub, del uint64
-	var pubRate, delRate float64
-	now := time.Now()
 	for _, vh := range vhs {
 		vh.mu.RLock()
 		exchanges += int64(len(vh.exchanges))
@@ -965,12 +963,7 @@ func (s *Server) apiOverview(r *http.Request, u *apiUser) (any, error) {
 			q.mu.Lock()
 			ready += int64(q.messageCountLocked())
 			consumers += int64(len(q.consumers))
-			pub += q.counts.published
-			del += q.deliveredLocked()
 			unacked += q.unackedLocked()
-			pr, dr := q.ratesLocked(now)
-			pubRate += pr
-			delRate += dr
 			q.mu.Unlock()
 		}
 	}
@@ -990,16 +983,51 @@ func (s *Server) apiOverview(r *http.Request, u *apiUser) (any, error) {
 		"management_version": Version, "rabbitmq_version": Version, "product_name": "amqp-go", "product_version": Version,
 		"erlang_version": "none (Go)", "cluster_name": nodeName, "node": nodeName,
 		"rates_mode": "basic", "exchange_types": exchangeTypes(),
-		"message_stats": map[string]any{
-			"publish": pub, "publish_details": map[string]any{"rate": pubRate},
-			"deliver_get": del, "deliver_get_details": map[string]any{"rate": delRate},
-		},
+		"message_stats": s.overviewStats(),
 		"queue_totals": map[string]any{"messages": ready + unacked, "messages_ready": ready, "messages_unacknowledged": unacked,
 			"messages_details": map[string]any{"rate": 0.0}},
 		"object_totals": map[string]any{"connections": len(conns), "channels": channels, "exchanges": exchanges,
 			"queues": queues, "consumers": consumers},
 		"listeners": listeners, "contexts": []any{},
 	}, nil
+}
+
+// overviewRates is the last sample of the node's message counts, for their rates.
+type overviewRates struct {
+	mu    sync.Mutex
+	at    time.Time
+	last  map[string]uint64
+	rates map[string]float64
+}
+
+// overviewStats is the overview's message_stats: the node's counts (Prometheus's
+// counters) under RabbitMQ's names, each with a rate over the time since the previous
+// sample at least five seconds older.
+func (s *Server) overviewStats() map[string]any {
+	m := s.messageTotals()
+	counts := map[string]uint64{"publish": m.received, "confirm": m.confirmed, "return_unroutable": m.unroutableReturned,
+		"drop_unroutable": m.unroutableDropped, "deliver_get": m.delivered(), "deliver": m.consumeManualAck,
+		"deliver_no_ack": m.consumeAutoAck, "get": m.getManualAck, "get_no_ack": m.getAutoAck, "get_empty": m.getEmpty,
+		"redeliver": m.redelivered, "ack": m.acknowledged}
+	o := &s.overview
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	now := time.Now()
+	if d := now.Sub(o.at); o.at.IsZero() || d >= 5*time.Second {
+		rates := make(map[string]float64, len(counts))
+		for k, v := range counts {
+			if !o.at.IsZero() {
+				rates[k] = float64(v-min(v, o.last[k])) / d.Seconds()
+			}
+		}
+		o.at, o.last, o.rates = now, counts, rates
+	}
+	out := make(map[string]any, 2*len(counts))
+	for k, v := range counts {
+		out[k] = v
+		out[k+"_details"] = map[string]any{"rate": o.rates[k]}
+	}
+	return out
 }
 
 // exchangeType is the type an exchange was declared with.

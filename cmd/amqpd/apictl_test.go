@@ -159,7 +159,8 @@ func TestAPIVerbs(t *testing.T) {
 	}
 
 	mustAPIVerb(t, "set_vm_memory_high_watermark", d.node, "1")
-	closed := conn.NotifyBlocked(make(chan amqp091.Blocking, 1))
+	// amqp091-go stops reading while a notification waits for room: room for them all.
+	closed := conn.NotifyBlocked(make(chan amqp091.Blocking, 64))
 	mustAPIVerb(t, "set_vm_memory_high_watermark", d.node, "0.0000001")
 	// The alarm is set within 100 ms; a connection is blocked when it publishes then.
 	tick := time.NewTicker(50 * time.Millisecond)
