@@ -353,6 +353,26 @@ func (c *conn) teardown() {
 		c.nc.Close()
 	}
 	<-c.writerDone
+	c.release()
+	if c.vh != nil {
+		c.vh.conns.Add(-1)
+	}
+	c.s.closeUser(c)
+}
+
+// sendCloseOk answers the client's connection.close. As in RabbitMQ, the connection's
+// channels are closed first (consumers cancelled, unacked messages requeued) and its
+// exclusive queues deleted, so that a client that reconnects once it has close-ok finds
+// them gone. The socket then closes gently (lingerClose): the client may still be sending.
+func (c *conn) sendCloseOk() {
+	c.release()
+	c.closeOkSent = true
+	c.send(&connectionCloseOk{})
+}
+
+// release closes every channel and deletes the exclusive queues; it runs on the reader,
+// at close-ok or at the end, once.
+func (c *conn) release() {
 	for id, ch := range c.channels {
 		if ch != nil {
 			ch.shutdown()
@@ -362,17 +382,7 @@ func (c *conn) teardown() {
 	for _, q := range c.exclusive {
 		q.vh.deleteQueue(q)
 	}
-	if c.vh != nil {
-		c.vh.conns.Add(-1)
-	}
-	c.s.closeUser(c)
-}
-
-// sendCloseOk answers the client's connection.close; the socket then closes gently
-// (lingerClose), since the client may still be sending.
-func (c *conn) sendCloseOk() {
-	c.closeOkSent = true
-	c.send(&connectionCloseOk{})
+	c.exclusive = nil
 }
 
 // lingerClose closes a socket whose last frames are written without resetting it: it shuts

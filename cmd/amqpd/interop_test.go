@@ -59,6 +59,8 @@ func TestInteropAmqp091Suite(t *testing.T) {
 	cmd.Env = append(cleanEnviron(), "AMQP_URL=amqp://guest:guest@"+addr+"/", "RABBITMQ_RABBITMQCTL_PATH="+script)
 	res, err := cmd.CombinedOutput()
 	if err != nil {
+		d.cmd.Process.Kill()
+		d.wait(t) // the log is complete, and no longer written
 		t.Fatalf("amqp091-go's suite against amqpd: %v\n%s\namqpd log:\n%s", err, res, d.logs)
 	}
 	if !strings.Contains(string(res), "ok") {
