@@ -340,6 +340,30 @@ func (s *Server) totals() liveTotals {
 	return t
 }
 
+// unconfirmed returns the publishes that the open channels in confirm mode have received
+// and neither confirmed (basic.ack) nor refused (basic.nack): the sum of the management
+// API's messages_unconfirmed over channels, as rabbitmq_prometheus sums it. It takes each
+// channel's confirm lock for a moment: call it per scrape, not per message.
+func (s *Server) unconfirmed() uint64 {
+	s.mu.Lock()
+	conns := make([]*conn, 0, len(s.active))
+	for c := range s.active {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	var n uint64
+	for _, c := range conns {
+		for _, ch := range c.openChannelList() {
+			ch.cmu.Lock()
+			if !ch.confirmClosed {
+				n += ch.confirmSeq - ch.confirmSent
+			}
+			ch.cmu.Unlock()
+		}
+	}
+	return n
+}
+
 // messageTotals are the broker's message counts since it started, over every connection
 // and queue, live or gone, as the global counters of rabbitmq_prometheus count them. The
 // names in brackets are the management API's message_stats fields they answer.
@@ -740,7 +764,10 @@ func (s *Server) writeMetrics(w io.Writer, perObject bool) error {
 	p.b = appendLabelValue(p.b, id)
 	p.b = append(p.b, "\"} 1\n"...)
 	p.family("rabbitmq_build_info", "untyped", "RabbitMQ & Erlang/OTP version info")
-	p.b = append(p.b, `rabbitmq_build_info{rabbitmq_version="`+Version+`",product_name="amqp-go",product_version="`+Version+`",erlang_version="`...)
+	// prometheus_plugin_version is the version of this output, which is amqp-go's;
+	// prometheus_client_version (of the prometheus.erl library) is left out: there is none.
+	p.b = append(p.b, `rabbitmq_build_info{rabbitmq_version="`+Version+`",prometheus_plugin_version="`+Version+
+		`",product_name="amqp-go",product_version="`+Version+`",erlang_version="`...)
 	p.b = appendLabelValue(p.b, runtime.Version())
 	p.b = append(p.b, "\"} 1\n"...)
 
@@ -761,6 +788,14 @@ func (s *Server) writeMetrics(w io.Writer, perObject bool) error {
 		p.one("rabbitmq_process_open_fds", "gauge", "Open file descriptors", "", open)
 		p.one("rabbitmq_process_max_fds", "gauge", "Open file descriptors limit", "", limit)
 	}
+	// Client sockets: those of the open connections, which Config.MaxConnections counts, and
+	// that limit, past which new sockets are closed at once (left out when there is none).
+	// A socket still in its handshake counts against MaxHandshakes instead; API sessions
+	// have no socket.
+	p.one("rabbitmq_process_open_tcp_sockets", "gauge", "Open TCP sockets", "", uint64(t.connections))
+	if limit := s.cfg.MaxConnections; limit > 0 {
+		p.one("rabbitmq_process_max_tcp_sockets", "gauge", "Open TCP sockets limit", "", uint64(limit))
+	}
 	alarms := s.alarms.Load()
 	p.one("rabbitmq_alarms_file_descriptor_limit", "untyped", "is 1 if file descriptor limit alarm is in effect", "", 0)
 	p.one("rabbitmq_alarms_free_disk_space_watermark", "untyped", "is 1 if free disk space watermark alarm is in effect", "", uint64(alarms&alarmDisk)/alarmDisk)
@@ -772,6 +807,7 @@ func (s *Server) writeMetrics(w io.Writer, perObject bool) error {
 	p.one("rabbitmq_queues", "gauge", "Queues available", "", uint64(sc.queues))
 	p.one("rabbitmq_channel_consumers", "gauge", "Consumers on a channel", "", uint64(sc.sum.consumers))
 	p.one("rabbitmq_channel_messages_unacked", "gauge", "Delivered but not yet acknowledged messages", "", uint64(sc.sum.unacked))
+	p.one("rabbitmq_channel_messages_unconfirmed", "gauge", "Published but not yet confirmed messages", "", s.unconfirmed())
 	p.one("rabbitmq_global_publishers", "gauge", "Current number of publishers", labelsProtocol, uint64(t.publishers))
 	p.one("rabbitmq_global_consumers", "gauge", "Current number of consumers", labelsProtocol, uint64(sc.sum.consumers))
 

@@ -495,8 +495,9 @@ func TestMetricsExposition(t *testing.T) {
 		"rabbitmq_channels_opened_total": "counter", "rabbitmq_channels_closed_total": "counter",
 		"rabbitmq_queues_declared_total": "counter", "rabbitmq_queues_created_total": "counter", "rabbitmq_queues_deleted_total": "counter",
 		"rabbitmq_queue_messages_ready": "gauge", "rabbitmq_queue_messages_unacked": "gauge", "rabbitmq_queue_messages": "gauge",
-		"rabbitmq_queue_consumers":    "gauge",
-		"rabbitmq_message_size_bytes": "histogram",
+		"rabbitmq_queue_consumers":              "gauge",
+		"rabbitmq_message_size_bytes":           "histogram",
+		"rabbitmq_channel_messages_unconfirmed": "gauge", "rabbitmq_process_open_tcp_sockets": "gauge",
 	}
 	for _, kind := range []string{"received", "received_confirm", "routed", "unroutable_dropped", "unroutable_returned", "confirmed"} {
 		name := "rabbitmq_global_messages_" + kind + "_total"
@@ -535,8 +536,8 @@ func TestMetricsExposition(t *testing.T) {
 	if node := id.samples[0].labels["rabbitmq_node"]; !strings.HasPrefix(node, "amqp-go@") {
 		t.Errorf("rabbitmq_node = %q", node)
 	}
-	if p.value(t, "rabbitmq_build_info", "rabbitmq_version", Version, "product_name", "amqp-go",
-		"product_version", Version, "erlang_version", runtime.Version()) != 1 {
+	if p.value(t, "rabbitmq_build_info", "rabbitmq_version", Version, "prometheus_plugin_version", Version,
+		"product_name", "amqp-go", "product_version", Version, "erlang_version", runtime.Version()) != 1 {
 		t.Error("rabbitmq_build_info is not 1")
 	}
 	if p.value(t, "rabbitmq_disk_space_available_limit_bytes") != defaultDiskFreeLimit {
@@ -547,6 +548,9 @@ func TestMetricsExposition(t *testing.T) {
 	}
 	if _, ok := p.families["rabbitmq_resident_memory_limit_bytes"]; ok {
 		t.Error("a memory limit reported with no MemoryHighWatermark")
+	}
+	if _, ok := p.families["rabbitmq_process_max_tcp_sockets"]; ok {
+		t.Error("a TCP socket limit reported with no MaxConnections")
 	}
 	if runtime.GOOS == "linux" {
 		open, limit := p.value(t, "rabbitmq_process_open_fds"), p.value(t, "rabbitmq_process_max_fds")
@@ -955,6 +959,73 @@ func TestMetricsAlarmsAndMemory(t *testing.T) {
 	})
 }
 
+// TestMetricsChannelUnconfirmed: rabbitmq_channel_messages_unconfirmed counts a publish in
+// confirm mode from the moment it is received until its basic.ack. The server confirms
+// transient publishes when it has read all the client's input, so the client holds back
+// the end of a heartbeat frame to keep one publish unconfirmed.
+func TestMetricsChannelUnconfirmed(t *testing.T) {
+	t.Parallel()
+	srv, _ := newTestServer(t)
+	base := metricsServer(t, srv)
+	w := dialFrameClient(t, srv)
+	w.send(1, &confirmSelect{})
+	w.expect(1, idConfirmSelectOk)
+	unconfirmed := func(want float64) {
+		t.Helper()
+		awaitMetrics(t, base, []wantMetric{{"rabbitmq_channel_messages_unconfirmed", nil, want}})
+	}
+	unconfirmed(0)
+
+	heartbeat := wireFrame(frameHeartbeat, 0, nil)
+	b := appendMethodFrame(nil, 1, &basicPublish{RoutingKey: "nowhere"})
+	b = appendContent(b, 1, nil, []byte("body"), defaultFrameMax)
+	w.write(append(b, heartbeat[:3]...))
+	unconfirmed(1)
+
+	w.write(heartbeat[3:])
+	if ack := w.expect(1, idBasicAck).(*basicAck); ack.DeliveryTag != 1 || ack.Multiple {
+		t.Fatalf("basic.ack %+v, want tag 1", ack)
+	}
+	p := awaitMetrics(t, base, []wantMetric{
+		{"rabbitmq_channel_messages_unconfirmed", nil, 0},
+		{"rabbitmq_channel_messages_confirmed_total", nil, 1},
+	})
+	if f := p.families["rabbitmq_channel_messages_unconfirmed"]; f.typ != "gauge" || f.help != "Published but not yet confirmed messages" {
+		t.Errorf("rabbitmq_channel_messages_unconfirmed: type %s, help %q", f.typ, f.help)
+	}
+}
+
+// TestMetricsTCPSockets: rabbitmq_process_open_tcp_sockets counts the open client
+// connections and rabbitmq_process_max_tcp_sockets is Config.MaxConnections, so that
+// their difference is the number of clients that can still connect.
+func TestMetricsTCPSockets(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t, Config{MaxConnections: 3})
+	base := metricsServer(t, srv)
+	awaitMetrics(t, base, []wantMetric{
+		{"rabbitmq_process_open_tcp_sockets", nil, 0},
+		{"rabbitmq_process_max_tcp_sockets", nil, 3},
+	})
+	first := dial(t, url)
+	dial(t, url)
+	awaitMetrics(t, base, []wantMetric{{"rabbitmq_process_open_tcp_sockets", nil, 2}})
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	p := awaitMetrics(t, base, []wantMetric{
+		{"rabbitmq_process_open_tcp_sockets", nil, 1},
+		{"rabbitmq_connections", nil, 1},
+	})
+	for name, help := range map[string]string{
+		"rabbitmq_process_open_tcp_sockets": "Open TCP sockets",
+		"rabbitmq_process_max_tcp_sockets":  "Open TCP sockets limit",
+	} {
+		if f := p.families[name]; f.typ != "gauge" || f.help != help {
+			t.Errorf("%s: type %s, help %q", name, f.typ, f.help)
+		}
+	}
+}
+
 // TestMetricsManyQueuesPerObject: a per-object scrape of 10,000 queues parses strictly and
 // lists each one once (BenchmarkMetricsPerObject times 100,000).
 func TestMetricsManyQueuesPerObject(t *testing.T) {
@@ -1057,5 +1128,148 @@ func TestMetricsNeverGoDown(t *testing.T) {
 	}
 	if m := srv.messageTotals(); m.routed != 2*rounds || m.delivered() != 2*rounds {
 		t.Errorf("final counts %+v", m)
+	}
+}
+
+// dashboardOverviewMetrics are the metric families that RabbitMQ's "RabbitMQ-Overview"
+// Grafana dashboard queries: every name in its panels' PromQL and its template variables,
+// in panel order, each once. Read from rabbitmq/rabbitmq-server,
+// deps/rabbitmq_prometheus/docker/grafana/dashboards/RabbitMQ-Overview.json, at commit
+// 008e4584cd3dd8cb3b7e82f338a9a6315c5315b1 (dashboard version 20210322, Grafana 7) and at
+// 6ab75c7247c83f41929cf4f060a8df43164271b1 (version 64, Grafana 8), which query the same
+// names.
+//
+// The variables are label_values(rabbitmq_identity_info, namespace) and
+// label_values(rabbitmq_identity_info{namespace="$namespace"}, rabbitmq_cluster). The
+// panels join each family to its node with
+// "* on(instance) group_left(rabbitmq_cluster, rabbitmq_node) rabbitmq_identity_info{rabbitmq_cluster="$rabbitmq_cluster", namespace="$namespace"}"
+// and sum by(rabbitmq_node); in the second version the top row and a few node and queue
+// panels select rabbitmq_cluster and namespace on the family itself and sum by(instance).
+// instance, job and namespace are labels Prometheus attaches to what it scrapes; the
+// exporter serves rabbitmq_cluster and rabbitmq_node on rabbitmq_identity_info only, as
+// rabbitmq_prometheus does.
+var dashboardOverviewMetrics = []string{
+	// Top row: Ready messages, Incoming messages / s, Publishers (channels less
+	// consumers), Connections, Queues, Unacknowledged messages, Outgoing messages / s,
+	// Consumers, Channels, Nodes; the variables.
+	"rabbitmq_identity_info",
+	"rabbitmq_queue_messages_ready",
+	"rabbitmq_channel_messages_published_total",
+	"rabbitmq_channels",
+	"rabbitmq_channel_consumers",
+	"rabbitmq_connections",
+	"rabbitmq_queues",
+	"rabbitmq_queue_messages_unacked",
+	"rabbitmq_channel_messages_redelivered_total",
+	"rabbitmq_channel_messages_delivered_total",
+	"rabbitmq_channel_messages_delivered_ack_total",
+	"rabbitmq_channel_get_total",
+	"rabbitmq_channel_get_ack_total",
+	"rabbitmq_build_info",
+	// NODES: the build_info table; memory available before publishers blocked
+	// (limit - used); disk space available; file descriptors available; TCP sockets
+	// available.
+	"rabbitmq_resident_memory_limit_bytes",
+	"rabbitmq_process_resident_memory_bytes",
+	"rabbitmq_disk_space_available_bytes",
+	"rabbitmq_process_max_fds",
+	"rabbitmq_process_open_fds",
+	"rabbitmq_process_max_tcp_sockets",
+	"rabbitmq_process_open_tcp_sockets",
+	// INCOMING MESSAGES: published, confirmed, routed to queues, unconfirmed (a rate of
+	// the gauge), unroutable dropped and returned.
+	"rabbitmq_channel_messages_confirmed_total",
+	"rabbitmq_queue_messages_published_total",
+	"rabbitmq_channel_messages_unconfirmed",
+	"rabbitmq_channel_messages_unroutable_dropped_total",
+	"rabbitmq_channel_messages_unroutable_returned_total",
+	// OUTGOING MESSAGES: delivered, redelivered, manual and auto ack, acknowledged, polling
+	// with auto ack, empty and with manual ack.
+	"rabbitmq_channel_messages_acked_total",
+	"rabbitmq_channel_get_empty_total",
+	// QUEUES, CHANNELS, CONNECTIONS: totals, and the churn.
+	"rabbitmq_queues_declared_total",
+	"rabbitmq_queues_created_total",
+	"rabbitmq_queues_deleted_total",
+	"rabbitmq_channels_opened_total",
+	"rabbitmq_channels_closed_total",
+	"rabbitmq_connections_opened_total",
+	"rabbitmq_connections_closed_total",
+}
+
+// dashboardNotServed lists the names of dashboardOverviewMetrics that /metrics does not
+// serve here, with the reason; their panels stay empty. Every other name must be served
+// by a broker with a data directory, a memory watermark and a connection limit (without
+// them rabbitmq_disk_space_available_bytes, rabbitmq_resident_memory_limit_bytes and
+// rabbitmq_process_max_tcp_sockets are left out, as there is nothing to report).
+func dashboardNotServed() map[string]string {
+	m := map[string]string{}
+	if runtime.GOOS != "linux" {
+		const why = "open descriptors are counted in /proc/self/fd: Linux only (metrics_other.go)"
+		m["rabbitmq_process_open_fds"] = why
+		m["rabbitmq_process_max_fds"] = why
+	}
+	return m
+}
+
+// TestDashboardOverviewMetricsServed: both endpoints serve every family the RabbitMQ-Overview
+// dashboard queries, but those listed in dashboardNotServed (which must indeed be missing),
+// counters as counters; rabbitmq_identity_info is one sample with the rabbitmq_cluster and
+// rabbitmq_node labels the panels join in and sum by; and no other sample carries those
+// labels or the ones Prometheus attaches (instance, job, namespace), which would break the
+// join or be renamed exported_*.
+func TestDashboardOverviewMetricsServed(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t, Config{MemoryHighWatermark: 1 << 40, MaxConnections: 100})
+	base := metricsServer(t, srv)
+	declareTransientQueue(t, openChannel(t, dial(t, url)), "dashboard")
+	notServed := dashboardNotServed()
+	seen := map[string]bool{}
+	for _, name := range dashboardOverviewMetrics {
+		if seen[name] {
+			t.Errorf("%s listed twice", name)
+		}
+		seen[name] = true
+	}
+	for name := range notServed {
+		if !seen[name] {
+			t.Errorf("%s is listed as not served but the dashboard does not query it", name)
+		}
+	}
+	for _, path := range []string{"/metrics", "/metrics/per-object"} {
+		p := scrape(t, base, path)
+		for _, name := range dashboardOverviewMetrics {
+			f := p.families[name]
+			why, listed := notServed[name]
+			switch {
+			case f == nil && !listed:
+				t.Errorf("GET %s: %s is not served: the dashboard's panels on it stay empty", path, name)
+			case f != nil && listed:
+				t.Errorf("GET %s: %s is served, but listed as not served (%s)", path, name, why)
+			case f != nil && strings.HasSuffix(name, "_total") != (f.typ == "counter"):
+				t.Errorf("GET %s: %s has type %s", path, name, f.typ)
+			}
+		}
+		id := p.families["rabbitmq_identity_info"]
+		if id == nil || len(id.samples) != 1 {
+			t.Fatalf("GET %s: rabbitmq_identity_info %+v, want one sample", path, id)
+		}
+		for _, l := range []string{"rabbitmq_cluster", "rabbitmq_node"} {
+			if id.samples[0].labels[l] == "" {
+				t.Errorf("GET %s: rabbitmq_identity_info has no %s label", path, l)
+			}
+		}
+		for _, name := range p.order {
+			if name == "rabbitmq_identity_info" {
+				continue
+			}
+			for _, s := range p.families[name].samples {
+				for _, l := range []string{"rabbitmq_cluster", "rabbitmq_node", "instance", "job", "namespace"} {
+					if _, ok := s.labels[l]; ok {
+						t.Errorf("GET %s: %s carries the label %s", path, s.name, l)
+					}
+				}
+			}
+		}
 	}
 }
