@@ -582,7 +582,7 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 	holds := ch.routes.holds
 	var at int64 // when msg was published, for its due time and its record
 	if len(holds) > 0 {
-		at = time.Now().UnixMilli()
+		at = nowMillisUp()
 	}
 	if w := ch.c.s.store; w != nil && msg.persistent && (anyLogged(ch.routes.queues) || anyHoldLogged(holds)) {
 		var listener *channel
@@ -590,7 +590,7 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 			listener = ch
 		}
 		if at == 0 {
-			at = time.Now().UnixMilli()
+			at = nowMillisUp()
 		}
 		ticket, ch.walBuf, err = w.logPublishAt(msg, holdIDs(loggedIDs(ch.routes.queues), holds), at, ch.walBuf, listener)
 		if err != nil {
@@ -622,6 +622,13 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 		return ticket, errRefused
 	}
 	return ticket, nil
+}
+
+// nowMillisUp is the time in Unix milliseconds, rounded up: a delay or a time to live
+// counted from it never ends before it would have counted from the exact time.
+func nowMillisUp() int64 {
+	ns := time.Now().UnixNano()
+	return (ns + int64(time.Millisecond) - 1) / int64(time.Millisecond)
 }
 
 // warnMissingAE logs that x's alternate exchange does not exist. Routing reports it once
