@@ -835,3 +835,23 @@ func TestAPIEscaping(t *testing.T) {
 	}
 	b.must(404, "GET", "/api/queues/a/b/"+q, "guest", nil)
 }
+
+// TestAPISessionsEnd checks that the sessions API requests run in end with them: after
+// declares, publishes, gets, a refused declare and deletes, the broker serves no
+// connection, and a session's refusal leaves no channel or consumer behind.
+func TestAPISessionsEnd(t *testing.T) {
+	t.Parallel()
+	b := startAPIBroker(t, nil)
+	for i := range 10 {
+		q := "s" + strconv.Itoa(i)
+		b.must(201, "PUT", "/api/queues/%2F/"+q, "guest", map[string]any{"durable": false})
+		b.must(400, "PUT", "/api/queues/%2F/"+q, "guest", map[string]any{"durable": true})
+		b.must(200, "POST", "/api/exchanges/%2F/amq.default/publish", "guest", map[string]any{"routing_key": q, "payload": "x", "payload_encoding": "string"})
+		b.must(200, "POST", "/api/queues/%2F/"+q+"/get", "guest", map[string]any{"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"})
+		b.must(204, "DELETE", "/api/queues/%2F/"+q, "guest", nil)
+	}
+	pollFor(t, "every session closed", func() bool { return openConns(b.srv) == 0 })
+	if cs := b.must(200, "GET", "/api/connections", "guest", nil).([]any); len(cs) != 0 {
+		t.Errorf("connections listed: %v", cs)
+	}
+}
