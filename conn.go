@@ -22,7 +22,12 @@ import (
 var errTooManyFiles = syscall.EMFILE
 
 const (
-	readBufferSize = 16 << 10
+	// readBufferSize is a busy connection's read buffer. A connection starts with
+	// firstReadBufferSize and gets the full one after growReadAfter frames: an idle
+	// connection holds 2 KiB, not 16.
+	readBufferSize      = 16 << 10
+	firstReadBufferSize = 2 << 10
+	growReadAfter       = 32
 	// maxIdleOutbox is the largest outbox buffer kept between bursts; larger ones are dropped
 	// so an idle connection does not pin the memory of its biggest burst.
 	maxIdleOutbox = 256 << 10
@@ -106,7 +111,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 		started:    time.Now(),
 	}
 	c.log = s.log.With("conn", c.id, "remote", c.remote)
-	c.fr = frameReader{r: bufio.NewReaderSize(deadlineReader{c}, readBufferSize), frameMax: frameMinSize}
+	c.fr = frameReader{r: bufio.NewReaderSize(deadlineReader{c}, firstReadBufferSize), frameMax: frameMinSize}
 	c.fr.bodyDst = c.bodyDst
 	return c
 }
@@ -208,6 +213,11 @@ func (c *conn) serve() {
 	for {
 		f, err := c.fr.read()
 		if err == nil {
+			if c.fr.frames < growReadAfter {
+				if c.fr.frames++; c.fr.frames == growReadAfter {
+					c.fr.grow(readBufferSize, deadlineReader{c})
+				}
+			}
 			if c.s.alarms.Load() != 0 && isPublishFrame(f) && !c.closing.Load() {
 				c.blockWhileAlarm()
 			}

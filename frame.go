@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"io"
 	"math"
@@ -53,6 +54,19 @@ type frameReader struct {
 	// bodyDst, when set, may return where a body frame's payload of size octets on a
 	// channel goes (exactly size long), so it is read there without a copy; nil otherwise.
 	bodyDst func(channel uint16, size int) []byte
+	frames  int // frames read after the handshake, counted until the buffer grows
+}
+
+// grow gives the reader a buffer of size octets reading src, keeping what the old one
+// holds: it is read first.
+func (fr *frameReader) grow(size int, src io.Reader) {
+	n := fr.r.Buffered()
+	if n == 0 {
+		fr.r = bufio.NewReaderSize(src, size)
+		return
+	}
+	held, _ := fr.r.Peek(n)
+	fr.r = bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(held)), src), size)
 }
 
 // read returns the next frame. A frame over frameMax or without its frame-end octet is a
@@ -86,7 +100,7 @@ func (fr *frameReader) read() (frame, error) {
 		}
 	}
 	if cap(fr.buf) < int(size)+1 {
-		fr.buf = make([]byte, int(size)+1, max(int(size)+1, 4096))
+		fr.buf = make([]byte, int(size)+1, max(int(size)+1, 512))
 	}
 	b := fr.buf[:size+1]
 	if _, err := io.ReadFull(fr.r, b); err != nil {

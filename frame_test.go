@@ -1516,3 +1516,35 @@ func FuzzProperties(f *testing.F) {
 		}
 	})
 }
+
+// TestFrameReaderGrow: a reader that grows its buffer between frames keeps what the old
+// buffer held, so no octet is lost or repeated.
+func TestFrameReaderGrow(t *testing.T) {
+	var wire []byte
+	for i := range 50 {
+		wire = appendMethodFrame(wire, uint16(i), &queueDeclare{Queue: strings.Repeat("q", i)})
+	}
+	under := bytes.NewReader(wire)
+	fr := frameReader{r: bufio.NewReaderSize(under, 16), frameMax: defaultFrameMax}
+	for i := range 50 {
+		f, err := fr.read()
+		if err != nil {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+		if f.channel != uint16(i) {
+			t.Fatalf("frame %d arrived as channel %d", i, f.channel)
+		}
+		if i == 2 {
+			if fr.r.Buffered() == 0 {
+				t.Fatal("the small buffer holds nothing of the next frame: the test proves nothing")
+			}
+			fr.grow(4096, under)
+			if fr.r.Size() != 4096 {
+				t.Fatalf("buffer of %d octets after grow", fr.r.Size())
+			}
+		}
+	}
+	if _, err := fr.read(); err != io.EOF {
+		t.Errorf("after the last frame: %v, want EOF", err)
+	}
+}
