@@ -225,6 +225,7 @@ type queue struct {
 	lastUsed    atomic.Int64         // Unix milliseconds of the last basic.get, redeclare or consumer leaving
 	counts      queueCounts          // guarded by mu
 	enqueued    deque[enqueueSample] // guarded by mu: when messages were enqueued, sampled
+	mayExpire   bool                 // guarded by mu: a ready message may have an expiry; false once none can
 }
 
 // enqueueSample says that the messages of a queue from seq on were enqueued at or after
@@ -342,6 +343,9 @@ func (q *queue) enqueue(m *message) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	e := qentry{msg: m, expires: expiresAt(q.ttl, m.ttl)}
+	if e.expires != 0 {
+		q.mayExpire = true
+	}
 	if q.deleted {
 		// Routed before the delete: release the hold logPublish gave q on m.
 		if m.wal != nil && q.walID != 0 && q.vh.store != nil {
@@ -546,6 +550,13 @@ func expiresAtFrom(now int64, queue, msg ttl) int64 {
 // message with a later expiry ahead of them keeps them until it goes. Dead-lettering is
 // not implemented, so they are gone. q.mu must be held.
 func (q *queue) expireLocked() {
+	if !q.mayExpire {
+		return
+	}
+	if q.messageCountLocked() == 0 {
+		q.mayExpire = false // until a message with an expiry comes (enqueue, requeue)
+		return
+	}
 	var now int64
 	for q.messageCountLocked() > 0 {
 		at := q.headExpiresLocked()
@@ -839,6 +850,9 @@ func (q *queue) requeueLocked(e qentry) {
 		e.msg = e.msg.withHeader("x-delivery-count", int64(e.returns))
 	}
 	e.redelivered = true
+	if e.expires != 0 {
+		q.mayExpire = true
+	}
 	q.readyBytes += int64(e.msg.size)
 	q.ramBytes += e.msg.memCost()
 	h := append(q.requeued, e)

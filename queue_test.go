@@ -905,7 +905,7 @@ func TestQueueTTLTooLarge(t *testing.T) {
 // at least a millisecond and at most maxTTL, so no arithmetic overflows into "now".
 func TestExpiryTimerNeverSpins(t *testing.T) {
 	for _, at := range []int64{math.MaxInt64, math.MinInt64 + 1, 1} {
-		q := &queue{name: "q", vh: newVhost("/")}
+		q := &queue{name: "q", vh: newVhost("/"), mayExpire: true} // as enqueue marks it
 		q.ready.push(qentry{msg: &message{}, seq: 1, expires: at})
 		q.mu.Lock()
 		q.scheduleExpiryLocked()

@@ -500,6 +500,9 @@ func (q *queue) loadTailLocked() {
 // headExpiresLocked is when the next ready message expires (0: never). q must not be
 // empty, and q.mu must be held.
 func (q *queue) headExpiresLocked() int64 {
+	if !q.mayExpire {
+		return 0 // no message in q has an expiry: a queue without TTLs pays one test
+	}
 	if q.ready.len() > 0 || len(q.requeued) > 0 {
 		return q.peekLocked().expires // the message popLocked takes next
 	}

@@ -1398,6 +1398,9 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 					r.expires = expiresAtFrom(now, q.ttl, t)
 				}
 			}
+			if r.expires != 0 {
+				q.mayExpire = true
+			}
 			refs.set(i, r)
 			q.readyBytes += int64(r.body)
 		})
