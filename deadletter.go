@@ -110,6 +110,24 @@ func (d *deadLetters) add(jobs ...deadLetterJob) {
 	}
 }
 
+// addNow is add for a caller that holds no lock: when no worker is running, the caller
+// becomes the worker and has moved the jobs (and any added meanwhile) when it returns;
+// otherwise they queue behind the running worker's, in order.
+func (d *deadLetters) addNow(jobs ...deadLetterJob) {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return
+	}
+	d.jobs = append(d.jobs, jobs...)
+	start := !d.running
+	d.running = true
+	d.mu.Unlock()
+	if start {
+		d.run()
+	}
+}
+
 // run moves jobs until none are left.
 func (d *deadLetters) run() {
 	for {
@@ -329,8 +347,13 @@ func (q *queue) deadLetterLocked(m *message, reason string) bool {
 // or nacked without requeue, over to it, and returns the others, to be settled.
 // done is left as it was (the caller dispatches its queues); a new list is made only when
 // some message goes to a dead-letter exchange.
+//
+// The caller holds no lock, so the moves are made before it returns when the worker is
+// idle: a client that rejects, then looks in the dead-letter queue, finds the message there,
+// as in RabbitMQ.
 func deadLetterRejected(done []unacked) []unacked {
 	var rest []unacked
+	var jobs []deadLetterJob
 	for i, u := range done {
 		t := u.q.dead.Load()
 		if t == nil || u.q.vh.dead == nil {
@@ -342,11 +365,12 @@ func deadLetterRejected(done []unacked) []unacked {
 		if rest == nil {
 			rest = append(make([]unacked, 0, len(done)), done[:i]...)
 		}
-		u.q.vh.dead.add(deadLetterJob{q: u.q, t: t, m: u.e.msg, reason: deathRejected})
+		jobs = append(jobs, deadLetterJob{q: u.q, t: t, m: u.e.msg, reason: deathRejected})
 	}
 	if rest == nil {
 		return done
 	}
+	jobs[0].q.vh.dead.addNow(jobs...)
 	return rest
 }
 
