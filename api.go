@@ -83,7 +83,7 @@ func (s *Server) vhostInfo(vh *vhost) map[string]any {
 	}
 	return map[string]any{"name": vh.name, "description": "", "tags": []string{}, "default_queue_type": "classic",
 		"metadata": map[string]any{"description": "", "tags": []string{}}, "tracing": false,
-		"cluster_state": map[string]string{nodeName: "running"},
+		"cluster_state": map[string]string{s.node(): "running"},
 		"messages":      ready + unacked, "messages_ready": ready, "messages_unacknowledged": unacked}
 }
 
@@ -695,7 +695,7 @@ func (q *queue) ratesLocked(now time.Time) (pub, del float64) {
 	return sm.pubRate, sm.delRate
 }
 
-func queueInfo(vh *vhost, q *queue, now time.Time) map[string]any {
+func queueInfo(vh *vhost, q *queue, now time.Time, node string) map[string]any {
 	q.mu.Lock()
 	q.expireLocked()
 	ready := q.messageCountLocked()
@@ -726,7 +726,7 @@ func queueInfo(vh *vhost, q *queue, now time.Time) map[string]any {
 	q.mu.Unlock()
 	info := map[string]any{
 		"name": q.name, "vhost": vh.name, "durable": q.durable, "auto_delete": q.autoDelete, "exclusive": q.exclusive,
-		"arguments": tableJSON(q.args), "node": nodeName, "state": "running", "type": "classic",
+		"arguments": tableJSON(q.args), "node": node, "state": "running", "type": "classic",
 		"messages": int64(ready) + unacked, "messages_ready": ready, "messages_unacknowledged": unacked,
 		"message_bytes": readyBytes, "message_bytes_ready": readyBytes, "message_bytes_unacknowledged": 0,
 		"consumers": consumers, "policy": nilIfEmpty(policy), "operator_policy": nilIfEmpty(opPolicy),
@@ -769,7 +769,7 @@ func (s *Server) apiQueues(r *http.Request, u *apiUser) (any, error) {
 	var items []map[string]any
 	for _, vh := range vhs {
 		for _, q := range vh.queueList() {
-			items = append(items, queueInfo(vh, q, now))
+			items = append(items, queueInfo(vh, q, now, s.node()))
 		}
 	}
 	sortByVhostName(items)
@@ -807,7 +807,7 @@ func (s *Server) apiQueue(r *http.Request, u *apiUser) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	return queueInfo(vh, q, time.Now()), nil
+	return queueInfo(vh, q, time.Now(), s.node()), nil
 }
 
 func (s *Server) apiPutQueue(r *http.Request, u *apiUser) (any, error) {

@@ -43,8 +43,11 @@ import (
 // maxAPIBody bounds a request body: definitions files up to 20 MB, as the issue asks.
 const maxAPIBody = 20 << 20
 
-// nodeName is the node name the API and the metrics report.
-const nodeName = "rabbit@localhost"
+// node is the node name the API reports, the same as the metrics' rabbitmq_node.
+func (s *Server) node() string {
+	n, _, _ := s.identity()
+	return n
+}
 
 // apiUser is the user of a request, logged in.
 type apiUser struct {
@@ -99,7 +102,7 @@ func (s *Server) ManagementHandler() http.Handler {
 	})
 	handle("GET /api/nodes", monitor, func(r *http.Request, u *apiUser) (any, error) { return []any{s.nodeInfo()}, nil })
 	handle("GET /api/nodes/{node}", monitor, func(r *http.Request, u *apiUser) (any, error) {
-		if r.PathValue("node") != nodeName {
+		if r.PathValue("node") != s.node() {
 			return nil, notFoundAPI()
 		}
 		return s.nodeInfo(), nil
@@ -760,7 +763,7 @@ func connInfo(c *conn) map[string]any {
 	lhost, lport := splitHostPort(c.nc.LocalAddr().String())
 	props := tableJSON(c.clientInfo)
 	protocol := "AMQP 0-9-1"
-	return map[string]any{"name": connectionName(c), "node": nodeName, "vhost": c.vh.name, "user": c.user,
+	return map[string]any{"name": connectionName(c), "node": c.s.node(), "vhost": c.vh.name, "user": c.user,
 		"state": "running", "type": "network", "protocol": protocol, "ssl": c.isTLS, "auth_mechanism": "PLAIN",
 		"peer_host": host, "peer_port": port, "host": lhost, "port": lport,
 		"channels": len(c.openChannelList()), "channel_max": c.channelMax, "frame_max": c.frameMax,
@@ -839,7 +842,7 @@ func channelInfo(c *conn, ch *channel) map[string]any {
 	unconfirmed := ch.confirmSeq - ch.confirmSent
 	ch.cmu.Unlock()
 	name := connectionName(c) + " (" + strconv.Itoa(int(ch.id)) + ")"
-	return map[string]any{"name": name, "number": ch.id, "node": nodeName, "vhost": c.vh.name, "user": c.user,
+	return map[string]any{"name": name, "number": ch.id, "node": c.s.node(), "vhost": c.vh.name, "user": c.user,
 		"connection_details": map[string]any{"name": connectionName(c)}, "state": "running",
 		"confirm": modes&modeConfirm != 0, "transactional": modes&modeTx != 0,
 		"prefetch_count": prefetch, "global_prefetch_count": global, "messages_unacknowledged": unacked,
@@ -886,7 +889,7 @@ func consumerInfo(vh *vhost, q *queue, c *consumer) map[string]any {
 		"prefetch_count": c.prefetch, "active": active, "activity_status": status, "arguments": args,
 		"queue": map[string]any{"name": q.name, "vhost": vh.name},
 		"channel_details": map[string]any{"name": connectionName(c.ch.c) + " (" + strconv.Itoa(int(c.ch.id)) + ")",
-			"number": c.ch.id, "connection_name": connectionName(c.ch.c), "user": c.ch.c.user, "node": nodeName,
+			"number": c.ch.id, "connection_name": connectionName(c.ch.c), "user": c.ch.c.user, "node": c.ch.c.s.node(),
 			"peer_host": hostOf(c.ch.c.remote), "peer_port": portOf(c.ch.c.remote)}}
 }
 
@@ -936,12 +939,7 @@ func (s *Server) apiConsumers(r *http.Request, u *apiUser) (any, error) {
 				if !u.monitor() && c.ch.c.user != u.name {
 					continue
 				}
-				active := !q.single || q.active == c
-				items = append(items, map[string]any{"consumer_tag": c.tag, "exclusive": c.exclusive, "ack_required": !c.noAck,
-					"prefetch_count": c.prefetch, "active": active, "activity_status": map[bool]string{true: "up", false: "waiting"}[active],
-					"arguments":       map[string]any{"x-priority": c.priority},
-					"queue":           map[string]any{"name": q.name, "vhost": vh.name},
-					"channel_details": map[string]any{"name": connectionName(c.ch.c) + " (" + strconv.Itoa(int(c.ch.id)) + ")", "number": c.ch.id, "connection_name": connectionName(c.ch.c), "user": c.ch.c.user, "node": nodeName}})
+				items = append(items, consumerInfo(vh, q, c))
 			}
 			q.mu.Unlock()
 		}
@@ -952,6 +950,7 @@ func (s *Server) apiConsumers(r *http.Request, u *apiUser) (any, error) {
 // --- overview and node ---
 
 func (s *Server) apiOverview(r *http.Request, u *apiUser) (any, error) {
+	_, cluster, _ := s.identity()
 	vhs, _ := s.visibleVhosts(r, u)
 	var ready, unacked, queues, exchanges, consumers int64
 	for _, vh := range vhs {
@@ -976,12 +975,12 @@ func (s *Server) apiOverview(r *http.Request, u *apiUser) (any, error) {
 	s.mu.Lock()
 	for ln := range s.listeners {
 		_, port := splitHostPort(ln.Addr().String())
-		listeners = append(listeners, map[string]any{"node": nodeName, "protocol": "amqp", "port": port, "ip_address": ln.Addr().String()})
+		listeners = append(listeners, map[string]any{"node": s.node(), "protocol": "amqp", "port": port, "ip_address": ln.Addr().String()})
 	}
 	s.mu.Unlock()
 	return map[string]any{
 		"management_version": Version, "rabbitmq_version": Version, "product_name": "amqp-go", "product_version": Version,
-		"erlang_version": "none (Go)", "cluster_name": nodeName, "node": nodeName,
+		"erlang_version": "none (Go)", "cluster_name": cluster, "node": s.node(),
 		"rates_mode": "basic", "exchange_types": exchangeTypes(),
 		"message_stats": s.overviewStats(),
 		"queue_totals": map[string]any{"messages": ready + unacked, "messages_ready": ready, "messages_unacknowledged": unacked,
@@ -1056,7 +1055,7 @@ func (s *Server) nodeInfo() map[string]any {
 	if s.liveHeap != nil {
 		heap = s.liveHeap()
 	}
-	info := map[string]any{"name": nodeName, "type": "disc", "running": true, "uptime": time.Since(s.startedAt).Milliseconds(),
+	info := map[string]any{"name": s.node(), "type": "disc", "running": true, "uptime": time.Since(s.startedAt).Milliseconds(),
 		"mem_used": heap, "mem_limit": s.memLimit.Load(), "mem_alarm": alarms&alarmMemory != 0,
 		"disk_free": free, "disk_free_limit": s.diskLimit.Load(), "disk_free_alarm": alarms&alarmDisk != 0,
 		"partitions": []any{}, "os_pid": strconv.Itoa(os.Getpid()), "exchange_types": exchangeTypes()}
@@ -1070,7 +1069,7 @@ func (s *Server) nodeInfo() map[string]any {
 // rabbitmqctl set_vm_memory_high_watermark and set_disk_free_limit do (not in RabbitMQ's
 // HTTP API; amqpd's verbs of those names call it).
 func (s *Server) apiSetLimit(r *http.Request, u *apiUser) (any, error) {
-	if r.PathValue("node") != nodeName {
+	if r.PathValue("node") != s.node() {
 		return nil, notFoundAPI()
 	}
 	body, err := readJSON(r)
@@ -1112,10 +1111,10 @@ func (s *Server) apiHealthAlarms(r *http.Request, u *apiUser) (any, error) {
 	}
 	var alarms []any
 	if a&alarmMemory != 0 {
-		alarms = append(alarms, map[string]any{"node": nodeName, "resource": "memory"})
+		alarms = append(alarms, map[string]any{"node": s.node(), "resource": "memory"})
 	}
 	if a&alarmDisk != 0 {
-		alarms = append(alarms, map[string]any{"node": nodeName, "resource": "disk"})
+		alarms = append(alarms, map[string]any{"node": s.node(), "resource": "disk"})
 	}
 	return nil, healthFailed("resource alarm(s) in effect", map[string]any{"alarms": alarms})
 }
@@ -1181,7 +1180,7 @@ func (s *Server) apiHealthCerts(r *http.Request, u *apiUser) (any, error) {
 	deadline := time.Now().Add(time.Duration(within) * unit)
 	for _, c := range conf.Certificates {
 		if c.Leaf != nil && c.Leaf.NotAfter.Before(deadline) {
-			return nil, healthFailed("Certificates expiring", map[string]any{"expired": []any{map[string]any{"node": nodeName, "expires": c.Leaf.NotAfter.Format(time.RFC3339)}}})
+			return nil, healthFailed("Certificates expiring", map[string]any{"expired": []any{map[string]any{"node": s.node(), "expires": c.Leaf.NotAfter.Format(time.RFC3339)}}})
 		}
 	}
 	return map[string]any{"status": "ok"}, nil

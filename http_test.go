@@ -795,7 +795,7 @@ func TestAPITags(t *testing.T) {
 		{"PUT", "/api/queues/%2F/q-{tag}", map[string]any{"durable": false}, all, 201},
 		{"PUT", "/api/vhosts/v-{tag}", nil, admin, 201},
 		{"PUT", "/api/users/n-{tag}", map[string]any{"password": "x", "tags": ""}, admin, 201},
-		{"PUT", "/api/nodes/rabbit@localhost/disk_free_limit", map[string]any{"value": 50000000}, admin, 204},
+		{"PUT", "/api/nodes/" + b.srv.node() + "/disk_free_limit", map[string]any{"value": 50000000}, admin, 204},
 	} {
 		for _, tag := range tags {
 			path := strings.ReplaceAll(c.path, "{tag}", tag)

@@ -103,7 +103,11 @@ var apiCommands = map[string]apiCommand{
 		if err != nil || v < 0 {
 			return errors.New("want a fraction of RAM (at most 1) or a number of bytes")
 		}
-		_, err = c.do("PUT", "/api/nodes/rabbit@localhost/vm_memory_high_watermark", map[string]uint64{"value": watermark(v)})
+		node, err := c.nodeName()
+		if err != nil {
+			return err
+		}
+		_, err = c.do("PUT", "/api/nodes/"+url.PathEscape(node)+"/vm_memory_high_watermark", map[string]uint64{"value": watermark(v)})
 		return err
 	}},
 	"set_disk_free_limit": {args: "BYTES", min: 1, max: 1, run: func(c *apiClient, _ string, pos []string, _ io.Writer) error {
@@ -111,7 +115,11 @@ var apiCommands = map[string]apiCommand{
 		if err != nil || n < 0 {
 			return errors.New("want a number of bytes")
 		}
-		_, err = c.do("PUT", "/api/nodes/rabbit@localhost/disk_free_limit", map[string]int64{"value": n})
+		node, err := c.nodeName()
+		if err != nil {
+			return err
+		}
+		_, err = c.do("PUT", "/api/nodes/"+url.PathEscape(node)+"/disk_free_limit", map[string]int64{"value": n})
 		return err
 	}},
 }
@@ -211,6 +219,19 @@ func (c *apiClient) do(method, path string, body any, header ...string) ([]byte,
 		return nil, fmt.Errorf("%s", resp.Status)
 	}
 	return b, nil
+}
+
+// nodeName asks the broker for its node name.
+func (c *apiClient) nodeName() (string, error) {
+	b, err := c.do("GET", "/api/overview", nil)
+	if err != nil {
+		return "", err
+	}
+	var o struct{ Node string }
+	if err := json.Unmarshal(b, &o); err != nil || o.Node == "" {
+		return "", errors.New("no node name in the broker's overview")
+	}
+	return o.Node, nil
 }
 
 // listVerb makes a list subcommand: GET /api/{what}[/{vhost}], printing the columns asked
