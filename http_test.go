@@ -855,3 +855,43 @@ func TestAPISessionsEnd(t *testing.T) {
 		t.Errorf("connections listed: %v", cs)
 	}
 }
+
+// TestAPISlowClients: HTTP clients that open connections and send half a request hold
+// nothing AMQP needs: with 100 of them stalled, a message still goes through and the API
+// still answers a well-behaved client.
+func TestAPISlowClients(t *testing.T) {
+	t.Parallel()
+	srv := NewServer(Config{Addr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: wireDiscardLogger()})
+	done := make(chan error, 1)
+	go func() { done <- srv.ListenAndServe() }()
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+		<-done
+	}()
+	var addr net.Addr
+	pollFor(t, "the HTTP listener", func() bool { addr = srv.HTTPAddr(); return addr != nil })
+	for range 100 {
+		c, err := net.Dial("tcp", addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte("GET /api/overview HTTP/1.1\r\nHost: x\r\nAuthorization: Basic "))
+	}
+	ch := openChannel(t, dial(t, "amqp://guest:guest@"+srv.Addr().String()+"/"))
+	declareTransientQueue(t, ch, "through")
+	publishText(t, ch, "", "through", "ok")
+	if got := drainText(t, ch, "through"); len(got) != 1 || got[0] != "ok" {
+		t.Fatalf("with stalled HTTP clients, the queue gave %q", got)
+	}
+	req, _ := http.NewRequest("GET", "http://"+addr.String()+"/api/queues", nil)
+	req.SetBasicAuth("guest", "guest")
+	client := &http.Client{Timeout: 5 * time.Second}
+	resp, err := client.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("a good API client beside the stalled ones: %v %v", resp, err)
+	}
+	resp.Body.Close()
+}
