@@ -236,23 +236,10 @@ func (d *Definitions) DeleteVhost(name string) error {
 // value, as RabbitMQ drops a deleted user's topic permissions and everything of a deleted
 // virtual host. A section that is not a list of objects is left alone.
 func (d *Definitions) pruneSection(key, field, value string) {
-	var list []json.RawMessage
-	if json.Unmarshal(d.sections[key], &list) != nil || list == nil {
-		return
-	}
-	kept := slices.DeleteFunc(slices.Clone(list), func(raw json.RawMessage) bool {
-		var obj map[string]json.RawMessage
+	d.editSection(key, func(obj map[string]json.RawMessage) bool {
 		var s string
-		return json.Unmarshal(raw, &obj) == nil && json.Unmarshal(obj[field], &s) == nil && s == value
-	})
-	if len(kept) == len(list) {
-		return
-	}
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	enc.Encode(kept) // cannot fail: every element is valid JSON
-	d.sections[key] = bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
+		return json.Unmarshal(obj[field], &s) == nil && s == value
+	}, nil)
 }
 
 // SetPermissions sets, or replaces, a user's permissions on a virtual host. Both must
@@ -973,8 +960,9 @@ func policyEntry(vhost, name string, operator bool) func(map[string]json.RawMess
 }
 
 // editSection replaces the first entry of the list section key that same matches with
-// entry, or appends entry if none does; a nil entry removes the matching entries instead.
-// It reports whether an entry matched.
+// entry, or appends entry if none does; a nil entry removes the matching entries instead,
+// and leaves a section with none (or one that is not a list) as it is. It reports whether
+// an entry matched.
 func (d *Definitions) editSection(key string, same func(map[string]json.RawMessage) bool, entry any) bool {
 	var list []json.RawMessage
 	json.Unmarshal(d.sections[key], &list) // a section that is not a list is replaced
@@ -993,6 +981,9 @@ func (d *Definitions) editSection(key string, same func(map[string]json.RawMessa
 	}
 	if !found && entry != nil {
 		out = append(out, entry)
+	}
+	if !found && entry == nil {
+		return false // nothing to remove: the section stays as it is
 	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)

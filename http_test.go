@@ -268,7 +268,7 @@ func TestAPIAuthorisation(t *testing.T) {
 	if len(cs) != 1 || field(cs[0], "user") != "guest" || !strings.Contains(field(cs[0], "name").(string), " -> ") {
 		t.Fatalf("monitoring user's connections: %v", cs)
 	}
-	name := urlEscape(field(cs[0], "name").(string))
+	name := url.PathEscape(field(cs[0], "name").(string))
 	b.must(404, "DELETE", "/api/connections/"+name, "mgmt", nil)
 	closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
 	if st, _ := b.do("DELETE", "/api/connections/"+name, "guest", nil, "X-Reason", "maintenance"); st != 204 {
