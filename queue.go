@@ -247,33 +247,51 @@ func (q *queue) noteEnqueueLocked(seq uint64) {
 	if n := q.enqueued.len(); n > 0 && q.enqueued.at(n-1).at == now {
 		return
 	}
+	// Samples no ready message needs go here too, not only when the age is read: an empty
+	// queue keeps none, and in a queue without priorities none before its head.
+	if q.messageCountLocked() == 0 {
+		q.enqueued.clear()
+	} else {
+		q.trimEnqueuedLocked()
+	}
 	if q.enqueued.len() == maxEnqueueSamples {
 		q.enqueued.pop()
 	}
 	q.enqueued.push(enqueueSample{seq: seq, at: now})
 }
 
+// headSeqLocked is the seq of the next ready message; q must not be empty. q.mu must be
+// held.
+func (q *queue) headSeqLocked() uint64 {
+	if q.ready.len() > 0 || len(q.requeued) > 0 {
+		return q.peekLocked().seq
+	}
+	return q.tailSeq
+}
+
+// trimEnqueuedLocked drops the samples before the head of a queue without priorities (its
+// head has the lowest seq). q must not be empty; q.mu must be held.
+func (q *queue) trimEnqueuedLocked() {
+	if q.ready.levels != nil {
+		return
+	}
+	seq, d := q.headSeqLocked(), &q.enqueued
+	for d.len() > 1 && d.at(1).seq <= seq {
+		d.pop()
+	}
+}
+
 // headEnqueuedLocked returns when the next ready message was enqueued (Unix milliseconds,
 // within the clock's 100 ms step), as the broker saw it: not a publisher's timestamp
-// property. Messages recovered at a start count from the start. ok is false when the
-// queue is empty. q.mu must be held.
+// property. Messages recovered at a start count from the start, and a message requeued
+// after its queue emptied from the next enqueue. ok is false when the queue is empty. q.mu
+// must be held.
 func (q *queue) headEnqueuedLocked() (at int64, ok bool) {
-	var seq uint64
-	switch {
-	case q.ready.len() > 0 || len(q.requeued) > 0:
-		seq = q.peekLocked().seq
-	case q.tail.len() > 0:
-		seq = q.tailSeq
-	default:
+	if q.messageCountLocked() == 0 {
 		return 0, false
 	}
-	d := &q.enqueued
-	if q.ready.levels == nil {
-		// In a queue without priorities the head has the lowest seq: samples before it go.
-		for d.len() > 1 && d.at(1).seq <= seq {
-			d.pop()
-		}
-	}
+	q.trimEnqueuedLocked()
+	seq, d := q.headSeqLocked(), &q.enqueued
 	// The last sample at or before seq; samples are in seq order.
 	lo, hi := 0, d.len()
 	for lo < hi {
