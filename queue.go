@@ -2,7 +2,6 @@ package amqp
 
 import (
 	"errors"
-	"math"
 	"slices"
 	"strconv"
 	"sync"
@@ -424,94 +423,6 @@ func (q *queue) overShareLocked(cost int64) bool {
 
 // consumedShare is how many times its share of memory a queue with consumers may hold.
 const consumedShare = 64
-
-// queueLimits are a queue's x-max-length, x-max-length-bytes and x-overflow. The zero
-// value is no limit.
-type queueLimits struct {
-	limited          bool  // a limit is set
-	maxLen, maxBytes int64 // -1: none
-	rejectPublish    bool  // x-overflow reject-publish: refuse new messages instead of dropping old
-	dlx              bool  // x-overflow reject-publish-dlx: and dead-letter the refused ones
-}
-
-// full reports whether n ready messages of size octets break a limit.
-func (l queueLimits) full(n int, size int64) bool {
-	return l.limited && (l.maxLen >= 0 && int64(n) > l.maxLen || l.maxBytes >= 0 && size > l.maxBytes)
-}
-
-// parseQueueLimits reads x-max-length, x-max-length-bytes and x-overflow.
-func parseQueueLimits(args table) (queueLimits, string, error) {
-	l := queueLimits{maxLen: -1, maxBytes: -1}
-	for _, a := range []struct {
-		name string
-		dst  *int64
-	}{{"x-max-length", &l.maxLen}, {"x-max-length-bytes", &l.maxBytes}} {
-		v, ok := args[a.name]
-		if !ok {
-			continue
-		}
-		n, ok := intValue(v)
-		if !ok {
-			return l, a.name, errors.New("{unacceptable_type," + fieldType(v) + "}")
-		}
-		if n < 0 {
-			return l, a.name, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
-		}
-		*a.dst = n
-		l.limited = true
-	}
-	switch v := args["x-overflow"]; v {
-	case nil, "drop-head":
-	case "reject-publish", "reject-publish-dlx":
-		l.rejectPublish, l.dlx = true, v == "reject-publish-dlx"
-	default:
-		return l, "x-overflow", errors.New("invalid_overflow")
-	}
-	return l, "", nil
-}
-
-// queueArgs are what a queue's x-arguments make of it.
-type queueArgs struct {
-	ttl             ttl
-	limits          queueLimits
-	expires         int64
-	deliveryLimit   int64
-	dead            *deadLetterTarget
-	single          bool
-	priorities      bool
-	maxPriority     uint8
-	consumerTimeout int64
-}
-
-// parseQueueArgs reads a queue's x-arguments. The first wrong one is named in bad, with
-// RabbitMQ's reason, for "invalid arg 'bad' for queue ...: reason"; the others are read
-// all the same (recovery uses what it can of arguments an older version accepted).
-func parseQueueArgs(args table) (qa queueArgs, bad string, err error) {
-	note := func(name string, e error) {
-		if e != nil && err == nil {
-			bad, err = name, e
-		}
-	}
-	var e error
-	var name string
-	qa.ttl, e = queueTTL(args)
-	note("x-message-ttl", e)
-	qa.limits, name, e = parseQueueLimits(args)
-	note(name, e)
-	qa.expires, e = queueExpires(args)
-	note("x-expires", e)
-	qa.deliveryLimit, e = queueDeliveryLimit(args)
-	note("x-delivery-limit", e)
-	qa.dead, name, e = parseDeadLetter(args)
-	note(name, e)
-	qa.single, e = queueSingleActive(args)
-	note("x-single-active-consumer", e)
-	qa.maxPriority, qa.priorities, e = queueMaxPriority(args)
-	note("x-max-priority", e)
-	qa.consumerTimeout, _, e = millisArg(args, "x-consumer-timeout", false)
-	note("x-consumer-timeout", e)
-	return qa, bad, err
-}
 
 // newQueue makes a queue of vh with these arguments (qa is what they make of it) and
 // vh's policies, not yet in vh. vh.mu must be held, or vh not yet serving.
@@ -1060,30 +971,6 @@ func (q *queue) removeConsumer(c *consumer) (autoDelete bool) {
 	return q.autoDelete && q.hadConsumer && len(q.consumers) == 0 && !q.deleted
 }
 
-// queueExpires reads x-expires from queue arguments: an integer of milliseconds from 1 to
-// maxTTL. The error text is RabbitMQ's.
-func queueExpires(args table) (int64, error) {
-	n, _, err := millisArg(args, "x-expires", false)
-	return n, err
-}
-
-// queueDeliveryLimit reads x-delivery-limit, a non-negative integer, and returns it plus
-// one (0: none).
-func queueDeliveryLimit(args table) (int64, error) {
-	v, ok := args["x-delivery-limit"]
-	if !ok {
-		return 0, nil
-	}
-	n, ok := intValue(v)
-	switch {
-	case !ok:
-		return 0, errors.New("{unacceptable_type," + fieldType(v) + "}")
-	case n < 0:
-		return 0, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
-	}
-	return min(n, math.MaxUint32) + 1, nil
-}
-
 // propertiesToEdit decodes m's properties and returns them with a copy of their headers
 // that has room for extra more.
 func (m *message) propertiesToEdit(extra int) (properties, table) {
@@ -1107,39 +994,6 @@ func (m *message) withHeader(name string, v any) *message {
 	c.data = append(append(append(make([]byte, 0, int(m.keyLen)+len(props)+int(m.size)), m.routingKey()...), props...), m.body()...)
 	c.propsLen = uint32(len(props))
 	return &c
-}
-
-// queueMaxPriority reads x-max-priority: an integer from 0 to 255 (0 acts as 1), as
-// RabbitMQ's check_max_priority_arg; ok is false when the queue has no priorities.
-func queueMaxPriority(args table) (highest uint8, ok bool, err error) {
-	v, has := args["x-max-priority"]
-	if !has {
-		return 0, false, nil
-	}
-	n, isInt := intValue(v)
-	switch {
-	case !isInt:
-		return 0, false, errors.New("{unacceptable_type," + fieldType(v) + "}")
-	case n < 0:
-		return 0, false, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
-	case n > 255:
-		return 0, false, errors.New("{max_value_exceeded," + strconv.FormatInt(n, 10) + "}")
-	}
-	return uint8(max(n, 1)), true, nil
-}
-
-// queueSingleActive reads x-single-active-consumer from queue arguments: a boolean, as
-// RabbitMQ requires; its error text is RabbitMQ's.
-func queueSingleActive(args table) (bool, error) {
-	v, ok := args["x-single-active-consumer"]
-	if !ok {
-		return false, nil
-	}
-	b, ok := v.(bool)
-	if !ok {
-		return false, errors.New("{unacceptable_type," + fieldType(v) + "}")
-	}
-	return b, nil
 }
 
 // renewLease starts q's x-expires period again: it was used (basic.get, redeclare, its last
@@ -1510,42 +1364,6 @@ func (ch *channel) queueDelete(d *decoder) error {
 		}
 	}
 	return ch.reply(m.NoWait, &queueDeleteOk{MessageCount: uint32(n)})
-}
-
-// maxTTL is the largest time to live RabbitMQ accepts, in milliseconds (its
-// MAX_EXPIRY_TIMER); larger values of expiration and x-message-ttl are 406, so no expiry
-// time can overflow.
-const maxTTL = 1<<32 - 1
-
-// queueTTL reads x-message-ttl from queue arguments: an integer of milliseconds from 0 to
-// maxTTL. The error text is RabbitMQ's.
-func queueTTL(args table) (ttl, error) {
-	n, ok, err := millisArg(args, "x-message-ttl", true)
-	if !ok || err != nil {
-		return 0, err
-	}
-	return newTTL(n), nil
-}
-
-// millisArg reads a queue argument of milliseconds, at most maxTTL (0 allowed when
-// zeroOK), as RabbitMQ checks x-message-ttl and x-expires; ok says it is present.
-func millisArg(args table, name string, zeroOK bool) (n int64, ok bool, err error) {
-	v, ok := args[name]
-	if !ok {
-		return 0, false, nil
-	}
-	n, isInt := intValue(v)
-	switch {
-	case !isInt:
-		return 0, true, errors.New("{unacceptable_type," + fieldType(v) + "}")
-	case n == 0 && !zeroOK:
-		return 0, true, errors.New("{value_zero,0}")
-	case n < 0:
-		return 0, true, errors.New("{value_negative," + strconv.FormatInt(n, 10) + "}")
-	case n > maxTTL:
-		return 0, true, errors.New("{value_too_large," + strconv.FormatInt(n, 10) + "}")
-	}
-	return n, true, nil
 }
 
 // parseExpiration reads the expiration property: milliseconds as a decimal string, as
