@@ -423,10 +423,6 @@ func (ch *channel) handleHeader(p []byte) error {
 	if bad != "" {
 		return withMethod(preconditionFailed("invalid expiration '"+string(props.expiration)+"': "+bad), idBasicPublish)
 	}
-	m := &message{keyLen: uint8(len(ch.pubKey)), propsLen: uint32(len(raw)), publisher: ch.c.id, persistent: props.deliveryMode == 2, priority: props.priority, ttl: ttl}
-	// The message's buffer is allocated when its body arrives (bodyRoom): until then the
-	// key and properties wait in the channel's scratch, so a header announcing a large
-	// body commits no memory the client has not sent.
 	if cap(ch.pubHead) > maxIdleHead {
 		ch.pubHead = nil
 	}
@@ -434,11 +430,21 @@ func (ch *channel) handleHeader(p []byte) error {
 		ch.pubHead = append(append(ch.pubHead[:0], ch.pubKey...), raw...)
 	} else {
 		ch.pubHead = appendReplyTo(append(ch.pubHead[:0], ch.pubKey...), raw, props.replyToAt, replyTo)
-		m.propsLen = uint32(len(ch.pubHead) - len(ch.pubKey))
+	}
+	// A small message comes with room for its data in its own allocation, and takes the
+	// key and properties now. A larger one gets its buffer as its body arrives (bodyRoom),
+	// so a header announcing a large body commits no memory the client has not sent.
+	m := newMessage(len(ch.pubHead) + int(size))
+	m.keyLen, m.propsLen = uint8(len(ch.pubKey)), uint32(len(ch.pubHead)-len(ch.pubKey))
+	m.publisher, m.persistent, m.priority, m.ttl = ch.c.id, props.deliveryMode == 2, props.priority, ttl
+	if m.data != nil {
+		m.data = append(m.data, ch.pubHead...)
 	}
 	ch.pubMsg, ch.pubFill, ch.pubSize = m, 0, int(size)
 	if size == 0 {
-		m.data = slices.Clone(ch.pubHead)
+		if m.data == nil {
+			m.data = slices.Clone(ch.pubHead)
+		}
 		return ch.publishComplete()
 	}
 	return nil

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	amqp091 "github.com/rabbitmq/amqp091-go"
 )
@@ -1254,4 +1255,50 @@ func TestPriorityQueueExpiresTheNextMessageOnly(t *testing.T) {
 	if n := queueReady(t, ch, "prio-ttl"); n != 0 {
 		t.Fatalf("%d left, want the expired low one gone", n)
 	}
+}
+
+// TestNewMessageInline: a small message and its data are one allocation that fills its
+// size class exactly; a large one leaves its data to bodyRoom.
+func TestNewMessageInline(t *testing.T) {
+	if n := unsafe.Sizeof(message{}); n != 88 {
+		t.Fatalf("a message is %d octets; inlineMessages' rooms assume 88", n)
+	}
+	for _, c := range inlineMessages {
+		if a := testing.AllocsPerRun(100, func() { newMessage(c.room) }); a != 1 {
+			t.Errorf("room %d: %.1f allocations, want 1", c.room, a)
+		}
+		m := newMessage(c.room)
+		if len(m.data) != 0 || cap(m.data) != c.room {
+			t.Errorf("room %d: data len %d cap %d", c.room, len(m.data), cap(m.data))
+		}
+		want := 88 + uint64(c.room)
+		if want > 512 {
+			want += 8 // the allocation header of a large object with pointers
+		}
+		if per := bytesPerAlloc(c.alloc); per != want {
+			t.Errorf("room %d: %d octets per allocation, want %d (not a size class)", c.room, per, want)
+		}
+	}
+	last := inlineMessages[len(inlineMessages)-1].room
+	if m := newMessage(last + 1); m.data != nil {
+		t.Errorf("a message of %d octets got an inline buffer of %d", last+1, cap(m.data))
+	}
+}
+
+// bytesPerAlloc is the heap octets one call of alloc takes, the least of a few
+// measurements (another goroutine may allocate during one).
+func bytesPerAlloc(alloc func() *message) uint64 {
+	const n = 1000
+	keep := make([]*message, n)
+	least := uint64(math.MaxUint64)
+	for range 5 {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		for i := range keep {
+			keep[i] = alloc()
+		}
+		runtime.ReadMemStats(&after)
+		least = min(least, (after.TotalAlloc-before.TotalAlloc)/n)
+	}
+	return least
 }
