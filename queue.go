@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"errors"
+	"math/bits"
 	"slices"
 	"strconv"
 	"sync"
@@ -126,12 +127,20 @@ func (r *room1184) bytes() []byte { return r[:0] }
 func (r *room1440) bytes() []byte { return r[:0] }
 func (r *room1952) bytes() []byte { return r[:0] }
 
-// deque is a ring buffer; it grows by doubling and shrinks when mostly empty.
+// deque is a ring buffer. It grows by doubling, and shrinks when a window of len(buf) pops
+// never saw it an eighth full: a queue whose depth swings keeps its buffer rather than
+// shrinking and regrowing it on every swing.
 type deque[T any] struct {
 	buf  []T
 	head int
 	n    int
+	peak int // the most elements held in this window
+	pops int // pops in this window
 }
+
+// maxIdleDeque is the largest buffer a deque keeps once empty: a queue that drained a
+// large backlog gives its buffer back at once.
+const maxIdleDeque = 1 << 18
 
 func (d *deque[T]) len() int { return d.n }
 
@@ -141,6 +150,7 @@ func (d *deque[T]) push(v T) {
 	}
 	d.buf[(d.head+d.n)&(len(d.buf)-1)] = v
 	d.n++
+	d.peak = max(d.peak, d.n)
 }
 
 func (d *deque[T]) front() *T { return &d.buf[d.head] }
@@ -154,8 +164,15 @@ func (d *deque[T]) pop() T {
 	d.buf[d.head] = zero
 	d.head = (d.head + 1) & (len(d.buf) - 1)
 	d.n--
-	if len(d.buf) > 1024 && d.n < len(d.buf)/8 {
-		d.resize(len(d.buf) / 4)
+	if d.n == 0 && len(d.buf) >= maxIdleDeque {
+		*d = deque[T]{}
+		return v
+	}
+	if d.pops++; len(d.buf) > 1024 && d.pops >= len(d.buf) {
+		if d.peak < len(d.buf)/8 {
+			d.resize(max(16, 1<<bits.Len(uint(2*d.peak))))
+		}
+		d.pops, d.peak = 0, d.n
 	}
 	return v
 }

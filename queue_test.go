@@ -560,7 +560,8 @@ func TestDeque(t *testing.T) {
 		}
 	}
 
-	// Shrink: a big ring that empties gives its memory back, order kept.
+	// Shrink: a big ring that stays nearly empty for a window of len(buf) pops gives its
+	// memory back, order kept.
 	var s deque[int]
 	for i := range 5000 {
 		s.push(i)
@@ -568,18 +569,59 @@ func TestDeque(t *testing.T) {
 	if len(s.buf) != 8192 {
 		t.Fatalf("cap %d after 5000 pushes, want 8192", len(s.buf))
 	}
-	for i := range 4990 {
-		if v := s.pop(); v != i {
-			t.Fatalf("pop = %d, want %d", v, i)
+	next := 0
+	for range 4990 {
+		if v := s.pop(); v != next {
+			t.Fatalf("pop = %d, want %d", v, next)
+		}
+		next++
+	}
+	// Ten held, one in and one out: the window that saw 5000 ends, then a quiet one.
+	for i := 5000; i < 5000+2*8192; i++ {
+		s.push(i)
+		if v := s.pop(); v != next {
+			t.Fatalf("pop = %d, want %d", v, next)
+		}
+		next++
+	}
+	if len(s.buf) > 32 {
+		t.Fatalf("cap %d after a window holding at most 11, want it shrunk to 32", len(s.buf))
+	}
+	for s.len() > 0 {
+		if v := s.pop(); v != next {
+			t.Fatalf("after shrink pop = %d, want %d", v, next)
+		}
+		next++
+	}
+
+	// A depth that swings from empty to 3,000 and back keeps its buffer.
+	var w deque[int]
+	for range 3000 {
+		w.push(0)
+	}
+	buf := &w.buf[0]
+	for range 20 {
+		for w.len() > 0 {
+			w.pop()
+		}
+		for range 3000 {
+			w.push(0)
+		}
+		if &w.buf[0] != buf {
+			t.Fatalf("the buffer was reallocated (cap %d) while the depth swung between 0 and 3000", len(w.buf))
 		}
 	}
-	if len(s.buf) > 1024 {
-		t.Fatalf("cap %d with 10 elements left, want it shrunk to at most 1024", len(s.buf))
+
+	// An emptied buffer of maxIdleDeque or more is given back at once.
+	var big deque[int]
+	for range maxIdleDeque {
+		big.push(0)
 	}
-	for i := 4990; i < 5000; i++ {
-		if v := s.pop(); v != i {
-			t.Fatalf("after shrink pop = %d, want %d", v, i)
-		}
+	for big.len() > 0 {
+		big.pop()
+	}
+	if big.buf != nil {
+		t.Fatalf("cap %d once emptied, want the buffer given back", len(big.buf))
 	}
 
 	// clear empties and frees.
