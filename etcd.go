@@ -41,7 +41,7 @@ type etcdClient struct {
 
 	mu    sync.Mutex
 	cur   int           // guarded by mu: the endpoint tried first
-	moved chan struct{} // guarded by mu: closed and replaced when cur changes
+	moved chan struct{} // guarded by mu: closed and replaced when a call fails on cur
 }
 
 // newEtcdClient returns a client of the comma-separated endpoint URLs (http or https).
@@ -76,7 +76,8 @@ func newEtcdClient(endpoints string, timeout time.Duration) (*etcdClient, error)
 // close drops the client's idle connections.
 func (c *etcdClient) close() { c.hc.CloseIdleConnections() }
 
-// current returns the endpoint tried first and a channel closed when that changes.
+// current returns the endpoint tried first and a channel closed when a call fails on it
+// (and the client moves on, if it has another endpoint).
 func (c *etcdClient) current() (int, <-chan struct{}) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -347,8 +348,8 @@ func (c *etcdClient) txn(ctx context.Context, when []etcdCompare, then ...etcdOp
 
 // watch calls changed once the watch on keys that start with prefix is set up and again
 // after each revision that puts or deletes any of them, until ctx is done, the stream
-// breaks, or another call moves the client off the watch's endpoint; it returns why it
-// stopped. The caller reads the keys again on each call rather than trusting events, so a
+// breaks, or another call fails on the watch's endpoint (a stream on a dead connection can
+// stay silent forever); it returns why it stopped. The caller reads the keys again on each call rather than trusting events, so a
 // change while no watch runs is caught by the call that starts the next.
 func (c *etcdClient) watch(ctx context.Context, prefix string, changed func()) error {
 	i, moved := c.current()

@@ -18,6 +18,7 @@ func newTestEtcdClient(t *testing.T, endpoints string, timeout time.Duration) *e
 }
 
 func TestEtcdEndpoints(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		in   string
 		want []string
@@ -56,6 +57,7 @@ func TestEtcdEndpoints(t *testing.T) {
 
 // TestEtcdClient drives each call of the client against a real etcd.
 func TestEtcdClient(t *testing.T) {
+	t.Parallel()
 	e := startEtcd(t)
 	c := newTestEtcdClient(t, e.url, 2*time.Second)
 	ctx := context.Background()
@@ -146,6 +148,7 @@ func TestEtcdClient(t *testing.T) {
 
 // TestEtcdLeaseExpires: a lease not kept alive expires with its keys, and not before its TTL.
 func TestEtcdLeaseExpires(t *testing.T) {
+	t.Parallel()
 	e := startEtcd(t)
 	c := newTestEtcdClient(t, e.url, 2*time.Second)
 	ctx := context.Background()
@@ -181,6 +184,7 @@ func TestEtcdLeaseExpires(t *testing.T) {
 // TestEtcdWatch: the watch calls back once set up and on each put and delete under its
 // prefix, and not for other keys.
 func TestEtcdWatch(t *testing.T) {
+	t.Parallel()
 	e := startEtcd(t)
 	c := newTestEtcdClient(t, e.url, 2*time.Second)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -216,6 +220,7 @@ func TestEtcdWatch(t *testing.T) {
 // (requests hang), calls go to the next endpoint within the timeout, and a watch on the cut
 // endpoint ends so that it can be set up again.
 func TestEtcdFailover(t *testing.T) {
+	t.Parallel()
 	e := startEtcd(t)
 	ctx := context.Background()
 

@@ -1494,11 +1494,12 @@ func logTestTopology(t testing.TB, st *store, typ uint8, payload []byte) {
 // testEtcd is an etcd member run by a test on 127.0.0.1, with free ports and a temporary
 // data directory; it is killed when the test ends.
 type testEtcd struct {
-	t    testing.TB
-	url  string   // client URL
-	args []string // command line, kept for restart
-	out  *lockedBuffer
-	cmd  *exec.Cmd
+	t      testing.TB
+	url    string   // client URL
+	args   []string // command line, kept for restart
+	out    *lockedBuffer
+	cmd    *exec.Cmd
+	exited chan error // cmd's Wait
 }
 
 // startEtcd starts an etcd member and waits until it answers, or skips the test when etcd
@@ -1510,45 +1511,72 @@ func startEtcd(t testing.TB) *testEtcd {
 	if err != nil {
 		t.Skip("etcd not installed: apt-get install etcd-server")
 	}
-	client, peer := "http://"+freeAddr(t), "http://"+freeAddr(t)
-	e := &testEtcd{t: t, url: client, out: &lockedBuffer{}, args: []string{bin,
-		"--name", "test", "--data-dir", filepath.Join(t.TempDir(), "etcd"),
-		"--listen-client-urls", client, "--advertise-client-urls", client,
-		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-		"--initial-cluster", "test=" + peer,
-		"--heartbeat-interval", "25", "--election-timeout", "250",
-	}}
+	e := &testEtcd{t: t, out: &lockedBuffer{}}
 	t.Cleanup(func() {
 		e.kill()
 		if t.Failed() {
 			t.Logf("etcd output:\n%s", e.out.String())
 		}
 	})
-	e.start()
-	return e
+	// A port found free may be taken before etcd binds it: then try other ports.
+	for try := 0; ; try++ {
+		client, peer := "http://"+freeAddr(t), "http://"+freeAddr(t)
+		e.url = client
+		e.args = []string{bin,
+			"--name", "test", "--data-dir", filepath.Join(t.TempDir(), "etcd"),
+			"--listen-client-urls", client, "--advertise-client-urls", client,
+			"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+			"--initial-cluster", "test=" + peer,
+			"--heartbeat-interval", "25", "--election-timeout", "250",
+		}
+		err := e.run()
+		if err == nil {
+			return e
+		}
+		if try == 2 {
+			t.Fatalf("etcd: %v\n%s", err, e.out.String())
+		}
+	}
 }
 
-// start runs etcd with the member's command line and waits until it serves reads.
+// start runs etcd again on its ports and data and waits until it serves reads.
 func (e *testEtcd) start() {
 	e.t.Helper()
+	if err := e.run(); err != nil {
+		e.t.Fatalf("etcd: %v\n%s", err, e.out.String())
+	}
+}
+
+// run starts etcd and waits until it serves reads, or returns why it does not.
+func (e *testEtcd) run() error {
 	e.cmd = exec.Command(e.args[0], e.args[1:]...)
 	e.cmd.Stdout, e.cmd.Stderr = e.out, e.out
 	if err := e.cmd.Start(); err != nil {
-		e.t.Fatalf("start etcd: %v", err)
+		e.cmd = nil
+		return err
 	}
+	e.exited = make(chan error, 1)
+	go func(cmd *exec.Cmd) { e.exited <- cmd.Wait() }(e.cmd)
 	c, err := newEtcdClient(e.url, time.Second)
 	if err != nil {
-		e.t.Fatal(err)
+		return err
 	}
 	defer c.close()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, _, err := c.get(context.Background(), "probe"); err == nil {
-			return
-		} else if time.Now().After(deadline) {
-			e.t.Fatalf("etcd did not answer: %v\n%s", err, e.out.String())
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		_, _, err := c.get(context.Background(), "probe")
+		if err == nil {
+			return nil
 		}
-		time.Sleep(20 * time.Millisecond)
+		select {
+		case werr := <-e.exited:
+			e.cmd = nil
+			return fmt.Errorf("exited (%v) before answering", werr)
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			e.kill()
+			return fmt.Errorf("no answer: %v", err)
+		}
 	}
 }
 
@@ -1558,7 +1586,7 @@ func (e *testEtcd) kill() {
 		return
 	}
 	e.cmd.Process.Kill()
-	e.cmd.Wait()
+	<-e.exited
 	e.cmd = nil
 }
 
