@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 )
@@ -89,8 +90,11 @@ type election struct {
 	// logger gets leadership changes and lost leases; nil logs nothing. Set before run.
 	logger *slog.Logger
 
-	changes chan leaderInfo // holds the latest leaderInfo not yet received
-	wake    chan struct{}   // 1 slot: look again now
+	// changes holds the latest leaderInfo not yet received. A receiver sees the latest
+	// state and may miss ones in between: it tells a lost term by the term.
+	changes chan leaderInfo
+	wake    chan struct{} // 1 slot: look again now
+	orphans []int64       // leases given up but not revoked (etcd was unreachable); run's own
 
 	mu     sync.Mutex
 	term   int64      // guarded by mu: the term this node leads in; 0 if it does not lead
@@ -183,7 +187,7 @@ func (e *election) run(ctx context.Context) {
 		id, ttl, err := e.etcd.grant(ctx, e.ttl)
 		if err != nil {
 			e.log(slog.LevelDebug, "cluster: lease grant failed", "err", err)
-			sleepCtx(ctx, e.ttl/4)
+			sleepCtx(ctx, e.ttl/10)
 			continue
 		}
 		e.hold(ctx, id, ttl, sent)
@@ -221,17 +225,23 @@ func (e *election) hold(ctx context.Context, id int64, ttl time.Duration, sent t
 		wg.Wait()
 		e.release(id)
 	}()
-	tick := time.NewTicker(ttl / 3)
-	defer tick.Stop()
+	next := time.NewTimer(ttl / 3)
+	defer next.Stop()
 	var c candidacy
 	for e.step(ctx, id, ttl, &c) {
+		// Look again in TTL/3, or when the candidacy may first stand.
+		wait := ttl / 3
+		if settled := time.Until(c.since.Add(ttl / 3)); c.published && settled > 0 {
+			wait = min(wait, settled)
+		}
+		next.Reset(wait)
 		select {
 		case <-ctx.Done():
 			return
 		case <-lost:
 			return
 		case <-e.wake:
-		case <-tick.C:
+		case <-next.C:
 		}
 	}
 }
@@ -280,6 +290,13 @@ func (e *election) step(ctx context.Context, id int64, ttl time.Duration, c *can
 	e.mu.Unlock()
 	ctx, cancel := context.WithDeadline(ctx, until)
 	defer cancel()
+	// A lease this node gave up outlives it when etcd could not be told, and longer if
+	// etcd restarts (which renews every lease); its keys, perhaps the leader key of a lost
+	// term, would hold up the next election until it expires.
+	e.orphans = slices.DeleteFunc(e.orphans, func(o int64) bool {
+		err := e.etcd.revoke(ctx, o)
+		return err == nil || errors.Is(err, errLeaseExpired)
+	})
 	if term == 0 {
 		pos, inSync := logPosition{}, true
 		if e.position != nil {
@@ -390,8 +407,8 @@ func (e *election) stepDown(why string) int64 {
 }
 
 // release gives lease id up: it ends this node's term, deletes the leader key if it is
-// still this term's, and revokes the lease, which deletes the candidate key. Both are tried
-// once; if etcd cannot be reached the lease expires instead.
+// still this term's, and revokes the lease, which deletes the candidate key. A lease not
+// revoked is an orphan, revoked by later steps.
 func (e *election) release(id int64) {
 	term := e.stepDown("lease given up")
 	ctx, cancel := context.WithTimeout(context.Background(), e.etcd.timeout)
@@ -399,7 +416,9 @@ func (e *election) release(id int64) {
 	if term != 0 {
 		e.etcd.txn(ctx, []etcdCompare{createdAt(e.leaderKey, term)}, etcdOp{Delete: &etcdRange{Key: []byte(e.leaderKey)}})
 	}
-	e.etcd.revoke(ctx, id)
+	if err := e.etcd.revoke(ctx, id); err != nil && !errors.Is(err, errLeaseExpired) {
+		e.orphans = append(e.orphans, id)
+	}
 }
 
 func (e *election) log(level slog.Level, msg string, args ...any) {

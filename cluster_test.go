@@ -364,7 +364,7 @@ func TestElectionEtcdPaused(t *testing.T) {
 }
 
 // TestElectionEtcdRestart: etcd killed and restarted on the same data: a leader is elected
-// again, in a later term.
+// again, in a later term, without waiting for the old leader's lease to expire.
 func TestElectionEtcdRestart(t *testing.T) {
 	t.Parallel()
 	etcd := startEtcd(t)
@@ -385,9 +385,16 @@ func TestElectionEtcdRestart(t *testing.T) {
 		return true
 	})
 	etcd.start()
+	restarted := time.Now()
 	if _, term2 := waitLeader(t, nodes...); term2 <= term {
 		t.Fatalf("term %d after term %d", term2, term)
 	}
+	// etcd renewed the old leader's lease when it restarted; the old leader revoked it
+	// rather than leave the others to wait until it expired.
+	if d := time.Since(restarted); d >= testTTL {
+		t.Errorf("a leader only %v after etcd restarted", d)
+	}
+	t.Logf("a leader %v after etcd restarted", time.Since(restarted).Round(time.Millisecond))
 }
 
 // TestElectionEndpointFailover: with two endpoints, cutting the one in use moves the leader
