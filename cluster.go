@@ -33,7 +33,14 @@ import (
 // win. The margin covers the time between asking leading and acting on the answer, and
 // clock rates that differ slightly; etcd only ever lengthens a lease (on restart or a
 // change of etcd leader), never shortens it. A term lost is never resumed: the node gives up
-// the lease and starts again with a new one.
+// the lease and starts again with a new one. Each attempt at an etcd endpoint may take
+// TTL/4, so a keepalive that hangs on one endpoint reaches the next before the deadline.
+//
+// Stopping. When run's context is done the node ends its term first, then deletes the
+// leader key if it is still that term's (compare and delete) and revokes its lease, so
+// another node stands at once. A lease given up while etcd was unreachable is revoked when
+// it answers again: etcd renews every lease when it restarts, and the old leader key would
+// otherwise hold up the next election for a TTL.
 //
 // Who stands. A node stands only while its position callback says it is in sync; then it
 // publishes its log position under its candidate key (and deletes the key when it falls out
@@ -45,9 +52,10 @@ import (
 // its key on its lease, so that nodes starting together have all published.
 //
 // Watching. A watch on the cluster's prefix wakes the node on any change, and it also looks
-// again every TTL/3; each decision is made from fresh reads, never from the watch's events.
-// The watch only makes reaction fast (a resigned leader is replaced within milliseconds); if
-// it stalls silently, nodes still react within TTL/3.
+// again TTL/3 after its last look; each decision is made from fresh reads, never from the
+// watch's events. The watch only makes reaction fast (a resigned leader is replaced within
+// milliseconds); if it stalls silently, nodes still react within TTL/3. A watch is set up
+// again when it ends, and when a call fails on its endpoint.
 
 // logPosition is how far a node's log reaches: the term of its last record, then that
 // record's sequence.

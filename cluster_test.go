@@ -3,6 +3,7 @@ package amqp
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"sync"
 	"syscall"
@@ -458,4 +459,38 @@ func TestElectionOutOfSync(t *testing.T) {
 	holdsFor(t, testTTL, "b not standing while out of sync", noLeader)
 	b.setInSync(true)
 	waitLeader(t, b)
+}
+
+// TestElectionFlappingPartitions cuts and heals the nodes' links to etcd at random for a
+// while: at no time do two nodes lead, and once every link is healed one leads again.
+func TestElectionFlappingPartitions(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	to := etcd.url[len("http://"):]
+	var nodes []*testNode
+	var proxies []*testProxy
+	for _, name := range []string{"a", "b", "c"} {
+		p := startProxy(t, to)
+		proxies = append(proxies, p)
+		nodes = append(nodes, startNode(t, p.url(), "flap", name, logPosition{}))
+	}
+	mon := monitorLeading(t, nodes...)
+	waitLeader(t, nodes...)
+	rng := rand.New(rand.NewPCG(13, 13))
+	for end := time.Now().Add(3 * testTTL); time.Now().Before(end); {
+		p := proxies[rng.IntN(len(proxies))]
+		p.cut.Store(!p.cut.Load())
+		time.Sleep(time.Duration(100+rng.IntN(400)) * time.Millisecond)
+	}
+	for _, p := range proxies {
+		p.cut.Store(false)
+	}
+	waitLeader(t, nodes...)
+	mon.mu.Lock()
+	terms := map[int64]bool{}
+	for _, s := range mon.spans {
+		terms[s.term] = true
+	}
+	mon.mu.Unlock()
+	t.Logf("%d terms", len(terms))
 }
