@@ -6,7 +6,6 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -346,7 +345,7 @@ func TestElectionEtcdPaused(t *testing.T) {
 	}
 	monitorLeading(t, nodes...)
 	leader, term := waitLeader(t, nodes...)
-	etcd.signal(syscall.SIGSTOP)
+	etcd.signal("STOP")
 	paused := time.Now()
 	pollUntil(t, testTTL, "the leader to stop leading", func() bool { _, ok := leader.e.leading(); return !ok })
 	t.Logf("leader stopped %v after etcd did", time.Since(paused).Round(time.Millisecond))
@@ -358,7 +357,7 @@ func TestElectionEtcdPaused(t *testing.T) {
 		}
 		return true
 	})
-	etcd.signal(syscall.SIGCONT)
+	etcd.signal("CONT")
 	if _, term2 := waitLeader(t, nodes...); term2 <= term {
 		t.Fatalf("term %d after term %d", term2, term)
 	}

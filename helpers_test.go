@@ -1590,11 +1590,12 @@ func (e *testEtcd) kill() {
 	e.cmd = nil
 }
 
-// signal sends sig (SIGSTOP, SIGCONT) to etcd.
-func (e *testEtcd) signal(sig syscall.Signal) {
+// signal sends etcd a signal by name (STOP, CONT) with kill(1), which keeps this file
+// free of the syscall constants that only some systems define.
+func (e *testEtcd) signal(name string) {
 	e.t.Helper()
-	if err := e.cmd.Process.Signal(sig); err != nil {
-		e.t.Fatalf("signal etcd: %v", err)
+	if out, err := exec.Command("kill", "-"+name, strconv.Itoa(e.cmd.Process.Pid)).CombinedOutput(); err != nil {
+		e.t.Fatalf("kill -%s etcd: %v %s", name, err, out)
 	}
 }
 
