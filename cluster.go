@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -93,7 +94,8 @@ type election struct {
 	ttl        time.Duration
 
 	// position returns this node's log position and whether it is in sync; nil means in
-	// sync at the zero position. Set before run.
+	// sync at the zero position. It is asked on each look at etcd, so it must be quick.
+	// Set before run.
 	position func() (logPosition, bool)
 	// logger gets leadership changes and lost leases; nil logs nothing. Set before run.
 	logger *slog.Logger
@@ -120,8 +122,8 @@ func newElection(endpoints, cluster, name, addr string, ttl time.Duration) (*ele
 	if ttl < time.Second {
 		return nil, fmt.Errorf("cluster: TTL %v: want at least 1s", ttl)
 	}
-	if cluster == "" || name == "" {
-		return nil, errors.New("cluster: cluster and node names must not be empty")
+	if cluster == "" || name == "" || strings.Contains(cluster, "/") || strings.Contains(name, "/") {
+		return nil, fmt.Errorf("cluster: cluster %q, node %q: names must be non-empty, without '/'", cluster, name)
 	}
 	// An attempt that takes a quarter TTL leaves time to try another endpoint before the
 	// lease's deadline.
@@ -190,13 +192,21 @@ func (e *election) run(ctx context.Context) {
 	defer e.etcd.close()
 	defer wg.Wait()
 	defer stopWatch()
+	failing := false // log the first failure in a row, and the recovery
 	for ctx.Err() == nil {
 		sent := time.Now()
 		id, ttl, err := e.etcd.grant(ctx, e.ttl)
 		if err != nil {
-			e.log(slog.LevelDebug, "cluster: lease grant failed", "err", err)
+			if !failing && ctx.Err() == nil {
+				e.log(slog.LevelWarn, "cluster: cannot get a lease from etcd", "err", err)
+			}
+			failing = true
 			sleepCtx(ctx, e.ttl/10)
 			continue
+		}
+		if failing {
+			e.log(slog.LevelInfo, "cluster: etcd granted a lease again")
+			failing = false
 		}
 		e.hold(ctx, id, ttl, sent)
 	}
@@ -231,7 +241,11 @@ func (e *election) hold(ctx context.Context, id int64, ttl time.Duration, sent t
 	defer func() {
 		stopKeepAlive()
 		wg.Wait()
-		e.release(id)
+		why := "lease lost"
+		if ctx.Err() != nil {
+			why = "stopping"
+		}
+		e.release(id, why)
 	}()
 	next := time.NewTimer(ttl / 3)
 	defer next.Stop()
@@ -395,8 +409,12 @@ func (e *election) lead(term int64) bool {
 // follow records l as the leader, when this node does not lead.
 func (e *election) follow(l leaderInfo) {
 	e.mu.Lock()
-	defer e.mu.Unlock()
+	changed := l != e.leader
 	e.reportLocked(l)
+	e.mu.Unlock()
+	if changed && l.term != 0 {
+		e.log(slog.LevelInfo, "cluster: following", "leader", l.name, "addr", l.addr, "term", l.term)
+	}
 }
 
 // stepDown ends this node's term, if it has one, and returns it.
@@ -417,8 +435,8 @@ func (e *election) stepDown(why string) int64 {
 // release gives lease id up: it ends this node's term, deletes the leader key if it is
 // still this term's, and revokes the lease, which deletes the candidate key. A lease not
 // revoked is an orphan, revoked by later steps.
-func (e *election) release(id int64) {
-	term := e.stepDown("lease given up")
+func (e *election) release(id int64, why string) {
+	term := e.stepDown(why)
 	ctx, cancel := context.WithTimeout(context.Background(), e.etcd.timeout)
 	defer cancel()
 	if term != 0 {
