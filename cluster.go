@@ -154,7 +154,8 @@ func (e *election) leading() (int64, bool) {
 	return e.term, true
 }
 
-// leaderNow returns who leads, as last seen.
+// leaderNow returns who leads, as last seen. It can lag: leading, not this, says whether
+// this node may act as the leader.
 func (e *election) leaderNow() leaderInfo {
 	e.mu.Lock()
 	defer e.mu.Unlock()
