@@ -97,9 +97,8 @@ func (c *etcdClient) failed(i int) {
 
 // etcdError is an error answered by etcd.
 type etcdError struct {
-	Code    int    `json:"code"` // gRPC status code: 5 not found, 9 failed precondition, 14 unavailable
 	Message string `json:"message"`
-	status  int    // HTTP status
+	status  int    // HTTP status; 200 for an error in a stream
 }
 
 func (e *etcdError) Error() string { return "etcd: " + e.Message }
