@@ -50,7 +50,8 @@ import (
 // transaction picks one. The transaction also requires that no candidate key changed since
 // the candidates were read, so a candidate that appears or advances meanwhile makes it fail
 // and the decision is taken again. A candidate first stands TTL/3 after it first published
-// its key on its lease, so that nodes starting together have all published.
+// its key on its lease, so that nodes starting together have all published. A leader is
+// not asked for its position: it leads until its term ends.
 //
 // Watching. A watch on the cluster's prefix wakes the node on any change, and it also looks
 // again TTL/3 after its last look; each decision is made from fresh reads, never from the

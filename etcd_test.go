@@ -3,6 +3,9 @@ package amqp
 import (
 	"context"
 	"errors"
+	"net/http"
+	"net/http/httptest"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -52,6 +55,42 @@ func TestEtcdEndpoints(t *testing.T) {
 	}
 	if got := prefixEnd("a\xff"); got != "b" {
 		t.Errorf("prefixEnd(a\\xff) = %q", got)
+	}
+}
+
+// TestEtcdErrors, without etcd: an endpoint that answers 5xx is passed over for the next,
+// one that answers 4xx is not, and etcd's "lease not found" is errLeaseExpired.
+func TestEtcdErrors(t *testing.T) {
+	t.Parallel()
+	answer := func(status int, body string, hits *atomic.Int32) *httptest.Server {
+		s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			hits.Add(1)
+			w.WriteHeader(status)
+			w.Write([]byte(body))
+		}))
+		t.Cleanup(s.Close)
+		return s
+	}
+	var unavailable, notFound, bad atomic.Int32
+	u := answer(503, `{"error":"etcdserver: request timed out","message":"etcdserver: request timed out","code":14}`, &unavailable)
+	n := answer(404, `{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}`, &notFound)
+	b := answer(400, `{"error":"bad","message":"bad","code":3}`, &bad)
+	ctx := context.Background()
+
+	c := newTestEtcdClient(t, u.URL+","+n.URL, time.Second)
+	if _, err := c.keepAlive(ctx, 1); !errors.Is(err, errLeaseExpired) {
+		t.Fatalf("keepAlive: %v, want errLeaseExpired", err)
+	}
+	if unavailable.Load() != 1 || notFound.Load() != 1 {
+		t.Fatalf("hits %d, %d", unavailable.Load(), notFound.Load())
+	}
+	c = newTestEtcdClient(t, b.URL+","+n.URL, time.Second)
+	var ee *etcdError
+	if err := c.revoke(ctx, 1); !errors.As(err, &ee) || ee.Message != "bad" || errors.Is(err, errLeaseExpired) {
+		t.Fatalf("revoke: %v", err)
+	}
+	if bad.Load() != 1 || notFound.Load() != 1 {
+		t.Fatalf("a 4xx answer was retried elsewhere: hits %d, %d", bad.Load(), notFound.Load())
 	}
 }
 
