@@ -1,0 +1,473 @@
+package amqp
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Leader election for a cluster of brokers, through etcd's HTTP gateway (etcd.go). The log's
+// replication to followers, and the gate that lets only the leader serve, are yet to come.
+//
+// Each node runs an election and holds an etcd lease of the cluster's TTL (default 5 s),
+// renewed every TTL/3. Its keys, under /amqp-go/<cluster>/, are attached to that lease, so
+// they vanish when the node stops renewing:
+//
+//	leader             {"name", "addr"}           the leader, created by a transaction
+//	candidates/<name>  {"name", "addr", "pos"}    a node in sync that stands for election
+//
+// Term. The leader key is created only if it does not exist (create revision 0); its create
+// revision is the leader's term, which grows with every new leader. Replication will carry
+// the term so a follower refuses an older one.
+//
+// Fencing by time. A keepalive that etcd answers renewed the lease after the request was
+// sent, so the lease lives at least until sent + TTL by etcd's clock, and no other node can
+// take the leader key before then. The node counts itself leader only until
+// sent + TTL - TTL/4 for the last keepalive answered: leading checks the clock and does not
+// wait for an error, so a leader cut off from etcd stops a quarter TTL before another can
+// win. The margin covers the time between asking leading and acting on the answer, and
+// clock rates that differ slightly; etcd only ever lengthens a lease (on restart or a
+// change of etcd leader), never shortens it. A term lost is never resumed: the node gives up
+// the lease and starts again with a new one. Each attempt at an etcd endpoint may take
+// TTL/4, so a keepalive that hangs on one endpoint reaches the next before the deadline.
+//
+// Stopping. When run's context is done the node ends its term first, then deletes the
+// leader key if it is still that term's (compare and delete) and revokes its lease, so
+// another node stands at once. A lease given up while etcd was unreachable is revoked when
+// it answers again: etcd renews every lease when it restarts, and the old leader key would
+// otherwise hold up the next election for a TTL.
+//
+// Who stands. A node stands only while its position callback says it is in sync; then it
+// publishes its log position under its candidate key (and deletes the key when it falls out
+// of sync). When there is no leader, a candidate stands unless another candidate's key shows
+// a position newer than its own (logPosition.less); equal positions all stand and the
+// transaction picks one. The transaction also requires that no candidate key changed since
+// the candidates were read, so a candidate that appears or advances meanwhile makes it fail
+// and the decision is taken again. A candidate first stands TTL/3 after it first published
+// its key on its lease, so that nodes starting together have all published. A leader is
+// not asked for its position: it leads until its term ends.
+//
+// Watching. A watch on the cluster's prefix wakes the node on any change, and it also looks
+// again TTL/3 after its last look; each decision is made from fresh reads, never from the
+// watch's events. The watch only makes reaction fast (a resigned leader is replaced within
+// milliseconds); if it stalls silently, nodes still react within TTL/3. A watch is set up
+// again when it ends, and when a call fails on its endpoint.
+
+// logPosition is how far a node's log reaches: the term of its last record, then that
+// record's sequence.
+type logPosition struct {
+	Term uint64 `json:"term"`
+	Seq  uint64 `json:"seq"`
+}
+
+// less reports whether p is older than q: an older term, or the same term and a lower seq.
+func (p logPosition) less(q logPosition) bool {
+	return p.Term < q.Term || p.Term == q.Term && p.Seq < q.Seq
+}
+
+// leaderInfo is who leads the cluster, as one node last saw it.
+type leaderInfo struct {
+	name, addr string // the leader's node name and advertise address; empty if none is known
+	term       int64  // the leader key's create revision; 0 if none is known
+	self       bool   // this node leads
+}
+
+// member is what a node publishes about itself under the leader and candidate keys.
+type member struct {
+	Name string      `json:"name"`
+	Addr string      `json:"addr"`
+	Pos  logPosition `json:"pos"`
+}
+
+// election campaigns for the leadership of one cluster and tracks who leads it.
+type election struct {
+	etcd       *etcdClient
+	prefix     string // /amqp-go/<cluster>/
+	leaderKey  string // prefix + "leader"
+	candidates string // prefix + "candidates/"
+	self       member // name and advertise address
+	ttl        time.Duration
+
+	// position returns this node's log position and whether it is in sync; nil means in
+	// sync at the zero position. It is asked on each look at etcd, so it must be quick.
+	// Set before run.
+	position func() (logPosition, bool)
+	// logger gets leadership changes and lost leases; nil logs nothing. Set before run.
+	logger *slog.Logger
+
+	// changes holds the latest leaderInfo not yet received. A receiver sees the latest
+	// state and may miss ones in between: it tells a lost term by the term.
+	changes chan leaderInfo
+	wake    chan struct{} // 1 slot: look again now
+	orphans []int64       // leases given up but not revoked (etcd was unreachable); run's own
+
+	mu     sync.Mutex
+	term   int64      // guarded by mu: the term this node leads in; 0 if it does not lead
+	until  time.Time  // guarded by mu: the current lease is proven alive until then
+	leader leaderInfo // guarded by mu: last reported
+}
+
+// newElection returns an election for node name, reachable by other nodes at addr, in
+// cluster through the comma-separated etcd endpoint URLs, with leases of ttl (0: 5 s;
+// etcd counts whole seconds).
+func newElection(endpoints, cluster, name, addr string, ttl time.Duration) (*election, error) {
+	if ttl == 0 {
+		ttl = 5 * time.Second
+	}
+	if ttl < time.Second {
+		return nil, fmt.Errorf("cluster: TTL %v: want at least 1s", ttl)
+	}
+	if cluster == "" || name == "" || strings.Contains(cluster, "/") || strings.Contains(name, "/") {
+		return nil, fmt.Errorf("cluster: cluster %q, node %q: names must be non-empty, without '/'", cluster, name)
+	}
+	// An attempt that takes a quarter TTL leaves time to try another endpoint before the
+	// lease's deadline.
+	c, err := newEtcdClient(endpoints, ttl/4)
+	if err != nil {
+		return nil, err
+	}
+	prefix := "/amqp-go/" + cluster + "/"
+	return &election{
+		etcd:       c,
+		prefix:     prefix,
+		leaderKey:  prefix + "leader",
+		candidates: prefix + "candidates/",
+		self:       member{Name: name, Addr: addr},
+		ttl:        ttl,
+		changes:    make(chan leaderInfo, 1),
+		wake:       make(chan struct{}, 1),
+	}, nil
+}
+
+// leading returns this node's term and true while it leads and its lease is proven alive.
+func (e *election) leading() (int64, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.term == 0 || !time.Now().Before(e.until) {
+		return 0, false
+	}
+	return e.term, true
+}
+
+// leaderNow returns who leads, as last seen. It can lag: leading, not this, says whether
+// this node may act as the leader.
+func (e *election) leaderNow() leaderInfo {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.leader
+}
+
+// reportLocked makes l the latest leaderInfo, for leaderNow and the changes channel.
+// e.mu must be held.
+func (e *election) reportLocked(l leaderInfo) {
+	if l == e.leader {
+		return
+	}
+	e.leader = l
+	select {
+	case <-e.changes:
+	default:
+	}
+	e.changes <- l
+}
+
+// poke makes the campaign look again now.
+func (e *election) poke() {
+	select {
+	case e.wake <- struct{}{}:
+	default:
+	}
+}
+
+// run campaigns until ctx is done, then resigns: it deletes the leader key if it holds it
+// and revokes its lease, so another node can take over at once.
+func (e *election) run(ctx context.Context) {
+	var wg sync.WaitGroup
+	wctx, stopWatch := context.WithCancel(ctx)
+	wg.Go(func() { e.watch(wctx) })
+	defer e.etcd.close()
+	defer wg.Wait()
+	defer stopWatch()
+	failing := false // log the first failure in a row, and the recovery
+	for ctx.Err() == nil {
+		sent := time.Now()
+		id, ttl, err := e.etcd.grant(ctx, e.ttl)
+		if err != nil {
+			if !failing && ctx.Err() == nil {
+				e.log(slog.LevelWarn, "cluster: cannot get a lease from etcd", "err", err)
+			}
+			failing = true
+			sleepCtx(ctx, e.ttl/10)
+			continue
+		}
+		if failing {
+			e.log(slog.LevelInfo, "cluster: etcd granted a lease again")
+			failing = false
+		}
+		e.hold(ctx, id, ttl, sent)
+	}
+}
+
+// watch pokes the campaign on every change under the cluster's prefix, watching again
+// whenever a watch ends.
+func (e *election) watch(ctx context.Context) {
+	for ctx.Err() == nil {
+		e.etcd.watch(ctx, e.prefix, e.poke)
+		sleepCtx(ctx, e.ttl/10)
+	}
+}
+
+// candidacy is a node's candidate key on one lease.
+type candidacy struct {
+	published bool
+	pos       logPosition // published
+	since     time.Time   // first published
+}
+
+// hold campaigns on lease id, granted with ttl by a request sent at sent, until the lease is
+// lost, leadership on it is lost, or ctx is done; then it gives the lease up.
+func (e *election) hold(ctx context.Context, id int64, ttl time.Duration, sent time.Time) {
+	e.mu.Lock()
+	e.until = sent.Add(ttl - ttl/4)
+	e.mu.Unlock()
+	lost := make(chan struct{})
+	kctx, stopKeepAlive := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { e.keepAlive(kctx, id, ttl, sent, lost) })
+	defer func() {
+		stopKeepAlive()
+		wg.Wait()
+		why := "lease lost"
+		if ctx.Err() != nil {
+			why = "stopping"
+		}
+		e.release(id, why)
+	}()
+	next := time.NewTimer(ttl / 3)
+	defer next.Stop()
+	var c candidacy
+	for e.step(ctx, id, ttl, &c) {
+		// Look again in TTL/3, or when the candidacy may first stand.
+		wait := ttl / 3
+		if settled := time.Until(c.since.Add(ttl / 3)); c.published && settled > 0 {
+			wait = min(wait, settled)
+		}
+		next.Reset(wait)
+		select {
+		case <-ctx.Done():
+			return
+		case <-lost:
+			return
+		case <-e.wake:
+		case <-next.C:
+		}
+	}
+}
+
+// keepAlive renews lease id every ttl/3 from the last renewal's request, moving the
+// deadline leading checks, and closes lost once the lease is gone or the deadline passes.
+func (e *election) keepAlive(ctx context.Context, id int64, ttl time.Duration, sent time.Time, lost chan<- struct{}) {
+	defer close(lost)
+	until := sent.Add(ttl - ttl/4)
+	for {
+		if !sleepCtx(ctx, time.Until(sent.Add(ttl/3))) {
+			return
+		}
+		for {
+			now := time.Now()
+			rctx, cancel := context.WithDeadline(ctx, until)
+			got, err := e.etcd.keepAlive(rctx, id)
+			cancel()
+			if err == nil {
+				sent, until = now, now.Add(got-got/4)
+				e.mu.Lock()
+				e.until = until
+				e.mu.Unlock()
+				break
+			}
+			if ctx.Err() != nil {
+				return
+			}
+			if errors.Is(err, errLeaseExpired) || !time.Now().Before(until) {
+				e.log(slog.LevelWarn, "cluster: lease lost", "lease", id, "err", err)
+				return
+			}
+			if !sleepCtx(ctx, min(ttl/20, time.Until(until))) {
+				return
+			}
+		}
+	}
+}
+
+// step looks at the cluster once and acts on lease id: it publishes or withdraws this
+// node's candidacy, follows the leader it finds, or stands if there is none and no newer
+// candidate. It returns false when the lease must be given up.
+func (e *election) step(ctx context.Context, id int64, ttl time.Duration, c *candidacy) bool {
+	e.mu.Lock()
+	until, term := e.until, e.term
+	e.mu.Unlock()
+	ctx, cancel := context.WithDeadline(ctx, until)
+	defer cancel()
+	// A lease this node gave up outlives it when etcd could not be told, and longer if
+	// etcd restarts (which renews every lease); its keys, perhaps the leader key of a lost
+	// term, would hold up the next election until it expires.
+	e.orphans = slices.DeleteFunc(e.orphans, func(o int64) bool {
+		err := e.etcd.revoke(ctx, o)
+		return err == nil || errors.Is(err, errLeaseExpired)
+	})
+	if term == 0 {
+		pos, inSync := logPosition{}, true
+		if e.position != nil {
+			pos, inSync = e.position()
+		}
+		var err error
+		switch {
+		case inSync && (!c.published || pos != c.pos):
+			m := e.self
+			m.Pos = pos
+			if _, err = e.etcd.put(ctx, e.candidates+e.self.Name, marshalMember(m), id); err == nil {
+				if !c.published {
+					c.since = time.Now()
+				}
+				c.published, c.pos = true, pos
+			}
+		case !inSync && c.published:
+			if err = e.etcd.delete(ctx, e.candidates+e.self.Name); err == nil {
+				c.published = false
+			}
+		}
+		if err != nil {
+			return !errors.Is(err, errLeaseExpired)
+		}
+	}
+	kv, _, err := e.etcd.get(ctx, e.leaderKey)
+	if err != nil {
+		return true
+	}
+	if kv != nil {
+		var m member
+		json.Unmarshal(kv.Value, &m) // a value not ours leaves the name empty
+		if kv.Lease == id {
+			// Won just now, or by a transaction whose answer was lost.
+			return e.lead(kv.CreateRevision)
+		}
+		if term != 0 {
+			e.stepDown("another node holds the leader key")
+			return false
+		}
+		e.follow(leaderInfo{name: m.Name, addr: m.Addr, term: kv.CreateRevision})
+		return true
+	}
+	if term != 0 {
+		e.stepDown("the leader key was deleted")
+		return false
+	}
+	e.follow(leaderInfo{})
+	if !c.published || time.Since(c.since) < ttl/3 {
+		return true
+	}
+	kvs, rev, err := e.etcd.getPrefix(ctx, e.candidates)
+	if err != nil {
+		return true
+	}
+	for _, kv := range kvs {
+		var m member
+		if json.Unmarshal(kv.Value, &m) == nil && m.Name != e.self.Name && c.pos.less(m.Pos) {
+			return true // defer to a newer candidate
+		}
+	}
+	won, rev, err := e.etcd.txn(ctx, []etcdCompare{createdAt(e.leaderKey, 0), unchangedSince(e.candidates, rev)},
+		etcdOp{Put: &etcdPut{Key: []byte(e.leaderKey), Value: marshalMember(e.self), Lease: id}})
+	switch {
+	case err != nil:
+		return !errors.Is(err, errLeaseExpired)
+	case won:
+		return e.lead(rev)
+	}
+	return true
+}
+
+// lead makes this node the leader in term, unless its lease's deadline has passed.
+func (e *election) lead(term int64) bool {
+	e.mu.Lock()
+	alive, was := time.Now().Before(e.until), e.term
+	if alive {
+		e.term = term
+		e.reportLocked(leaderInfo{name: e.self.Name, addr: e.self.Addr, term: term, self: true})
+	}
+	e.mu.Unlock()
+	if alive && was != term {
+		e.log(slog.LevelInfo, "cluster: leading", "term", term)
+	}
+	return alive
+}
+
+// follow records l as the leader, when this node does not lead.
+func (e *election) follow(l leaderInfo) {
+	e.mu.Lock()
+	changed := l != e.leader
+	e.reportLocked(l)
+	e.mu.Unlock()
+	if changed && l.term != 0 {
+		e.log(slog.LevelInfo, "cluster: following", "leader", l.name, "addr", l.addr, "term", l.term)
+	}
+}
+
+// stepDown ends this node's term, if it has one, and returns it.
+func (e *election) stepDown(why string) int64 {
+	e.mu.Lock()
+	term := e.term
+	if term != 0 {
+		e.term = 0
+		e.reportLocked(leaderInfo{})
+	}
+	e.mu.Unlock()
+	if term != 0 {
+		e.log(slog.LevelInfo, "cluster: no longer leading", "term", term, "why", why)
+	}
+	return term
+}
+
+// release gives lease id up: it ends this node's term, deletes the leader key if it is
+// still this term's, and revokes the lease, which deletes the candidate key. A lease not
+// revoked is an orphan, revoked by later steps.
+func (e *election) release(id int64, why string) {
+	term := e.stepDown(why)
+	ctx, cancel := context.WithTimeout(context.Background(), e.etcd.timeout)
+	defer cancel()
+	if term != 0 {
+		e.etcd.txn(ctx, []etcdCompare{createdAt(e.leaderKey, term)}, etcdOp{Delete: &etcdRange{Key: []byte(e.leaderKey)}})
+	}
+	if err := e.etcd.revoke(ctx, id); err != nil && !errors.Is(err, errLeaseExpired) {
+		e.orphans = append(e.orphans, id)
+	}
+}
+
+func (e *election) log(level slog.Level, msg string, args ...any) {
+	if e.logger != nil {
+		e.logger.Log(context.Background(), level, msg, append(args, "node", e.self.Name)...)
+	}
+}
+
+func marshalMember(m member) []byte {
+	b, _ := json.Marshal(m) // cannot fail: strings and integers
+	return b
+}
+
+// sleepCtx waits for d or until ctx is done, and reports whether d passed.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}

@@ -1,0 +1,495 @@
+package amqp
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// testTTL is the lease TTL of the election tests: the shortest that keeps a loaded machine
+// running -race from missing keepalives (each etcd attempt may take TTL/4).
+const testTTL = 2 * time.Second
+
+// testNode is one node's election, run until the test ends or stop.
+type testNode struct {
+	name string
+	e    *election
+	stop func() // resigns and waits for run to return
+
+	mu     sync.Mutex
+	pos    logPosition
+	inSync bool
+}
+
+// startNode runs an election for name in cluster through endpoints, in sync at pos.
+func startNode(t *testing.T, endpoints, cluster, name string, pos logPosition) *testNode {
+	t.Helper()
+	e, err := newElection(endpoints, cluster, name, name+".test:5672", testTTL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &testNode{name: name, e: e, pos: pos, inSync: true}
+	e.position = func() (logPosition, bool) {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		return n.pos, n.inSync
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		e.run(ctx)
+	}()
+	n.stop = sync.OnceFunc(func() {
+		cancel()
+		<-done
+	})
+	t.Cleanup(n.stop)
+	return n
+}
+
+func (n *testNode) setInSync(v bool) {
+	n.mu.Lock()
+	n.inSync = v
+	n.mu.Unlock()
+}
+
+// waitLeader waits until exactly one of nodes leads and every other node that runs follows
+// it in the same term, and returns the leader.
+func waitLeader(t *testing.T, nodes ...*testNode) (*testNode, int64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * testTTL)
+	for {
+		var leader *testNode
+		var term int64
+		count := 0
+		for _, n := range nodes {
+			if tm, ok := n.e.leading(); ok {
+				leader, term = n, tm
+				count++
+			}
+		}
+		if count == 1 {
+			agreed := true
+			for _, n := range nodes {
+				l := n.e.leaderNow()
+				if l.name != leader.name || l.term != term || l.self != (n == leader) {
+					agreed = false
+				}
+			}
+			if agreed {
+				return leader, term
+			}
+		}
+		if count > 1 {
+			t.Fatalf("%d nodes lead at once", count)
+		}
+		if time.Now().After(deadline) {
+			var b strings.Builder
+			for _, n := range nodes {
+				tm, ok := n.e.leading()
+				fmt.Fprintf(&b, " %s: leading=%v term=%d sees %+v;", n.name, ok, tm, n.e.leaderNow())
+			}
+			t.Fatalf("no single leader:%s", b.String())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// leadSpan is a time during which a node's leading answered true in one term: the answers
+// were asked for no earlier than first and returned no later than last.
+type leadSpan struct {
+	node        string
+	term        int64
+	first, last time.Time
+}
+
+// leadMonitor asks each node's leading every millisecond and records its spans.
+type leadMonitor struct {
+	stop chan struct{}
+	wg   sync.WaitGroup
+
+	mu    sync.Mutex
+	spans []leadSpan // guarded by mu
+}
+
+// monitorLeading samples nodes until the test ends, then checks that no two nodes led at
+// overlapping times.
+func monitorLeading(t *testing.T, nodes ...*testNode) *leadMonitor {
+	m := &leadMonitor{stop: make(chan struct{})}
+	for _, n := range nodes {
+		m.wg.Go(func() {
+			cur := -1
+			for {
+				select {
+				case <-m.stop:
+					return
+				default:
+				}
+				before := time.Now()
+				term, ok := n.e.leading()
+				after := time.Now()
+				m.mu.Lock()
+				switch {
+				case !ok:
+					cur = -1
+				case cur >= 0 && m.spans[cur].term == term:
+					m.spans[cur].last = after
+				default:
+					m.spans = append(m.spans, leadSpan{n.name, term, before, after})
+					cur = len(m.spans) - 1
+				}
+				m.mu.Unlock()
+				time.Sleep(time.Millisecond)
+			}
+		})
+	}
+	t.Cleanup(func() {
+		m.close()
+		for i, a := range m.spans {
+			for _, b := range m.spans[i+1:] {
+				if a.node != b.node && a.first.Before(b.last) && b.first.Before(a.last) {
+					t.Errorf("%s (term %d, %v to %v) and %s (term %d, %v to %v) led at once",
+						a.node, a.term, a.first.Format("05.000"), a.last.Format("05.000"),
+						b.node, b.term, b.first.Format("05.000"), b.last.Format("05.000"))
+				}
+			}
+		}
+	})
+	return m
+}
+
+func (m *leadMonitor) close() {
+	select {
+	case <-m.stop:
+	default:
+		close(m.stop)
+	}
+	m.wg.Wait()
+}
+
+// spansOf returns the spans recorded for node so far.
+func (m *leadMonitor) spansOf(node string) []leadSpan {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var s []leadSpan
+	for _, sp := range m.spans {
+		if sp.node == node {
+			s = append(s, sp)
+		}
+	}
+	return s
+}
+
+// pollUntil polls cond every 5 ms for up to d.
+func pollUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// holdsFor fails unless cond holds at every poll for d.
+func holdsFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(d); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if !cond() {
+			t.Fatalf("%s stopped holding", what)
+		}
+	}
+}
+
+func TestElectionConfig(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		endpoints, cluster, name string
+		ttl                      time.Duration
+	}{
+		{"http://127.0.0.1:1", "", "a", 0},
+		{"http://127.0.0.1:1", "c", "", 0},
+		{"http://127.0.0.1:1", "c", "a", 500 * time.Millisecond},
+		{"", "c", "a", 0},
+	} {
+		if _, err := newElection(tc.endpoints, tc.cluster, tc.name, "", tc.ttl); err == nil {
+			t.Errorf("newElection(%q, %q, %q, %v): no error", tc.endpoints, tc.cluster, tc.name, tc.ttl)
+		}
+	}
+	e, err := newElection("http://127.0.0.1:1", "c", "a", "", 0)
+	if err != nil || e.ttl != 5*time.Second || e.leaderKey != "/amqp-go/c/leader" {
+		t.Fatalf("defaults: %+v %v", e, err)
+	}
+	if !(logPosition{1, 9}).less(logPosition{2, 0}) || !(logPosition{2, 1}).less(logPosition{2, 2}) ||
+		(logPosition{2, 2}).less(logPosition{2, 2}) || (logPosition{3, 0}).less(logPosition{2, 9}) {
+		t.Fatal("logPosition.less")
+	}
+}
+
+// TestElectionSingle: a lone node becomes leader; its term is the leader key's create
+// revision, and it reports itself on the changes channel.
+func TestElectionSingle(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	n := startNode(t, etcd.url, "single", "a", logPosition{})
+	leader, term := waitLeader(t, n)
+	if leader != n || term <= 0 {
+		t.Fatalf("leader %s term %d", leader.name, term)
+	}
+	select {
+	case l := <-n.e.changes:
+		if l != (leaderInfo{name: "a", addr: "a.test:5672", term: term, self: true}) {
+			t.Fatalf("reported %+v", l)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("nothing reported")
+	}
+	c := newTestEtcdClient(t, etcd.url, time.Second)
+	kv, _, err := c.get(context.Background(), "/amqp-go/single/leader")
+	if err != nil || kv == nil || kv.CreateRevision != term || string(kv.Value) != `{"name":"a","addr":"a.test:5672","pos":{"term":0,"seq":0}}` {
+		t.Fatalf("leader key %+v %v", kv, err)
+	}
+	// It stays leader across keepalives.
+	holdsFor(t, testTTL, "leadership", func() bool { tm, ok := n.e.leading(); return ok && tm == term })
+	n.stop()
+	if _, ok := n.e.leading(); ok {
+		t.Fatal("leading after run returned")
+	}
+	if kv, _, _ := c.get(context.Background(), "/amqp-go/single/leader"); kv != nil {
+		t.Fatalf("leader key left after resigning: %+v", kv)
+	}
+}
+
+// TestElectionOneLeader: of three candidates exactly one leads, the others follow it, and
+// when it resigns another takes over at once, in a later term.
+func TestElectionOneLeader(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	nodes := []*testNode{
+		startNode(t, etcd.url, "three", "a", logPosition{}),
+		startNode(t, etcd.url, "three", "b", logPosition{}),
+		startNode(t, etcd.url, "three", "c", logPosition{}),
+	}
+	monitorLeading(t, nodes...)
+	leader, term := waitLeader(t, nodes...)
+	leader.stop()
+	resigned := time.Now()
+	var rest []*testNode
+	for _, n := range nodes {
+		if n != leader {
+			rest = append(rest, n)
+		}
+	}
+	next, term2 := waitLeader(t, rest...)
+	if d := time.Since(resigned); d > testTTL/2 {
+		t.Errorf("takeover took %v after the leader resigned", d)
+	}
+	if term2 <= term {
+		t.Fatalf("term %d after term %d", term2, term)
+	}
+	t.Logf("%s led in term %d, then %s in term %d", leader.name, term, next.name, term2)
+}
+
+// TestElectionPartitionedLeader: a leader cut off from etcd stops leading before its TTL is
+// up, and before another node takes over; once the partition heals it follows.
+func TestElectionPartitionedLeader(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	to := etcd.url[len("http://"):]
+	proxies := map[string]*testProxy{}
+	var nodes []*testNode
+	for _, name := range []string{"a", "b", "c"} {
+		proxies[name] = startProxy(t, to)
+		nodes = append(nodes, startNode(t, proxies[name].url(), "part", name, logPosition{}))
+	}
+	mon := monitorLeading(t, nodes...)
+	leader, term := waitLeader(t, nodes...)
+	cut := time.Now()
+	proxies[leader.name].cut.Store(true)
+	pollUntil(t, testTTL, "the cut-off leader to stop leading", func() bool { _, ok := leader.e.leading(); return !ok })
+	var rest []*testNode
+	for _, n := range nodes {
+		if n != leader {
+			rest = append(rest, n)
+		}
+	}
+	_, term2 := waitLeader(t, rest...)
+	if term2 <= term {
+		t.Fatalf("term %d after term %d", term2, term)
+	}
+	spans := mon.spansOf(leader.name)
+	last := spans[len(spans)-1].last
+	if d := last.Sub(cut); d >= testTTL {
+		t.Fatalf("cut-off leader still led %v after the cut", d)
+	}
+	t.Logf("cut-off leader stopped %v after the cut", last.Sub(cut).Round(time.Millisecond))
+	proxies[leader.name].cut.Store(false)
+	waitLeader(t, nodes...)
+}
+
+// TestElectionEtcdPaused: with etcd stopped (SIGSTOP) nobody can renew; the leader stops
+// leading within its TTL and nobody leads until etcd continues, when a leader is elected in
+// a later term.
+func TestElectionEtcdPaused(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	nodes := []*testNode{
+		startNode(t, etcd.url, "pause", "a", logPosition{}),
+		startNode(t, etcd.url, "pause", "b", logPosition{}),
+	}
+	monitorLeading(t, nodes...)
+	leader, term := waitLeader(t, nodes...)
+	etcd.signal("STOP")
+	paused := time.Now()
+	pollUntil(t, testTTL, "the leader to stop leading", func() bool { _, ok := leader.e.leading(); return !ok })
+	t.Logf("leader stopped %v after etcd did", time.Since(paused).Round(time.Millisecond))
+	holdsFor(t, testTTL/2, "no leader while etcd is stopped", func() bool {
+		for _, n := range nodes {
+			if _, ok := n.e.leading(); ok {
+				return false
+			}
+		}
+		return true
+	})
+	etcd.signal("CONT")
+	if _, term2 := waitLeader(t, nodes...); term2 <= term {
+		t.Fatalf("term %d after term %d", term2, term)
+	}
+}
+
+// TestElectionEtcdRestart: etcd killed and restarted on the same data: a leader is elected
+// again, in a later term, without waiting for the old leader's lease to expire.
+func TestElectionEtcdRestart(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	nodes := []*testNode{
+		startNode(t, etcd.url, "restart", "a", logPosition{}),
+		startNode(t, etcd.url, "restart", "b", logPosition{}),
+	}
+	monitorLeading(t, nodes...)
+	_, term := waitLeader(t, nodes...)
+	etcd.kill()
+	// Down for longer than the leader's deadline, so that it must step down.
+	pollUntil(t, testTTL, "no leader while etcd is down", func() bool {
+		for _, n := range nodes {
+			if _, ok := n.e.leading(); ok {
+				return false
+			}
+		}
+		return true
+	})
+	etcd.start()
+	restarted := time.Now()
+	if _, term2 := waitLeader(t, nodes...); term2 <= term {
+		t.Fatalf("term %d after term %d", term2, term)
+	}
+	// etcd renewed the old leader's lease when it restarted; the old leader revoked it
+	// rather than leave the others to wait until it expired.
+	if d := time.Since(restarted); d >= testTTL {
+		t.Errorf("a leader only %v after etcd restarted", d)
+	}
+	t.Logf("a leader %v after etcd restarted", time.Since(restarted).Round(time.Millisecond))
+}
+
+// TestElectionEndpointFailover: with two endpoints, cutting the one in use moves the leader
+// to the other without a break in its leadership.
+func TestElectionEndpointFailover(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	to := etcd.url[len("http://"):]
+	p1, p2 := startProxy(t, to), startProxy(t, to)
+	n := startNode(t, p1.url()+","+p2.url(), "failover", "a", logPosition{})
+	mon := monitorLeading(t, n)
+	_, term := waitLeader(t, n)
+	p1.cut.Store(true)
+	holdsFor(t, testTTL+testTTL/2, "leadership through the failover", func() bool { tm, ok := n.e.leading(); return ok && tm == term })
+	mon.close()
+	if spans := mon.spansOf("a"); len(spans) != 1 {
+		t.Fatalf("leadership broke: %+v", spans)
+	}
+}
+
+// TestElectionNewestPositionWins: among candidates in sync the one with the newest log
+// position wins, a later term before a higher sequence; when it resigns, the next newest.
+func TestElectionNewestPositionWins(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	nodes := []*testNode{
+		startNode(t, etcd.url, "pos", "a", logPosition{Term: 1, Seq: 5}),
+		startNode(t, etcd.url, "pos", "b", logPosition{Term: 2, Seq: 1}),
+		startNode(t, etcd.url, "pos", "c", logPosition{Term: 1, Seq: 9}),
+	}
+	monitorLeading(t, nodes...)
+	leader, _ := waitLeader(t, nodes...)
+	if leader.name != "b" {
+		t.Fatalf("%s leads, want b (position 2/1)", leader.name)
+	}
+	leader.stop()
+	if leader, _ = waitLeader(t, nodes[0], nodes[2]); leader.name != "c" {
+		t.Fatalf("%s leads, want c (position 1/9)", leader.name)
+	}
+}
+
+// TestElectionOutOfSync: a node out of sync never stands, however new its position, and
+// withdraws its candidate key; back in sync, it stands.
+func TestElectionOutOfSync(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	a := startNode(t, etcd.url, "sync", "a", logPosition{Term: 1, Seq: 1})
+	b := startNode(t, etcd.url, "sync", "b", logPosition{Term: 9, Seq: 9})
+	c := newTestEtcdClient(t, etcd.url, time.Second)
+	bKey := "/amqp-go/sync/candidates/b"
+	pollUntil(t, testTTL, "b's candidate key", func() bool { kv, _, _ := c.get(context.Background(), bKey); return kv != nil })
+	b.setInSync(false)
+	pollUntil(t, testTTL, "b to withdraw", func() bool { kv, _, _ := c.get(context.Background(), bKey); return kv == nil })
+	monitorLeading(t, a, b)
+	if leader, _ := waitLeader(t, a, b); leader != a {
+		t.Fatalf("%s leads, want a", leader.name)
+	}
+	a.stop()
+	noLeader := func() bool { _, ok := b.e.leading(); return !ok && b.e.leaderNow() == leaderInfo{} }
+	pollUntil(t, testTTL, "b to see a resign", noLeader)
+	holdsFor(t, testTTL, "b not standing while out of sync", noLeader)
+	b.setInSync(true)
+	waitLeader(t, b)
+}
+
+// TestElectionFlappingPartitions cuts and heals the nodes' links to etcd at random for a
+// while: at no time do two nodes lead, and once every link is healed one leads again.
+func TestElectionFlappingPartitions(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	to := etcd.url[len("http://"):]
+	var nodes []*testNode
+	var proxies []*testProxy
+	for _, name := range []string{"a", "b", "c"} {
+		p := startProxy(t, to)
+		proxies = append(proxies, p)
+		nodes = append(nodes, startNode(t, p.url(), "flap", name, logPosition{}))
+	}
+	mon := monitorLeading(t, nodes...)
+	waitLeader(t, nodes...)
+	rng := rand.New(rand.NewPCG(13, 13))
+	for end := time.Now().Add(3 * testTTL); time.Now().Before(end); {
+		p := proxies[rng.IntN(len(proxies))]
+		p.cut.Store(!p.cut.Load())
+		time.Sleep(time.Duration(100+rng.IntN(400)) * time.Millisecond)
+	}
+	for _, p := range proxies {
+		p.cut.Store(false)
+	}
+	waitLeader(t, nodes...)
+	mon.mu.Lock()
+	terms := map[int64]bool{}
+	for _, s := range mon.spans {
+		terms[s.term] = true
+	}
+	mon.mu.Unlock()
+	t.Logf("%d terms", len(terms))
+}
