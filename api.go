@@ -676,7 +676,7 @@ func vhostBindings(vh *vhost) []map[string]any {
 	}
 	slices.Sort(xnames)
 	for _, name := range xnames {
-		for _, b := range vh.exchanges[name].bindings {
+		for _, b := range sortedBindings(vh.exchanges[name].bindings) {
 			if b.queue != nil {
 				items = append(items, bindingInfo(vh.name, name, b.queue.name, "queue", b.key, b.args))
 			} else if b.dest != nil {
@@ -685,6 +685,25 @@ func vhostBindings(vh *vhost) []map[string]any {
 		}
 	}
 	return items
+}
+
+// sortedBindings returns a copy of bs (an exchange's, in no order) sorted as RabbitMQ
+// lists them: by routing key, then destination, exchanges before queues.
+func sortedBindings(bs []*binding) []*binding {
+	bs = slices.Clone(bs)
+	slices.SortStableFunc(bs, func(a, b *binding) int {
+		if c := strings.Compare(a.key, b.key); c != 0 {
+			return c
+		}
+		if (a.queue == nil) != (b.queue == nil) {
+			if a.queue == nil {
+				return -1
+			}
+			return 1
+		}
+		return strings.Compare(a.destName(), b.destName())
+	})
+	return bs
 }
 
 // apiBindings lists bindings: all, a vhost's, an exchange's as source or destination, a

@@ -840,14 +840,14 @@ func TestTopicCollapsedKeys(t *testing.T) {
 	if got := route("a.x.y.b"); len(got) != 1 {
 		t.Fatalf("a.x.y.b routed to %d queues, want 1", len(got))
 	}
-	i := x.findBindingLocked(&binding{queue: q, key: "a.#.#.#.b"})
-	if i < 0 || x.removeBindingLocked(i) != long {
+	if b := x.findBindingLocked(&binding{queue: q, key: "a.#.#.#.b"}); b != long {
 		t.Fatal("unbind a.#.#.#.b did not find its binding")
 	}
+	x.removeBindingLocked(long)
 	if got := route("a.b"); len(got) != 1 {
 		t.Fatalf("after unbinding a.#.#.#.b, a.b routed to %d queues, want 1 through a.#.b", len(got))
 	}
-	if x.findBindingLocked(&binding{queue: q, key: "a.#.#.#.b"}) >= 0 {
+	if x.findBindingLocked(&binding{queue: q, key: "a.#.#.#.b"}) != nil {
 		t.Fatal("a.#.#.#.b found after its unbind")
 	}
 	x.removeBindingLocked(x.findBindingLocked(&binding{queue: q, key: "a.#.b"}))

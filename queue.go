@@ -1260,9 +1260,8 @@ func (ch *channel) queueUnbind(d *decoder) error {
 	vh := ch.vh()
 	vh.mu.Lock()
 	logged := false
-	if i := x.findBindingLocked(&binding{queue: q, key: m.RoutingKey, args: m.Arguments}); i >= 0 {
-		b := x.removeBindingLocked(i)
-		if durableBinding(b) {
+	if b := x.findBindingLocked(&binding{queue: q, key: m.RoutingKey, args: m.Arguments}); b != nil {
+		if x.removeBindingLocked(b); durableBinding(b) {
 			vh.logLocked(recUnbind, bindRecord(vh.name, b))
 			logged = true
 		}

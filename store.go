@@ -1296,7 +1296,7 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 				delete(queues, id)
 				for len(q.bindings) > 0 {
 					b := q.bindings[len(q.bindings)-1]
-					b.source.removeBindingLocked(b.source.findBindingLocked(b))
+					b.source.removeBindingLocked(b)
 				}
 			}
 			continue
@@ -1357,8 +1357,8 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			}
 			if r.typ == recBind {
 				src.addBindingLocked(b)
-			} else if i := src.findBindingLocked(b); i >= 0 {
-				src.removeBindingLocked(i)
+			} else if b = src.findBindingLocked(b); b != nil {
+				src.removeBindingLocked(b)
 			}
 		}
 		if d.err != nil {
