@@ -292,7 +292,10 @@ func (q *queue) deliveredLocked() uint64 {
 // rates returns q's publish and deliver rates, taking a new sample when the last is five
 // seconds old. q.mu must be held.
 func (q *queue) ratesLocked(now time.Time) (pub, del float64) {
-	sm := &q.counts.sample
+	if q.counts.sample == nil {
+		q.counts.sample = &rateSample{}
+	}
+	sm := q.counts.sample
 	if d := now.Sub(sm.at); sm.at.IsZero() || d >= 5*time.Second {
 		if !sm.at.IsZero() {
 			sm.pubRate = float64(q.counts.published-sm.published) / d.Seconds()
@@ -312,7 +315,10 @@ func queueInfo(vh *vhost, q *queue, now time.Time, node string) map[string]any {
 	published, delivered, redelivered := q.counts.published, q.deliveredLocked(), q.stats.n[qcRedelivered]
 	unacked := q.unackedLocked()
 	pubRate, delRate := q.ratesLocked(now)
-	policy, opPolicy := q.policy, q.operatorPolicy
+	var policy, opPolicy string
+	if p := q.policies; p != nil {
+		policy, opPolicy = p[0], p[1]
+	}
 	var single, exclusiveTag any
 	if q.single && q.active != nil {
 		single = q.active.tag

@@ -393,6 +393,14 @@ func (q *queue) pageOutLocked(e qentry) bool {
 	return true
 }
 
+// aheadLocked returns q's read-ahead window, made on first use. q.mu must be held.
+func (q *queue) aheadLocked() *readAhead {
+	if q.ahead == nil {
+		q.ahead = &readAhead{}
+	}
+	return q.ahead
+}
+
 // fillLocked reads messages at the front of the tail back into memory, about a window's
 // worth, once nothing is ready ahead of them. notYet says the front's log record is not
 // written yet (the caller retries after the log's next batch); a read that fails is
@@ -408,9 +416,9 @@ func (q *queue) fillLocked() (notYet bool, e *Error) {
 		var m *message
 		var err error
 		if r.inLog() {
-			m, err = q.vh.store.readRef(&r, &q.ahead)
+			m, err = q.vh.store.readRef(&r, q.aheadLocked())
 		} else {
-			m, err = q.vh.spill.get(&r, &q.ahead)
+			m, err = q.vh.spill.get(&r, q.aheadLocked())
 		}
 		if err != nil {
 			if q.ready.len() > 0 {
@@ -471,7 +479,7 @@ func (q *queue) dropTailLocked(record bool) {
 			batch = batch[:0]
 		}
 	}
-	q.ahead = readAhead{}
+	q.ahead = nil
 }
 
 // loadTailLocked reads every paged message back into memory: a priority queue orders its
@@ -555,7 +563,7 @@ func (q *queue) popRefLocked() {
 	q.tailSeq++
 	q.readyBytes -= int64(r.body)
 	if q.tail.len() == 0 {
-		q.ahead = readAhead{}
+		q.ahead = nil
 	}
 }
 
@@ -564,11 +572,11 @@ func (q *queue) popRefLocked() {
 // (errNotWritten: not yet; the ref stays). q.mu must be held.
 func (q *queue) readRefLocked(r *diskRef) (*message, error) {
 	if !r.inLog() {
-		m, err := q.vh.spill.get(r, &q.ahead)
+		m, err := q.vh.spill.get(r, q.aheadLocked())
 		q.vh.spill.release(r.file)
 		return m, err
 	}
-	m, err := q.vh.store.readRef(r, &q.ahead)
+	m, err := q.vh.store.readRef(r, q.aheadLocked())
 	if err != nil {
 		return nil, err
 	}

@@ -1266,7 +1266,7 @@ func (s *Server) openStore() error {
 		vh.mu.RLock()
 		for _, q := range vh.queues {
 			q.mu.Lock()
-			if q.ready.levels != nil {
+			if q.ready.pri != nil {
 				q.loadTailLocked()
 			}
 			q.scheduleExpiryLocked()
