@@ -69,12 +69,11 @@ type binding struct {
 }
 
 // bindingID tells a binding from the others of its exchange: equal bindings have equal
-// ids. Unequal ones share an id only when the hashes of their arguments collide.
+// ids. Unequal ones share an id only when the hashes of their keys and arguments collide.
 type bindingID struct {
 	queue *queue
 	dest  *exchange
-	key   string
-	args  uint64 // tableHash of the arguments
+	hash  uint64 // of the key and the arguments
 }
 
 // destName is the name of the queue or exchange b routes to.
@@ -85,7 +84,12 @@ func (b *binding) destName() string {
 	return b.dest.name
 }
 
-func (b *binding) id() bindingID { return bindingID{b.queue, b.dest, b.key, tableHash(b.args)} }
+func (b *binding) id() bindingID {
+	return bindingID{b.queue, b.dest, maphash.String(hashSeed, b.key) ^ mix(tableHash(b.args))}
+}
+
+// same reports whether b and o have the same key and arguments.
+func (b *binding) same(o *binding) bool { return b.key == o.key && tableEqual(b.args, o.args) }
 
 // newExchange makes an exchange of a valid kind, with no bindings.
 func newExchange(name, kind string, durable, autoDelete, internal bool, args table) *exchange {
@@ -117,7 +121,7 @@ func validKind(kind string) bool {
 // arguments), or nil. vh.mu must be held.
 func (x *exchange) findBindingLocked(b *binding) *binding {
 	for o := x.index[b.id()]; o != nil; o = o.twin {
-		if tableEqual(o.args, b.args) {
+		if o.same(b) {
 			return o
 		}
 	}
@@ -129,7 +133,7 @@ func (x *exchange) findBindingLocked(b *binding) *binding {
 func (x *exchange) addBindingLocked(b *binding) bool {
 	id := b.id()
 	for o := x.index[id]; o != nil; o = o.twin {
-		if tableEqual(o.args, b.args) {
+		if o.same(b) {
 			return false
 		}
 	}
@@ -533,11 +537,17 @@ func (n *topicNode) match(words [][]byte, i int, rs *routeSet) {
 type headersMatch struct {
 	any    bool // x-match any (or any-with-x)
 	withX  bool // x-match all-with-x or any-with-x: x- keys take part too
-	fields table
+	fields []headerField
+}
+
+// headerField is a header a headers binding asks for, and its value; nil: any value.
+type headerField struct {
+	key  string
+	want any
 }
 
 func parseHeadersMatch(args table) *headersMatch {
-	hm := &headersMatch{fields: table{}}
+	hm := &headersMatch{fields: make([]headerField, 0, len(args))}
 	switch args["x-match"] {
 	case "any":
 		hm.any = true
@@ -550,7 +560,7 @@ func parseHeadersMatch(args table) *headersMatch {
 		if k == "x-match" || (!hm.withX && strings.HasPrefix(k, "x-")) {
 			continue
 		}
-		hm.fields[k] = v
+		hm.fields = append(hm.fields, headerField{k, v})
 	}
 	return hm
 }
@@ -559,9 +569,9 @@ func parseHeadersMatch(args table) *headersMatch {
 // binding value asks only for the header's presence; otherwise the types and the values
 // must be equal. "all" with no fields matches everything, "any" with no fields nothing.
 func (hm *headersMatch) matches(headers table) bool {
-	for k, want := range hm.fields {
-		got, ok := headers[k]
-		hit := ok && (want == nil || valueEqual(want, got))
+	for _, f := range hm.fields {
+		got, ok := headers[f.key]
+		hit := ok && (f.want == nil || valueEqual(f.want, got))
 		if hm.any && hit {
 			return true
 		}

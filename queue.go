@@ -220,7 +220,7 @@ type queue struct {
 	active     *consumer             // guarded by mu: x-single-active-consumer: the one consumer that receives
 	readyBytes int64                 // guarded by mu: body octets of the ready messages
 	ramBytes   int64                 // guarded by mu: memCost of the ready messages in memory
-	tail       refQueue              // guarded by mu: ready messages paged out, after all of ready
+	tail       *refQueue             // guarded by mu: ready messages paged out, after all of ready; nil until the first
 	tailSeq    uint64                // guarded by mu: the seq of tail's front
 	ahead      *readAhead            // guarded by mu: the window paged messages are read from; nil: none
 	expiry     *time.Timer           // guarded by mu: drops expired messages at the head, when set
@@ -1243,7 +1243,11 @@ func (ch *channel) queueBind(d *decoder) error {
 	}
 	logged := false
 	if !x.deleted && !q.isDeleted() {
-		b := &binding{source: x, queue: q, key: m.RoutingKey, args: m.Arguments}
+		key := m.RoutingKey
+		if key == q.name {
+			key = q.name // a key that names its queue, as many do, shares the queue's copy
+		}
+		b := &binding{source: x, queue: q, key: key, args: m.Arguments}
 		if x.addBindingLocked(b) && durableBinding(b) {
 			vh.logLocked(recBind, bindRecord(vh.name, b))
 			logged = true

@@ -73,7 +73,12 @@ type refQueue struct {
 
 const refChunkLen = 2048
 
-func (r *refQueue) len() int { return r.n }
+func (r *refQueue) len() int {
+	if r == nil {
+		return 0
+	}
+	return r.n
+}
 
 func (r *refQueue) push(v diskRef) {
 	if k := len(r.chunks); k == 0 || len(r.chunks[k-1].refs) == refChunkLen {
@@ -139,7 +144,7 @@ func (r *refQueue) pop() diskRef {
 
 // each calls fn with every ref and its index, front first.
 func (r *refQueue) each(fn func(i int, v diskRef)) {
-	for i := range r.n {
+	for i := range r.len() {
 		fn(i, r.at(i))
 	}
 }
@@ -386,6 +391,9 @@ func (q *queue) pageOutLocked(e qentry) bool {
 		return false
 	}
 	ref.expires = e.expires
+	if q.tail == nil {
+		q.tail = &refQueue{}
+	}
 	if q.tail.len() == 0 {
 		q.tailSeq = e.seq
 	}

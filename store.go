@@ -1404,7 +1404,7 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			refs.set(i, r)
 			q.readyBytes += int64(r.body)
 		})
-		q.tail, q.tailSeq = refs, q.nextSeq+1
+		q.tail, q.tailSeq = &refs, q.nextSeq+1
 		q.noteEnqueueLocked(q.tailSeq) // their age counts from the start
 		q.nextSeq += uint64(refs.len())
 		n += refs.len()
