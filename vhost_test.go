@@ -5,6 +5,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"testing"
 
 	amqp091 "github.com/rabbitmq/amqp091-go"
@@ -299,10 +300,11 @@ func sameQueues(a, b []*queue) bool {
 	return true
 }
 
-// TestBindingsEveryKind: on each kind of exchange, a bind repeated with equal arguments
-// (an integer of another width) is the same binding, which one unbind removes; other
-// arguments make another binding; and an auto-delete exchange goes when the deletion of a
-// queue takes its last binding.
+// TestBindingsEveryKind: on each kind of exchange (and a delayed one of each, which
+// routes a message without x-delay at once), a bind repeated with equal arguments (an
+// integer of another width) is the same binding, which one unbind removes; other arguments
+// make another binding; and an auto-delete exchange goes when the deletion of a queue takes
+// its last binding.
 func TestBindingsEveryKind(t *testing.T) {
 	t.Parallel()
 	_, url := newTestServer(t)
@@ -310,9 +312,13 @@ func TestBindingsEveryKind(t *testing.T) {
 	ch := openChannel(t, c)
 	all := func(h any) amqp091.Table { return amqp091.Table{"x-match": "all", "h": h} }
 	anyOf := amqp091.Table{"x-match": "any", "h": int32(1), "g": "no"}
-	for _, kind := range []string{"direct", "fanout", "topic", "headers"} {
+	for _, kind := range []string{"direct", "fanout", "topic", "headers", "delayed direct", "delayed fanout", "delayed topic", "delayed headers"} {
 		x, qa, qb := "ad-"+kind, "a-"+kind, "b-"+kind
-		if err := ch.ExchangeDeclare(x, kind, false, true, false, false, nil); err != nil {
+		typ, args := kind, amqp091.Table(nil)
+		if k, ok := strings.CutPrefix(kind, "delayed "); ok {
+			typ, args = kindDelayed, amqp091.Table{"x-delayed-type": k}
+		}
+		if err := ch.ExchangeDeclare(x, typ, false, true, false, false, args); err != nil {
 			t.Fatal(err)
 		}
 		bind := func(q string, args amqp091.Table, unbind bool) {
@@ -351,6 +357,6 @@ func TestBindingsEveryKind(t *testing.T) {
 			t.Fatal(err)
 		}
 		probe := openChannel(t, c)
-		wantReplyCode(t, probe.ExchangeDeclarePassive(x, kind, false, true, false, false, nil), 404)
+		wantReplyCode(t, probe.ExchangeDeclarePassive(x, typ, false, true, false, false, nil), 404)
 	}
 }
