@@ -315,10 +315,7 @@ func queueInfo(vh *vhost, q *queue, now time.Time, node string) map[string]any {
 	published, delivered, redelivered := q.counts.published, q.deliveredLocked(), q.stats.n[qcRedelivered]
 	unacked := q.unackedLocked()
 	pubRate, delRate := q.ratesLocked(now)
-	var policy, opPolicy string
-	if p := q.policies; p != nil {
-		policy, opPolicy = p[0], p[1]
-	}
+	policy, opPolicy := q.settings().policy, q.settings().operatorPolicy
 	var single, exclusiveTag any
 	if q.single && q.active != nil {
 		single = q.active.tag

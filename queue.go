@@ -200,15 +200,9 @@ type queue struct {
 	hadConsumer, deleted, mayExpire        bool  // guarded by mu: for auto-delete; deleted; a ready message may have an expiry (false once none can)
 	owner                                  *conn // exclusive queues: the declaring connection
 	args                                   table
-	walID                                  uint64                           // durable queues: the id log records use; 0 if not logged
-	ttl                                    ttl                              // guarded by mu: x-message-ttl
-	expires                                atomic.Int64                     // x-expires: milliseconds unused before it is deleted; 0: never
-	dead                                   atomic.Pointer[deadLetterTarget] // x-dead-letter-exchange; nil: none
-	deliveryLimit                          int64                            // guarded by mu: x-delivery-limit plus one; 0: none
-	policies                               *[2]string                       // guarded by mu: the user and operator policies applied; nil: none
-	consumerTimeout                        atomic.Int64                     // x-consumer-timeout in milliseconds; 0: the server's
-	limits                                 queueLimits
-	bindings                               []*binding // guarded by vh.mu; b.dslot is b's index
+	walID                                  uint64                        // durable queues: the id log records use; 0 if not logged
+	set                                    atomic.Pointer[queueSettings] // what arguments and policies make of q; read with settings
+	bindings                               []*binding                    // guarded by vh.mu; b.dslot is b's index
 
 	mu         sync.Mutex
 	stats      queueStats            // guarded by mu, except stats.settled: messages delivered, got, acked (metrics.go)
@@ -366,7 +360,7 @@ func (q *queue) consumerCount() int {
 func (q *queue) enqueue(m *message) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	e := qentry{msg: m, expires: expiresAt(q.ttl, m.ttl)}
+	e := qentry{msg: m, expires: expiresAt(q.settings().ttl, m.ttl)}
 	if e.expires != 0 {
 		q.mayExpire = true
 	}
@@ -379,8 +373,8 @@ func (q *queue) enqueue(m *message) bool {
 		return true
 	}
 	size := int64(m.size)
-	if q.limits.rejectPublish && q.limits.full(q.messageCountLocked()+1, q.readyBytes+size) {
-		if !q.limits.dlx || !q.deadLetterLocked(m, deathMaxlen) {
+	if l := &q.settings().limits; l.rejectPublish && l.full(q.messageCountLocked()+1, q.readyBytes+size) {
+		if !l.dlx || !q.deadLetterLocked(m, deathMaxlen) {
 			q.settleOne(m)
 		}
 		return false
@@ -442,17 +436,43 @@ func newQueue(name string, vh *vhost, durable, autoDelete bool, args table, qa q
 	return q
 }
 
+// queueSettings is what a queue's arguments and policies make of it: x-message-ttl (ttl),
+// x-expires (expires, milliseconds unused before it is deleted; 0: never), the dead-letter
+// target (dead; nil: none), x-delivery-limit plus one (deliveryLimit; 0: none),
+// x-consumer-timeout (consumerTimeout, milliseconds; 0: the server's), the length limits,
+// and the names of the policies applied ("": none). A change replaces it whole, so it is
+// read without q.mu. Queues with none of these share plainSettings.
+type queueSettings struct {
+	queueArgs
+	policy, operatorPolicy string
+}
+
+// plainSettings are those of a queue without arguments or policies.
+var plainSettings = func() *queueSettings {
+	qa, _, _ := parseQueueArgs(nil)
+	return &queueSettings{queueArgs: qa}
+}()
+
+// settings returns what q's arguments and policies make of it.
+func (q *queue) settings() *queueSettings {
+	if s := q.set.Load(); s != nil {
+		return s
+	}
+	return plainSettings // a queue made in a test without newQueue
+}
+
 // setArgsLocked sets what arguments and policies make of q, and reports whether its
 // x-expires changed. q.mu must be held, or q not yet shared.
 func (q *queue) setArgsLocked(qa queueArgs, policy, operatorPolicy string) (expiresChanged bool) {
-	q.ttl, q.limits, q.deliveryLimit = qa.ttl, qa.limits, qa.deliveryLimit
-	q.dead.Store(qa.dead)
-	q.consumerTimeout.Store(qa.consumerTimeout)
-	q.policies = nil
-	if policy != "" || operatorPolicy != "" {
-		q.policies = &[2]string{policy, operatorPolicy}
+	s := &queueSettings{qa, policy, operatorPolicy}
+	if *s == *plainSettings {
+		s = plainSettings
 	}
-	return q.expires.Swap(qa.expires) != qa.expires
+	var was int64
+	if old := q.set.Swap(s); old != nil {
+		was = old.expires
+	}
+	return was != s.expires
 }
 
 // ttl is a time to live in milliseconds, kept plus one so that the zero value means none.
@@ -553,7 +573,8 @@ func (q *queue) dispatch() {
 // dead-letter exchange, if any) while the queue is over x-max-length or -bytes. A head that
 // cannot go yet stops it; dispatch comes back. q.mu must be held.
 func (q *queue) dropOverLimitLocked() {
-	for q.limits.full(q.messageCountLocked(), q.readyBytes) && q.messageCountLocked() > 0 {
+	l := &q.settings().limits
+	for l.full(q.messageCountLocked(), q.readyBytes) && q.messageCountLocked() > 0 {
 		if !q.dropHeadLocked(deathMaxlen) {
 			return
 		}
@@ -776,11 +797,11 @@ func (q *queue) requeueLocked(e qentry) {
 	if q.deleted {
 		return
 	}
-	if q.deliveryLimit != 0 {
+	if limit := q.settings().deliveryLimit; limit != 0 {
 		// A message returned more often than x-delivery-limit is a poison message: it is
 		// dead-lettered (or dropped), and the others carry their count in x-delivery-count.
 		e.returns++
-		if int64(e.returns) >= q.deliveryLimit {
+		if int64(e.returns) >= limit {
 			if !q.deadLetterLocked(e.msg, deathDeliveryLimit) {
 				q.settleOne(e.msg)
 			}
@@ -1009,7 +1030,7 @@ func (m *message) withHeader(name string, v any) *message {
 // renewLease starts q's x-expires period again: it was used (basic.get, redeclare, its last
 // consumer left, or the broker started). A queue without x-expires pays one comparison.
 func (q *queue) renewLease() {
-	if q.expires.Load() == 0 {
+	if q.settings().expires == 0 {
 		return
 	}
 	q.mu.Lock()
@@ -1019,7 +1040,7 @@ func (q *queue) renewLease() {
 
 // renewLeaseLocked is renewLease with q.mu held.
 func (q *queue) renewLeaseLocked() {
-	expires := q.expires.Load()
+	expires := q.settings().expires
 	if expires == 0 || q.deleted {
 		return
 	}
@@ -1035,18 +1056,18 @@ func (q *queue) renewLeaseLocked() {
 func (q *queue) onLease() {
 	q.mu.Lock()
 	q.lease = nil
-	if q.deleted || len(q.consumers) > 0 || q.expires.Load() == 0 {
+	if q.deleted || len(q.consumers) > 0 || q.settings().expires == 0 {
 		q.mu.Unlock()
 		return
 	}
-	if left := q.lastUsed.Load() + q.expires.Load() - time.Now().UnixMilli(); left > 0 {
+	if left := q.lastUsed.Load() + q.settings().expires - time.Now().UnixMilli(); left > 0 {
 		q.lease = time.AfterFunc(time.Duration(left)*time.Millisecond, q.onLease)
 		q.mu.Unlock()
 		return
 	}
 	q.mu.Unlock()
 	unused := func() bool {
-		expires := q.expires.Load()
+		expires := q.settings().expires
 		if q.deleted || len(q.consumers) > 0 || expires == 0 || q.lastUsed.Load()+expires > time.Now().UnixMilli() {
 			if !q.deleted && q.lease == nil && len(q.consumers) == 0 && expires != 0 {
 				q.lease = time.AfterFunc(time.Duration(expires)*time.Millisecond, q.onLease)

@@ -539,7 +539,7 @@ func (q *queue) dropHeadLocked(reason string) bool {
 		return true
 	}
 	r := [1]diskRef{q.tail.front()}
-	if q.dead.Load() != nil && q.vh.dead != nil {
+	if q.settings().dead != nil && q.vh.dead != nil {
 		if q.vh.dead.busy(q) {
 			return false // read back once the worker has room: q is dispatched then
 		}

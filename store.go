@@ -1394,8 +1394,8 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 		refs.each(func(i int, r diskRef) {
 			r.off |= refRedelivered
 			if r.expires <= 0 { // not exact: the message's ttl, negated; it starts again now
-				if t := ttl(-r.expires); t != 0 || q.ttl != 0 {
-					r.expires = expiresAtFrom(now, q.ttl, t)
+				if t := ttl(-r.expires); t != 0 || q.settings().ttl != 0 {
+					r.expires = expiresAtFrom(now, q.settings().ttl, t)
 				}
 			}
 			if r.expires != 0 {
