@@ -194,15 +194,19 @@ type qentry struct {
 // queue holds messages for its consumers. Its critical sections are O(1) (O(log n) for a
 // requeue) and do no blocking I/O: deliveries are appended to connection outboxes.
 type queue struct {
-	name                                   string
-	vh                                     *vhost
-	durable, exclusive, autoDelete, single bool  // single: x-single-active-consumer: only q.active receives
-	hadConsumer, deleted, mayExpire        bool  // guarded by mu: for auto-delete; deleted; a ready message may have an expiry (false once none can)
-	owner                                  *conn // exclusive queues: the declaring connection
-	args                                   table
-	walID                                  uint64                        // durable queues: the id log records use; 0 if not logged
-	set                                    atomic.Pointer[queueSettings] // what arguments and policies make of q; read with settings
-	bindings                               []*binding                    // guarded by vh.mu; b.dslot is b's index
+	name string
+	vh   *vhost
+	// The flags sit together, which keeps the struct small.
+	durable, exclusive, autoDelete bool
+	single                         bool  // x-single-active-consumer: only q.active receives
+	hadConsumer                    bool  // guarded by mu: for auto-delete
+	deleted                        bool  // guarded by mu
+	mayExpire                      bool  // guarded by mu: a ready message may have an expiry; false once none can
+	owner                          *conn // exclusive queues: the declaring connection
+	args                           table
+	walID                          uint64                        // durable queues: the id log records use; 0 if not logged
+	set                            atomic.Pointer[queueSettings] // what arguments and policies make of q; read with settings
+	bindings                       []*binding                    // guarded by vh.mu; b.dslot is b's index
 
 	mu         sync.Mutex
 	stats      queueStats            // guarded by mu, except stats.settled: messages delivered, got, acked (metrics.go)
