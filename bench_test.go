@@ -883,9 +883,9 @@ func BenchmarkCountingHotPath(b *testing.B) {
 }
 
 // BenchmarkQueueScale declares 100,000 transient queues, each bound once to one exchange
-// of each type, then unbinds half of them and deletes them all, in order: the heap a queue
-// with its binding costs (heap growth after a collection ÷ queues), and the binds,
-// unbinds and deletes a second, which stay flat only if none of them scans the
+// of each type, then unbinds every other one and deletes them all, the last first: the
+// heap a queue with its binding costs (heap growth after a collection ÷ queues), and the
+// binds, unbinds and deletes a second, which stay flat only if none of them scans the
 // exchange's bindings. Frames are pipelined, with no-wait, over one raw connection:
 //
 //	go test -run '^$' -bench QueueScale -benchtime 1x
@@ -959,7 +959,7 @@ func BenchmarkQueueScale(b *testing.B) {
 					return appendMethodFrame(buf, 1, &queueUnbind{Queue: names[i], Exchange: "scale", RoutingKey: names[i], Arguments: args[i]})
 				})
 				deletes += pipeline(0, func(buf []byte, i int) []byte {
-					return appendMethodFrame(buf, 1, &queueDelete{Queue: names[i], NoWait: true})
+					return appendMethodFrame(buf, 1, &queueDelete{Queue: names[n-1-i], NoWait: true})
 				})
 				srv.vhost("/").mu.RLock()
 				left := len(srv.vhost("/").queues)
