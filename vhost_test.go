@@ -163,6 +163,8 @@ func testBindingIndex(t *testing.T, kind string) {
 		{{"x-match": "all", "h": "1"}, {"x-match": "all", "h": "1"}},
 		{{"x-match": "any", "h": int16(1), "g": float64(2)}, {"x-match": "any", "h": uint8(1), "g": float32(2)}},
 		{{"n": table{"i": int16(3)}, "z": negZero, "a": []any{int8(1), nan}}, {"n": table{"i": int64(3)}, "z": 0.0, "a": []any{int32(1), nan}}},
+		{{"x-match": "all", "v": nil, "t": timestamp(5), "b": true, "d": decimal{1, 2}}, {"d": decimal{1, 2}, "b": true, "t": timestamp(5), "v": nil, "x-match": "all"}},
+		{{"x-match": "all", "v": nil, "t": timestamp(5), "b": false, "d": decimal{1, 2}}, nil},
 	}
 	var all []*binding
 	for _, key := range []string{"a", "a.b", "a.*", "#", ""} {
@@ -182,7 +184,7 @@ func testBindingIndex(t *testing.T, kind string) {
 	probe := func(b *binding) *binding {
 		p := &binding{queue: b.queue, dest: b.dest, key: b.key, args: b.args}
 		for _, a := range args {
-			if tableEqual(a[0], b.args) {
+			if a[1] != nil && tableEqual(a[0], b.args) {
 				p.args = a[1]
 			}
 		}
