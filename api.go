@@ -690,8 +690,8 @@ func vhostBindings(vh *vhost) []map[string]any {
 	return items
 }
 
-// sortedBindings returns a copy of bs (an exchange's, in no order) sorted as RabbitMQ
-// lists them: by routing key, then destination, exchanges before queues.
+// sortedBindings returns a copy of bs (an exchange's, in no order) sorted as RabbitMQ's
+// route table orders them: by routing key, then destination, exchanges before queues.
 func sortedBindings(bs []*binding) []*binding {
 	bs = slices.Clone(bs)
 	slices.SortStableFunc(bs, func(a, b *binding) int {

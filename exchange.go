@@ -84,6 +84,7 @@ func (b *binding) destName() string {
 	return b.dest.name
 }
 
+// id is b's key in its exchange's index.
 func (b *binding) id() bindingID { return bindingID{b.queue, b.dest, bindingHash(b.key, b.args)} }
 
 // bindingHash hashes a binding's key and arguments. A variable: a test makes every hash
@@ -659,6 +660,7 @@ func valueHash(v any) uint64 {
 	return maphash.Comparable(hashSeed, v)
 }
 
+// floatHash hashes a float by value, every NaN alike.
 func floatHash(f float64) uint64 {
 	switch {
 	case f != f:
@@ -678,6 +680,7 @@ func mix(h uint64) uint64 {
 	return h ^ h>>33
 }
 
+// hashSeed seeds the hashes of binding keys and arguments, anew at each start.
 var hashSeed = maphash.MakeSeed()
 
 // tableEqual compares two tables key by key; nil equals empty.
