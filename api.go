@@ -292,7 +292,10 @@ func (q *queue) deliveredLocked() uint64 {
 // rates returns q's publish and deliver rates, taking a new sample when the last is five
 // seconds old. q.mu must be held.
 func (q *queue) ratesLocked(now time.Time) (pub, del float64) {
-	sm := &q.counts.sample
+	if q.counts.sample == nil {
+		q.counts.sample = &rateSample{}
+	}
+	sm := q.counts.sample
 	if d := now.Sub(sm.at); sm.at.IsZero() || d >= 5*time.Second {
 		if !sm.at.IsZero() {
 			sm.pubRate = float64(q.counts.published-sm.published) / d.Seconds()
@@ -312,7 +315,7 @@ func queueInfo(vh *vhost, q *queue, now time.Time, node string) map[string]any {
 	published, delivered, redelivered := q.counts.published, q.deliveredLocked(), q.stats.n[qcRedelivered]
 	unacked := q.unackedLocked()
 	pubRate, delRate := q.ratesLocked(now)
-	policy, opPolicy := q.policy, q.operatorPolicy
+	policy, opPolicy := q.settings().policy, q.settings().operatorPolicy
 	var single, exclusiveTag any
 	if q.single && q.active != nil {
 		single = q.active.tag
@@ -676,7 +679,7 @@ func vhostBindings(vh *vhost) []map[string]any {
 	}
 	slices.Sort(xnames)
 	for _, name := range xnames {
-		for _, b := range vh.exchanges[name].bindings {
+		for _, b := range sortedBindings(vh.exchanges[name].bindings) {
 			if b.queue != nil {
 				items = append(items, bindingInfo(vh.name, name, b.queue.name, "queue", b.key, b.args))
 			} else if b.dest != nil {
@@ -685,6 +688,25 @@ func vhostBindings(vh *vhost) []map[string]any {
 		}
 	}
 	return items
+}
+
+// sortedBindings returns a copy of bs (an exchange's, in no order) sorted as RabbitMQ's
+// route table orders them: by routing key, then destination, exchanges before queues.
+func sortedBindings(bs []*binding) []*binding {
+	bs = slices.Clone(bs)
+	slices.SortStableFunc(bs, func(a, b *binding) int {
+		if c := strings.Compare(a.key, b.key); c != 0 {
+			return c
+		}
+		if (a.queue == nil) != (b.queue == nil) {
+			if a.queue == nil {
+				return -1
+			}
+			return 1
+		}
+		return strings.Compare(a.destName(), b.destName())
+	})
+	return bs
 }
 
 // apiBindings lists bindings: all, a vhost's, an exchange's as source or destination, a

@@ -881,3 +881,97 @@ func BenchmarkCountingHotPath(b *testing.B) {
 		b.Fatalf("counted %d acks (%d unacked) for %d messages", got, q.unackedLocked(), b.N)
 	}
 }
+
+// BenchmarkQueueScale declares 100,000 transient queues, each bound once to one exchange
+// of each type, then unbinds every other one and deletes them all, the last first: the
+// heap a queue with its binding costs (heap growth after a collection ÷ queues), and the
+// binds, unbinds and deletes a second, which stay flat only if none of them scans the
+// exchange's bindings. Frames are pipelined, with no-wait, over one raw connection:
+//
+//	go test -run '^$' -bench QueueScale -benchtime 1x
+func BenchmarkQueueScale(b *testing.B) {
+	const n = 100_000
+	for _, kind := range []string{kindDirect, kindFanout, kindTopic, kindHeaders} {
+		b.Run(kind, func(b *testing.B) {
+			var binds, unbinds, deletes time.Duration
+			var heap float64
+			for b.Loop() {
+				srv, _ := newTestServer(b)
+				w := dialFrameClient(b, srv)
+				w.send(1, &exchangeDeclare{Exchange: "scale", Type: kind})
+				w.expect(1, idExchangeDeclareOk)
+				names := make([]string, n)
+				args := make([]table, n)
+				for i := range names {
+					names[i] = "q-" + strconv.Itoa(n + i)[1:]
+					if kind == kindHeaders {
+						args[i] = table{"x-match": "any", "q": names[i]}
+					}
+				}
+				sync := func() {
+					// The broker may take longer than recvWait over a phase's backlog.
+					w.send(1, &exchangeDeclare{Exchange: "scale", Passive: true})
+					w.nc.SetReadDeadline(time.Now().Add(10 * time.Minute))
+					if _, err := w.fr.r.Peek(1); err != nil {
+						b.Fatal(err)
+					}
+					w.expect(1, idExchangeDeclareOk)
+				}
+				// pipeline writes what each appends, n times, in batches, then reads the
+				// replies to the batch (reply: what each method answers; 0 for no-wait).
+				pipeline := func(reply uint32, each func(buf []byte, i int) []byte) time.Duration {
+					start := time.Now()
+					var buf []byte
+					pending := 0
+					for i := range n {
+						if l := len(buf); reply != 0 {
+							if buf = each(buf, i); len(buf) > l {
+								pending++
+							}
+						} else {
+							buf = each(buf, i)
+						}
+						if len(buf) > 64<<10 || i == n-1 {
+							w.write(buf)
+							buf = buf[:0]
+							for ; pending > 0; pending-- {
+								w.expect(1, reply)
+							}
+						}
+					}
+					sync()
+					return time.Since(start)
+				}
+				runtime.GC()
+				var before, after runtime.MemStats
+				runtime.ReadMemStats(&before)
+				binds += pipeline(0, func(buf []byte, i int) []byte {
+					buf = appendMethodFrame(buf, 1, &queueDeclare{Queue: names[i], NoWait: true})
+					return appendMethodFrame(buf, 1, &queueBind{Queue: names[i], Exchange: "scale", RoutingKey: names[i], NoWait: true, Arguments: args[i]})
+				})
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				heap += float64(int64(after.HeapAlloc) - int64(before.HeapAlloc))
+				unbinds += pipeline(idQueueUnbindOk, func(buf []byte, i int) []byte {
+					if i%2 != 0 {
+						return buf
+					}
+					return appendMethodFrame(buf, 1, &queueUnbind{Queue: names[i], Exchange: "scale", RoutingKey: names[i], Arguments: args[i]})
+				})
+				deletes += pipeline(0, func(buf []byte, i int) []byte {
+					return appendMethodFrame(buf, 1, &queueDelete{Queue: names[n-1-i], NoWait: true})
+				})
+				srv.vhost("/").mu.RLock()
+				left := len(srv.vhost("/").queues)
+				srv.vhost("/").mu.RUnlock()
+				if left != 0 {
+					b.Fatalf("%d queues left", left)
+				}
+			}
+			b.ReportMetric(heap/float64(b.N*n), "heap-B/queue")
+			b.ReportMetric(float64(b.N*n)/binds.Seconds(), "binds/s")
+			b.ReportMetric(float64(b.N*n/2)/unbinds.Seconds(), "unbinds/s")
+			b.ReportMetric(float64(b.N*n)/deletes.Seconds(), "deletes/s")
+		})
+	}
+}

@@ -91,7 +91,7 @@ func (s *Server) checkConsumerTimeouts(now int64) {
 			ch.mu.Lock()
 			if !ch.dead && ch.unacked.len() > 0 {
 				u := ch.unacked.front()
-				limit := u.q.consumerTimeout.Load()
+				limit := u.q.settings().consumerTimeout
 				if limit == 0 {
 					limit = def
 				}

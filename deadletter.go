@@ -335,7 +335,7 @@ func deadLetterMessage(m *message, queue, reason string, t *deadLetterTarget, no
 // whether it did: false when q has none (or runs without a server, in tests), and the
 // caller settles the message itself. q.mu must be held.
 func (q *queue) deadLetterLocked(m *message, reason string) bool {
-	t := q.dead.Load()
+	t := q.settings().dead
 	if t == nil || q.vh.dead == nil {
 		return false
 	}
@@ -355,7 +355,7 @@ func deadLetterRejected(done []unacked) []unacked {
 	var rest []unacked
 	var jobs []deadLetterJob
 	for i, u := range done {
-		t := u.q.dead.Load()
+		t := u.q.settings().dead
 		if t == nil || u.q.vh.dead == nil {
 			if rest != nil {
 				rest = append(rest, u)

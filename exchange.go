@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"bytes"
+	"hash/maphash"
 	"math"
 	"slices"
 	"strconv"
@@ -31,11 +32,13 @@ type exchange struct {
 	durable, autoDelete, internal bool
 	args                          table
 
-	// Bindings with this exchange as source; guarded by vh.mu.
-	bindings []*binding
-	incoming []*binding            // exchange-to-exchange bindings with this exchange as destination
-	direct   map[string][]*binding // direct: by routing key
-	topic    *topicIndex           // topic: a trie of binding keys, with a lock of its own
+	// Bindings with this exchange as source; guarded by vh.mu. Each list is in no order:
+	// a binding knows its index in each, and a removal moves the last one into its place.
+	bindings []*binding             // every one; b.slot is b's index
+	index    map[bindingID]*binding // every one by its ends, key and arguments; equal ids chain through twin
+	incoming []*binding             // exchange-to-exchange bindings with this exchange as destination; b.dslot is the index
+	direct   map[string][]*binding  // direct: by routing key; b.kslot is the index
+	topic    *topicIndex            // topic: a trie of binding keys, with a lock of its own
 	deleted  bool
 
 	// ae is the alternate exchange, from the alternate-exchange argument or a policy: the
@@ -57,8 +60,41 @@ type binding struct {
 	dest   *exchange // destination exchange, or nil
 	key    string
 	args   table
-	match  headersMatch // headers exchanges only
+	match  *headersMatch // headers exchanges only
+
+	twin  *binding // guarded by vh.mu: the next binding of source.index with the same id
+	slot  int32    // guarded by vh.mu: the index in source.bindings
+	dslot int32    // guarded by vh.mu: the index in queue.bindings or dest.incoming
+	kslot int32    // the index in source.direct[key] (guarded by vh.mu) or in its topic trie node (by the index's mu)
 }
+
+// bindingID tells a binding from the others of its exchange: equal bindings have equal
+// ids. Unequal ones share an id only when the hashes of their keys and arguments collide.
+type bindingID struct {
+	queue *queue
+	dest  *exchange
+	hash  uint64 // of the key and the arguments
+}
+
+// destName is the name of the queue or exchange b routes to.
+func (b *binding) destName() string {
+	if b.queue != nil {
+		return b.queue.name
+	}
+	return b.dest.name
+}
+
+// id is b's key in its exchange's index.
+func (b *binding) id() bindingID { return bindingID{b.queue, b.dest, bindingHash(b.key, b.args)} }
+
+// bindingHash hashes a binding's key and arguments. A variable: a test makes every hash
+// collide.
+var bindingHash = func(key string, args table) uint64 {
+	return maphash.String(hashSeed, key) ^ mix(tableHash(args))
+}
+
+// same reports whether b and o have the same key and arguments.
+func (b *binding) same(o *binding) bool { return b.key == o.key && tableEqual(b.args, o.args) }
 
 // newExchange makes an exchange of a valid kind, with no bindings.
 func newExchange(name, kind string, durable, autoDelete, internal bool, args table) *exchange {
@@ -86,57 +122,69 @@ func validKind(kind string) bool {
 	return false
 }
 
-// findBinding returns the binding equal to b (same destination, key and arguments).
-// vh.mu must be held.
-func (x *exchange) findBindingLocked(b *binding) int {
-	for i, o := range x.bindings {
-		if o.queue == b.queue && o.dest == b.dest && o.key == b.key && tableEqual(o.args, b.args) {
-			return i
+// findBindingLocked returns x's binding equal to b (same destination, key and
+// arguments), or nil. vh.mu must be held.
+func (x *exchange) findBindingLocked(b *binding) *binding {
+	for o := x.index[b.id()]; o != nil; o = o.twin {
+		if o.same(b) {
+			return o
 		}
 	}
-	return -1
+	return nil
 }
 
 // addBindingLocked adds b unless an equal binding exists; it reports whether it did.
 // vh.mu must be held.
 func (x *exchange) addBindingLocked(b *binding) bool {
-	if x.kind == kindDirect {
-		// An equal binding has the same key: look among those only, not every binding (a
-		// direct exchange with 100,000 queues bound made each bind scan them all).
-		for _, o := range x.direct[b.key] {
-			if o.queue == b.queue && o.dest == b.dest && tableEqual(o.args, b.args) {
-				return false
-			}
+	id := b.id()
+	for o := x.index[id]; o != nil; o = o.twin {
+		if o.same(b) {
+			return false
 		}
-	} else if x.findBindingLocked(b) >= 0 {
-		return false
 	}
+	if x.index == nil {
+		x.index = make(map[bindingID]*binding)
+	}
+	b.twin = x.index[id]
+	x.index[id] = b
 	if x.kind == kindHeaders {
 		b.match = parseHeadersMatch(b.args)
 	}
-	x.bindings = append(x.bindings, b)
+	x.bindings = appendSlot(x.bindings, b, slotOf)
 	switch x.kind {
 	case kindDirect:
-		x.direct[b.key] = append(x.direct[b.key], b)
+		x.direct[b.key] = appendSlot(x.direct[b.key], b, kslotOf)
 	case kindTopic:
 		x.topic.add(b)
 	}
 	if b.queue != nil {
-		b.queue.bindings = append(b.queue.bindings, b)
+		b.queue.bindings = appendSlot(b.queue.bindings, b, dslotOf)
 	} else {
-		b.dest.incoming = append(b.dest.incoming, b)
+		b.dest.incoming = appendSlot(b.dest.incoming, b, dslotOf)
 	}
 	return true
 }
 
-// removeBindingLocked removes the binding at index i of x.bindings. vh.mu must be held.
-func (x *exchange) removeBindingLocked(i int) *binding {
-	b := x.bindings[i]
-	x.bindings = slices.Delete(x.bindings, i, i+1)
+// removeBindingLocked removes b, one of x's bindings. vh.mu must be held.
+func (x *exchange) removeBindingLocked(b *binding) {
+	id := b.id()
+	if o := x.index[id]; o == b {
+		if b.twin == nil {
+			delete(x.index, id)
+		} else {
+			x.index[id] = b.twin
+		}
+	} else {
+		for o.twin != b {
+			o = o.twin
+		}
+		o.twin = b.twin
+	}
+	b.twin = nil
+	x.bindings = cutSlot(x.bindings, b, slotOf)
 	switch x.kind {
 	case kindDirect:
-		list := removeItem(x.direct[b.key], b)
-		if len(list) == 0 {
+		if list := cutSlot(x.direct[b.key], b, kslotOf); len(list) == 0 {
 			delete(x.direct, b.key)
 		} else {
 			x.direct[b.key] = list
@@ -145,17 +193,35 @@ func (x *exchange) removeBindingLocked(i int) *binding {
 		x.topic.remove(b)
 	}
 	if b.queue != nil {
-		b.queue.bindings = removeItem(b.queue.bindings, b)
+		b.queue.bindings = cutSlot(b.queue.bindings, b, dslotOf)
 	} else {
-		b.dest.incoming = removeItem(b.dest.incoming, b)
+		b.dest.incoming = cutSlot(b.dest.incoming, b, dslotOf)
 	}
-	return b
 }
 
-// removeItem deletes the first v from s.
-func removeItem[T comparable](s []T, v T) []T {
-	if i := slices.Index(s, v); i >= 0 {
-		return slices.Delete(s, i, i+1)
+// The index a binding keeps of its place in each list it is in.
+func slotOf(b *binding) *int32  { return &b.slot }
+func dslotOf(b *binding) *int32 { return &b.dslot }
+func kslotOf(b *binding) *int32 { return &b.kslot }
+
+// appendSlot appends b to s, noting its index in the slot at.
+func appendSlot(s []*binding, b *binding, at func(*binding) *int32) []*binding {
+	*at(b) = int32(len(s))
+	return append(s, b)
+}
+
+// cutSlot removes b from s in O(1), moving the last binding into its place: s is in no
+// order. A list left mostly empty is copied to a smaller array.
+func cutSlot(s []*binding, b *binding, at func(*binding) *int32) []*binding {
+	i, last := *at(b), len(s)-1
+	if s[last] != b {
+		s[i] = s[last]
+		*at(s[i]) = i
+	}
+	s[last] = nil
+	s = s[:last]
+	if cap(s) > 64 && len(s) < cap(s)/4 {
+		s = slices.Clone(s)
 	}
 	return s
 }
@@ -372,7 +438,7 @@ func (n *topicNode) add(b *binding) {
 	for _, w := range topicWords(b.key) {
 		n = n.child(w)
 	}
-	n.bindings = append(n.bindings, b)
+	n.bindings = appendSlot(n.bindings, b, kslotOf)
 }
 
 func (n *topicNode) child(w string) *topicNode {
@@ -406,7 +472,7 @@ func (n *topicNode) remove(b *binding) {
 
 func (n *topicNode) removePath(words []string, b *binding) {
 	if len(words) == 0 {
-		n.bindings = removeItem(n.bindings, b)
+		n.bindings = cutSlot(n.bindings, b, kslotOf)
 		return
 	}
 	var c *topicNode
@@ -476,11 +542,17 @@ func (n *topicNode) match(words [][]byte, i int, rs *routeSet) {
 type headersMatch struct {
 	any    bool // x-match any (or any-with-x)
 	withX  bool // x-match all-with-x or any-with-x: x- keys take part too
-	fields table
+	fields []headerField
 }
 
-func parseHeadersMatch(args table) headersMatch {
-	hm := headersMatch{fields: table{}}
+// headerField is a header a headers binding asks for, and its value; nil: any value.
+type headerField struct {
+	key  string
+	want any
+}
+
+func parseHeadersMatch(args table) *headersMatch {
+	hm := &headersMatch{fields: make([]headerField, 0, len(args))}
 	switch args["x-match"] {
 	case "any":
 		hm.any = true
@@ -493,7 +565,7 @@ func parseHeadersMatch(args table) headersMatch {
 		if k == "x-match" || (!hm.withX && strings.HasPrefix(k, "x-")) {
 			continue
 		}
-		hm.fields[k] = v
+		hm.fields = append(hm.fields, headerField{k, v})
 	}
 	return hm
 }
@@ -501,10 +573,10 @@ func parseHeadersMatch(args table) headersMatch {
 // matches compares the binding's fields with the message headers as RabbitMQ does: a void
 // binding value asks only for the header's presence; otherwise the types and the values
 // must be equal. "all" with no fields matches everything, "any" with no fields nothing.
-func (hm headersMatch) matches(headers table) bool {
-	for k, want := range hm.fields {
-		got, ok := headers[k]
-		hit := ok && (want == nil || valueEqual(want, got))
+func (hm *headersMatch) matches(headers table) bool {
+	for _, f := range hm.fields {
+		got, ok := headers[f.key]
+		hit := ok && (f.want == nil || valueEqual(f.want, got))
 		if hm.any && hit {
 			return true
 		}
@@ -551,6 +623,65 @@ func valueEqual(a, b any) bool {
 	}
 	return a == b
 }
+
+// tableHash hashes a table so that equal tables (tableEqual) hash alike.
+func tableHash(t table) uint64 {
+	var h uint64
+	for k, v := range t {
+		h += mix(maphash.String(hashSeed, k) ^ valueHash(v)) // in any order
+	}
+	return h
+}
+
+// valueHash hashes a field value so that equal values (valueEqual) hash alike: integers by
+// value whatever their width, floats likewise, and each kind apart.
+func valueHash(v any) uint64 {
+	if n, ok := intValue(v); ok {
+		return mix(uint64(n)) + 1
+	}
+	switch v := v.(type) {
+	case float32:
+		return floatHash(float64(v))
+	case float64:
+		return floatHash(v)
+	case string:
+		return maphash.String(hashSeed, v) + 3
+	case []byte:
+		return maphash.Bytes(hashSeed, v) + 4
+	case table:
+		return tableHash(v) + 5
+	case []any:
+		h := uint64(6)
+		for _, e := range v {
+			h = mix(h ^ valueHash(e))
+		}
+		return h
+	}
+	return maphash.Comparable(hashSeed, v)
+}
+
+// floatHash hashes a float by value, every NaN alike.
+func floatHash(f float64) uint64 {
+	switch {
+	case f != f:
+		return 2 // NaN equals NaN
+	case f == 0:
+		f = 0 // -0 equals 0
+	}
+	return mix(math.Float64bits(f)) + 2
+}
+
+// mix scrambles the bits of h (the finalizer of MurmurHash3).
+func mix(h uint64) uint64 {
+	h ^= h >> 33
+	h *= 0xff51afd7ed558ccd
+	h ^= h >> 33
+	h *= 0xc4ceb9fe1a85ec53
+	return h ^ h>>33
+}
+
+// hashSeed seeds the hashes of binding keys and arguments, anew at each start.
+var hashSeed = maphash.MakeSeed()
 
 // tableEqual compares two tables key by key; nil equals empty.
 func tableEqual(a, b table) bool {
@@ -812,8 +943,8 @@ func (ch *channel) exchangeBind(id uint32, d *decoder) error {
 			vh.logLocked(recBind, bindRecord(vh.name, b))
 			logged = true
 		}
-	} else if i := sx.findBindingLocked(b); i >= 0 {
-		if b = sx.removeBindingLocked(i); durableBinding(b) {
+	} else if b = sx.findBindingLocked(b); b != nil {
+		if sx.removeBindingLocked(b); durableBinding(b) {
 			vh.logLocked(recUnbind, bindRecord(vh.name, b))
 			logged = true
 		}

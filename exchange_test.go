@@ -191,118 +191,6 @@ func TestPublishToInternalExchange(t *testing.T) {
 	awaitCloseCode(t, closed, 403)
 }
 
-func TestExchangeDelete(t *testing.T) {
-	t.Parallel()
-	_, url := newTestServer(t)
-	c := dial(t, url)
-	ch := openChannel(t, c)
-	if err := ch.ExchangeDeclare("x", "direct", false, false, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	declareTransientQueue(t, ch, "q")
-	if err := ch.QueueBind("q", "k", "x", false, nil); err != nil {
-		t.Fatal(err)
-	}
-	wantReplyCode(t, ch.ExchangeDelete("x", true, false), 406)
-
-	ch = openChannel(t, c)
-	if err := ch.QueueUnbind("q", "k", "x", nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.ExchangeDelete("x", true, false); err != nil {
-		t.Fatalf("if-unused delete of an unbound exchange: %v", err)
-	}
-	wantReplyCode(t, ch.ExchangeDeclarePassive("x", "direct", false, false, false, false, nil), 404)
-
-	// Deleting what does not exist succeeds, as in RabbitMQ.
-	ch = openChannel(t, c)
-	if err := ch.ExchangeDelete("never-declared", false, false); err != nil {
-		t.Fatalf("delete of a missing exchange: %v", err)
-	}
-
-	// A plain delete removes the bindings with it: the queue no longer gets messages.
-	if err := ch.ExchangeDeclare("y", "fanout", false, false, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.QueueBind("q", "", "y", false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.ExchangeDelete("y", false, false); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.ExchangeDeclare("y", "fanout", false, false, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	publishText(t, ch, "y", "", "after recreate")
-	if n := queueReady(t, ch, "q"); n != 0 {
-		t.Fatalf("%d messages routed by a binding of a deleted exchange", n)
-	}
-}
-
-func TestExchangeAutoDelete(t *testing.T) {
-	t.Parallel()
-	_, url := newTestServer(t)
-	c := dial(t, url)
-	ch := openChannel(t, c)
-	declareTransientQueue(t, ch, "q")
-	gone := func(name string) {
-		t.Helper()
-		probe := openChannel(t, c)
-		wantReplyCode(t, probe.ExchangeDeclarePassive(name, "direct", false, true, false, false, nil), 404)
-	}
-
-	// Never bound: it stays.
-	if err := ch.ExchangeDeclare("ad", "direct", false, true, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.ExchangeDeclarePassive("ad", "direct", false, true, false, false, nil); err != nil {
-		t.Fatalf("auto-delete exchange with no bindings yet: %v", err)
-	}
-	for _, key := range []string{"a", "b"} {
-		if err := ch.QueueBind("q", key, "ad", false, nil); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := ch.QueueUnbind("q", "a", "ad", nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.ExchangeDeclarePassive("ad", "direct", false, true, false, false, nil); err != nil {
-		t.Fatalf("auto-delete exchange with one binding left: %v", err)
-	}
-	if err := ch.QueueUnbind("q", "b", "ad", nil); err != nil {
-		t.Fatal(err)
-	}
-	gone("ad")
-
-	// Losing the last binding because its queue is deleted counts too.
-	declareTransientQueue(t, ch, "short-lived")
-	if err := ch.ExchangeDeclare("ad2", "direct", false, true, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.QueueBind("short-lived", "k", "ad2", false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ch.QueueDelete("short-lived", false, false, false); err != nil {
-		t.Fatal(err)
-	}
-	gone("ad2")
-
-	// And an exchange-to-exchange binding, unbound.
-	if err := ch.ExchangeDeclare("ad3", "direct", false, true, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.ExchangeDeclare("dst", "fanout", false, false, false, false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.ExchangeBind("dst", "k", "ad3", false, nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.ExchangeUnbind("dst", "k", "ad3", false, nil); err != nil {
-		t.Fatal(err)
-	}
-	gone("ad3")
-}
-
 func TestExchangeToExchangeBinding(t *testing.T) {
 	t.Parallel()
 	_, url := newTestServer(t)
@@ -840,14 +728,14 @@ func TestTopicCollapsedKeys(t *testing.T) {
 	if got := route("a.x.y.b"); len(got) != 1 {
 		t.Fatalf("a.x.y.b routed to %d queues, want 1", len(got))
 	}
-	i := x.findBindingLocked(&binding{queue: q, key: "a.#.#.#.b"})
-	if i < 0 || x.removeBindingLocked(i) != long {
+	if b := x.findBindingLocked(&binding{queue: q, key: "a.#.#.#.b"}); b != long {
 		t.Fatal("unbind a.#.#.#.b did not find its binding")
 	}
+	x.removeBindingLocked(long)
 	if got := route("a.b"); len(got) != 1 {
 		t.Fatalf("after unbinding a.#.#.#.b, a.b routed to %d queues, want 1 through a.#.b", len(got))
 	}
-	if x.findBindingLocked(&binding{queue: q, key: "a.#.#.#.b"}) >= 0 {
+	if x.findBindingLocked(&binding{queue: q, key: "a.#.#.#.b"}) != nil {
 		t.Fatal("a.#.#.#.b found after its unbind")
 	}
 	x.removeBindingLocked(x.findBindingLocked(&binding{queue: q, key: "a.#.b"}))

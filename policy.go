@@ -293,8 +293,8 @@ func (vh *vhost) setPolicies(ps *policySet) {
 // queueLimits are a queue's x-max-length, x-max-length-bytes and x-overflow. The zero
 // value is no limit.
 type queueLimits struct {
-	limited          bool  // a limit is set
 	maxLen, maxBytes int64 // -1: none
+	limited          bool  // a limit is set
 	rejectPublish    bool  // x-overflow reject-publish: refuse new messages instead of dropping old
 	dlx              bool  // x-overflow reject-publish-dlx: and dead-letter the refused ones
 }

@@ -60,7 +60,8 @@ func testQueueOf(t *testing.T, srv *Server, name string) *queue {
 func queuePolicies(q *queue) [2]string {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return [2]string{q.policy, q.operatorPolicy}
+	s := q.settings()
+	return [2]string{s.policy, s.operatorPolicy}
 }
 
 // publishN publishes n messages to queue, of 1 to n octets.

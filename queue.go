@@ -190,83 +190,90 @@ func (d *deque[T]) clear() { *d = deque[T]{} }
 // readyList is a queue's ready messages in memory: one deque, or for a priority queue one
 // per priority, highest first out. A queue without x-max-priority pays a nil check.
 type readyList struct {
-	d      deque[qentry]   // the messages of a queue without priorities
-	levels []deque[qentry] // a priority queue's: levels[p] holds priority p
-	n      int             // messages in levels
-	top    int             // no level above top holds a message
+	d   deque[qentry] // the messages of a queue without priorities
+	pri *levels       // a priority queue's; nil without priorities
+}
+
+// levels are a priority queue's ready messages.
+type levels struct {
+	by  []deque[qentry] // by[p] holds priority p
+	n   int             // messages in all
+	top int             // no level above top holds a message
 }
 
 // newPriorityReady makes the ready list of a queue with priorities 0 to max.
 func newPriorityReady(max uint8) readyList {
-	return readyList{levels: make([]deque[qentry], int(max)+1)}
+	return readyList{pri: &levels{by: make([]deque[qentry], int(max)+1)}}
 }
 
 func (r *readyList) len() int {
-	if r.levels == nil {
+	if r.pri == nil {
 		return r.d.len()
 	}
-	return r.n
+	return r.pri.n
 }
 
 // head is the deque the next message comes from. r must not be empty.
 func (r *readyList) head() *deque[qentry] {
-	if r.levels == nil {
+	l := r.pri
+	if l == nil {
 		return &r.d
 	}
-	for r.levels[r.top].len() == 0 {
-		r.top--
+	for l.by[l.top].len() == 0 {
+		l.top--
 	}
-	return &r.levels[r.top]
+	return &l.by[l.top]
 }
 
 // priorityOf is the level a message goes to: its priority, at most the highest.
-func (r *readyList) priorityOf(m *message) int { return min(int(m.priority), len(r.levels)-1) }
+func (r *readyList) priorityOf(m *message) int { return min(int(m.priority), len(r.pri.by)-1) }
 
 func (r *readyList) push(e qentry) {
-	if r.levels == nil {
+	l := r.pri
+	if l == nil {
 		r.d.push(e)
 		return
 	}
 	p := r.priorityOf(e.msg)
-	r.levels[p].push(e)
-	r.n++
-	r.top = max(r.top, p)
+	l.by[p].push(e)
+	l.n++
+	l.top = max(l.top, p)
 }
 
 func (r *readyList) front() *qentry { return r.head().front() }
 
 func (r *readyList) pop() qentry {
 	e := r.head().pop()
-	if r.levels != nil {
-		r.n--
+	if r.pri != nil {
+		r.pri.n--
 	}
 	return e
 }
 
 // each calls fn with every ready message, in no particular order.
 func (r *readyList) each(fn func(e *qentry)) {
-	if r.levels == nil {
+	if r.pri == nil {
 		for i := range r.d.len() {
 			fn(r.d.at(i))
 		}
 		return
 	}
-	for p := range r.levels {
-		for i := range r.levels[p].len() {
-			fn(r.levels[p].at(i))
+	for p := range r.pri.by {
+		for i := range r.pri.by[p].len() {
+			fn(r.pri.by[p].at(i))
 		}
 	}
 }
 
 func (r *readyList) clear() {
-	if r.levels == nil {
+	if r.pri == nil {
 		r.d.clear()
 		return
 	}
-	for p := range r.levels {
-		r.levels[p].clear()
+	for p := range r.pri.by {
+		r.pri.by[p].clear()
 	}
-	r.n, r.top = 0, 0
+	r.pri.n, r.pri.top = 0, 0
 }
 
 // qentry is a message's place in one queue.
@@ -281,44 +288,39 @@ type qentry struct {
 // queue holds messages for its consumers. Its critical sections are O(1) (O(log n) for a
 // requeue) and do no blocking I/O: deliveries are appended to connection outboxes.
 type queue struct {
-	name                           string
-	vh                             *vhost
+	name string
+	vh   *vhost
+	// The flags sit together, which keeps the struct small.
 	durable, exclusive, autoDelete bool
+	single                         bool  // x-single-active-consumer: only q.active receives
+	hadConsumer                    bool  // guarded by mu: for auto-delete
+	deleted                        bool  // guarded by mu
+	mayExpire                      bool  // guarded by mu: a ready message may have an expiry; false once none can
 	owner                          *conn // exclusive queues: the declaring connection
 	args                           table
-	walID                          uint64                           // durable queues: the id log records use; 0 if not logged
-	ttl                            ttl                              // guarded by mu: x-message-ttl
-	expires                        atomic.Int64                     // x-expires: milliseconds unused before it is deleted; 0: never
-	dead                           atomic.Pointer[deadLetterTarget] // x-dead-letter-exchange; nil: none
-	deliveryLimit                  int64                            // guarded by mu: x-delivery-limit plus one; 0: none
-	policy, operatorPolicy         string                           // guarded by mu: the policies applied; "": none
-	consumerTimeout                atomic.Int64                     // x-consumer-timeout in milliseconds; 0: the server's
-	limits                         queueLimits
-	single                         bool       // x-single-active-consumer: only q.active receives
-	bindings                       []*binding // guarded by vh.mu
+	walID                          uint64                        // durable queues: the id log records use; 0 if not logged
+	set                            atomic.Pointer[queueSettings] // what arguments and policies make of q; read with settings
+	bindings                       []*binding                    // guarded by vh.mu; b.dslot is b's index
 
-	mu          sync.Mutex
-	stats       queueStats           // guarded by mu, except stats.settled: messages delivered, got, acked (metrics.go)
-	ready       readyList            // guarded by mu: never delivered, in seq order (per priority)
-	requeued    []qentry             // guarded by mu: a min-heap by seq; all older than ready
-	nextSeq     uint64               // guarded by mu
-	consumers   []*consumer          // guarded by mu: by x-priority, highest first; in arrival order within one
-	groups      []consumerGroup      // guarded by mu: consumers' runs of equal priority, highest first
-	active      *consumer            // guarded by mu: x-single-active-consumer: the one consumer that receives
-	hadConsumer bool                 // guarded by mu: for auto-delete
-	deleted     bool                 // guarded by mu
-	readyBytes  int64                // guarded by mu: body octets of the ready messages
-	ramBytes    int64                // guarded by mu: memCost of the ready messages in memory
-	tail        refQueue             // guarded by mu: ready messages paged out, after all of ready
-	tailSeq     uint64               // guarded by mu: the seq of tail's front
-	ahead       readAhead            // guarded by mu: the window paged messages are read from
-	expiry      *time.Timer          // guarded by mu: drops expired messages at the head, when set
-	expiryAt    int64                // guarded by mu: when expiry fires, in Unix milliseconds
-	lease       *time.Timer          // guarded by mu: deletes a queue with x-expires once unused that long
-	lastUsed    atomic.Int64         // Unix milliseconds of the last basic.get, redeclare or consumer leaving
-	counts      queueCounts          // guarded by mu
-	enqueued    deque[enqueueSample] // guarded by mu: when messages were enqueued, sampled
-	mayExpire   bool                 // guarded by mu: a ready message may have an expiry; false once none can
+	mu         sync.Mutex
+	stats      queueStats            // guarded by mu, except stats.settled: messages delivered, got, acked (metrics.go)
+	ready      readyList             // guarded by mu: never delivered, in seq order (per priority)
+	requeued   []qentry              // guarded by mu: a min-heap by seq; all older than ready
+	nextSeq    uint64                // guarded by mu
+	consumers  []*consumer           // guarded by mu: by x-priority, highest first; in arrival order within one
+	groups     []consumerGroup       // guarded by mu: consumers' runs of equal priority, highest first
+	active     *consumer             // guarded by mu: x-single-active-consumer: the one consumer that receives
+	readyBytes int64                 // guarded by mu: body octets of the ready messages
+	ramBytes   int64                 // guarded by mu: memCost of the ready messages in memory
+	tail       *refQueue             // guarded by mu: ready messages paged out, after all of ready; nil until the first
+	tailSeq    uint64                // guarded by mu: the seq of tail's front
+	ahead      *readAhead            // guarded by mu: the window paged messages are read from; nil: none
+	expiry     *time.Timer           // guarded by mu: drops expired messages at the head, when set
+	expiryAt   int64                 // guarded by mu: when expiry fires, in Unix milliseconds
+	lease      *time.Timer           // guarded by mu: deletes a queue with x-expires once unused that long
+	lastUsed   atomic.Int64          // Unix milliseconds of the last basic.get, redeclare or consumer leaving
+	counts     queueCounts           // guarded by mu
+	enqueued   *deque[enqueueSample] // guarded by mu: when messages were enqueued, sampled; nil until the first
 }
 
 // enqueueSample says that the messages of a queue from seq on were enqueued at or after
@@ -337,6 +339,9 @@ const maxEnqueueSamples = 4096
 // enqueued now. q.mu must be held.
 func (q *queue) noteEnqueueLocked(seq uint64) {
 	now := q.vh.now()
+	if q.enqueued == nil {
+		q.enqueued = &deque[enqueueSample]{}
+	}
 	if n := q.enqueued.len(); n > 0 && q.enqueued.at(n-1).at == now {
 		return
 	}
@@ -365,10 +370,10 @@ func (q *queue) headSeqLocked() uint64 {
 // trimEnqueuedLocked drops the samples before the head of a queue without priorities (its
 // head has the lowest seq). q must not be empty; q.mu must be held.
 func (q *queue) trimEnqueuedLocked() {
-	if q.ready.levels != nil {
+	if q.ready.pri != nil || q.enqueued == nil {
 		return
 	}
-	seq, d := q.headSeqLocked(), &q.enqueued
+	seq, d := q.headSeqLocked(), q.enqueued
 	for d.len() > 1 && d.at(1).seq <= seq {
 		d.pop()
 	}
@@ -380,11 +385,11 @@ func (q *queue) trimEnqueuedLocked() {
 // after its queue emptied from the next enqueue. ok is false when the queue is empty. q.mu
 // must be held.
 func (q *queue) headEnqueuedLocked() (at int64, ok bool) {
-	if q.messageCountLocked() == 0 {
+	if q.messageCountLocked() == 0 || q.enqueued == nil {
 		return 0, false
 	}
 	q.trimEnqueuedLocked()
-	seq, d := q.headSeqLocked(), &q.enqueued
+	seq, d := q.headSeqLocked(), q.enqueued
 	// The last sample at or before seq; samples are in seq order.
 	lo, hi := 0, d.len()
 	for lo < hi {
@@ -406,8 +411,8 @@ func (q *queue) headEnqueuedLocked() (at int64, ok bool) {
 // queueCounts count what went into a queue, for the management API's message_stats (the
 // deliveries are in stats).
 type queueCounts struct {
-	published uint64 // messages enqueued
-	sample    rateSample
+	published uint64      // messages enqueued
+	sample    *rateSample // the last sample of the rates; nil until the API asks for them
 }
 
 // consumer is a basic.consume subscription.
@@ -453,7 +458,7 @@ func (q *queue) consumerCount() int {
 func (q *queue) enqueue(m *message) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	e := qentry{msg: m, expires: expiresAt(q.ttl, m.ttl)}
+	e := qentry{msg: m, expires: expiresAt(q.settings().ttl, m.ttl)}
 	if e.expires != 0 {
 		q.mayExpire = true
 	}
@@ -466,8 +471,8 @@ func (q *queue) enqueue(m *message) bool {
 		return true
 	}
 	size := int64(m.size)
-	if q.limits.rejectPublish && q.limits.full(q.messageCountLocked()+1, q.readyBytes+size) {
-		if !q.limits.dlx || !q.deadLetterLocked(m, deathMaxlen) {
+	if l := &q.settings().limits; l.rejectPublish && l.full(q.messageCountLocked()+1, q.readyBytes+size) {
+		if !l.dlx || !q.deadLetterLocked(m, deathMaxlen) {
 			q.settleOne(m)
 		}
 		return false
@@ -477,7 +482,7 @@ func (q *queue) enqueue(m *message) bool {
 	q.noteEnqueueLocked(e.seq)
 	cost := m.memCost()
 	// A priority queue keeps its messages in memory: a paged tail cannot be ordered by priority.
-	if q.ready.levels != nil || !(q.tail.len() > 0 || q.overShareLocked(cost) || q.vh.memoryHigh()) || !q.pageOutLocked(e) {
+	if q.ready.pri != nil || !(q.tail.len() > 0 || q.overShareLocked(cost) || q.vh.memoryHigh()) || !q.pageOutLocked(e) {
 		if q.tail.len() > 0 {
 			// Paging failed: the message stays in memory, ahead of the paged ones, and
 			// gives its number back so theirs stay consecutive.
@@ -529,14 +534,43 @@ func newQueue(name string, vh *vhost, durable, autoDelete bool, args table, qa q
 	return q
 }
 
+// queueSettings is what a queue's arguments and policies make of it: x-message-ttl (ttl),
+// x-expires (expires, milliseconds unused before it is deleted; 0: never), the dead-letter
+// target (dead; nil: none), x-delivery-limit plus one (deliveryLimit; 0: none),
+// x-consumer-timeout (consumerTimeout, milliseconds; 0: the server's), the length limits,
+// and the names of the policies applied ("": none). A change replaces it whole, so it is
+// read without q.mu. Queues with none of these share plainSettings.
+type queueSettings struct {
+	queueArgs
+	policy, operatorPolicy string
+}
+
+// plainSettings are those of a queue without arguments or policies.
+var plainSettings = func() *queueSettings {
+	qa, _, _ := parseQueueArgs(nil)
+	return &queueSettings{queueArgs: qa}
+}()
+
+// settings returns what q's arguments and policies make of it.
+func (q *queue) settings() *queueSettings {
+	if s := q.set.Load(); s != nil {
+		return s
+	}
+	return plainSettings // a queue made in a test without newQueue
+}
+
 // setArgsLocked sets what arguments and policies make of q, and reports whether its
 // x-expires changed. q.mu must be held, or q not yet shared.
 func (q *queue) setArgsLocked(qa queueArgs, policy, operatorPolicy string) (expiresChanged bool) {
-	q.ttl, q.limits, q.deliveryLimit = qa.ttl, qa.limits, qa.deliveryLimit
-	q.dead.Store(qa.dead)
-	q.consumerTimeout.Store(qa.consumerTimeout)
-	q.policy, q.operatorPolicy = policy, operatorPolicy
-	return q.expires.Swap(qa.expires) != qa.expires
+	s := &queueSettings{qa, policy, operatorPolicy}
+	if *s == *plainSettings {
+		s = plainSettings
+	}
+	var was int64
+	if old := q.set.Swap(s); old != nil {
+		was = old.expires
+	}
+	return was != s.expires
 }
 
 // ttl is a time to live in milliseconds, kept plus one so that the zero value means none.
@@ -637,7 +671,8 @@ func (q *queue) dispatch() {
 // dead-letter exchange, if any) while the queue is over x-max-length or -bytes. A head that
 // cannot go yet stops it; dispatch comes back. q.mu must be held.
 func (q *queue) dropOverLimitLocked() {
-	for q.limits.full(q.messageCountLocked(), q.readyBytes) && q.messageCountLocked() > 0 {
+	l := &q.settings().limits
+	for l.full(q.messageCountLocked(), q.readyBytes) && q.messageCountLocked() > 0 {
 		if !q.dropHeadLocked(deathMaxlen) {
 			return
 		}
@@ -794,7 +829,7 @@ func (q *queue) requeuedFirstLocked() bool {
 	if len(q.requeued) == 0 {
 		return false
 	}
-	if q.ready.levels == nil || q.ready.len() == 0 {
+	if q.ready.pri == nil || q.ready.len() == 0 {
 		return true
 	}
 	return q.ready.priorityOf(q.requeued[0].msg) >= q.ready.priorityOf(q.ready.front().msg)
@@ -803,7 +838,7 @@ func (q *queue) requeuedFirstLocked() bool {
 // requeuedBefore orders the requeued heap: by seq, and in a priority queue by priority
 // first, highest first.
 func (q *queue) requeuedBefore(a, b qentry) bool {
-	if q.ready.levels != nil {
+	if q.ready.pri != nil {
 		if pa, pb := q.ready.priorityOf(a.msg), q.ready.priorityOf(b.msg); pa != pb {
 			return pa > pb
 		}
@@ -822,20 +857,20 @@ func (q *queue) firstLocked(n int) []qentry {
 		return 1
 	})
 	var ready []qentry
-	if q.ready.levels == nil {
+	if q.ready.pri == nil {
 		for i := 0; i < q.ready.d.len() && i < n; i++ {
 			ready = append(ready, *q.ready.d.at(i))
 		}
 	} else {
-		for p := len(q.ready.levels) - 1; p >= 0 && len(ready) < n; p-- {
-			for i := 0; i < q.ready.levels[p].len() && len(ready) < n; i++ {
-				ready = append(ready, *q.ready.levels[p].at(i))
+		for p := len(q.ready.pri.by) - 1; p >= 0 && len(ready) < n; p-- {
+			for i := 0; i < q.ready.pri.by[p].len() && len(ready) < n; i++ {
+				ready = append(ready, *q.ready.pri.by[p].at(i))
 			}
 		}
 	}
 	out := make([]qentry, 0, n)
 	for len(out) < n && (len(requeued) > 0 || len(ready) > 0) {
-		if len(requeued) > 0 && (len(ready) == 0 || q.ready.levels == nil ||
+		if len(requeued) > 0 && (len(ready) == 0 || q.ready.pri == nil ||
 			q.ready.priorityOf(requeued[0].msg) >= q.ready.priorityOf(ready[0].msg)) {
 			out, requeued = append(out, requeued[0]), requeued[1:]
 		} else {
@@ -849,8 +884,8 @@ func (q *queue) firstLocked(n int) []qentry {
 func (q *queue) took(e qentry) {
 	q.readyBytes -= int64(e.msg.size)
 	q.ramBytes -= e.msg.memCost()
-	if q.ahead.buf != nil && q.tail.len() == 0 && q.ready.len() == 0 && len(q.requeued) == 0 {
-		q.ahead = readAhead{} // an empty queue keeps no window of the disk in memory
+	if q.ahead != nil && q.tail.len() == 0 && q.ready.len() == 0 && len(q.requeued) == 0 {
+		q.ahead = nil // an empty queue keeps no window of the disk in memory
 	}
 }
 
@@ -860,11 +895,11 @@ func (q *queue) requeueLocked(e qentry) {
 	if q.deleted {
 		return
 	}
-	if q.deliveryLimit != 0 {
+	if limit := q.settings().deliveryLimit; limit != 0 {
 		// A message returned more often than x-delivery-limit is a poison message: it is
 		// dead-lettered (or dropped), and the others carry their count in x-delivery-count.
 		e.returns++
-		if int64(e.returns) >= q.deliveryLimit {
+		if int64(e.returns) >= limit {
 			if !q.deadLetterLocked(e.msg, deathDeliveryLimit) {
 				q.settleOne(e.msg)
 			}
@@ -1093,7 +1128,7 @@ func (m *message) withHeader(name string, v any) *message {
 // renewLease starts q's x-expires period again: it was used (basic.get, redeclare, its last
 // consumer left, or the broker started). A queue without x-expires pays one comparison.
 func (q *queue) renewLease() {
-	if q.expires.Load() == 0 {
+	if q.settings().expires == 0 {
 		return
 	}
 	q.mu.Lock()
@@ -1103,7 +1138,7 @@ func (q *queue) renewLease() {
 
 // renewLeaseLocked is renewLease with q.mu held.
 func (q *queue) renewLeaseLocked() {
-	expires := q.expires.Load()
+	expires := q.settings().expires
 	if expires == 0 || q.deleted {
 		return
 	}
@@ -1119,18 +1154,18 @@ func (q *queue) renewLeaseLocked() {
 func (q *queue) onLease() {
 	q.mu.Lock()
 	q.lease = nil
-	if q.deleted || len(q.consumers) > 0 || q.expires.Load() == 0 {
+	if q.deleted || len(q.consumers) > 0 || q.settings().expires == 0 {
 		q.mu.Unlock()
 		return
 	}
-	if left := q.lastUsed.Load() + q.expires.Load() - time.Now().UnixMilli(); left > 0 {
+	if left := q.lastUsed.Load() + q.settings().expires - time.Now().UnixMilli(); left > 0 {
 		q.lease = time.AfterFunc(time.Duration(left)*time.Millisecond, q.onLease)
 		q.mu.Unlock()
 		return
 	}
 	q.mu.Unlock()
 	unused := func() bool {
-		expires := q.expires.Load()
+		expires := q.settings().expires
 		if q.deleted || len(q.consumers) > 0 || expires == 0 || q.lastUsed.Load()+expires > time.Now().UnixMilli() {
 			if !q.deleted && q.lease == nil && len(q.consumers) == 0 && expires != 0 {
 				q.lease = time.AfterFunc(time.Duration(expires)*time.Millisecond, q.onLease)
@@ -1327,7 +1362,11 @@ func (ch *channel) queueBind(d *decoder) error {
 	}
 	logged := false
 	if !x.deleted && !q.isDeleted() {
-		b := &binding{source: x, queue: q, key: m.RoutingKey, args: m.Arguments}
+		key := m.RoutingKey
+		if key == q.name {
+			key = q.name // a key that names its queue, as many do, shares the queue's copy
+		}
+		b := &binding{source: x, queue: q, key: key, args: m.Arguments}
 		if x.addBindingLocked(b) && durableBinding(b) {
 			vh.logLocked(recBind, bindRecord(vh.name, b))
 			logged = true
@@ -1354,9 +1393,8 @@ func (ch *channel) queueUnbind(d *decoder) error {
 	vh := ch.vh()
 	vh.mu.Lock()
 	logged := false
-	if i := x.findBindingLocked(&binding{queue: q, key: m.RoutingKey, args: m.Arguments}); i >= 0 {
-		b := x.removeBindingLocked(i)
-		if durableBinding(b) {
+	if b := x.findBindingLocked(&binding{queue: q, key: m.RoutingKey, args: m.Arguments}); b != nil {
+		if x.removeBindingLocked(b); durableBinding(b) {
 			vh.logLocked(recUnbind, bindRecord(vh.name, b))
 			logged = true
 		}

@@ -73,7 +73,12 @@ type refQueue struct {
 
 const refChunkLen = 2048
 
-func (r *refQueue) len() int { return r.n }
+func (r *refQueue) len() int {
+	if r == nil {
+		return 0
+	}
+	return r.n
+}
 
 func (r *refQueue) push(v diskRef) {
 	if k := len(r.chunks); k == 0 || len(r.chunks[k-1].refs) == refChunkLen {
@@ -139,7 +144,7 @@ func (r *refQueue) pop() diskRef {
 
 // each calls fn with every ref and its index, front first.
 func (r *refQueue) each(fn func(i int, v diskRef)) {
-	for i := range r.n {
+	for i := range r.len() {
 		fn(i, r.at(i))
 	}
 }
@@ -386,11 +391,22 @@ func (q *queue) pageOutLocked(e qentry) bool {
 		return false
 	}
 	ref.expires = e.expires
+	if q.tail == nil {
+		q.tail = &refQueue{}
+	}
 	if q.tail.len() == 0 {
 		q.tailSeq = e.seq
 	}
 	q.tail.push(ref)
 	return true
+}
+
+// aheadLocked returns q's read-ahead window, made on first use. q.mu must be held.
+func (q *queue) aheadLocked() *readAhead {
+	if q.ahead == nil {
+		q.ahead = &readAhead{}
+	}
+	return q.ahead
 }
 
 // fillLocked reads messages at the front of the tail back into memory, about a window's
@@ -408,9 +424,9 @@ func (q *queue) fillLocked() (notYet bool, e *Error) {
 		var m *message
 		var err error
 		if r.inLog() {
-			m, err = q.vh.store.readRef(&r, &q.ahead)
+			m, err = q.vh.store.readRef(&r, q.aheadLocked())
 		} else {
-			m, err = q.vh.spill.get(&r, &q.ahead)
+			m, err = q.vh.spill.get(&r, q.aheadLocked())
 		}
 		if err != nil {
 			if q.ready.len() > 0 {
@@ -471,7 +487,7 @@ func (q *queue) dropTailLocked(record bool) {
 			batch = batch[:0]
 		}
 	}
-	q.ahead = readAhead{}
+	q.ahead = nil
 }
 
 // loadTailLocked reads every paged message back into memory: a priority queue orders its
@@ -523,7 +539,7 @@ func (q *queue) dropHeadLocked(reason string) bool {
 		return true
 	}
 	r := [1]diskRef{q.tail.front()}
-	if q.dead.Load() != nil && q.vh.dead != nil {
+	if q.settings().dead != nil && q.vh.dead != nil {
 		if q.vh.dead.busy(q) {
 			return false // read back once the worker has room: q is dispatched then
 		}
@@ -555,7 +571,7 @@ func (q *queue) popRefLocked() {
 	q.tailSeq++
 	q.readyBytes -= int64(r.body)
 	if q.tail.len() == 0 {
-		q.ahead = readAhead{}
+		q.ahead = nil
 	}
 }
 
@@ -564,11 +580,11 @@ func (q *queue) popRefLocked() {
 // (errNotWritten: not yet; the ref stays). q.mu must be held.
 func (q *queue) readRefLocked(r *diskRef) (*message, error) {
 	if !r.inLog() {
-		m, err := q.vh.spill.get(r, &q.ahead)
+		m, err := q.vh.spill.get(r, q.aheadLocked())
 		q.vh.spill.release(r.file)
 		return m, err
 	}
-	m, err := q.vh.store.readRef(r, &q.ahead)
+	m, err := q.vh.store.readRef(r, q.aheadLocked())
 	if err != nil {
 		return nil, err
 	}

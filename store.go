@@ -1266,7 +1266,7 @@ func (s *Server) openStore() error {
 		vh.mu.RLock()
 		for _, q := range vh.queues {
 			q.mu.Lock()
-			if q.ready.levels != nil {
+			if q.ready.pri != nil {
 				q.loadTailLocked()
 			}
 			q.scheduleExpiryLocked()
@@ -1296,7 +1296,7 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 				delete(queues, id)
 				for len(q.bindings) > 0 {
 					b := q.bindings[len(q.bindings)-1]
-					b.source.removeBindingLocked(b.source.findBindingLocked(b))
+					b.source.removeBindingLocked(b)
 				}
 			}
 			continue
@@ -1357,8 +1357,8 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			}
 			if r.typ == recBind {
 				src.addBindingLocked(b)
-			} else if i := src.findBindingLocked(b); i >= 0 {
-				src.removeBindingLocked(i)
+			} else if b = src.findBindingLocked(b); b != nil {
+				src.removeBindingLocked(b)
 			}
 		}
 		if d.err != nil {
@@ -1394,8 +1394,8 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 		refs.each(func(i int, r diskRef) {
 			r.off |= refRedelivered
 			if r.expires <= 0 { // not exact: the message's ttl, negated; it starts again now
-				if t := ttl(-r.expires); t != 0 || q.ttl != 0 {
-					r.expires = expiresAtFrom(now, q.ttl, t)
+				if t := ttl(-r.expires); t != 0 || q.settings().ttl != 0 {
+					r.expires = expiresAtFrom(now, q.settings().ttl, t)
 				}
 			}
 			if r.expires != 0 {
@@ -1404,7 +1404,7 @@ func (s *Server) restore(st *store, rec *recovered) (int, error) {
 			refs.set(i, r)
 			q.readyBytes += int64(r.body)
 		})
-		q.tail, q.tailSeq = refs, q.nextSeq+1
+		q.tail, q.tailSeq = &refs, q.nextSeq+1
 		q.noteEnqueueLocked(q.tailSeq) // their age counts from the start
 		q.nextSeq += uint64(refs.len())
 		n += refs.len()

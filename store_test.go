@@ -809,7 +809,7 @@ func TestWALReplayUnionOfCopies(t *testing.T) {
 	// before any copy is made.
 	refs := make(map[*queue][]diskRef)
 	for _, q := range []*queue{q2, q4} {
-		q.tailSeq = 1
+		q.tail, q.tailSeq = &refQueue{}, 1
 		for _, m := range msgs {
 			r := w.pageOut(q, m)
 			q.tail.push(r)

@@ -129,7 +129,8 @@ func (vh *vhost) deleteAll() int {
 	// in it after a restart.
 	for _, x := range vh.exchanges {
 		for len(x.bindings) > 0 {
-			if b := x.removeBindingLocked(len(x.bindings) - 1); durableBinding(b) {
+			b := x.bindings[len(x.bindings)-1]
+			if x.removeBindingLocked(b); durableBinding(b) {
 				vh.logLocked(recUnbind, bindRecord(vh.name, b))
 			}
 		}
@@ -151,13 +152,12 @@ func (vh *vhost) deleteExchangeLocked(x *exchange) {
 		vh.dropHeldLocked(x)
 	}
 	for len(x.bindings) > 0 {
-		x.removeBindingLocked(len(x.bindings) - 1)
+		x.removeBindingLocked(x.bindings[len(x.bindings)-1])
 	}
 	for len(x.incoming) > 0 {
 		b := x.incoming[len(x.incoming)-1]
-		src := b.source
-		src.removeBindingLocked(src.findBindingLocked(b))
-		vh.autoDeleteLocked(src)
+		b.source.removeBindingLocked(b)
+		vh.autoDeleteLocked(b.source)
 	}
 }
 
@@ -197,9 +197,8 @@ func (vh *vhost) deleteQueueIf(q *queue, unused func() bool) int {
 	}
 	for len(q.bindings) > 0 {
 		b := q.bindings[len(q.bindings)-1]
-		x := b.source
-		x.removeBindingLocked(x.findBindingLocked(b))
-		vh.autoDeleteLocked(x)
+		b.source.removeBindingLocked(b)
+		vh.autoDeleteLocked(b.source)
 	}
 	vh.mu.Unlock()
 
