@@ -29,14 +29,16 @@
 //
 // # Concurrency
 //
-// Each connection has two goroutines. The reader owns the socket's bufio.Reader and every
-// channel's state, and runs channel methods inline: there is no goroutine per channel or
-// per message. The writer owns the socket's write side: any goroutine appends encoded frames
-// to the connection's outbox (a mutex-guarded byte slice) and signals the writer through a
-// one-slot channel; the writer swaps the outbox for its spare buffer and writes the whole
-// batch with one system call, so frames produced in a burst share one write. The writer
-// also sends heartbeats when the connection has been idle for half the heartbeat interval;
-// the reader gives up after two intervals of silence.
+// Each connection has a reader goroutine, and a writer goroutine while it has frames to
+// send. The reader owns the socket's bufio.Reader and every channel's state, and runs
+// channel methods inline: there is no goroutine per channel or per message. The writer owns
+// the socket's write side: any goroutine appends encoded frames to the connection's outbox
+// (a mutex-guarded byte slice), starting the writer if none runs; the writer swaps the
+// outbox for its spare buffer and writes the whole batch with one system call, so frames
+// produced in a burst share one write, and ends when it finds the outbox empty. One sweep
+// for the whole server, every resourceCheckInterval, queues a heartbeat on each connection
+// that has written nothing for half its heartbeat interval; the reader gives up after two
+// intervals of silence.
 //
 // Lock order: Server.defsMu → Server.reloadMu → Server.metrics.scanMu → Server.mu → vhost.mu →
 // queue.mu → channel.mu → channel.cmu → conn.outMu; wal.mu, loginLimiter.mu,
@@ -785,6 +787,7 @@ func (s *Server) watchResources() {
 		}
 		now := time.Now()
 		s.clock.Store(now.UnixMilli())
+		s.sweepHeartbeats(now.UnixNano())
 		if now.Sub(timeouts) >= time.Second {
 			timeouts = now
 			s.checkConsumerTimeouts(now.UnixMilli())
@@ -815,6 +818,17 @@ func (s *Server) watchResources() {
 			diskErr = false
 			s.setAlarm(alarmDisk, free < uint64(limit), "disk alarm", "free", free, "limit", limit)
 		}
+	}
+}
+
+// sweepHeartbeats sends a heartbeat on every connection that has written nothing for half
+// its heartbeat interval. It runs every resourceCheckInterval, which is under half the
+// shortest interval (1 s): connections need no timer or goroutine of their own to keep time.
+func (s *Server) sweepHeartbeats(now int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.active {
+		c.heartbeatIfIdle(now)
 	}
 }
 

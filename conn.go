@@ -28,13 +28,11 @@ const (
 	readBufferSize      = 16 << 10
 	firstReadBufferSize = 2 << 10
 	growReadAfter       = 32
-	// maxIdleOutbox is the largest outbox buffer kept between bursts; larger ones are dropped
-	// so an idle connection does not pin the memory of its biggest burst.
-	maxIdleOutbox = 256 << 10
 )
 
 // conn is one client connection. The reader goroutine (serve) owns every field not marked
-// otherwise; the writer goroutine (writeLoop) owns the write side of nc.
+// otherwise; the writer goroutine (writeLoop), which runs only while the outbox has frames,
+// owns the write side of nc.
 type conn struct {
 	s      *Server
 	id     uint64
@@ -46,7 +44,7 @@ type conn struct {
 	channels    []*channel // indexed by channel id; nil when not open
 	channelMax  uint16
 	frameMax    uint32
-	heartbeat   atomic.Int64 // nanoseconds; set by the reader at tune-ok, read by the writer
+	heartbeat   atomic.Int64 // nanoseconds; set by the reader at tune-ok, read by the heartbeat sweep
 	vh          *vhost
 	user        string
 	usage       *userUsage // the user's open connections and channels, from connection.open
@@ -81,12 +79,12 @@ type conn struct {
 	cut        int           // guarded by outMu: out[:cut] is already in outv
 	outvBytes  int           // guarded by outMu: octets in outv
 	outClosed  bool          // guarded by outMu: the writer is stopping; appends are dropped
+	writing    bool          // guarded by outMu: a writer runs; set whenever the outbox has frames
 	outLen     atomic.Int64  // len(out), readable without outMu
 	drainWait  []*queue      // guarded by outMu: queues that stopped delivering on a full outbox
-	wake       chan struct{} // one slot: the outbox has frames, or the writer must stop
 	drained    chan struct{} // one slot: the writer wrote a batch (for a reader paused on a full outbox)
-	writerDone chan struct{}
-	wroteAt    atomic.Int64 // unix nanos of the writer's last write, for heartbeats
+	writerDone chan struct{} // closed once the outbox is closed and the last writer has ended
+	wroteAt    atomic.Int64  // unix nanos of the writer's last write, for heartbeats
 }
 
 // clientCaps are the capabilities a client advertised in start-ok.
@@ -104,7 +102,6 @@ func newConn(s *Server, nc net.Conn) *conn {
 		remote:     nc.RemoteAddr().String(),
 		channelMax: s.cfg.ChannelMax,
 		frameMax:   frameMinSize,
-		wake:       make(chan struct{}, 1),
 		drained:    make(chan struct{}, 1),
 		stop:       make(chan struct{}),
 		writerDone: make(chan struct{}),
@@ -148,32 +145,53 @@ func (r deadlineReader) Read(p []byte) (int, error) {
 // errPreAuthLimit ends a connection that sends too much before logging in.
 var errPreAuthLimit = errors.New("amqp: too much data before authentication")
 
-// serve runs the connection: handshake, then frames until the connection ends.
+// serve runs the connection: its handshake here, then its frames on a goroutine of their
+// own (readFrames). The handshake grows a goroutine's stack to 8 KiB, which it keeps until
+// a collection shrinks it; an idle connection's reader, started after it, stays at 4.
 func (c *conn) serve() {
-	go c.writeLoop()
-	defer c.s.untrack(c)
-	defer c.teardown()
+	opened := false
 	defer func() {
-		if p := recover(); p != nil {
-			// The panic may have left a lock held or a change half made, so the broker
-			// carries on only as far as it safely can: it drops this connection without
-			// touching shared state, and says loudly that it must be restarted.
-			buf := make([]byte, 16<<10)
-			buf = buf[:runtime.Stack(buf, false)]
-			c.panicked = true
-			// Queues must stop delivering here: closing is an atomic they check first
-			// (a delivery to this connection would be lost, and a no-ack one settled).
-			c.closing.Store(true)
-			if c.outMu.TryLock() {
-				c.outClosed = true
-				c.outMu.Unlock()
-			}
-			c.s.setUnhealthy("connection " + strconv.FormatUint(c.id, 10) + " panicked: " + panicText(p))
-			c.log.Error("panic in connection: the broker's state is in doubt; restart it (the log replays a consistent state)",
-				"panic", p, "stack", string(buf))
+		if !opened {
+			c.end()
 		}
 	}()
+	defer c.recoverPanic()
+	if opened = c.open(); opened {
+		go c.readFrames()
+	}
+}
 
+// end tears the connection down and forgets it, after its last goroutine's work.
+func (c *conn) end() {
+	c.teardown()
+	c.s.untrack(c)
+}
+
+// recoverPanic, deferred by the connection's goroutines, turns a panic into the end of the
+// connection.
+func (c *conn) recoverPanic() {
+	if p := recover(); p != nil {
+		// The panic may have left a lock held or a change half made, so the broker
+		// carries on only as far as it safely can: it drops this connection without
+		// touching shared state, and says loudly that it must be restarted.
+		buf := make([]byte, 16<<10)
+		buf = buf[:runtime.Stack(buf, false)]
+		c.panicked = true
+		// Queues must stop delivering here: closing is an atomic they check first
+		// (a delivery to this connection would be lost, and a no-ack one settled).
+		c.closing.Store(true)
+		if c.outMu.TryLock() {
+			c.closeOutboxLocked()
+			c.outMu.Unlock()
+		}
+		c.s.setUnhealthy("connection " + strconv.FormatUint(c.id, 10) + " panicked: " + panicText(p))
+		c.log.Error("panic in connection: the broker's state is in doubt; restart it (the log replays a consistent state)",
+			"panic", p, "stack", string(buf))
+	}
+}
+
+// open runs the TLS and AMQP handshakes; it reports whether the connection opened.
+func (c *conn) open() bool {
 	c.hsEnd = time.Now().Add(c.s.cfg.HandshakeTimeout)
 	c.nc.SetReadDeadline(c.hsEnd)
 	if tc, ok := c.nc.(*tls.Conn); ok {
@@ -185,7 +203,7 @@ func (c *conn) serve() {
 			} else {
 				c.log.Warn("closing connection: TLS handshake failed", "err", err)
 			}
-			return
+			return false
 		}
 		tc.SetWriteDeadline(time.Time{})
 		if st := tc.ConnectionState(); len(st.VerifiedChains) > 0 {
@@ -194,7 +212,7 @@ func (c *conn) serve() {
 	}
 	if err := c.handshake(); err != nil {
 		c.fail(err)
-		return
+		return false
 	}
 	c.nc.SetReadDeadline(time.Time{})
 	c.readIdle = 2 * time.Duration(c.heartbeat.Load())
@@ -210,6 +228,13 @@ func (c *conn) serve() {
 		// Shutdown began during the handshake.
 		c.closeWith(errShutdown)
 	}
+	return true
+}
+
+// readFrames reads and handles frames until the connection ends.
+func (c *conn) readFrames() {
+	defer c.end()
+	defer c.recoverPanic()
 	for {
 		f, err := c.fr.read()
 		if err == nil {
@@ -349,9 +374,8 @@ func (c *conn) teardown() {
 		return
 	}
 	c.outMu.Lock()
-	c.outClosed = true
+	c.closeOutboxLocked()
 	c.outMu.Unlock()
-	c.signal()
 	select {
 	case <-c.writerDone:
 		if c.closeOkSent {
@@ -544,11 +568,11 @@ func (c *conn) waitForDrain(q *queue) {
 	c.outMu.Lock()
 	if !c.outClosed && !slices.Contains(c.drainWait, q) {
 		c.drainWait = append(c.drainWait, q)
+		// The writer may have swapped the outbox just before q registered, and ended:
+		// it must run again, to call q back either way.
+		c.startWriterLocked()
 	}
 	c.outMu.Unlock()
-	// The writer may have swapped the outbox just before q registered: wake it, so it
-	// calls q back either way.
-	c.signal()
 }
 
 // handshake runs the protocol header, start/start-ok, tune/tune-ok and open/open-ok.
@@ -743,9 +767,6 @@ func (c *conn) tune(t *connectionTuneOk) error {
 	c.frameMax, c.fr.frameMax = frameMax, frameMax
 	c.channelMax = channelMax
 	c.heartbeat.Store(int64(time.Duration(t.Heartbeat) * time.Second))
-	if t.Heartbeat > 0 {
-		c.signal() // the writer picks up the heartbeat interval
-	}
 	return nil
 }
 
@@ -1037,17 +1058,48 @@ func (c *conn) sendUnlessKilled(channel uint16, m method, killed *atomic.Pointer
 	if !c.outClosed && (killed == nil || killed.Load() == nil) {
 		c.out = appendMethodFrame(c.out, channel, m)
 		c.storeOutLenLocked()
+		c.startWriterLocked()
 	}
 	c.outMu.Unlock()
-	c.signal()
 }
 
-// signal wakes the writer without blocking.
-func (c *conn) signal() {
-	select {
-	case c.wake <- struct{}{}:
-	default:
+// startWriterLocked starts the writer unless one runs: the outbox has frames, or queues
+// wait for it. Only the writer clears c.writing, under c.outMu and when it finds nothing
+// to do, so nothing queued is ever left without a writer. c.outMu must be held.
+func (c *conn) startWriterLocked() {
+	if !c.writing {
+		c.writing = true
+		go c.writeLoop()
 	}
+}
+
+// closeOutboxLocked closes the outbox: later appends are dropped, and writerDone closes
+// once what is queued is written (at once when no writer runs). c.outMu must be held.
+func (c *conn) closeOutboxLocked() {
+	if c.outClosed {
+		return
+	}
+	c.outClosed = true
+	if !c.writing {
+		close(c.writerDone)
+	}
+}
+
+// heartbeatIfIdle queues a heartbeat when c has written nothing for half its heartbeat
+// interval and no write is under way. The server's sweep calls it (sweepHeartbeats): an
+// idle connection has no writer goroutine to keep time.
+func (c *conn) heartbeatIfIdle(now int64) {
+	hb := c.heartbeat.Load()
+	if hb == 0 || now-c.wroteAt.Load() < hb/2 {
+		return
+	}
+	c.outMu.Lock()
+	if !c.writing && !c.outClosed {
+		c.out = appendHeartbeat(c.out)
+		c.storeOutLenLocked()
+		c.startWriterLocked()
+	}
+	c.outMu.Unlock()
 }
 
 // zeroCopyBody is the body size from which deliveries point at the message's body
@@ -1084,48 +1136,26 @@ func (c *conn) storeOutLenLocked() {
 	c.outLen.Store(int64(len(c.out) - c.cut + c.outvBytes))
 }
 
-// writeLoop writes the outbox in batches until teardown, sending heartbeats when idle.
-// A batch is one write, or one writev when it holds large bodies by reference.
+// writeLoop writes the outbox in batches until it finds it empty, then ends: an idle
+// connection has no writer. A batch is one write, or one writev when it holds large bodies
+// by reference. After each batch it calls back the queues that waited for the outbox to
+// drain. The writer that finds the outbox closed and empty closes writerDone.
 func (c *conn) writeLoop() {
-	defer close(c.writerDone)
 	var buf []byte
 	var vec, spareVec [][]byte
-	var tick *time.Ticker
-	var tickC <-chan time.Time
-	var interval time.Duration
-	idle := time.NewTimer(time.Hour)
-	idle.Stop()
-	defer func() {
-		idle.Stop()
-		if tick != nil {
-			tick.Stop()
-		}
-	}()
 	for {
-		select {
-		case <-c.wake:
-		case <-tickC:
-			if time.Since(time.Unix(0, c.wroteAt.Load())) >= interval/2 {
-				c.outMu.Lock()
-				if !c.outClosed {
-					c.out = appendHeartbeat(c.out)
-					c.storeOutLenLocked()
-				}
-				c.outMu.Unlock()
-			}
-		case <-idle.C:
-			// Quiet for a while after a burst: give back the big buffers.
-			if c.outLen.Load() == 0 {
-				buf, spareVec = nil, nil
-				c.outMu.Lock()
-				if len(c.out) == 0 && len(c.outv) == 0 {
-					c.out, c.outv = nil, nil
-				}
-				c.outMu.Unlock()
-			}
-			continue
-		}
 		c.outMu.Lock()
+		if len(c.out) == 0 && len(c.outv) == 0 && (len(c.drainWait) == 0 || c.outClosed) {
+			// Decided under outMu: an append from now on starts a new writer. The buffers
+			// go too, so an idle connection holds none.
+			c.writing = false
+			c.out, c.outv, c.drainWait = nil, nil, nil
+			if c.outClosed {
+				close(c.writerDone)
+			}
+			c.outMu.Unlock()
+			return
+		}
 		buf, c.out = c.out, buf[:0]
 		vec, c.outv = c.outv, spareVec[:0]
 		cut := c.cut
@@ -1135,16 +1165,8 @@ func (c *conn) writeLoop() {
 		waiting := c.drainWait
 		c.drainWait = nil
 		c.outMu.Unlock()
-		if hb := c.heartbeatInterval(); hb != interval && hb > 0 {
-			interval = hb
-			if tick != nil {
-				tick.Stop()
-			}
-			tick = time.NewTicker(interval / 2)
-			tickC = tick.C
-		}
 		if len(buf) > 0 || len(vec) > 0 {
-			c.nc.SetWriteDeadline(time.Now().Add(writeTimeout(interval)))
+			c.nc.SetWriteDeadline(time.Now().Add(writeTimeout(c.heartbeatInterval())))
 			var err error
 			if len(vec) == 0 {
 				_, err = c.nc.Write(buf)
@@ -1156,7 +1178,7 @@ func (c *conn) writeLoop() {
 				_, err = bufs.WriteTo(c.nc)
 			}
 			if err != nil {
-				c.nc.Close()
+				c.writeFailed()
 				return
 			}
 			c.wroteAt.Store(time.Now().UnixNano())
@@ -1167,16 +1189,24 @@ func (c *conn) writeLoop() {
 		}
 		clear(vec)
 		spareVec = vec[:0]
-		if cap(buf) > maxIdleOutbox {
-			idle.Reset(time.Second)
-		}
-		if stop {
-			return
-		}
-		for _, q := range waiting {
-			q.dispatch()
+		if !stop {
+			for _, q := range waiting {
+				q.dispatch()
+			}
 		}
 	}
+}
+
+// writeFailed ends the writing of a connection whose socket failed a write: the socket
+// closes (so the reader ends too) and the outbox is closed and emptied.
+func (c *conn) writeFailed() {
+	c.nc.Close()
+	c.outMu.Lock()
+	c.outClosed, c.writing = true, false
+	c.out, c.outv, c.cut, c.outvBytes, c.drainWait = nil, nil, 0, 0, nil
+	c.outLen.Store(0)
+	close(c.writerDone)
+	c.outMu.Unlock()
 }
 
 // heartbeatInterval is the negotiated heartbeat interval, 0 when off.
@@ -1235,7 +1265,6 @@ func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) 
 		c.finishContentLocked(b, start, channel, m)
 	}
 	c.outMu.Unlock()
-	c.signal()
 }
 
 // startMethodLocked starts a method frame in the outbox unless it is closed: the outbox,
@@ -1261,7 +1290,6 @@ func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
 		c.finishContentLocked(b, start, channel, e.msg)
 	}
 	c.outMu.Unlock()
-	c.signal()
 }
 
 // sendDelivery appends basic.deliver and the content to the outbox.
@@ -1275,7 +1303,6 @@ func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qe
 		c.finishContentLocked(b, start, channel, e.msg)
 	}
 	c.outMu.Unlock()
-	c.signal()
 }
 
 // appendExchangeKey appends a message's exchange and routing key as short strings.
@@ -1298,4 +1325,5 @@ func (c *conn) finishContentLocked(b []byte, start int, channel uint16, m *messa
 	c.out = appendFrameEnd(b, start)
 	c.appendContentLocked(channel, m.props(), m.body())
 	c.storeOutLenLocked()
+	c.startWriterLocked()
 }
