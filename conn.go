@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"slices"
 	"strconv"
@@ -28,6 +29,9 @@ const (
 	readBufferSize      = 16 << 10
 	firstReadBufferSize = 2 << 10
 	growReadAfter       = 32
+	// idleAfter is how long a reader waits for the next frame with its buffers: a
+	// connection quiet for longer is idle, and its reader holds none (awaitInput).
+	idleAfter = time.Second
 )
 
 // conn is one client connection. The reader goroutine (serve) owns every field not marked
@@ -41,6 +45,9 @@ type conn struct {
 	remote string
 
 	fr          frameReader
+	peek        [8]byte    // an idle reader reads here: a heartbeat, or the start of a frame
+	pending     []byte     // octets of peek that the read buffer has yet to take
+	probing     bool       // the next socket read waits at most idleAfter
 	channels    []*channel // indexed by channel id; nil when not open
 	channelMax  uint16
 	frameMax    uint32
@@ -120,7 +127,16 @@ type deadlineReader struct{ c *conn }
 
 func (r deadlineReader) Read(p []byte) (int, error) {
 	c := r.c
-	if d := c.readIdle; d > 0 && !c.closing.Load() {
+	if len(c.pending) > 0 {
+		n := copy(p, c.pending)
+		c.pending = c.pending[n:]
+		return n, nil
+	}
+	d := c.readIdle
+	if c.probing {
+		d = idleAfter
+	}
+	if d > 0 && !c.closing.Load() {
 		c.nc.SetReadDeadline(time.Now().Add(d))
 	}
 	if !c.authed {
@@ -236,7 +252,11 @@ func (c *conn) readFrames() {
 	defer c.end()
 	defer c.recoverPanic()
 	for {
-		f, err := c.fr.read()
+		err := c.awaitInput()
+		var f frame
+		if err == nil {
+			f, err = c.fr.read()
+		}
 		if err == nil {
 			if c.fr.frames < growReadAfter {
 				if c.fr.frames++; c.fr.frames == growReadAfter {
@@ -263,6 +283,52 @@ func (c *conn) readFrames() {
 		}
 	}
 }
+
+// awaitInput waits for the client's next frame when none is buffered. After idleAfter
+// without one the connection is idle: the reader drops its read and payload buffers and
+// reads into c.peek, where the client's heartbeats are taken and dropped, until other
+// octets come; a new buffer takes them first (deadlineReader). A read error is returned.
+func (c *conn) awaitInput() error {
+	if c.fr.r.Buffered() > 0 || c.closing.Load() {
+		return nil
+	}
+	c.probing = true
+	_, err := c.fr.r.Peek(1)
+	c.probing = false
+	if err == nil && c.readIdle == 0 && !c.closing.Load() {
+		c.nc.SetReadDeadline(time.Time{}) // the probe's deadline is not the connection's
+	}
+	if !errors.Is(err, os.ErrDeadlineExceeded) || c.closing.Load() {
+		return err
+	}
+	c.fr.r, c.fr.buf = nil, nil
+	var deadline time.Time // readIdle > idleAfter: it is at least 2 s when set
+	if c.readIdle > 0 {
+		deadline = time.Now().Add(c.readIdle - idleAfter)
+	}
+	for {
+		if !c.closing.Load() {
+			c.nc.SetReadDeadline(deadline)
+		}
+		n, err := c.nc.Read(c.peek[:])
+		if n == len(c.peek) && c.peek == heartbeatFrame && !c.closing.Load() {
+			if c.readIdle > 0 {
+				deadline = time.Now().Add(c.readIdle)
+			}
+			continue
+		}
+		c.pending = c.peek[:n]
+		c.fr.r = bufio.NewReaderSize(deadlineReader{c}, firstReadBufferSize)
+		c.fr.frames = 0
+		if n > 0 {
+			return nil
+		}
+		return err
+	}
+}
+
+// heartbeatFrame is a whole heartbeat frame.
+var heartbeatFrame = [8]byte{frameHeartbeat, 0, 0, 0, 0, 0, 0, frameEnd}
 
 // errConnectionClosed ends the reader after a clean connection.close exchange.
 var errConnectionClosed = errors.New("amqp: connection closed")
