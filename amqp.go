@@ -679,7 +679,7 @@ func (s *Server) closeRemoved() {
 	}
 	s.mu.Unlock()
 	for i, c := range gone {
-		c.log.Warn("closing connection: definitions changed", "reason", why[i].Text)
+		c.logger().Warn("closing connection: definitions changed", "reason", why[i].Text)
 		c.closeWith(why[i])
 	}
 }
@@ -778,6 +778,7 @@ func (s *Server) watchResources() {
 	t := time.NewTicker(resourceCheckInterval)
 	defer t.Stop()
 	var forced, timeouts time.Time
+	var due []*conn // reused by sweepHeartbeats
 	diskErr := false
 	for {
 		select {
@@ -787,7 +788,7 @@ func (s *Server) watchResources() {
 		}
 		now := time.Now()
 		s.clock.Store(now.UnixMilli())
-		s.sweepHeartbeats(now.UnixNano())
+		due = s.sweepHeartbeats(now.UnixNano(), due)
 		if now.Sub(timeouts) >= time.Second {
 			timeouts = now
 			s.checkConsumerTimeouts(now.UnixMilli())
@@ -822,14 +823,26 @@ func (s *Server) watchResources() {
 }
 
 // sweepHeartbeats sends a heartbeat on every connection that has written nothing for half
-// its heartbeat interval. It runs every resourceCheckInterval, which is under half the
-// shortest interval (1 s): connections need no timer or goroutine of their own to keep time.
-func (s *Server) sweepHeartbeats(now int64) {
+// its heartbeat interval, listing them in due (returned, for reuse). It runs every
+// resourceCheckInterval, which is under half the shortest interval (1 s): connections need
+// no timer or goroutine of their own to keep time.
+func (s *Server) sweepHeartbeats(now int64, due []*conn) []*conn {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	for c := range s.active {
-		c.heartbeatIfIdle(now)
+		if c.heartbeatDue(now) {
+			due = append(due, c)
+		}
 	}
+	s.mu.Unlock()
+	for i, c := range due {
+		if c.heartbeatIfIdle(now) {
+			// Let its writer run before the next starts: a burst of heartbeats reuses one
+			// goroutine and stack rather than leaving one per connection to the collector.
+			runtime.Gosched()
+		}
+		due[i] = nil
+	}
+	return due[:0]
 }
 
 // setAlarm turns one alarm on or off, logging the change; publishers stay blocked until

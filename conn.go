@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"bufio"
+	"bytes"
 	"container/list"
 	"crypto/tls"
 	"encoding/binary"
@@ -41,7 +42,6 @@ type conn struct {
 	s      *Server
 	id     uint64
 	nc     net.Conn
-	log    *slog.Logger
 	remote string
 
 	fr          frameReader
@@ -75,7 +75,7 @@ type conn struct {
 	internal    bool          // a session of the HTTP API: not listed, not counted
 	superuser   bool          // an internal session importing definitions: no permission checks
 	started     time.Time     // when the socket was accepted
-	clientInfo  table         // start-ok's client-properties; read by others once opened
+	clientInfo  []byte        // start-ok's client-properties, encoded (clientProperties); read by others once opened
 	chMu        sync.Mutex    // guards writes to channels, and reads of it by other goroutines
 	closeOkSent bool          // the reader answered the client's connection.close
 	stats       connStats     // message and channel counts, summed when read (metrics.go)
@@ -92,6 +92,12 @@ type conn struct {
 	drained    chan struct{} // one slot: the writer wrote a batch (for a reader paused on a full outbox)
 	writerDone chan struct{} // closed once the outbox is closed and the last writer has ended
 	wroteAt    atomic.Int64  // unix nanos of the writer's last write, for heartbeats
+}
+
+// clientProperties decodes the client-properties the client sent in start-ok.
+func (c *conn) clientProperties() table {
+	d := decoder{b: c.clientInfo}
+	return d.table()
 }
 
 // clientCaps are the capabilities a client advertised in start-ok.
@@ -114,11 +120,14 @@ func newConn(s *Server, nc net.Conn) *conn {
 		writerDone: make(chan struct{}),
 		started:    time.Now(),
 	}
-	c.log = s.log.With("conn", c.id, "remote", c.remote)
 	c.fr = frameReader{r: bufio.NewReaderSize(deadlineReader{c}, firstReadBufferSize), frameMax: frameMinSize}
 	c.fr.bodyDst = c.bodyDst
 	return c
 }
+
+// logger returns a logger that names the connection; it is made when needed, as an idle
+// connection logs nothing.
+func (c *conn) logger() *slog.Logger { return c.s.log.With("conn", c.id, "remote", c.remote) }
 
 // deadlineReader pushes the read deadline forward before every read of the socket, so a
 // client that stays silent for two heartbeat intervals (or the handshake timeout) is dropped.
@@ -201,7 +210,7 @@ func (c *conn) recoverPanic() {
 			c.outMu.Unlock()
 		}
 		c.s.setUnhealthy("connection " + strconv.FormatUint(c.id, 10) + " panicked: " + panicText(p))
-		c.log.Error("panic in connection: the broker's state is in doubt; restart it (the log replays a consistent state)",
+		c.logger().Error("panic in connection: the broker's state is in doubt; restart it (the log replays a consistent state)",
 			"panic", p, "stack", string(buf))
 	}
 }
@@ -215,9 +224,9 @@ func (c *conn) open() bool {
 		tc.SetWriteDeadline(c.hsEnd)
 		if err := tc.Handshake(); err != nil {
 			if c.shutdown.Load() {
-				c.log.Debug("connection ended in the TLS handshake", "err", err)
+				c.logger().Debug("connection ended in the TLS handshake", "err", err)
 			} else {
-				c.log.Warn("closing connection: TLS handshake failed", "err", err)
+				c.logger().Warn("closing connection: TLS handshake failed", "err", err)
 			}
 			return false
 		}
@@ -342,31 +351,31 @@ func (c *conn) fail(err error) {
 	if err == errLoginThrottled || err == errHandshakeDropped || c.shutdown.Load() && !c.opened.Load() {
 		// Not checked in time, or dropped in the handshake (too many handshakes, or
 		// Shutdown): no connection.close, and no wait for close-ok.
-		c.log.Debug("connection ended in its handshake", "err", err)
+		c.logger().Debug("connection ended in its handshake", "err", err)
 		return
 	}
 	if errors.Is(err, errPreAuthLimit) {
-		c.log.Warn("closing connection: too much data before authentication", "limit", c.s.cfg.MaxPreAuthBytes)
+		c.logger().Warn("closing connection: too much data before authentication", "limit", c.s.cfg.MaxPreAuthBytes)
 		return
 	}
 	var e *Error
 	if !errors.As(err, &e) {
 		if isPeerGone(err) || c.closing.Load() || c.shutdown.Load() {
-			c.log.Debug("connection ended", "err", err)
+			c.logger().Debug("connection ended", "err", err)
 			return
 		}
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			c.log.Warn("closing connection: no data from client", "timeout", c.readIdle.String())
+			c.logger().Warn("closing connection: no data from client", "timeout", c.readIdle.String())
 			return
 		}
-		c.log.Error("closing connection", "err", err)
+		c.logger().Error("closing connection", "err", err)
 		e = internalError(err.Error())
 	}
 	if c.closing.Load() {
 		return
 	}
-	c.log.Warn("closing connection", "code", e.Code, "text", e.Text,
+	c.logger().Warn("closing connection", "code", e.Code, "text", e.Text,
 		"method", methodName(uint32(e.ClassID)<<16|uint32(e.MethodID)))
 	c.sendClose(e)
 	c.awaitCloseOk()
@@ -651,7 +660,7 @@ func (c *conn) handshake() error {
 		// spec: answer a header we do not speak with ours, then close.
 		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 		c.nc.Write(protocolHeader[:])
-		c.log.Warn("closing connection: bad protocol header", "header", strconv.Quote(string(hdr[:])))
+		c.logger().Warn("closing connection: bad protocol header", "header", strconv.Quote(string(hdr[:])))
 		return errBadHeader
 	}
 	c.send(&connectionStart{
@@ -667,7 +676,8 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.caps = parseCaps(startOk.ClientProperties)
-	c.clientInfo = startOk.ClientProperties
+	// Kept encoded, in a third of the memory of the decoded table, for the few reads.
+	c.clientInfo = bytes.Clone(appendTable(nil, startOk.ClientProperties))
 	src, err := c.awaitLoginTurn()
 	if err != nil {
 		return err
@@ -682,7 +692,7 @@ func (c *conn) handshake() error {
 	}
 	if reason := loginReason(err); reason != "" {
 		// The failure keeps its token of the source's limit.
-		c.log.Warn("login refused", "user", user, "mechanism", startOk.Mechanism, "reason", reason)
+		c.logger().Warn("login refused", "user", user, "mechanism", startOk.Mechanism, "reason", reason)
 		// A fixed pause before the answer: guessing passwords goes no faster than
 		// one try per AuthFailureDelay per connection.
 		time.Sleep(c.s.cfg.AuthFailureDelay)
@@ -752,7 +762,7 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.send(&connectionOpenOk{})
-	c.log.Debug("connection open", "user", c.user, "vhost", c.vh.name,
+	c.logger().Debug("connection open", "user", c.user, "vhost", c.vh.name,
 		"frame_max", c.frameMax, "channel_max", c.channelMax, "heartbeat", time.Duration(c.heartbeat.Load()).String())
 	return nil
 }
@@ -781,7 +791,7 @@ func (c *conn) awaitLoginTurn() (netip.Addr, error) {
 		if src.Is6() {
 			source += "/64"
 		}
-		c.log.Warn("throttling logins: too many failed logins from the address",
+		c.logger().Warn("throttling logins: too many failed logins from the address",
 			"source", source, "limit", c.s.cfg.AuthFailureLimit)
 	}
 	if !ok {
@@ -951,7 +961,7 @@ func (c *conn) connectionMethod(id uint32, d decoder) error {
 	case idConnectionClose:
 		m := connectionClose{}
 		m.decode(&d)
-		c.log.Debug("client closed connection", "code", m.ReplyCode, "text", m.ReplyText)
+		c.logger().Debug("client closed connection", "code", m.ReplyCode, "text", m.ReplyText)
 		c.closing.Store(true)
 		c.sendCloseOk()
 		return errConnectionClosed
@@ -1028,7 +1038,7 @@ func (c *conn) reapKilled(ch *channel) {
 		return
 	}
 	if e := ch.killed.Load(); e != nil {
-		c.log.Warn("closing channel", "channel", ch.id, "code", e.Code, "text", e.Text)
+		c.logger().Warn("closing channel", "channel", ch.id, "code", e.Code, "text", e.Text)
 		ch.shutdown()
 		ch.closing = true
 	}
@@ -1065,7 +1075,7 @@ func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 		}
 		c.channels[id] = newChannel(c, id)
 		c.chMu.Unlock()
-		c.stats.pend[cntChannelsOpened]++
+		c.stats.opened.Add(1)
 		c.sendOn(id, &channelOpenOk{})
 		return nil, nil
 	}
@@ -1096,7 +1106,7 @@ func (c *conn) channelResult(ch *channel, err error) error {
 	}
 	var e *Error
 	if errors.As(err, &e) && !e.Hard() {
-		c.log.Warn("closing channel", "channel", ch.id, "code", e.Code, "text", e.Text,
+		c.logger().Warn("closing channel", "channel", ch.id, "code", e.Code, "text", e.Text,
 			"method", methodName(uint32(e.ClassID)<<16|uint32(e.MethodID)))
 		ch.shutdown()
 		ch.closing = true
@@ -1151,21 +1161,28 @@ func (c *conn) closeOutboxLocked() {
 	}
 }
 
-// heartbeatIfIdle queues a heartbeat when c has written nothing for half its heartbeat
-// interval and no write is under way. The server's sweep calls it (sweepHeartbeats): an
-// idle connection has no writer goroutine to keep time.
-func (c *conn) heartbeatIfIdle(now int64) {
+// heartbeatDue reports whether c has written nothing for half its heartbeat interval.
+func (c *conn) heartbeatDue(now int64) bool {
 	hb := c.heartbeat.Load()
-	if hb == 0 || now-c.wroteAt.Load() < hb/2 {
-		return
+	return hb > 0 && now-c.wroteAt.Load() >= hb/2
+}
+
+// heartbeatIfIdle queues a heartbeat, starting the writer, when one is due and no write
+// is under way; it reports whether it did. The server's sweep calls it (sweepHeartbeats):
+// an idle connection has no writer goroutine to keep time.
+func (c *conn) heartbeatIfIdle(now int64) bool {
+	if !c.heartbeatDue(now) {
+		return false
 	}
 	c.outMu.Lock()
-	if !c.writing && !c.outClosed {
-		c.out = appendHeartbeat(c.out)
-		c.storeOutLenLocked()
-		c.startWriterLocked()
+	defer c.outMu.Unlock()
+	if c.writing || c.outClosed {
+		return false
 	}
-	c.outMu.Unlock()
+	c.out = appendHeartbeat(c.out)
+	c.storeOutLenLocked()
+	c.startWriterLocked()
+	return true
 }
 
 // zeroCopyBody is the body size from which deliveries point at the message's body
