@@ -73,20 +73,21 @@ type channel struct {
 
 // checkConsumerTimeouts closes, with RabbitMQ's 406, every channel whose oldest unacked
 // delivery waited longer than its queue's x-consumer-timeout, or Config.ConsumerTimeout;
-// closing it requeues its deliveries. It runs every second.
-func (s *Server) checkConsumerTimeouts(now int64) {
+// closing it requeues its deliveries. It runs every second, with the sweeps' scratch.
+func (s *Server) checkConsumerTimeouts(now int64, sc *sweepScratch) {
 	def := s.cfg.ConsumerTimeout.Milliseconds()
 	s.mu.Lock()
-	conns := make([]*conn, 0, len(s.active))
 	for c := range s.active {
-		conns = append(conns, c)
+		sc.conns = append(sc.conns, c)
 	}
 	s.mu.Unlock()
-	for _, c := range conns {
+	defer sc.clear()
+	for _, c := range sc.conns {
 		if !c.opened.Load() || c.closing.Load() {
 			continue
 		}
-		for _, ch := range c.openChannelList() {
+		sc.chans = c.appendOpenChannels(sc.chans[:0])
+		for _, ch := range sc.chans {
 			ch.mu.Lock()
 			if !ch.dead && ch.unacked.len() > 0 {
 				u := ch.unacked.front()

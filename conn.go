@@ -31,8 +31,10 @@ const (
 	firstReadBufferSize = 2 << 10
 	growReadAfter       = 32
 	// idleAfter is how long a reader waits for the next frame with its buffers: a
-	// connection quiet for longer is idle, and its reader holds none (awaitInput).
-	idleAfter = time.Second
+	// connection quiet for longer is idle, and its reader holds none (awaitInput). Short,
+	// so that connections opened in a burst are soon idle; a client that sends a frame
+	// every few hundred milliseconds costs a new read buffer per frame.
+	idleAfter = 250 * time.Millisecond
 )
 
 // conn is one client connection. The reader goroutine (serve) owns every field not marked
@@ -171,8 +173,8 @@ func (r deadlineReader) Read(p []byte) (int, error) {
 var errPreAuthLimit = errors.New("amqp: too much data before authentication")
 
 // serve runs the connection: its handshake here, then its frames on a goroutine of their
-// own (readFrames). The handshake grows a goroutine's stack to 8 KiB, which it keeps until
-// a collection shrinks it; an idle connection's reader, started after it, stays at 4.
+// own (readFrames). The handshake grows a goroutine's stack to 8 KiB, which it would keep
+// until a collection shrinks it.
 func (c *conn) serve() {
 	opened := false
 	defer func() {
@@ -182,7 +184,7 @@ func (c *conn) serve() {
 	}()
 	defer c.recoverPanic()
 	if opened = c.open(); opened {
-		go c.readFrames()
+		go c.readFrames(false)
 	}
 }
 
@@ -256,47 +258,67 @@ func (c *conn) open() bool {
 	return true
 }
 
-// readFrames reads and handles frames until the connection ends.
-func (c *conn) readFrames() {
-	defer c.end()
+// readFrames reads and handles frames until the connection ends, or falls idle: then a
+// fresh goroutine takes over, with the smallest stack (2 KiB, where the busy reader's has
+// grown to 4 or more), to wait idle for the next input (awaitIdle) and read on.
+func (c *conn) readFrames(idle bool) {
+	handedOver := false
+	defer func() {
+		if !handedOver {
+			c.end()
+		}
+	}()
 	defer c.recoverPanic()
-	for {
-		err := c.awaitInput()
-		var f frame
-		if err == nil {
-			f, err = c.fr.read()
-		}
-		if err == nil {
-			if c.fr.frames < growReadAfter {
-				if c.fr.frames++; c.fr.frames == growReadAfter {
-					c.fr.grow(readBufferSize, deadlineReader{c})
-				}
-			}
-			if c.s.alarms.Load() != 0 && isPublishFrame(f) && !c.closing.Load() {
-				c.blockWhileAlarm()
-			}
-			err = c.handleFrame(f)
-			if len(c.confirms) > 0 && c.fr.r.Buffered() == 0 {
-				// The client has nothing more queued: confirm the batch in one ack.
-				c.flushConfirms()
-			}
-			c.flushCountsIfDrained()
-			c.pauseWhileFull()
-		}
-		if err != nil {
-			if err == errConnectionClosed {
-				return
-			}
-			c.fail(err)
-			return
-		}
+	var err error
+	if idle {
+		err = c.awaitIdle()
+	}
+	for err == nil {
+		err = c.nextFrame()
+	}
+	switch err {
+	case errIdle:
+		handedOver = true
+		go c.readFrames(true)
+	case errConnectionClosed:
+	default:
+		c.fail(err)
 	}
 }
 
+// errIdle hands the reading over to an idle reader.
+var errIdle = errors.New("amqp: connection idle")
+
+// nextFrame waits for the next frame, reads it and handles it.
+func (c *conn) nextFrame() error {
+	if err := c.awaitInput(); err != nil {
+		return err
+	}
+	f, err := c.fr.read()
+	if err != nil {
+		return err
+	}
+	if c.fr.frames < growReadAfter {
+		if c.fr.frames++; c.fr.frames == growReadAfter {
+			c.fr.grow(readBufferSize, deadlineReader{c})
+		}
+	}
+	if c.s.alarms.Load() != 0 && isPublishFrame(f) && !c.closing.Load() {
+		c.blockWhileAlarm()
+	}
+	err = c.handleFrame(f)
+	if len(c.confirms) > 0 && c.fr.r.Buffered() == 0 {
+		// The client has nothing more queued: confirm the batch in one ack.
+		c.flushConfirms()
+	}
+	c.flushCountsIfDrained()
+	c.pauseWhileFull()
+	return err
+}
+
 // awaitInput waits for the client's next frame when none is buffered. After idleAfter
-// without one the connection is idle: the reader drops its read and payload buffers and
-// reads into c.peek, where the client's heartbeats are taken and dropped, until other
-// octets come; a new buffer takes them first (deadlineReader). A read error is returned.
+// without one the connection is idle: the reader drops its read and payload buffers, sets
+// the read deadline for the idle wait, and returns errIdle.
 func (c *conn) awaitInput() error {
 	if c.fr.r.Buffered() > 0 || c.closing.Load() {
 		return nil
@@ -311,29 +333,32 @@ func (c *conn) awaitInput() error {
 		return err
 	}
 	c.fr.r, c.fr.buf = nil, nil
-	var deadline time.Time // readIdle > idleAfter: it is at least 2 s when set
-	if c.readIdle > 0 {
-		deadline = time.Now().Add(c.readIdle - idleAfter)
+	if c.readIdle > 0 { // then at least 2 s: over idleAfter
+		c.nc.SetReadDeadline(time.Now().Add(c.readIdle - idleAfter))
+	} else {
+		c.nc.SetReadDeadline(time.Time{})
 	}
-	for {
-		if !c.closing.Load() {
-			c.nc.SetReadDeadline(deadline)
+	return errIdle
+}
+
+// awaitIdle is the idle reader's wait, with the deadline set and no buffers: it reads into
+// c.peek. A client heartbeat is taken there (errIdle: another idle reader waits for the
+// next input); other octets go first to a new read buffer (deadlineReader).
+func (c *conn) awaitIdle() error {
+	n, err := c.nc.Read(c.peek[:])
+	if n == len(c.peek) && c.peek == heartbeatFrame && !c.closing.Load() {
+		if c.readIdle > 0 {
+			c.nc.SetReadDeadline(time.Now().Add(c.readIdle))
 		}
-		n, err := c.nc.Read(c.peek[:])
-		if n == len(c.peek) && c.peek == heartbeatFrame && !c.closing.Load() {
-			if c.readIdle > 0 {
-				deadline = time.Now().Add(c.readIdle)
-			}
-			continue
-		}
-		c.pending = c.peek[:n]
-		c.fr.r = bufio.NewReaderSize(deadlineReader{c}, firstReadBufferSize)
-		c.fr.frames = 0
-		if n > 0 {
-			return nil
-		}
-		return err
+		return errIdle
 	}
+	c.pending = c.peek[:n]
+	c.fr.r = bufio.NewReaderSize(deadlineReader{c}, firstReadBufferSize)
+	c.fr.frames = 0
+	if n > 0 {
+		return nil
+	}
+	return err
 }
 
 // heartbeatFrame is a whole heartbeat frame.
@@ -666,7 +691,7 @@ func (c *conn) handshake() error {
 	c.send(&connectionStart{
 		VersionMajor:     0,
 		VersionMinor:     9,
-		ServerProperties: serverProperties(),
+		ServerProperties: serverProps,
 		Mechanisms:       c.s.mechanisms(c.peerCN),
 		Locales:          "en_US",
 	})
@@ -1010,10 +1035,12 @@ func (c *conn) openChannels() int {
 }
 
 // openChannelList returns c's open channels, from any goroutine.
-func (c *conn) openChannelList() []*channel {
+func (c *conn) openChannelList() []*channel { return c.appendOpenChannels(nil) }
+
+// appendOpenChannels appends c's open channels to chs, from any goroutine.
+func (c *conn) appendOpenChannels(chs []*channel) []*channel {
 	c.chMu.Lock()
 	defer c.chMu.Unlock()
-	var chs []*channel
 	for _, ch := range c.channels {
 		if ch != nil {
 			chs = append(chs, ch)
@@ -1303,7 +1330,11 @@ func writeTimeout(heartbeat time.Duration) time.Duration {
 	return 60 * time.Second
 }
 
-// serverProperties is the server-properties table of connection.start.
+// serverProps is the server-properties table of connection.start, built once: it is
+// never changed.
+var serverProps = serverProperties()
+
+// serverProperties builds the server-properties table of connection.start.
 func serverProperties() table {
 	return table{
 		"product":     "amqp-go",
