@@ -839,7 +839,7 @@ func (sc *sweepScratch) clear() {
 }
 
 // sweepHeartbeats sends a heartbeat on every connection that has written nothing for half
-// its heartbeat interval. It runs every resourceCheckInterval, which is under half the
+// its heartbeat interval, and releases the outbox buffers of idle ones. It runs every resourceCheckInterval, which is under half the
 // shortest interval (1 s): connections need no timer or goroutine of their own to keep time.
 func (s *Server) sweepHeartbeats(now int64, sc *sweepScratch) {
 	s.mu.Lock()
@@ -847,6 +847,7 @@ func (s *Server) sweepHeartbeats(now int64, sc *sweepScratch) {
 		if c.heartbeatDue(now) {
 			sc.conns = append(sc.conns, c)
 		}
+		c.releaseIdleOutbox(now)
 	}
 	s.mu.Unlock()
 	defer sc.clear()

@@ -89,6 +89,8 @@ type conn struct {
 	outvBytes  int           // guarded by outMu: octets in outv
 	outClosed  bool          // guarded by outMu: the writer is stopping; appends are dropped
 	writing    bool          // guarded by outMu: a writer runs; set whenever the outbox has frames
+	spare      []byte        // guarded by outMu: the writer's second buffer, kept between its runs
+	outHeld    atomic.Bool   // out, outv or spare hold memory while no writer runs (releaseIdleOutbox)
 	outLen     atomic.Int64  // len(out), readable without outMu
 	drainWait  []*queue      // guarded by outMu: queues that stopped delivering on a full outbox
 	drained    chan struct{} // one slot: the writer wrote a batch (for a reader paused on a full outbox)
@@ -318,7 +320,8 @@ func (c *conn) nextFrame() error {
 
 // awaitInput waits for the client's next frame when none is buffered. After idleAfter
 // without one the connection is idle: the reader drops its read and payload buffers, sets
-// the read deadline for the idle wait, and returns errIdle.
+// the read deadline for the idle wait, and returns errIdle. The outbox's buffers go too,
+// unless a writer runs.
 func (c *conn) awaitInput() error {
 	if c.fr.r.Buffered() > 0 || c.closing.Load() {
 		return nil
@@ -333,6 +336,9 @@ func (c *conn) awaitInput() error {
 		return err
 	}
 	c.fr.r, c.fr.buf = nil, nil
+	if c.outHeld.Load() {
+		c.releaseOutbox()
+	}
 	if c.readIdle > 0 { // then at least 2 s: over idleAfter
 		c.nc.SetReadDeadline(time.Now().Add(c.readIdle - idleAfter))
 	} else {
@@ -1253,19 +1259,35 @@ func (c *conn) storeOutLenLocked() {
 func (c *conn) writeLoop() {
 	var buf []byte
 	var vec, spareVec [][]byte
+	yielded := false
 	for {
 		c.outMu.Lock()
+		if buf == nil {
+			buf, c.spare = c.spare, nil
+		}
 		if len(c.out) == 0 && len(c.outv) == 0 && (len(c.drainWait) == 0 || c.outClosed) {
+			if !yielded && !c.outClosed {
+				// Let the goroutines producing a burst add to it before ending: a busy
+				// connection keeps its writer rather than starting one per batch.
+				c.outMu.Unlock()
+				runtime.Gosched()
+				yielded = true
+				continue
+			}
 			// Decided under outMu: an append from now on starts a new writer. The buffers
-			// go too, so an idle connection holds none.
+			// stay for it until the connection is idle (releaseIdleOutbox).
 			c.writing = false
-			c.out, c.outv, c.drainWait = nil, nil, nil
+			c.spare, c.drainWait = buf[:0], nil
 			if c.outClosed {
+				c.out, c.outv, c.spare = nil, nil, nil
 				close(c.writerDone)
+			} else if c.out != nil || c.outv != nil || c.spare != nil {
+				c.outHeld.Store(true)
 			}
 			c.outMu.Unlock()
 			return
 		}
+		yielded = false
 		buf, c.out = c.out, buf[:0]
 		vec, c.outv = c.outv, spareVec[:0]
 		cut := c.cut
@@ -1307,13 +1329,32 @@ func (c *conn) writeLoop() {
 	}
 }
 
+// releaseIdleOutbox drops the outbox buffers of a connection that has written nothing for
+// a second (releaseOutbox). The heartbeat sweep calls it.
+func (c *conn) releaseIdleOutbox(now int64) {
+	if c.outHeld.Load() && now-c.wroteAt.Load() >= int64(time.Second) {
+		c.releaseOutbox()
+	}
+}
+
+// releaseOutbox drops the outbox buffers kept between writer runs, unless a writer runs:
+// an idle connection holds none.
+func (c *conn) releaseOutbox() {
+	c.outMu.Lock()
+	if !c.writing && len(c.out) == 0 && len(c.outv) == 0 {
+		c.out, c.outv, c.spare = nil, nil, nil
+		c.outHeld.Store(false)
+	}
+	c.outMu.Unlock()
+}
+
 // writeFailed ends the writing of a connection whose socket failed a write: the socket
 // closes (so the reader ends too) and the outbox is closed and emptied.
 func (c *conn) writeFailed() {
 	c.nc.Close()
 	c.outMu.Lock()
 	c.outClosed, c.writing = true, false
-	c.out, c.outv, c.cut, c.outvBytes, c.drainWait = nil, nil, 0, 0, nil
+	c.out, c.outv, c.spare, c.cut, c.outvBytes, c.drainWait = nil, nil, nil, 0, 0, nil
 	c.outLen.Store(0)
 	close(c.writerDone)
 	c.outMu.Unlock()
