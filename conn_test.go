@@ -1273,12 +1273,6 @@ func TestConnCloseUnderLoad(t *testing.T) {
 	if _, err := pch.QueueDeclare("load", false, false, false, false, nil); err != nil {
 		t.Fatal(err)
 	}
-	body := make([]byte, 4<<10)
-	for range 4000 {
-		if err := pch.PublishWithContext(context.Background(), "", "load", false, false, amqp091.Publishing{Body: body}); err != nil {
-			t.Fatal(err)
-		}
-	}
 	var consumers []*amqp091.Connection
 	var flowing []<-chan amqp091.Delivery
 	for range 6 {
@@ -1296,6 +1290,14 @@ func TestConnCloseUnderLoad(t *testing.T) {
 			t.Fatal(err)
 		}
 		consumers, flowing = append(consumers, c), append(flowing, msgs)
+	}
+	// Published once every consumer is there, so that each gets its turn (amqp091-go reads
+	// its socket without bound: a consumer that came late could find the queue drained).
+	body := make([]byte, 4<<10)
+	for range 4000 {
+		if err := pch.PublishWithContext(context.Background(), "", "load", false, false, amqp091.Publishing{Body: body}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, msgs := range flowing {
 		takeDelivery(t, msgs)
