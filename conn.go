@@ -25,10 +25,10 @@ var errTooManyFiles = syscall.EMFILE
 
 const (
 	// readBufferSize is a busy connection's read buffer. A connection starts with
-	// firstReadBufferSize and gets the full one after growReadAfter frames: an idle
-	// connection holds 2 KiB, not 16.
+	// firstReadBufferSize (the handshake's frames fit it), and again when it wakes from
+	// idle, and gets the full one after growReadAfter frames.
 	readBufferSize      = 16 << 10
-	firstReadBufferSize = 2 << 10
+	firstReadBufferSize = 1 << 10
 	growReadAfter       = 32
 	// idleAfter is how long a reader waits for the next frame with its buffers: a
 	// connection quiet for longer is idle, and its reader holds none (awaitInput). Short,
