@@ -877,7 +877,7 @@ func BenchmarkCountingHotPath(b *testing.B) {
 		}
 	}
 	c.flushCounts()
-	if got := c.stats.n[cntAcknowledged].Load() + uint64(i); got != uint64(b.N) || q.unackedLocked() != int64(i) {
+	if got := c.stats.get().n[cntAcknowledged].Load() + uint64(i); got != uint64(b.N) || q.unackedLocked() != int64(i) {
 		b.Fatalf("counted %d acks (%d unacked) for %d messages", got, q.unackedLocked(), b.N)
 	}
 }

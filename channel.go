@@ -29,11 +29,11 @@ type channel struct {
 	pubKey        []byte // the routing key of the publish in progress; reused
 	pubWait       bool   // a basic.publish waits for its content header
 	pubMsg        *message
-	pubFill       int    // body octets received so far
-	pubSize       int    // body size from the content header
-	pubHead       []byte // key and properties of the publish in progress until its body comes
-	routes        routeSet
-	settled       []unacked // reused by settle
+	pubFill       int         // body octets received so far
+	pubSize       int         // body size from the content header
+	pubHead       []byte      // key and properties of the publish in progress until its body comes
+	scratch       *pubScratch // allocated at the first publish
+	settled       []unacked   // reused by settle
 	redispatchBuf []*queue
 	exCache       *exchange // the last exchange published to
 	exCacheN      string
@@ -48,7 +48,6 @@ type channel struct {
 	tx         bool
 	txPubs     []txPublish
 	txAcks     []txAck
-	walBuf     []byte // reused to encode publish records
 
 	// Publisher confirms. The reader confirms at each drain of its input; the log's writer
 	// confirms persistent messages after their fsync.
@@ -68,26 +67,27 @@ type channel struct {
 	inflight         int                  // guarded by mu: unacked deliveries to consumers
 	prefetchGlobal   uint16               // guarded by mu: basic.qos global=true
 	prefetchConsumer uint16               // guarded by mu: basic.qos global=false, for new consumers
-	consumers        map[string]*consumer // guarded by mu
+	consumers        map[string]*consumer // guarded by mu; nil until the first consumer
 	replyTo          *replyConsumer       // guarded by mu (written only by the reader): the amq.rabbitmq.reply-to consumer
 }
 
 // checkConsumerTimeouts closes, with RabbitMQ's 406, every channel whose oldest unacked
 // delivery waited longer than its queue's x-consumer-timeout, or Config.ConsumerTimeout;
-// closing it requeues its deliveries. It runs every second.
-func (s *Server) checkConsumerTimeouts(now int64) {
+// closing it requeues its deliveries. It runs every second, with the sweeps' scratch.
+func (s *Server) checkConsumerTimeouts(now int64, sc *sweepScratch) {
 	def := s.cfg.ConsumerTimeout.Milliseconds()
 	s.mu.Lock()
-	conns := make([]*conn, 0, len(s.active))
 	for c := range s.active {
-		conns = append(conns, c)
+		sc.conns = append(sc.conns, c)
 	}
 	s.mu.Unlock()
-	for _, c := range conns {
+	defer sc.clear()
+	for _, c := range sc.conns {
 		if !c.opened.Load() || c.closing.Load() {
 			continue
 		}
-		for _, ch := range c.openChannelList() {
+		sc.chans = c.appendOpenChannels(sc.chans[:0])
+		for _, ch := range sc.chans {
 			ch.mu.Lock()
 			if !ch.dead && ch.unacked.len() > 0 {
 				u := ch.unacked.front()
@@ -99,7 +99,7 @@ func (s *Server) checkConsumerTimeouts(now int64) {
 					ch.killLocked(preconditionFailed("delivery acknowledgement on channel " + strconv.Itoa(int(ch.id)) +
 						" timed out. Timeout value used: " + strconv.FormatInt(limit, 10) +
 						" ms. This timeout value can be configured, see consumers doc guide to learn more"))
-					c.log.Warn("consumer timeout: closing the channel; its unacked messages are requeued",
+					c.logger().Warn("consumer timeout: closing the channel; its unacked messages are requeued",
 						"channel", ch.id, "queue", u.q.name, "timeout_ms", limit)
 				}
 			}
@@ -142,7 +142,7 @@ type txAck struct {
 var errChannelClosed = errors.New("amqp: channel closed")
 
 func newChannel(c *conn, id uint16) *channel {
-	return &channel{c: c, id: id, consumers: make(map[string]*consumer)}
+	return &channel{c: c, id: id}
 }
 
 // killLocked closes the channel from any goroutine, for an error met while delivering to
@@ -565,10 +565,20 @@ func (ch *channel) route(x *exchange, msg *message, mandatory bool) (uint64, err
 	return ch.deliver(msg, mandatory)
 }
 
-// routeLocked collects the queues msg goes to through x in ch.routes. vh.mu must be held
+// pubScratch is what a channel reuses from one publish to the next. A channel that never
+// publishes does without it.
+type pubScratch struct {
+	routes routeSet
+	walBuf []byte // reused to encode publish records
+}
+
+// routeLocked collects the queues msg goes to through x in ch.scratch.scratch.routes. vh.mu must be held
 // for reading; a topic match releases it for a while (see vhost.routeLocked).
 func (ch *channel) routeLocked(x *exchange, msg *message) {
-	rs := &ch.routes
+	if ch.scratch == nil {
+		ch.scratch = &pubScratch{}
+	}
+	rs := &ch.scratch.routes
 	rs.reset()
 	if x.name == "" {
 		if q := ch.vh().queues[string(msg.routingKey())]; q != nil {
@@ -582,15 +592,15 @@ func (ch *channel) routeLocked(x *exchange, msg *message) {
 // deliver enqueues msg on the queues routeLocked found, logging it first when it is
 // persistent and one of them is durable.
 func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err error) {
-	if x := ch.routes.missingAE; x != nil {
+	if x := ch.scratch.routes.missingAE; x != nil {
 		ch.warnMissingAE(x)
 	}
-	holds := ch.routes.holds
+	holds := ch.scratch.routes.holds
 	var at int64 // when msg was published, for its due time and its record
 	if len(holds) > 0 {
 		at = nowMillisUp()
 	}
-	if w := ch.c.s.store; w != nil && msg.persistent && (anyLogged(ch.routes.queues) || anyHoldLogged(holds)) {
+	if w := ch.c.s.store; w != nil && msg.persistent && (anyLogged(ch.scratch.routes.queues) || anyHoldLogged(holds)) {
 		var listener *channel
 		if ch.confirm {
 			listener = ch
@@ -598,7 +608,7 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 		if at == 0 {
 			at = nowMillisUp()
 		}
-		ticket, ch.walBuf, err = w.logPublishAt(msg, holdIDs(loggedIDs(ch.routes.queues), holds), at, ch.walBuf, listener)
+		ticket, ch.scratch.walBuf, err = w.logPublishAt(msg, holdIDs(loggedIDs(ch.scratch.routes.queues), holds), at, ch.scratch.walBuf, listener)
 		if err != nil {
 			return 0, err
 		}
@@ -609,7 +619,7 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 		ch.c.s.deliverReply(msg)
 	}
 	refused := false
-	for _, q := range ch.routes.queues {
+	for _, q := range ch.scratch.routes.queues {
 		if !q.enqueue(msg) {
 			refused = true
 		}
@@ -617,10 +627,10 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 	if len(holds) > 0 {
 		// Held by delayed exchanges: confirmed now (once logged), never returned, since
 		// whether it routes is known only when it falls due.
-		ch.c.s.delays.hold(holds, msg, at, ch.routes.delay)
+		ch.c.s.delays.hold(holds, msg, at, ch.scratch.routes.delay)
 	}
-	ch.countRouted(len(ch.routes.queues)+len(holds), mandatory)
-	if len(ch.routes.queues) == 0 && len(holds) == 0 && mandatory {
+	ch.countRouted(len(ch.scratch.routes.queues)+len(holds), mandatory)
+	if len(ch.scratch.routes.queues) == 0 && len(holds) == 0 && mandatory {
 		ch.c.sendReturn(ch.id, replyNoRoute, "NO_ROUTE", msg)
 	}
 	if refused {
@@ -644,7 +654,7 @@ func (ch *channel) warnMissingAE(x *exchange) {
 	vh.mu.RLock()
 	ae := x.ae
 	vh.mu.RUnlock()
-	ch.c.log.LogAttrs(context.Background(), slog.LevelWarn,
+	ch.c.logger().LogAttrs(context.Background(), slog.LevelWarn,
 		"alternate exchange not found; messages the exchange cannot route are not rerouted",
 		slog.String("vhost", vh.name), slog.String("exchange", x.name), slog.String("alternate_exchange", ae))
 }
@@ -701,7 +711,7 @@ func (ch *channel) ackUpToLocked(tag uint64) {
 		return
 	}
 	multiple := tag-ch.confirmSent > 1
-	ch.c.stats.n[cntConfirmed].Add(tag - ch.confirmSent)
+	ch.c.stats.get().n[cntConfirmed].Add(tag - ch.confirmSent)
 	ch.confirmSent = tag
 	ch.send(&basicAck{DeliveryTag: tag, Multiple: multiple})
 }
@@ -968,6 +978,9 @@ func (ch *channel) basicConsume(d *decoder) error {
 	}
 	c := &consumer{tag: tag, ch: ch, q: q, noAck: m.NoAck, exclusive: m.Exclusive, noLocal: m.NoLocal, prefetch: prefetch, priority: priority}
 	ch.mu.Lock()
+	if ch.consumers == nil {
+		ch.consumers = make(map[string]*consumer)
+	}
 	ch.consumers[tag] = c
 	ch.mu.Unlock()
 	var ok method

@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"bufio"
+	"bytes"
 	"container/list"
 	"crypto/tls"
 	"encoding/binary"
@@ -10,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"slices"
 	"strconv"
@@ -23,30 +25,35 @@ var errTooManyFiles = syscall.EMFILE
 
 const (
 	// readBufferSize is a busy connection's read buffer. A connection starts with
-	// firstReadBufferSize and gets the full one after growReadAfter frames: an idle
-	// connection holds 2 KiB, not 16.
+	// firstReadBufferSize (the handshake's frames fit it), and again when it wakes from
+	// idle, and gets the full one after growReadAfter frames.
 	readBufferSize      = 16 << 10
-	firstReadBufferSize = 2 << 10
+	firstReadBufferSize = 1 << 10
 	growReadAfter       = 32
-	// maxIdleOutbox is the largest outbox buffer kept between bursts; larger ones are dropped
-	// so an idle connection does not pin the memory of its biggest burst.
-	maxIdleOutbox = 256 << 10
+	// idleAfter is how long a reader waits for the next frame with its buffers: a
+	// connection quiet for longer is idle, and its reader holds none (awaitInput). Short,
+	// so that connections opened in a burst are soon idle; a client that sends a frame
+	// every few hundred milliseconds costs a new read buffer per frame.
+	idleAfter = 250 * time.Millisecond
 )
 
 // conn is one client connection. The reader goroutine (serve) owns every field not marked
-// otherwise; the writer goroutine (writeLoop) owns the write side of nc.
+// otherwise; the writer goroutine (writeLoop), which runs only while the outbox has frames,
+// owns the write side of nc.
 type conn struct {
 	s      *Server
 	id     uint64
 	nc     net.Conn
-	log    *slog.Logger
 	remote string
 
 	fr          frameReader
+	peek        [8]byte    // an idle reader reads here: a heartbeat, or the start of a frame
+	pending     []byte     // octets of peek that the read buffer has yet to take
+	probing     bool       // the next socket read waits at most idleAfter
 	channels    []*channel // indexed by channel id; nil when not open
 	channelMax  uint16
 	frameMax    uint32
-	heartbeat   atomic.Int64 // nanoseconds; set by the reader at tune-ok, read by the writer
+	heartbeat   atomic.Int64 // nanoseconds; set by the reader at tune-ok, read by the heartbeat sweep
 	vh          *vhost
 	user        string
 	usage       *userUsage // the user's open connections and channels, from connection.open
@@ -70,7 +77,7 @@ type conn struct {
 	internal    bool          // a session of the HTTP API: not listed, not counted
 	superuser   bool          // an internal session importing definitions: no permission checks
 	started     time.Time     // when the socket was accepted
-	clientInfo  table         // start-ok's client-properties; read by others once opened
+	clientInfo  []byte        // start-ok's client-properties, encoded (clientProperties); read by others once opened
 	chMu        sync.Mutex    // guards writes to channels, and reads of it by other goroutines
 	closeOkSent bool          // the reader answered the client's connection.close
 	stats       connStats     // message and channel counts, summed when read (metrics.go)
@@ -81,12 +88,20 @@ type conn struct {
 	cut        int           // guarded by outMu: out[:cut] is already in outv
 	outvBytes  int           // guarded by outMu: octets in outv
 	outClosed  bool          // guarded by outMu: the writer is stopping; appends are dropped
+	writing    bool          // guarded by outMu: a writer runs; set whenever the outbox has frames
+	spare      []byte        // guarded by outMu: the writer's second buffer, kept between its runs
+	outHeld    atomic.Bool   // out, outv or spare hold memory while no writer runs (releaseIdleOutbox)
 	outLen     atomic.Int64  // len(out), readable without outMu
 	drainWait  []*queue      // guarded by outMu: queues that stopped delivering on a full outbox
-	wake       chan struct{} // one slot: the outbox has frames, or the writer must stop
 	drained    chan struct{} // one slot: the writer wrote a batch (for a reader paused on a full outbox)
-	writerDone chan struct{}
-	wroteAt    atomic.Int64 // unix nanos of the writer's last write, for heartbeats
+	writerDone chan struct{} // closed once the outbox is closed and the last writer has ended
+	wroteAt    atomic.Int64  // unix nanos of the writer's last write, for heartbeats
+}
+
+// clientProperties decodes the client-properties the client sent in start-ok.
+func (c *conn) clientProperties() table {
+	d := decoder{b: c.clientInfo}
+	return d.table()
 }
 
 // clientCaps are the capabilities a client advertised in start-ok.
@@ -104,17 +119,19 @@ func newConn(s *Server, nc net.Conn) *conn {
 		remote:     nc.RemoteAddr().String(),
 		channelMax: s.cfg.ChannelMax,
 		frameMax:   frameMinSize,
-		wake:       make(chan struct{}, 1),
 		drained:    make(chan struct{}, 1),
 		stop:       make(chan struct{}),
 		writerDone: make(chan struct{}),
 		started:    time.Now(),
 	}
-	c.log = s.log.With("conn", c.id, "remote", c.remote)
 	c.fr = frameReader{r: bufio.NewReaderSize(deadlineReader{c}, firstReadBufferSize), frameMax: frameMinSize}
 	c.fr.bodyDst = c.bodyDst
 	return c
 }
+
+// logger returns a logger that names the connection; it is made when needed, as an idle
+// connection logs nothing.
+func (c *conn) logger() *slog.Logger { return c.s.log.With("conn", c.id, "remote", c.remote) }
 
 // deadlineReader pushes the read deadline forward before every read of the socket, so a
 // client that stays silent for two heartbeat intervals (or the handshake timeout) is dropped.
@@ -123,7 +140,16 @@ type deadlineReader struct{ c *conn }
 
 func (r deadlineReader) Read(p []byte) (int, error) {
 	c := r.c
-	if d := c.readIdle; d > 0 && !c.closing.Load() {
+	if len(c.pending) > 0 {
+		n := copy(p, c.pending)
+		c.pending = c.pending[n:]
+		return n, nil
+	}
+	d := c.readIdle
+	if c.probing {
+		d = idleAfter
+	}
+	if d > 0 && !c.closing.Load() {
 		c.nc.SetReadDeadline(time.Now().Add(d))
 	}
 	if !c.authed {
@@ -148,32 +174,53 @@ func (r deadlineReader) Read(p []byte) (int, error) {
 // errPreAuthLimit ends a connection that sends too much before logging in.
 var errPreAuthLimit = errors.New("amqp: too much data before authentication")
 
-// serve runs the connection: handshake, then frames until the connection ends.
+// serve runs the connection: its handshake here, then its frames on a goroutine of their
+// own (readFrames). The handshake grows a goroutine's stack to 8 KiB, which it would keep
+// until a collection shrinks it.
 func (c *conn) serve() {
-	go c.writeLoop()
-	defer c.s.untrack(c)
-	defer c.teardown()
+	opened := false
 	defer func() {
-		if p := recover(); p != nil {
-			// The panic may have left a lock held or a change half made, so the broker
-			// carries on only as far as it safely can: it drops this connection without
-			// touching shared state, and says loudly that it must be restarted.
-			buf := make([]byte, 16<<10)
-			buf = buf[:runtime.Stack(buf, false)]
-			c.panicked = true
-			// Queues must stop delivering here: closing is an atomic they check first
-			// (a delivery to this connection would be lost, and a no-ack one settled).
-			c.closing.Store(true)
-			if c.outMu.TryLock() {
-				c.outClosed = true
-				c.outMu.Unlock()
-			}
-			c.s.setUnhealthy("connection " + strconv.FormatUint(c.id, 10) + " panicked: " + panicText(p))
-			c.log.Error("panic in connection: the broker's state is in doubt; restart it (the log replays a consistent state)",
-				"panic", p, "stack", string(buf))
+		if !opened {
+			c.end()
 		}
 	}()
+	defer c.recoverPanic()
+	if opened = c.open(); opened {
+		go c.readFrames(false)
+	}
+}
 
+// end tears the connection down and forgets it, after its last goroutine's work.
+func (c *conn) end() {
+	c.teardown()
+	c.s.untrack(c)
+}
+
+// recoverPanic, deferred by the connection's goroutines, turns a panic into the end of the
+// connection.
+func (c *conn) recoverPanic() {
+	if p := recover(); p != nil {
+		// The panic may have left a lock held or a change half made, so the broker
+		// carries on only as far as it safely can: it drops this connection without
+		// touching shared state, and says loudly that it must be restarted.
+		buf := make([]byte, 16<<10)
+		buf = buf[:runtime.Stack(buf, false)]
+		c.panicked = true
+		// Queues must stop delivering here: closing is an atomic they check first
+		// (a delivery to this connection would be lost, and a no-ack one settled).
+		c.closing.Store(true)
+		if c.outMu.TryLock() {
+			c.closeOutboxLocked()
+			c.outMu.Unlock()
+		}
+		c.s.setUnhealthy("connection " + strconv.FormatUint(c.id, 10) + " panicked: " + panicText(p))
+		c.logger().Error("panic in connection: the broker's state is in doubt; restart it (the log replays a consistent state)",
+			"panic", p, "stack", string(buf))
+	}
+}
+
+// open runs the TLS and AMQP handshakes; it reports whether the connection opened.
+func (c *conn) open() bool {
 	c.hsEnd = time.Now().Add(c.s.cfg.HandshakeTimeout)
 	c.nc.SetReadDeadline(c.hsEnd)
 	if tc, ok := c.nc.(*tls.Conn); ok {
@@ -181,11 +228,11 @@ func (c *conn) serve() {
 		tc.SetWriteDeadline(c.hsEnd)
 		if err := tc.Handshake(); err != nil {
 			if c.shutdown.Load() {
-				c.log.Debug("connection ended in the TLS handshake", "err", err)
+				c.logger().Debug("connection ended in the TLS handshake", "err", err)
 			} else {
-				c.log.Warn("closing connection: TLS handshake failed", "err", err)
+				c.logger().Warn("closing connection: TLS handshake failed", "err", err)
 			}
-			return
+			return false
 		}
 		tc.SetWriteDeadline(time.Time{})
 		if st := tc.ConnectionState(); len(st.VerifiedChains) > 0 {
@@ -194,7 +241,7 @@ func (c *conn) serve() {
 	}
 	if err := c.handshake(); err != nil {
 		c.fail(err)
-		return
+		return false
 	}
 	c.nc.SetReadDeadline(time.Time{})
 	c.readIdle = 2 * time.Duration(c.heartbeat.Load())
@@ -210,34 +257,118 @@ func (c *conn) serve() {
 		// Shutdown began during the handshake.
 		c.closeWith(errShutdown)
 	}
-	for {
-		f, err := c.fr.read()
-		if err == nil {
-			if c.fr.frames < growReadAfter {
-				if c.fr.frames++; c.fr.frames == growReadAfter {
-					c.fr.grow(readBufferSize, deadlineReader{c})
-				}
-			}
-			if c.s.alarms.Load() != 0 && isPublishFrame(f) && !c.closing.Load() {
-				c.blockWhileAlarm()
-			}
-			err = c.handleFrame(f)
-			if len(c.confirms) > 0 && c.fr.r.Buffered() == 0 {
-				// The client has nothing more queued: confirm the batch in one ack.
-				c.flushConfirms()
-			}
-			c.flushCountsIfDrained()
-			c.pauseWhileFull()
+	return true
+}
+
+// readFrames reads and handles frames until the connection ends, or falls idle: then a
+// fresh goroutine takes over, with the smallest stack (2 KiB, where the busy reader's has
+// grown to 4 or more), to wait idle for the next input (awaitIdle) and read on.
+func (c *conn) readFrames(idle bool) {
+	handedOver := false
+	defer func() {
+		if !handedOver {
+			c.end()
 		}
-		if err != nil {
-			if err == errConnectionClosed {
-				return
-			}
-			c.fail(err)
-			return
-		}
+	}()
+	defer c.recoverPanic()
+	var err error
+	if idle {
+		err = c.awaitIdle()
+	}
+	for err == nil {
+		err = c.nextFrame()
+	}
+	switch err {
+	case errIdle:
+		handedOver = true
+		go c.readFrames(true)
+	case errConnectionClosed:
+	default:
+		c.fail(err)
 	}
 }
+
+// errIdle hands the reading over to an idle reader.
+var errIdle = errors.New("amqp: connection idle")
+
+// nextFrame waits for the next frame, reads it and handles it.
+func (c *conn) nextFrame() error {
+	if err := c.awaitInput(); err != nil {
+		return err
+	}
+	f, err := c.fr.read()
+	if err != nil {
+		return err
+	}
+	if c.fr.frames < growReadAfter {
+		if c.fr.frames++; c.fr.frames == growReadAfter {
+			c.fr.grow(readBufferSize, deadlineReader{c})
+		}
+	}
+	if c.s.alarms.Load() != 0 && isPublishFrame(f) && !c.closing.Load() {
+		c.blockWhileAlarm()
+	}
+	err = c.handleFrame(f)
+	if len(c.confirms) > 0 && c.fr.r.Buffered() == 0 {
+		// The client has nothing more queued: confirm the batch in one ack.
+		c.flushConfirms()
+	}
+	c.flushCountsIfDrained()
+	c.pauseWhileFull()
+	return err
+}
+
+// awaitInput waits for the client's next frame when none is buffered. After idleAfter
+// without one the connection is idle: the reader drops its read and payload buffers, sets
+// the read deadline for the idle wait, and returns errIdle. The outbox's buffers go too,
+// unless a writer runs.
+func (c *conn) awaitInput() error {
+	if c.fr.r.Buffered() > 0 || c.closing.Load() {
+		return nil
+	}
+	c.probing = true
+	_, err := c.fr.r.Peek(1)
+	c.probing = false
+	if err == nil && c.readIdle == 0 && !c.closing.Load() {
+		c.nc.SetReadDeadline(time.Time{}) // the probe's deadline is not the connection's
+	}
+	if !errors.Is(err, os.ErrDeadlineExceeded) || c.closing.Load() {
+		return err
+	}
+	c.fr.r, c.fr.buf = nil, nil
+	if c.outHeld.Load() {
+		c.releaseOutbox()
+	}
+	if c.readIdle > 0 { // then at least 2 s: over idleAfter
+		c.nc.SetReadDeadline(time.Now().Add(c.readIdle - idleAfter))
+	} else {
+		c.nc.SetReadDeadline(time.Time{})
+	}
+	return errIdle
+}
+
+// awaitIdle is the idle reader's wait, with the deadline set and no buffers: it reads into
+// c.peek. A client heartbeat is taken there (errIdle: another idle reader waits for the
+// next input); other octets go first to a new read buffer (deadlineReader).
+func (c *conn) awaitIdle() error {
+	n, err := c.nc.Read(c.peek[:])
+	if n == len(c.peek) && c.peek == heartbeatFrame && !c.closing.Load() {
+		if c.readIdle > 0 {
+			c.nc.SetReadDeadline(time.Now().Add(c.readIdle))
+		}
+		return errIdle
+	}
+	c.pending = c.peek[:n]
+	c.fr.r = bufio.NewReaderSize(deadlineReader{c}, firstReadBufferSize)
+	c.fr.frames = 0
+	if n > 0 {
+		return nil
+	}
+	return err
+}
+
+// heartbeatFrame is a whole heartbeat frame.
+var heartbeatFrame = [8]byte{frameHeartbeat, 0, 0, 0, 0, 0, 0, frameEnd}
 
 // errConnectionClosed ends the reader after a clean connection.close exchange.
 var errConnectionClosed = errors.New("amqp: connection closed")
@@ -251,31 +382,31 @@ func (c *conn) fail(err error) {
 	if err == errLoginThrottled || err == errHandshakeDropped || c.shutdown.Load() && !c.opened.Load() {
 		// Not checked in time, or dropped in the handshake (too many handshakes, or
 		// Shutdown): no connection.close, and no wait for close-ok.
-		c.log.Debug("connection ended in its handshake", "err", err)
+		c.logger().Debug("connection ended in its handshake", "err", err)
 		return
 	}
 	if errors.Is(err, errPreAuthLimit) {
-		c.log.Warn("closing connection: too much data before authentication", "limit", c.s.cfg.MaxPreAuthBytes)
+		c.logger().Warn("closing connection: too much data before authentication", "limit", c.s.cfg.MaxPreAuthBytes)
 		return
 	}
 	var e *Error
 	if !errors.As(err, &e) {
 		if isPeerGone(err) || c.closing.Load() || c.shutdown.Load() {
-			c.log.Debug("connection ended", "err", err)
+			c.logger().Debug("connection ended", "err", err)
 			return
 		}
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			c.log.Warn("closing connection: no data from client", "timeout", c.readIdle.String())
+			c.logger().Warn("closing connection: no data from client", "timeout", c.readIdle.String())
 			return
 		}
-		c.log.Error("closing connection", "err", err)
+		c.logger().Error("closing connection", "err", err)
 		e = internalError(err.Error())
 	}
 	if c.closing.Load() {
 		return
 	}
-	c.log.Warn("closing connection", "code", e.Code, "text", e.Text,
+	c.logger().Warn("closing connection", "code", e.Code, "text", e.Text,
 		"method", methodName(uint32(e.ClassID)<<16|uint32(e.MethodID)))
 	c.sendClose(e)
 	c.awaitCloseOk()
@@ -349,9 +480,8 @@ func (c *conn) teardown() {
 		return
 	}
 	c.outMu.Lock()
-	c.outClosed = true
+	c.closeOutboxLocked()
 	c.outMu.Unlock()
-	c.signal()
 	select {
 	case <-c.writerDone:
 		if c.closeOkSent {
@@ -544,11 +674,11 @@ func (c *conn) waitForDrain(q *queue) {
 	c.outMu.Lock()
 	if !c.outClosed && !slices.Contains(c.drainWait, q) {
 		c.drainWait = append(c.drainWait, q)
+		// The writer may have swapped the outbox just before q registered, and ended:
+		// it must run again, to call q back either way.
+		c.startWriterLocked()
 	}
 	c.outMu.Unlock()
-	// The writer may have swapped the outbox just before q registered: wake it, so it
-	// calls q back either way.
-	c.signal()
 }
 
 // handshake runs the protocol header, start/start-ok, tune/tune-ok and open/open-ok.
@@ -561,13 +691,13 @@ func (c *conn) handshake() error {
 		// spec: answer a header we do not speak with ours, then close.
 		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 		c.nc.Write(protocolHeader[:])
-		c.log.Warn("closing connection: bad protocol header", "header", strconv.Quote(string(hdr[:])))
+		c.logger().Warn("closing connection: bad protocol header", "header", strconv.Quote(string(hdr[:])))
 		return errBadHeader
 	}
 	c.send(&connectionStart{
 		VersionMajor:     0,
 		VersionMinor:     9,
-		ServerProperties: serverProperties(),
+		ServerProperties: serverProps,
 		Mechanisms:       c.s.mechanisms(c.peerCN),
 		Locales:          "en_US",
 	})
@@ -577,7 +707,8 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.caps = parseCaps(startOk.ClientProperties)
-	c.clientInfo = startOk.ClientProperties
+	// Kept encoded, in a third of the memory of the decoded table, for the few reads.
+	c.clientInfo = bytes.Clone(appendTable(nil, startOk.ClientProperties))
 	src, err := c.awaitLoginTurn()
 	if err != nil {
 		return err
@@ -592,7 +723,7 @@ func (c *conn) handshake() error {
 	}
 	if reason := loginReason(err); reason != "" {
 		// The failure keeps its token of the source's limit.
-		c.log.Warn("login refused", "user", user, "mechanism", startOk.Mechanism, "reason", reason)
+		c.logger().Warn("login refused", "user", user, "mechanism", startOk.Mechanism, "reason", reason)
 		// A fixed pause before the answer: guessing passwords goes no faster than
 		// one try per AuthFailureDelay per connection.
 		time.Sleep(c.s.cfg.AuthFailureDelay)
@@ -662,7 +793,7 @@ func (c *conn) handshake() error {
 		return err
 	}
 	c.send(&connectionOpenOk{})
-	c.log.Debug("connection open", "user", c.user, "vhost", c.vh.name,
+	c.logger().Debug("connection open", "user", c.user, "vhost", c.vh.name,
 		"frame_max", c.frameMax, "channel_max", c.channelMax, "heartbeat", time.Duration(c.heartbeat.Load()).String())
 	return nil
 }
@@ -691,7 +822,7 @@ func (c *conn) awaitLoginTurn() (netip.Addr, error) {
 		if src.Is6() {
 			source += "/64"
 		}
-		c.log.Warn("throttling logins: too many failed logins from the address",
+		c.logger().Warn("throttling logins: too many failed logins from the address",
 			"source", source, "limit", c.s.cfg.AuthFailureLimit)
 	}
 	if !ok {
@@ -743,9 +874,6 @@ func (c *conn) tune(t *connectionTuneOk) error {
 	c.frameMax, c.fr.frameMax = frameMax, frameMax
 	c.channelMax = channelMax
 	c.heartbeat.Store(int64(time.Duration(t.Heartbeat) * time.Second))
-	if t.Heartbeat > 0 {
-		c.signal() // the writer picks up the heartbeat interval
-	}
 	return nil
 }
 
@@ -864,7 +992,7 @@ func (c *conn) connectionMethod(id uint32, d decoder) error {
 	case idConnectionClose:
 		m := connectionClose{}
 		m.decode(&d)
-		c.log.Debug("client closed connection", "code", m.ReplyCode, "text", m.ReplyText)
+		c.logger().Debug("client closed connection", "code", m.ReplyCode, "text", m.ReplyText)
 		c.closing.Store(true)
 		c.sendCloseOk()
 		return errConnectionClosed
@@ -913,10 +1041,12 @@ func (c *conn) openChannels() int {
 }
 
 // openChannelList returns c's open channels, from any goroutine.
-func (c *conn) openChannelList() []*channel {
+func (c *conn) openChannelList() []*channel { return c.appendOpenChannels(nil) }
+
+// appendOpenChannels appends c's open channels to chs, from any goroutine.
+func (c *conn) appendOpenChannels(chs []*channel) []*channel {
 	c.chMu.Lock()
 	defer c.chMu.Unlock()
-	var chs []*channel
 	for _, ch := range c.channels {
 		if ch != nil {
 			chs = append(chs, ch)
@@ -941,7 +1071,7 @@ func (c *conn) reapKilled(ch *channel) {
 		return
 	}
 	if e := ch.killed.Load(); e != nil {
-		c.log.Warn("closing channel", "channel", ch.id, "code", e.Code, "text", e.Text)
+		c.logger().Warn("closing channel", "channel", ch.id, "code", e.Code, "text", e.Text)
 		ch.shutdown()
 		ch.closing = true
 	}
@@ -978,7 +1108,7 @@ func (c *conn) channelFor(id uint16, mid uint32) (*channel, error) {
 		}
 		c.channels[id] = newChannel(c, id)
 		c.chMu.Unlock()
-		c.stats.pend[cntChannelsOpened]++
+		c.stats.opened.Add(1)
 		c.sendOn(id, &channelOpenOk{})
 		return nil, nil
 	}
@@ -1009,7 +1139,7 @@ func (c *conn) channelResult(ch *channel, err error) error {
 	}
 	var e *Error
 	if errors.As(err, &e) && !e.Hard() {
-		c.log.Warn("closing channel", "channel", ch.id, "code", e.Code, "text", e.Text,
+		c.logger().Warn("closing channel", "channel", ch.id, "code", e.Code, "text", e.Text,
 			"method", methodName(uint32(e.ClassID)<<16|uint32(e.MethodID)))
 		ch.shutdown()
 		ch.closing = true
@@ -1037,17 +1167,55 @@ func (c *conn) sendUnlessKilled(channel uint16, m method, killed *atomic.Pointer
 	if !c.outClosed && (killed == nil || killed.Load() == nil) {
 		c.out = appendMethodFrame(c.out, channel, m)
 		c.storeOutLenLocked()
+		c.startWriterLocked()
 	}
 	c.outMu.Unlock()
-	c.signal()
 }
 
-// signal wakes the writer without blocking.
-func (c *conn) signal() {
-	select {
-	case c.wake <- struct{}{}:
-	default:
+// startWriterLocked starts the writer unless one runs: the outbox has frames, or queues
+// wait for it. Only the writer clears c.writing, under c.outMu and when it finds nothing
+// to do, so nothing queued is ever left without a writer. c.outMu must be held.
+func (c *conn) startWriterLocked() {
+	if !c.writing {
+		c.writing = true
+		go c.writeLoop()
 	}
+}
+
+// closeOutboxLocked closes the outbox: later appends are dropped, and writerDone closes
+// once what is queued is written (at once when no writer runs). c.outMu must be held.
+func (c *conn) closeOutboxLocked() {
+	if c.outClosed {
+		return
+	}
+	c.outClosed = true
+	if !c.writing {
+		close(c.writerDone)
+	}
+}
+
+// heartbeatDue reports whether c has written nothing for half its heartbeat interval.
+func (c *conn) heartbeatDue(now int64) bool {
+	hb := c.heartbeat.Load()
+	return hb > 0 && now-c.wroteAt.Load() >= hb/2
+}
+
+// heartbeatIfIdle queues a heartbeat, starting the writer, when one is due and no write
+// is under way; it reports whether it did. The server's sweep calls it (sweepHeartbeats):
+// an idle connection has no writer goroutine to keep time.
+func (c *conn) heartbeatIfIdle(now int64) bool {
+	if !c.heartbeatDue(now) {
+		return false
+	}
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.writing || c.outClosed {
+		return false
+	}
+	c.out = appendHeartbeat(c.out)
+	c.storeOutLenLocked()
+	c.startWriterLocked()
+	return true
 }
 
 // zeroCopyBody is the body size from which deliveries point at the message's body
@@ -1084,48 +1252,42 @@ func (c *conn) storeOutLenLocked() {
 	c.outLen.Store(int64(len(c.out) - c.cut + c.outvBytes))
 }
 
-// writeLoop writes the outbox in batches until teardown, sending heartbeats when idle.
-// A batch is one write, or one writev when it holds large bodies by reference.
+// writeLoop writes the outbox in batches until it finds it empty, then ends: an idle
+// connection has no writer. A batch is one write, or one writev when it holds large bodies
+// by reference. After each batch it calls back the queues that waited for the outbox to
+// drain. The writer that finds the outbox closed and empty closes writerDone.
 func (c *conn) writeLoop() {
-	defer close(c.writerDone)
 	var buf []byte
 	var vec, spareVec [][]byte
-	var tick *time.Ticker
-	var tickC <-chan time.Time
-	var interval time.Duration
-	idle := time.NewTimer(time.Hour)
-	idle.Stop()
-	defer func() {
-		idle.Stop()
-		if tick != nil {
-			tick.Stop()
-		}
-	}()
+	yielded := false
 	for {
-		select {
-		case <-c.wake:
-		case <-tickC:
-			if time.Since(time.Unix(0, c.wroteAt.Load())) >= interval/2 {
-				c.outMu.Lock()
-				if !c.outClosed {
-					c.out = appendHeartbeat(c.out)
-					c.storeOutLenLocked()
-				}
-				c.outMu.Unlock()
-			}
-		case <-idle.C:
-			// Quiet for a while after a burst: give back the big buffers.
-			if c.outLen.Load() == 0 {
-				buf, spareVec = nil, nil
-				c.outMu.Lock()
-				if len(c.out) == 0 && len(c.outv) == 0 {
-					c.out, c.outv = nil, nil
-				}
-				c.outMu.Unlock()
-			}
-			continue
-		}
 		c.outMu.Lock()
+		if buf == nil {
+			buf, c.spare = c.spare, nil
+		}
+		if len(c.out) == 0 && len(c.outv) == 0 && (len(c.drainWait) == 0 || c.outClosed) {
+			if !yielded && !c.outClosed {
+				// Let the goroutines producing a burst add to it before ending: a busy
+				// connection keeps its writer rather than starting one per batch.
+				c.outMu.Unlock()
+				runtime.Gosched()
+				yielded = true
+				continue
+			}
+			// Decided under outMu: an append from now on starts a new writer. The buffers
+			// stay for it until the connection is idle (releaseIdleOutbox).
+			c.writing = false
+			c.spare, c.drainWait = buf[:0], nil
+			if c.outClosed {
+				c.out, c.outv, c.spare = nil, nil, nil
+				close(c.writerDone)
+			} else if c.out != nil || c.outv != nil || c.spare != nil {
+				c.outHeld.Store(true)
+			}
+			c.outMu.Unlock()
+			return
+		}
+		yielded = false
 		buf, c.out = c.out, buf[:0]
 		vec, c.outv = c.outv, spareVec[:0]
 		cut := c.cut
@@ -1135,16 +1297,8 @@ func (c *conn) writeLoop() {
 		waiting := c.drainWait
 		c.drainWait = nil
 		c.outMu.Unlock()
-		if hb := c.heartbeatInterval(); hb != interval && hb > 0 {
-			interval = hb
-			if tick != nil {
-				tick.Stop()
-			}
-			tick = time.NewTicker(interval / 2)
-			tickC = tick.C
-		}
 		if len(buf) > 0 || len(vec) > 0 {
-			c.nc.SetWriteDeadline(time.Now().Add(writeTimeout(interval)))
+			c.nc.SetWriteDeadline(time.Now().Add(writeTimeout(c.heartbeatInterval())))
 			var err error
 			if len(vec) == 0 {
 				_, err = c.nc.Write(buf)
@@ -1156,7 +1310,7 @@ func (c *conn) writeLoop() {
 				_, err = bufs.WriteTo(c.nc)
 			}
 			if err != nil {
-				c.nc.Close()
+				c.writeFailed()
 				return
 			}
 			c.wroteAt.Store(time.Now().UnixNano())
@@ -1167,16 +1321,43 @@ func (c *conn) writeLoop() {
 		}
 		clear(vec)
 		spareVec = vec[:0]
-		if cap(buf) > maxIdleOutbox {
-			idle.Reset(time.Second)
-		}
-		if stop {
-			return
-		}
-		for _, q := range waiting {
-			q.dispatch()
+		if !stop {
+			for _, q := range waiting {
+				q.dispatch()
+			}
 		}
 	}
+}
+
+// releaseIdleOutbox drops the outbox buffers of a connection that has written nothing for
+// a second (releaseOutbox). The heartbeat sweep calls it.
+func (c *conn) releaseIdleOutbox(now int64) {
+	if c.outHeld.Load() && now-c.wroteAt.Load() >= int64(time.Second) {
+		c.releaseOutbox()
+	}
+}
+
+// releaseOutbox drops the outbox buffers kept between writer runs, unless a writer runs:
+// an idle connection holds none.
+func (c *conn) releaseOutbox() {
+	c.outMu.Lock()
+	if !c.writing && len(c.out) == 0 && len(c.outv) == 0 {
+		c.out, c.outv, c.spare = nil, nil, nil
+		c.outHeld.Store(false)
+	}
+	c.outMu.Unlock()
+}
+
+// writeFailed ends the writing of a connection whose socket failed a write: the socket
+// closes (so the reader ends too) and the outbox is closed and emptied.
+func (c *conn) writeFailed() {
+	c.nc.Close()
+	c.outMu.Lock()
+	c.outClosed, c.writing = true, false
+	c.out, c.outv, c.spare, c.cut, c.outvBytes, c.drainWait = nil, nil, nil, 0, 0, nil
+	c.outLen.Store(0)
+	close(c.writerDone)
+	c.outMu.Unlock()
 }
 
 // heartbeatInterval is the negotiated heartbeat interval, 0 when off.
@@ -1190,7 +1371,11 @@ func writeTimeout(heartbeat time.Duration) time.Duration {
 	return 60 * time.Second
 }
 
-// serverProperties is the server-properties table of connection.start.
+// serverProps is the server-properties table of connection.start, built once: it is
+// never changed.
+var serverProps = serverProperties()
+
+// serverProperties builds the server-properties table of connection.start.
 func serverProperties() table {
 	return table{
 		"product":     "amqp-go",
@@ -1235,7 +1420,6 @@ func (c *conn) sendReturn(channel uint16, code uint16, text string, m *message) 
 		c.finishContentLocked(b, start, channel, m)
 	}
 	c.outMu.Unlock()
-	c.signal()
 }
 
 // startMethodLocked starts a method frame in the outbox unless it is closed: the outbox,
@@ -1261,7 +1445,6 @@ func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
 		c.finishContentLocked(b, start, channel, e.msg)
 	}
 	c.outMu.Unlock()
-	c.signal()
 }
 
 // sendDelivery appends basic.deliver and the content to the outbox.
@@ -1275,7 +1458,6 @@ func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qe
 		c.finishContentLocked(b, start, channel, e.msg)
 	}
 	c.outMu.Unlock()
-	c.signal()
 }
 
 // appendExchangeKey appends a message's exchange and routing key as short strings.
@@ -1298,4 +1480,5 @@ func (c *conn) finishContentLocked(b []byte, start int, channel uint16, m *messa
 	c.out = appendFrameEnd(b, start)
 	c.appendContentLocked(channel, m.props(), m.body())
 	c.storeOutLenLocked()
+	c.startWriterLocked()
 }

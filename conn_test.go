@@ -1125,3 +1125,198 @@ func TestConnMaxHandshakes(t *testing.T) {
 		t.Errorf("no warning of the dropped handshakes:\n%s", log)
 	}
 }
+
+// goroutinesIn counts the goroutines running fn, a function as a stack trace names it,
+// e.g. "(*conn).writeLoop(".
+func goroutinesIn(fn string) int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			return strings.Count(string(buf[:n]), fn)
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+}
+
+// TestConnIdleHasNoWriter: an idle connection has its reader and no writer goroutine, yet
+// the server's heartbeats keep amqp091-go clients with a 1 s heartbeat (which give up after
+// 3 s without a frame) connected for 4 s, and after that idle time they publish and
+// consume messages larger than a first read buffer. Not parallel: it counts the process's
+// goroutines.
+func TestConnIdleHasNoWriter(t *testing.T) {
+	_, url := newTestServer(t)
+	const n = 20
+	var conns []*amqp091.Connection
+	var closed []chan *amqp091.Error
+	for range n {
+		c, err := amqp091.DialConfig(url, amqp091.Config{Heartbeat: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if _, err := c.Channel(); err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		closed = append(closed, c.NotifyClose(make(chan *amqp091.Error, 1)))
+	}
+	pollFor(t, "the idle connections' writers to end", func() bool { return goroutinesIn("(*conn).writeLoop(") == 0 })
+	if r := goroutinesIn("(*conn).readFrames("); r != n {
+		t.Fatalf("%d readers, want %d", r, n)
+	}
+	// Sample the writers over four heartbeat intervals: one runs only for the instant it
+	// writes a heartbeat.
+	samples, none := 0, 0
+	for end := time.Now().Add(4 * time.Second); time.Now().Before(end); samples++ {
+		if goroutinesIn("(*conn).writeLoop(") == 0 {
+			none++
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if none < samples*3/4 {
+		t.Errorf("writers ran in %d of %d samples of idle connections", samples-none, samples)
+	}
+	for i, ch := range closed {
+		select {
+		case err := <-ch:
+			t.Fatalf("connection %d closed while idle: %v", i, err)
+		default:
+		}
+	}
+	body := bytes.Repeat([]byte("after idle "), 6000) // 66 KB: past the first read buffer
+	for i, c := range conns {
+		ch, err := c.Channel()
+		if err != nil {
+			t.Fatalf("connection %d: channel after idle: %v", i, err)
+		}
+		q, err := ch.QueueDeclare("", false, true, true, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		msgs, err := ch.Consume(q.Name, "", true, false, false, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ch.PublishWithContext(context.Background(), "", q.Name, false, false, amqp091.Publishing{Body: body}); err != nil {
+			t.Fatal(err)
+		}
+		if d := takeDelivery(t, msgs); !bytes.Equal(d.Body, body) {
+			t.Fatalf("connection %d: got %d octets after idle, want the %d published", i, len(d.Body), len(body))
+		}
+	}
+}
+
+// TestConnIdleHeartbeats: on a raw socket with a 1 s heartbeat, whose client sends its own
+// heartbeat only every 1.5 s (so that the server's reader waits idle, without buffers), the
+// server's heartbeats come at least once a second, the connection stays open, and the
+// methods sent after the idle time are read whole.
+func TestConnIdleHeartbeats(t *testing.T) {
+	t.Parallel()
+	srv, _ := newTestServer(t)
+	c := wireConnect(t, srv.Addr().String(), wireOpts{heartbeat: 1})
+	c.openChannel(1)
+	opened := time.Now()
+	watched := c.watch(opened.Add(4500 * time.Millisecond))
+	beat := time.NewTicker(1500 * time.Millisecond)
+	for range 2 {
+		<-beat.C
+		if _, err := c.nc.Write(wireFrame(frameHeartbeat, 0, nil)); err != nil {
+			t.Fatalf("client heartbeat: %v", err)
+		}
+	}
+	beat.Stop()
+	w := <-watched
+	if !errors.Is(w.err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the socket ended after %v: %v", w.end.Sub(opened), w.err)
+	}
+	if len(w.frames) < 4 {
+		t.Fatalf("%d frames in 4.5 s, want a heartbeat at least every second", len(w.frames))
+	}
+	prev := opened
+	for i, f := range w.frames {
+		if f.typ != frameHeartbeat || f.channel != 0 || len(f.payload) != 0 {
+			t.Fatalf("got %s, want only heartbeats", wireDescribe(f))
+		}
+		if gap := w.times[i].Sub(prev); gap > 1500*time.Millisecond {
+			t.Errorf("heartbeat %d came %v after the frame before it", i, gap)
+		}
+		prev = w.times[i]
+	}
+	c.openChannel(2)
+	c.sendMethod(2, &channelClose{ReplyCode: replySuccess})
+	wireExpect[*channelCloseOk](c, 2)
+}
+
+// TestConnCloseUnderLoad: connections whose writers are busy with deliveries end cleanly,
+// closed by their clients or by Shutdown, and leave no reader or writer behind. Not
+// parallel: it counts the process's goroutines.
+func TestConnCloseUnderLoad(t *testing.T) {
+	srv := NewServer(Config{Logger: wireDiscardLogger(), DataDir: t.TempDir()})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	url := "amqp://guest:guest@" + srv.Addr().String() + "/"
+
+	pub, err := amqp091.Dial(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	pch, err := pub.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pch.QueueDeclare("load", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	var consumers []*amqp091.Connection
+	var flowing []<-chan amqp091.Delivery
+	for range 6 {
+		c, err := amqp091.Dial(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		ch, err := c.Channel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		msgs, err := ch.Consume("load", "", true, false, false, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		consumers, flowing = append(consumers, c), append(flowing, msgs)
+	}
+	// Published once every consumer is there, so that each gets its turn (amqp091-go reads
+	// its socket without bound: a consumer that came late could find the queue drained).
+	body := make([]byte, 4<<10)
+	for range 4000 {
+		if err := pch.PublishWithContext(context.Background(), "", "load", false, false, amqp091.Publishing{Body: body}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, msgs := range flowing {
+		takeDelivery(t, msgs)
+	}
+	// Half are closed by their clients mid-flow, the rest by Shutdown.
+	for _, c := range consumers[:3] {
+		if err := c.Close(); err != nil {
+			t.Errorf("client close under load: %v", err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown under load = %v", err)
+	}
+	if err := <-served; err != ErrServerClosed {
+		t.Errorf("Serve = %v, want ErrServerClosed", err)
+	}
+	pollFor(t, "readers and writers to end", func() bool {
+		return goroutinesIn("(*conn).writeLoop(")+goroutinesIn("(*conn).readFrames(") == 0
+	})
+}

@@ -761,7 +761,7 @@ func (s *Server) openConnList(u *apiUser) []*conn {
 func connInfo(c *conn) map[string]any {
 	host, port := splitHostPort(c.remote)
 	lhost, lport := splitHostPort(c.nc.LocalAddr().String())
-	props := tableJSON(c.clientInfo)
+	props := tableJSON(c.clientProperties())
 	protocol := "AMQP 0-9-1"
 	return map[string]any{"name": connectionName(c), "node": c.s.node(), "vhost": c.vh.name, "user": c.user,
 		"state": "running", "type": "network", "protocol": protocol, "ssl": c.isTLS, "auth_mechanism": "PLAIN",

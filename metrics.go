@@ -105,20 +105,55 @@ func (t *counts) received() uint64 {
 	return n
 }
 
-// connStats are a connection's counts.
+// connStats are a connection's counts. The counts of messages, acks and declares take
+// 456 octets, allocated at the first of them: a connection that only holds channels open
+// has none.
 type connStats struct {
-	pend       counts       // owned by the reader: counted, not yet in n
-	n          counters     // what the reader has flushed, and confirms
-	publishers atomic.Int64 // the connection's channels that have published
+	counts     atomic.Pointer[connCounts] // nil until the first count (get)
+	opened     atomic.Uint64              // channels opened
+	closed     atomic.Uint64              // channels closed
+	publishers atomic.Int64               // the connection's channels that have published
+}
+
+// connCounts are the counts of a connection but its channels'.
+type connCounts struct {
+	pend counts   // owned by the reader: counted, not yet in n
+	n    counters // what the reader has flushed, and confirms
+}
+
+// get returns the connection's counts, allocating them at the first call, from any
+// goroutine.
+func (st *connStats) get() *connCounts {
+	if p := st.counts.Load(); p != nil {
+		return p
+	}
+	p := new(connCounts)
+	if !st.counts.CompareAndSwap(nil, p) {
+		p = st.counts.Load()
+	}
+	return p
+}
+
+// addTo adds the connection's flushed counts to t.
+func (st *connStats) addTo(t *counts) {
+	if p := st.counts.Load(); p != nil {
+		t.add(&p.n)
+	}
+	t[cntChannelsOpened] += st.opened.Load()
+	t[cntChannelsClosed] += st.closed.Load()
 }
 
 // flushCounts moves the reader's pending counts where readers of the counts see them.
 // It runs on the reader, whenever the reader has consumed its input or is about to wait.
 func (c *conn) flushCounts() {
-	for i, v := range c.stats.pend {
+	p := c.stats.counts.Load()
+	if p == nil {
+		return
+	}
+	for i, v := range p.pend {
 		if v != 0 {
-			c.stats.n[i].Add(v)
-			c.stats.pend[i] = 0
+			p.n[i].Add(v)
+			p.pend[i] = 0
 		}
 	}
 }
@@ -160,15 +195,15 @@ type serverMetrics struct {
 // RabbitMQ counts messages_received: its size, confirm mode, and the channel as a
 // publisher the first time. It runs on the reader.
 func (ch *channel) countReceived(size int) {
-	st := &ch.c.stats
-	st.pend[cntSize0+sizeBucket(uint64(size))]++
-	st.pend[cntSizeSum] += uint64(size)
+	st := &ch.c.stats.get().pend
+	st[cntSize0+sizeBucket(uint64(size))]++
+	st[cntSizeSum] += uint64(size)
 	if ch.confirm {
-		st.pend[cntReceivedConfirm]++
+		st[cntReceivedConfirm]++
 	}
 	if !ch.published {
 		ch.published = true
-		st.publishers.Add(1)
+		ch.c.stats.publishers.Add(1)
 	}
 }
 
@@ -185,7 +220,7 @@ func sizeBucket(size uint64) int {
 // countRouted counts where a publish went: to queues (how many), back to its publisher
 // (mandatory) or nowhere. It runs on the reader.
 func (ch *channel) countRouted(queues int, mandatory bool) {
-	st := &ch.c.stats.pend
+	st := &ch.c.stats.get().pend
 	switch {
 	case queues > 0:
 		st[cntRouted]++
@@ -231,7 +266,7 @@ func (ch *channel) sendGetEmpty(q *queue) {
 // (acknowledged), or by nack or reject (id). It runs on the reader.
 func (ch *channel) countSettled(id uint32, done []unacked) {
 	if id == idBasicAck {
-		ch.c.stats.pend[cntAcknowledged] += uint64(len(done))
+		ch.c.stats.get().pend[cntAcknowledged] += uint64(len(done))
 	}
 	uncountUnacked(done)
 }
@@ -254,7 +289,7 @@ func (c *conn) countChannelClosed(ch *channel) {
 	if ch == nil {
 		return
 	}
-	c.stats.pend[cntChannelsClosed]++
+	c.stats.closed.Add(1)
 	if ch.published {
 		c.stats.publishers.Add(-1)
 	}
@@ -263,9 +298,10 @@ func (c *conn) countChannelClosed(ch *channel) {
 // countDeclared counts a successful queue.declare, which created the queue or not. It
 // runs on the reader.
 func (ch *channel) countDeclared(created bool) {
-	ch.c.stats.pend[cntQueuesDeclared]++
+	st := &ch.c.stats.get().pend
+	st[cntQueuesDeclared]++
 	if created {
-		ch.c.stats.pend[cntQueuesCreated]++
+		st[cntQueuesCreated]++
 	}
 }
 
@@ -297,7 +333,7 @@ func (vh *vhost) countQueueDeletedLocked(q *queue) {
 // connection's reader. s.mu must be held.
 func (s *Server) foldConnLocked(c *conn) {
 	c.flushCounts()
-	s.metrics.closed.add(&c.stats.n)
+	c.stats.addTo(&s.metrics.closed)
 	if c.counted {
 		s.metrics.connsClosed++
 	}
@@ -330,8 +366,8 @@ func (s *Server) totals() liveTotals {
 	}
 	s.mu.Unlock()
 	for _, c := range conns {
-		t.n.add(&c.stats.n)
-		t.channels += int64(c.stats.n[cntChannelsOpened].Load()) - int64(c.stats.n[cntChannelsClosed].Load())
+		c.stats.addTo(&t.n)
+		t.channels += int64(c.stats.opened.Load()) - int64(c.stats.closed.Load())
 		t.publishers += c.stats.publishers.Load()
 	}
 	t.n.add(&s.metrics.other)

@@ -143,6 +143,26 @@ func TestTLSPlainLogin(t *testing.T) {
 	checkBrokerWorksTLS(t, conn)
 }
 
+// TestTLSIdleHeartbeats: an idle amqps connection, whose writer ends between writes, gets
+// its heartbeats through the TLS session and works after the idle time.
+func TestTLSIdleHeartbeats(t *testing.T) {
+	t.Parallel()
+	p := newTestPKI(t)
+	url := newTLSServer(t, p, "none", Config{})
+	conn, err := amqp091.DialConfig(url, amqp091.Config{Heartbeat: time.Second, TLSClientConfig: &tls.Config{RootCAs: p.pool}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
+	select {
+	case err := <-closed:
+		t.Fatalf("idle amqps connection closed: %v", err)
+	case <-time.After(4 * time.Second): // past the client's 3 s without a frame
+	}
+	checkBrokerWorksTLS(t, conn)
+}
+
 func TestTLSRefusesOldVersions(t *testing.T) {
 	t.Parallel()
 	p := newTestPKI(t)
