@@ -758,12 +758,36 @@ func (s *Server) apiBinding(r *http.Request, u *apiUser) (any, error) {
 		return nil, err
 	}
 	src, dest, destType := bindingEnds(r)
-	for _, b := range vhostBindings(vhs[0]) {
-		if b["source"] == src && b["destination"] == dest && b["destination_type"] == destType && b["properties_key"] == r.PathValue("props") {
-			return b, nil
+	for _, b := range bindingsBetween(vhs[0], src, dest, destType) {
+		if info := bindingInfo(vhs[0].name, src, dest, destType, b.key, b.args); info["properties_key"] == r.PathValue("props") {
+			return info, nil
 		}
 	}
 	return nil, notFoundAPI()
+}
+
+// bindingsBetween returns the bindings from the exchange src to the queue or exchange dest,
+// found through the destination's own list, not a scan of the vhost's. The default
+// exchange's binding to a queue is implicit: it is made up here.
+func bindingsBetween(vh *vhost, src, dest, destType string) []*binding {
+	vh.mu.RLock()
+	defer vh.mu.RUnlock()
+	var to []*binding
+	switch {
+	case destType == "queue" && vh.queues[dest] != nil && src == "":
+		return []*binding{{key: dest}}
+	case destType == "queue" && vh.queues[dest] != nil:
+		to = vh.queues[dest].bindings
+	case destType == "exchange" && vh.exchanges[dest] != nil:
+		to = vh.exchanges[dest].incoming
+	}
+	var bs []*binding
+	for _, b := range to {
+		if b.source.name == src {
+			bs = append(bs, b)
+		}
+	}
+	return bs
 }
 
 func (s *Server) apiPostBinding(r *http.Request, u *apiUser) (any, error) {
@@ -799,15 +823,11 @@ func (s *Server) apiDeleteBinding(r *http.Request, u *apiUser) (any, error) {
 	args, _ := jsonTable(info["arguments"])
 	src, dest, destType := bindingEnds(r)
 	vh, _ := s.pathVhost(r, u)
-	vh.mu.RLock()
-	for _, x := range vh.exchanges {
-		for _, bb := range x.bindings {
-			if x.name == src && bb.key == key && (bb.queue != nil && bb.queue.name == dest || bb.dest != nil && bb.dest.name == dest) {
-				args = bb.args // the binding's own arguments, types and all
-			}
+	for _, bb := range bindingsBetween(vh, src, dest, destType) {
+		if bb.key == key && bindingInfo(vh.name, src, dest, destType, bb.key, bb.args)["properties_key"] == info["properties_key"] {
+			args = bb.args // the binding's own arguments, types and all
 		}
 	}
-	vh.mu.RUnlock()
 	_, err = s.withSession(r, u, func(ss *session) (any, error) {
 		if destType == "queue" {
 			return ss.call(&queueUnbind{Queue: dest, Exchange: src, RoutingKey: key, Arguments: args}, idQueueUnbindOk)
