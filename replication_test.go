@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -82,6 +83,10 @@ func (s *replSession) start(addr string) {
 	if err != nil {
 		s.t.Fatal(err)
 	}
+	s.startConn(c)
+}
+
+func (s *replSession) startConn(c net.Conn) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel, s.done = cancel, make(chan error, 1)
 	go func() { s.done <- s.r.follow(ctx, c) }()
@@ -509,4 +514,51 @@ func TestReplConfirmGate(t *testing.T) {
 	p.paused.Store(false)
 	c.wait()
 	waitInSync(t, l.rs, 1)
+}
+
+// Replication over TLS, the follower authenticated by its client certificate as well.
+func TestReplTLS(t *testing.T) {
+	t.Parallel()
+	pki := newTestPKI(t)
+	cert, err := tls.LoadX509KeyPair(pki.certFile, pki.keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := startDurable(t, Config{})
+	rs := newReplicaServer(l.srv.store.w, replicaOptions{cluster: "test", term: 1, secret: []byte("s3cret"), log: walQuietLogger()})
+	t.Cleanup(rs.close)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go rs.serve(tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pki.pool}))
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	publishBodies(t, l.url, "q", 0, 20)
+
+	dial := func(c tls.Certificate) net.Conn {
+		tc, err := tls.Dial("tcp", ln.Addr().String(), pki.forcing(c))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tc
+	}
+	r, err := openReplica(t.TempDir(), followerOpts("stranger"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &replSession{t: t, r: r}
+	t.Cleanup(s.close)
+	s.startConn(dial(pki.stranger))
+	if err := s.result(); err == nil {
+		t.Fatal("a follower with an untrusted certificate was served")
+	}
+	s.close()
+
+	fdir := t.TempDir()
+	if s.r, err = openReplica(fdir, followerOpts("f")); err != nil {
+		t.Fatal(err)
+	}
+	s.startConn(dial(pki.client))
+	waitMirrored(t, l.dir, fdir, "", "")
 }

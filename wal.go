@@ -183,6 +183,10 @@ type walTap struct {
 	held func() uint64
 }
 
+// walCloseGrace is how long a closing log whose completion is gated waits for followers
+// to ack what it wrote, before it fails the rest.
+const walCloseGrace = 2 * time.Second
+
 // walGated is a batch written here, waiting for tap.held to reach pos.
 type walGated struct{ ticket, pos uint64 }
 
@@ -1018,6 +1022,7 @@ func (w *wal) run() {
 	}
 	idle := time.NewTicker(time.Second)
 	defer idle.Stop()
+	var closing time.Time // when a gated log began to close with records not yet held
 	for {
 		select {
 		case <-w.wake:
@@ -1081,7 +1086,10 @@ func (w *wal) run() {
 			if gated {
 				done = w.holdLocked(ticket, len(chunks) > 0 && err == nil, held)
 				report = done
-				if closed && done < ticket {
+				if closed && done < ticket && closing.IsZero() {
+					closing = time.Now()
+				}
+				if closed && done < ticket && time.Since(closing) >= walCloseGrace {
 					w.failed = errUnreplicated
 					w.failedAtomic.Store(true)
 					w.log.Error("closing the log before followers acknowledged its last records: their publishes are not confirmed", "unconfirmed", ticket-done)
@@ -1096,11 +1104,14 @@ func (w *wal) run() {
 		w.mu.Unlock()
 		// Gated, a wake-up that neither wrote nor completed anything tells no one: a
 		// listener would ask again at once, and spin.
-		if w.onBatch != nil && (!gated || len(chunks) > 0 || report > prev || err != nil) {
+		if w.onBatch != nil && (!gated || len(chunks) > 0 || report > prev || err != nil || w.failedAtomic.Load()) {
 			w.onBatch(report)
 		}
 		if closed {
-			return
+			if !gated || report >= ticket || w.failedAtomic.Load() {
+				return
+			}
+			continue // followers have walCloseGrace to ack what is written
 		}
 		if err == nil && w.maintain != nil {
 			w.maintain()
