@@ -214,7 +214,7 @@ func replName(name string) (seq uint64, seg, ok bool) {
 		return 0, false, false
 	}
 	seq, err := strconv.ParseUint(base[:20], 10, 64)
-	if err != nil || base[0] == '+' {
+	if err != nil {
 		return 0, false, false
 	}
 	return seq, strings.HasSuffix(base, ".seg"), true
@@ -432,7 +432,7 @@ func (rs *replicaServer) changed(name string, at uint64) {
 		for f := range rs.followers {
 			base = min(base, f.next)
 		}
-		base = max(base, rs.evBase+len(rs.events)-replMaxEvents)
+		base = max(base, rs.evBase+len(rs.events)-replMaxEvents, rs.evBase)
 		rs.events = slices.Delete(rs.events, 0, base-rs.evBase)
 		rs.evBase = base
 	}
@@ -653,8 +653,11 @@ func (rs *replicaServer) plan(rc *replConn, have map[string]replFileInfo) (walPo
 		}
 	}
 	slices.Sort(segs)
+	if len(segs) == 0 {
+		return walPos{}, errors.New("amqp: replication: the log has no segments")
+	}
 	for name := range have {
-		if _, ok := files[name]; !ok && validName(name) {
+		if _, ok := files[name]; !ok && validName(name) && (name != "definitions" || rs.opt.defs != "") {
 			if err := rc.send(replRemove, appendShortstr(nil, name)); err != nil {
 				return walPos{}, err
 			}
@@ -709,6 +712,9 @@ func (rs *replicaServer) plan(rc *replConn, have map[string]replFileInfo) (walPo
 
 // sendFile sends the file's current content, or its removal when it is gone.
 func (rs *replicaServer) sendFile(rc *replConn, name string) error {
+	if name == "definitions" && rs.opt.defs == "" {
+		return nil // not replicated
+	}
 	var b []byte
 	var err error
 	if _, seg, _ := replName(name); !seg {
@@ -899,7 +905,10 @@ func openReplica(dir string, opt followerOptions) (*replica, error) {
 	r := &replica{dir: dir, opt: opt, lock: lock}
 	tmps, _ := filepath.Glob(filepath.Join(dir, "*.repl-tmp"))
 	more, _ := filepath.Glob(filepath.Join(dir, "wal", "*.repl-tmp"))
-	for _, t := range append(append(tmps, more...), opt.defs+".repl-tmp") {
+	if opt.defs != "" {
+		tmps = append(tmps, opt.defs+".repl-tmp")
+	}
+	for _, t := range append(tmps, more...) {
 		os.Remove(t)
 	}
 	if b, err := os.ReadFile(filepath.Join(dir, "TERM")); err == nil {
