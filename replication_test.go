@@ -562,3 +562,55 @@ func TestReplTLS(t *testing.T) {
 	s.startConn(dial(pki.client))
 	waitMirrored(t, l.dir, fdir, "", "")
 }
+
+// A follower that joins while the leader publishes, consumes and compacts misses nothing:
+// it is registered for file events before the leader lists its files.
+func TestReplJoinWhileBusy(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{SegmentSize: 64 << 10}, replicaOptions{})
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	ch := openChannel(t, conn)
+	msgs, err := ch.Consume("q", "", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 600
+	acked := make(chan int)
+	go func() {
+		k := 0
+		for d := range msgs {
+			d.Ack(false)
+			if k++; k == n {
+				break
+			}
+		}
+		acked <- k
+	}()
+	published := make(chan struct{})
+	go func() {
+		defer close(published)
+		c := dial(t, l.url)
+		pub := newConfirmChannel(t, c)
+		for i := range n {
+			pub.publish("", "q", false, amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: replBody(i)})
+		}
+		pub.wait()
+	}()
+	pollFor(t, "the log to roll a few times", func() bool { _, segs, _ := l.srv.store.w.oldest(); return segs >= 3 })
+	fdir := t.TempDir()
+	follow(t, fdir, l.addr, followerOpts("f"))
+	<-published
+	select {
+	case k := <-acked:
+		if k != n {
+			t.Fatalf("consumed %d, want %d", k, n)
+		}
+	case <-time.After(walWait):
+		t.Fatal("messages not consumed")
+	}
+	if err := l.srv.store.sync(); err != nil {
+		t.Fatal(err)
+	}
+	waitMirrored(t, l.dir, fdir, "", "")
+}
