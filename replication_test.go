@@ -41,7 +41,9 @@ func startReplLeader(t *testing.T, cfg Config, opt replicaOptions) *replLeader {
 	if opt.term == 0 {
 		opt.term = 7
 	}
-	opt.log = walQuietLogger()
+	if opt.log == nil {
+		opt.log = walQuietLogger()
+	}
 	rs := newReplicaServer(b.srv.store.w, opt)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -612,5 +614,30 @@ func TestReplJoinWhileBusy(t *testing.T) {
 	if err := l.srv.store.sync(); err != nil {
 		t.Fatal(err)
 	}
+	waitMirrored(t, l.dir, fdir, "", "")
+}
+
+// A follower more than maxLag behind leaves the in-sync set (logged) before it is silent
+// for the timeout, and joins again once it has caught up from the leader's segments.
+func TestReplLagLeavesInSync(t *testing.T) {
+	t.Parallel()
+	var logs secLog
+	l := startReplLeader(t, Config{SegmentSize: 64 << 10}, replicaOptions{maxLag: 64 << 10, timeout: time.Minute, log: logs.logger()})
+	p := startReplProxy(t, l.addr, 0)
+	fdir := t.TempDir()
+	follow(t, fdir, p.ln.Addr().String(), followerOpts("f"))
+	waitInSync(t, l.rs, 1)
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+
+	p.paused.Store(true)
+	publishBodies(t, l.url, "q", 0, 100) // about 1 MiB
+	l.rs.update(nil, 0)                  // as the watcher does, every timeout/4
+	waitInSync(t, l.rs, 0)
+	if !logs.has("replication: follower fell behind; it left the in-sync set", "f") {
+		t.Fatal("the follower's leaving was not logged as lag")
+	}
+	p.paused.Store(false)
+	waitInSync(t, l.rs, 1)
 	waitMirrored(t, l.dir, fdir, "", "")
 }
