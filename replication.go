@@ -77,7 +77,9 @@ import (
 // and joins again once it is within maxLag/2. With minInSync > 0 the log's completion is
 // gated: a publisher confirm, tx.commit-ok or durable declare-ok waits for the local fsync
 // and for minInSync in-sync followers to ack the batch. With fewer followers in sync,
-// completion waits; a closing log fails what they never acked (the publishes are nacked).
+// completion waits (the rule: no confirm without -min-insync copies); a closing log
+// gives them walCloseGrace, then fails what they never acked (the publishes are nacked).
+// Closing the replicaServer removes the gate.
 const (
 	replVersion  = 1
 	replMaxFrame = 4 << 20
