@@ -280,6 +280,7 @@ type replicaOptions struct {
 type replicaServer struct {
 	w    *wal
 	opt  replicaOptions
+	tap  *walTap       // what it set on w
 	held atomic.Uint64 // the position minInSync in-sync followers have acked
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -337,6 +338,7 @@ func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 	if opt.minInSync > 0 {
 		tap.held = rs.held.Load
 	}
+	rs.tap = tap
 	w.tap.Store(tap)
 	rs.wg.Add(1)
 	go rs.watch()
@@ -395,7 +397,7 @@ func (rs *replicaServer) close() {
 	}
 	rs.mu.Unlock()
 	rs.wg.Wait()
-	rs.w.tap.Store(nil)
+	rs.w.tap.CompareAndSwap(rs.tap, nil) // unless another took its place
 	rs.w.kick()
 }
 
@@ -944,6 +946,36 @@ func (r *replica) closeFiles() {
 
 // position is where the follower's copy of the log ends, on disk.
 func (r *replica) position() walPos { return unpack(r.pos.Load()) }
+
+// run follows the leader that dial reaches, session after session, until ctx is done,
+// waiting between failed sessions from 50 ms, doubling, up to 2 s. A failed
+// authentication or an older term ends it: dialing the same again would not change that.
+func (r *replica) run(ctx context.Context, dial func(context.Context) (net.Conn, error)) error {
+	wait := 50 * time.Millisecond
+	for {
+		c, err := dial(ctx)
+		if err == nil {
+			start := time.Now()
+			err = r.follow(ctx, c)
+			if time.Since(start) > 2*time.Second {
+				wait = 50 * time.Millisecond
+			}
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if errors.Is(err, errReplAuth) || errors.Is(err, errReplOlderTerm) {
+			return err
+		}
+		r.opt.log.Warn("replication: session with the leader ended; dialing again", "err", err, "in", wait.String())
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 2*time.Second)
+	}
+}
 
 // follow runs one session with the leader on c until it fails or ctx is done.
 func (r *replica) follow(ctx context.Context, c net.Conn) error {

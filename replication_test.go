@@ -641,3 +641,50 @@ func TestReplLagLeavesInSync(t *testing.T) {
 	waitInSync(t, l.rs, 1)
 	waitMirrored(t, l.dir, fdir, "", "")
 }
+
+// A running follower dials again when its session ends, and goes on from where it was
+// with the next leader.
+func TestReplFollowerRedials(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{SegmentSize: 64 << 10}, replicaOptions{term: 3})
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	publishBodies(t, l.url, "q", 0, 20)
+	var addr atomic.Value
+	addr.Store(l.addr)
+	fdir := t.TempDir()
+	r, err := openReplica(fdir, followerOpts("f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		var d net.Dialer
+		done <- r.run(ctx, func(ctx context.Context) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr.Load().(string)) })
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("run: %v", err)
+		}
+		r.close()
+	}()
+	waitMirrored(t, l.dir, fdir, "", "")
+
+	// A new term's leader on another address, as after an election on the same data.
+	l.rs.close()
+	next := newReplicaServer(l.srv.store.w, replicaOptions{cluster: "test", secret: []byte("s3cret"), term: 4, log: walQuietLogger()})
+	t.Cleanup(next.close)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go next.serve(ln)
+	addr.Store(ln.Addr().String())
+	publishBodies(t, l.url, "q", 20, 60)
+	waitMirrored(t, l.dir, fdir, "", "")
+	if r.term.Load() != 4 {
+		t.Fatalf("follower's term %d, want 4", r.term.Load())
+	}
+}
