@@ -124,6 +124,9 @@ func (s *Server) editDefinitions(edit func(d *Definitions) error) error {
 		if err := d.Save(path); err != nil {
 			return err
 		}
+		if st := s.store; st != nil {
+			st.w.changed("definitions") // followers copy it
+		}
 	}
 	return s.applyDefinitions(d)
 }

@@ -12,8 +12,9 @@ import (
 	"time"
 )
 
-// Leader election for a cluster of brokers, through etcd's HTTP gateway (etcd.go). The log's
-// replication to followers, and the gate that lets only the leader serve, are yet to come.
+// Leader election for a cluster of brokers, through etcd's HTTP gateway (etcd.go). The data
+// directory's replication to followers is in replication.go, not yet driven by the
+// election; the gate that lets only the leader serve is yet to come.
 //
 // Each node runs an election and holds an etcd lease of the cluster's TTL (default 5 s),
 // renewed every TTL/3. Its keys, under /amqp-go/<cluster>/, are attached to that lease, so
@@ -23,8 +24,8 @@ import (
 //	candidates/<name>  {"name", "addr", "pos"}    a node in sync that stands for election
 //
 // Term. The leader key is created only if it does not exist (create revision 0); its create
-// revision is the leader's term, which grows with every new leader. Replication will carry
-// the term so a follower refuses an older one.
+// revision is the leader's term, which grows with every new leader. Replication carries the
+// term, and a follower refuses a term older than one it has seen.
 //
 // Fencing by time. A keepalive that etcd answers renewed the lease after the request was
 // sent, so the lease lives at least until sent + TTL by etcd's clock, and no other node can

@@ -167,7 +167,31 @@ type wal struct {
 	maintain func()            // after a batch that wrote, and while waiting for disk space
 
 	check *walCheck // set: replay is a read-only check (see replay); nil in a broker
+
+	// tap, when set, follows what the writer does to the directory and may hold back
+	// completion (replication.go); it may be set and cleared while the writer runs.
+	tap   atomic.Pointer[walTap]
+	gated []walGated // the writer's: batches written here that wait for tap.held
 }
+
+// walTap is told about the directory's changes, on the goroutine that makes them.
+type walTap struct {
+	written func()                       // writtenTo grew: records up to it are in their files
+	changed func(name string, at uint64) // a file of the directory (or "definitions") was replaced or removed, the log written up to at
+	// held, when set, is the writtenTo position enough followers hold: a ticket is done
+	// only once its batch is written here and held there.
+	held func() uint64
+}
+
+// walCloseGrace is how long a closing log whose completion is gated waits for followers
+// to ack what it wrote, before it fails the rest.
+const walCloseGrace = 2 * time.Second
+
+// walGated is a batch written here, waiting for tap.held to reach pos.
+type walGated struct{ ticket, pos uint64 }
+
+// errUnreplicated fails the log that closes before followers held all it wrote.
+var errUnreplicated = errors.New("amqp: log closed before followers acknowledged its last records")
 
 // walOptions configure openWAL.
 type walOptions struct {
@@ -253,9 +277,14 @@ func prepareDir(dir string, log *slog.Logger) error {
 	return nil
 }
 
-func (w *wal) segPath(seq uint64) string {
+// segName is the name of segment seq relative to the data directory.
+func segName(seq uint64) string {
 	s := strconv.FormatUint(seq, 10)
-	return filepath.Join(w.dir, "wal", strings.Repeat("0", 20-len(s))+s+".seg")
+	return "wal/" + strings.Repeat("0", 20-len(s)) + s + ".seg"
+}
+
+func (w *wal) segPath(seq uint64) string {
+	return filepath.Join(w.dir, filepath.FromSlash(segName(seq)))
 }
 
 // replay reads every segment in order and calls fn for each record, with its position
@@ -626,7 +655,9 @@ func (w *wal) writeIndex(seg *segment) {
 	if err != nil {
 		os.Remove(name + ".tmp")
 		w.log.Warn("cannot write a log segment's index; replay will read the segment", "seg", seg.seq, "err", err)
+		return
 	}
+	w.changed(walRel(name))
 }
 
 // writeBlocks writes a new file from blocks, without fsync.
@@ -824,6 +855,20 @@ func (w *wal) oldest() (segmentInfo, int, int64) {
 	return segmentInfo{seq: o.seq, size: o.size, written: o.last <= w.done}, len(w.segs), size
 }
 
+// segmentAfter returns the oldest segment after seq.
+func (w *wal) segmentAfter(seq uint64) (uint64, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	i, found := slices.BinarySearchFunc(w.segs, seq, func(s *segment, seq uint64) int { return cmp.Compare(s.seq, seq) })
+	if found {
+		i++
+	}
+	if i == len(w.segs) {
+		return 0, false
+	}
+	return w.segs[i].seq, true
+}
+
 // segmentInfo is a segment's number and size.
 type segmentInfo struct {
 	seq     uint64
@@ -860,8 +905,16 @@ func (w *wal) removeSegment(seq uint64) error {
 		return err
 	}
 	os.Remove(w.indexPath(seq))
-	return syncDir(filepath.Join(w.dir, "wal"))
+	if err := syncDir(filepath.Join(w.dir, "wal")); err != nil {
+		return err
+	}
+	w.changed(walRel(w.segPath(seq)))
+	w.changed(walRel(w.indexPath(seq)))
+	return nil
 }
+
+// walRel is the name of a log file relative to the data directory: wal/<name>.
+func walRel(path string) string { return "wal/" + filepath.Base(path) }
 
 // readRecord reads back the record at pos, checking its CRC. Any goroutine may call it
 // while the writer appends, for a record whose ticket is done.
@@ -969,6 +1022,7 @@ func (w *wal) run() {
 	}
 	idle := time.NewTicker(time.Second)
 	defer idle.Stop()
+	var closing time.Time // when a gated log began to close with records not yet held
 	for {
 		select {
 		case <-w.wake:
@@ -987,8 +1041,12 @@ func (w *wal) run() {
 			// Never past a failed batch, and never on the file whose write or fsync failed.
 			err = w.write(chunks)
 		}
+		tap := w.tap.Load()
 		if len(chunks) > 0 {
 			w.written = ticket
+			if tap != nil && tap.written != nil {
+				tap.written() // followers copy while this fsyncs
+			}
 		}
 		if err == nil && w.fsyncedAtomic.Load() < w.written &&
 			(w.interval == 0 || time.Since(w.lastSync) >= w.interval || closed) {
@@ -997,8 +1055,14 @@ func (w *wal) run() {
 			}
 			w.lastSync = time.Now()
 		}
+		gated := tap != nil && tap.held != nil
+		var held uint64
+		if gated {
+			held = tap.held()
+		}
 
 		w.mu.Lock()
+		prev := w.done
 		for i := range chunks {
 			if cap(chunks[i].buf) <= walChunkSize && len(w.freeBufs) < 4 {
 				w.freeBufs = append(w.freeBufs, chunks[i].buf[:0])
@@ -1015,22 +1079,66 @@ func (w *wal) run() {
 				w.log.Error("write-ahead log failed; persistent publishes are refused until restart", "err", err)
 			}
 		}
+		report := ticket
 		if w.failed == nil {
 			// Never past a failed batch: what it held is not on disk.
-			w.done = ticket
-			w.doneAtomic.Store(ticket)
+			done := ticket
+			if gated {
+				done = w.holdLocked(ticket, len(chunks) > 0 && err == nil, held)
+				report = done
+				if closed && done < ticket && closing.IsZero() {
+					closing = time.Now()
+				}
+				if closed && done < ticket && time.Since(closing) >= walCloseGrace {
+					w.failed = errUnreplicated
+					w.failedAtomic.Store(true)
+					w.log.Error("closing the log before followers acknowledged its last records: their publishes are not confirmed", "unconfirmed", ticket-done)
+				}
+			} else {
+				w.gated = w.gated[:0]
+			}
+			w.done = done
+			w.doneAtomic.Store(done)
 		}
 		w.synced.Broadcast()
 		w.mu.Unlock()
-		if w.onBatch != nil {
-			w.onBatch(ticket)
+		// Gated, a wake-up that neither wrote nor completed anything tells no one: a
+		// listener would ask again at once, and spin.
+		if w.onBatch != nil && (!gated || len(chunks) > 0 || report > prev || err != nil || w.failedAtomic.Load()) {
+			w.onBatch(report)
 		}
 		if closed {
-			return
+			if !gated || report >= ticket || w.failedAtomic.Load() {
+				return
+			}
+			continue // followers have walCloseGrace to ack what is written
 		}
 		if err == nil && w.maintain != nil {
 			w.maintain()
 		}
+	}
+}
+
+// holdLocked notes a batch written up to ticket (when wrote) and returns how far
+// completion may go: the last batch whose records followers hold up to held. It runs on
+// the writer; w.mu must be held.
+func (w *wal) holdLocked(ticket uint64, wrote bool, held uint64) uint64 {
+	if n := len(w.gated); wrote && ticket > w.done && (n == 0 || w.gated[n-1].ticket < ticket) {
+		w.gated = append(w.gated, walGated{ticket, w.writtenTo.Load()})
+	}
+	done, i := w.done, 0
+	for ; i < len(w.gated) && w.gated[i].pos <= held; i++ {
+		done = w.gated[i].ticket
+	}
+	w.gated = w.gated[:copy(w.gated, w.gated[i:])]
+	return done
+}
+
+// changed tells the tap, when there is one, that the file name (relative to the data
+// directory, with '/') was replaced or removed.
+func (w *wal) changed(name string) {
+	if t := w.tap.Load(); t != nil && t.changed != nil {
+		t.changed(name, w.writtenTo.Load())
 	}
 }
 
@@ -1184,7 +1292,11 @@ func (w *wal) writeCheckpoint(pos walPos, payload []byte) error {
 	b = binary.BigEndian.AppendUint64(b, pos.off)
 	b = append(b, payload...)
 	binary.BigEndian.PutUint32(b[12:], crc32.Checksum(b[16:], crcTable))
-	return writeFileAtomic(filepath.Join(w.dir, "meta.snap"), b)
+	if err := writeFileAtomic(filepath.Join(w.dir, "meta.snap"), b); err != nil {
+		return err
+	}
+	w.changed("meta.snap")
+	return nil
 }
 
 // readCheckpoint loads meta.snap: the position it covers and its payload; ok is false

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -586,5 +587,64 @@ func TestLogIsWritten(t *testing.T) {
 		if _, _, err := w.readRecord(p); err != nil {
 			t.Fatalf("record at %v reported written but unreadable: %v", p, err)
 		}
+	}
+}
+
+// TestLogGatedCompletion: with a tap's held set, a ticket is done only once held reaches
+// its batch's written position; a closing log waits walCloseGrace for it, then fails
+// what was never held.
+func TestLogGatedCompletion(t *testing.T) {
+	t.Parallel()
+	for _, caughtUp := range []bool{true, false} {
+		w, err := openWAL(t.TempDir(), walOptions{log: walQuietLogger()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := w.replay(false, func(walPos, uint8, []byte, int64) error { return nil }); err != nil {
+			t.Fatal(err)
+		}
+		var held atomic.Uint64
+		w.tap.Store(&walTap{held: held.Load})
+		if err := w.start(0); err != nil {
+			t.Fatal(err)
+		}
+		ticket, _, err := w.append(1, []byte("first"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pollFor(t, "the record to be written", func() bool { return w.fsyncedAtomic.Load() >= ticket })
+		time.Sleep(50 * time.Millisecond)
+		if w.doneAtomic.Load() >= ticket {
+			t.Fatal("done before the followers held the record")
+		}
+		held.Store(w.writtenTo.Load())
+		w.kick()
+		if err := w.wait(ticket); err != nil {
+			t.Fatal(err)
+		}
+
+		ticket, _, err = w.append(1, []byte("second"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		closed := make(chan struct{})
+		go func() { w.close(); close(closed) }()
+		if caughtUp {
+			pollFor(t, "the record to be written", func() bool { return w.fsyncedAtomic.Load() >= ticket })
+			held.Store(w.writtenTo.Load())
+			w.kick()
+		}
+		<-closed
+		err = w.wait(ticket)
+		switch {
+		case caughtUp && err != nil:
+			t.Fatalf("followers held the last record before the close ended, yet: %v", err)
+		case !caughtUp && err != errUnreplicated:
+			t.Fatalf("closed with the last record not held: %v, want %v", err, errUnreplicated)
+		case !caughtUp && time.Since(start) < walCloseGrace:
+			t.Fatalf("close gave the followers %v, want %v", time.Since(start), walCloseGrace)
+		}
+		w.unlock()
 	}
 }

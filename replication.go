@@ -1,0 +1,1293 @@
+package amqp
+
+import (
+	"bufio"
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Physical replication of the data directory: a follower's directory becomes a
+// byte-for-byte copy of the leader's durable files (log segments, their indexes, meta.snap
+// and the definitions file), so that a follower is promoted by opening its directory as
+// after a crash. The leader serves followers over any net.Listener (a tls.Listener for
+// TLS); a follower dials and runs one session until it fails, then dials again.
+//
+// Session. Every message is a frame, big-endian, the CRC-32C over type and payload:
+//
+//	+----------+----------+---------+----------------------+
+//	| len  u32 | crc  u32 | type u8 |  payload (len bytes) |
+//	+----------+----------+---------+----------------------+
+//
+//	leader → follower  hello    version u32, term u64, nonce [32], cluster shortstr
+//	follower → leader  login    nonce [32], mac [32], name shortstr
+//	leader → follower  welcome  mac [32]
+//	follower → leader  have     count u32, then per file: name shortstr, size u64, crc u32
+//	leader → follower  data     seg u64, off u64, octets: segment seg holds them at off
+//	leader → follower  part     name shortstr, off u64, octets: part of a file's new content
+//	leader → follower  file     name shortstr, size u64, crc u32: the parts are whole: replace
+//	leader → follower  remove   name shortstr
+//	leader → follower  ping     (empty): answer with an ack
+//	follower → leader  ack      seg u64, off u64: the log up to there is on the follower's disk
+//	either             refuse   text: why the session ends
+//
+// Names are relative to the data directory: meta.snap, wal/<seq>.seg, wal/<seq>.idx, and
+// "definitions" for the definitions file wherever each side keeps it.
+//
+// Authentication. The follower's mac is HMAC-SHA256 of the shared secret over "follower",
+// the cluster, the term and both nonces; the leader's is the same over "leader". Neither
+// side sends the secret, and each proves it knows it to the other. A follower refuses a
+// leader of a term older than the newest it has seen (kept in <dir>/TERM).
+//
+// Full sync. The follower lists what it has, with each file's size and CRC-32C. The leader
+// first registers the follower for change events, then lists its own files, so nothing
+// changed after the listing is missed: an event repeated against the listing only sends
+// the same file again. It removes what it does not have, replaces the small files whose
+// size or CRC differ, and finds the first segment the follower does not hold whole: where
+// the follower's copy is a prefix of the leader's (by CRC), copying resumes at its end,
+// else at 0; later segments the follower has are removed. Streaming then starts there.
+//
+// Streaming. The leader reads its own segment files (never the writer's buffers): a
+// follower's cursor goes through the segments in order up to what the writer has written,
+// so catching up and streaming are the same loop. The writer's tap (wal.go) wakes the
+// senders when it writes and queues an event when a file is replaced or removed, with the
+// position the log was written to then; a sender sends the log up to an event's position
+// before the event, so the follower sees files change in the order the leader changed
+// them (a checkpoint before the removal of the segment it stands in for, copies of
+// messages before the removal of their old segment). The follower writes at the leader's
+// offsets, fsyncs before each ack, and replaces files by writing, fsyncing and renaming.
+//
+// In sync. A follower is in sync while it acks within timeout and is no more than maxLag
+// octets behind what the leader has written; it leaves the set (logged) when either fails,
+// and joins again once it is within maxLag/2. With minInSync > 0 the log's completion is
+// gated: a publisher confirm, tx.commit-ok or durable declare-ok waits for the local fsync
+// and for minInSync in-sync followers to ack the batch. With fewer followers in sync,
+// completion waits (the rule: no confirm without -min-insync copies); a closing log
+// gives them walCloseGrace, then fails what they never acked (the publishes are nacked).
+// Closing the replicaServer removes the gate.
+const (
+	replVersion  = 1
+	replMaxFrame = 4 << 20
+	replChunk    = 256 << 10 // octets of a file or segment per message: what a cut session loses at most
+	replNonce    = 32
+	replHeader   = 9
+)
+
+// Replication message types.
+const (
+	replHello   = 1
+	replLogin   = 2
+	replWelcome = 3
+	replHave    = 4
+	replData    = 5
+	replPart    = 6
+	replFile    = 7
+	replRemove  = 8
+	replPing    = 9
+	replAck     = 10
+	replRefuse  = 11
+)
+
+var (
+	errReplAuth      = errors.New("amqp: replication: authentication failed")
+	errReplOlderTerm = errors.New("amqp: replication: leader's term is older than one seen")
+	errReplProtocol  = errors.New("amqp: replication: protocol error")
+)
+
+// replConn frames replication messages on a connection: one goroutine receives, one sends.
+type replConn struct {
+	c   net.Conn
+	r   *bufio.Reader
+	w   *bufio.Writer
+	buf []byte // the last payload received
+}
+
+func newReplConn(c net.Conn) *replConn {
+	return &replConn{c: c, r: bufio.NewReaderSize(c, 256<<10), w: bufio.NewWriterSize(c, 256<<10)}
+}
+
+// send writes one message of parts, buffered.
+func (rc *replConn) send(typ uint8, parts ...[]byte) error {
+	var hdr [replHeader]byte
+	n := 0
+	crc := crc32.Update(0, crcTable, []byte{typ})
+	for _, p := range parts {
+		n += len(p)
+		crc = crc32.Update(crc, crcTable, p)
+	}
+	binary.BigEndian.PutUint32(hdr[:], uint32(n))
+	binary.BigEndian.PutUint32(hdr[4:], crc)
+	hdr[8] = typ
+	if _, err := rc.w.Write(hdr[:]); err != nil {
+		return err
+	}
+	for _, p := range parts {
+		if _, err := rc.w.Write(p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// recv reads one message; its payload is valid until the next recv.
+func (rc *replConn) recv() (uint8, []byte, error) {
+	var hdr [replHeader]byte
+	if _, err := io.ReadFull(rc.r, hdr[:]); err != nil {
+		return 0, nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n > replMaxFrame {
+		return 0, nil, errReplProtocol
+	}
+	rc.buf = slices.Grow(rc.buf[:0], int(n))[:n]
+	if _, err := io.ReadFull(rc.r, rc.buf); err != nil {
+		return 0, nil, err
+	}
+	if crc32.Update(crc32.Update(0, crcTable, hdr[8:]), crcTable, rc.buf) != binary.BigEndian.Uint32(hdr[4:]) {
+		return 0, nil, errors.New("amqp: replication: message fails its checksum")
+	}
+	return hdr[8], rc.buf, nil
+}
+
+// refuse tells the peer why the session ends.
+func (rc *replConn) refuse(why string) {
+	rc.c.SetWriteDeadline(time.Now().Add(time.Second))
+	if rc.send(replRefuse, []byte(why)) == nil {
+		rc.w.Flush()
+	}
+}
+
+// replMAC proves knowledge of secret to the peer, for one side of one session.
+func replMAC(secret []byte, side, cluster string, term uint64, nonceL, nonceF []byte) []byte {
+	m := hmac.New(sha256.New, secret)
+	m.Write(appendShortstr(appendShortstr(nil, side), cluster))
+	m.Write(binary.BigEndian.AppendUint64(nil, term))
+	m.Write(nonceL)
+	m.Write(nonceF)
+	return m.Sum(nil)
+}
+
+// replFileInfo is a file's size and CRC-32C.
+type replFileInfo struct {
+	size int64
+	crc  uint32
+}
+
+// fileCRC returns the size of the file and the CRC-32C of its first limit octets (all of
+// it when limit is negative).
+func fileCRC(path string, limit int64) (replFileInfo, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return replFileInfo{}, err
+	}
+	defer f.Close()
+	var r io.Reader = f
+	if limit >= 0 {
+		r = io.LimitReader(f, limit)
+	}
+	h := crc32.New(crcTable)
+	n, err := io.Copy(h, r)
+	return replFileInfo{n, h.Sum32()}, err
+}
+
+// replName checks a file name from the peer and returns its segment number when it
+// names a segment; ok is false for a name replication never uses.
+func replName(name string) (seq uint64, seg, ok bool) {
+	if name == "meta.snap" || name == "definitions" {
+		return 0, false, true
+	}
+	base, found := strings.CutPrefix(name, "wal/")
+	if !found || len(base) != 24 || !strings.HasSuffix(base, ".seg") && !strings.HasSuffix(base, ".idx") {
+		return 0, false, false
+	}
+	seq, err := strconv.ParseUint(base[:20], 10, 64)
+	if err != nil {
+		return 0, false, false
+	}
+	return seq, strings.HasSuffix(base, ".seg"), true
+}
+
+// localPath maps a replicated name to a file of dir (defs for "definitions"); "" when
+// there is none.
+func localPath(dir, defs, name string) string {
+	if name == "definitions" {
+		return defs
+	}
+	return filepath.Join(dir, filepath.FromSlash(name))
+}
+
+// listFiles returns the replicated files of dir (and defs), by name.
+func listFiles(dir, defs string) (map[string]string, error) {
+	files := make(map[string]string)
+	for _, pat := range []string{"*.seg", "*.idx"} {
+		names, err := filepath.Glob(filepath.Join(dir, "wal", pat))
+		if err != nil {
+			return nil, err
+		}
+		for _, p := range names {
+			if name := "wal/" + filepath.Base(p); validName(name) {
+				files[name] = p
+			}
+		}
+	}
+	for _, name := range []string{"meta.snap", "definitions"} {
+		if p := localPath(dir, defs, name); p != "" {
+			if _, err := os.Stat(p); err == nil {
+				files[name] = p
+			}
+		}
+	}
+	return files, nil
+}
+
+func validName(name string) bool { _, _, ok := replName(name); return ok }
+
+// pack is a position as the log's writtenTo holds it: segment<<32 | offset.
+func pack(p walPos) uint64 { return p.seg<<32 | p.off }
+
+func unpack(v uint64) walPos { return walPos{v >> 32, v & (1<<32 - 1)} }
+
+// replicaOptions configure the leader's side of replication.
+type replicaOptions struct {
+	cluster string
+	term    uint64 // the leader's term: its etcd leader key's create revision
+	secret  []byte
+	defs    string // the definitions file, replicated as "definitions"; "" for none
+	// minInSync is the number of in-sync followers that must hold a batch before its
+	// tickets are done; 0 does not gate the log.
+	minInSync int
+	maxLag    int64         // octets a follower may be behind and stay in sync; 0: 4 segments
+	timeout   time.Duration // a follower silent this long leaves the in-sync set; 0: 5 s
+	log       *slog.Logger
+}
+
+// replicaServer is the leader's side: it serves followers the log's directory.
+type replicaServer struct {
+	w    *wal
+	opt  replicaOptions
+	tap  *walTap       // what it set on w
+	held atomic.Uint64 // the position minInSync in-sync followers have acked
+	stop chan struct{}
+	wg   sync.WaitGroup
+
+	mu        sync.Mutex
+	events    []replEvent                // guarded by mu: files changed, oldest first
+	evBase    int                        // guarded by mu: events trimmed off the front
+	followers map[*replFollower]struct{} // guarded by mu
+	conns     map[net.Conn]struct{}      // guarded by mu
+	lns       []net.Listener             // guarded by mu
+	closed    bool                       // guarded by mu
+}
+
+// replEvent is a file replaced or removed when the log was written up to at.
+type replEvent struct {
+	name string
+	at   uint64
+}
+
+// replMaxEvents bounds the events kept for a slow follower; one further behind resyncs.
+const replMaxEvents = 1 << 16
+
+// replFollower is the leader's view of one follower's session.
+type replFollower struct {
+	name, addr string
+	wake       chan struct{} // 1 slot: the log was written or a file changed
+	next       int           // guarded by rs.mu: the next event it is sent (counted from the first ever)
+	acked      uint64        // guarded by rs.mu: the log position its disk holds (packed)
+	lastAck    time.Time     // guarded by rs.mu
+	inSync     bool          // guarded by rs.mu
+}
+
+// replStatus is one follower as the leader sees it.
+type replStatus struct {
+	name   string
+	acked  walPos
+	lag    int64
+	inSync bool
+}
+
+// newReplicaServer taps w: from now on the writer tells it what it writes and changes,
+// and, with minInSync > 0, completion waits for the followers.
+func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
+	if opt.maxLag <= 0 {
+		opt.maxLag = 4 * w.segSize
+	}
+	if opt.timeout <= 0 {
+		opt.timeout = 5 * time.Second
+	}
+	if opt.log == nil {
+		opt.log = w.log
+	}
+	rs := &replicaServer{w: w, opt: opt, stop: make(chan struct{}), followers: make(map[*replFollower]struct{}), conns: make(map[net.Conn]struct{})}
+	tap := &walTap{written: rs.wakeAll, changed: rs.changed}
+	if opt.minInSync > 0 {
+		tap.held = rs.held.Load
+	}
+	rs.tap = tap
+	w.tap.Store(tap)
+	rs.wg.Add(1)
+	go rs.watch()
+	return rs
+}
+
+// serve accepts followers on ln until close.
+func (rs *replicaServer) serve(ln net.Listener) error {
+	rs.mu.Lock()
+	if rs.closed {
+		rs.mu.Unlock()
+		ln.Close()
+		return net.ErrClosed
+	}
+	rs.lns = append(rs.lns, ln)
+	rs.mu.Unlock()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			rs.mu.Lock()
+			closed := rs.closed
+			rs.mu.Unlock()
+			if closed {
+				return nil
+			}
+			return err
+		}
+		rs.mu.Lock()
+		if rs.closed {
+			rs.mu.Unlock()
+			c.Close()
+			return nil
+		}
+		rs.conns[c] = struct{}{}
+		rs.wg.Add(1)
+		rs.mu.Unlock()
+		go rs.handle(c)
+	}
+}
+
+// close stops serving, ends every session and removes the tap: the log completes on its
+// own fsync again. A leader that loses its term must stop confirming before this.
+func (rs *replicaServer) close() {
+	rs.mu.Lock()
+	if rs.closed {
+		rs.mu.Unlock()
+		return
+	}
+	rs.closed = true
+	close(rs.stop)
+	for _, ln := range rs.lns {
+		ln.Close()
+	}
+	for c := range rs.conns {
+		c.Close()
+	}
+	rs.mu.Unlock()
+	rs.wg.Wait()
+	rs.w.tap.CompareAndSwap(rs.tap, nil) // unless another took its place
+	rs.w.kick()
+}
+
+// status returns each follower's state.
+func (rs *replicaServer) status() []replStatus {
+	written := rs.w.writtenTo.Load()
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	var st []replStatus
+	for f := range rs.followers {
+		st = append(st, replStatus{f.name, unpack(f.acked), rs.lag(f.acked, written), f.inSync})
+	}
+	slices.SortFunc(st, func(a, b replStatus) int { return strings.Compare(a.name, b.name) })
+	return st
+}
+
+// wakeAll wakes every sender: the log was written further. It runs on the log's writer.
+func (rs *replicaServer) wakeAll() {
+	rs.mu.Lock()
+	for f := range rs.followers {
+		select {
+		case f.wake <- struct{}{}:
+		default:
+		}
+	}
+	rs.mu.Unlock()
+}
+
+// changed queues a file event for every follower. It runs where the log changes the file.
+func (rs *replicaServer) changed(name string, at uint64) {
+	rs.mu.Lock()
+	rs.events = append(rs.events, replEvent{name, at})
+	if len(rs.events) > 256 {
+		// Keep the events some follower has yet to be sent, up to replMaxEvents.
+		base := rs.evBase + len(rs.events)
+		for f := range rs.followers {
+			base = min(base, f.next)
+		}
+		base = max(base, rs.evBase+len(rs.events)-replMaxEvents, rs.evBase)
+		rs.events = slices.Delete(rs.events, 0, base-rs.evBase)
+		rs.evBase = base
+	}
+	rs.mu.Unlock()
+	rs.wakeAll()
+}
+
+// lag is how many octets from is behind to, counting whole segments between at the log's
+// segment size.
+func (rs *replicaServer) lag(from, to uint64) int64 {
+	if from >= to {
+		return 0
+	}
+	f, t := unpack(from), unpack(to)
+	return max(0, int64(t.seg-f.seg)*rs.w.segSize+int64(t.off)-int64(f.off))
+}
+
+// watch leaves out of the in-sync set the followers that stopped acking.
+func (rs *replicaServer) watch() {
+	defer rs.wg.Done()
+	t := time.NewTicker(rs.opt.timeout / 4)
+	defer t.Stop()
+	for {
+		select {
+		case <-rs.stop:
+			return
+		case <-t.C:
+		}
+		rs.update(nil, 0)
+	}
+}
+
+// update notes an ack of pos from f (when f is set), decides who is in sync, and
+// recomputes what the followers hold; it wakes the writer when that grows.
+func (rs *replicaServer) update(f *replFollower, pos uint64) {
+	written := rs.w.writtenTo.Load()
+	now := time.Now()
+	rs.mu.Lock()
+	if f != nil {
+		f.acked = max(f.acked, pos)
+		f.lastAck = now
+	}
+	var acks []uint64
+	for g := range rs.followers {
+		lag, silent := rs.lag(g.acked, written), now.Sub(g.lastAck)
+		switch {
+		case g.inSync && lag > rs.opt.maxLag:
+			g.inSync = false
+			rs.opt.log.Warn("replication: follower fell behind; it left the in-sync set", "follower", g.name, "addr", g.addr, "lag", lag)
+		case g.inSync && silent > rs.opt.timeout:
+			g.inSync = false
+			rs.opt.log.Warn("replication: follower stopped acknowledging; it left the in-sync set", "follower", g.name, "addr", g.addr, "silent", silent.String())
+		case !g.inSync && lag <= rs.opt.maxLag/2 && silent <= rs.opt.timeout && !g.lastAck.IsZero():
+			g.inSync = true
+			rs.opt.log.Info("replication: follower is in sync", "follower", g.name, "addr", g.addr)
+		}
+		if g.inSync {
+			acks = append(acks, g.acked)
+		}
+	}
+	rs.mu.Unlock()
+	rs.setHeld(acks)
+}
+
+// setHeld makes held the minInSync-th highest of acks, 0 with fewer, and wakes the
+// writer when that grows.
+func (rs *replicaServer) setHeld(acks []uint64) {
+	n := rs.opt.minInSync
+	if n <= 0 {
+		return
+	}
+	var h uint64
+	if len(acks) >= n {
+		slices.Sort(acks)
+		h = acks[len(acks)-n]
+	}
+	if old := rs.held.Swap(h); h > old {
+		rs.w.kick()
+	}
+}
+
+// handle runs one follower's session.
+func (rs *replicaServer) handle(c net.Conn) {
+	defer rs.wg.Done()
+	defer func() {
+		c.Close()
+		rs.mu.Lock()
+		delete(rs.conns, c)
+		rs.mu.Unlock()
+	}()
+	addr := c.RemoteAddr().String()
+	rc := newReplConn(c)
+	name, have, err := rs.handshake(rc)
+	if err != nil {
+		rs.opt.log.Warn("replication: follower refused", "addr", addr, "err", err)
+		return
+	}
+	f := &replFollower{name: name, addr: addr, wake: make(chan struct{}, 1)}
+	// Registered before the listing: every change after it reaches f as an event.
+	rs.mu.Lock()
+	f.next = rs.evBase + len(rs.events)
+	rs.followers[f] = struct{}{}
+	rs.mu.Unlock()
+	defer func() {
+		rs.mu.Lock()
+		delete(rs.followers, f)
+		var acks []uint64
+		for g := range rs.followers {
+			if g.inSync {
+				acks = append(acks, g.acked)
+			}
+		}
+		rs.mu.Unlock()
+		rs.setHeld(acks)
+		if f.inSync {
+			rs.opt.log.Warn("replication: in-sync follower disconnected", "follower", name, "addr", addr, "err", err)
+		}
+	}()
+	rs.opt.log.Info("replication: follower connected", "follower", name, "addr", addr)
+	cur, err := rs.plan(rc, have)
+	if err != nil {
+		return
+	}
+	acks := make(chan struct{}) // closed when the follower's acks end, with ackErr
+	var ackErr error
+	go func() {
+		defer close(acks)
+		for {
+			typ, p, err := rc.recv()
+			if err == nil && (typ != replAck || len(p) != 16) {
+				err = errReplProtocol
+			}
+			if err != nil {
+				ackErr = err
+				c.Close()
+				return
+			}
+			rs.update(f, pack(walPos{binary.BigEndian.Uint64(p), binary.BigEndian.Uint64(p[8:])}))
+		}
+	}()
+	err = rs.stream(rc, f, cur, acks)
+	c.Close()
+	<-acks
+	if err == nil {
+		err = ackErr
+	}
+}
+
+// handshake authenticates the follower both ways and returns its name and files.
+func (rs *replicaServer) handshake(rc *replConn) (string, map[string]replFileInfo, error) {
+	rc.c.SetDeadline(time.Now().Add(10 * time.Second))
+	defer rc.c.SetDeadline(time.Time{})
+	nonce := make([]byte, replNonce)
+	rand.Read(nonce)
+	hello := binary.BigEndian.AppendUint32(nil, replVersion)
+	hello = binary.BigEndian.AppendUint64(hello, rs.opt.term)
+	hello = appendShortstr(append(hello, nonce...), rs.opt.cluster)
+	if err := rc.send(replHello, hello); err != nil {
+		return "", nil, err
+	}
+	if err := rc.w.Flush(); err != nil {
+		return "", nil, err
+	}
+	typ, p, err := rc.recv()
+	if err != nil {
+		return "", nil, err
+	}
+	if typ == replRefuse {
+		return "", nil, errors.New("amqp: replication: follower refused: " + string(p))
+	}
+	d := decoder{b: p}
+	fnonce, mac := d.bytes(replNonce), d.bytes(sha256.Size)
+	name := d.shortstr()
+	if typ != replLogin || d.err != nil {
+		return "", nil, errReplProtocol
+	}
+	if !hmac.Equal(mac, replMAC(rs.opt.secret, "follower", rs.opt.cluster, rs.opt.term, nonce, fnonce)) {
+		rc.refuse("authentication failed")
+		return "", nil, errReplAuth
+	}
+	if err := rc.send(replWelcome, replMAC(rs.opt.secret, "leader", rs.opt.cluster, rs.opt.term, nonce, fnonce)); err != nil {
+		return "", nil, err
+	}
+	if err := rc.w.Flush(); err != nil {
+		return "", nil, err
+	}
+	typ, p, err = rc.recv()
+	if err != nil {
+		return "", nil, err
+	}
+	if typ == replRefuse {
+		return "", nil, errors.New("amqp: replication: follower refused: " + string(p))
+	}
+	d = decoder{b: p}
+	n := d.long()
+	have := make(map[string]replFileInfo, min(n, 1<<16))
+	for i := uint32(0); i < n && d.err == nil; i++ {
+		name := d.shortstr()
+		have[name] = replFileInfo{int64(d.longlong()), d.long()}
+	}
+	if typ != replHave || d.err != nil {
+		return "", nil, errReplProtocol
+	}
+	return name, have, nil
+}
+
+// plan brings the follower's files in line with the leader's listing and returns where
+// its log copy resumes.
+func (rs *replicaServer) plan(rc *replConn, have map[string]replFileInfo) (walPos, error) {
+	files, err := listFiles(rs.w.dir, rs.opt.defs)
+	if err != nil {
+		return walPos{}, err
+	}
+	var segs []uint64
+	for name := range files {
+		if seq, seg, _ := replName(name); seg {
+			segs = append(segs, seq)
+		}
+	}
+	slices.Sort(segs)
+	if len(segs) == 0 {
+		return walPos{}, errors.New("amqp: replication: the log has no segments")
+	}
+	for name := range have {
+		if _, ok := files[name]; !ok && validName(name) && (name != "definitions" || rs.opt.defs != "") {
+			if err := rc.send(replRemove, appendShortstr(nil, name)); err != nil {
+				return walPos{}, err
+			}
+		}
+	}
+	for name, path := range files {
+		if _, seg, _ := replName(name); seg {
+			continue
+		}
+		if h, ok := have[name]; ok {
+			if mine, err := fileCRC(path, -1); err == nil && mine == h {
+				continue
+			}
+		}
+		if err := rs.sendFile(rc, name); err != nil {
+			return walPos{}, err
+		}
+	}
+	written := unpack(rs.w.writtenTo.Load())
+	var cur walPos
+	for i, seq := range segs {
+		name := segName(seq)
+		h, ok := have[name]
+		if !ok {
+			cur = walPos{seq, 0}
+			break
+		}
+		mine, err := fileCRC(files[name], h.size)
+		if err != nil || mine != h {
+			cur = walPos{seq, 0}
+			break
+		}
+		cur = walPos{seq, uint64(h.size)}
+		if seq >= written.seg || i == len(segs)-1 {
+			break
+		}
+		if full, err := os.Stat(files[name]); err != nil || full.Size() != h.size {
+			break
+		}
+	}
+	// A follower's segment after the one it resumes in would sit after a gap: it goes.
+	for name := range have {
+		if seq, seg, _ := replName(name); seg && seq > cur.seg {
+			if err := rc.send(replRemove, appendShortstr(nil, name)); err != nil {
+				return walPos{}, err
+			}
+		}
+	}
+	// An empty data message tells the follower where it stands.
+	return cur, rc.send(replData, binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, cur.seg), cur.off))
+}
+
+// sendFile sends the file's current content, or its removal when it is gone.
+func (rs *replicaServer) sendFile(rc *replConn, name string) error {
+	if name == "definitions" && rs.opt.defs == "" {
+		return nil // not replicated
+	}
+	var b []byte
+	var err error
+	if _, seg, _ := replName(name); !seg {
+		b, err = os.ReadFile(localPath(rs.w.dir, rs.opt.defs, name))
+	} else {
+		_, err = os.Stat(localPath(rs.w.dir, rs.opt.defs, name))
+		if err == nil {
+			return nil // a segment's content goes as data, only its removal as an event
+		}
+	}
+	if errors.Is(err, os.ErrNotExist) {
+		return rc.send(replRemove, appendShortstr(nil, name))
+	}
+	if err != nil {
+		return err
+	}
+	hdr := appendShortstr(nil, name)
+	for off := 0; off < len(b); off += replChunk {
+		part := b[off:min(off+replChunk, len(b))]
+		if err := rc.send(replPart, binary.BigEndian.AppendUint64(hdr, uint64(off)), part); err != nil {
+			return err
+		}
+	}
+	done := binary.BigEndian.AppendUint64(hdr, uint64(len(b)))
+	return rc.send(replFile, binary.BigEndian.AppendUint32(done, crc32.Checksum(b, crcTable)))
+}
+
+// stream sends f the log from cur as the writer writes it, and the file events in their
+// place, until the session fails or the server closes.
+func (rs *replicaServer) stream(rc *replConn, f *replFollower, cur walPos, acks <-chan struct{}) error {
+	var file *os.File
+	defer func() {
+		if file != nil {
+			file.Close()
+		}
+	}()
+	buf := make([]byte, replChunk)
+	ping := time.NewTicker(rs.opt.timeout / 4)
+	defer ping.Stop()
+	for {
+		rs.mu.Lock()
+		if f.next < rs.evBase {
+			rs.mu.Unlock()
+			rc.refuse("too far behind: resync")
+			return errors.New("amqp: replication: follower fell too far behind")
+		}
+		var ev replEvent
+		pending := f.next-rs.evBase < len(rs.events)
+		if pending {
+			ev = rs.events[f.next-rs.evBase]
+		}
+		rs.mu.Unlock()
+		limit := rs.w.writtenTo.Load()
+		if pending && ev.at <= pack(cur) {
+			if err := rs.sendFile(rc, ev.name); err != nil {
+				return err
+			}
+			rs.mu.Lock()
+			f.next++
+			rs.mu.Unlock()
+			continue
+		}
+		if pending {
+			limit = min(limit, ev.at)
+		}
+		moved, err := rs.sendLog(rc, &cur, &file, unpack(limit), buf)
+		if err != nil {
+			return err
+		}
+		if moved {
+			continue
+		}
+		if err := rc.w.Flush(); err != nil {
+			return err
+		}
+		select {
+		case <-f.wake:
+		case <-ping.C:
+			if err := rc.send(replPing); err != nil {
+				return err
+			}
+			if err := rc.w.Flush(); err != nil {
+				return err
+			}
+		case <-acks:
+			return nil
+		case <-rs.stop:
+			return nil
+		}
+	}
+}
+
+// sendLog sends the next piece of the log after cur, up to limit; it reports whether cur
+// moved.
+func (rs *replicaServer) sendLog(rc *replConn, cur *walPos, file **os.File, limit walPos, buf []byte) (bool, error) {
+	if !cur.less(limit) {
+		return false, nil
+	}
+	if *file == nil {
+		f, err := os.Open(rs.w.segPath(cur.seg))
+		if errors.Is(err, os.ErrNotExist) {
+			// Removed by compaction before it was sent: its removal follows as an event.
+			return rs.nextSegment(cur, file), nil
+		}
+		if err != nil {
+			return false, err
+		}
+		*file = f
+	}
+	want := len(buf)
+	if cur.seg == limit.seg {
+		want = min(want, int(limit.off-cur.off))
+	}
+	n, err := (*file).ReadAt(buf[:want], int64(cur.off))
+	if n > 0 {
+		hdr := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, cur.seg), cur.off)
+		if err := rc.send(replData, hdr, buf[:n]); err != nil {
+			return false, err
+		}
+		cur.off += uint64(n)
+		return true, nil
+	}
+	if err != nil && err != io.EOF {
+		return false, err
+	}
+	if cur.seg < limit.seg {
+		// The writer went on to a later segment: this one is whole.
+		return rs.nextSegment(cur, file), nil
+	}
+	return false, nil
+}
+
+// nextSegment moves cur to the start of the segment after it; it reports whether there is one.
+func (rs *replicaServer) nextSegment(cur *walPos, file **os.File) bool {
+	next, ok := rs.w.segmentAfter(cur.seg)
+	if !ok {
+		return false
+	}
+	if *file != nil {
+		(*file).Close()
+		*file = nil
+	}
+	*cur = walPos{next, 0}
+	return true
+}
+
+// followerOptions configure a follower.
+type followerOptions struct {
+	cluster, name string
+	secret        []byte
+	defs          string // where the leader's definitions file is kept; "" ignores it
+	log           *slog.Logger
+}
+
+// replica is a follower's copy of the leader's data directory.
+type replica struct {
+	dir  string
+	opt  followerOptions
+	lock *os.File
+
+	// The session's own state.
+	f        *os.File // the segment being written
+	fseq     uint64
+	fsize    int64
+	dirty    bool // f was written since its last fsync
+	dirDirty bool // a segment was created since wal/ was last fsynced
+	part     *os.File
+	partName string
+	partCRC  uint32
+	partSize int64
+
+	term atomic.Uint64 // the newest term seen
+	pos  atomic.Uint64 // the log position on disk, packed
+}
+
+// openReplica locks dir for a follower and tidies what a killed session left.
+func openReplica(dir string, opt followerOptions) (*replica, error) {
+	if opt.log == nil {
+		opt.log = slog.New(slog.DiscardHandler)
+	}
+	if err := prepareDir(dir, opt.log); err != nil {
+		return nil, err
+	}
+	lock, err := lockDir(filepath.Join(dir, "LOCK"))
+	if err != nil {
+		return nil, err
+	}
+	r := &replica{dir: dir, opt: opt, lock: lock}
+	tmps, _ := filepath.Glob(filepath.Join(dir, "*.repl-tmp"))
+	more, _ := filepath.Glob(filepath.Join(dir, "wal", "*.repl-tmp"))
+	if opt.defs != "" {
+		tmps = append(tmps, opt.defs+".repl-tmp")
+	}
+	for _, t := range append(tmps, more...) {
+		os.Remove(t)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "TERM")); err == nil {
+		t, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+		if err != nil {
+			lock.Close()
+			return nil, errors.New("amqp: " + filepath.Join(dir, "TERM") + ": not a term")
+		}
+		r.term.Store(t)
+	}
+	return r, nil
+}
+
+// close releases the directory; no session may run.
+func (r *replica) close() {
+	r.closeFiles()
+	r.lock.Close()
+}
+
+func (r *replica) closeFiles() {
+	if r.f != nil {
+		r.f.Close() // unsynced: the next session syncs what it lists
+		r.f, r.dirty = nil, false
+	}
+	if r.part != nil {
+		r.part.Close()
+		os.Remove(r.part.Name())
+		r.part = nil
+	}
+}
+
+// position is where the follower's copy of the log ends, on disk.
+func (r *replica) position() walPos { return unpack(r.pos.Load()) }
+
+// run follows the leader that dial reaches, session after session, until ctx is done,
+// waiting between failed sessions from 50 ms, doubling, up to 2 s. A failed
+// authentication or an older term ends it: dialing the same again would not change that.
+func (r *replica) run(ctx context.Context, dial func(context.Context) (net.Conn, error)) error {
+	wait := 50 * time.Millisecond
+	for {
+		c, err := dial(ctx)
+		if err == nil {
+			start := time.Now()
+			err = r.follow(ctx, c)
+			if time.Since(start) > 2*time.Second {
+				wait = 50 * time.Millisecond
+			}
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if errors.Is(err, errReplAuth) || errors.Is(err, errReplOlderTerm) {
+			return err
+		}
+		r.opt.log.Warn("replication: session with the leader ended; dialing again", "err", err, "in", wait.String())
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 2*time.Second)
+	}
+}
+
+// follow runs one session with the leader on c until it fails or ctx is done.
+func (r *replica) follow(ctx context.Context, c net.Conn) error {
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	defer r.closeFiles()
+	rc := newReplConn(c)
+	if err := r.handshake(rc); err != nil {
+		return err
+	}
+	var unacked int64
+	ackNow := true // the position the plan sets is acked at once
+	for {
+		typ, p, err := rc.recv()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return err
+		}
+		d := decoder{b: p}
+		switch typ {
+		case replData:
+			seg, off := d.longlong(), d.longlong()
+			if d.err != nil {
+				return errReplProtocol
+			}
+			if err := r.write(seg, off, d.b); err != nil {
+				return err
+			}
+			unacked += int64(len(d.b))
+			ackNow = ackNow || len(d.b) == 0
+		case replPart:
+			name, off := d.shortstr(), d.longlong()
+			if d.err != nil {
+				return errReplProtocol
+			}
+			if err := r.writePart(name, int64(off), d.b); err != nil {
+				return err
+			}
+		case replFile:
+			name, size, crc := d.shortstr(), d.longlong(), d.long()
+			if d.err != nil {
+				return errReplProtocol
+			}
+			if err := r.replace(name, int64(size), crc); err != nil {
+				return err
+			}
+		case replRemove:
+			if err := r.remove(d.shortstr()); err != nil {
+				return err
+			}
+		case replPing:
+			ackNow = true
+		case replRefuse:
+			return errors.New("amqp: replication: leader ended the session: " + string(p))
+		default:
+			return errReplProtocol
+		}
+		// Ack when the leader has nothing more in flight to us, or every 4 MiB.
+		if ackNow || unacked > 0 && (rc.r.Buffered() == 0 || unacked >= 4<<20) {
+			if err := r.sync(); err != nil {
+				return err
+			}
+			pos := r.position()
+			ack := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, pos.seg), pos.off)
+			if err := rc.send(replAck, ack); err != nil {
+				return err
+			}
+			if err := rc.w.Flush(); err != nil {
+				return err
+			}
+			unacked, ackNow = 0, false
+		}
+	}
+}
+
+// handshake checks the leader's cluster, term and proof of the secret, proves its own,
+// and lists the follower's files.
+func (r *replica) handshake(rc *replConn) error {
+	rc.c.SetDeadline(time.Now().Add(10 * time.Second))
+	defer rc.c.SetDeadline(time.Time{})
+	typ, p, err := rc.recv()
+	if err != nil {
+		return err
+	}
+	d := decoder{b: p}
+	version, term, nonce := d.long(), d.longlong(), d.bytes(replNonce)
+	cluster := d.shortstr()
+	if typ != replHello || d.err != nil {
+		return errReplProtocol
+	}
+	if version != replVersion {
+		rc.refuse("version " + strconv.Itoa(int(version)) + " is not supported")
+		return errors.New("amqp: replication: leader speaks version " + strconv.Itoa(int(version)))
+	}
+	if cluster != r.opt.cluster {
+		rc.refuse("not of cluster " + cluster)
+		return errors.New("amqp: replication: leader of cluster " + cluster + ", not " + r.opt.cluster)
+	}
+	if seen := r.term.Load(); term < seen {
+		rc.refuse("term " + strconv.FormatUint(term, 10) + " is older than term " + strconv.FormatUint(seen, 10))
+		return errReplOlderTerm
+	}
+	nonce = slices.Clone(nonce)
+	fnonce := make([]byte, replNonce)
+	rand.Read(fnonce)
+	login := append(fnonce, replMAC(r.opt.secret, "follower", cluster, term, nonce, fnonce)...)
+	if err := rc.send(replLogin, appendShortstr(login, r.opt.name)); err != nil {
+		return err
+	}
+	if err := rc.w.Flush(); err != nil {
+		return err
+	}
+	typ, p, err = rc.recv()
+	if err != nil {
+		return err
+	}
+	if typ == replRefuse {
+		if string(p) == "authentication failed" {
+			return errReplAuth
+		}
+		return errors.New("amqp: replication: leader refused: " + string(p))
+	}
+	if typ != replWelcome || !hmac.Equal(p, replMAC(r.opt.secret, "leader", cluster, term, nonce, fnonce)) {
+		rc.refuse("authentication failed")
+		return errReplAuth
+	}
+	if term > r.term.Load() {
+		if err := writeFileAtomic(filepath.Join(r.dir, "TERM"), []byte(strconv.FormatUint(term, 10)+"\n")); err != nil {
+			return err
+		}
+		r.term.Store(term)
+	}
+	files, err := listFiles(r.dir, r.opt.defs)
+	if err != nil {
+		return err
+	}
+	have := binary.BigEndian.AppendUint32(nil, uint32(len(files)))
+	for name, path := range files {
+		info, err := fileCRC(path, -1)
+		if err != nil {
+			return err
+		}
+		// A session cut off may have left a segment written but not synced; what the
+		// leader takes as held must be on disk.
+		if _, seg, _ := replName(name); seg {
+			if err := syncFile(path); err != nil {
+				return err
+			}
+		}
+		have = appendShortstr(have, name)
+		have = binary.BigEndian.AppendUint64(have, uint64(info.size))
+		have = binary.BigEndian.AppendUint32(have, info.crc)
+	}
+	if err := rc.send(replHave, have); err != nil {
+		return err
+	}
+	return rc.w.Flush()
+}
+
+// write puts b at off in segment seg, creating it, or cutting off what it has past off.
+func (r *replica) write(seg, off uint64, b []byte) error {
+	if r.f == nil || r.fseq != seg {
+		if err := r.sync(); err != nil {
+			return err
+		}
+		if r.f != nil {
+			r.f.Close()
+			r.f = nil
+		}
+		name := localPath(r.dir, "", segName(seg))
+		f, err := os.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+		if err == nil {
+			r.dirDirty = true
+		} else if errors.Is(err, os.ErrExist) {
+			f, err = os.OpenFile(name, os.O_WRONLY, 0o600)
+		}
+		if err != nil {
+			return err
+		}
+		fi, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return err
+		}
+		r.f, r.fseq, r.fsize = f, seg, fi.Size()
+	}
+	if int64(off) != r.fsize {
+		if int64(off) > r.fsize {
+			return errors.New("amqp: replication: a gap in segment " + strconv.FormatUint(seg, 10))
+		}
+		if err := r.f.Truncate(int64(off)); err != nil {
+			return err
+		}
+		r.fsize, r.dirty = int64(off), true
+	}
+	if len(b) > 0 {
+		if _, err := r.f.WriteAt(b, int64(off)); err != nil {
+			return err
+		}
+		r.fsize += int64(len(b))
+		r.dirty = true
+	}
+	return nil
+}
+
+// sync makes what was written durable and moves the position on.
+func (r *replica) sync() error {
+	if r.dirty {
+		if err := r.f.Sync(); err != nil {
+			return err
+		}
+		r.dirty = false
+	}
+	if r.dirDirty {
+		if err := syncDir(filepath.Join(r.dir, "wal")); err != nil {
+			return err
+		}
+		r.dirDirty = false
+	}
+	if r.f != nil {
+		r.pos.Store(pack(walPos{r.fseq, uint64(r.fsize)}))
+	}
+	return nil
+}
+
+// target checks a name from the leader and returns the local file; "" ignores it.
+func (r *replica) target(name string) (string, error) {
+	if !validName(name) {
+		return "", errors.New("amqp: replication: leader sent an unexpected file name " + strconv.Quote(name))
+	}
+	return localPath(r.dir, r.opt.defs, name), nil
+}
+
+// writePart writes part of a file's new content into a temporary file beside it.
+func (r *replica) writePart(name string, off int64, b []byte) error {
+	path, err := r.target(name)
+	if err != nil || path == "" {
+		return err
+	}
+	if off == 0 {
+		if r.part != nil {
+			r.part.Close()
+		}
+		r.part, err = os.OpenFile(path+".repl-tmp", os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+		if err != nil {
+			r.part = nil
+			return err
+		}
+		r.partName, r.partCRC, r.partSize = name, 0, 0
+	}
+	if r.part == nil || r.partName != name || off != r.partSize {
+		return errReplProtocol
+	}
+	if _, err := r.part.Write(b); err != nil {
+		return err
+	}
+	r.partCRC = crc32.Update(r.partCRC, crcTable, b)
+	r.partSize += int64(len(b))
+	return nil
+}
+
+// replace puts the file whose parts were sent in place, durably, once size and crc match.
+func (r *replica) replace(name string, size int64, crc uint32) error {
+	path, err := r.target(name)
+	if err != nil || path == "" {
+		return err
+	}
+	if size == 0 && (r.part == nil || r.partName != name) {
+		return writeFileAtomic(path, nil)
+	}
+	if r.part == nil || r.partName != name {
+		return errReplProtocol
+	}
+	f := r.part
+	r.part = nil
+	if r.partSize != size || r.partCRC != crc {
+		f.Close()
+		os.Remove(f.Name())
+		return errors.New("amqp: replication: " + name + " arrived damaged")
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return err
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+// remove deletes a file the leader no longer has, durably.
+func (r *replica) remove(name string) error {
+	path, err := r.target(name)
+	if err != nil || path == "" {
+		return err
+	}
+	if seq, seg, _ := replName(name); seg && r.f != nil && r.fseq == seq {
+		r.f.Close()
+		r.f, r.dirty = nil, false
+	}
+	if err := os.Remove(path); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	return syncDir(filepath.Dir(path))
+}

@@ -1,0 +1,690 @@
+package amqp
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
+)
+
+// replLeader is a durable broker serving replication on 127.0.0.1.
+type replLeader struct {
+	*durableBroker
+	rs   *replicaServer
+	addr string
+}
+
+func startReplLeader(t *testing.T, cfg Config, opt replicaOptions) *replLeader {
+	t.Helper()
+	b := startDurable(t, cfg)
+	if opt.cluster == "" {
+		opt.cluster = "test"
+	}
+	if opt.secret == nil {
+		opt.secret = []byte("s3cret")
+	}
+	if opt.term == 0 {
+		opt.term = 7
+	}
+	if opt.log == nil {
+		opt.log = walQuietLogger()
+	}
+	rs := newReplicaServer(b.srv.store.w, opt)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go rs.serve(ln)
+	t.Cleanup(rs.close) // before the broker stops
+	return &replLeader{b, rs, ln.Addr().String()}
+}
+
+// replFollower runs sessions of a follower of a directory.
+type replSession struct {
+	t      *testing.T
+	r      *replica
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func followerOpts(name string) followerOptions {
+	return followerOptions{cluster: "test", name: name, secret: []byte("s3cret"), log: walQuietLogger()}
+}
+
+// follow opens dir as a replica and runs one session with the leader at addr.
+func follow(t *testing.T, dir, addr string, opt followerOptions) *replSession {
+	t.Helper()
+	r, err := openReplica(dir, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &replSession{t: t, r: r}
+	s.start(addr)
+	t.Cleanup(s.close)
+	return s
+}
+
+func (s *replSession) start(addr string) {
+	s.t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	s.startConn(c)
+}
+
+func (s *replSession) startConn(c net.Conn) {
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel, s.done = cancel, make(chan error, 1)
+	go func() { s.done <- s.r.follow(ctx, c) }()
+}
+
+// stop ends the session and returns how it ended.
+func (s *replSession) stop() error {
+	if s.cancel == nil {
+		return nil
+	}
+	s.cancel()
+	err := <-s.done
+	s.cancel = nil
+	return err
+}
+
+// result waits for the session to end by itself.
+func (s *replSession) result() error {
+	s.t.Helper()
+	select {
+	case err := <-s.done:
+		s.cancel()
+		s.cancel = nil
+		return err
+	case <-time.After(walWait):
+		s.t.Fatal("replication session did not end")
+		return nil
+	}
+}
+
+func (s *replSession) close() {
+	s.stop()
+	if s.r != nil {
+		s.r.close()
+		s.r = nil
+	}
+}
+
+// mirrored reports whether the follower's replicated files equal the leader's, byte for byte.
+func mirrored(leaderDir, followerDir, leaderDefs, followerDefs string) (bool, string) {
+	lf, err := listFiles(leaderDir, leaderDefs)
+	if err != nil {
+		return false, err.Error()
+	}
+	ff, err := listFiles(followerDir, followerDefs)
+	if err != nil {
+		return false, err.Error()
+	}
+	for name := range ff {
+		if _, ok := lf[name]; !ok {
+			return false, "follower has " + name
+		}
+	}
+	for name, p := range lf {
+		a, err1 := os.ReadFile(p)
+		b, err2 := os.ReadFile(ff[name])
+		if err1 != nil || err2 != nil || !bytes.Equal(a, b) {
+			return false, fmt.Sprintf("%s differs (%d and %d octets)", name, len(a), len(b))
+		}
+	}
+	return true, ""
+}
+
+func waitMirrored(t *testing.T, leaderDir, followerDir, leaderDefs, followerDefs string) {
+	t.Helper()
+	deadline := time.Now().Add(walWait)
+	for {
+		ok, why := mirrored(leaderDir, followerDir, leaderDefs, followerDefs)
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("follower is not a mirror of the leader: %s", why)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func waitInSync(t *testing.T, rs *replicaServer, n int) {
+	t.Helper()
+	pollFor(t, fmt.Sprintf("%d followers in sync", n), func() bool {
+		k := 0
+		for _, f := range rs.status() {
+			if f.inSync {
+				k++
+			}
+		}
+		return k == n
+	})
+}
+
+// replBody is the body of message i: its number and up to 20 KiB of pseudo-random octets.
+func replBody(i int) []byte {
+	r := rand.New(rand.NewPCG(uint64(i), 1))
+	b := binary.BigEndian.AppendUint32(nil, uint32(i))
+	for n := r.IntN(20 << 10); n > 0; n-- {
+		b = append(b, byte(r.Uint32()))
+	}
+	return b
+}
+
+func publishBodies(t *testing.T, url, queue string, from, to int) {
+	t.Helper()
+	conn := dial(t, url)
+	pub := newPersistentPublisher(t, conn)
+	for i := from; i < to; i++ {
+		pub.publish("", queue, amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: replBody(i)})
+	}
+	pub.wait()
+	conn.Close()
+}
+
+// A leader gated on one follower confirms only what the follower holds: after the
+// leader is gone, a broker opened on the follower's directory has every confirmed message,
+// byte for byte.
+func TestReplFollowerPromoted(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{SegmentSize: 256 << 10}, replicaOptions{minInSync: 1})
+	fdir := t.TempDir()
+	f := follow(t, fdir, l.addr, followerOpts("f1"))
+	waitInSync(t, l.rs, 1)
+
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	const n = 400
+	publishBodies(t, l.url, "q", 0, n)
+
+	// The follower goes away at once, the leader after: nothing more reaches it.
+	if err := f.stop(); err != nil && !errors.Is(err, context.Canceled) {
+		t.Fatalf("session: %v", err)
+	}
+	f.close()
+	l.stop()
+
+	p := startDurable(t, Config{DataDir: fdir})
+	ch := openChannel(t, dial(t, p.url))
+	got := getAll(t, ch, "q")
+	if len(got) != n {
+		t.Fatalf("promoted follower has %d messages, want %d", len(got), n)
+	}
+	for i, d := range got {
+		if want := replBody(i); !bytes.Equal(d.Body, want) {
+			t.Fatalf("message %d: %d octets, want %d (%x...)", i, len(d.Body), len(want), d.Body[:min(8, len(d.Body))])
+		}
+	}
+}
+
+// A follower that joins late copies the existing segments, then streams; compaction on
+// the leader removes segments on the follower too.
+func TestReplLateJoinAndCompaction(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{SegmentSize: 64 << 10}, replicaOptions{})
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	publishBodies(t, l.url, "q", 0, 100)
+	oldest, segs, _ := l.srv.store.w.oldest()
+	if segs < 5 {
+		t.Fatalf("%d segments, want several", segs)
+	}
+
+	fdir := t.TempDir()
+	follow(t, fdir, l.addr, followerOpts("late"))
+	waitMirrored(t, l.dir, fdir, "", "")
+	publishBodies(t, l.url, "q", 100, 150) // streamed
+
+	ch := openChannel(t, conn)
+	if got := getAll(t, ch, "q"); len(got) != 150 {
+		t.Fatalf("got %d messages, want 150", len(got))
+	}
+	if err := l.srv.store.sync(); err != nil {
+		t.Fatal(err)
+	}
+	pollFor(t, "compaction", func() bool {
+		o, _, _ := l.srv.store.w.oldest()
+		return o.seq > oldest.seq+3
+	})
+	waitMirrored(t, l.dir, fdir, "", "")
+	if _, err := os.Stat(filepath.Join(fdir, filepath.FromSlash(segName(oldest.seq)))); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("follower kept the compacted segment %d: %v", oldest.seq, err)
+	}
+}
+
+// replProxy forwards one connection to the leader; it can pause what flows to the
+// follower, cut the connection after some octets, and counts them.
+type replProxy struct {
+	ln     net.Listener
+	target string
+	limit  int64 // cut after this many octets to the follower; 0: never
+	paused atomic.Bool
+	sent   atomic.Int64
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	conns  []net.Conn // guarded by mu
+}
+
+func startReplProxy(t *testing.T, target string, limit int64) *replProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &replProxy{ln: ln, target: target, limit: limit}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			l, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				return
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, l)
+			p.mu.Unlock()
+			p.wg.Add(2)
+			go func() { defer p.wg.Done(); io.Copy(l, c); l.Close() }()
+			go func() { defer p.wg.Done(); p.down(c, l) }()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		p.mu.Lock()
+		for _, c := range p.conns {
+			c.Close()
+		}
+		p.mu.Unlock()
+		p.wg.Wait()
+	})
+	return p
+}
+
+// down copies from the leader to the follower. It only half-closes the follower's side: a
+// close with the follower's acks unread would reset the connection, and the follower
+// lose what it had yet to read.
+func (p *replProxy) down(c, l net.Conn) {
+	defer c.(*net.TCPConn).CloseWrite()
+	defer l.Close()
+	buf := make([]byte, 16<<10)
+	for {
+		n, err := l.Read(buf)
+		for p.paused.Load() {
+			time.Sleep(2 * time.Millisecond)
+		}
+		if n > 0 {
+			if p.limit > 0 {
+				n = int(min(int64(n), p.limit-p.sent.Load()))
+			}
+			if _, err := c.Write(buf[:n]); err != nil {
+				return
+			}
+			if p.sent.Add(int64(n)) == p.limit {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// A follower cut off in the middle of the copy resumes where its copy stops.
+func TestReplResumeCopy(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{SegmentSize: 1 << 20}, replicaOptions{})
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	publishBodies(t, l.url, "q", 0, 400) // about 4 MiB
+	_, _, total := l.srv.store.w.oldest()
+
+	fdir := t.TempDir()
+	cut := startReplProxy(t, l.addr, total/2)
+	f := follow(t, fdir, cut.ln.Addr().String(), followerOpts("f"))
+	if err := f.result(); err == nil {
+		t.Fatal("session through the cut connection ended without error")
+	}
+	if ok, _ := mirrored(l.dir, fdir, "", ""); ok {
+		t.Fatal("the cut copy is already whole")
+	}
+	counted := startReplProxy(t, l.addr, 0)
+	f.start(counted.ln.Addr().String())
+	select {
+	case err := <-f.done:
+		t.Fatalf("resumed session ended: %v", err)
+	case <-time.After(2 * time.Second):
+	}
+	waitMirrored(t, l.dir, fdir, "", "")
+	if again := counted.sent.Load(); again > total/2+total/8 {
+		t.Fatalf("resumed copy sent %d octets of %d; the first session had sent %d", again, total, cut.sent.Load())
+	}
+}
+
+// The definitions file (users, vhosts, permissions, policies) is replicated.
+func TestReplDefinitions(t *testing.T) {
+	t.Parallel()
+	defs := filepath.Join(t.TempDir(), "definitions.json")
+	l := startReplLeader(t, Config{Definitions: defs}, replicaOptions{defs: defs})
+	if err := l.srv.editDefinitions(func(d *Definitions) error { return d.AddUser("alice", "pw") }); err != nil {
+		t.Fatal(err)
+	}
+	fdir, fdefs := t.TempDir(), filepath.Join(t.TempDir(), "defs.json")
+	opt := followerOpts("f")
+	opt.defs = fdefs
+	follow(t, fdir, l.addr, opt)
+	waitMirrored(t, l.dir, fdir, defs, fdefs)
+	if err := l.srv.editDefinitions(func(d *Definitions) error { return d.AddVhost("v2") }); err != nil {
+		t.Fatal(err)
+	}
+	waitMirrored(t, l.dir, fdir, defs, fdefs)
+	d, err := LoadDefinitions(fdefs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.user("alice") < 0 || !slices.ContainsFunc(d.Vhosts, func(v VirtualHost) bool { return v.Name == "v2" }) {
+		t.Fatalf("follower's definitions lack the changes: %+v", d)
+	}
+}
+
+// Authentication by shared secret, both ways; the secret never crosses the wire.
+func TestReplAuthentication(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{}, replicaOptions{})
+	opt := followerOpts("f")
+	opt.secret = []byte("wrong")
+	f := follow(t, t.TempDir(), l.addr, opt)
+	if err := f.result(); !errors.Is(err, errReplAuth) {
+		t.Fatalf("follower with a wrong secret: %v, want %v", err, errReplAuth)
+	}
+	if len(l.rs.status()) != 0 {
+		t.Fatal("the leader took on a follower with a wrong secret")
+	}
+
+	// A leader that cannot prove the secret is refused by the follower.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	seen := make(chan []byte, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		rc := newReplConn(c)
+		hello := binary.BigEndian.AppendUint32(nil, replVersion)
+		hello = binary.BigEndian.AppendUint64(hello, 9)
+		hello = appendShortstr(append(hello, make([]byte, replNonce)...), "test")
+		rc.send(replHello, hello)
+		rc.w.Flush()
+		_, p, _ := rc.recv()
+		seen <- slices.Clone(p)
+		rc.send(replWelcome, make([]byte, sha256.Size))
+		rc.w.Flush()
+		rc.recv()
+	}()
+	dir := t.TempDir()
+	f = follow(t, dir, ln.Addr().String(), followerOpts("f"))
+	if err := f.result(); !errors.Is(err, errReplAuth) {
+		t.Fatalf("follower of a leader without the secret: %v, want %v", err, errReplAuth)
+	}
+	if p := <-seen; bytes.Contains(p, []byte("s3cret")) {
+		t.Fatal("the login carries the secret")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "TERM")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatal("the follower noted the term of a leader it did not authenticate")
+	}
+}
+
+// A follower that has seen a term refuses a leader of an older one, across restarts.
+func TestReplOlderTermRefused(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{}, replicaOptions{term: 5})
+	dir := t.TempDir()
+	f := follow(t, dir, l.addr, followerOpts("f"))
+	waitInSync(t, l.rs, 1)
+	f.close()
+
+	l.rs.close()
+	old := newReplicaServer(l.srv.store.w, replicaOptions{cluster: "test", secret: []byte("s3cret"), term: 4, log: walQuietLogger()})
+	t.Cleanup(old.close)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go old.serve(ln)
+	f = follow(t, dir, ln.Addr().String(), followerOpts("f"))
+	if err := f.result(); !errors.Is(err, errReplOlderTerm) {
+		t.Fatalf("follower of an older term: %v, want %v", err, errReplOlderTerm)
+	}
+}
+
+// With -min-insync 1, a confirm waits for the follower: while it is stalled, and after
+// it leaves the in-sync set, until it catches up.
+func TestReplConfirmGate(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{}, replicaOptions{minInSync: 1, timeout: 400 * time.Millisecond})
+	p := startReplProxy(t, l.addr, 0)
+	follow(t, t.TempDir(), p.ln.Addr().String(), followerOpts("f"))
+	waitInSync(t, l.rs, 1)
+
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	c := newConfirmChannel(t, conn)
+	c.publish("", "q", false, persistentMsg("one"))
+	c.wait()
+
+	p.paused.Store(true)
+	c.publish("", "q", false, persistentMsg("two"))
+	select {
+	case cf := <-c.confirms:
+		t.Fatalf("confirm %+v while the only follower is stalled", cf)
+	case <-time.After(300 * time.Millisecond):
+	}
+	waitInSync(t, l.rs, 0)
+	select {
+	case cf := <-c.confirms:
+		t.Fatalf("confirm %+v with no follower in sync", cf)
+	case <-time.After(200 * time.Millisecond):
+	}
+	p.paused.Store(false)
+	c.wait()
+	waitInSync(t, l.rs, 1)
+}
+
+// Replication over TLS, the follower authenticated by its client certificate as well.
+func TestReplTLS(t *testing.T) {
+	t.Parallel()
+	pki := newTestPKI(t)
+	cert, err := tls.LoadX509KeyPair(pki.certFile, pki.keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := startDurable(t, Config{})
+	rs := newReplicaServer(l.srv.store.w, replicaOptions{cluster: "test", term: 1, secret: []byte("s3cret"), log: walQuietLogger()})
+	t.Cleanup(rs.close)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go rs.serve(tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pki.pool}))
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	publishBodies(t, l.url, "q", 0, 20)
+
+	dial := func(c tls.Certificate) net.Conn {
+		tc, err := tls.Dial("tcp", ln.Addr().String(), pki.forcing(c))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tc
+	}
+	r, err := openReplica(t.TempDir(), followerOpts("stranger"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &replSession{t: t, r: r}
+	t.Cleanup(s.close)
+	s.startConn(dial(pki.stranger))
+	if err := s.result(); err == nil {
+		t.Fatal("a follower with an untrusted certificate was served")
+	}
+	s.close()
+
+	fdir := t.TempDir()
+	if s.r, err = openReplica(fdir, followerOpts("f")); err != nil {
+		t.Fatal(err)
+	}
+	s.startConn(dial(pki.client))
+	waitMirrored(t, l.dir, fdir, "", "")
+}
+
+// A follower that joins while the leader publishes, consumes and compacts misses nothing:
+// it is registered for file events before the leader lists its files.
+func TestReplJoinWhileBusy(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{SegmentSize: 64 << 10}, replicaOptions{})
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	ch := openChannel(t, conn)
+	msgs, err := ch.Consume("q", "", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 600
+	acked := make(chan int)
+	go func() {
+		k := 0
+		for d := range msgs {
+			d.Ack(false)
+			if k++; k == n {
+				break
+			}
+		}
+		acked <- k
+	}()
+	published := make(chan struct{})
+	go func() {
+		defer close(published)
+		c := dial(t, l.url)
+		pub := newConfirmChannel(t, c)
+		for i := range n {
+			pub.publish("", "q", false, amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: replBody(i)})
+		}
+		pub.wait()
+	}()
+	pollFor(t, "the log to roll a few times", func() bool { _, segs, _ := l.srv.store.w.oldest(); return segs >= 3 })
+	fdir := t.TempDir()
+	follow(t, fdir, l.addr, followerOpts("f"))
+	<-published
+	select {
+	case k := <-acked:
+		if k != n {
+			t.Fatalf("consumed %d, want %d", k, n)
+		}
+	case <-time.After(walWait):
+		t.Fatal("messages not consumed")
+	}
+	if err := l.srv.store.sync(); err != nil {
+		t.Fatal(err)
+	}
+	waitMirrored(t, l.dir, fdir, "", "")
+}
+
+// A follower more than maxLag behind leaves the in-sync set (logged) before it is silent
+// for the timeout, and joins again once it has caught up from the leader's segments.
+func TestReplLagLeavesInSync(t *testing.T) {
+	t.Parallel()
+	var logs secLog
+	l := startReplLeader(t, Config{SegmentSize: 64 << 10}, replicaOptions{maxLag: 64 << 10, timeout: time.Minute, log: logs.logger()})
+	p := startReplProxy(t, l.addr, 0)
+	fdir := t.TempDir()
+	follow(t, fdir, p.ln.Addr().String(), followerOpts("f"))
+	waitInSync(t, l.rs, 1)
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+
+	p.paused.Store(true)
+	publishBodies(t, l.url, "q", 0, 100) // about 1 MiB
+	l.rs.update(nil, 0)                  // as the watcher does, every timeout/4
+	waitInSync(t, l.rs, 0)
+	if !logs.has("replication: follower fell behind; it left the in-sync set", "f") {
+		t.Fatal("the follower's leaving was not logged as lag")
+	}
+	p.paused.Store(false)
+	waitInSync(t, l.rs, 1)
+	waitMirrored(t, l.dir, fdir, "", "")
+}
+
+// A running follower dials again when its session ends, and goes on from where it was
+// with the next leader.
+func TestReplFollowerRedials(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{SegmentSize: 64 << 10}, replicaOptions{term: 3})
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	publishBodies(t, l.url, "q", 0, 20)
+	var addr atomic.Value
+	addr.Store(l.addr)
+	fdir := t.TempDir()
+	r, err := openReplica(fdir, followerOpts("f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		var d net.Dialer
+		done <- r.run(ctx, func(ctx context.Context) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr.Load().(string)) })
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("run: %v", err)
+		}
+		r.close()
+	}()
+	waitMirrored(t, l.dir, fdir, "", "")
+
+	// A new term's leader on another address, as after an election on the same data.
+	l.rs.close()
+	next := newReplicaServer(l.srv.store.w, replicaOptions{cluster: "test", secret: []byte("s3cret"), term: 4, log: walQuietLogger()})
+	t.Cleanup(next.close)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go next.serve(ln)
+	addr.Store(ln.Addr().String())
+	publishBodies(t, l.url, "q", 20, 60)
+	waitMirrored(t, l.dir, fdir, "", "")
+	if r.term.Load() != 4 {
+		t.Fatalf("follower's term %d, want 4", r.term.Load())
+	}
+}
