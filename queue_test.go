@@ -1063,16 +1063,24 @@ func TestQueueExpiresDurable(t *testing.T) {
 	b := startDurable(t, Config{})
 	conn := dial(t, b.url)
 	ch := openChannel(t, conn)
+	// held gets its consumer at once, and a longer period than soon's so that a slow
+	// machine cannot expire it before the consumer comes; it is checked only after that
+	// period has passed.
+	consumer := openChannel(t, conn)
+	if _, err := ch.QueueDeclare("held", true, false, false, false, amqp091.Table{"x-expires": int32(400)}); err != nil {
+		t.Fatal(err)
+	}
+	heldDeclared := time.Now()
+	if _, err := consumer.Consume("held", "", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
 	for _, q := range []struct {
 		name    string
 		expires int32
-	}{{"soon", 100}, {"held", 100}, {"later", 60_000}} {
+	}{{"soon", 100}, {"later", 60_000}} {
 		if _, err := ch.QueueDeclare(q.name, true, false, false, false, amqp091.Table{"x-expires": q.expires}); err != nil {
 			t.Fatal(err)
 		}
-	}
-	if _, err := openChannel(t, conn).Consume("held", "", true, false, false, false, nil); err != nil {
-		t.Fatal(err)
 	}
 	pub := newConfirmChannel(t, conn)
 	for range 5 {
@@ -1082,6 +1090,7 @@ func TestQueueExpiresDurable(t *testing.T) {
 	pub.wait()
 	pollFor(t, "soon to expire", func() bool { return testQueue(b.srv, "soon") == nil })
 	pollFor(t, "the log to settle its messages", func() bool { return storeLive(b.srv.store) == queueLogHolds(b.srv, "later") })
+	time.Sleep(time.Until(heldDeclared.Add(600 * time.Millisecond)))
 	if testQueue(b.srv, "held") == nil {
 		t.Fatal("a queue with a consumer expired")
 	}
