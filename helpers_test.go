@@ -1,6 +1,7 @@
 package amqp
 
 import (
+	"cmp"
 	"bufio"
 	"bytes"
 	"context"
@@ -232,9 +233,10 @@ func deliveryBodies(ds []amqp091.Delivery) []string {
 // frameClient speaks AMQP frames directly, for what amqp091-go cannot send or show: an empty
 // consumer tag, the raw content properties, and a fast publish path.
 type frameClient struct {
-	t  testing.TB
-	nc net.Conn
-	fr frameReader
+	t    testing.TB
+	nc   net.Conn
+	fr   frameReader
+	wait time.Duration // how long readFrame waits; recvWait when 0
 }
 
 // dialFrameClient connects, runs the handshake and opens channel 1.
@@ -286,7 +288,7 @@ func (w *frameClient) publish(ch uint16, exchange, key string, props, body []byt
 // readFrame returns the next frame that is not a heartbeat, with its payload copied.
 func (w *frameClient) readFrame() frame {
 	w.t.Helper()
-	w.nc.SetReadDeadline(time.Now().Add(recvWait))
+	w.nc.SetReadDeadline(time.Now().Add(cmp.Or(w.wait, recvWait)))
 	for {
 		f, err := w.fr.read()
 		if err != nil {

@@ -485,6 +485,7 @@ func TestQueueMillionSmallMessages(t *testing.T) {
 	}
 	w.send(1, &basicAck{DeliveryTag: last, Multiple: true})
 	w.send(1, &queuePurge{Queue: "million"})
+	w.wait = time.Minute // purging a million messages under -race on a loaded machine
 	// The ack gives the consumer its next window before the purge; the purge takes the rest.
 	for deliveries := 0; ; deliveries++ {
 		ch, m := w.next()
