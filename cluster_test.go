@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -617,6 +618,52 @@ func TestClusterFailover(t *testing.T) {
 	t.Logf("new leader %s after %v", next.addr, time.Since(start))
 
 	ch := openChannel(t, dial(t, "amqp://guest:guest@"+next.addr+"/"))
+	got := getAll(t, ch, "q")
+	if len(got) != n {
+		t.Fatalf("new leader has %d messages, want %d", len(got), n)
+	}
+	for i, d := range got {
+		if want := replBody(i); !bytes.Equal(d.Body, want) {
+			t.Fatalf("message %d: %d octets, want %d", i, len(d.Body), len(want))
+		}
+	}
+}
+
+// A leader cut off from etcd (no resign: its lease runs out) fails its log and stops
+// itself, Serve returning errNotLeader; the follower takes over with every confirmed
+// message.
+func TestClusterLeaderCutOff(t *testing.T) {
+	e := startEtcd(t)
+	to := e.url[len("http://"):]
+	proxies := []*testProxy{startProxy(t, to), startProxy(t, to)}
+	servers := []*clusterServer{
+		startClusterServer(t, proxies[0].url(), "n1"),
+		startClusterServer(t, proxies[1].url(), "n2"),
+	}
+	leader := waitClusterLeader(t, servers...)
+	i := slices.Index(servers, leader)
+	follower := servers[1-i]
+
+	url := "amqp://guest:guest@" + leader.addr + "/"
+	conn := dial(t, url)
+	declareQueues(t, conn, true, "q")
+	conn.Close()
+	const n = 100
+	publishBodies(t, url, "q", 0, n)
+
+	proxies[i].cut.Store(true)
+	select {
+	case err := <-leader.done:
+		if !errors.Is(err, errNotLeader) {
+			t.Fatalf("cut-off leader's Serve: %v, want errNotLeader", err)
+		}
+		leader.done <- err // for the cleanup
+	case <-time.After(2 * testTTL):
+		t.Fatal("cut-off leader still serves")
+	}
+	waitClusterLeader(t, follower)
+
+	ch := openChannel(t, dial(t, "amqp://guest:guest@"+follower.addr+"/"))
 	got := getAll(t, ch, "q")
 	if len(got) != n {
 		t.Fatalf("new leader has %d messages, want %d", len(got), n)
