@@ -14,9 +14,9 @@ import (
 	"time"
 )
 
-// Leader election for a cluster of brokers, through etcd's HTTP gateway (etcd.go). The data
-// directory's replication to followers is in replication.go, not yet driven by the
-// election; the gate that lets only the leader serve is yet to come.
+// Leader election for a cluster of brokers, through etcd's HTTP gateway (etcd.go), and the
+// clusterNode that drives a Server by it (at the end of this file). The data directory's
+// replication to followers is in replication.go.
 //
 // Each node runs an election and holds an etcd lease of the cluster's TTL (default 5 s),
 // renewed every TTL/3. Its keys, under /amqp-go/<cluster>/, are attached to that lease, so
@@ -621,7 +621,7 @@ func (n *clusterNode) standBy(ctx context.Context) (int64, error) {
 		n.replica.Store(nil)
 		r.close()
 	}()
-	var target string
+	var following leaderInfo // the leader the session follows, or last failed to
 	var stopFollow context.CancelFunc
 	var followErr chan error
 	stopFollowing := func() {
@@ -638,12 +638,12 @@ func (n *clusterNode) standBy(ctx context.Context) (int64, error) {
 		if term, ok := n.e.leading(); ok {
 			return term, nil
 		}
-		if l := n.e.leaderNow(); l.repl != target && !l.self {
+		if l := n.e.leaderNow(); !l.self && (l.repl != following.repl || l.term != following.term) {
 			stopFollowing()
-			if target = l.repl; target != "" {
+			if following = l; l.repl != "" {
 				fctx, cancel := context.WithCancel(ctx)
 				stopFollow, followErr = cancel, make(chan error, 1)
-				addr := target
+				addr := l.repl
 				dial := func(ctx context.Context) (net.Conn, error) {
 					var d net.Dialer
 					return d.DialContext(ctx, "tcp", addr)
@@ -657,10 +657,16 @@ func (n *clusterNode) standBy(ctx context.Context) (int64, error) {
 		case <-n.e.changes:
 		case <-tick.C:
 		case err := <-followErr:
-			// A wrong secret or an older term: following again would not change that.
+			// Following this leader again would not change the answer.
 			stopFollow()
 			stopFollow, followErr = nil, nil
-			return 0, err
+			if ctx.Err() != nil {
+				return 0, ctx.Err()
+			}
+			if errors.Is(err, errReplAuth) {
+				return 0, err // a wrong secret is the operator's to fix
+			}
+			s.log.Warn("cluster: cannot follow the leader; waiting for the next", "leader", following.name, "term", following.term, "err", err)
 		}
 	}
 }

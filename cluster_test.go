@@ -507,9 +507,9 @@ type clusterServer struct {
 	done chan error // Serve's result
 }
 
-// startClusterServer starts node name of cluster through etcd at url, on its own data
-// directory; it shuts down when the test ends.
-func startClusterServer(t *testing.T, url, name string) *clusterServer {
+// startClusterServer starts node name of cluster through etcd at url, with secret, on its
+// own data directory; it shuts down when the test ends.
+func startClusterServer(t *testing.T, url, name, secret string) *clusterServer {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -518,7 +518,7 @@ func startClusterServer(t *testing.T, url, name string) *clusterServer {
 	cs := &clusterServer{addr: ln.Addr().String(), done: make(chan error, 1)}
 	cs.srv = NewServer(Config{DataDir: t.TempDir(), Logger: walQuietLogger(), Cluster: &ClusterConfig{
 		Etcd: url, Name: "wire", NodeName: name, AdvertiseAddr: cs.addr, ReplicationAddr: freeAddr(t),
-		Secret: "s3cret", MinInSync: 1, TTL: testTTL,
+		Secret: secret, MinInSync: 1, TTL: testTTL,
 	}})
 	go func() { cs.done <- cs.srv.Serve(ln) }()
 	t.Cleanup(func() {
@@ -563,9 +563,9 @@ func waitClusterLeader(t *testing.T, servers ...*clusterServer) *clusterServer {
 func TestClusterFailover(t *testing.T) {
 	e := startEtcd(t)
 	servers := []*clusterServer{
-		startClusterServer(t, e.url, "n1"),
-		startClusterServer(t, e.url, "n2"),
-		startClusterServer(t, e.url, "n3"),
+		startClusterServer(t, e.url, "n1", "s3cret"),
+		startClusterServer(t, e.url, "n2", "s3cret"),
+		startClusterServer(t, e.url, "n3", "s3cret"),
 	}
 	leader := waitClusterLeader(t, servers...)
 	var followers []*clusterServer
@@ -637,8 +637,8 @@ func TestClusterLeaderCutOff(t *testing.T) {
 	to := e.url[len("http://"):]
 	proxies := []*testProxy{startProxy(t, to), startProxy(t, to)}
 	servers := []*clusterServer{
-		startClusterServer(t, proxies[0].url(), "n1"),
-		startClusterServer(t, proxies[1].url(), "n2"),
+		startClusterServer(t, proxies[0].url(), "n1", "s3cret"),
+		startClusterServer(t, proxies[1].url(), "n2", "s3cret"),
 	}
 	leader := waitClusterLeader(t, servers...)
 	i := slices.Index(servers, leader)
@@ -672,5 +672,26 @@ func TestClusterLeaderCutOff(t *testing.T) {
 		if want := replBody(i); !bytes.Equal(d.Body, want) {
 			t.Fatalf("message %d: %d octets, want %d", i, len(d.Body), len(want))
 		}
+	}
+}
+
+// A node whose secret is not the leader's cannot follow it: it stops, Serve returning
+// the authentication error, and the leader serves on.
+func TestClusterWrongSecret(t *testing.T) {
+	e := startEtcd(t)
+	leader := startClusterServer(t, e.url, "n1", "s3cret")
+	waitClusterLeader(t, leader)
+	other := startClusterServer(t, e.url, "n2", "wrong")
+	select {
+	case err := <-other.done:
+		if !errors.Is(err, errReplAuth) {
+			t.Fatalf("Serve: %v, want errReplAuth", err)
+		}
+		other.done <- err // for the cleanup
+	case <-time.After(10 * time.Second):
+		t.Fatal("a node with a wrong secret still runs")
+	}
+	if !leader.leads() {
+		t.Fatal("the leader stopped leading")
 	}
 }
