@@ -25,7 +25,9 @@
 // restart. A publisher confirm or tx.commit-ok for such a message is sent only after the
 // fsync that covers it (unless Config.FsyncInterval relaxes that).
 // Without DataDir everything is in memory. wal.go draws the log's format, store.go what the
-// broker writes in it.
+// broker writes in it. With Config.Cluster the server is one node of a cluster: only the
+// leader elected through etcd opens DataDir and serves; the others copy its directory, and
+// a confirm also waits for ClusterConfig.MinInSync of them (cluster.go, replication.go).
 //
 // # Concurrency
 //
@@ -46,6 +48,10 @@
 // queue.mu → channel.mu → channel.cmu → conn.outMu; wal.mu, loginLimiter.mu,
 // replyRegistry.mu and delays.mu are leaves, and code that holds several vhost locks takes
 // them in name order.
+//
+// A clustered server runs its election and its node's loop (standing by, then leading)
+// in goroutines of their own, which Shutdown stops: the loop before the log closes, the
+// replica server and the election after, so followers get the last records first.
 //
 // Messages held by x-delayed-message exchanges wait in one heap per server with one timer
 // (delayed.go); when it fires, the timer's goroutine routes what is due, enqueueing (and
