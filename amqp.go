@@ -25,7 +25,9 @@
 // restart. A publisher confirm or tx.commit-ok for such a message is sent only after the
 // fsync that covers it (unless Config.FsyncInterval relaxes that).
 // Without DataDir everything is in memory. wal.go draws the log's format, store.go what the
-// broker writes in it.
+// broker writes in it. With Config.Cluster the server is one node of a cluster: only the
+// leader elected through etcd opens DataDir and serves; the others copy its directory, and
+// a confirm also waits for ClusterConfig.MinInSync of them (cluster.go, replication.go).
 //
 // # Concurrency
 //
@@ -46,6 +48,10 @@
 // queue.mu → channel.mu → channel.cmu → conn.outMu; wal.mu, loginLimiter.mu,
 // replyRegistry.mu and delays.mu are leaves, and code that holds several vhost locks takes
 // them in name order.
+//
+// A clustered server runs its election and its node's loop (standing by, then leading)
+// in goroutines of their own, which Shutdown stops: the loop before the log closes, the
+// replica server and the election after, so followers get the last records first.
 //
 // Messages held by x-delayed-message exchanges wait in one heap per server with one timer
 // (delayed.go); when it fires, the timer's goroutine routes what is due, enqueueing (and
@@ -194,6 +200,36 @@ type Config struct {
 	// closed with 406 and its messages requeued, as RabbitMQ's consumer_timeout; default
 	// 30 minutes, negative for none. A queue's x-consumer-timeout overrides it.
 	ConsumerTimeout time.Duration
+	// Cluster, when set, makes the server one node of a cluster (see ClusterConfig); nil
+	// is a single node.
+	Cluster *ClusterConfig
+}
+
+// ClusterConfig makes a server a node of a cluster with one leader, elected through etcd,
+// and followers that copy its data directory. Only the leader serves clients; the others
+// answer a client's protocol header with connection.close 320 CONNECTION_FORCED naming
+// the leader. A leader that loses
+// its term stops confirming and shuts down: Serve returns an error, and the process is
+// meant to be restarted (by its supervisor) as a follower.
+type ClusterConfig struct {
+	// Etcd is etcd's client URLs, comma-separated, e.g. "http://10.0.0.1:2379".
+	Etcd string
+	// Name is the cluster's name: its keys in etcd are under /amqp-go/<Name>/.
+	Name string
+	// NodeName is this node's name, unique in the cluster.
+	NodeName string
+	// AdvertiseAddr is the AMQP address (host:port) clients are told when this node leads.
+	AdvertiseAddr string
+	// ReplicationAddr is the address this node serves followers on while it leads, and
+	// that followers dial; it must be reachable from the other nodes.
+	ReplicationAddr string
+	// Secret is the shared secret nodes prove to each other when they replicate.
+	Secret string
+	// MinInSync is how many in-sync followers must hold a message before it is confirmed;
+	// 0 confirms on the leader's own fsync.
+	MinInSync int
+	// TTL is the etcd lease of each node: a dead leader is replaced within about this; default 5s.
+	TTL time.Duration
 }
 
 // TLSConfig names the files of the amqps listener; Reload reads them again.
@@ -314,6 +350,7 @@ type Server struct {
 	httpAddr   net.Addr       // guarded by mu: the management API's listener, once open
 	httpCert   atomic.Pointer[tls.Certificate]
 	clock      atomic.Int64  // Unix milliseconds, updated every resourceCheckInterval: stamps deliveries
+	cluster    *clusterNode  // nil for a single node; set before serving
 	memLimit   atomic.Uint64 // the memory alarm's watermark in bytes; 0: none
 	diskLimit  atomic.Int64  // the disk alarm's limit in free bytes; <= 0: none
 }
@@ -525,7 +562,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		nc, err := ln.Accept()
 		if err != nil {
 			if s.isClosed() {
-				return ErrServerClosed
+				return s.closedErr()
 			}
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
@@ -563,15 +600,40 @@ func (s *Server) Serve(ln net.Listener) error {
 // accepted.
 func (s *Server) load() error {
 	s.openOnce.Do(func() {
-		if s.openErr = s.loadAuth(); s.openErr == nil {
-			s.openErr = s.openStore()
+		if s.openErr = s.loadAuth(); s.openErr != nil {
+			return
 		}
-		if s.openErr == nil {
-			s.delays.start() // the log takes records: held messages due may be routed
-			go s.watchResources()
+		if s.cfg.Cluster != nil {
+			// The node opens the store, and starts the rest, once it leads.
+			var n *clusterNode
+			n, s.openErr = startClusterNode(s)
+			s.mu.Lock()
+			s.cluster = n
+			s.mu.Unlock()
+			return
+		}
+		if s.openErr = s.openStore(); s.openErr == nil {
+			s.startServices()
 		}
 	})
 	return s.openErr
+}
+
+// startServices starts what runs beside the connections once the store is open.
+func (s *Server) startServices() {
+	s.delays.start() // the log takes records: held messages due may be routed
+	go s.watchResources()
+}
+
+// closedErr is what Serve returns once the server is closed: why the cluster node
+// stopped, if it did, else ErrServerClosed.
+func (s *Server) closedErr() error {
+	if s.cluster != nil {
+		if err := s.cluster.failure(); err != nil {
+			return err
+		}
+	}
+	return ErrServerClosed
 }
 
 // Addr returns the address of the first listener, waiting until one is up.
@@ -621,6 +683,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		err = ctx.Err()
 	}
 	s.closeHTTP()
+	s.mu.Lock()
+	node := s.cluster
+	s.mu.Unlock()
+	if node != nil {
+		node.stop() // after this the node changes s.store no more
+	}
 	s.delays.close() // delayed messages falling due now are logged first
 	s.dead.close()   // messages on their way to a dead-letter exchange are logged first
 	if s.store != nil {
@@ -628,6 +696,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	if s.spill != nil {
 		s.spill.close()
+	}
+	if node != nil {
+		node.resign() // after the store: followers get the last records first
 	}
 	return err
 }

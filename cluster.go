@@ -6,22 +6,24 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
-// Leader election for a cluster of brokers, through etcd's HTTP gateway (etcd.go). The data
-// directory's replication to followers is in replication.go, not yet driven by the
-// election; the gate that lets only the leader serve is yet to come.
+// Leader election for a cluster of brokers, through etcd's HTTP gateway (etcd.go), and the
+// clusterNode that drives a Server by it (at the end of this file). The data directory's
+// replication to followers is in replication.go.
 //
 // Each node runs an election and holds an etcd lease of the cluster's TTL (default 5 s),
 // renewed every TTL/3. Its keys, under /amqp-go/<cluster>/, are attached to that lease, so
 // they vanish when the node stops renewing:
 //
-//	leader             {"name", "addr"}           the leader, created by a transaction
-//	candidates/<name>  {"name", "addr", "pos"}    a node in sync that stands for election
+//	leader             {"name", "addr", "repl"}         the leader, created by a transaction
+//	candidates/<name>  {"name", "addr", "repl", "pos"}  a node in sync that stands for election
 //
 // Term. The leader key is created only if it does not exist (create revision 0); its create
 // revision is the leader's term, which grows with every new leader. Replication carries the
@@ -75,6 +77,7 @@ func (p logPosition) less(q logPosition) bool {
 // leaderInfo is who leads the cluster, as one node last saw it.
 type leaderInfo struct {
 	name, addr string // the leader's node name and advertise address; empty if none is known
+	repl       string // the leader's replication address; empty if none is known
 	term       int64  // the leader key's create revision; 0 if none is known
 	self       bool   // this node leads
 }
@@ -83,6 +86,7 @@ type leaderInfo struct {
 type member struct {
 	Name string      `json:"name"`
 	Addr string      `json:"addr"`
+	Repl string      `json:"repl,omitempty"` // replication address, for followers
 	Pos  logPosition `json:"pos"`
 }
 
@@ -362,7 +366,7 @@ func (e *election) step(ctx context.Context, id int64, ttl time.Duration, c *can
 			e.stepDown("another node holds the leader key")
 			return false
 		}
-		e.follow(leaderInfo{name: m.Name, addr: m.Addr, term: kv.CreateRevision})
+		e.follow(leaderInfo{name: m.Name, addr: m.Addr, repl: m.Repl, term: kv.CreateRevision})
 		return true
 	}
 	if term != 0 {
@@ -400,7 +404,7 @@ func (e *election) lead(term int64) bool {
 	alive, was := time.Now().Before(e.until), e.term
 	if alive {
 		e.term = term
-		e.reportLocked(leaderInfo{name: e.self.Name, addr: e.self.Addr, term: term, self: true})
+		e.reportLocked(leaderInfo{name: e.self.Name, addr: e.self.Addr, repl: e.self.Repl, term: term, self: true})
 	}
 	e.mu.Unlock()
 	if alive && was != term {
@@ -470,5 +474,242 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 		return true
 	case <-ctx.Done():
 		return false
+	}
+}
+
+// A clustered Server (Config.Cluster) runs a clusterNode. The node starts as a standby: it
+// does not open its data directory as a store, but as a replica that follows whoever
+// leads, and it stands for election only while that replica is caught up (the leader
+// pinged it, which it does only when it has sent all it wrote). Its listeners accept, but
+// answer the protocol header with connection.close 320 CONNECTION_FORCED naming the
+// leader's address. Once it
+// leads, it stops following, opens the directory as after a crash, serves followers on
+// ReplicationAddr with the gate of MinInSync, and serves clients. A leader that loses its
+// term fails its log (nothing more is confirmed) and shuts the server down; Serve returns
+// errNotLeader and the process is meant to be restarted as a follower, as LavinMQ does.
+
+// errNotLeader is what Serve returns after the node lost its leadership.
+var errNotLeader = errors.New("amqp: cluster: no longer the leader; restart to follow the new one")
+
+// clusterNode drives a clustered server through standing by, leading and stepping down.
+type clusterNode struct {
+	s       *Server
+	cfg     ClusterConfig
+	e       *election
+	replica atomic.Pointer[replica] // the follower's copy while standing by; nil otherwise
+	leader  atomic.Bool             // the store is open and the node serves clients
+	err     atomic.Pointer[error]   // why the node stopped by itself
+
+	stopLoop     context.CancelFunc
+	loopDone     chan struct{}
+	stopElection context.CancelFunc
+	electionDone chan struct{}
+	rs           *replicaServer // the loop's own; Shutdown's once loopDone is closed
+}
+
+// startClusterNode starts s's election and its standby.
+func startClusterNode(s *Server) (*clusterNode, error) {
+	cfg := *s.cfg.Cluster
+	if s.cfg.DataDir == "" {
+		return nil, errors.New("amqp: cluster: a node needs a data directory")
+	}
+	if cfg.AdvertiseAddr == "" || cfg.ReplicationAddr == "" {
+		return nil, errors.New("amqp: cluster: a node needs an advertise address and a replication address")
+	}
+	if cfg.Secret == "" {
+		return nil, errors.New("amqp: cluster: a node needs a shared secret")
+	}
+	e, err := newElection(cfg.Etcd, cfg.Name, cfg.NodeName, cfg.AdvertiseAddr, cfg.TTL)
+	if err != nil {
+		return nil, err
+	}
+	e.self.Repl = cfg.ReplicationAddr
+	e.logger = s.log
+	n := &clusterNode{s: s, cfg: cfg, e: e, loopDone: make(chan struct{}), electionDone: make(chan struct{})}
+	e.position = n.position
+	ectx, stopElection := context.WithCancel(context.Background())
+	lctx, stopLoop := context.WithCancel(context.Background())
+	n.stopElection, n.stopLoop = stopElection, stopLoop
+	go func() {
+		defer close(n.electionDone)
+		e.run(ectx)
+	}()
+	go n.run(lctx)
+	return n, nil
+}
+
+// position is the election's position callback: the replica's log end and whether it is
+// caught up. A replica that never followed any leader (term 0) stands as it is, so a new
+// cluster can elect its first leader.
+func (n *clusterNode) position() (logPosition, bool) {
+	r := n.replica.Load()
+	if r == nil {
+		return logPosition{}, false
+	}
+	term := r.term.Load()
+	return logPosition{Term: term, Seq: pack(r.position())}, term == 0 || r.caughtUp.Load()
+}
+
+// serving reports whether the node leads and serves clients.
+func (n *clusterNode) serving() bool { return n.leader.Load() }
+
+// refusal is what a node that does not lead answers a client's protocol header with.
+func (n *clusterNode) refusal() *Error {
+	text := "not the leader; leader unknown"
+	if l := n.e.leaderNow(); l.addr != "" && !l.self {
+		text = "not the leader; leader is " + l.addr
+	}
+	return newError(replyConnectionForced, text)
+}
+
+// failure returns why the node stopped the server, or nil.
+func (n *clusterNode) failure() error {
+	if p := n.err.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// fail records err and shuts the server down; the loop must return after.
+func (n *clusterNode) fail(err error) {
+	n.err.CompareAndSwap(nil, &err)
+	n.s.log.Error("cluster: shutting down", "err", err)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		n.s.Shutdown(ctx)
+	}()
+}
+
+// stop ends the loop; the store and the replica server stay for Shutdown to close.
+func (n *clusterNode) stop() {
+	n.stopLoop()
+	<-n.loopDone
+}
+
+// resign stops serving followers and ends the election, giving the leader key up.
+func (n *clusterNode) resign() {
+	if n.rs != nil {
+		n.rs.close()
+	}
+	n.stopElection()
+	<-n.electionDone
+}
+
+// run stands by until the node leads, then leads until its term ends or ctx is done.
+func (n *clusterNode) run(ctx context.Context) {
+	defer close(n.loopDone)
+	term, err := n.standBy(ctx)
+	if err == nil {
+		err = n.lead(ctx, term)
+	}
+	if err != nil && ctx.Err() == nil {
+		n.fail(err)
+	}
+}
+
+// standBy follows whoever leads until this node leads, and returns its term.
+func (n *clusterNode) standBy(ctx context.Context) (int64, error) {
+	s := n.s
+	r, err := openReplica(s.cfg.DataDir, followerOptions{cluster: n.cfg.Name, name: n.cfg.NodeName,
+		secret: []byte(n.cfg.Secret), defs: s.cfg.Definitions, log: s.log})
+	if err != nil {
+		return 0, err
+	}
+	n.replica.Store(r)
+	defer func() {
+		n.replica.Store(nil)
+		r.close()
+	}()
+	var following leaderInfo // the leader the session follows, or last failed to
+	var stopFollow context.CancelFunc
+	var followErr chan error
+	stopFollowing := func() {
+		if stopFollow != nil {
+			stopFollow()
+			<-followErr
+			stopFollow, followErr = nil, nil
+		}
+	}
+	defer stopFollowing()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if term, ok := n.e.leading(); ok {
+			return term, nil
+		}
+		if l := n.e.leaderNow(); !l.self && (l.repl != following.repl || l.term != following.term) {
+			stopFollowing()
+			if following = l; l.repl != "" {
+				fctx, cancel := context.WithCancel(ctx)
+				stopFollow, followErr = cancel, make(chan error, 1)
+				addr := l.repl
+				dial := func(ctx context.Context) (net.Conn, error) {
+					var d net.Dialer
+					return d.DialContext(ctx, "tcp", addr)
+				}
+				go func() { followErr <- r.run(fctx, dial) }()
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-n.e.changes:
+		case <-tick.C:
+		case err := <-followErr:
+			// Following this leader again would not change the answer.
+			stopFollow()
+			stopFollow, followErr = nil, nil
+			if ctx.Err() != nil {
+				return 0, ctx.Err()
+			}
+			if errors.Is(err, errReplAuth) {
+				return 0, err // a wrong secret is the operator's to fix
+			}
+			s.log.Warn("cluster: cannot follow the leader; waiting for the next", "leader", following.name, "term", following.term, "err", err)
+		}
+	}
+}
+
+// lead opens the store, serves followers and clients, and returns when the term ends
+// (errNotLeader) or ctx is done.
+func (n *clusterNode) lead(ctx context.Context, term int64) error {
+	s := n.s
+	if s.cfg.Definitions != "" {
+		if err := s.loadAuth(); err != nil { // as replicated from the last leader
+			return err
+		}
+	}
+	if err := s.openStore(); err != nil {
+		return err
+	}
+	if _, ok := n.e.leading(); !ok {
+		return errNotLeader
+	}
+	ln, err := net.Listen("tcp", n.cfg.ReplicationAddr)
+	if err != nil {
+		return err
+	}
+	n.rs = newReplicaServer(s.store.w, replicaOptions{cluster: n.cfg.Name, term: uint64(term),
+		secret: []byte(n.cfg.Secret), defs: s.cfg.Definitions, minInSync: n.cfg.MinInSync, log: s.log})
+	go n.rs.serve(ln)
+	s.startServices()
+	n.leader.Store(true)
+	s.log.Info("cluster: serving as the leader", "term", term, "replication", ln.Addr().String())
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if t, ok := n.e.leading(); !ok || t != term {
+			n.leader.Store(false)
+			s.store.noCheckpoint.Store(true)
+			s.store.w.fail(errNotLeader) // confirm nothing more
+			return errNotLeader
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-n.e.changes:
+		case <-tick.C:
+		}
 	}
 }

@@ -1,13 +1,19 @@
 package amqp
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
 )
 
 // testTTL is the lease TTL of the election tests: the shortest that keeps a loaded machine
@@ -492,4 +498,200 @@ func TestElectionFlappingPartitions(t *testing.T) {
 	}
 	mon.mu.Unlock()
 	t.Logf("%d terms", len(terms))
+}
+
+// clusterServer is a clustered Server serving on 127.0.0.1 in a test.
+type clusterServer struct {
+	srv  *Server
+	addr string     // AMQP address, advertised
+	done chan error // Serve's result
+}
+
+// startClusterServer starts node name of cluster through etcd at url, with secret, on its
+// own data directory; it shuts down when the test ends.
+func startClusterServer(t *testing.T, url, name, secret string) *clusterServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs := &clusterServer{addr: ln.Addr().String(), done: make(chan error, 1)}
+	cs.srv = NewServer(Config{DataDir: t.TempDir(), Logger: walQuietLogger(), Cluster: &ClusterConfig{
+		Etcd: url, Name: "wire", NodeName: name, AdvertiseAddr: cs.addr, ReplicationAddr: freeAddr(t),
+		Secret: secret, MinInSync: 1, TTL: testTTL,
+	}})
+	go func() { cs.done <- cs.srv.Serve(ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		cs.srv.Shutdown(ctx)
+		<-cs.done
+	})
+	return cs
+}
+
+// leads reports whether the server leads and serves clients.
+func (cs *clusterServer) leads() bool {
+	cs.srv.mu.Lock()
+	n := cs.srv.cluster
+	cs.srv.mu.Unlock()
+	return n != nil && n.serving()
+}
+
+// waitClusterLeader waits until exactly one of servers leads, and returns it.
+func waitClusterLeader(t *testing.T, servers ...*clusterServer) *clusterServer {
+	t.Helper()
+	var leader *clusterServer
+	pollUntil(t, 15*time.Second, "a leader", func() bool {
+		leader = nil
+		for _, cs := range servers {
+			if cs.leads() {
+				if leader != nil {
+					return false
+				}
+				leader = cs
+			}
+		}
+		return leader != nil
+	})
+	return leader
+}
+
+// Three clustered servers: one leads; the others refuse clients with 320 naming it;
+// messages confirmed by the leader (with one in-sync follower holding each) survive its
+// stop, on the follower that takes over.
+func TestClusterFailover(t *testing.T) {
+	e := startEtcd(t)
+	servers := []*clusterServer{
+		startClusterServer(t, e.url, "n1", "s3cret"),
+		startClusterServer(t, e.url, "n2", "s3cret"),
+		startClusterServer(t, e.url, "n3", "s3cret"),
+	}
+	leader := waitClusterLeader(t, servers...)
+	var followers []*clusterServer
+	for _, cs := range servers {
+		if cs != leader {
+			followers = append(followers, cs)
+		}
+	}
+	// amqp091-go reports the close as such, or, when its reader has already ended as it
+	// looks, as 503 "unexpected command received": never a connection.
+	want := "CONNECTION_FORCED - not the leader; leader is " + leader.addr
+	refused, other := 0, 0
+	pollUntil(t, 10*time.Second, "a follower refusing with the leader's address", func() bool {
+		c, err := amqp091.Dial("amqp://guest:guest@" + followers[0].addr + "/")
+		var ae *amqp091.Error
+		if !errors.As(err, &ae) {
+			if c != nil {
+				c.Close()
+			}
+			t.Fatalf("dial a follower: %v, want a connection error", err)
+		}
+		switch {
+		case ae.Code == replyConnectionForced && ae.Reason == want:
+			refused++
+		case ae.Code == replyConnectionForced || ae.Code == amqp091.CommandInvalid:
+			other++
+		default:
+			t.Fatalf("dial a follower: %v, want %d", ae, replyConnectionForced)
+		}
+		return refused >= 3
+	})
+	t.Logf("follower refused %d times naming the leader, %d times otherwise", refused, other)
+
+	url := "amqp://guest:guest@" + leader.addr + "/"
+	conn := dial(t, url)
+	declareQueues(t, conn, true, "q")
+	conn.Close()
+	const n = 200
+	publishBodies(t, url, "q", 0, n)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	leader.srv.Shutdown(ctx)
+	if err := <-leader.done; err != ErrServerClosed {
+		t.Fatalf("leader's Serve: %v", err)
+	}
+	leader.done <- ErrServerClosed // for the cleanup
+	start := time.Now()
+	next := waitClusterLeader(t, followers...)
+	t.Logf("new leader %s after %v", next.addr, time.Since(start))
+
+	ch := openChannel(t, dial(t, "amqp://guest:guest@"+next.addr+"/"))
+	got := getAll(t, ch, "q")
+	if len(got) != n {
+		t.Fatalf("new leader has %d messages, want %d", len(got), n)
+	}
+	for i, d := range got {
+		if want := replBody(i); !bytes.Equal(d.Body, want) {
+			t.Fatalf("message %d: %d octets, want %d", i, len(d.Body), len(want))
+		}
+	}
+}
+
+// A leader cut off from etcd (no resign: its lease runs out) fails its log and stops
+// itself, Serve returning errNotLeader; the follower takes over with every confirmed
+// message.
+func TestClusterLeaderCutOff(t *testing.T) {
+	e := startEtcd(t)
+	to := e.url[len("http://"):]
+	proxies := []*testProxy{startProxy(t, to), startProxy(t, to)}
+	servers := []*clusterServer{
+		startClusterServer(t, proxies[0].url(), "n1", "s3cret"),
+		startClusterServer(t, proxies[1].url(), "n2", "s3cret"),
+	}
+	leader := waitClusterLeader(t, servers...)
+	i := slices.Index(servers, leader)
+	follower := servers[1-i]
+
+	url := "amqp://guest:guest@" + leader.addr + "/"
+	conn := dial(t, url)
+	declareQueues(t, conn, true, "q")
+	conn.Close()
+	const n = 100
+	publishBodies(t, url, "q", 0, n)
+
+	proxies[i].cut.Store(true)
+	select {
+	case err := <-leader.done:
+		if !errors.Is(err, errNotLeader) {
+			t.Fatalf("cut-off leader's Serve: %v, want errNotLeader", err)
+		}
+		leader.done <- err // for the cleanup
+	case <-time.After(2 * testTTL):
+		t.Fatal("cut-off leader still serves")
+	}
+	waitClusterLeader(t, follower)
+
+	ch := openChannel(t, dial(t, "amqp://guest:guest@"+follower.addr+"/"))
+	got := getAll(t, ch, "q")
+	if len(got) != n {
+		t.Fatalf("new leader has %d messages, want %d", len(got), n)
+	}
+	for i, d := range got {
+		if want := replBody(i); !bytes.Equal(d.Body, want) {
+			t.Fatalf("message %d: %d octets, want %d", i, len(d.Body), len(want))
+		}
+	}
+}
+
+// A node whose secret is not the leader's cannot follow it: it stops, Serve returning
+// the authentication error, and the leader serves on.
+func TestClusterWrongSecret(t *testing.T) {
+	e := startEtcd(t)
+	leader := startClusterServer(t, e.url, "n1", "s3cret")
+	waitClusterLeader(t, leader)
+	other := startClusterServer(t, e.url, "n2", "wrong")
+	select {
+	case err := <-other.done:
+		if !errors.Is(err, errReplAuth) {
+			t.Fatalf("Serve: %v, want errReplAuth", err)
+		}
+		other.done <- err // for the cleanup
+	case <-time.After(10 * time.Second):
+		t.Fatal("a node with a wrong secret still runs")
+	}
+	if !leader.leads() {
+		t.Fatal("the leader stopped leading")
+	}
 }

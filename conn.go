@@ -694,6 +694,12 @@ func (c *conn) handshake() error {
 		c.logger().Warn("closing connection: bad protocol header", "header", strconv.Quote(string(hdr[:])))
 		return errBadHeader
 	}
+	if n := c.s.cluster; n != nil && !n.serving() {
+		// A cluster node that does not lead answers the header with connection.close 320
+		// naming the leader: clients (amqp091-go) report it as is, where a refusal at
+		// connection.open would be reported as a vhost error.
+		return n.refusal()
+	}
 	c.send(&connectionStart{
 		VersionMajor:     0,
 		VersionMinor:     9,

@@ -189,6 +189,7 @@ func (s *Server) ManagementHandler() http.Handler {
 	handle("GET /api/health/checks/port-listener/{port}", anyone, s.apiHealthPort)
 	handle("GET /api/health/checks/protocol-listener/{protocol}", anyone, s.apiHealthProtocol)
 	handle("GET /api/health/checks/is-in-service", anyone, s.apiHealthInService)
+	handle("GET /api/health/checks/is-leader", anyone, s.apiHealthIsLeader)
 	handle("GET /api/health/checks/ready-to-serve-clients", anyone, s.apiHealthInService)
 	handle("GET /api/health/checks/node-is-quorum-critical", anyone, okStatus)
 	handle("GET /api/health/checks/node-is-mirror-sync-critical", anyone, okStatus)
@@ -1132,6 +1133,18 @@ func (s *Server) apiHealthInService(r *http.Request, u *apiUser) (any, error) {
 	}
 	if s.isClosed() {
 		return nil, healthFailed("the broker is shutting down", nil)
+	}
+	return map[string]any{"status": "ok"}, nil
+}
+
+// apiHealthIsLeader answers 200 on a cluster's leader and on a single node, 503 on a
+// node that does not lead.
+func (s *Server) apiHealthIsLeader(r *http.Request, u *apiUser) (any, error) {
+	s.mu.Lock()
+	n := s.cluster
+	s.mu.Unlock()
+	if n != nil && !n.serving() {
+		return nil, healthFailed(n.refusal().Text, nil)
 	}
 	return map[string]any{"status": "ok"}, nil
 }

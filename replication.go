@@ -42,7 +42,7 @@ import (
 //	leader → follower  part     name shortstr, off u64, octets: part of a file's new content
 //	leader → follower  file     name shortstr, size u64, crc u32: the parts are whole: replace
 //	leader → follower  remove   name shortstr
-//	leader → follower  ping     (empty): answer with an ack
+//	leader → follower  ping     (empty): all written is sent (or idle); answer with an ack
 //	follower → leader  ack      seg u64, off u64: the log up to there is on the follower's disk
 //	either             refuse   text: why the session ends
 //
@@ -758,6 +758,7 @@ func (rs *replicaServer) stream(rc *replConn, f *replFollower, cur walPos, acks 
 	buf := make([]byte, replChunk)
 	ping := time.NewTicker(rs.opt.timeout / 4)
 	defer ping.Stop()
+	atHead := false // a ping was sent since the log last moved
 	for {
 		rs.mu.Lock()
 		if f.next < rs.evBase {
@@ -789,7 +790,15 @@ func (rs *replicaServer) stream(rc *replConn, f *replFollower, cur walPos, acks 
 			return err
 		}
 		if moved {
+			atHead = false
 			continue
+		}
+		if !atHead {
+			// All that is written is sent: the ping tells the follower it is caught up.
+			if err := rc.send(replPing); err != nil {
+				return err
+			}
+			atHead = true
 		}
 		if err := rc.w.Flush(); err != nil {
 			return err
@@ -892,6 +901,9 @@ type replica struct {
 
 	term atomic.Uint64 // the newest term seen
 	pos  atomic.Uint64 // the log position on disk, packed
+	// caughtUp is set when the leader pings, which it does only when it has sent all it
+	// has written, and cleared when a session starts: a follower cut off keeps it.
+	caughtUp atomic.Bool
 }
 
 // openReplica locks dir for a follower and tidies what a killed session left.
@@ -922,6 +934,13 @@ func openReplica(dir string, opt followerOptions) (*replica, error) {
 			return nil, errors.New("amqp: " + filepath.Join(dir, "TERM") + ": not a term")
 		}
 		r.term.Store(t)
+	}
+	if segs, _ := filepath.Glob(filepath.Join(dir, "wal", "*.seg")); len(segs) > 0 {
+		last := segs[len(segs)-1] // 20-digit names sort by number
+		seq, err := strconv.ParseUint(strings.TrimSuffix(filepath.Base(last), ".seg"), 10, 64)
+		if fi, err2 := os.Stat(last); err == nil && err2 == nil {
+			r.pos.Store(pack(walPos{seq, uint64(fi.Size())}))
+		}
 	}
 	return r, nil
 }
@@ -984,6 +1003,7 @@ func (r *replica) follow(ctx context.Context, c net.Conn) error {
 	defer stop()
 	defer r.closeFiles()
 	rc := newReplConn(c)
+	r.caughtUp.Store(false)
 	if err := r.handshake(rc); err != nil {
 		return err
 	}
@@ -1031,6 +1051,7 @@ func (r *replica) follow(ctx context.Context, c net.Conn) error {
 			}
 		case replPing:
 			ackNow = true
+			r.caughtUp.Store(true)
 		case replRefuse:
 			return errors.New("amqp: replication: leader ended the session: " + string(p))
 		default:

@@ -1279,6 +1279,18 @@ func (w *wal) close() {
 	w.mu.Unlock()
 }
 
+// fail closes the log for good with err: nothing more completes, waiters get err.
+func (w *wal) fail(err error) {
+	w.mu.Lock()
+	if w.failed == nil {
+		w.failed = err
+		w.failedAtomic.Store(true)
+	}
+	w.synced.Broadcast()
+	w.mu.Unlock()
+	w.kick()
+}
+
 // unlock releases the data directory; the log must be closed.
 func (w *wal) unlock() { w.lock.Close() }
 

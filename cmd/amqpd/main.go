@@ -68,6 +68,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.Int64Var(&cfg.DiskFreeLimit, "disk-free-limit", 50_000_000, "block publishers while the data directory's disk has fewer free bytes than this; 0: never")
 	memWatermark := fs.Float64("memory-high-watermark", 0.4, "block publishers when the memory in use passes this fraction of RAM (<= 1) or this many bytes (> 1); 0: never")
 	fs.BoolVar(&cfg.Repair, "repair", false, "skip corrupt records in the middle of the log at startup, logging what is lost")
+	cluster := clusterFlags(fs)
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	logFile := fs.String("log-file", "", "log to this file instead of standard error")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
@@ -138,6 +139,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if cfg.Heartbeat == 0 {
 		cfg.Heartbeat = -1 // Config's zero means the default
 	}
+	cfg.Cluster = cluster()
 	if *httpCert != "" {
 		cfg.HTTPTLS = &amqp.TLSConfig{CertFile: *httpCert, KeyFile: *httpKey}
 	}
@@ -224,4 +226,25 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	logger.Info("stopped")
 	return code
+}
+
+// clusterFlags binds the cluster flags to fs; the function it returns gives the cluster
+// configuration once fs is parsed, nil without -cluster-etcd (a single node).
+func clusterFlags(fs *flag.FlagSet) func() *amqp.ClusterConfig {
+	var c amqp.ClusterConfig
+	fs.StringVar(&c.Etcd, "cluster-etcd", "", "etcd client URLs, comma-separated: run as a node of a cluster, serving clients only while leader")
+	fs.StringVar(&c.Name, "cluster-name", "amqp-go", "the cluster's name, its keys in etcd are under /amqp-go/<name>/")
+	host, _ := os.Hostname()
+	fs.StringVar(&c.NodeName, "node-name", host, "this node's name, unique in the cluster")
+	fs.StringVar(&c.AdvertiseAddr, "advertise-addr", "", "host:port of this node's AMQP listener, told to clients while it leads")
+	fs.StringVar(&c.ReplicationAddr, "replication-addr", "", "host:port the leader serves followers on and followers dial")
+	fs.StringVar(&c.Secret, "cluster-secret", "", "shared secret the nodes prove to each other (better set by AMQPD_CLUSTER_SECRET)")
+	fs.IntVar(&c.MinInSync, "min-insync", 1, "in-sync followers that must hold a message before it is confirmed (0: the leader's fsync)")
+	fs.DurationVar(&c.TTL, "cluster-ttl", 5*time.Second, "etcd lease TTL: a dead leader is replaced within about this")
+	return func() *amqp.ClusterConfig {
+		if c.Etcd == "" {
+			return nil
+		}
+		return &c
+	}
 }
