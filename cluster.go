@@ -553,6 +553,18 @@ func (n *clusterNode) position() (logPosition, bool) {
 // serving reports whether the node leads and serves clients.
 func (n *clusterNode) serving() bool { return n.leader.Load() }
 
+// standby returns s's cluster node when s is a node that does not lead, else nil. Once it
+// returns nil, s.store is the leader's own (set before the node serves).
+func (s *Server) standby() *clusterNode {
+	s.mu.Lock()
+	n := s.cluster
+	s.mu.Unlock()
+	if n != nil && !n.serving() {
+		return n
+	}
+	return nil
+}
+
 // refusal is what a node that does not lead answers a client's protocol header with.
 func (n *clusterNode) refusal() *Error {
 	text := "not the leader; leader unknown"

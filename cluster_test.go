@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"sync"
@@ -598,6 +600,35 @@ func TestClusterFailover(t *testing.T) {
 		return refused >= 3
 	})
 	t.Logf("follower refused %d times naming the leader, %d times otherwise", refused, other)
+
+	// A standby's management API answers 503 naming the leader, but for health checks;
+	// is-in-service and is-leader say it serves no client.
+	for _, c := range []struct {
+		srv        *Server
+		path       string
+		wantStatus int
+	}{
+		{followers[0].srv, "/api/queues", http.StatusServiceUnavailable},
+		{followers[0].srv, "/api/overview", http.StatusServiceUnavailable},
+		{followers[0].srv, "/api/health/checks/is-in-service", http.StatusServiceUnavailable},
+		{followers[0].srv, "/api/health/checks/is-leader", http.StatusServiceUnavailable},
+		{followers[0].srv, "/api/health/checks/alarms", http.StatusOK},
+		{leader.srv, "/api/queues", http.StatusOK},
+		{leader.srv, "/api/health/checks/is-in-service", http.StatusOK},
+		{leader.srv, "/api/health/checks/is-leader", http.StatusOK},
+	} {
+		req := httptest.NewRequest("GET", c.path, nil)
+		req.RemoteAddr = "127.0.0.1:1" // guest logs in from loopback only
+		req.SetBasicAuth("guest", "guest")
+		rec := httptest.NewRecorder()
+		c.srv.ManagementHandler().ServeHTTP(rec, req)
+		if rec.Code != c.wantStatus {
+			t.Errorf("GET %s on %s: %d %s, want %d", c.path, map[bool]string{true: "the leader", false: "a follower"}[c.srv == leader.srv], rec.Code, rec.Body, c.wantStatus)
+		}
+		if c.wantStatus == http.StatusServiceUnavailable && !strings.Contains(rec.Body.String(), leader.addr) {
+			t.Errorf("GET %s on a follower: %s, want the leader's address %s", c.path, rec.Body, leader.addr)
+		}
+	}
 
 	url := "amqp://guest:guest@" + leader.addr + "/"
 	conn := dial(t, url)

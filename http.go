@@ -69,6 +69,17 @@ type apiError struct {
 
 func (e *apiError) Error() string { return e.error + ": " + e.reason }
 
+// leaderOnly answers 503 for fn on a cluster node that does not lead: a standby's broker
+// is empty and its store is not its own until it leads. Health checks answer everywhere.
+func (s *Server) leaderOnly(fn apiFunc) apiFunc {
+	return func(r *http.Request, u *apiUser) (any, error) {
+		if n := s.standby(); n != nil {
+			return nil, &apiError{http.StatusServiceUnavailable, "not_leader", n.refusal().Text}
+		}
+		return fn(r, u)
+	}
+}
+
 func notFoundAPI() *apiError { return &apiError{http.StatusNotFound, "Object Not Found", "Not Found"} }
 func badRequest(reason string) *apiError {
 	return &apiError{http.StatusBadRequest, "bad_request", reason}
@@ -90,6 +101,9 @@ type apiFunc func(r *http.Request, u *apiUser) (any, error)
 func (s *Server) ManagementHandler() http.Handler {
 	mux := &apiRouter{}
 	handle := func(pattern string, need func(*apiUser) bool, fn apiFunc) {
+		if !strings.Contains(pattern, "/api/health/") {
+			fn = s.leaderOnly(fn)
+		}
 		mux.handle(pattern, s.api(need, fn))
 	}
 	anyone := func(*apiUser) bool { return true }
@@ -1134,16 +1148,16 @@ func (s *Server) apiHealthInService(r *http.Request, u *apiUser) (any, error) {
 	if s.isClosed() {
 		return nil, healthFailed("the broker is shutting down", nil)
 	}
+	if n := s.standby(); n != nil {
+		return nil, healthFailed(n.refusal().Text, nil) // a standby serves no client
+	}
 	return map[string]any{"status": "ok"}, nil
 }
 
 // apiHealthIsLeader answers 200 on a cluster's leader and on a single node, 503 on a
 // node that does not lead.
 func (s *Server) apiHealthIsLeader(r *http.Request, u *apiUser) (any, error) {
-	s.mu.Lock()
-	n := s.cluster
-	s.mu.Unlock()
-	if n != nil && !n.serving() {
+	if n := s.standby(); n != nil {
 		return nil, healthFailed(n.refusal().Text, nil)
 	}
 	return map[string]any{"status": "ok"}, nil

@@ -812,7 +812,7 @@ func (s *Server) writeMetrics(w io.Writer, perObject bool) error {
 	if limit := s.memLimit.Load(); limit > 0 {
 		p.one("rabbitmq_resident_memory_limit_bytes", "gauge", "Memory high watermark in bytes", "", limit)
 	}
-	if s.store != nil {
+	if s.standby() == nil && s.store != nil { // a standby's store is not its own yet
 		if free, err := s.diskFree(); err == nil {
 			p.one("rabbitmq_disk_space_available_bytes", "gauge", "Disk space available in bytes", "", free)
 		}
