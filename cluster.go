@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -552,6 +553,32 @@ func (n *clusterNode) position() (logPosition, bool) {
 
 // serving reports whether the node leads and serves clients.
 func (n *clusterNode) serving() bool { return n.leader.Load() }
+
+// apiCluster answers GET /api/cluster: this node, the leader it knows and its term, and on
+// the leader each follower's acknowledged position, lag and in-sync state.
+func (s *Server) apiCluster(r *http.Request, u *apiUser) (any, error) {
+	s.mu.Lock()
+	n := s.cluster
+	s.mu.Unlock()
+	if n == nil {
+		return map[string]any{"clustered": false, "node": s.node(), "leading": true}, nil
+	}
+	l := n.e.leaderNow()
+	info := map[string]any{
+		"clustered": true, "cluster": n.cfg.Name, "node": n.cfg.NodeName, "leading": n.serving(),
+		"leader":     map[string]any{"name": l.name, "addr": l.addr, "term": l.term},
+		"min_insync": n.cfg.MinInSync,
+	}
+	followers := []any{}
+	if n.serving() { // n.rs is set before the node serves
+		for _, f := range n.rs.status() {
+			followers = append(followers, map[string]any{"name": f.name, "acked_segment": f.acked.seg,
+				"acked_offset": f.acked.off, "lag_bytes": f.lag, "in_sync": f.inSync})
+		}
+	}
+	info["followers"] = followers
+	return info, nil
+}
 
 // standby returns s's cluster node when s is a node that does not lead, else nil. Once it
 // returns nil, s.store is the leader's own (set before the node serves).

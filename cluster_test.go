@@ -3,6 +3,7 @@ package amqp
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -636,6 +637,36 @@ func TestClusterFailover(t *testing.T) {
 	conn.Close()
 	const n = 200
 	publishBodies(t, url, "q", 0, n)
+
+	// /api/cluster: the leader lists both followers, at least one in sync after the
+	// confirms; a follower names the leader and its term.
+	status := func(srv *Server) map[string]any {
+		req := httptest.NewRequest("GET", "/api/cluster", nil)
+		req.RemoteAddr = "127.0.0.1:1"
+		req.SetBasicAuth("guest", "guest")
+		rec := httptest.NewRecorder()
+		srv.ManagementHandler().ServeHTTP(rec, req)
+		var st map[string]any
+		if err := json.Unmarshal(rec.Body.Bytes(), &st); rec.Code != http.StatusOK || err != nil {
+			t.Fatalf("GET /api/cluster: %d %s", rec.Code, rec.Body)
+		}
+		return st
+	}
+	st := status(leader.srv)
+	followerList, _ := st["followers"].([]any)
+	inSync := 0
+	for _, f := range followerList {
+		if f.(map[string]any)["in_sync"] == true {
+			inSync++
+		}
+	}
+	if st["leading"] != true || len(followerList) != 2 || inSync < 1 {
+		t.Errorf("the leader's /api/cluster: %v, want leading with 2 followers, one in sync at least", st)
+	}
+	st = status(followers[0].srv)
+	if l, _ := st["leader"].(map[string]any); st["leading"] != false || l["addr"] != leader.addr || l["term"].(float64) <= 0 {
+		t.Errorf("a follower's /api/cluster: %v, want not leading, the leader at %s with a term", st, leader.addr)
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

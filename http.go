@@ -204,6 +204,7 @@ func (s *Server) ManagementHandler() http.Handler {
 	handle("GET /api/health/checks/protocol-listener/{protocol}", anyone, s.apiHealthProtocol)
 	handle("GET /api/health/checks/is-in-service", anyone, s.apiHealthInService)
 	handle("GET /api/health/checks/is-leader", anyone, s.apiHealthIsLeader)
+	mux.handle("GET /api/cluster", s.api(monitor, s.apiCluster)) // answered on every node
 	handle("GET /api/health/checks/ready-to-serve-clients", anyone, s.apiHealthInService)
 	handle("GET /api/health/checks/node-is-quorum-critical", anyone, okStatus)
 	handle("GET /api/health/checks/node-is-mirror-sync-critical", anyone, okStatus)

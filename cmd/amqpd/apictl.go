@@ -51,6 +51,42 @@ var apiCommands = map[string]apiCommand{
 		_, err := c.do("DELETE", "/api/connections/"+url.PathEscape(pos[0]), nil, "X-Reason", reason)
 		return err
 	}},
+	"cluster_status": {run: func(c *apiClient, _ string, _ []string, stdout io.Writer) error {
+		b, err := c.do("GET", "/api/cluster", nil)
+		if err != nil {
+			return err
+		}
+		var st struct {
+			Clustered     bool
+			Cluster, Node string
+			Leading       bool
+			MinInSync     int `json:"min_insync"`
+			Leader        struct {
+				Name, Addr string
+				Term       int64
+			}
+			Followers []struct {
+				Name         string
+				AckedSegment uint64 `json:"acked_segment"`
+				AckedOffset  uint64 `json:"acked_offset"`
+				LagBytes     int64  `json:"lag_bytes"`
+				InSync       bool   `json:"in_sync"`
+			}
+		}
+		if err := json.Unmarshal(b, &st); err != nil {
+			return err
+		}
+		if !st.Clustered {
+			fmt.Fprintf(stdout, "node %s: a single node, not clustered\n", st.Node)
+			return nil
+		}
+		fmt.Fprintf(stdout, "cluster %s, node %s, leading %v\nleader %s (%s), term %d, min in sync %d\n",
+			st.Cluster, st.Node, st.Leading, st.Leader.Name, st.Leader.Addr, st.Leader.Term, st.MinInSync)
+		for _, f := range st.Followers {
+			fmt.Fprintf(stdout, "follower %s\tin sync %v\tlag %d bytes\tacked %d:%d\n", f.Name, f.InSync, f.LagBytes, f.AckedSegment, f.AckedOffset)
+		}
+		return nil
+	}},
 	"purge_queue": {args: "QUEUE", min: 1, max: 1, vhost: true, run: func(c *apiClient, vhost string, pos []string, _ io.Writer) error {
 		_, err := c.do("DELETE", "/api/queues/"+url.PathEscape(vhost)+"/"+url.PathEscape(pos[0])+"/contents", nil)
 		return err

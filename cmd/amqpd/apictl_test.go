@@ -152,6 +152,9 @@ func TestAPIVerbs(t *testing.T) {
 	if err := json.Unmarshal(raw, &exported); err != nil || len(exported.Queues) != 2 {
 		t.Errorf("export: %v %s", err, raw)
 	}
+	if out := mustAPIVerb(t, "cluster_status", d.node); !strings.Contains(out, "a single node, not clustered") {
+		t.Errorf("cluster_status of a single node: %q", out)
+	}
 	mustAPIVerb(t, "delete_queue", d.node, "src")
 	mustAPIVerb(t, "import_definitions", d.node, file)
 	if out := mustAPIVerb(t, "list_queues", d.node, "name"); !strings.Contains(out, "src\n") {
