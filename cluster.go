@@ -580,6 +580,31 @@ func (s *Server) apiCluster(r *http.Request, u *apiUser) (any, error) {
 	return info, nil
 }
 
+// clusterMetrics writes a clustered node's state (not in RabbitMQ): whether it leads, the
+// term it knows, and on the leader its followers in sync and their largest lag.
+func (s *Server) clusterMetrics(p *promWriter) {
+	s.mu.Lock()
+	n := s.cluster
+	s.mu.Unlock()
+	if n == nil {
+		return
+	}
+	leading, inSync, lag := uint64(0), uint64(0), uint64(0)
+	if n.serving() { // n.rs is set before the node serves
+		leading = 1
+		for _, f := range n.rs.status() {
+			if f.inSync {
+				inSync++
+			}
+			lag = max(lag, uint64(f.lag))
+		}
+	}
+	p.one("amqpgo_cluster_leading", "gauge", "1 if this node leads its cluster and serves clients", "", leading)
+	p.one("amqpgo_cluster_term", "gauge", "The leader's term this node knows (the leader key's etcd revision)", "", uint64(max(n.e.leaderNow().term, 0)))
+	p.one("amqpgo_cluster_followers_in_sync", "gauge", "Followers in sync with this leader", "", inSync)
+	p.one("amqpgo_cluster_follower_lag_bytes", "gauge", "The largest follower lag behind this leader's log, in bytes", "", lag)
+}
+
 // standby returns s's cluster node when s is a node that does not lead, else nil. Once it
 // returns nil, s.store is the leader's own (set before the node serves).
 func (s *Server) standby() *clusterNode {

@@ -663,6 +663,14 @@ func TestClusterFailover(t *testing.T) {
 	if st["leading"] != true || len(followerList) != 2 || inSync < 1 {
 		t.Errorf("the leader's /api/cluster: %v, want leading with 2 followers, one in sync at least", st)
 	}
+	// The same in the leader's metrics.
+	rec := httptest.NewRecorder()
+	leader.srv.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	for _, want := range []string{"amqpgo_cluster_leading 1\n", "amqpgo_cluster_followers_in_sync "} {
+		if !strings.Contains(rec.Body.String(), want) {
+			t.Errorf("the leader's metrics lack %q", want)
+		}
+	}
 	st = status(followers[0].srv)
 	if l, _ := st["leader"].(map[string]any); st["leading"] != false || l["addr"] != leader.addr || l["term"].(float64) <= 0 {
 		t.Errorf("a follower's /api/cluster: %v, want not leading, the leader at %s with a term", st, leader.addr)

@@ -832,6 +832,7 @@ func (s *Server) writeMetrics(w io.Writer, perObject bool) error {
 	if limit := s.cfg.MaxConnections; limit > 0 {
 		p.one("rabbitmq_process_max_tcp_sockets", "gauge", "Open TCP sockets limit", "", uint64(limit))
 	}
+	s.clusterMetrics(p)
 	alarms := s.alarms.Load()
 	p.one("rabbitmq_alarms_file_descriptor_limit", "untyped", "is 1 if file descriptor limit alarm is in effect", "", 0)
 	p.one("rabbitmq_alarms_free_disk_space_watermark", "untyped", "is 1 if free disk space watermark alarm is in effect", "", uint64(alarms&alarmDisk)/alarmDisk)
