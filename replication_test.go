@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -29,7 +30,7 @@ type replLeader struct {
 	addr string
 }
 
-func startReplLeader(t *testing.T, cfg Config, opt replicaOptions) *replLeader {
+func startReplLeader(t testing.TB, cfg Config, opt replicaOptions) *replLeader {
 	t.Helper()
 	b := startDurable(t, cfg)
 	if opt.cluster == "" {
@@ -56,7 +57,7 @@ func startReplLeader(t *testing.T, cfg Config, opt replicaOptions) *replLeader {
 
 // replFollower runs sessions of a follower of a directory.
 type replSession struct {
-	t      *testing.T
+	t      testing.TB
 	r      *replica
 	cancel context.CancelFunc
 	done   chan error
@@ -67,7 +68,7 @@ func followerOpts(name string) followerOptions {
 }
 
 // follow opens dir as a replica and runs one session with the leader at addr.
-func follow(t *testing.T, dir, addr string, opt followerOptions) *replSession {
+func follow(t testing.TB, dir, addr string, opt followerOptions) *replSession {
 	t.Helper()
 	r, err := openReplica(dir, opt)
 	if err != nil {
@@ -167,7 +168,7 @@ func waitMirrored(t *testing.T, leaderDir, followerDir, leaderDefs, followerDefs
 	}
 }
 
-func waitInSync(t *testing.T, rs *replicaServer, n int) {
+func waitInSync(t testing.TB, rs *replicaServer, n int) {
 	t.Helper()
 	pollFor(t, fmt.Sprintf("%d followers in sync", n), func() bool {
 		k := 0
@@ -178,6 +179,22 @@ func waitInSync(t *testing.T, rs *replicaServer, n int) {
 		}
 		return k == n
 	})
+}
+
+// BenchmarkReplicatedConfirm is BenchmarkPublishConfirmPersistent (16 B) against a leader
+// whose confirms wait for 0, 1 or 2 followers on 127.0.0.1 (-min-insync), each fsyncing
+// its copy.
+func BenchmarkReplicatedConfirm(b *testing.B) {
+	for n := range 3 {
+		b.Run(strconv.Itoa(n)+"followers", func(b *testing.B) {
+			l := startReplLeader(b, Config{}, replicaOptions{minInSync: n})
+			for i := range n {
+				follow(b, b.TempDir(), l.addr, followerOpts("f"+strconv.Itoa(i)))
+			}
+			waitInSync(b, l.rs, n)
+			benchConfirmPersistentAt(b, l.url, 16)
+		})
+	}
 }
 
 // replBody is the body of message i: its number and up to 20 KiB of pseudo-random octets.

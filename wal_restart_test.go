@@ -1076,7 +1076,11 @@ func BenchmarkPublishConfirmPersistent(b *testing.B) {
 }
 
 func benchPublishConfirmPersistent(b *testing.B, size int) {
-	u := benchURL(b)
+	benchConfirmPersistentAt(b, benchURL(b), size)
+}
+
+// benchConfirmPersistentAt is BenchmarkPublishConfirmPersistent against the broker at u.
+func benchConfirmPersistentAt(b *testing.B, u string, size int) {
 	pconn, cconn := dial(b, u), dial(b, u)
 	pch, cch := openChannel(b, pconn), openChannel(b, cconn)
 	queue := fmt.Sprintf("bench-persistent-%d-%d-%d", os.Getpid(), size, time.Now().UnixNano())
