@@ -94,18 +94,7 @@ func newDeadLetters(s *Server) *deadLetters {
 // add hands messages over for dead-lettering. It never blocks on the work itself, so a
 // queue may call it with its lock held.
 func (d *deadLetters) add(jobs ...deadLetterJob) {
-	d.mu.Lock()
-	if d.closed {
-		// The server stopped (a timer fired late): the messages stay where the log has
-		// them, in their source queue, and come back there at the next start.
-		d.mu.Unlock()
-		return
-	}
-	d.jobs = append(d.jobs, jobs...)
-	start := !d.running
-	d.running = true
-	d.mu.Unlock()
-	if start {
+	if d.queue(jobs) {
 		go d.run()
 	}
 }
@@ -114,18 +103,24 @@ func (d *deadLetters) add(jobs ...deadLetterJob) {
 // becomes the worker and has moved the jobs (and any added meanwhile) when it returns;
 // otherwise they queue behind the running worker's, in order.
 func (d *deadLetters) addNow(jobs ...deadLetterJob) {
-	d.mu.Lock()
-	if d.closed {
-		d.mu.Unlock()
-		return
-	}
-	d.jobs = append(d.jobs, jobs...)
-	start := !d.running
-	d.running = true
-	d.mu.Unlock()
-	if start {
+	if d.queue(jobs) {
 		d.run()
 	}
+}
+
+// queue appends jobs; it reports whether no worker runs, the caller then being the one
+// to start it. After the server stopped (a timer fired late) it drops them: the messages
+// stay where the log has them, in their source queue, and come back there at the next start.
+func (d *deadLetters) queue(jobs []deadLetterJob) (start bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return false
+	}
+	d.jobs = append(d.jobs, jobs...)
+	start = !d.running
+	d.running = true
+	return start
 }
 
 // run moves jobs until none are left.
