@@ -1,7 +1,6 @@
 package amqp
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -687,16 +686,7 @@ func TestClusterFailover(t *testing.T) {
 	next := waitClusterLeader(t, followers...)
 	t.Logf("new leader %s after %v", next.addr, time.Since(start))
 
-	ch := openChannel(t, dial(t, "amqp://guest:guest@"+next.addr+"/"))
-	got := getAll(t, ch, "q")
-	if len(got) != n {
-		t.Fatalf("new leader has %d messages, want %d", len(got), n)
-	}
-	for i, d := range got {
-		if want := replBody(i); !bytes.Equal(d.Body, want) {
-			t.Fatalf("message %d: %d octets, want %d", i, len(d.Body), len(want))
-		}
-	}
+	expectReplBodies(t, "amqp://guest:guest@"+next.addr+"/", "q", n)
 }
 
 // A leader cut off from etcd (no resign: its lease runs out) fails its log and stops
@@ -733,16 +723,7 @@ func TestClusterLeaderCutOff(t *testing.T) {
 	}
 	waitClusterLeader(t, follower)
 
-	ch := openChannel(t, dial(t, "amqp://guest:guest@"+follower.addr+"/"))
-	got := getAll(t, ch, "q")
-	if len(got) != n {
-		t.Fatalf("new leader has %d messages, want %d", len(got), n)
-	}
-	for i, d := range got {
-		if want := replBody(i); !bytes.Equal(d.Body, want) {
-			t.Fatalf("message %d: %d octets, want %d", i, len(d.Body), len(want))
-		}
-	}
+	expectReplBodies(t, "amqp://guest:guest@"+follower.addr+"/", "q", n)
 }
 
 // A node whose secret is not the leader's cannot follow it: it stops, Serve returning

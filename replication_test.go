@@ -241,10 +241,16 @@ func TestReplFollowerPromoted(t *testing.T) {
 	l.stop()
 
 	p := startDurable(t, Config{DataDir: fdir})
-	ch := openChannel(t, dial(t, p.url))
-	got := getAll(t, ch, "q")
+	expectReplBodies(t, p.url, "q", n)
+}
+
+// expectReplBodies takes every message of queue at url and checks they are replBody(0)
+// to replBody(n-1), in order and byte for byte.
+func expectReplBodies(t testing.TB, url, queue string, n int) {
+	t.Helper()
+	got := getAll(t, openChannel(t, dial(t, url)), queue)
 	if len(got) != n {
-		t.Fatalf("promoted follower has %d messages, want %d", len(got), n)
+		t.Fatalf("%s holds %d messages, want %d", queue, len(got), n)
 	}
 	for i, d := range got {
 		if want := replBody(i); !bytes.Equal(d.Body, want) {
