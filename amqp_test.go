@@ -448,7 +448,7 @@ func TestLimitMaxMessageSize(t *testing.T) {
 	secAllowed(t, "1000 octets", secTry(t, c, publish(1000)))
 	secRefused(t, "1001 octets", secTry(t, c, publish(1001)), 406, "PRECONDITION_FAILED - message size 1001 is larger than configured max size 1000")
 	secRefused(t, "1 MiB", secTry(t, c, publish(1<<20)), 406, "PRECONDITION_FAILED - message size 1048576 is larger than configured max size 1000")
-	if n := secCount(t, ch, q.Name); n != 1 {
+	if n := queueReady(t, ch, q.Name); n != 1 {
 		t.Errorf("%d messages queued, want 1", n)
 	}
 	if c.IsClosed() {

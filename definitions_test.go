@@ -99,7 +99,7 @@ func TestTopicPermissions(t *testing.T) {
 		return ch.TxCommit()
 	}), 403, topicDenied("write", "tq.a", "amq.topic", "/", "tp"))
 	ch := openChannel(t, tp)
-	if got := secCount(t, ch, "tp-q"); got != 1 {
+	if got := queueReady(t, ch, "tp-q"); got != 1 {
 		t.Errorf("tp-q holds %d messages, want the one allowed publish", got)
 	}
 

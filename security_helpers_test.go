@@ -280,16 +280,6 @@ func secLoginRefused(mechanism string) string {
 	return "ACCESS_REFUSED - Login was refused using authentication mechanism " + mechanism + ". For details see the broker logfile."
 }
 
-// secCount returns a queue's ready messages, from a passive declare on ch.
-func secCount(t testing.TB, ch *amqp091.Channel, queue string) int {
-	t.Helper()
-	q, err := ch.QueueDeclarePassive(queue, false, false, false, false, nil)
-	if err != nil {
-		t.Fatalf("passive declare %s: %v", queue, err)
-	}
-	return q.Messages
-}
-
 // secRoundTrip declares queue on c (which must be allowed), publishes a message to it
 // through the default exchange and gets it back.
 func secRoundTrip(t testing.TB, c *amqp091.Connection, queue string) {

@@ -183,7 +183,7 @@ func TestPermissionRabbitMQExport(t *testing.T) {
 	if _, err := ch.QueueDelete("alice-q", false, false, false); err != nil {
 		t.Errorf("alice deletes alice-q: %v", err)
 	}
-	if n := secCount(t, admin, "bob-q"); n != 2 {
+	if n := queueReady(t, admin, "bob-q"); n != 2 {
 		t.Errorf("bob-q holds %d messages, want 2: guest's and alice's", n)
 	}
 }
@@ -417,7 +417,7 @@ func TestPermissionPaths(t *testing.T) {
 		"p-rw-q": 1, // pat's publish through the default exchange was got; one through pat's binding
 		"p-n-q":  1, // through p-w-x -> p-rw-x -> p-r-x -> p-n-q
 	} {
-		if n := secCount(t, admin, queue); n != want {
+		if n := queueReady(t, admin, queue); n != want {
 			t.Errorf("%s holds %d messages, want %d", queue, n, want)
 		}
 	}
@@ -506,7 +506,7 @@ func TestPermissionEmptyRegexp(t *testing.T) {
 			secRefused(t, tc.what, e, 403, tc.text)
 		}
 	}
-	if n := secCount(t, admin, "e-q"); n != 1 {
+	if n := queueReady(t, admin, "e-q"); n != 1 {
 		t.Errorf("e-q holds %d messages, want 1", n)
 	}
 }
@@ -685,7 +685,7 @@ func TestReloadPermissions(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("Reload: %v", err)
 	}
-	if got := secCount(t, ch, "rel-q"); got != n {
+	if got := queueReady(t, ch, "rel-q"); got != n {
 		t.Errorf("rel-q holds %d messages, want %d", got, n)
 	}
 }
