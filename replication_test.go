@@ -244,6 +244,35 @@ func TestReplFollowerPromoted(t *testing.T) {
 	expectReplBodies(t, p.url, "q", n)
 }
 
+// A stale leader's log goes past the new leader's with what it wrote and never
+// replicated. Following the new leader, it has that tail discarded: it becomes a mirror of
+// the new leader and, promoted, holds the new leader's messages and none of its own tail.
+func TestReplStaleLeaderTailDiscarded(t *testing.T) {
+	t.Parallel()
+	old := startReplLeader(t, Config{}, replicaOptions{}) // confirms while the follower is away
+	fdir := t.TempDir()
+	f := follow(t, fdir, old.addr, followerOpts("f1"))
+	waitInSync(t, old.rs, 1)
+	conn := dial(t, old.url)
+	declareQueues(t, conn, true, "q")
+	publishBodies(t, old.url, "q", 0, 100)
+	waitMirrored(t, old.dir, fdir, "", "")
+	f.close()
+	publishBodies(t, old.url, "q", 1000, 1100) // the tail the follower never sees
+	old.stop()
+
+	// The follower takes over, in a newer term, and the old leader follows it.
+	next := startReplLeader(t, Config{DataDir: fdir}, replicaOptions{term: 8})
+	publishBodies(t, next.url, "q", 100, 200)
+	f = follow(t, old.dir, next.addr, followerOpts("old"))
+	waitInSync(t, next.rs, 1)
+	waitMirrored(t, fdir, old.dir, "", "")
+	f.close()
+	next.stop()
+	p := startDurable(t, Config{DataDir: old.dir})
+	expectReplBodies(t, p.url, "q", 200)
+}
+
 // expectReplBodies takes every message of queue at url and checks they are replBody(0)
 // to replBody(n-1), in order and byte for byte.
 func expectReplBodies(t testing.TB, url, queue string, n int) {
