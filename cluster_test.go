@@ -670,6 +670,12 @@ func TestClusterFailover(t *testing.T) {
 			t.Errorf("the leader's metrics lack %q", want)
 		}
 	}
+	// A follower's metrics: the node and the cluster, not its empty broker.
+	rec = httptest.NewRecorder()
+	followers[0].srv.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if m := rec.Body.String(); !strings.Contains(m, "amqpgo_cluster_leading 0\n") || !strings.Contains(m, "rabbitmq_identity_info{") || strings.Contains(m, "rabbitmq_queues ") {
+		t.Errorf("a follower's metrics: want the node's and the cluster's only, got\n%s", m)
+	}
 	st = status(followers[0].srv)
 	if l, _ := st["leader"].(map[string]any); st["leading"] != false || l["addr"] != leader.addr || l["term"].(float64) <= 0 {
 		t.Errorf("a follower's /api/cluster: %v, want not leading, the leader at %s with a term", st, leader.addr)

@@ -837,6 +837,12 @@ func (s *Server) writeMetrics(w io.Writer, perObject bool) error {
 	p.one("rabbitmq_alarms_file_descriptor_limit", "untyped", "is 1 if file descriptor limit alarm is in effect", "", 0)
 	p.one("rabbitmq_alarms_free_disk_space_watermark", "untyped", "is 1 if free disk space watermark alarm is in effect", "", uint64(alarms&alarmDisk)/alarmDisk)
 	p.one("rabbitmq_alarms_memory_used_watermark", "untyped", "is 1 if VM memory watermark alarm is in effect", "", uint64(alarms&alarmMemory)/alarmMemory)
+	if s.standby() != nil {
+		// A standby serves no client and its broker is empty: its connections, queues and
+		// messages would only add zeros to a dashboard's sums over nodes.
+		p.flush()
+		return p.err
+	}
 
 	p.one("rabbitmq_connections", "gauge", "Connections currently open", "", uint64(t.connections))
 	p.one("rabbitmq_channels", "gauge", "Channels currently open", "", uint64(t.channels))

@@ -33,6 +33,10 @@ const maxConfigFile = 1 << 20
 // (AMQPD_CONFIG), not -print-config.
 var notInFile = map[string]bool{"config": true, "print-config": true}
 
+// secretFlags are the flags -print-config shows only as set, so that its output may be
+// shared or logged.
+var secretFlags = map[string]bool{"cluster-secret": true}
+
 // envName is the environment variable that sets flag name.
 func envName(name string) string {
 	return envPrefix + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
@@ -193,7 +197,11 @@ func writeConfig(w io.Writer, fs *flag.FlagSet) error {
 	var b strings.Builder
 	b.WriteString("# amqpd configuration (amqpd -print-config)\n")
 	fs.VisitAll(func(f *flag.Flag) {
-		if !notInFile[f.Name] {
+		switch {
+		case notInFile[f.Name]:
+		case secretFlags[f.Name] && f.Value.String() != "":
+			fmt.Fprintf(&b, "# %s is set; not printed\n", f.Name)
+		default:
 			fmt.Fprintf(&b, "%s = %s\n", f.Name, quoteValue(f.Value.String()))
 		}
 	})

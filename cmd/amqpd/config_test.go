@@ -302,6 +302,19 @@ func TestPrintConfigRoundTrip(t *testing.T) {
 	}
 }
 
+// TestPrintConfigHidesSecret: -print-config says the cluster secret is set, not what it is.
+func TestPrintConfigHidesSecret(t *testing.T) {
+	unsetDaemonEnv(t)
+	t.Setenv("AMQPD_CLUSTER_SECRET", "hunter2-cluster")
+	code, conf, out, _ := printConfig(t)
+	if code != 0 || strings.Contains(out, "hunter2") || !strings.Contains(out, "# cluster-secret is set; not printed\n") {
+		t.Errorf("exit %d, output:\n%s", code, out)
+	}
+	if _, printed := conf["cluster-secret"]; printed {
+		t.Error("cluster-secret printed as a setting")
+	}
+}
+
 // TestCtlIgnoresDaemonConfig: the definitions verbs take their own flags only; a config
 // file or AMQPD_ variables, even bad ones, do not reach them.
 func TestCtlIgnoresDaemonConfig(t *testing.T) {
