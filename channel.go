@@ -1071,7 +1071,7 @@ func (ch *channel) basicGet(d *decoder) error {
 	if notYet {
 		// Wait for the log's writer, off the queue's lock, then look again once.
 		q.mu.Unlock()
-		q.vh.store.sync()
+		q.vh.store.flush()
 		q.mu.Lock()
 		q.expireLocked()
 		if q.messageCountLocked() == 0 {

@@ -2,6 +2,7 @@ package amqp
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -517,8 +518,13 @@ func startClusterNode(s *Server) (*clusterNode, error) {
 	if cfg.AdvertiseAddr == "" || cfg.ReplicationAddr == "" {
 		return nil, errors.New("amqp: cluster: a node needs an advertise address and a replication address")
 	}
-	if cfg.Secret == "" {
-		return nil, errors.New("amqp: cluster: a node needs a shared secret")
+	if cfg.Secret == "" && (s.cfg.TLS == nil || s.cfg.TLS.Verify != "required") {
+		return nil, errors.New("amqp: cluster: a node needs a shared secret, or TLS that requires client certificates")
+	}
+	if s.cfg.TLS != nil && s.tlsConf.Load() == nil {
+		if err := s.loadTLS(); err != nil { // for the replication links
+			return nil, err
+		}
 	}
 	e, err := newElection(cfg.Etcd, cfg.Name, cfg.NodeName, cfg.AdvertiseAddr, cfg.TTL)
 	if err != nil {
@@ -708,10 +714,7 @@ func (n *clusterNode) standBy(ctx context.Context) (int64, error) {
 				fctx, cancel := context.WithCancel(ctx)
 				stopFollow, followErr = cancel, make(chan error, 1)
 				addr := l.repl
-				dial := func(ctx context.Context) (net.Conn, error) {
-					var d net.Dialer
-					return d.DialContext(ctx, "tcp", addr)
-				}
+				dial := func(ctx context.Context) (net.Conn, error) { return n.dialLeader(ctx, addr) }
 				go func() { followErr <- r.run(fctx, dial) }()
 			}
 		}
@@ -756,7 +759,7 @@ func (n *clusterNode) lead(ctx context.Context, term int64) error {
 	}
 	n.rs = newReplicaServer(s.store.w, replicaOptions{cluster: n.cfg.Name, term: uint64(term),
 		secret: []byte(n.cfg.Secret), defs: s.cfg.Definitions, minInSync: n.cfg.MinInSync, log: s.log})
-	go n.rs.serve(ln)
+	go n.rs.serve(n.replListener(ln))
 	s.startServices()
 	n.leader.Store(true)
 	s.log.Info("cluster: serving as the leader", "term", term, "replication", ln.Addr().String())
@@ -776,4 +779,37 @@ func (n *clusterNode) lead(ctx context.Context, term int64) error {
 		case <-tick.C:
 		}
 	}
+}
+
+// replListener returns ln, or ln over TLS when the node serves amqps: replication then
+// uses the amqps certificate, and checks followers' certificates as Config.TLS.Verify
+// says, against Config.TLS.CAFile.
+func (n *clusterNode) replListener(ln net.Listener) net.Listener {
+	if n.s.cfg.TLS == nil {
+		return ln
+	}
+	return tls.NewListener(ln, &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+			return n.s.tlsConf.Load(), nil
+		},
+	})
+}
+
+// dialLeader connects to the leader's replication address, over TLS when the node serves
+// amqps: it checks the leader's certificate against Config.TLS.CAFile (or the system's
+// roots without one) and presents its own amqps certificate.
+func (n *clusterNode) dialLeader(ctx context.Context, addr string) (net.Conn, error) {
+	d := &net.Dialer{}
+	if n.s.cfg.TLS == nil {
+		return d.DialContext(ctx, "tcp", addr)
+	}
+	conf := n.s.tlsConf.Load() // loaded by startClusterNode
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	td := &tls.Dialer{NetDialer: d, Config: &tls.Config{MinVersion: tls.VersionTLS12,
+		RootCAs: conf.ClientCAs, Certificates: conf.Certificates, ServerName: host}}
+	return td.DialContext(ctx, "tcp", addr)
 }

@@ -488,7 +488,7 @@ func (q *queue) peekForRedrive() (qentry, bool, error) {
 		if try == 3 {
 			return qentry{}, false, errNotWritten
 		}
-		if serr := q.vh.store.sync(); serr != nil {
+		if serr := q.vh.store.flush(); serr != nil {
 			return qentry{}, false, serr
 		}
 	}

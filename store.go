@@ -773,8 +773,12 @@ func (st *store) appendTopology(typ uint8, payload []byte) {
 	st.mu.Unlock()
 }
 
-// sync waits until everything logged so far is on disk.
+// sync waits until everything logged so far is on disk (and held by followers, when
+// replication gates the log).
 func (st *store) sync() error { return st.w.sync() }
+
+// flush waits until everything logged so far is in its file, where a reader finds it.
+func (st *store) flush() error { return st.w.flush() }
 
 // newQueueID hands out a durable queue id; ids are never reused.
 func (st *store) newQueueID() uint64 {

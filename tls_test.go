@@ -55,7 +55,7 @@ func newTestPKI(t testing.TB) *testPKI {
 	p.pool.AddCert(ca)
 	p.caFile = p.write("ca.pem", "CERTIFICATE", caDER)
 
-	leaf := func(serial int64, cn string, usage x509.ExtKeyUsage, signer *x509.Certificate, signerKey *ecdsa.PrivateKey) ([]byte, *ecdsa.PrivateKey) {
+	leaf := func(serial int64, cn string, usage []x509.ExtKeyUsage, signer *x509.Certificate, signerKey *ecdsa.PrivateKey) ([]byte, *ecdsa.PrivateKey) {
 		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		tmpl := &x509.Certificate{
 			SerialNumber: big.NewInt(serial),
@@ -63,7 +63,7 @@ func newTestPKI(t testing.TB) *testPKI {
 			NotBefore:    time.Now().Add(-time.Hour),
 			NotAfter:     time.Now().Add(time.Hour),
 			KeyUsage:     x509.KeyUsageDigitalSignature,
-			ExtKeyUsage:  []x509.ExtKeyUsage{usage},
+			ExtKeyUsage:  usage,
 			IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
 		}
 		if signer == nil {
@@ -75,14 +75,15 @@ func newTestPKI(t testing.TB) *testPKI {
 		}
 		return der, key
 	}
-	der, key := leaf(2, "127.0.0.1", x509.ExtKeyUsageServerAuth, ca, caKey)
+	// The server's certificate is also a client's: a cluster node presents it to the leader.
+	der, key := leaf(2, "127.0.0.1", []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}, ca, caKey)
 	p.certFile = p.write("server.pem", "CERTIFICATE", der)
 	kb, _ := x509.MarshalECPrivateKey(key)
 	p.keyFile = p.write("server.key", "EC PRIVATE KEY", kb)
 
-	der, key = leaf(3, "guest", x509.ExtKeyUsageClientAuth, ca, caKey)
+	der, key = leaf(3, "guest", []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, ca, caKey)
 	p.client = tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-	der, key = leaf(4, "guest", x509.ExtKeyUsageClientAuth, nil, nil)
+	der, key = leaf(4, "guest", []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, nil, nil)
 	p.stranger = tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 	return p
 }

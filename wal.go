@@ -131,7 +131,7 @@ type wal struct {
 	lock     *os.File
 
 	mu        sync.Mutex
-	synced    sync.Cond  // broadcast when done grows, the log fails or runs out of space
+	synced    sync.Cond  // broadcast after each batch, when the log fails or runs out of space
 	segs      []*segment // guarded by mu: oldest first, last is the head
 	pend      []walChunk // guarded by mu: records not yet written
 	pendSpare []walChunk // guarded by mu: the other pend slice, empty
@@ -141,7 +141,8 @@ type wal struct {
 	pendLimit int64      // what waitRoom lets pend hold: maxPending
 	reads     uint64     // guarded by mu: read handles handed out, a clock for closing the idlest
 	readFiles int        // guarded by mu: segments with a read handle open
-	done      uint64     // guarded by mu: tickets written (and synced, under "always")
+	done      uint64     // guarded by mu: tickets written (and synced, under "always"), and held by followers when gated
+	wrote     uint64     // guarded by mu: tickets written to their files, readable
 	failed    error      // guarded by mu: a write or fsync failed; the log is closed for good
 	closed    bool       // guarded by mu
 	wake      chan struct{}
@@ -820,6 +821,24 @@ func (w *wal) sync() error {
 	return w.wait(t)
 }
 
+// flush waits until everything appended so far is written to its file, where a reader
+// finds it, though perhaps neither fsynced nor held by followers yet.
+func (w *wal) flush() error {
+	w.mu.Lock()
+	t := w.appended
+	w.mu.Unlock()
+	w.kick()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for w.wrote < t && w.failed == nil && !w.noSpace.Load() {
+		w.synced.Wait()
+	}
+	if w.failed == nil && w.wrote < t {
+		return errNoSpace
+	}
+	return w.failed
+}
+
 // isWritten reports whether the record of size octets at pos is in its file, readable.
 func (w *wal) isWritten(pos walPos, size int64) bool {
 	at := w.writtenTo.Load()
@@ -1070,6 +1089,9 @@ func (w *wal) run() {
 			chunks[i] = walChunk{}
 		}
 		w.pendSpare = chunks[:0]
+		if err == nil {
+			w.wrote = w.written
+		}
 		if err != nil && w.failed == nil {
 			w.failed = errWAL
 			w.failedAtomic.Store(true)
