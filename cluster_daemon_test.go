@@ -245,9 +245,8 @@ func clusterBody(i int) []byte {
 // at most about 2,000 a second. When its connection fails it connects again, to whichever
 // node leads then, and goes on with the next number: it never publishes a number twice.
 type confirmingPublisher struct {
-	nodes []*amqpdNode
-	stop  chan struct{}
-	done  chan struct{}
+	stop chan struct{}
+	done chan struct{}
 
 	mu          sync.Mutex
 	confirmed   []int                // numbers confirmed, in order
@@ -264,7 +263,7 @@ func startPublisher(t *testing.T, nodes []*amqpdNode) *confirmingPublisher {
 	for i, n := range nodes {
 		addrs[i] = func() string { return *n.published.Load() }
 	}
-	p := &confirmingPublisher{nodes: nodes, stop: make(chan struct{}), done: make(chan struct{}), last: map[string]time.Time{}}
+	p := &confirmingPublisher{stop: make(chan struct{}), done: make(chan struct{}), last: map[string]time.Time{}}
 	go p.run(addrs)
 	t.Cleanup(p.end)
 	return p
@@ -486,38 +485,39 @@ func TestClusterDaemonsLeaderKilled(t *testing.T) {
 	pub.check(t, leader.url())
 }
 
-// A follower killed and restarted catches up while confirms go on through the other; once
-// the first is back in sync the other can go, and the first, promoted, has every
-// confirmed message.
+// A node that joins late gets a full copy, then streams; a follower killed and restarted
+// catches up while confirms go on through the other; and a follower back in sync carries
+// the confirms alone, then takes over with every confirmed message.
 func TestClusterDaemonsFollowerRestarted(t *testing.T) {
 	t.Parallel()
 	e := startEtcd(t)
-	nodes := startAmqpdNodes(t, []string{e.url, e.url, e.url}, "a", "b", "c")
+	nodes := startAmqpdNodes(t, []string{e.url, e.url}, "a", "b")
 	leader := waitAmqpdLeader(t, nodes...)
-	var followers []*amqpdNode
-	for _, n := range nodes {
-		if n != leader {
-			followers = append(followers, n)
-		}
-	}
-	pub := startPublisher(t, nodes)
+	first := nodes[1-slices.Index(nodes, leader)]
+	pub := startPublisher(t, nodes) // the leader stays
+	pub.waitConfirms(t, 1500, "with one follower") // about two segments
+
+	late := startAmqpdNodes(t, []string{e.url}, "c")[0] // a full copy of what is there
+	waitInSyncCount(t, leader, 2)
+
+	first.kill()
+	pub.waitConfirms(t, 500, "with the late follower only")
+	first.start()
+	waitInSyncCount(t, leader, 2)
+	late.kill()
+	pub.waitConfirms(t, 500, "with the restarted follower only")
+	late.start()
 	waitInSyncCount(t, leader, 2)
 	pub.waitConfirms(t, 200, "with both followers")
 
-	followers[0].kill()
-	pub.waitConfirms(t, 500, "with one follower killed")
-	followers[0].start()
-	waitInSyncCount(t, leader, 2)
-	followers[1].kill()
-	pub.waitConfirms(t, 500, "with the restarted follower only")
-
-	// Alone, the promoted follower would confirm nothing more (-min-insync 1).
+	// Alone, the follower promoted would confirm nothing more (-min-insync 1).
 	pub.end()
 	leader.kill()
-	if next := waitAmqpdLeader(t, nodes...); next != followers[0] {
-		t.Fatalf("%s leads, want the restarted follower %s", next.name, followers[0].name)
+	first.kill()
+	if next := waitAmqpdLeader(t, late); next != late {
+		t.Fatalf("%s leads, want %s", next.name, late.name)
 	}
-	pub.check(t, followers[0].url())
+	pub.check(t, late.url())
 }
 
 // waitInSyncCount waits until leader counts n followers in sync.
