@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"slices"
 	"time"
 
 	amqp091 "github.com/rabbitmq/amqp091-go"
@@ -35,6 +36,16 @@ func benchURL(b *testing.B) string {
 
 func reportRate(b *testing.B, n int, unit string) {
 	b.ReportMetric(float64(n)/b.Elapsed().Seconds(), unit)
+}
+
+// reportLatency reports the median and the 99th percentile of lat, in microseconds.
+func reportLatency(b *testing.B, lat []time.Duration) {
+	if len(lat) == 0 {
+		return
+	}
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
 }
 
 // benchQueue declares a fresh exclusive queue for a benchmark.

@@ -181,18 +181,41 @@ func waitInSync(t testing.TB, rs *replicaServer, n int) {
 	})
 }
 
-// BenchmarkReplicatedConfirm is BenchmarkPublishConfirmPersistent (16 B) against a leader
-// whose confirms wait for 0, 1 or 2 followers on 127.0.0.1 (-min-insync), each fsyncing
-// its copy.
+// BenchmarkReplicatedConfirm is BenchmarkPublishConfirmPersistent (16 B, 1,000
+// unconfirmed) against a leader whose confirms wait for 0, 1 or 2 followers on 127.0.0.1
+// (-min-insync), each fsyncing its copy; "one-by-one" publishes each message after the
+// previous one's confirm, for the latency of one confirm.
 func BenchmarkReplicatedConfirm(b *testing.B) {
 	for n := range 3 {
-		b.Run(strconv.Itoa(n)+"followers", func(b *testing.B) {
+		start := func(b *testing.B) string {
 			l := startReplLeader(b, Config{}, replicaOptions{minInSync: n})
 			for i := range n {
 				follow(b, b.TempDir(), l.addr, followerOpts("f"+strconv.Itoa(i)))
 			}
 			waitInSync(b, l.rs, n)
-			benchConfirmPersistentAt(b, l.url, 16)
+			return l.url
+		}
+		b.Run(strconv.Itoa(n)+"followers", func(b *testing.B) { benchConfirmPersistentAt(b, start(b), 16) })
+		b.Run(strconv.Itoa(n)+"followers/one-by-one", func(b *testing.B) {
+			conn := dial(b, start(b))
+			declareQueues(b, conn, true, "q")
+			ch := openChannel(b, conn)
+			if err := ch.Confirm(false); err != nil {
+				b.Fatal(err)
+			}
+			lat := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			for range b.N {
+				t0 := time.Now()
+				dc, err := ch.PublishWithDeferredConfirm("", "q", false, false, amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: make([]byte, 16)})
+				if err != nil || !dc.Wait() {
+					b.Fatalf("publish: %v, or nacked", err)
+				}
+				lat = append(lat, time.Since(t0))
+			}
+			b.StopTimer()
+			reportRate(b, b.N, "msgs/s")
+			reportLatency(b, lat)
 		})
 	}
 }

@@ -1125,27 +1125,35 @@ func benchConfirmPersistentAt(b *testing.B, u string, size int) {
 	confirms := pch.NotifyPublish(make(chan amqp091.Confirmation, window+1))
 	body := make([]byte, size)
 	inflight, acked := 0, 0
+	// Each publish's time since start, and each confirm's latency (with up to window
+	// others ahead of it).
+	sent, lat := make([]time.Duration, b.N), make([]time.Duration, 0, b.N)
+	settle := func() {
+		c := <-confirms
+		if !c.Ack {
+			b.Fatalf("nack for %d", c.DeliveryTag)
+		}
+		if c.DeliveryTag >= 1 && c.DeliveryTag <= uint64(b.N) {
+			lat = append(lat, b.Elapsed()-sent[c.DeliveryTag-1])
+		}
+		inflight--
+		acked++
+	}
 	b.SetBytes(int64(size))
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		for inflight >= window {
-			if c := <-confirms; !c.Ack {
-				b.Fatalf("nack for %d", c.DeliveryTag)
-			}
-			inflight--
-			acked++
+			settle()
 		}
+		sent[i] = b.Elapsed()
 		if err := pch.Publish("", queue, false, false, amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: body}); err != nil {
 			b.Fatal(err)
 		}
 		inflight++
 	}
-	for ; inflight > 0; inflight-- {
-		if c := <-confirms; !c.Ack {
-			b.Fatalf("nack for %d", c.DeliveryTag)
-		}
-		acked++
+	for inflight > 0 {
+		settle()
 	}
 	if err := <-done; err != nil {
 		b.Fatal(err)
@@ -1155,6 +1163,7 @@ func benchConfirmPersistentAt(b *testing.B, u string, size int) {
 		b.Fatalf("%d confirms for %d publishes", acked, b.N)
 	}
 	reportRate(b, b.N, "msgs/s")
+	reportLatency(b, lat)
 }
 
 // TestWALFailureNacks: a persistent publish whose log write fails is nacked, never acked.
