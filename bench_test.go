@@ -8,11 +8,11 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
-	"slices"
 	"time"
 
 	amqp091 "github.com/rabbitmq/amqp091-go"

@@ -765,7 +765,9 @@ func (n *clusterNode) lead(ctx context.Context, term int64) error {
 	s.log.Info("cluster: serving as the leader", "term", term, "replication", ln.Addr().String())
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
+	short := shortOfFollowers{since: time.Now()}
 	for {
+		short.check(n, s.log)
 		if t, ok := n.e.leading(); !ok || t != term {
 			n.leader.Store(false)
 			s.store.noCheckpoint.Store(true)
@@ -812,4 +814,41 @@ func (n *clusterNode) dialLeader(ctx context.Context, addr string) (net.Conn, er
 	td := &tls.Dialer{NetDialer: d, Config: &tls.Config{MinVersion: tls.VersionTLS12,
 		RootCAs: conf.ClientCAs, Certificates: conf.Certificates, ServerName: host}}
 	return td.DialContext(ctx, "tcp", addr)
+}
+
+// shortOfFollowers logs when a leader has had fewer followers in sync than MinInSync for
+// a few seconds, so that its confirms wait, and when it has enough again.
+type shortOfFollowers struct {
+	since  time.Time // when the leader was last seen with enough, or began to lead
+	logged bool
+	next   time.Time // when to count again
+}
+
+// shortGrace is how long a leader may lack followers in sync before it says so: a new
+// leader's followers need a moment to connect and catch up.
+const shortGrace = 5 * time.Second
+
+func (sh *shortOfFollowers) check(n *clusterNode, log *slog.Logger) {
+	now := time.Now()
+	if n.cfg.MinInSync <= 0 || now.Before(sh.next) {
+		return
+	}
+	sh.next = now.Add(time.Second)
+	inSync := 0
+	for _, f := range n.rs.status() {
+		if f.inSync {
+			inSync++
+		}
+	}
+	switch {
+	case inSync >= n.cfg.MinInSync:
+		if sh.logged {
+			log.Info("cluster: enough followers in sync again; confirms go on", "in_sync", inSync, "min_insync", n.cfg.MinInSync)
+		}
+		sh.since, sh.logged = now, false
+	case !sh.logged && now.Sub(sh.since) >= shortGrace:
+		log.Warn("cluster: fewer followers in sync than -min-insync; publisher confirms, tx.commit-ok and durable declare-ok wait",
+			"in_sync", inSync, "min_insync", n.cfg.MinInSync)
+		sh.logged = true
+	}
 }

@@ -494,7 +494,7 @@ func TestClusterDaemonsFollowerRestarted(t *testing.T) {
 	nodes := startAmqpdNodes(t, []string{e.url, e.url}, "a", "b")
 	leader := waitAmqpdLeader(t, nodes...)
 	first := nodes[1-slices.Index(nodes, leader)]
-	pub := startPublisher(t, nodes) // the leader stays
+	pub := startPublisher(t, nodes)                // the leader stays
 	pub.waitConfirms(t, 1500, "with one follower") // about two segments
 
 	late := startAmqpdNodes(t, []string{e.url}, "c")[0] // a full copy of what is there

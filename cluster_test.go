@@ -513,21 +513,25 @@ type clusterServer struct {
 // own data directory; it shuts down when the test ends.
 func startClusterServer(t *testing.T, url, name, secret string) *clusterServer {
 	t.Helper()
-	return startClusterServerTLS(t, url, name, secret, nil)
+	return startClusterServerWith(t, url, name, secret, nil)
 }
 
-// startClusterServerTLS is startClusterServer with amqps files, which replication uses.
-func startClusterServerTLS(t *testing.T, url, name, secret string, tlsFiles *TLSConfig) *clusterServer {
+// startClusterServerWith is startClusterServer with the configuration changed by adjust.
+func startClusterServerWith(t *testing.T, url, name, secret string, adjust func(*Config)) *clusterServer {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	cs := &clusterServer{addr: ln.Addr().String(), done: make(chan error, 1)}
-	cs.srv = NewServer(Config{DataDir: t.TempDir(), Logger: walQuietLogger(), TLS: tlsFiles, Cluster: &ClusterConfig{
+	cfg := Config{DataDir: t.TempDir(), Logger: walQuietLogger(), Cluster: &ClusterConfig{
 		Etcd: url, Name: "wire", NodeName: name, AdvertiseAddr: cs.addr, ReplicationAddr: freeAddr(t),
 		Secret: secret, MinInSync: 1, TTL: testTTL,
-	}})
+	}}
+	if adjust != nil {
+		adjust(&cfg)
+	}
+	cs.srv = NewServer(cfg)
 	go func() { cs.done <- cs.srv.Serve(ln) }()
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -766,9 +770,10 @@ func TestClusterTLS(t *testing.T) {
 	e := startEtcd(t)
 	pki := newTestPKI(t)
 	files := &TLSConfig{CertFile: pki.certFile, KeyFile: pki.keyFile, CAFile: pki.caFile, Verify: "required"}
+	withTLS := func(c *Config) { c.TLS = files }
 	servers := []*clusterServer{
-		startClusterServerTLS(t, e.url, "n1", "", files),
-		startClusterServerTLS(t, e.url, "n2", "", files),
+		startClusterServerWith(t, e.url, "n1", "", withTLS),
+		startClusterServerWith(t, e.url, "n2", "", withTLS),
 	}
 	leader := waitClusterLeader(t, servers...)
 	follower := servers[1-slices.Index(servers, leader)]
@@ -792,4 +797,49 @@ func TestClusterTLS(t *testing.T) {
 	if _, err := startClusterNode(plain); err == nil || !strings.Contains(err.Error(), "secret") {
 		t.Fatalf("a node with TLS but no secret nor required client certificates: %v", err)
 	}
+}
+
+// A leader without the followers -min-insync asks for holds its confirms and says so in
+// its log after a few seconds; once a follower is in sync the confirm arrives and it says
+// that too.
+func TestClusterShortOfFollowers(t *testing.T) {
+	t.Parallel()
+	e := startEtcd(t)
+	logs := &walLogBuffer{}
+	leader := startClusterServerWith(t, e.url, "n1", "s3cret", func(c *Config) { c.Logger = logs.logger() })
+	waitClusterLeader(t, leader)
+	follower := startClusterServer(t, e.url, "n2", "s3cret")
+	url := "amqp://guest:guest@" + leader.addr + "/"
+	ch := openChannel(t, dial(t, url))
+	if err := ch.Confirm(false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare("q", true, false, false, false, nil); err != nil { // with the follower
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	follower.srv.Shutdown(ctx)
+	dc, err := ch.PublishWithDeferredConfirm("", "q", false, false, amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: []byte("x")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pollUntil(t, shortGrace+5*time.Second, "the warning", func() bool {
+		return strings.Contains(logs.String(), "fewer followers in sync than -min-insync")
+	})
+	if isDone(dc) {
+		t.Fatal("confirmed without a follower in sync")
+	}
+	startClusterServer(t, e.url, "n3", "s3cret")
+	select {
+	case <-dc.Done():
+		if !dc.Acked() {
+			t.Fatal("nacked")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no confirm once a follower joined")
+	}
+	pollUntil(t, 5*time.Second, "the all-clear", func() bool {
+		return strings.Contains(logs.String(), "enough followers in sync again")
+	})
 }
