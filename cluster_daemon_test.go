@@ -28,15 +28,14 @@ import (
 // restart, a node cut off from etcd. A publisher with confirms runs throughout, and at the
 // end every message it saw confirmed must be on the last leader, byte for byte, once.
 
-// daemonTTL is the daemons' lease TTL, by default etcd's shortest, so that twenty
-// failovers fit in a test; -daemon-ttl 5s measures failover with amqpd's default. The
-// daemons are not built with -race, which makes missed keepalives rarer than in the
-// in-process tests; a keepalive missed all the same causes one failover more, which the
-// tests tolerate.
+// daemonTTL is the daemons' lease TTL: short, so that twenty failovers fit in a test, but
+// as long as the in-process tests' (testTTL), so that a machine loaded by the rest of the
+// suite does not make a leader miss its keepalives. -daemon-ttl 5s measures failover with
+// amqpd's default.
 var daemonTTL time.Duration
 
 func init() {
-	flag.DurationVar(&daemonTTL, "daemon-ttl", time.Second, "lease TTL of the amqpd cluster tests")
+	flag.DurationVar(&daemonTTL, "daemon-ttl", testTTL, "lease TTL of the amqpd cluster tests")
 }
 
 var (
