@@ -798,42 +798,36 @@ func (w *wal) kick() {
 	}
 }
 
-// wait blocks until ticket is written (and synced under the "always" policy). While the
-// disk is full it returns errNoSpace at once rather than wait for room.
-func (w *wal) wait(ticket uint64) error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	for w.done < ticket && w.failed == nil && !w.noSpace.Load() {
-		w.synced.Wait()
-	}
-	if w.failed == nil && w.done < ticket {
-		return errNoSpace
-	}
-	return w.failed
-}
+// wait blocks until ticket is done: written, synced under the "always" policy, and held
+// by followers when replication gates the log. While the disk is full it returns
+// errNoSpace at once rather than wait for room.
+func (w *wal) wait(ticket uint64) error { return w.await(&w.done, ticket) }
 
-// sync waits until everything appended so far is on disk.
-func (w *wal) sync() error {
-	w.mu.Lock()
-	t := w.appended
-	w.mu.Unlock()
-	w.kick()
-	return w.wait(t)
-}
+// sync waits until everything appended so far is done (wait).
+func (w *wal) sync() error { return w.await(&w.done, w.kickAppended()) }
 
 // flush waits until everything appended so far is written to its file, where a reader
 // finds it, though perhaps neither fsynced nor held by followers yet.
-func (w *wal) flush() error {
+func (w *wal) flush() error { return w.await(&w.wrote, w.kickAppended()) }
+
+// kickAppended wakes the writer and returns the last ticket handed out.
+func (w *wal) kickAppended() uint64 {
 	w.mu.Lock()
 	t := w.appended
 	w.mu.Unlock()
 	w.kick()
+	return t
+}
+
+// await blocks until *reached (done or wrote, guarded by mu) is ticket or more, the log
+// fails, or the disk is full (errNoSpace).
+func (w *wal) await(reached *uint64, ticket uint64) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	for w.wrote < t && w.failed == nil && !w.noSpace.Load() {
+	for *reached < ticket && w.failed == nil && !w.noSpace.Load() {
 		w.synced.Wait()
 	}
-	if w.failed == nil && w.wrote < t {
+	if w.failed == nil && *reached < ticket {
 		return errNoSpace
 	}
 	return w.failed
