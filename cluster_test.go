@@ -805,7 +805,7 @@ func TestClusterTLS(t *testing.T) {
 func TestClusterShortOfFollowers(t *testing.T) {
 	t.Parallel()
 	e := startEtcd(t)
-	logs := &walLogBuffer{}
+	logs := &lockedBuffer{}
 	leader := startClusterServerWith(t, e.url, "n1", "s3cret", func(c *Config) { c.Logger = logs.logger() })
 	waitClusterLeader(t, leader)
 	follower := startClusterServer(t, e.url, "n2", "s3cret")

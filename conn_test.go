@@ -799,7 +799,7 @@ func TestReadLiveHeap(t *testing.T) {
 // be restarted, with the panic and its stack logged.
 func TestPanicMarksBrokerUnhealthy(t *testing.T) {
 	t.Parallel()
-	var logs walLogBuffer
+	var logs lockedBuffer
 	srv, url := newTestServer(t, Config{Logger: logs.logger()})
 	c := dial(t, url)
 	ch := openChannel(t, c)

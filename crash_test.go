@@ -75,7 +75,7 @@ type amqpdProcess struct {
 	t      testing.TB
 	cmd    *exec.Cmd
 	url    string
-	output *walLogBuffer
+	output *lockedBuffer
 	exited chan error
 	done   bool
 }
@@ -92,7 +92,7 @@ func startAmqpd(t testing.TB, bin, dir string, extra ...string) *amqpdProcess {
 		}
 		addr := ln.Addr().String()
 		ln.Close()
-		p := &amqpdProcess{t: t, output: &walLogBuffer{}, exited: make(chan error, 1), url: "amqp://guest:guest@" + addr + "/"}
+		p := &amqpdProcess{t: t, output: &lockedBuffer{}, exited: make(chan error, 1), url: "amqp://guest:guest@" + addr + "/"}
 		args := []string{"-addr", addr, "-data-dir", dir, "-log-level", "warn", "-segment-size", strconv.Itoa(*crashSegment)}
 		p.cmd = exec.Command(bin, append(args, extra...)...)
 		p.cmd.Stdout, p.cmd.Stderr = p.output, p.output

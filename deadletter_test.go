@@ -233,7 +233,7 @@ func TestDeadLetterRetryLoop(t *testing.T) {
 // rejection since, and that is logged once.
 func TestDeadLetterExpiryCycle(t *testing.T) {
 	t.Parallel()
-	var logs walLogBuffer
+	var logs lockedBuffer
 	srv, url := newTestServer(t, Config{Logger: logs.logger()})
 	ch := openChannel(t, dial(t, url))
 	for _, q := range []struct{ name, next string }{{"a", "b"}, {"b", "a"}} {
@@ -307,7 +307,7 @@ func TestDeadLetterMaxLength(t *testing.T) {
 // dead-letter exchange that does not exist drops messages with one log line.
 func TestDeadLetterArguments(t *testing.T) {
 	t.Parallel()
-	var logs walLogBuffer
+	var logs lockedBuffer
 	srv, url := newTestServer(t, Config{Logger: logs.logger()})
 	c := dial(t, url)
 	for _, bad := range []struct {

@@ -44,7 +44,7 @@ func mountTmpfs(t *testing.T, size string) string {
 // not consumed is there.
 func TestDiskFullRecoversWithoutRestart(t *testing.T) {
 	data := filepath.Join(mountTmpfs(t, "16m"), "data")
-	var logs walLogBuffer
+	var logs lockedBuffer
 	cfg := Config{DataDir: data, SegmentSize: 256 << 10, DiskFreeLimit: -1, Logger: logs.logger()}
 	b := startDurable(t, cfg)
 	srv := b.srv

@@ -1095,7 +1095,7 @@ func TestAlternateExchangeCycle(t *testing.T) {
 // when routing, so declaring it later puts it to use.
 func TestAlternateExchangeMissing(t *testing.T) {
 	t.Parallel()
-	var logs walLogBuffer
+	var logs lockedBuffer
 	_, url := newTestServer(t, Config{Logger: logs.logger()})
 	conn := dial(t, url)
 	ch := openChannel(t, conn)

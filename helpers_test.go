@@ -945,25 +945,25 @@ func queueDepth(t testing.TB, conn *amqp091.Connection, name string) int {
 // walWait bounds every poll in this file.
 const walWait = 10 * time.Second
 
-// walLogBuffer collects a logger's output for assertions.
-type walLogBuffer struct {
+// lockedBuffer collects the output of a logger or a subprocess for assertions.
+type lockedBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (l *walLogBuffer) Write(p []byte) (int, error) {
+func (l *lockedBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
-func (l *walLogBuffer) String() string {
+func (l *lockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
 }
 
-func (l *walLogBuffer) logger() *slog.Logger {
+func (l *lockedBuffer) logger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 

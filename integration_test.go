@@ -63,7 +63,7 @@ func TestListenOnlyWhenLoaded(t *testing.T) {
 	}
 	addr := ln.Addr().String()
 	ln.Close()
-	var logs walLogBuffer
+	var logs lockedBuffer
 	second := NewServer(Config{Addr: addr, DataDir: dir, Logger: logs.logger()})
 	done := make(chan error, 1)
 	go func() { done <- second.ListenAndServe() }()

@@ -43,7 +43,7 @@ type secRemoteConn struct{ net.Conn }
 func (secRemoteConn) RemoteAddr() net.Addr { return secRemote }
 
 // secLog collects a server's log as JSON lines; it is safe for concurrent use.
-type secLog struct{ walLogBuffer }
+type secLog struct{ lockedBuffer }
 
 func (l *secLog) logger() *slog.Logger {
 	return slog.New(slog.NewJSONHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))

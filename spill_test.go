@@ -185,7 +185,7 @@ func TestQueuePagingCompaction(t *testing.T) {
 // connection and the other channels working.
 func TestQueuePagedReadError(t *testing.T) {
 	t.Parallel()
-	var logs walLogBuffer
+	var logs lockedBuffer
 	b := startDurable(t, Config{PageOutBytes: 1 << 10, Logger: logs.logger()})
 	conn := dial(t, b.url)
 	ch := openChannel(t, conn)

@@ -421,7 +421,7 @@ func TestWALFlippedBit(t *testing.T) {
 					t.Errorf("error %q does not name %s and offset %d", msg, bad, recStart)
 				}
 				// The failed start left nothing behind that stops a repair.
-				var logs walLogBuffer
+				var logs lockedBuffer
 				w, rec, err := openStoreRetry(img, storeOptions{segmentSize: 1024, repair: true, log: logs.logger()})
 				if err != nil {
 					t.Fatalf("openWAL with repair: %v", err)
@@ -447,7 +447,7 @@ func TestWALFlippedBit(t *testing.T) {
 				}
 				return data
 			})
-			var logs walLogBuffer
+			var logs lockedBuffer
 			w, rec, err := openStoreRetry(img, storeOptions{segmentSize: 1024, log: logs.logger()})
 			if err != nil {
 				t.Fatalf("flip at %d: openWAL: %v", off, err)
@@ -656,7 +656,7 @@ func TestDataDirPermissions(t *testing.T) {
 	if err := os.WriteFile(stale, []byte("half"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var logs walLogBuffer
+	var logs lockedBuffer
 	w, rec := openTestWAL(t, dir, storeOptions{log: logs.logger()})
 	checkRecovered(t, rec, 1, []*message{kept})
 	w.close()

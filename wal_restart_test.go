@@ -794,7 +794,7 @@ func TestDurableCorruptSegmentRepair(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), filepath.Base(victim)) || !strings.Contains(err.Error(), "offset "+strconv.Itoa(off)) {
 		t.Fatalf("start on a corrupt log: %v; want an error naming %s and offset %d", err, filepath.Base(victim), off)
 	}
-	var logs walLogBuffer
+	var logs lockedBuffer
 	b2 := startDurable(t, Config{DataDir: img, Repair: true, Logger: logs.logger()})
 	if !strings.Contains(logs.String(), "repair") {
 		t.Errorf("repair start logged nothing about the loss: %q", logs.String())
