@@ -221,7 +221,8 @@ type ClusterConfig struct {
 	// AdvertiseAddr is the AMQP address (host:port) clients are told when this node leads.
 	AdvertiseAddr string
 	// ReplicationAddr is the address this node serves followers on while it leads, and
-	// that followers dial; it must be reachable from the other nodes.
+	// that followers dial; it must be reachable from the other nodes. For one without a
+	// host (":25672") or with an unspecified one, followers dial AdvertiseAddr's host.
 	ReplicationAddr string
 	// Secret is the shared secret nodes prove to each other when they replicate.
 	Secret string

@@ -530,7 +530,7 @@ func startClusterNode(s *Server) (*clusterNode, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.self.Repl = cfg.ReplicationAddr
+	e.self.Repl = advertisedRepl(cfg.AdvertiseAddr, cfg.ReplicationAddr)
 	e.logger = s.log
 	n := &clusterNode{s: s, cfg: cfg, e: e, loopDone: make(chan struct{}), electionDone: make(chan struct{})}
 	e.position = n.position
@@ -543,6 +543,23 @@ func startClusterNode(s *Server) (*clusterNode, error) {
 	}()
 	go n.run(lctx)
 	return n, nil
+}
+
+// advertisedRepl is the replication address followers are told: repl, or, when repl
+// listens on every interface (":25672", "0.0.0.0:25672", "[::]:25672"), the advertise
+// address's host with repl's port.
+func advertisedRepl(advertise, repl string) string {
+	host, port, err := net.SplitHostPort(repl)
+	if err != nil {
+		return repl
+	}
+	if ip := net.ParseIP(host); host != "" && (ip == nil || !ip.IsUnspecified()) {
+		return repl
+	}
+	if ahost, _, err := net.SplitHostPort(advertise); err == nil && ahost != "" {
+		return net.JoinHostPort(ahost, port)
+	}
+	return repl
 }
 
 // position is the election's position callback: the replica's log end and whether it is

@@ -215,6 +215,21 @@ func holdsFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 	}
 }
 
+func TestAdvertisedRepl(t *testing.T) {
+	for _, c := range []struct{ advertise, repl, want string }{
+		{"10.0.0.1:5672", "10.0.0.1:25672", "10.0.0.1:25672"},
+		{"10.0.0.1:5672", ":25672", "10.0.0.1:25672"},
+		{"node1.example:5672", "0.0.0.0:25672", "node1.example:25672"},
+		{"[fd00::1]:5672", "[::]:25672", "[fd00::1]:25672"},
+		{"10.0.0.1:5672", "10.0.0.2:25672", "10.0.0.2:25672"},
+		{"10.0.0.1:5672", "repl.example:25672", "repl.example:25672"},
+	} {
+		if got := advertisedRepl(c.advertise, c.repl); got != c.want {
+			t.Errorf("advertisedRepl(%q, %q) = %q, want %q", c.advertise, c.repl, got, c.want)
+		}
+	}
+}
+
 func TestElectionConfig(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
