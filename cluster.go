@@ -774,8 +774,10 @@ func (n *clusterNode) lead(ctx context.Context, term int64) error {
 	if err != nil {
 		return err
 	}
+	// Confirms stop the moment the term may be over, not at the loop's next look.
+	leading := func() bool { t, ok := n.e.leading(); return ok && t == term }
 	n.rs = newReplicaServer(s.store.w, replicaOptions{cluster: n.cfg.Name, term: uint64(term),
-		secret: []byte(n.cfg.Secret), defs: s.cfg.Definitions, minInSync: n.cfg.MinInSync, log: s.log})
+		secret: []byte(n.cfg.Secret), defs: s.cfg.Definitions, minInSync: n.cfg.MinInSync, leading: leading, log: s.log})
 	go n.rs.serve(n.replListener(ln))
 	s.startServices()
 	n.leader.Store(true)

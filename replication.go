@@ -11,6 +11,7 @@ import (
 	"hash/crc32"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -269,11 +270,14 @@ type replicaOptions struct {
 	secret  []byte
 	defs    string // the definitions file, replicated as "definitions"; "" for none
 	// minInSync is the number of in-sync followers that must hold a batch before its
-	// tickets are done; 0 does not gate the log.
+	// tickets are done; 0 does not wait for followers.
 	minInSync int
-	maxLag    int64         // octets a follower may be behind and stay in sync; 0: 4 segments
-	timeout   time.Duration // a follower silent this long leaves the in-sync set; 0: 5 s
-	log       *slog.Logger
+	// leading, when set, gates the log too: while it reports false (the term may be over)
+	// nothing more is done, so nothing more is confirmed.
+	leading func() bool
+	maxLag  int64         // octets a follower may be behind and stay in sync; 0: 4 segments
+	timeout time.Duration // a follower silent this long leaves the in-sync set; 0: 5 s
+	log     *slog.Logger
 }
 
 // replicaServer is the leader's side: it serves followers the log's directory.
@@ -335,7 +339,18 @@ func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 	}
 	rs := &replicaServer{w: w, opt: opt, stop: make(chan struct{}), followers: make(map[*replFollower]struct{}), conns: make(map[net.Conn]struct{})}
 	tap := &walTap{written: rs.wakeAll, changed: rs.changed}
-	if opt.minInSync > 0 {
+	switch {
+	case opt.leading != nil:
+		tap.held = func() uint64 {
+			switch {
+			case !opt.leading():
+				return 0
+			case opt.minInSync > 0:
+				return rs.held.Load()
+			}
+			return math.MaxUint64
+		}
+	case opt.minInSync > 0:
 		tap.held = rs.held.Load
 	}
 	rs.tap = tap

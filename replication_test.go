@@ -593,6 +593,30 @@ func TestReplConfirmGate(t *testing.T) {
 	waitInSync(t, l.rs, 1)
 }
 
+// A leader whose term may be over confirms nothing, with or without followers to wait
+// for, until it is sure again.
+func TestReplNotLeadingHoldsConfirms(t *testing.T) {
+	t.Parallel()
+	var leading atomic.Bool
+	leading.Store(true)
+	l := startReplLeader(t, Config{}, replicaOptions{leading: leading.Load})
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	c := newConfirmChannel(t, conn)
+	c.publish("", "q", false, persistentMsg("one"))
+	c.wait()
+
+	leading.Store(false)
+	c.publish("", "q", false, persistentMsg("two"))
+	select {
+	case cf := <-c.confirms:
+		t.Fatalf("confirm %+v while not sure to lead", cf)
+	case <-time.After(300 * time.Millisecond):
+	}
+	leading.Store(true)
+	c.wait()
+}
+
 // Replication over TLS, the follower authenticated by its client certificate as well.
 func TestReplTLS(t *testing.T) {
 	t.Parallel()
