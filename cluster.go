@@ -9,7 +9,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,7 +27,11 @@ import (
 // they vanish when the node stops renewing:
 //
 //	leader             {"name", "addr", "repl"}         the leader, created by a transaction
-//	candidates/<name>  {"name", "addr", "repl", "pos"}  a node in sync that stands for election
+//	candidates/<name>  {"name", "addr", "repl", "pos"}  a node that stands while no one leads
+//
+// and one key is not, so that it outlives its leader:
+//
+//	insync             {"term", "members"}              the leader and its followers in sync
 //
 // Term. The leader key is created only if it does not exist (create revision 0); its create
 // revision is the leader's term, which grows with every new leader. Replication carries the
@@ -48,20 +54,27 @@ import (
 // it answers again: etcd renews every lease when it restarts, and the old leader key would
 // otherwise hold up the next election for a TTL.
 //
-// Who stands. A node stands only while its position callback says it is in sync; then it
-// publishes its log position under its candidate key (and deletes the key when it falls out
-// of sync). When there is no leader, a candidate stands unless another candidate's key shows
-// a position newer than its own (logPosition.less); equal positions all stand and the
-// transaction picks one. The transaction also requires that no candidate key changed since
-// the candidates were read, so a candidate that appears or advances meanwhile makes it fail
-// and the decision is taken again. A candidate first stands TTL/3 after it first published
-// its key on its lease, so that nodes starting together have all published. A leader is
-// not asked for its position: it leads until its term ends.
+// Who stands. The leader writes the in-sync key (publishISR, a transaction on its term)
+// whenever its set of followers in sync changes, and its log completes nothing, so
+// confirms nothing, until the key says what it counts on (replication.go): every
+// confirmed record is on the leader and on -min-insync of the nodes the key names. Only
+// these nodes may stand; before a cluster's first record, only nodes whose log never
+// followed a leader. A node eligible publishes its log position under its candidate key
+// while no one leads (never under a leader, so a busy cluster writes nothing to etcd). A
+// candidate stands TTL/3 after it first published, so that the others have published
+// too, unless another candidate's key shows a position newer than its own
+// (logPosition.less); equal positions all stand and the transaction picks one. The
+// transaction also requires that no candidate key changed since the candidates were read,
+// so a candidate that appears or advances meanwhile makes it fail and the decision is
+// taken again. A node left out of the key (it fell behind, or its link died) never
+// stands, even with a newer log: it may lack records confirmed without it. If every node
+// the key names is gone for good, the cluster waits for an operator, who may delete the
+// key to let the survivors stand (and lose what only the others held).
 //
 // Watching. A watch on the cluster's prefix wakes the node on any change, and it also looks
 // again TTL/3 after its last look; each decision is made from fresh reads, never from the
 // watch's events. The watch only makes reaction fast (a resigned leader is replaced within
-// milliseconds); if it stalls silently, nodes still react within TTL/3. A watch is set up
+// TTL/3); if it stalls silently, nodes still react within TTL/3 more. A watch is set up
 // again when it ends, and when a call fails on its endpoint.
 
 // logPosition is how far a node's log reaches: the term of its last record, then that
@@ -98,12 +111,14 @@ type election struct {
 	prefix     string // /amqp-go/<cluster>/
 	leaderKey  string // prefix + "leader"
 	candidates string // prefix + "candidates/"
+	isrKey     string // prefix + "insync"
 	self       member // name and advertise address
 	ttl        time.Duration
 
-	// position returns this node's log position and whether it is in sync; nil means in
-	// sync at the zero position. It is asked on each look at etcd, so it must be quick.
-	// Set before run.
+	// position returns this node's log position and whether it may stand as far as it
+	// knows (a standby whose log is not open may not); nil means the zero position and
+	// yes. The in-sync record decides the rest (eligible). It is asked on each look at
+	// etcd without a leader, so it must be quick. Set before run.
 	position func() (logPosition, bool)
 	// logger gets leadership changes and lost leases; nil logs nothing. Set before run.
 	logger *slog.Logger
@@ -145,6 +160,7 @@ func newElection(endpoints, cluster, name, addr string, ttl time.Duration) (*ele
 		prefix:     prefix,
 		leaderKey:  prefix + "leader",
 		candidates: prefix + "candidates/",
+		isrKey:     prefix + "insync",
 		self:       member{Name: name, Addr: addr},
 		ttl:        ttl,
 		changes:    make(chan leaderInfo, 1),
@@ -312,9 +328,9 @@ func (e *election) keepAlive(ctx context.Context, id int64, ttl time.Duration, s
 	}
 }
 
-// step looks at the cluster once and acts on lease id: it publishes or withdraws this
-// node's candidacy, follows the leader it finds, or stands if there is none and no newer
-// candidate. It returns false when the lease must be given up.
+// step looks at the cluster once and acts on lease id: it follows the leader it finds;
+// with none, it publishes its candidacy if it is eligible, and stands once the candidacy
+// has settled if no candidate is newer. It returns false when the lease must be given up.
 func (e *election) step(ctx context.Context, id int64, ttl time.Duration, c *candidacy) bool {
 	e.mu.Lock()
 	until, term := e.until, e.term
@@ -328,31 +344,6 @@ func (e *election) step(ctx context.Context, id int64, ttl time.Duration, c *can
 		err := e.etcd.revoke(ctx, o)
 		return err == nil || errors.Is(err, errLeaseExpired)
 	})
-	if term == 0 {
-		pos, inSync := logPosition{}, true
-		if e.position != nil {
-			pos, inSync = e.position()
-		}
-		var err error
-		switch {
-		case inSync && (!c.published || pos != c.pos):
-			m := e.self
-			m.Pos = pos
-			if _, err = e.etcd.put(ctx, e.candidates+e.self.Name, marshalMember(m), id); err == nil {
-				if !c.published {
-					c.since = time.Now()
-				}
-				c.published, c.pos = true, pos
-			}
-		case !inSync && c.published:
-			if err = e.etcd.delete(ctx, e.candidates+e.self.Name); err == nil {
-				c.published = false
-			}
-		}
-		if err != nil {
-			return !errors.Is(err, errLeaseExpired)
-		}
-	}
 	kv, _, err := e.etcd.get(ctx, e.leaderKey)
 	if err != nil {
 		return true
@@ -369,14 +360,38 @@ func (e *election) step(ctx context.Context, id int64, ttl time.Duration, c *can
 			return false
 		}
 		e.follow(leaderInfo{name: m.Name, addr: m.Addr, repl: m.Repl, term: kv.CreateRevision})
-		return true
+		// Under a leader, a candidacy's position goes stale at once: withdraw it.
+		return e.withdraw(ctx, c)
 	}
 	if term != 0 {
 		e.stepDown("the leader key was deleted")
 		return false
 	}
 	e.follow(leaderInfo{})
-	if !c.published || time.Since(c.since) < ttl/3 {
+	pos, may := logPosition{}, true
+	if e.position != nil {
+		pos, may = e.position()
+	}
+	if may {
+		if may, err = e.eligible(ctx, pos); err != nil {
+			return true
+		}
+	}
+	switch {
+	case !may:
+		return e.withdraw(ctx, c)
+	case !c.published || pos != c.pos:
+		m := e.self
+		m.Pos = pos
+		if _, err := e.etcd.put(ctx, e.candidates+e.self.Name, marshalMember(m), id); err != nil {
+			return !errors.Is(err, errLeaseExpired)
+		}
+		if !c.published {
+			c.since = time.Now()
+		}
+		c.published, c.pos = true, pos
+	}
+	if time.Since(c.since) < ttl/3 {
 		return true
 	}
 	kvs, rev, err := e.etcd.getPrefix(ctx, e.candidates)
@@ -398,6 +413,55 @@ func (e *election) step(ctx context.Context, id int64, ttl time.Duration, c *can
 		return e.lead(rev)
 	}
 	return true
+}
+
+// withdraw deletes this node's candidate key if it published one. It returns false when
+// the lease must be given up.
+func (e *election) withdraw(ctx context.Context, c *candidacy) bool {
+	if !c.published {
+		return true
+	}
+	if err := e.etcd.delete(ctx, e.candidates+e.self.Name); err != nil {
+		return !errors.Is(err, errLeaseExpired)
+	}
+	c.published = false
+	return true
+}
+
+// isrRecord is what a leader keeps under the in-sync key, without a lease so that it
+// outlives the leader: itself and its followers in sync, the nodes that hold everything
+// it confirmed (with -min-insync of them at least), and so the nodes that may stand once
+// it is gone.
+type isrRecord struct {
+	Term    int64    `json:"term"`
+	Members []string `json:"members"`
+}
+
+// eligible reports whether this node, at pos, may stand: when the cluster never had an
+// in-sync record, only if its log never followed a leader (a new cluster: no node holds
+// anything confirmed); else only if the record names it. A record naming only nodes that
+// are gone for good holds the cluster up until an operator deletes it.
+func (e *election) eligible(ctx context.Context, pos logPosition) (bool, error) {
+	kv, _, err := e.etcd.get(ctx, e.isrKey)
+	if err != nil || kv == nil {
+		return pos.Term == 0, err
+	}
+	var rec isrRecord
+	if err := json.Unmarshal(kv.Value, &rec); err != nil {
+		return false, nil
+	}
+	return slices.Contains(rec.Members, e.self.Name), nil
+}
+
+// publishISR records this leader and its followers in sync as of term, if the leader key
+// is still term's; errNotLeader if it is not.
+func (e *election) publishISR(ctx context.Context, term int64, followers []string) error {
+	rec, _ := json.Marshal(isrRecord{Term: term, Members: append([]string{e.self.Name}, followers...)})
+	won, _, err := e.etcd.txn(ctx, []etcdCompare{createdAt(e.leaderKey, term)}, etcdOp{Put: &etcdPut{Key: []byte(e.isrKey), Value: rec}})
+	if err == nil && !won {
+		err = errNotLeader
+	}
+	return err
 }
 
 // lead makes this node the leader in term, unless its lease's deadline has passed.
@@ -481,12 +545,11 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 
 // A clustered Server (Config.Cluster) runs a clusterNode. The node starts as a standby: it
 // does not open its data directory as a store, but as a replica that follows whoever
-// leads, and it stands for election only while that replica is caught up (the leader
-// pinged it, which it does only when it has sent all it wrote). Its listeners accept, but
+// leads, and it stands for election as the in-sync key allows. Its listeners accept, but
 // answer the protocol header with connection.close 320 CONNECTION_FORCED naming the
-// leader's address. Once it
-// leads, it stops following, opens the directory as after a crash, serves followers on
-// ReplicationAddr with the gate of MinInSync, and serves clients. A leader that loses its
+// leader's address. Once it leads, it records its term in the directory's TERM file,
+// stops following, opens the directory as after a crash, serves followers on
+// ReplicationAddr with the gate of MinInSync and the in-sync key, and serves clients. A leader that loses its
 // term fails its log (nothing more is confirmed) and shuts the server down; Serve returns
 // errNotLeader and the process is meant to be restarted as a follower, as LavinMQ does.
 
@@ -562,16 +625,14 @@ func advertisedRepl(advertise, repl string) string {
 	return repl
 }
 
-// position is the election's position callback: the replica's log end and whether it is
-// caught up. A replica that never followed any leader (term 0) stands as it is, so a new
-// cluster can elect its first leader.
+// position is the election's position callback: the replica's term (the newest it
+// followed or led in) and log end; the node may not stand while it has no replica open.
 func (n *clusterNode) position() (logPosition, bool) {
 	r := n.replica.Load()
 	if r == nil {
 		return logPosition{}, false
 	}
-	term := r.term.Load()
-	return logPosition{Term: term, Seq: pack(r.position())}, term == 0 || r.caughtUp.Load()
+	return logPosition{Term: r.term.Load(), Seq: pack(r.position())}, true
 }
 
 // serving reports whether the node leads and serves clients.
@@ -764,6 +825,11 @@ func (n *clusterNode) lead(ctx context.Context, term int64) error {
 			return err
 		}
 	}
+	// The term it leads in is its log's from now on: a follower refuses older leaders,
+	// and it stands later with a position of this term.
+	if err := writeFileAtomic(filepath.Join(s.cfg.DataDir, "TERM"), []byte(strconv.FormatInt(term, 10)+"\n")); err != nil {
+		return err
+	}
 	if err := s.openStore(); err != nil {
 		return err
 	}
@@ -776,8 +842,15 @@ func (n *clusterNode) lead(ctx context.Context, term int64) error {
 	}
 	// Confirms stop the moment the term may be over, not at the loop's next look.
 	leading := func() bool { t, ok := n.e.leading(); return ok && t == term }
+	// The in-sync set is in etcd before a confirm counts on it: the nodes it names may stand.
+	publish := func(followers []string) error {
+		ctx, cancel := context.WithTimeout(ctx, n.e.ttl/4)
+		defer cancel()
+		return n.e.publishISR(ctx, term, followers)
+	}
 	n.rs = newReplicaServer(s.store.w, replicaOptions{cluster: n.cfg.Name, term: uint64(term),
-		secret: []byte(n.cfg.Secret), defs: s.cfg.Definitions, minInSync: n.cfg.MinInSync, leading: leading, log: s.log})
+		secret: []byte(n.cfg.Secret), defs: s.cfg.Definitions, minInSync: n.cfg.MinInSync,
+		leading: leading, publishISR: publish, log: s.log})
 	go n.rs.serve(n.replListener(ln))
 	s.startServices()
 	n.leader.Store(true)

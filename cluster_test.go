@@ -66,6 +66,15 @@ func (n *testNode) setInSync(v bool) {
 	n.mu.Unlock()
 }
 
+// putISR writes cluster's in-sync record naming members, as a leader of term would.
+func putISR(t *testing.T, url, cluster string, term int64, members ...string) {
+	t.Helper()
+	rec, _ := json.Marshal(isrRecord{Term: term, Members: members})
+	if _, err := newTestEtcdClient(t, url, time.Second).put(context.Background(), "/amqp-go/"+cluster+"/insync", rec, 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // waitLeader waits until exactly one of nodes leads and every other node that runs follows
 // it in the same term, and returns the leader.
 func waitLeader(t *testing.T, nodes ...*testNode) (*testNode, int64) {
@@ -443,6 +452,7 @@ func TestElectionEndpointFailover(t *testing.T) {
 func TestElectionNewestPositionWins(t *testing.T) {
 	t.Parallel()
 	etcd := startEtcd(t)
+	putISR(t, etcd.url, "pos", 2, "a", "b", "c")
 	nodes := []*testNode{
 		startNode(t, etcd.url, "pos", "a", logPosition{Term: 1, Seq: 5}),
 		startNode(t, etcd.url, "pos", "b", logPosition{Term: 2, Seq: 1}),
@@ -464,6 +474,7 @@ func TestElectionNewestPositionWins(t *testing.T) {
 func TestElectionOutOfSync(t *testing.T) {
 	t.Parallel()
 	etcd := startEtcd(t)
+	putISR(t, etcd.url, "sync", 9, "a", "b")
 	a := startNode(t, etcd.url, "sync", "a", logPosition{Term: 1, Seq: 1})
 	b := startNode(t, etcd.url, "sync", "b", logPosition{Term: 9, Seq: 9})
 	c := newTestEtcdClient(t, etcd.url, time.Second)
@@ -481,6 +492,40 @@ func TestElectionOutOfSync(t *testing.T) {
 	holdsFor(t, testTTL, "b not standing while out of sync", noLeader)
 	b.setInSync(true)
 	waitLeader(t, b)
+}
+
+// Once a cluster has an in-sync record, only the nodes it names stand, whatever their
+// positions: one left out (it fell behind, or never caught up) never leads, and a node
+// whose log never followed anyone no longer counts as a new cluster's.
+func TestElectionInSyncRecord(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	putISR(t, etcd.url, "isr", 7, "a", "c")
+	nodes := []*testNode{
+		startNode(t, etcd.url, "isr", "a", logPosition{Term: 7, Seq: 5}),
+		startNode(t, etcd.url, "isr", "b", logPosition{Term: 7, Seq: 9}), // newer, left out
+		startNode(t, etcd.url, "isr", "c", logPosition{Term: 7, Seq: 3}),
+		startNode(t, etcd.url, "isr", "d", logPosition{}), // a new node
+	}
+	monitorLeading(t, nodes...)
+	if leader, _ := waitLeader(t, nodes...); leader.name != "a" {
+		t.Fatalf("%s leads, want a (named, newest of those named)", leader.name)
+	}
+	nodes[0].stop()
+	if leader, _ := waitLeader(t, nodes[1:]...); leader.name != "c" {
+		t.Fatalf("%s leads, want c", leader.name)
+	}
+	nodes[2].stop()
+	noLeader := func() bool {
+		for _, n := range []*testNode{nodes[1], nodes[3]} {
+			if _, ok := n.e.leading(); ok || n.e.leaderNow() != (leaderInfo{}) {
+				return false
+			}
+		}
+		return true
+	}
+	pollUntil(t, testTTL, "b and d to see c resign", noLeader)
+	holdsFor(t, 2*testTTL, "no node the record leaves out standing", noLeader)
 }
 
 // TestElectionFlappingPartitions cuts and heals the nodes' links to etcd at random for a
@@ -660,7 +705,16 @@ func TestClusterFailover(t *testing.T) {
 	declareQueues(t, conn, true, "q")
 	conn.Close()
 	const n = 200
+	ec := newTestEtcdClient(t, e.url, time.Second)
+	_, rev0, err := ec.get(context.Background(), "probe")
+	if err != nil {
+		t.Fatal(err)
+	}
 	publishBodies(t, url, "q", 0, n)
+	// Publishing writes nothing to etcd: positions are published only when no one leads.
+	if _, rev, err := ec.get(context.Background(), "probe"); err != nil || rev-rev0 > 2 {
+		t.Errorf("etcd went from revision %d to %d while publishing (%v)", rev0, rev, err)
+	}
 
 	// /api/cluster: the leader lists both followers, at least one in sync after the
 	// confirms; a follower names the leader and its term.
@@ -857,4 +911,37 @@ func TestClusterShortOfFollowers(t *testing.T) {
 	pollUntil(t, 5*time.Second, "the all-clear", func() bool {
 		return strings.Contains(logs.String(), "enough followers in sync again")
 	})
+}
+
+// A cluster stopped whole and started again elects a leader among the nodes its in-sync
+// record names, with every message confirmed before.
+func TestClusterFullRestart(t *testing.T) {
+	t.Parallel()
+	e := startEtcd(t)
+	dirs := []string{t.TempDir(), t.TempDir()}
+	start := func() []*clusterServer {
+		var servers []*clusterServer
+		for i, dir := range dirs {
+			servers = append(servers, startClusterServerWith(t, e.url, fmt.Sprintf("n%d", i+1), "s3cret", func(c *Config) { c.DataDir = dir }))
+		}
+		return servers
+	}
+	servers := start()
+	leader := waitClusterLeader(t, servers...)
+	url := "amqp://guest:guest@" + leader.addr + "/"
+	conn := dial(t, url)
+	declareQueues(t, conn, true, "q")
+	conn.Close()
+	const n = 100
+	publishBodies(t, url, "q", 0, n)
+	for _, cs := range servers {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		cs.srv.Shutdown(ctx)
+		cancel()
+		cs.done <- <-cs.done // for the cleanup
+	}
+
+	servers = start()
+	leader = waitClusterLeader(t, servers...)
+	expectReplBodies(t, "amqp://guest:guest@"+leader.addr+"/", "q", n)
 }

@@ -275,9 +275,13 @@ type replicaOptions struct {
 	// leading, when set, gates the log too: while it reports false (the term may be over)
 	// nothing more is done, so nothing more is confirmed.
 	leading func() bool
-	maxLag  int64         // octets a follower may be behind and stay in sync; 0: 4 segments
-	timeout time.Duration // a follower silent this long leaves the in-sync set; 0: 5 s
-	log     *slog.Logger
+	// publishISR, when set, is given the names of the followers in sync (sorted) whenever
+	// that set changes, and at the start; until it has returned nil for the current set,
+	// nothing more is done. A cluster keeps the set in etcd, where it says who may stand.
+	publishISR func(followers []string) error
+	maxLag     int64         // octets a follower may be behind and stay in sync; 0: 4 segments
+	timeout    time.Duration // a follower silent this long leaves the in-sync set; 0: 5 s
+	log        *slog.Logger
 }
 
 // replicaServer is the leader's side: it serves followers the log's directory.
@@ -289,6 +293,11 @@ type replicaServer struct {
 	stop chan struct{}
 	wg   sync.WaitGroup
 
+	// The in-sync set as published (publishISR): isrWant counts its changes, isrDone the
+	// last change published; the log completes nothing while they differ.
+	isrWant, isrDone atomic.Uint64
+	isrWake          chan struct{} // 1 slot: the set changed
+
 	mu        sync.Mutex
 	events    []replEvent                // guarded by mu: files changed, oldest first
 	evBase    int                        // guarded by mu: events trimmed off the front
@@ -296,6 +305,7 @@ type replicaServer struct {
 	conns     map[net.Conn]struct{}      // guarded by mu
 	lns       []net.Listener             // guarded by mu
 	closed    bool                       // guarded by mu
+	isrNames  []string                   // guarded by mu: the followers in sync, sorted
 }
 
 // replEvent is a file replaced or removed when the log was written up to at.
@@ -337,13 +347,16 @@ func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 	if opt.log == nil {
 		opt.log = w.log
 	}
-	rs := &replicaServer{w: w, opt: opt, stop: make(chan struct{}), followers: make(map[*replFollower]struct{}), conns: make(map[net.Conn]struct{})}
+	rs := &replicaServer{w: w, opt: opt, stop: make(chan struct{}), followers: make(map[*replFollower]struct{}),
+		conns: make(map[net.Conn]struct{}), isrWake: make(chan struct{}, 1), isrNames: []string{}}
 	tap := &walTap{written: rs.wakeAll, changed: rs.changed}
 	switch {
-	case opt.leading != nil:
+	case opt.leading != nil || opt.publishISR != nil:
 		tap.held = func() uint64 {
 			switch {
-			case !opt.leading():
+			case opt.leading != nil && !opt.leading():
+				return 0
+			case rs.isrWant.Load() != rs.isrDone.Load():
 				return 0
 			case opt.minInSync > 0:
 				return rs.held.Load()
@@ -357,7 +370,71 @@ func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 	w.tap.Store(tap)
 	rs.wg.Add(1)
 	go rs.watch()
+	if opt.publishISR != nil {
+		rs.isrWant.Store(1) // the empty set, at the start
+		rs.wg.Add(1)
+		go rs.publishMembers()
+	}
 	return rs
+}
+
+// noteMembersLocked compares the followers in sync with the set last noted and, when it
+// changed, has publishMembers publish it. rs.mu must be held.
+func (rs *replicaServer) noteMembersLocked() {
+	if rs.opt.publishISR == nil {
+		return
+	}
+	names := []string{}
+	for f := range rs.followers {
+		if f.inSync {
+			names = append(names, f.name)
+		}
+	}
+	slices.Sort(names)
+	if slices.Equal(names, rs.isrNames) {
+		return
+	}
+	rs.isrNames = names
+	rs.isrWant.Add(1)
+	select {
+	case rs.isrWake <- struct{}{}:
+	default:
+	}
+}
+
+// publishMembers publishes the in-sync set whenever it changed, retrying until it is
+// published or the server closes, and wakes the log's writer after each.
+func (rs *replicaServer) publishMembers() {
+	defer rs.wg.Done()
+	failing := false
+	for {
+		if want := rs.isrWant.Load(); want != rs.isrDone.Load() {
+			rs.mu.Lock()
+			names := slices.Clone(rs.isrNames)
+			rs.mu.Unlock()
+			if err := rs.opt.publishISR(names); err != nil {
+				if !failing {
+					rs.opt.log.Warn("replication: cannot record the in-sync set; confirms wait", "err", err)
+				}
+				failing = true
+				select {
+				case <-rs.stop:
+					return
+				case <-time.After(100 * time.Millisecond):
+				}
+				continue
+			}
+			failing = false
+			rs.isrDone.Store(want)
+			rs.w.kick()
+			continue
+		}
+		select {
+		case <-rs.stop:
+			return
+		case <-rs.isrWake:
+		}
+	}
 }
 
 // serve accepts followers on ln until close.
@@ -512,6 +589,7 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 			acks = append(acks, g.acked)
 		}
 	}
+	rs.noteMembersLocked()
 	rs.mu.Unlock()
 	rs.setHeld(acks)
 }
@@ -564,6 +642,7 @@ func (rs *replicaServer) handle(c net.Conn) {
 				acks = append(acks, g.acked)
 			}
 		}
+		rs.noteMembersLocked()
 		rs.mu.Unlock()
 		rs.setHeld(acks)
 		if f.inSync {
@@ -809,7 +888,7 @@ func (rs *replicaServer) stream(rc *replConn, f *replFollower, cur walPos, acks 
 			continue
 		}
 		if !atHead {
-			// All that is written is sent: the ping tells the follower it is caught up.
+			// All that is written is sent: the ping asks the follower to ack where it stands.
 			if err := rc.send(replPing); err != nil {
 				return err
 			}
@@ -916,9 +995,6 @@ type replica struct {
 
 	term atomic.Uint64 // the newest term seen
 	pos  atomic.Uint64 // the log position on disk, packed
-	// caughtUp is set when the leader pings, which it does only when it has sent all it
-	// has written, and cleared when a session starts: a follower cut off keeps it.
-	caughtUp atomic.Bool
 }
 
 // openReplica locks dir for a follower and tidies what a killed session left.
@@ -1018,7 +1094,6 @@ func (r *replica) follow(ctx context.Context, c net.Conn) error {
 	defer stop()
 	defer r.closeFiles()
 	rc := newReplConn(c)
-	r.caughtUp.Store(false)
 	if err := r.handshake(rc); err != nil {
 		return err
 	}
@@ -1066,7 +1141,6 @@ func (r *replica) follow(ctx context.Context, c net.Conn) error {
 			}
 		case replPing:
 			ackNow = true
-			r.caughtUp.Store(true)
 		case replRefuse:
 			return errors.New("amqp: replication: leader ended the session: " + string(p))
 		default:

@@ -483,6 +483,22 @@ func TestReplDefinitions(t *testing.T) {
 	if d.user("alice") < 0 || !slices.ContainsFunc(d.Vhosts, func(v VirtualHost) bool { return v.Name == "v2" }) {
 		t.Fatalf("follower's definitions lack the changes: %+v", d)
 	}
+
+	// The file edited in place (amqpd add_user -definitions) and reloaded (SIGHUP).
+	d, err = LoadDefinitions(defs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.AddUser("bob", "pw"); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Save(defs); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.srv.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	waitMirrored(t, l.dir, fdir, defs, fdefs)
 }
 
 // Authentication by shared secret, both ways; the secret never crosses the wire.
