@@ -661,6 +661,22 @@ func (s *Server) apiCluster(r *http.Request, u *apiUser) (any, error) {
 		}
 	}
 	info["followers"] = followers
+	// This node's log end, and the in-sync record: who may stand when no one leads.
+	var pos walPos
+	if n.serving() {
+		pos = unpack(s.store.w.writtenTo.Load())
+	} else if r := n.replica.Load(); r != nil {
+		pos = r.position()
+	}
+	info["position"] = map[string]any{"segment": pos.seg, "offset": pos.off}
+	ctx, cancel := context.WithTimeout(r.Context(), n.e.ttl/4)
+	defer cancel()
+	if kv, _, err := n.e.etcd.get(ctx, n.e.isrKey); err == nil && kv != nil {
+		var rec isrRecord
+		if json.Unmarshal(kv.Value, &rec) == nil {
+			info["in_sync_record"] = map[string]any{"term": rec.Term, "members": rec.Members}
+		}
+	}
 	return info, nil
 }
 

@@ -498,6 +498,11 @@ func TestClusterDaemonsFollowerRestarted(t *testing.T) {
 
 	late := startAmqpdNodes(t, []string{e.url}, "c")[0] // a full copy of what is there
 	waitInSyncCount(t, leader, 2)
+	out, err := exec.Command(leader.bin, "cluster_status", "-node", "http://"+leader.http).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "leading true") || !strings.Contains(string(out), "follower c\tin sync true") ||
+		!strings.Contains(string(out), "(may stand): "+leader.name+", ") {
+		t.Errorf("amqpd cluster_status: %v\n%s", err, out)
+	}
 
 	first.kill()
 	pub.waitConfirms(t, 500, "with the late follower only")

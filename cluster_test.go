@@ -741,6 +741,11 @@ func TestClusterFailover(t *testing.T) {
 	if st["leading"] != true || len(followerList) != 2 || inSync < 1 {
 		t.Errorf("the leader's /api/cluster: %v, want leading with 2 followers, one in sync at least", st)
 	}
+	isr, _ := st["in_sync_record"].(map[string]any)
+	members, _ := isr["members"].([]any)
+	if len(members) < 2 || members[0] != st["node"] || st["position"] == nil {
+		t.Errorf("the leader's /api/cluster: %v, want its position and an in-sync record naming it and a follower", st)
+	}
 	// The same in the leader's metrics.
 	rec := httptest.NewRecorder()
 	leader.srv.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))

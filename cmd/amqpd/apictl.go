@@ -72,6 +72,11 @@ var apiCommands = map[string]apiCommand{
 				LagBytes     int64  `json:"lag_bytes"`
 				InSync       bool   `json:"in_sync"`
 			}
+			Position struct{ Segment, Offset uint64 }
+			Record   *struct {
+				Term    int64
+				Members []string
+			} `json:"in_sync_record"`
 		}
 		if err := json.Unmarshal(b, &st); err != nil {
 			return err
@@ -82,6 +87,10 @@ var apiCommands = map[string]apiCommand{
 		}
 		fmt.Fprintf(stdout, "cluster %s, node %s, leading %v\nleader %s (%s), term %d, min in sync %d\n",
 			st.Cluster, st.Node, st.Leading, st.Leader.Name, st.Leader.Addr, st.Leader.Term, st.MinInSync)
+		fmt.Fprintf(stdout, "log position %d:%d\n", st.Position.Segment, st.Position.Offset)
+		if st.Record != nil {
+			fmt.Fprintf(stdout, "in sync as of term %d (may stand): %s\n", st.Record.Term, strings.Join(st.Record.Members, ", "))
+		}
 		for _, f := range st.Followers {
 			fmt.Fprintf(stdout, "follower %s\tin sync %v\tlag %d bytes\tacked %d:%d\n", f.Name, f.InSync, f.LagBytes, f.AckedSegment, f.AckedOffset)
 		}
