@@ -472,6 +472,11 @@ func TestClusterDaemonsLeaderKilled(t *testing.T) {
 		leader.kill()
 		killed := time.Now()
 		next := waitAmqpdLeader(t, nodes...)
+		// The bound: serving within 5 s of the lease running out (at most a TTL
+		// after the kill).
+		if took := time.Since(killed); took > daemonTTL+5*time.Second {
+			t.Errorf("kill %d: %s served %v after the kill, more than TTL + 5 s", kill+1, next.name, took)
+		}
 		takeovers = append(takeovers, time.Since(killed))
 		leader.start() // rejoins as a follower
 		pub.waitConfirms(t, 1, fmt.Sprintf("after kill %d", kill+1))
