@@ -858,11 +858,17 @@ func (n *clusterNode) lead(ctx context.Context, term int64) error {
 	}
 	// Confirms stop the moment the term may be over, not at the loop's next look.
 	leading := func() bool { t, ok := n.e.leading(); return ok && t == term }
-	// The in-sync set is in etcd before a confirm counts on it: the nodes it names may stand.
+	// The in-sync set is in etcd before a confirm counts on it: the nodes it names may
+	// stand. It names this node alone before any follower can start a session in this
+	// term (and so take this term's number into its position). Publishing goes on while
+	// the server closes, so the last records can still be confirmed.
 	publish := func(followers []string) error {
-		ctx, cancel := context.WithTimeout(ctx, n.e.ttl/4)
+		ctx, cancel := context.WithTimeout(context.Background(), n.e.ttl/4)
 		defer cancel()
 		return n.e.publishISR(ctx, term, followers)
+	}
+	if err := publish(nil); err != nil {
+		return err
 	}
 	n.rs = newReplicaServer(s.store.w, replicaOptions{cluster: n.cfg.Name, term: uint64(term),
 		secret: []byte(n.cfg.Secret), defs: s.cfg.Definitions, minInSync: n.cfg.MinInSync,

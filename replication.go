@@ -288,15 +288,15 @@ type replicaOptions struct {
 type replicaServer struct {
 	w    *wal
 	opt  replicaOptions
-	tap  *walTap       // what it set on w
-	held atomic.Uint64 // the position minInSync in-sync followers have acked
+	tap  *walTap // what it set on w
 	stop chan struct{}
 	wg   sync.WaitGroup
+	// start is where the log stood when this server began: a follower joins the in-sync
+	// set only once it holds that much (all an earlier leader may have confirmed).
+	start uint64
 
-	// The in-sync set as published (publishISR): isrWant counts its changes, isrDone the
-	// last change published; the log completes nothing while they differ.
-	isrWant, isrDone atomic.Uint64
-	isrWake          chan struct{} // 1 slot: the set changed
+	isrDone atomic.Uint64 // the last version of the in-sync set published (publishISR)
+	isrWake chan struct{} // 1 slot: the set changed
 
 	mu        sync.Mutex
 	events    []replEvent                // guarded by mu: files changed, oldest first
@@ -305,7 +305,15 @@ type replicaServer struct {
 	conns     map[net.Conn]struct{}      // guarded by mu
 	lns       []net.Listener             // guarded by mu
 	closed    bool                       // guarded by mu
-	isrNames  []string                   // guarded by mu: the followers in sync, sorted
+	// The followers in sync and what they all hold. held is the lowest ack among them
+	// when they are minInSync or more, else 0; floor is the highest held ever, which
+	// holds everything confirmed. version counts the set's changes; a held is used only
+	// once its version is published, so every record confirmed is on each node named.
+	isrNames []string // guarded by mu: sorted
+	version  uint64   // guarded by mu
+	held     uint64   // guarded by mu
+	heldAt   uint64   // guarded by mu: the version held was computed for
+	floor    uint64   // guarded by mu
 }
 
 // replEvent is a file replaced or removed when the log was written up to at.
@@ -348,58 +356,73 @@ func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 		opt.log = w.log
 	}
 	rs := &replicaServer{w: w, opt: opt, stop: make(chan struct{}), followers: make(map[*replFollower]struct{}),
-		conns: make(map[net.Conn]struct{}), isrWake: make(chan struct{}, 1), isrNames: []string{}}
+		conns: make(map[net.Conn]struct{}), isrWake: make(chan struct{}, 1), isrNames: []string{},
+		start: w.writtenTo.Load()}
+	rs.floor = rs.start
 	tap := &walTap{written: rs.wakeAll, changed: rs.changed}
-	switch {
-	case opt.leading != nil || opt.publishISR != nil:
-		tap.held = func() uint64 {
-			switch {
-			case opt.leading != nil && !opt.leading():
-				return 0
-			case rs.isrWant.Load() != rs.isrDone.Load():
-				return 0
-			case opt.minInSync > 0:
-				return rs.held.Load()
-			}
-			return math.MaxUint64
-		}
-	case opt.minInSync > 0:
-		tap.held = rs.held.Load
+	if opt.leading != nil || opt.publishISR != nil || opt.minInSync > 0 {
+		tap.held = rs.gate
 	}
 	rs.tap = tap
 	w.tap.Store(tap)
 	rs.wg.Add(1)
 	go rs.watch()
-	if opt.publishISR != nil {
-		rs.isrWant.Store(1) // the empty set, at the start
+	if opt.publishISR != nil { // the empty set counts as published: the caller did
 		rs.wg.Add(1)
 		go rs.publishMembers()
 	}
 	return rs
 }
 
-// noteMembersLocked compares the followers in sync with the set last noted and, when it
-// changed, has publishMembers publish it. rs.mu must be held.
-func (rs *replicaServer) noteMembersLocked() {
-	if rs.opt.publishISR == nil {
-		return
+// gate is the log's tap.held: how far the log may complete. Nothing while the term may be
+// over, or while what the followers hold is not yet published with their names; else
+// what every follower in sync holds (with minInSync), or all.
+func (rs *replicaServer) gate() uint64 {
+	if rs.opt.leading != nil && !rs.opt.leading() {
+		return 0
 	}
+	rs.mu.Lock()
+	held, at := rs.held, rs.heldAt
+	rs.mu.Unlock()
+	switch {
+	case rs.opt.publishISR != nil && at > rs.isrDone.Load():
+		return 0
+	case rs.opt.minInSync > 0:
+		return held
+	}
+	return math.MaxUint64
+}
+
+// recomputeLocked notes the followers in sync, counting a change of the set (which
+// publishMembers then publishes), and what they all hold. It reports whether held grew.
+// rs.mu must be held.
+func (rs *replicaServer) recomputeLocked() bool {
 	names := []string{}
+	var low uint64
 	for f := range rs.followers {
 		if f.inSync {
+			if len(names) == 0 || f.acked < low {
+				low = f.acked
+			}
 			names = append(names, f.name)
 		}
 	}
 	slices.Sort(names)
-	if slices.Equal(names, rs.isrNames) {
-		return
+	if !slices.Equal(names, rs.isrNames) {
+		rs.isrNames = names
+		rs.version++
+		select {
+		case rs.isrWake <- struct{}{}:
+		default:
+		}
 	}
-	rs.isrNames = names
-	rs.isrWant.Add(1)
-	select {
-	case rs.isrWake <- struct{}{}:
-	default:
+	if len(names) < rs.opt.minInSync || rs.opt.minInSync <= 0 {
+		low = 0
 	}
+	grew := low > rs.held
+	rs.held, rs.heldAt = low, rs.version
+	rs.floor = max(rs.floor, low)
+	return grew
 }
 
 // publishMembers publishes the in-sync set whenever it changed, retrying until it is
@@ -408,10 +431,10 @@ func (rs *replicaServer) publishMembers() {
 	defer rs.wg.Done()
 	failing := false
 	for {
-		if want := rs.isrWant.Load(); want != rs.isrDone.Load() {
-			rs.mu.Lock()
-			names := slices.Clone(rs.isrNames)
-			rs.mu.Unlock()
+		rs.mu.Lock()
+		want, names := rs.version, slices.Clone(rs.isrNames)
+		rs.mu.Unlock()
+		if want != rs.isrDone.Load() {
 			if err := rs.opt.publishISR(names); err != nil {
 				if !failing {
 					rs.opt.log.Warn("replication: cannot record the in-sync set; confirms wait", "err", err)
@@ -571,7 +594,6 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 		f.acked = max(f.acked, pos)
 		f.lastAck = now
 	}
-	var acks []uint64
 	for g := range rs.followers {
 		lag, silent := rs.lag(g.acked, written), now.Sub(g.lastAck)
 		switch {
@@ -581,32 +603,15 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 		case g.inSync && silent > rs.opt.timeout:
 			g.inSync = false
 			rs.opt.log.Warn("replication: follower stopped acknowledging; it left the in-sync set", "follower", g.name, "addr", g.addr, "silent", silent.String())
-		case !g.inSync && lag <= rs.opt.maxLag/2 && silent <= rs.opt.timeout && !g.lastAck.IsZero():
+		case !g.inSync && lag <= rs.opt.maxLag/2 && silent <= rs.opt.timeout && !g.lastAck.IsZero() && g.acked >= rs.floor:
+			// It holds everything confirmed: named, it may stand.
 			g.inSync = true
 			rs.opt.log.Info("replication: follower is in sync", "follower", g.name, "addr", g.addr)
 		}
-		if g.inSync {
-			acks = append(acks, g.acked)
-		}
 	}
-	rs.noteMembersLocked()
+	grew := rs.recomputeLocked()
 	rs.mu.Unlock()
-	rs.setHeld(acks)
-}
-
-// setHeld makes held the minInSync-th highest of acks, 0 with fewer, and wakes the
-// writer when that grows.
-func (rs *replicaServer) setHeld(acks []uint64) {
-	n := rs.opt.minInSync
-	if n <= 0 {
-		return
-	}
-	var h uint64
-	if len(acks) >= n {
-		slices.Sort(acks)
-		h = acks[len(acks)-n]
-	}
-	if old := rs.held.Swap(h); h > old {
+	if grew {
 		rs.w.kick()
 	}
 }
@@ -636,15 +641,11 @@ func (rs *replicaServer) handle(c net.Conn) {
 	defer func() {
 		rs.mu.Lock()
 		delete(rs.followers, f)
-		var acks []uint64
-		for g := range rs.followers {
-			if g.inSync {
-				acks = append(acks, g.acked)
-			}
-		}
-		rs.noteMembersLocked()
+		grew := rs.recomputeLocked()
 		rs.mu.Unlock()
-		rs.setHeld(acks)
+		if grew {
+			rs.w.kick()
+		}
 		if f.inSync {
 			rs.opt.log.Warn("replication: in-sync follower disconnected", "follower", name, "addr", addr, "err", err)
 		}

@@ -609,6 +609,35 @@ func TestReplConfirmGate(t *testing.T) {
 	waitInSync(t, l.rs, 1)
 }
 
+// A confirm waits for every follower in sync, not just -min-insync of them: each node the
+// in-sync record names holds every confirmed record, so whichever stands has them all. A
+// follower that stalls holds confirms up only until it leaves the set.
+func TestReplConfirmWaitsForEveryInSync(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{}, replicaOptions{minInSync: 1, timeout: 400 * time.Millisecond})
+	follow(t, t.TempDir(), l.addr, followerOpts("f1"))
+	p := startReplProxy(t, l.addr, 0)
+	follow(t, t.TempDir(), p.ln.Addr().String(), followerOpts("f2"))
+	waitInSync(t, l.rs, 2)
+
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	c := newConfirmChannel(t, conn)
+	c.publish("", "q", false, persistentMsg("one"))
+	c.wait()
+
+	p.paused.Store(true)
+	c.publish("", "q", false, persistentMsg("two"))
+	select {
+	case cf := <-c.confirms:
+		t.Fatalf("confirm %+v while f2, in sync, does not hold the message", cf)
+	case <-time.After(200 * time.Millisecond):
+	}
+	waitInSync(t, l.rs, 1) // f2 left the set
+	c.wait()
+	p.paused.Store(false) // for the proxy's cleanup
+}
+
 // A leader whose term may be over confirms nothing, with or without followers to wait
 // for, until it is sure again.
 func TestReplNotLeadingHoldsConfirms(t *testing.T) {
