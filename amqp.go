@@ -27,7 +27,7 @@
 // Without DataDir everything is in memory. wal.go draws the log's format, store.go what the
 // broker writes in it. With Config.Cluster the server is one node of a cluster: only the
 // leader elected through etcd opens DataDir and serves; the others copy its directory, and
-// a confirm also waits for ClusterConfig.MinInSync of them (cluster.go, replication.go).
+// a confirm also waits for the followers in sync (cluster.go, replication.go).
 //
 // # Concurrency
 //
@@ -226,8 +226,8 @@ type ClusterConfig struct {
 	ReplicationAddr string
 	// Secret is the shared secret nodes prove to each other when they replicate.
 	Secret string
-	// MinInSync is how many in-sync followers must hold a message before it is confirmed;
-	// 0 confirms on the leader's own fsync.
+	// MinInSync is how many followers in sync a confirm needs: it waits for every follower
+	// in sync, and for at least MinInSync of them; 0 confirms on the leader's own fsync.
 	MinInSync int
 	// TTL is the etcd lease of each node: a dead leader is replaced within about this; default 5s.
 	TTL time.Duration

@@ -75,12 +75,16 @@ import (
 //
 // In sync. A follower is in sync while it acks within timeout and is no more than maxLag
 // octets behind what the leader has written; it leaves the set (logged) when either fails,
-// and joins again once it is within maxLag/2. With minInSync > 0 the log's completion is
+// and joins again once it is within maxLag/2 and holds everything confirmed so far (and
+// all the log held when this leader began). With minInSync > 0 the log's completion is
 // gated: a publisher confirm, tx.commit-ok or durable declare-ok waits for the local fsync
-// and for minInSync in-sync followers to ack the batch. With fewer followers in sync,
-// completion waits (the rule: no confirm without -min-insync copies); a closing log
-// gives them walCloseGrace, then fails what they never acked (the publishes are nacked).
-// Closing the replicaServer removes the gate.
+// and for every follower in sync to ack the batch, with at least minInSync in sync; so
+// each holds every confirmed record. With fewer followers in sync, completion waits (the
+// issue's rule: no confirm without -min-insync copies); a closing log gives them
+// walCloseGrace, then fails what they never acked (the publishes are nacked). In a
+// cluster the set is also published (publishISR) before completion counts on a change
+// of it, and nothing completes while the term may be over. Closing the replicaServer
+// removes the gate.
 const (
 	replVersion  = 1
 	replMaxFrame = 4 << 20
@@ -269,8 +273,8 @@ type replicaOptions struct {
 	term    uint64 // the leader's term: its etcd leader key's create revision
 	secret  []byte
 	defs    string // the definitions file, replicated as "definitions"; "" for none
-	// minInSync is the number of in-sync followers that must hold a batch before its
-	// tickets are done; 0 does not wait for followers.
+	// minInSync, when above 0, makes a batch's tickets done only once every follower in
+	// sync holds it, and at least minInSync are in sync; 0 does not wait for followers.
 	minInSync int
 	// leading, when set, gates the log too: while it reports false (the term may be over)
 	// nothing more is done, so nothing more is confirmed.
