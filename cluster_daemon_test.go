@@ -412,9 +412,13 @@ func (p *confirmingPublisher) waitConfirms(t *testing.T, n int, what string) {
 
 // check ends the publisher and checks that queue q at url holds every confirmed message,
 // byte for byte, and no message twice or unlike any published.
-func (p *confirmingPublisher) check(t *testing.T, url string) {
+func (p *confirmingPublisher) check(t *testing.T, url string, c *ackingConsumer) {
 	t.Helper()
 	p.end()
+	consumed := map[int]bool{}
+	if c != nil {
+		consumed = c.end(t)
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, e := range p.errs {
@@ -437,15 +441,129 @@ func (p *confirmingPublisher) check(t *testing.T, url string) {
 	}
 	lost := 0
 	for _, i := range p.confirmed {
-		if !seen[i] {
+		if !seen[i] && !consumed[i] {
 			if lost < 10 {
 				t.Errorf("confirmed message %d lost", i)
 			}
 			lost++
 		}
 	}
-	t.Logf("%d published on %d connections, %d confirmed, %d not (nacked or cut off), %d on the last leader; %d confirmed lost",
-		p.published, p.conns, len(p.confirmed), p.unconfirmed, len(got), lost)
+	again := 0 // consumed and acked, yet back after a failover: acks are not confirmed
+	for i := range consumed {
+		if seen[i] {
+			again++
+		}
+	}
+	t.Logf("%d published on %d connections, %d confirmed, %d not (nacked or cut off), %d consumed and acked, %d on the last leader (%d of them consumed before); %d confirmed lost",
+		p.published, p.conns, len(p.confirmed), p.unconfirmed, len(consumed), len(got), again, lost)
+}
+
+// ackingConsumer consumes queue "q" of whichever node accepts it, checking each body
+// and acking it, about 500 a second, until ended; it connects again when its connection
+// fails.
+type ackingConsumer struct {
+	stop, done chan struct{}
+
+	mu   sync.Mutex
+	seen map[int]bool // numbers consumed and acked
+	errs []string
+}
+
+func startConsumer(t *testing.T, nodes []*amqpdNode) *ackingConsumer {
+	c := &ackingConsumer{stop: make(chan struct{}), done: make(chan struct{}), seen: map[int]bool{}}
+	addrs := make([]func() string, len(nodes))
+	for i, n := range nodes {
+		addrs[i] = func() string { return *n.published.Load() }
+	}
+	go c.run(addrs)
+	t.Cleanup(func() { c.end(t) })
+	return c
+}
+
+func (c *ackingConsumer) run(addrs []func() string) {
+	defer close(c.done)
+	for {
+		select {
+		case <-c.stop:
+			return
+		default:
+		}
+		var conn *amqp091.Connection
+		for _, addr := range addrs {
+			if cn, err := amqp091.DialConfig("amqp://guest:guest@"+addr()+"/", amqp091.Config{Dial: amqp091.DefaultDial(time.Second)}); err == nil {
+				conn = cn
+				break
+			}
+		}
+		if conn == nil {
+			time.Sleep(20 * time.Millisecond)
+			continue
+		}
+		c.session(conn)
+		conn.Close()
+	}
+}
+
+// session consumes on conn until it fails or the consumer ends.
+func (c *ackingConsumer) session(conn *amqp091.Connection) {
+	ch, err := conn.Channel()
+	if err != nil {
+		return
+	}
+	if _, err := ch.QueueDeclare("q", true, false, false, false, nil); err != nil {
+		return
+	}
+	if ch.Qos(10, 0, false) != nil {
+		return
+	}
+	deliveries, err := ch.Consume("q", "", false, false, false, false, nil)
+	if err != nil {
+		return
+	}
+	pace := time.NewTicker(2 * time.Millisecond)
+	defer pace.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case d, ok := <-deliveries:
+			if !ok {
+				return
+			}
+			i := -1
+			if len(d.Body) >= 4 {
+				i = int(binary.BigEndian.Uint32(d.Body))
+			}
+			if i < 0 || !slices.Equal(d.Body, clusterBody(i)) {
+				c.mu.Lock()
+				c.errs = append(c.errs, fmt.Sprintf("consumed a message of %d octets unlike those published", len(d.Body)))
+				c.mu.Unlock()
+			}
+			if d.Ack(false) == nil {
+				c.mu.Lock()
+				c.seen[i] = true
+				c.mu.Unlock()
+			}
+			<-pace.C
+		}
+	}
+}
+
+// end stops the consumer and returns the numbers it consumed and acked.
+func (c *ackingConsumer) end(t *testing.T) map[int]bool {
+	select {
+	case <-c.stop:
+	default:
+		close(c.stop)
+	}
+	<-c.done
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, e := range c.errs {
+		t.Error(e)
+	}
+	c.errs = nil
+	return c.seen
 }
 
 // durations returns the smallest, median and largest of ds.
@@ -466,6 +584,7 @@ func TestClusterDaemonsLeaderKilled(t *testing.T) {
 	nodes := startAmqpdNodes(t, urls, "a", "b", "c")
 	leader := waitAmqpdLeader(t, nodes...)
 	pub := startPublisher(t, nodes)
+	con := startConsumer(t, nodes)
 	var takeovers, resumed []time.Duration
 	for kill := range 20 {
 		pub.waitConfirms(t, 100, fmt.Sprintf("before kill %d, leader %s", kill+1, leader.name))
@@ -486,7 +605,7 @@ func TestClusterDaemonsLeaderKilled(t *testing.T) {
 	pub.waitConfirms(t, 100, "after the last kill")
 	t.Logf("20 kills with TTL %v; from kill to a new leader accepting clients: %s; to the publisher's next confirm: %s",
 		daemonTTL, durations(takeovers), durations(resumed))
-	pub.check(t, leader.url())
+	pub.check(t, leader.url(), con)
 }
 
 // A node that joins late gets a full copy, then streams; a follower killed and restarted
@@ -526,7 +645,7 @@ func TestClusterDaemonsFollowerRestarted(t *testing.T) {
 	if next := waitAmqpdLeader(t, late); next != late {
 		t.Fatalf("%s leads, want %s", next.name, late.name)
 	}
-	pub.check(t, late.url())
+	pub.check(t, late.url(), nil)
 }
 
 // waitInSyncCount waits until leader counts n followers in sync.
@@ -594,5 +713,5 @@ func TestClusterDaemonsLeaderCutOff(t *testing.T) {
 	if now := waitAmqpdLeader(t, nodes...); now != old {
 		t.Fatalf("%s leads, want the old leader %s", now.name, old.name)
 	}
-	pub.check(t, old.url())
+	pub.check(t, old.url(), nil)
 }
