@@ -11,8 +11,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -36,45 +34,6 @@ var daemonTTL time.Duration
 
 func init() {
 	flag.DurationVar(&daemonTTL, "daemon-ttl", testTTL, "lease TTL of the amqpd cluster tests")
-}
-
-var (
-	amqpdOnce sync.Once
-	amqpdDir  string // holds the amqpd binary; removed by TestMain
-	amqpdErr  error
-	amqpdOut  []byte
-)
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if amqpdDir != "" {
-		os.RemoveAll(amqpdDir)
-	}
-	os.Exit(code)
-}
-
-// amqpdBinary builds cmd/amqpd once per test run and returns its path.
-func amqpdBinary(t *testing.T) string {
-	t.Helper()
-	if runtime.GOOS == "windows" {
-		t.Skip("needs SIGKILL")
-	}
-	goTool, err := exec.LookPath(filepath.Join(runtime.GOROOT(), "bin", "go"))
-	if err != nil {
-		if goTool, err = exec.LookPath("go"); err != nil {
-			t.Skip("go command not found")
-		}
-	}
-	amqpdOnce.Do(func() {
-		if amqpdDir, amqpdErr = os.MkdirTemp("", "amqpd-cluster-test"); amqpdErr != nil {
-			return
-		}
-		amqpdOut, amqpdErr = exec.Command(goTool, "build", "-o", filepath.Join(amqpdDir, "amqpd"), "./cmd/amqpd").CombinedOutput()
-	})
-	if amqpdErr != nil {
-		t.Fatalf("go build ./cmd/amqpd: %v\n%s", amqpdErr, amqpdOut)
-	}
-	return filepath.Join(amqpdDir, "amqpd")
 }
 
 // amqpdNode is one node of a cluster, an amqpd process that can be killed and started

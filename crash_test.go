@@ -5,9 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
@@ -37,18 +35,7 @@ func TestCrashRecovery(t *testing.T) {
 	if runtime.GOOS == "windows" || runtime.GOOS == "plan9" {
 		t.Skip("needs SIGKILL")
 	}
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
-		if _, err := os.Stat(goTool); err != nil {
-			t.Skip("no go tool to build cmd/amqpd")
-		}
-	}
-	bin := filepath.Join(t.TempDir(), "amqpd")
-	build := exec.Command(goTool, "build", "-o", bin, "./cmd/amqpd")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/amqpd: %v\n%s", err, out)
-	}
+	bin := amqpdBinary(t)
 
 	rounds := *crashRounds
 	if testing.Short() {

@@ -12,7 +12,9 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -1132,4 +1134,40 @@ func logTestTopology(t testing.TB, st *store, typ uint8, payload []byte) {
 	if err := st.sync(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+var (
+	amqpdOnce sync.Once
+	amqpdDir  string // holds the amqpd binary; removed by TestMain
+	amqpdErr  error
+	amqpdOut  []byte
+)
+
+// TestMain runs the tests, then removes the amqpd binary the process tests built.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if amqpdDir != "" {
+		os.RemoveAll(amqpdDir)
+	}
+	os.Exit(code)
+}
+
+// amqpdBinary builds cmd/amqpd once per test run, for the tests that run it as a process
+// (crash recovery, clusters), and returns its path.
+func amqpdBinary(t *testing.T) string {
+	t.Helper()
+	if runtime.GOOS == "windows" {
+		t.Skip("needs SIGKILL")
+	}
+	goTool := depsGoTool(t)
+	amqpdOnce.Do(func() {
+		if amqpdDir, amqpdErr = os.MkdirTemp("", "amqpd-test-bin"); amqpdErr != nil {
+			return
+		}
+		amqpdOut, amqpdErr = exec.Command(goTool, "build", "-o", filepath.Join(amqpdDir, "amqpd"), "./cmd/amqpd").CombinedOutput()
+	})
+	if amqpdErr != nil {
+		t.Fatalf("go build ./cmd/amqpd: %v\n%s", amqpdErr, amqpdOut)
+	}
+	return filepath.Join(amqpdDir, "amqpd")
 }

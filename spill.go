@@ -149,8 +149,6 @@ func (r *refQueue) each(fn func(i int, v diskRef)) {
 	}
 }
 
-func (r *refQueue) clear() { *r = refQueue{} }
-
 // appendMessageRecord appends what the log and the paging files both keep of m after
 // their own fields: exchange, key and properties lengths, routing key, properties, body.
 func (m *message) appendMessageRecord(b []byte) []byte {
