@@ -62,6 +62,9 @@ import (
 // size or CRC differ, and finds the first segment the follower does not hold whole: where
 // the follower's copy is a prefix of the leader's (by CRC), copying resumes at its end,
 // else at 0; later segments the follower has are removed. Streaming then starts there.
+// The follower acks nothing before the data message that sets that position (its disk
+// may hold a stale copy longer than the leader's log); the leader ends a session whose
+// first ack is not that position, or whose ack passes what it sent.
 //
 // Streaming. The leader reads its own segment files (never the writer's buffers): a
 // follower's cursor goes through the segments in order up to what the writer has written,
@@ -337,6 +340,9 @@ type replFollower struct {
 	acked      uint64        // guarded by rs.mu: the log position its disk holds (packed)
 	lastAck    time.Time     // guarded by rs.mu
 	inSync     bool          // guarded by rs.mu
+	// sentTo is as far as this session may have sent the log: an ack beyond it reports a
+	// copy the session did not make (a stale one), and ends the session.
+	sentTo atomic.Uint64
 }
 
 // replStatus is one follower as the leader sees it.
@@ -659,21 +665,32 @@ func (rs *replicaServer) handle(c net.Conn) {
 	if err != nil {
 		return
 	}
+	f.sentTo.Store(pack(cur))
 	acks := make(chan struct{}) // closed when the follower's acks end, with ackErr
 	var ackErr error
 	go func() {
 		defer close(acks)
-		for {
+		for first := true; ; first = false {
 			typ, p, err := rc.recv()
 			if err == nil && (typ != replAck || len(p) != 16) {
 				err = errReplProtocol
+			}
+			var pos uint64
+			if err == nil {
+				// The first ack is of the position the plan set, the truncation done; none
+				// may pass what the session sent. Else the follower reports a copy this
+				// session did not make, and counting it could confirm what it lacks.
+				pos = pack(walPos{binary.BigEndian.Uint64(p), binary.BigEndian.Uint64(p[8:])})
+				if first && pos != pack(cur) || pos > f.sentTo.Load() {
+					err = errors.New("amqp: replication: follower acked a position this session did not send")
+				}
 			}
 			if err != nil {
 				ackErr = err
 				c.Close()
 				return
 			}
-			rs.update(f, pack(walPos{binary.BigEndian.Uint64(p), binary.BigEndian.Uint64(p[8:])}))
+			rs.update(f, pos)
 		}
 	}()
 	err = rs.stream(rc, f, cur, acks)
@@ -884,6 +901,7 @@ func (rs *replicaServer) stream(rc *replConn, f *replFollower, cur walPos, acks 
 		if pending {
 			limit = min(limit, ev.at)
 		}
+		f.sentTo.Store(max(f.sentTo.Load(), limit)) // before the follower can ack it
 		moved, err := rs.sendLog(rc, &cur, &file, unpack(limit), buf)
 		if err != nil {
 			return err
@@ -1103,7 +1121,10 @@ func (r *replica) follow(ctx context.Context, c net.Conn) error {
 		return err
 	}
 	var unacked int64
-	ackNow := true // the position the plan sets is acked at once
+	// Nothing is acked before the plan's first data message sets the position (truncating
+	// what the leader does not have): until then the position on disk may be a stale
+	// copy's, longer than the leader's. That message is acked at once.
+	positioned, ackNow := false, false
 	for {
 		typ, p, err := rc.recv()
 		if err != nil {
@@ -1124,6 +1145,7 @@ func (r *replica) follow(ctx context.Context, c net.Conn) error {
 			}
 			unacked += int64(len(d.b))
 			ackNow = ackNow || len(d.b) == 0
+			positioned = true
 		case replPart:
 			name, off := d.shortstr(), d.longlong()
 			if d.err != nil {
@@ -1152,7 +1174,7 @@ func (r *replica) follow(ctx context.Context, c net.Conn) error {
 			return errReplProtocol
 		}
 		// Ack when the leader has nothing more in flight to us, or every 4 MiB.
-		if ackNow || unacked > 0 && (rc.r.Buffered() == 0 || unacked >= 4<<20) {
+		if positioned && (ackNow || unacked > 0 && (rc.r.Buffered() == 0 || unacked >= 4<<20)) {
 			if err := r.sync(); err != nil {
 				return err
 			}

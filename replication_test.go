@@ -272,7 +272,8 @@ func TestReplFollowerPromoted(t *testing.T) {
 // the new leader and, promoted, holds the new leader's messages and none of its own tail.
 func TestReplStaleLeaderTailDiscarded(t *testing.T) {
 	t.Parallel()
-	old := startReplLeader(t, Config{}, replicaOptions{}) // confirms while the follower is away
+	// Segments of 256 KiB: the tail spans several, which the new leader does not have.
+	old := startReplLeader(t, Config{SegmentSize: 256 << 10}, replicaOptions{}) // confirms while the follower is away
 	fdir := t.TempDir()
 	f := follow(t, fdir, old.addr, followerOpts("f1"))
 	waitInSync(t, old.rs, 1)
@@ -285,7 +286,7 @@ func TestReplStaleLeaderTailDiscarded(t *testing.T) {
 	old.stop()
 
 	// The follower takes over, in a newer term, and the old leader follows it.
-	next := startReplLeader(t, Config{DataDir: fdir}, replicaOptions{term: 8})
+	next := startReplLeader(t, Config{DataDir: fdir, SegmentSize: 256 << 10}, replicaOptions{term: 8})
 	publishBodies(t, next.url, "q", 100, 200)
 	f = follow(t, old.dir, next.addr, followerOpts("old"))
 	waitInSync(t, next.rs, 1)
