@@ -289,7 +289,9 @@ func TestEtcdFailover(t *testing.T) {
 	if _, _, err := c.get(ctx, "/f"); err != nil {
 		t.Fatalf("get with the first endpoint cut: %v", err)
 	}
-	if d := time.Since(start); d > time.Second {
+	// The bounds below are a few timeouts, loose for a machine loaded by the rest of the
+	// suite: they tell a bounded failover from a hang, not a fast one from a slow one.
+	if d := time.Since(start); d > 3*time.Second {
 		t.Fatalf("failover took %v", d)
 	}
 	select {
@@ -300,13 +302,13 @@ func TestEtcdFailover(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("watch on the cut endpoint still running")
 	}
-	// All endpoints cut: a call fails within one timeout per endpoint.
+	// All endpoints cut: a call fails within about one timeout per endpoint.
 	p2.cut.Store(true)
 	start = time.Now()
 	if _, _, err := c.get(ctx, "/f"); err == nil {
 		t.Fatal("get with every endpoint cut succeeded")
 	}
-	if d := time.Since(start); d > 2*time.Second {
+	if d := time.Since(start); d > 5*time.Second {
 		t.Fatalf("failing call took %v", d)
 	}
 }
