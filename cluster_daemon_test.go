@@ -176,15 +176,15 @@ func (n *amqpdNode) ledAt() time.Time {
 // waitAmqpdLeader waits until one of the running nodes accepts clients, and returns it.
 func waitAmqpdLeader(t *testing.T, nodes ...*amqpdNode) *amqpdNode {
 	t.Helper()
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		for _, n := range nodes {
-			if n.running() && n.accepts() {
-				return n
-			}
+	var leader *amqpdNode
+	pollUntil(t, 30*time.Second, "a node to lead", func() bool {
+		i := slices.IndexFunc(nodes, func(n *amqpdNode) bool { return n.running() && n.accepts() })
+		if i >= 0 {
+			leader = nodes[i]
 		}
-	}
-	t.Fatal("no node leads after 30s")
-	return nil
+		return i >= 0
+	})
+	return leader
 }
 
 // clusterBody is the body of message i: its number and up to 2 KiB of pseudo-random
@@ -198,13 +198,63 @@ func clusterBody(i int) []byte {
 	return b
 }
 
+// nodeClient runs sessions on whichever node accepts a connection, one after another,
+// until halted: the common part of the publisher and the consumer.
+type nodeClient struct {
+	stop, done chan struct{}
+}
+
+func newNodeClient() nodeClient {
+	return nodeClient{stop: make(chan struct{}), done: make(chan struct{})}
+}
+
+// loop calls session with a connection to the first of nodes that accepts one (the
+// leader), again whenever a session returns, until halted. Addresses are read on every
+// connect: a restarted node has new ports.
+func (r nodeClient) loop(nodes []*amqpdNode, session func(*amqp091.Connection)) {
+	defer close(r.done)
+	for !r.stopped() {
+		var conn *amqp091.Connection
+		for _, n := range nodes {
+			c, err := amqp091.DialConfig("amqp://guest:guest@"+*n.published.Load()+"/", amqp091.Config{Dial: amqp091.DefaultDial(time.Second)})
+			if err == nil {
+				conn = c
+				break
+			}
+		}
+		if conn == nil {
+			time.Sleep(20 * time.Millisecond)
+			continue
+		}
+		session(conn)
+		conn.Close()
+	}
+}
+
+func (r nodeClient) stopped() bool {
+	select {
+	case <-r.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// halt stops the loop and waits for its last session; it may be called again, from the
+// test's goroutine.
+func (r nodeClient) halt() {
+	if !r.stopped() {
+		close(r.stop)
+	}
+	<-r.done
+}
+
 // confirmingPublisher publishes clusterBody(0), clusterBody(1), ... persistently to the
 // durable queue "q" of whichever node accepts it, with confirms and up to 64 unconfirmed,
 // at most about 2,000 a second. When its connection fails it connects again, to whichever
 // node leads then, and goes on with the next number: it never publishes a number twice.
 type confirmingPublisher struct {
-	stop chan struct{}
-	done chan struct{}
+	nodeClient
 
 	mu          sync.Mutex
 	confirmed   []int                // numbers confirmed, in order
@@ -217,61 +267,20 @@ type confirmingPublisher struct {
 
 // startPublisher starts a publisher to nodes; the test ends it.
 func startPublisher(t *testing.T, nodes []*amqpdNode) *confirmingPublisher {
-	addrs := make([]func() string, len(nodes))
-	for i, n := range nodes {
-		addrs[i] = func() string { return *n.published.Load() }
-	}
-	p := &confirmingPublisher{stop: make(chan struct{}), done: make(chan struct{}), last: map[string]time.Time{}}
-	go p.run(addrs)
+	p := &confirmingPublisher{nodeClient: newNodeClient(), last: map[string]time.Time{}}
+	next := 0
+	go p.loop(nodes, func(conn *amqp091.Connection) {
+		p.mu.Lock()
+		p.conns++
+		p.mu.Unlock()
+		next = p.session(conn, next)
+	})
 	t.Cleanup(p.end)
 	return p
 }
 
 // end stops the publisher and waits for its last confirms; it may be called again.
-func (p *confirmingPublisher) end() {
-	select {
-	case <-p.stop:
-	default:
-		close(p.stop)
-	}
-	<-p.done
-}
-
-func (p *confirmingPublisher) stopped() bool {
-	select {
-	case <-p.stop:
-		return true
-	default:
-		return false
-	}
-}
-
-// run publishes until stopped. The node addresses are read on every connect: a restarted
-// node has new ports. It is the only writer of the publisher's counters but for the
-// numbers, which are read under mu.
-func (p *confirmingPublisher) run(addrs []func() string) {
-	defer close(p.done)
-	next := 0
-	for !p.stopped() {
-		var conn *amqp091.Connection
-		for _, addr := range addrs {
-			c, err := amqp091.DialConfig("amqp://guest:guest@"+addr()+"/", amqp091.Config{Dial: amqp091.DefaultDial(time.Second)})
-			if err == nil {
-				conn = c
-				break
-			}
-		}
-		if conn == nil {
-			time.Sleep(20 * time.Millisecond)
-			continue
-		}
-		p.mu.Lock()
-		p.conns++
-		p.mu.Unlock()
-		next = p.session(conn, next)
-		conn.Close()
-	}
-}
+func (p *confirmingPublisher) end() { p.halt() }
 
 // session publishes on conn from number next until the connection fails or the publisher
 // stops, and returns the next number not yet published.
@@ -362,11 +371,7 @@ func (p *confirmingPublisher) confirmedCount() int {
 func (p *confirmingPublisher) waitConfirms(t *testing.T, n int, what string) {
 	t.Helper()
 	want := p.confirmedCount() + n
-	for deadline := time.Now().Add(30 * time.Second); p.confirmedCount() < want; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %d confirmed after 30s, want %d", what, p.confirmedCount(), want)
-		}
-	}
+	pollUntil(t, 30*time.Second, fmt.Sprintf("%s: %d confirmed", what, want), func() bool { return p.confirmedCount() >= want })
 }
 
 // check ends the publisher and checks that queue q at url holds every confirmed message,
@@ -421,46 +426,19 @@ func (p *confirmingPublisher) check(t *testing.T, url string, c *ackingConsumer)
 // and acking it, about 500 a second, until ended; it connects again when its connection
 // fails.
 type ackingConsumer struct {
-	stop, done chan struct{}
+	nodeClient
 
 	mu   sync.Mutex
 	seen map[int]bool // numbers consumed and acked
 	errs []string
 }
 
+// startConsumer starts a consumer of nodes; the test ends it.
 func startConsumer(t *testing.T, nodes []*amqpdNode) *ackingConsumer {
-	c := &ackingConsumer{stop: make(chan struct{}), done: make(chan struct{}), seen: map[int]bool{}}
-	addrs := make([]func() string, len(nodes))
-	for i, n := range nodes {
-		addrs[i] = func() string { return *n.published.Load() }
-	}
-	go c.run(addrs)
+	c := &ackingConsumer{nodeClient: newNodeClient(), seen: map[int]bool{}}
+	go c.loop(nodes, c.session)
 	t.Cleanup(func() { c.end(t) })
 	return c
-}
-
-func (c *ackingConsumer) run(addrs []func() string) {
-	defer close(c.done)
-	for {
-		select {
-		case <-c.stop:
-			return
-		default:
-		}
-		var conn *amqp091.Connection
-		for _, addr := range addrs {
-			if cn, err := amqp091.DialConfig("amqp://guest:guest@"+addr()+"/", amqp091.Config{Dial: amqp091.DefaultDial(time.Second)}); err == nil {
-				conn = cn
-				break
-			}
-		}
-		if conn == nil {
-			time.Sleep(20 * time.Millisecond)
-			continue
-		}
-		c.session(conn)
-		conn.Close()
-	}
 }
 
 // session consumes on conn until it fails or the consumer ends.
@@ -510,12 +488,7 @@ func (c *ackingConsumer) session(conn *amqp091.Connection) {
 
 // end stops the consumer and returns the numbers it consumed and acked.
 func (c *ackingConsumer) end(t *testing.T) map[int]bool {
-	select {
-	case <-c.stop:
-	default:
-		close(c.stop)
-	}
-	<-c.done
+	c.halt()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, e := range c.errs {

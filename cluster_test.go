@@ -602,6 +602,29 @@ func startClusterServerWith(t *testing.T, url, name, secret string, adjust func(
 	return cs
 }
 
+// url is the server's AMQP URL, as guest.
+func (cs *clusterServer) url() string { return "amqp://guest:guest@" + cs.addr + "/" }
+
+// stop shuts the server down and returns what Serve returned; the cleanup stops it again.
+func (cs *clusterServer) stop() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cs.srv.Shutdown(ctx)
+	err := <-cs.done
+	cs.done <- err
+	return err
+}
+
+// fillQueue declares the durable queue "q" on cs and publishes replBody(0) to
+// replBody(n-1) to it, each confirmed.
+func fillQueue(t *testing.T, cs *clusterServer, n int) {
+	t.Helper()
+	conn := dial(t, cs.url())
+	declareQueues(t, conn, true, "q")
+	conn.Close()
+	publishBodies(t, cs.url(), "q", 0, n)
+}
+
 // leads reports whether the server leads and serves clients.
 func (cs *clusterServer) leads() bool {
 	cs.srv.mu.Lock()
@@ -700,17 +723,13 @@ func TestClusterFailover(t *testing.T) {
 		}
 	}
 
-	url := "amqp://guest:guest@" + leader.addr + "/"
-	conn := dial(t, url)
-	declareQueues(t, conn, true, "q")
-	conn.Close()
 	const n = 200
 	ec := newTestEtcdClient(t, e.url, time.Second)
 	_, rev0, err := ec.get(context.Background(), "probe")
 	if err != nil {
 		t.Fatal(err)
 	}
-	publishBodies(t, url, "q", 0, n)
+	fillQueue(t, leader, n)
 	// Publishing writes nothing to etcd: positions are published only when no one leads.
 	if _, rev, err := ec.get(context.Background(), "probe"); err != nil || rev-rev0 > 2 {
 		t.Errorf("etcd went from revision %d to %d while publishing (%v)", rev0, rev, err)
@@ -765,18 +784,14 @@ func TestClusterFailover(t *testing.T) {
 		t.Errorf("a follower's /api/cluster: %v, want not leading, the leader at %s with a term", st, leader.addr)
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	leader.srv.Shutdown(ctx)
-	if err := <-leader.done; err != ErrServerClosed {
+	if err := leader.stop(); err != ErrServerClosed {
 		t.Fatalf("leader's Serve: %v", err)
 	}
-	leader.done <- ErrServerClosed // for the cleanup
 	start := time.Now()
 	next := waitClusterLeader(t, followers...)
 	t.Logf("new leader %s after %v", next.addr, time.Since(start))
 
-	expectReplBodies(t, "amqp://guest:guest@"+next.addr+"/", "q", n)
+	expectReplBodies(t, next.url(), "q", n)
 }
 
 // A leader cut off from etcd (no resign: its lease runs out) fails its log and stops
@@ -793,13 +808,8 @@ func TestClusterLeaderCutOff(t *testing.T) {
 	leader := waitClusterLeader(t, servers...)
 	i := slices.Index(servers, leader)
 	follower := servers[1-i]
-
-	url := "amqp://guest:guest@" + leader.addr + "/"
-	conn := dial(t, url)
-	declareQueues(t, conn, true, "q")
-	conn.Close()
 	const n = 100
-	publishBodies(t, url, "q", 0, n)
+	fillQueue(t, leader, n)
 
 	proxies[i].cut.Store(true)
 	select {
@@ -813,7 +823,7 @@ func TestClusterLeaderCutOff(t *testing.T) {
 	}
 	waitClusterLeader(t, follower)
 
-	expectReplBodies(t, "amqp://guest:guest@"+follower.addr+"/", "q", n)
+	expectReplBodies(t, follower.url(), "q", n)
 }
 
 // A node whose secret is not the leader's cannot follow it: it stops, Serve returning
@@ -851,19 +861,11 @@ func TestClusterTLS(t *testing.T) {
 	}
 	leader := waitClusterLeader(t, servers...)
 	follower := servers[1-slices.Index(servers, leader)]
-	url := "amqp://guest:guest@" + leader.addr + "/"
-	conn := dial(t, url)
-	declareQueues(t, conn, true, "q")
-	conn.Close()
 	const n = 100
-	publishBodies(t, url, "q", 0, n) // each confirmed by the follower, over TLS
-
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	leader.srv.Shutdown(ctx)
-	leader.done <- <-leader.done // for the cleanup
+	fillQueue(t, leader, n) // each confirmed by the follower, over TLS
+	leader.stop()
 	waitClusterLeader(t, follower)
-	expectReplBodies(t, "amqp://guest:guest@"+follower.addr+"/", "q", n)
+	expectReplBodies(t, follower.url(), "q", n)
 
 	// Without client certificates required, a node needs its secret.
 	plain := NewServer(Config{DataDir: t.TempDir(), TLS: &TLSConfig{CertFile: pki.certFile, KeyFile: pki.keyFile},
@@ -883,17 +885,14 @@ func TestClusterShortOfFollowers(t *testing.T) {
 	leader := startClusterServerWith(t, e.url, "n1", "s3cret", func(c *Config) { c.Logger = logs.logger() })
 	waitClusterLeader(t, leader)
 	follower := startClusterServer(t, e.url, "n2", "s3cret")
-	url := "amqp://guest:guest@" + leader.addr + "/"
-	ch := openChannel(t, dial(t, url))
+	ch := openChannel(t, dial(t, leader.url()))
 	if err := ch.Confirm(false); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := ch.QueueDeclare("q", true, false, false, false, nil); err != nil { // with the follower
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	follower.srv.Shutdown(ctx)
+	follower.stop()
 	dc, err := ch.PublishWithDeferredConfirm("", "q", false, false, amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: []byte("x")})
 	if err != nil {
 		t.Fatal(err)
@@ -932,21 +931,12 @@ func TestClusterFullRestart(t *testing.T) {
 		return servers
 	}
 	servers := start()
-	leader := waitClusterLeader(t, servers...)
-	url := "amqp://guest:guest@" + leader.addr + "/"
-	conn := dial(t, url)
-	declareQueues(t, conn, true, "q")
-	conn.Close()
 	const n = 100
-	publishBodies(t, url, "q", 0, n)
+	fillQueue(t, waitClusterLeader(t, servers...), n)
 	for _, cs := range servers {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		cs.srv.Shutdown(ctx)
-		cancel()
-		cs.done <- <-cs.done // for the cleanup
+		cs.stop()
 	}
 
 	servers = start()
-	leader = waitClusterLeader(t, servers...)
-	expectReplBodies(t, "amqp://guest:guest@"+leader.addr+"/", "q", n)
+	expectReplBodies(t, waitClusterLeader(t, servers...).url(), "q", n)
 }

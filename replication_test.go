@@ -586,19 +586,7 @@ func TestReplConfirmGate(t *testing.T) {
 	follow(t, t.TempDir(), p.ln.Addr().String(), followerOpts("f"))
 	waitInSync(t, l.rs, 1)
 
-	conn := dial(t, l.url)
-	declareQueues(t, conn, true, "q")
-	c := newConfirmChannel(t, conn)
-	c.publish("", "q", false, persistentMsg("one"))
-	c.wait()
-
-	p.paused.Store(true)
-	c.publish("", "q", false, persistentMsg("two"))
-	select {
-	case cf := <-c.confirms:
-		t.Fatalf("confirm %+v while the only follower is stalled", cf)
-	case <-time.After(300 * time.Millisecond):
-	}
+	c := stallConfirm(t, l.url, p, 300*time.Millisecond, "while the only follower is stalled")
 	waitInSync(t, l.rs, 0)
 	select {
 	case cf := <-c.confirms:
@@ -608,6 +596,26 @@ func TestReplConfirmGate(t *testing.T) {
 	p.paused.Store(false)
 	c.wait()
 	waitInSync(t, l.rs, 1)
+}
+
+// stallConfirm publishes a persistent message to the durable queue "q" at url and waits
+// for its confirm, then pauses p and publishes another, which must not be confirmed within
+// d. It returns the channel, the second confirm still due.
+func stallConfirm(t *testing.T, url string, p *replProxy, d time.Duration, while string) *confirmChannel {
+	t.Helper()
+	conn := dial(t, url)
+	declareQueues(t, conn, true, "q")
+	c := newConfirmChannel(t, conn)
+	c.publish("", "q", false, persistentMsg("one"))
+	c.wait()
+	p.paused.Store(true)
+	c.publish("", "q", false, persistentMsg("two"))
+	select {
+	case cf := <-c.confirms:
+		t.Fatalf("confirm %+v %s", cf, while)
+	case <-time.After(d):
+	}
+	return c
 }
 
 // A confirm waits for every follower in sync, not just -min-insync of them: each node the
@@ -621,19 +629,7 @@ func TestReplConfirmWaitsForEveryInSync(t *testing.T) {
 	follow(t, t.TempDir(), p.ln.Addr().String(), followerOpts("f2"))
 	waitInSync(t, l.rs, 2)
 
-	conn := dial(t, l.url)
-	declareQueues(t, conn, true, "q")
-	c := newConfirmChannel(t, conn)
-	c.publish("", "q", false, persistentMsg("one"))
-	c.wait()
-
-	p.paused.Store(true)
-	c.publish("", "q", false, persistentMsg("two"))
-	select {
-	case cf := <-c.confirms:
-		t.Fatalf("confirm %+v while f2, in sync, does not hold the message", cf)
-	case <-time.After(200 * time.Millisecond):
-	}
+	c := stallConfirm(t, l.url, p, 200*time.Millisecond, "while f2, in sync, does not hold the message")
 	waitInSync(t, l.rs, 1) // f2 left the set
 	c.wait()
 	p.paused.Store(false) // for the proxy's cleanup
