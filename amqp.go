@@ -520,11 +520,6 @@ func (s *Server) Reload() error {
 	if err := s.loadAuth(); err != nil {
 		return err
 	}
-	if s.cfg.Definitions != "" && s.standby() == nil {
-		if st := s.store; st != nil {
-			st.w.changed("definitions") // a cluster's followers copy the file again
-		}
-	}
 	if s.cfg.TLS != nil {
 		if err := s.loadTLS(); err != nil {
 			return err

@@ -124,9 +124,6 @@ func (s *Server) editDefinitions(edit func(d *Definitions) error) error {
 		if err := d.Save(path); err != nil {
 			return err
 		}
-		if st := s.store; st != nil {
-			st.w.changed("definitions") // followers copy it
-		}
 	}
 	return s.applyDefinitions(d)
 }
@@ -141,8 +138,8 @@ func (s *Server) definitions() *Definitions {
 	return s.defs.clone()
 }
 
-// applyDefinitions makes defs the users, vhosts, permissions and policies in force.
-// s.defsMu must be held.
+// applyDefinitions makes defs the users, vhosts, permissions and policies in force, and
+// has a cluster's followers copy the definitions file. s.defsMu must be held.
 func (s *Server) applyDefinitions(defs *Definitions) error {
 	db, err := newAuthDB(defs, s.cfg.LoopbackUsers)
 	if err != nil {
@@ -174,6 +171,9 @@ func (s *Server) applyDefinitions(defs *Definitions) error {
 	}
 	s.mu.Unlock()
 	s.auth.Store(db)
+	if st := s.store; st != nil && s.cfg.Definitions != "" {
+		st.w.changed("definitions") // a cluster's followers copy the file again
+	}
 	for _, vh := range gone {
 		vh.markDeleted()
 	}

@@ -572,7 +572,7 @@ type pubScratch struct {
 	walBuf []byte // reused to encode publish records
 }
 
-// routeLocked collects the queues msg goes to through x in ch.scratch.scratch.routes. vh.mu must be held
+// routeLocked collects the queues msg goes to through x in ch.scratch.routes. vh.mu must be held
 // for reading; a topic match releases it for a while (see vhost.routeLocked).
 func (ch *channel) routeLocked(x *exchange, msg *message) {
 	if ch.scratch == nil {

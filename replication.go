@@ -317,6 +317,7 @@ type replicaServer struct {
 	// holds everything confirmed. version counts the set's changes; a held is used only
 	// once its version is published, so every record confirmed is on each node named.
 	isrNames []string // guarded by mu: sorted
+	names    []string // guarded by mu: recomputeLocked's scratch, so an ack allocates nothing
 	version  uint64   // guarded by mu
 	held     uint64   // guarded by mu
 	heldAt   uint64   // guarded by mu: the version held was computed for
@@ -407,7 +408,7 @@ func (rs *replicaServer) gate() uint64 {
 // publishMembers then publishes), and what they all hold. It reports whether held grew.
 // rs.mu must be held.
 func (rs *replicaServer) recomputeLocked() bool {
-	names := []string{}
+	names := rs.names[:0]
 	var low uint64
 	for f := range rs.followers {
 		if f.inSync {
@@ -417,9 +418,10 @@ func (rs *replicaServer) recomputeLocked() bool {
 			names = append(names, f.name)
 		}
 	}
+	rs.names = names
 	slices.Sort(names)
 	if !slices.Equal(names, rs.isrNames) {
-		rs.isrNames = names
+		rs.isrNames = append([]string{}, names...)
 		rs.version++
 		select {
 		case rs.isrWake <- struct{}{}:
