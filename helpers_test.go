@@ -54,6 +54,13 @@ func newTestServer(t testing.TB, cfgs ...Config) (*Server, string) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ln) }()
+	shutDownOnCleanup(t, srv, done)
+	return srv, "amqp://guest:guest@" + srv.Addr().String() + "/"
+}
+
+// shutDownOnCleanup shuts srv down when the test ends and checks that it stopped cleanly
+// and that its Serve, whose result done receives, returned ErrServerClosed.
+func shutDownOnCleanup(t testing.TB, srv *Server, done <-chan error) {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -64,7 +71,6 @@ func newTestServer(t testing.TB, cfgs ...Config) (*Server, string) {
 			t.Errorf("Serve returned %v, want ErrServerClosed", err)
 		}
 	})
-	return srv, "amqp://guest:guest@" + srv.Addr().String() + "/"
 }
 
 // dial connects amqp091-go to url and closes the connection when the test ends.

@@ -2,7 +2,6 @@ package amqp
 
 import (
 	"bufio"
-	"context"
 	"crypto/tls"
 	"encoding/json"
 	"log/slog"
@@ -128,16 +127,7 @@ func secServeTuned(t testing.TB, cfg Config, remote bool, tune func(s *Server)) 
 			done <- srv.Serve(l)
 		}
 	}()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
-		if err := <-done; err != ErrServerClosed {
-			t.Errorf("Serve returned %v, want ErrServerClosed", err)
-		}
-	})
+	shutDownOnCleanup(t, srv, done)
 	up := make(chan struct{})
 	go func() {
 		srv.Addr() // blocks until the listener is up, forever if Serve fails first
