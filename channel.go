@@ -533,7 +533,7 @@ func (ch *channel) publishComplete() error {
 	}
 	ch.routeLocked(x, msg)
 	vh.mu.RUnlock()
-	ticket, err := ch.deliver(msg, ch.pubArgs.Mandatory)
+	ticket, err := ch.deliver(msg, ch.pubArgs.Mandatory, true)
 	if ch.confirm {
 		ch.addConfirm(ticket, err != nil)
 		return nil
@@ -562,7 +562,7 @@ func (ch *channel) route(x *exchange, msg *message, mandatory bool) (uint64, err
 	vh.mu.RLock()
 	ch.routeLocked(x, msg)
 	vh.mu.RUnlock()
-	return ch.deliver(msg, mandatory)
+	return ch.deliver(msg, mandatory, false)
 }
 
 // pubScratch is what a channel reuses from one publish to the next. A channel that never
@@ -590,8 +590,9 @@ func (ch *channel) routeLocked(x *exchange, msg *message) {
 }
 
 // deliver enqueues msg on the queues routeLocked found, logging it first when it is
-// persistent and one of them is durable.
-func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err error) {
+// persistent and one of them is durable. With batch, a queue that cannot refuse it gets it
+// at the end of the client's burst of frames (conn.addRouted).
+func (ch *channel) deliver(msg *message, mandatory, batch bool) (ticket uint64, err error) {
 	if x := ch.scratch.routes.missingAE; x != nil {
 		ch.warnMissingAE(x)
 	}
@@ -620,6 +621,11 @@ func (ch *channel) deliver(msg *message, mandatory bool) (ticket uint64, err err
 	}
 	refused := false
 	for _, q := range ch.scratch.routes.queues {
+		if batch && !q.settings().limits.rejectPublish {
+			ch.c.addRouted(q, msg)
+			continue
+		}
+		ch.c.flushRouted() // what was routed before msg goes first
 		if !q.enqueue(msg) {
 			refused = true
 		}

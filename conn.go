@@ -56,9 +56,10 @@ type conn struct {
 	heartbeat   atomic.Int64 // nanoseconds; set by the reader at tune-ok, read by the heartbeat sweep
 	vh          *vhost
 	user        string
-	usage       *userUsage // the user's open connections and channels, from connection.open
-	exclusive   []*queue   // exclusive queues declared here, deleted when the connection ends
-	confirms    []*channel // channels with publishes to confirm at the next flush
+	usage       *userUsage  // the user's open connections and channels, from connection.open
+	exclusive   []*queue    // exclusive queues declared here, deleted when the connection ends
+	confirms    []*channel  // channels with publishes to confirm at the next flush
+	routed      []routedMsg // publishes routed and not yet enqueued (addRouted)
 	caps        clientCaps
 	closing     atomic.Bool   // connection.close sent by the server; only close/close-ok count now
 	opened      atomic.Bool   // the handshake finished
@@ -278,6 +279,7 @@ func (c *conn) readFrames(idle bool) {
 	for err == nil {
 		err = c.nextFrame()
 	}
+	c.flushRouted() // what the client published before it went
 	switch err {
 	case errIdle:
 		handedOver = true
@@ -309,8 +311,9 @@ func (c *conn) nextFrame() error {
 		c.blockWhileAlarm()
 	}
 	err = c.handleFrame(f)
-	if len(c.confirms) > 0 && c.fr.r.Buffered() == 0 {
-		// The client has nothing more queued: confirm the batch in one ack.
+	if c.fr.r.Buffered() == 0 {
+		// The client has nothing more queued: enqueue what it published, and confirm the
+		// batch in one ack.
 		c.flushConfirms()
 	}
 	c.flushCountsIfDrained()
@@ -595,8 +598,10 @@ func (c *conn) confirmPending(ch *channel) {
 	}
 }
 
-// flushConfirms confirms what the channels have routed since the last flush.
+// flushConfirms confirms what the channels have routed since the last flush, once it is
+// enqueued.
 func (c *conn) flushConfirms() {
+	c.flushRouted()
 	for i, ch := range c.confirms {
 		ch.inConfirms = false
 		ch.flushConfirms()
@@ -609,6 +614,47 @@ func (c *conn) flushConfirms() {
 // catches up: a client that publishes (and so earns confirms, returns or replies) but does
 // not read cannot grow the outbox without bound. TCP backpressure does the rest.
 const readPauseWater = 4 * outboxHighWater
+
+// routedMsg is a message routed to a queue and not yet enqueued there.
+type routedMsg struct {
+	q *queue
+	m *message
+}
+
+// maxRouted bounds the messages a connection routes before it enqueues them.
+const maxRouted = 256
+
+// addRouted keeps m for q until the end of the client's burst of frames, or the next
+// frame that is not a publish, when flushRouted enqueues it: a burst takes each queue's
+// lock once, where a lock per message had the publisher's reader and the consumers'
+// acks contending for it all the time.
+func (c *conn) addRouted(q *queue, m *message) {
+	c.routed = append(c.routed, routedMsg{q, m})
+	if len(c.routed) >= maxRouted {
+		c.flushRouted()
+	}
+}
+
+// flushRouted enqueues the routed messages, in order, each queue's under one hold of its
+// lock.
+func (c *conn) flushRouted() {
+	r := c.routed
+	for i := range r {
+		q := r[i].q
+		if q == nil {
+			continue
+		}
+		q.mu.Lock()
+		for j := i; j < len(r); j++ {
+			if r[j].q == q {
+				q.enqueueLocked(r[j].m, false)
+				r[j] = routedMsg{}
+			}
+		}
+		q.unlockAndDispatch()
+	}
+	c.routed = r[:0]
+}
 
 // isPublishFrame reports whether f is part of a publish: what the memory alarm blocks.
 func isPublishFrame(f frame) bool {
@@ -654,6 +700,7 @@ func (c *conn) pauseWhileFull() {
 		c.flushConfirms()
 	}
 	for c.outLen.Load() > readPauseWater {
+		c.flushRouted() // enqueued while the reader waits
 		c.flushCounts()
 		select {
 		case <-c.drained:
@@ -943,6 +990,9 @@ func (c *conn) handleFrame(f frame) error {
 		id, d, err := methodHeader(f.payload)
 		if err != nil {
 			return err
+		}
+		if id != idBasicPublish && len(c.routed) > 0 {
+			c.flushRouted() // a method sees what was published before it
 		}
 		if f.channel == 0 {
 			return c.connectionMethod(id, d)

@@ -3,6 +3,7 @@ package amqp
 import (
 	"errors"
 	"math/bits"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -303,6 +304,7 @@ type queue struct {
 	bindings                       []*binding                    // guarded by vh.mu; b.dslot is b's index
 
 	mu         sync.Mutex
+	wanted     atomic.Bool           // a dispatch is due: set by dispatch, cleared under mu by whoever does it
 	stats      queueStats            // guarded by mu, except stats.settled: messages delivered, got, acked (metrics.go)
 	ready      readyList             // guarded by mu: never delivered, in seq order (per priority)
 	requeued   []qentry              // guarded by mu: a min-heap by seq; all older than ready
@@ -457,7 +459,14 @@ func (q *queue) consumerCount() int {
 // full and its x-overflow is reject-publish: the message is refused.
 func (q *queue) enqueue(m *message) bool {
 	q.mu.Lock()
-	defer q.mu.Unlock()
+	defer q.unlockAndDispatch()
+	return q.enqueueLocked(m, true)
+}
+
+// enqueueLocked is enqueue with q.mu held. A queue with x-overflow reject-publish refuses
+// a message only when mayRefuse: a batch (conn.flushRouted) comes from publishes routed
+// when the queue did not reject, and whose confirms are counted. q.mu must be held.
+func (q *queue) enqueueLocked(m *message, mayRefuse bool) bool {
 	e := qentry{msg: m, expires: expiresAt(q.settings().ttl, m.ttl)}
 	if e.expires != 0 {
 		q.mayExpire = true
@@ -471,7 +480,7 @@ func (q *queue) enqueue(m *message) bool {
 		return true
 	}
 	size := int64(m.size)
-	if l := &q.settings().limits; l.rejectPublish && l.full(q.messageCountLocked()+1, q.readyBytes+size) {
+	if l := &q.settings().limits; mayRefuse && l.rejectPublish && l.full(q.messageCountLocked()+1, q.readyBytes+size) {
 		if !l.dlx || !q.deadLetterLocked(m, deathMaxlen) {
 			q.settleOne(m)
 		}
@@ -495,7 +504,7 @@ func (q *queue) enqueue(m *message) bool {
 	q.readyBytes += size
 	q.counts.published++
 	if len(q.consumers) > 0 {
-		q.dispatchLocked() // delivers first: what a consumer takes is not dropped
+		q.dispatchWantedLocked() // delivers first: what a consumer takes is not dropped
 	} else {
 		q.dropOverLimitLocked()
 	}
@@ -660,11 +669,46 @@ func (q *queue) onExpiry() {
 	q.mu.Unlock()
 }
 
-// dispatch delivers ready messages to consumers with credit.
+// dispatch delivers ready messages to consumers with credit. It does not queue up behind
+// the goroutine holding q.mu when that is enqueue or another dispatch, which dispatch for
+// it on unlocking: a consumer's acks and a publisher contending for q.mu in turn would put
+// the mutex in starvation mode, where every unlock hands the lock over and yields, and
+// the publisher's reader spends a quarter of its time runnable but not running. A holder
+// that does not look gets a few turns to finish; then dispatch waits for the lock.
 func (q *queue) dispatch() {
-	q.mu.Lock()
+	q.wanted.Store(true)
+	for tries := 0; q.wanted.Load(); tries++ {
+		if tries < dispatchTries && !q.mu.TryLock() {
+			runtime.Gosched()
+			continue
+		}
+		if tries >= dispatchTries {
+			q.mu.Lock()
+		}
+		if q.wanted.Swap(false) {
+			q.dispatchLocked()
+		}
+		q.mu.Unlock()
+	}
+}
+
+// dispatchTries is how many times dispatch finds q.mu held and yields before it waits.
+const dispatchTries = 4
+
+// dispatchWantedLocked clears q.wanted before a dispatchLocked that serves it. q.mu must
+// be held.
+func (q *queue) dispatchWantedLocked() {
+	q.wanted.Store(false)
 	q.dispatchLocked()
+}
+
+// unlockAndDispatch unlocks q.mu and does the dispatch another goroutine asked for while
+// it was held.
+func (q *queue) unlockAndDispatch() {
 	q.mu.Unlock()
+	if q.wanted.Load() {
+		q.dispatch()
+	}
 }
 
 // dropOverLimitLocked makes room as drop-head does: the oldest ready messages go (to the
