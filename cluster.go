@@ -58,8 +58,8 @@ import (
 // whenever its set of followers in sync changes, and its log completes nothing, so
 // confirms nothing, until the key says what it counts on (replication.go): every
 // confirmed record is on the leader and on -min-insync of the nodes the key names. Only
-// these nodes may stand; before a cluster's first record, only nodes whose log never
-// followed a leader. A node eligible publishes its log position under its candidate key
+// these nodes may stand; without a record (a new cluster), only nodes whose log never
+// followed a leader, and not while a node whose log did is a candidate. A node eligible publishes its log position under its candidate key
 // while no one leads (never under a leader, so a busy cluster writes nothing to etcd). A
 // candidate stands TTL/3 after it first published, so that the others have published
 // too, unless another candidate's key shows a position newer than its own
@@ -68,8 +68,8 @@ import (
 // so a candidate that appears or advances meanwhile makes it fail and the decision is
 // taken again. A node left out of the key (it fell behind, or its link died) never
 // stands, even with a newer log: it may lack records confirmed without it. If every node
-// the key names is gone for good, the cluster waits for an operator, who may delete the
-// key to let the survivors stand (and lose what only the others held).
+// the key names is gone for good, the cluster waits for an operator, who may put a record
+// naming survivors (and lose what only the others held).
 //
 // Watching. A watch on the cluster's prefix wakes the node on any change, and it also looks
 // again TTL/3 after its last look; each decision is made from fresh reads, never from the
@@ -128,6 +128,8 @@ type election struct {
 	changes chan leaderInfo
 	wake    chan struct{} // 1 slot: look again now
 	orphans []int64       // leases given up but not revoked (etcd was unreachable); run's own
+	// warnedNoRecord: the missing in-sync record was logged; run's own.
+	warnedNoRecord bool
 
 	mu     sync.Mutex
 	term   int64      // guarded by mu: the term this node leads in; 0 if it does not lead
@@ -372,8 +374,9 @@ func (e *election) step(ctx context.Context, id int64, ttl time.Duration, c *can
 	if e.position != nil {
 		pos, may = e.position()
 	}
+	stand, isrRev := false, int64(0)
 	if may {
-		if may, err = e.eligible(ctx, pos); err != nil {
+		if may, stand, isrRev, err = e.eligible(ctx, pos); err != nil {
 			return true
 		}
 	}
@@ -391,7 +394,7 @@ func (e *election) step(ctx context.Context, id int64, ttl time.Duration, c *can
 		}
 		c.published, c.pos = true, pos
 	}
-	if time.Since(c.since) < ttl/3 {
+	if !stand || time.Since(c.since) < ttl/3 {
 		return true
 	}
 	kvs, rev, err := e.etcd.getPrefix(ctx, e.candidates)
@@ -404,7 +407,9 @@ func (e *election) step(ctx context.Context, id int64, ttl time.Duration, c *can
 			return true // defer to a newer candidate
 		}
 	}
-	won, rev, err := e.etcd.txn(ctx, []etcdCompare{createdAt(e.leaderKey, 0), unchangedSince(e.candidates, rev)},
+	// The in-sync record must be as eligible read it: a leader elected and gone meanwhile
+	// may have confirmed records without this node.
+	won, rev, err := e.etcd.txn(ctx, []etcdCompare{createdAt(e.leaderKey, 0), unchangedSince(e.candidates, rev), modifiedAt(e.isrKey, isrRev)},
 		etcdOp{Put: &etcdPut{Key: []byte(e.leaderKey), Value: marshalMember(e.self), Lease: id}})
 	switch {
 	case err != nil:
@@ -437,20 +442,35 @@ type isrRecord struct {
 	Members []string `json:"members"`
 }
 
-// eligible reports whether this node, at pos, may stand: when the cluster never had an
-// in-sync record, only if its log never followed a leader (a new cluster: no node holds
-// anything confirmed); else only if the record names it. A record naming only nodes that
-// are gone for good holds the cluster up until an operator deletes it.
-func (e *election) eligible(ctx context.Context, pos logPosition) (bool, error) {
+// eligible reports whether this node, at pos, publishes a candidacy and whether it may
+// stand, and the in-sync record's mod revision (0: none), which the election's
+// transaction requires unchanged. A node the record names does both; one it does not name
+// neither. Without a record (a new cluster, or etcd lost its data, or an operator
+// deleted it), a node whose log never followed a leader stands, while one whose log did
+// only publishes, so that empty nodes defer to its newer position and cannot win and
+// wipe what it holds; it waits for an operator to name the nodes that may stand. A
+// record naming only nodes that are gone for good holds the cluster up the same way.
+func (e *election) eligible(ctx context.Context, pos logPosition) (publish, stand bool, rev int64, err error) {
 	kv, _, err := e.etcd.get(ctx, e.isrKey)
-	if err != nil || kv == nil {
-		return pos.Term == 0, err
+	if err != nil {
+		return false, false, 0, err
 	}
+	if kv == nil {
+		if pos.Term != 0 && !e.warnedNoRecord {
+			e.warnedNoRecord = true
+			if e.logger != nil {
+				e.logger.Error("cluster: no in-sync record in etcd, and this node's log followed a leader: it will not stand until an operator names the nodes that may, with etcdctl put "+e.isrKey+" '{\"term\":0,\"members\":[\"<node>\"]}'", "term", pos.Term)
+			}
+		}
+		return true, pos.Term == 0, 0, nil
+	}
+	e.warnedNoRecord = false
 	var rec isrRecord
 	if err := json.Unmarshal(kv.Value, &rec); err != nil {
-		return false, nil
+		return false, false, kv.ModRevision, nil
 	}
-	return slices.Contains(rec.Members, e.self.Name), nil
+	named := slices.Contains(rec.Members, e.self.Name)
+	return named, named, kv.ModRevision, nil
 }
 
 // publishISR records this leader and its followers in sync as of term, if the leader key

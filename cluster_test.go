@@ -1,10 +1,13 @@
 package amqp
 
 import (
+	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -12,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -36,9 +40,18 @@ type testNode struct {
 // startNode runs an election for name in cluster through endpoints, in sync at pos.
 func startNode(t *testing.T, endpoints, cluster, name string, pos logPosition) *testNode {
 	t.Helper()
+	return startNodeWith(t, endpoints, cluster, name, pos, nil)
+}
+
+// startNodeWith is startNode with the election changed by adjust before it runs.
+func startNodeWith(t *testing.T, endpoints, cluster, name string, pos logPosition, adjust func(*election)) *testNode {
+	t.Helper()
 	e, err := newElection(endpoints, cluster, name, name+".test:5672", testTTL)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if adjust != nil {
+		adjust(e)
 	}
 	n := &testNode{name: name, e: e, pos: pos, inSync: true}
 	e.position = func() (logPosition, bool) {
@@ -527,6 +540,72 @@ func TestElectionInSyncRecord(t *testing.T) {
 	pollUntil(t, testTTL, "b and d to see c resign", noLeader)
 	holdsFor(t, 2*testTTL, "no node the record leaves out standing", noLeader)
 }
+
+// TestElectionNoRecord: without an in-sync record (etcd lost its data, or an operator
+// deleted it), neither a node whose log followed a leader nor a node with an empty log
+// stands, the empty one deferring to the other's newer position; once an operator names
+// the first, it leads.
+func TestElectionNoRecord(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	nodes := []*testNode{
+		startNode(t, etcd.url, "norec", "a", logPosition{Term: 7, Seq: 5}),
+		startNode(t, etcd.url, "norec", "d", logPosition{}), // a new node, which would wipe a's log
+	}
+	monitorLeading(t, nodes...)
+	holdsFor(t, 2*testTTL, "no node standing without a record", func() bool {
+		for _, n := range nodes {
+			if _, ok := n.e.leading(); ok {
+				return false
+			}
+		}
+		return true
+	})
+	putISR(t, etcd.url, "norec", 0, "a")
+	if leader, _ := waitLeader(t, nodes...); leader.name != "a" {
+		t.Fatalf("%s leads, want a (named by the operator)", leader.name)
+	}
+}
+
+// TestElectionRecordChangedWhileStanding: the in-sync record changes between a candidate's
+// reading it and its transaction (another leader came and went meanwhile, without it):
+// the transaction fails, and the candidate, no longer named, does not lead.
+func TestElectionRecordChangedWhileStanding(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	putISR(t, etcd.url, "toctou", 7, "b")
+	other := newTestEtcdClient(t, etcd.url, time.Second)
+	candidates := base64.StdEncoding.EncodeToString([]byte("/amqp-go/toctou/candidates/"))
+	var changed atomic.Bool
+	b := startNodeWith(t, etcd.url, "toctou", "b", logPosition{Term: 7, Seq: 5}, func(e *election) {
+		next := e.etcd.hc.Transport
+		e.etcd.hc.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
+			// The candidates are read after the record, just before the transaction.
+			if r.URL.Path == "/v3/kv/range" && !changed.Load() {
+				body, _ := io.ReadAll(r.Body)
+				r.Body = io.NopCloser(bytes.NewReader(body))
+				if strings.Contains(string(body), candidates) {
+					rec, _ := json.Marshal(isrRecord{Term: 9, Members: []string{"x"}})
+					if _, err := other.put(r.Context(), "/amqp-go/toctou/insync", rec, 0); err != nil {
+						t.Error(err)
+					}
+					changed.Store(true)
+				}
+			}
+			return next.RoundTrip(r)
+		})
+	})
+	pollUntil(t, 3*testTTL, "b to stand", changed.Load)
+	holdsFor(t, 2*testTTL, "b, no longer named, not leading", func() bool {
+		_, ok := b.e.leading()
+		return !ok
+	})
+}
+
+// roundTripFunc is an http.RoundTripper made of a function.
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
 // TestElectionFlappingPartitions cuts and heals the nodes' links to etcd at random for a
 // while: at no time do two nodes lead, and once every link is healed one leads again.

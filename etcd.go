@@ -315,6 +315,11 @@ func createdAt(key string, rev int64) etcdCompare {
 	return etcdCompare{Key: []byte(key), Target: "CREATE", Result: "EQUAL", CreateRevision: &rev}
 }
 
+// modifiedAt holds when key's mod revision is rev; rev 0 holds when key does not exist.
+func modifiedAt(key string, rev int64) etcdCompare {
+	return etcdCompare{Key: []byte(key), Target: "MOD", Result: "EQUAL", ModRevision: &rev}
+}
+
 // unchangedSince holds when no key that starts with prefix was put after revision rev.
 // Deletions do not count: a deleted key is not compared.
 func unchangedSince(prefix string, rev int64) etcdCompare {

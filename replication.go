@@ -115,6 +115,7 @@ var (
 	errReplAuth      = errors.New("amqp: replication: authentication failed")
 	errReplOlderTerm = errors.New("amqp: replication: leader's term is older than one seen")
 	errReplProtocol  = errors.New("amqp: replication: protocol error")
+	errReplClosed    = errors.New("amqp: replication: the leader closed")
 )
 
 // replConn frames replication messages on a connection: one goroutine receives, one sends.
@@ -341,6 +342,7 @@ type replFollower struct {
 	acked      uint64        // guarded by rs.mu: the log position its disk holds (packed)
 	lastAck    time.Time     // guarded by rs.mu
 	inSync     bool          // guarded by rs.mu
+	replaced   bool          // guarded by rs.mu: a newer session of the same follower began; never in sync again
 	// sentTo is as far as this session may have sent the log: an ack beyond it reports a
 	// copy the session did not make (a stale one), and ends the session.
 	sentTo atomic.Uint64
@@ -615,7 +617,7 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 		case g.inSync && silent > rs.opt.timeout:
 			g.inSync = false
 			rs.opt.log.Warn("replication: follower stopped acknowledging; it left the in-sync set", "follower", g.name, "addr", g.addr, "silent", silent.String())
-		case !g.inSync && lag <= rs.opt.maxLag/2 && silent <= rs.opt.timeout && !g.lastAck.IsZero() && g.acked >= rs.floor:
+		case !g.inSync && !g.replaced && lag <= rs.opt.maxLag/2 && silent <= rs.opt.timeout && !g.lastAck.IsZero() && g.acked >= rs.floor:
 			// It holds everything confirmed: named, it may stand.
 			g.inSync = true
 			rs.opt.log.Info("replication: follower is in sync", "follower", g.name, "addr", g.addr)
@@ -626,6 +628,39 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 	if grew {
 		rs.w.kick()
 	}
+}
+
+// unname takes any earlier session of f's follower out of the in-sync set, for good, and
+// waits until a set without its name is published: f's plan may remove files from its
+// disk before sending what replaces them, and a node the record names may stand. It
+// fails when the server closes.
+func (rs *replicaServer) unname(f *replFollower) error {
+	rs.mu.Lock()
+	for g := range rs.followers {
+		if g != f && g.name == f.name {
+			g.replaced = true
+			if g.inSync {
+				g.inSync = false
+				rs.opt.log.Warn("replication: follower reconnected; its earlier session left the in-sync set", "follower", g.name, "addr", g.addr)
+			}
+		}
+	}
+	if rs.recomputeLocked() {
+		rs.w.kick()
+	}
+	v := rs.version
+	rs.mu.Unlock()
+	if rs.opt.publishISR == nil {
+		return nil
+	}
+	for rs.isrDone.Load() < v {
+		select {
+		case <-rs.stop:
+			return errReplClosed
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	return nil
 }
 
 // handle runs one follower's session.
@@ -663,6 +698,9 @@ func (rs *replicaServer) handle(c net.Conn) {
 		}
 	}()
 	rs.opt.log.Info("replication: follower connected", "follower", name, "addr", addr)
+	if err = rs.unname(f); err != nil {
+		return
+	}
 	cur, err := rs.plan(rc, have)
 	if err != nil {
 		return
@@ -1380,9 +1418,15 @@ func (r *replica) writePart(name string, off int64, b []byte) error {
 }
 
 // replace puts the file whose parts were sent in place, durably, once size and crc match.
+// The log written before it is made durable first: the leader sends a file once the log
+// holds what it replaces (a checkpoint covers records up to then), so a power cut must
+// not leave the file without that log.
 func (r *replica) replace(name string, size int64, crc uint32) error {
 	path, err := r.target(name)
 	if err != nil || path == "" {
+		return err
+	}
+	if err := r.sync(); err != nil {
 		return err
 	}
 	if size == 0 && (r.part == nil || r.partName != name) {
@@ -1412,10 +1456,15 @@ func (r *replica) replace(name string, size int64, crc uint32) error {
 	return syncDir(filepath.Dir(path))
 }
 
-// remove deletes a file the leader no longer has, durably.
+// remove deletes a file the leader no longer has, durably, after making the log written
+// before it durable: a compacted segment goes once the copies of its live records are in
+// later ones, which a power cut must not take with it.
 func (r *replica) remove(name string) error {
 	path, err := r.target(name)
 	if err != nil || path == "" {
+		return err
+	}
+	if err := r.sync(); err != nil {
 		return err
 	}
 	if seq, seg, _ := replName(name); seg && r.f != nil && r.fseq == seq {

@@ -829,3 +829,47 @@ func TestReplFollowerRedials(t *testing.T) {
 		t.Fatalf("follower's term %d, want 4", r.term.Load())
 	}
 }
+
+// A follower that reconnects while its earlier session is half open, and so perhaps still
+// named in the in-sync record, gets no plan (which may remove files from its disk) until a
+// record without its name is published; the earlier session never rejoins the set.
+func TestReplReconnectUnnamedFirst(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	var published [][]string
+	var failing atomic.Bool
+	l := startReplLeader(t, Config{}, replicaOptions{minInSync: 1, publishISR: func(names []string) error {
+		if failing.Load() {
+			return errors.New("etcd unreachable")
+		}
+		mu.Lock()
+		published = append(published, slices.Clone(names))
+		mu.Unlock()
+		return nil
+	}})
+	last := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(published) == 0 {
+			return nil
+		}
+		return published[len(published)-1]
+	}
+	p := startReplProxy(t, l.addr, 0)
+	follow(t, t.TempDir(), p.ln.Addr().String(), followerOpts("f1"))
+	pollFor(t, "f1 named", func() bool { return slices.Equal(last(), []string{"f1"}) })
+
+	p.paused.Store(true)                        // the first session goes half open
+	t.Cleanup(func() { p.paused.Store(false) }) // for the proxy's cleanup
+	failing.Store(true)
+	again := follow(t, t.TempDir(), l.addr, followerOpts("f1"))
+	time.Sleep(300 * time.Millisecond)
+	if pos := again.r.position(); pos != (walPos{}) {
+		t.Fatalf("the new session was planned (position %v) while f1 may still be named", pos)
+	}
+	failing.Store(false)
+	pollFor(t, "f1 unnamed", func() bool { return last() != nil && len(last()) == 0 })
+	pollFor(t, "the new session positioned", func() bool { return again.r.position() != (walPos{}) })
+	waitInSync(t, l.rs, 1) // the new session; the earlier one has no way back
+	pollFor(t, "f1 named again", func() bool { return slices.Equal(last(), []string{"f1"}) })
+}
