@@ -72,6 +72,9 @@ func (fr *frameReader) grow(size int, src io.Reader) {
 // read returns the next frame. A frame over frameMax or without its frame-end octet is a
 // 501 FRAME_ERROR; I/O errors are returned as they are.
 func (fr *frameReader) read() (frame, error) {
+	if f, ok := fr.readBuffered(); ok {
+		return f, nil
+	}
 	if _, err := io.ReadFull(fr.r, fr.hdr[:]); err != nil {
 		return frame{}, err
 	}
@@ -111,6 +114,27 @@ func (fr *frameReader) read() (frame, error) {
 	}
 	f.payload = b[:size]
 	return f, nil
+}
+
+// readBuffered returns the next frame when the read buffer holds all of it and it is
+// well formed, its payload pointing into the buffer (valid until the next read, as a
+// payload read into fr.buf is); otherwise read takes the frame from the start.
+func (fr *frameReader) readBuffered() (frame, bool) {
+	if fr.r.Buffered() < frameOverhead {
+		return frame{}, false
+	}
+	h, _ := fr.r.Peek(7)
+	size := binary.BigEndian.Uint32(h[3:7])
+	n := int(size) + frameOverhead
+	if size > fr.frameMax || size > maxFrameMax || fr.r.Buffered() < n {
+		return frame{}, false
+	}
+	b, _ := fr.r.Peek(n)
+	if b[n-1] != frameEnd {
+		return frame{}, false
+	}
+	fr.r.Discard(n)
+	return frame{typ: b[0], channel: binary.BigEndian.Uint16(b[1:3]), payload: b[7 : n-1 : n-1]}, true
 }
 
 func unexpectedEOF(err error) error {

@@ -1003,21 +1003,31 @@ func TestFrameReaderReads(t *testing.T) {
 	}
 }
 
+// Reading frames allocates nothing: a frame the read buffer holds whole is returned in
+// place, and one larger than the buffer is read into a payload buffer reused from frame to
+// frame.
 func TestFrameReaderPayloadReuse(t *testing.T) {
 	stream := appendFrameStart(nil, frameBody, 1)
-	stream = appendFrameEnd(append(stream, "first"...), 0)
+	stream = appendFrameEnd(append(stream, "the first payload"...), 0)
 	start := len(stream)
 	stream = appendFrameStart(stream, frameBody, 1)
-	stream = appendFrameEnd(append(stream, "again"...), start)
-	fr := newTestFrameReader(stream, 4096)
-	f1, _ := fr.read()
-	p1 := f1.payload
-	f2, err := fr.read()
-	if err != nil || string(f2.payload) != "again" {
-		t.Fatalf("second frame %q, %v", f2.payload, err)
-	}
-	if &p1[0] != &f2.payload[0] {
-		t.Error("the second payload does not reuse the first one's buffer")
+	stream = appendFrameEnd(append(stream, "and then another"...), start)
+	for _, size := range []int{16, 4096} { // smaller than a frame, and larger
+		src := bytes.NewReader(stream)
+		fr := &frameReader{r: bufio.NewReaderSize(src, size), frameMax: 4096}
+		allocs := testing.AllocsPerRun(100, func() {
+			src.Reset(stream)
+			fr.r.Reset(src)
+			f1, err1 := fr.read()
+			ok := err1 == nil && string(f1.payload) == "the first payload"
+			f2, err2 := fr.read()
+			if !ok || err2 != nil || string(f2.payload) != "and then another" {
+				t.Fatalf("buffer %d: frames %q, %q: %v, %v", size, f1.payload, f2.payload, err1, err2)
+			}
+		})
+		if allocs != 0 {
+			t.Errorf("buffer %d: %v allocations per two frames", size, allocs)
+		}
 	}
 }
 
