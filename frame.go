@@ -48,7 +48,6 @@ type frame struct {
 // frameReader reads frames from a buffered connection, reusing one payload buffer.
 type frameReader struct {
 	r        *bufio.Reader
-	hdr      [7]byte
 	buf      []byte
 	frameMax uint32 // largest whole frame accepted, including the 8 octets of overhead
 	// bodyDst, when set, may return where a body frame's payload of size octets on a
@@ -72,19 +71,35 @@ func (fr *frameReader) grow(size int, src io.Reader) {
 // read returns the next frame. A frame over frameMax or without its frame-end octet is a
 // 501 FRAME_ERROR; I/O errors are returned as they are.
 func (fr *frameReader) read() (frame, error) {
-	if f, ok := fr.readBuffered(); ok {
-		return f, nil
+	h, err := fr.r.Peek(7)
+	if err != nil {
+		if len(h) == 0 {
+			return frame{}, err
+		}
+		return frame{}, unexpectedEOF(err)
 	}
-	if _, err := io.ReadFull(fr.r, fr.hdr[:]); err != nil {
-		return frame{}, err
-	}
-	f := frame{typ: fr.hdr[0], channel: binary.BigEndian.Uint16(fr.hdr[1:3])}
-	size := binary.BigEndian.Uint32(fr.hdr[3:7])
+	f := frame{typ: h[0], channel: binary.BigEndian.Uint16(h[1:3])}
+	size := binary.BigEndian.Uint32(h[3:7])
 	// Like RabbitMQ, allow payloads up to frame-max itself, for clients off by the 8
 	// octets of framing.
 	if size > fr.frameMax || size > maxFrameMax {
 		return f, frameError("frame size " + strconv.Itoa(int(size)+frameOverhead) + " exceeds frame_max " + strconv.Itoa(int(fr.frameMax)))
 	}
+	if n := int(size) + frameOverhead; n <= fr.r.Size() {
+		// The buffer can hold the whole frame: its payload is returned in place, valid
+		// until the next read (as one read into fr.buf is).
+		b, err := fr.r.Peek(n)
+		if err != nil {
+			return f, unexpectedEOF(err)
+		}
+		if b[n-1] != frameEnd {
+			return f, frameError("bad frame end marker")
+		}
+		fr.r.Discard(n)
+		f.payload = b[7 : n-1 : n-1]
+		return f, nil
+	}
+	fr.r.Discard(7)
 	if f.typ == frameBody && fr.bodyDst != nil {
 		if dst := fr.bodyDst(f.channel, int(size)); dst != nil {
 			// Read the body straight into the message it belongs to.
@@ -114,27 +129,6 @@ func (fr *frameReader) read() (frame, error) {
 	}
 	f.payload = b[:size]
 	return f, nil
-}
-
-// readBuffered returns the next frame when the read buffer holds all of it and it is
-// well formed, its payload pointing into the buffer (valid until the next read, as a
-// payload read into fr.buf is); otherwise read takes the frame from the start.
-func (fr *frameReader) readBuffered() (frame, bool) {
-	if fr.r.Buffered() < frameOverhead {
-		return frame{}, false
-	}
-	h, _ := fr.r.Peek(7)
-	size := binary.BigEndian.Uint32(h[3:7])
-	n := int(size) + frameOverhead
-	if size > fr.frameMax || size > maxFrameMax || fr.r.Buffered() < n {
-		return frame{}, false
-	}
-	b, _ := fr.r.Peek(n)
-	if b[n-1] != frameEnd {
-		return frame{}, false
-	}
-	fr.r.Discard(n)
-	return frame{typ: b[0], channel: binary.BigEndian.Uint16(b[1:3]), payload: b[7 : n-1 : n-1]}, true
 }
 
 func unexpectedEOF(err error) error {
