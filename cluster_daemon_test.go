@@ -590,6 +590,44 @@ func waitInSyncCount(t *testing.T, leader *amqpdNode, n int) {
 	}
 }
 
+// TestClusterDaemonsLeaderFrozen stops the leader (SIGSTOP) for longer than its lease:
+// to the others it is as if its network were cut whole, no keepalives, acks or replies.
+// A follower takes over. Resumed, the old leader confirms nothing it had not replicated,
+// exits, and restarted follows the new leader; every confirmed message is kept.
+func TestClusterDaemonsLeaderFrozen(t *testing.T) {
+	t.Parallel()
+	e := startEtcd(t)
+	nodes := startAmqpdNodes(t, []string{e.url, e.url, e.url}, "a", "b", "c")
+	old := waitAmqpdLeader(t, nodes...)
+	pub := startPublisher(t, nodes)
+	waitInSyncCount(t, old, 2)
+	pub.waitConfirms(t, 200, "before the freeze")
+
+	old.cmd.Process.Signal(syscall.SIGSTOP)
+	frozeAt := time.Now()
+	next := waitAmqpdLeader(t, slices.DeleteFunc(slices.Clone(nodes), func(n *amqpdNode) bool { return n == old })...)
+	t.Logf("%s leads %v after the freeze", next.name, time.Since(frozeAt).Round(time.Millisecond))
+	if took := time.Since(frozeAt); took > daemonTTL+5*time.Second {
+		t.Errorf("%s took %v to lead, over TTL + 5 s", next.name, took)
+	}
+	old.cmd.Process.Signal(syscall.SIGCONT)
+	select {
+	case err := <-old.exited:
+		old.exited <- err
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(old.out.String(), "no longer the leader") {
+			t.Fatalf("resumed old leader exited with %v, want status 1 saying it is no longer the leader", err)
+		}
+	case <-time.After(5 * daemonTTL):
+		t.Fatal("the resumed old leader still runs")
+	}
+	pub.waitConfirms(t, 200, "after the freeze")
+	old.start()
+	waitInSyncCount(t, next, 2)
+	pub.waitConfirms(t, 200, "with the old leader following")
+	pub.check(t, next.url(), nil)
+}
+
 // A leader cut off from etcd, with its clients and followers still connected, stops
 // confirming before another node starts to lead, and exits. Started again, it follows the
 // new leader, discarding what it wrote that the new leader has not; once in sync it takes
