@@ -474,14 +474,31 @@ func (e *election) eligible(ctx context.Context, pos logPosition) (publish, stan
 }
 
 // publishISR records this leader and its followers in sync as of term, if the leader key
-// is still term's; errNotLeader if it is not.
+// is still term's; errNotLeader if it is not. The write also requires the record unchanged
+// since it was read, so an earlier attempt that timed out here but reaches etcd late
+// cannot overwrite a newer set; the caller tries again with the latest.
 func (e *election) publishISR(ctx context.Context, term int64, followers []string) error {
 	rec, _ := json.Marshal(isrRecord{Term: term, Members: append([]string{e.self.Name}, followers...)})
-	won, _, err := e.etcd.txn(ctx, []etcdCompare{createdAt(e.leaderKey, term)}, etcdOp{Put: &etcdPut{Key: []byte(e.isrKey), Value: rec}})
-	if err == nil && !won {
-		err = errNotLeader
+	for {
+		kv, _, err := e.etcd.get(ctx, e.isrKey)
+		if err != nil {
+			return err
+		}
+		var rev int64
+		if kv != nil {
+			rev = kv.ModRevision
+		}
+		won, _, err := e.etcd.txn(ctx, []etcdCompare{createdAt(e.leaderKey, term), modifiedAt(e.isrKey, rev)}, etcdOp{Put: &etcdPut{Key: []byte(e.isrKey), Value: rec}})
+		if err != nil || won {
+			return err
+		}
+		if kv, _, err := e.etcd.get(ctx, e.leaderKey); err != nil {
+			return err
+		} else if kv == nil || kv.CreateRevision != term {
+			return errNotLeader
+		}
+		// Still the leader: the record changed between the read and the write. Again.
 	}
-	return err
 }
 
 // lead makes this node the leader in term, unless its lease's deadline has passed.

@@ -602,6 +602,48 @@ func TestElectionRecordChangedWhileStanding(t *testing.T) {
 	})
 }
 
+// TestElectionPublishISRCompareAndSwap: a write of the in-sync record that reaches etcd
+// late (an attempt that timed out at the leader, which went on and wrote a newer set)
+// fails its comparison instead of putting the older set back.
+func TestElectionPublishISRCompareAndSwap(t *testing.T) {
+	t.Parallel()
+	etcd := startEtcd(t)
+	var capture atomic.Bool
+	var captured []byte
+	a := startNodeWith(t, etcd.url, "cas", "a", logPosition{}, func(e *election) {
+		next := e.etcd.hc.Transport
+		e.etcd.hc.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
+			if r.URL.Path == "/v3/kv/txn" && capture.CompareAndSwap(true, false) {
+				captured, _ = io.ReadAll(r.Body)
+				r.Body = io.NopCloser(bytes.NewReader(captured))
+			}
+			return next.RoundTrip(r)
+		})
+	})
+	_, term := waitLeader(t, a)
+	ctx := context.Background()
+	capture.Store(true)
+	if err := a.e.publishISR(ctx, term, []string{"old"}); err != nil || captured == nil {
+		t.Fatalf("publish: %v (captured %d octets)", err, len(captured))
+	}
+	if err := a.e.publishISR(ctx, term, []string{"new"}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Post(etcd.url+"/v3/kv/txn", "application/json", bytes.NewReader(captured)) // the late one
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	kv, _, err := newTestEtcdClient(t, etcd.url, time.Second).get(ctx, "/amqp-go/cas/insync")
+	if err != nil || kv == nil {
+		t.Fatalf("record: %v, %v", kv, err)
+	}
+	var rec isrRecord
+	if err := json.Unmarshal(kv.Value, &rec); err != nil || !slices.Equal(rec.Members, []string{"a", "new"}) {
+		t.Fatalf("record %s (%v) after the late write, want it naming a and new", kv.Value, err)
+	}
+}
+
 // roundTripFunc is an http.RoundTripper made of a function.
 type roundTripFunc func(*http.Request) (*http.Response, error)
 

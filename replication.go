@@ -343,6 +343,7 @@ type replFollower struct {
 	lastAck    time.Time     // guarded by rs.mu
 	inSync     bool          // guarded by rs.mu
 	replaced   bool          // guarded by rs.mu: a newer session of the same follower began; never in sync again
+	mustReach  uint64        // guarded by rs.mu: it joins the in-sync set only once acked this far (sendLog)
 	// sentTo is as far as this session may have sent the log: an ack beyond it reports a
 	// copy the session did not make (a stale one), and ends the session.
 	sentTo atomic.Uint64
@@ -617,7 +618,7 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 		case g.inSync && silent > rs.opt.timeout:
 			g.inSync = false
 			rs.opt.log.Warn("replication: follower stopped acknowledging; it left the in-sync set", "follower", g.name, "addr", g.addr, "silent", silent.String())
-		case !g.inSync && !g.replaced && lag <= rs.opt.maxLag/2 && silent <= rs.opt.timeout && !g.lastAck.IsZero() && g.acked >= rs.floor:
+		case !g.inSync && !g.replaced && lag <= rs.opt.maxLag/2 && silent <= rs.opt.timeout && !g.lastAck.IsZero() && g.acked >= rs.floor && g.acked >= g.mustReach:
 			// It holds everything confirmed: named, it may stand.
 			g.inSync = true
 			rs.opt.log.Info("replication: follower is in sync", "follower", g.name, "addr", g.addr)
@@ -942,7 +943,7 @@ func (rs *replicaServer) stream(rc *replConn, f *replFollower, cur walPos, acks 
 			limit = min(limit, ev.at)
 		}
 		f.sentTo.Store(max(f.sentTo.Load(), limit)) // before the follower can ack it
-		moved, err := rs.sendLog(rc, &cur, &file, unpack(limit), buf)
+		moved, err := rs.sendLog(rc, f, &cur, &file, unpack(limit), buf)
 		if err != nil {
 			return err
 		}
@@ -979,20 +980,26 @@ func (rs *replicaServer) stream(rc *replConn, f *replFollower, cur walPos, acks 
 
 // sendLog sends the next piece of the log after cur, up to limit; it reports whether cur
 // moved.
-func (rs *replicaServer) sendLog(rc *replConn, cur *walPos, file **os.File, limit walPos, buf []byte) (bool, error) {
+func (rs *replicaServer) sendLog(rc *replConn, f *replFollower, cur *walPos, file **os.File, limit walPos, buf []byte) (bool, error) {
 	if !cur.less(limit) {
 		return false, nil
 	}
 	if *file == nil {
-		f, err := os.Open(rs.w.segPath(cur.seg))
+		seg, err := os.Open(rs.w.segPath(cur.seg))
 		if errors.Is(err, os.ErrNotExist) {
-			// Removed by compaction before it was sent: its removal follows as an event.
+			// Removed by compaction before it was sent: its removal follows as an event,
+			// once the log is sent up to where it was removed. Until then the follower
+			// may hold part of it, a torn segment before later ones, which it could not
+			// replay: it stays out of the in-sync set until it has acked that far.
+			rs.mu.Lock()
+			f.mustReach = max(f.mustReach, rs.w.writtenTo.Load())
+			rs.mu.Unlock()
 			return rs.nextSegment(cur, file), nil
 		}
 		if err != nil {
 			return false, err
 		}
-		*file = f
+		*file = seg
 	}
 	want := len(buf)
 	if cur.seg == limit.seg {

@@ -873,3 +873,47 @@ func TestReplReconnectUnnamedFirst(t *testing.T) {
 	waitInSync(t, l.rs, 1) // the new session; the earlier one has no way back
 	pollFor(t, "f1 named again", func() bool { return slices.Equal(last(), []string{"f1"}) })
 }
+
+// A segment compacted away before a session sent it is skipped; the follower may hold part
+// of it, torn, until the removal arrives, and stays out of the in-sync set until it has
+// acked as far as the log was when the segment was found gone.
+func TestReplSkippedSegmentKeepsFollowerOut(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{}, replicaOptions{})
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	c := newConfirmChannel(t, conn)
+	c.publish("", "q", false, persistentMsg("one"))
+	c.wait()
+	rs := l.rs
+	f := &replFollower{name: "f", wake: make(chan struct{}, 1)}
+	rs.mu.Lock()
+	rs.followers[f] = struct{}{}
+	floor := rs.floor
+	rs.mu.Unlock()
+	t.Cleanup(func() {
+		rs.mu.Lock()
+		delete(rs.followers, f)
+		rs.mu.Unlock()
+	})
+
+	cur := walPos{} // segment 0 never exists: as if compacted away before it was sent
+	var file *os.File
+	if moved, err := rs.sendLog(nil, f, &cur, &file, unpack(rs.w.writtenTo.Load()), nil); !moved || err != nil {
+		t.Fatalf("sendLog: moved %v, %v; want it to skip to the next segment", moved, err)
+	}
+	rs.mu.Lock()
+	mustReach := f.mustReach
+	rs.mu.Unlock()
+	if mustReach <= floor {
+		t.Fatalf("mustReach %v, want past the floor %v (a message was written since)", unpack(mustReach), unpack(floor))
+	}
+	rs.update(f, floor)
+	if st := rs.status(); len(st) != 1 || st[0].inSync {
+		t.Fatalf("follower at the floor, short of where the skip was: %+v, want it out of the in-sync set", st)
+	}
+	rs.update(f, mustReach)
+	if st := rs.status(); len(st) != 1 || !st[0].inSync {
+		t.Fatalf("follower past the skip: %+v, want it in sync", st)
+	}
+}
