@@ -227,7 +227,7 @@ type ClusterConfig struct {
 	// Secret is the shared secret nodes prove to each other when they replicate.
 	Secret string
 	// MinInSync is how many followers in sync a confirm needs: it waits for every follower
-	// in sync, and for at least MinInSync of them; 0 confirms on the leader's own fsync.
+	// in sync, and for at least MinInSync of them; with 0 and none in sync, for none.
 	MinInSync int
 	// TTL is the etcd lease of each node: a dead leader is replaced within about this; default 5s.
 	TTL time.Duration

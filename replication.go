@@ -79,11 +79,12 @@ import (
 // In sync. A follower is in sync while it acks within timeout and is no more than maxLag
 // octets behind what the leader has written; it leaves the set (logged) when either fails,
 // and joins again once it is within maxLag/2 and holds everything confirmed so far (and
-// all the log held when this leader began). With minInSync > 0 the log's completion is
-// gated: a publisher confirm, tx.commit-ok or durable declare-ok waits for the local fsync
-// and for every follower in sync to ack the batch, with at least minInSync in sync; so
-// each holds every confirmed record. With fewer followers in sync, completion waits (the
-// issue's rule: no confirm without -min-insync copies); a closing log gives them
+// all the log held when this leader began). The log's completion is gated: a publisher
+// confirm, tx.commit-ok or durable declare-ok waits for the local fsync and for every
+// follower in sync to ack the batch, with at least minInSync in sync; so each holds every
+// confirmed record. With fewer followers in sync, completion waits (the rule: no
+// confirm without -min-insync copies); with minInSync 0 and none in sync it does not wait,
+// and a follower joins only once it holds what completed meanwhile. A closing log gives them
 // walCloseGrace, then fails what they never acked (the publishes are nacked). In a
 // cluster the set is also published (publishISR) before completion counts on a change
 // of it, and nothing completes while the term may be over. Closing the replicaServer
@@ -277,8 +278,9 @@ type replicaOptions struct {
 	term    uint64 // the leader's term: its etcd leader key's create revision
 	secret  []byte
 	defs    string // the definitions file, replicated as "definitions"; "" for none
-	// minInSync, when above 0, makes a batch's tickets done only once every follower in
-	// sync holds it, and at least minInSync are in sync; 0 does not wait for followers.
+	// minInSync is how many followers in sync a batch's tickets need: they are done only
+	// once every follower in sync holds it, and at least minInSync are in sync (with 0
+	// and none in sync, at once).
 	minInSync int
 	// leading, when set, gates the log too: while it reports false (the term may be over)
 	// nothing more is done, so nothing more is confirmed.
@@ -358,7 +360,7 @@ type replStatus struct {
 }
 
 // newReplicaServer taps w: from now on the writer tells it what it writes and changes,
-// and, with minInSync > 0, completion waits for the followers.
+// and completion waits for the followers in sync (at least minInSync of them).
 func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 	if opt.maxLag <= 0 {
 		opt.maxLag = 4 * w.segSize
@@ -373,10 +375,8 @@ func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 		conns: make(map[net.Conn]struct{}), isrWake: make(chan struct{}, 1), isrNames: []string{},
 		start: w.writtenTo.Load()}
 	rs.floor = rs.start
-	tap := &walTap{written: rs.wakeAll, changed: rs.changed}
-	if opt.leading != nil || opt.publishISR != nil || opt.minInSync > 0 {
-		tap.held = rs.gate
-	}
+	rs.recomputeLocked() // not shared yet
+	tap := &walTap{written: rs.wakeAll, changed: rs.changed, held: rs.gate}
 	rs.tap = tap
 	w.tap.Store(tap)
 	rs.wg.Add(1)
@@ -390,21 +390,25 @@ func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 
 // gate is the log's tap.held: how far the log may complete. Nothing while the term may be
 // over, or while what the followers hold is not yet published with their names; else
-// what every follower in sync holds (with minInSync), or all.
+// what every follower in sync holds (nothing with fewer than minInSync), or all when
+// none is in sync and none is needed.
 func (rs *replicaServer) gate() uint64 {
 	if rs.opt.leading != nil && !rs.opt.leading() {
 		return 0
 	}
 	rs.mu.Lock()
 	held, at := rs.held, rs.heldAt
-	rs.mu.Unlock()
-	switch {
-	case rs.opt.publishISR != nil && at > rs.isrDone.Load():
-		return 0
-	case rs.opt.minInSync > 0:
-		return held
+	if held == math.MaxUint64 {
+		// No follower in sync, and none needed: what completes now is on this node
+		// alone, so a follower joins the set only once it holds it (the writer asks
+		// after writing, so this covers what it completes).
+		rs.floor = max(rs.floor, rs.w.writtenTo.Load())
 	}
-	return math.MaxUint64
+	rs.mu.Unlock()
+	if rs.opt.publishISR != nil && at > rs.isrDone.Load() {
+		return 0
+	}
+	return held
 }
 
 // recomputeLocked notes the followers in sync, counting a change of the set (which
@@ -431,12 +435,16 @@ func (rs *replicaServer) recomputeLocked() bool {
 		default:
 		}
 	}
-	if len(names) < rs.opt.minInSync || rs.opt.minInSync <= 0 {
+	switch {
+	case len(names) < rs.opt.minInSync:
 		low = 0
+	case len(names) == 0:
+		low = math.MaxUint64 // -min-insync 0 and none in sync: the leader alone
+	default:
+		rs.floor = max(rs.floor, low)
 	}
 	grew := low > rs.held
 	rs.held, rs.heldAt = low, rs.version
-	rs.floor = max(rs.floor, low)
 	return grew
 }
 

@@ -598,6 +598,38 @@ func TestReplConfirmGate(t *testing.T) {
 	waitInSync(t, l.rs, 1)
 }
 
+// With -min-insync 0 a confirm still waits for every follower in sync (each may stand),
+// but for none when none is: a stalled follower holds confirms up until it leaves the set,
+// then the leader confirms alone, and the follower joins again only once it holds that.
+func TestReplMinInSyncZero(t *testing.T) {
+	t.Parallel()
+	l := startReplLeader(t, Config{}, replicaOptions{timeout: 400 * time.Millisecond})
+	p := startReplProxy(t, l.addr, 0)
+	t.Cleanup(func() { p.paused.Store(false) }) // for the proxy's cleanup
+	follow(t, t.TempDir(), p.ln.Addr().String(), followerOpts("f"))
+	waitInSync(t, l.rs, 1)
+
+	c := stallConfirm(t, l.url, p, 200*time.Millisecond, "while the follower in sync does not hold it")
+	c.wait() // it left the set: the leader alone
+	waitInSync(t, l.rs, 0)
+	c.publish("", "q", false, persistentMsg("three"))
+	c.wait()
+	rs := l.rs
+	rs.mu.Lock()
+	floor := rs.floor
+	rs.mu.Unlock()
+	if written := rs.w.writtenTo.Load(); floor < written {
+		t.Fatalf("floor %v short of %v, confirmed on the leader alone", unpack(floor), unpack(written))
+	}
+	p.paused.Store(false)
+	waitInSync(t, l.rs, 1)
+	for _, f := range rs.status() {
+		if pack(f.acked) < floor {
+			t.Fatalf("follower in sync at %v, short of %v", f.acked, unpack(floor))
+		}
+	}
+}
+
 // stallConfirm publishes a persistent message to the durable queue "q" at url and waits
 // for its confirm, then pauses p and publishes another, which must not be confirmed within
 // d. It returns the channel, the second confirm still due.
@@ -772,9 +804,15 @@ func TestReplLagLeavesInSync(t *testing.T) {
 	declareQueues(t, conn, true, "q")
 
 	p.paused.Store(true)
-	publishBodies(t, l.url, "q", 0, 100) // about 1 MiB
-	l.rs.update(nil, 0)                  // as the watcher does, every timeout/4
-	waitInSync(t, l.rs, 0)
+	pub := newPersistentPublisher(t, dial(t, l.url))
+	for i := range 100 { // about 1 MiB; confirmed once the follower is out of the set
+		pub.publish("", "q", amqp091.Publishing{DeliveryMode: amqp091.Persistent, Body: replBody(i)})
+	}
+	pollFor(t, "the follower out of the set", func() bool {
+		l.rs.update(nil, 0) // as the watcher does, every timeout/4
+		return len(l.rs.status()) == 1 && !l.rs.status()[0].inSync
+	})
+	pub.wait()
 	if !logs.has("replication: follower fell behind; it left the in-sync set", "f") {
 		t.Fatal("the follower's leaving was not logged as lag")
 	}
@@ -882,20 +920,30 @@ func TestReplSkippedSegmentKeepsFollowerOut(t *testing.T) {
 	l := startReplLeader(t, Config{}, replicaOptions{})
 	conn := dial(t, l.url)
 	declareQueues(t, conn, true, "q")
-	c := newConfirmChannel(t, conn)
-	c.publish("", "q", false, persistentMsg("one"))
-	c.wait()
 	rs := l.rs
+	// g, in sync at the floor, holds confirms there; f is not in sync yet.
+	g := &replFollower{name: "g", wake: make(chan struct{}, 1), inSync: true, lastAck: time.Now()}
 	f := &replFollower{name: "f", wake: make(chan struct{}, 1)}
 	rs.mu.Lock()
+	floor := rs.w.writtenTo.Load()
+	g.acked = floor
+	rs.followers[g] = struct{}{}
 	rs.followers[f] = struct{}{}
-	floor := rs.floor
+	rs.recomputeLocked()
 	rs.mu.Unlock()
 	t.Cleanup(func() {
 		rs.mu.Lock()
+		delete(rs.followers, g)
 		delete(rs.followers, f)
+		rs.recomputeLocked()
 		rs.mu.Unlock()
+		rs.w.kick()
 	})
+	// Written, not confirmed (g does not hold it): the log moves past the floor.
+	if err := openChannel(t, conn).Publish("", "q", false, false, persistentMsg("one")); err != nil {
+		t.Fatal(err)
+	}
+	pollFor(t, "the message written", func() bool { return rs.w.writtenTo.Load() > floor })
 
 	cur := walPos{} // segment 0 never exists: as if compacted away before it was sent
 	var file *os.File
@@ -908,12 +956,20 @@ func TestReplSkippedSegmentKeepsFollowerOut(t *testing.T) {
 	if mustReach <= floor {
 		t.Fatalf("mustReach %v, want past the floor %v (a message was written since)", unpack(mustReach), unpack(floor))
 	}
+	inSync := func() bool {
+		for _, st := range rs.status() {
+			if st.name == "f" {
+				return st.inSync
+			}
+		}
+		return false
+	}
 	rs.update(f, floor)
-	if st := rs.status(); len(st) != 1 || st[0].inSync {
-		t.Fatalf("follower at the floor, short of where the skip was: %+v, want it out of the in-sync set", st)
+	if inSync() {
+		t.Fatalf("follower at the floor, short of where the skip was, in sync: %+v", rs.status())
 	}
 	rs.update(f, mustReach)
-	if st := rs.status(); len(st) != 1 || !st[0].inSync {
-		t.Fatalf("follower past the skip: %+v, want it in sync", st)
+	if !inSync() {
+		t.Fatalf("follower past the skip not in sync: %+v", rs.status())
 	}
 }
