@@ -300,7 +300,7 @@ type rawClient struct {
 	buf []byte
 }
 
-func rawDial(b *testing.B, u string) *rawClient {
+func rawDial(b testing.TB, u string) *rawClient {
 	pu, err := url.Parse(u)
 	if err != nil {
 		b.Fatal(err)
@@ -330,7 +330,7 @@ func rawDial(b *testing.B, u string) *rawClient {
 
 func (c *rawClient) writeMethod(ch uint16, m method) { c.buf = appendMethodFrame(c.buf, ch, m) }
 
-func (c *rawClient) flush(b *testing.B) {
+func (c *rawClient) flush(b testing.TB) {
 	if _, err := c.nc.Write(c.buf); err != nil {
 		b.Fatal(err)
 	}
@@ -338,7 +338,7 @@ func (c *rawClient) flush(b *testing.B) {
 }
 
 // expect reads frames until a method frame, which must be id.
-func (c *rawClient) expect(b *testing.B, id uint32) {
+func (c *rawClient) expect(b testing.TB, id uint32) {
 	for {
 		f, err := c.fr.read()
 		if err != nil {

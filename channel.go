@@ -54,6 +54,7 @@ type channel struct {
 	cmu           sync.Mutex
 	confirmSeq    uint64                // guarded by cmu: tag of the last publish in confirm mode
 	confirmSent   uint64                // guarded by cmu: highest tag confirmed to the client
+	parkedFrom    uint64                // guarded by cmu: tag of the first publish not yet enqueued (conn.addRouted); 0: none
 	durableWait   deque[durableConfirm] // guarded by cmu: persistent publishes waiting for fsync
 	confirmClosed bool                  // guarded by cmu: the channel is gone
 	walListening  bool                  // guarded by the store's mu
@@ -535,7 +536,8 @@ func (ch *channel) publishComplete() error {
 	vh.mu.RUnlock()
 	ticket, err := ch.deliver(msg, ch.pubArgs.Mandatory, true)
 	if ch.confirm {
-		ch.addConfirm(ticket, err != nil)
+		r := ch.c.routed
+		ch.addConfirm(ticket, err != nil, len(r) > 0 && r[len(r)-1].m == msg)
 		return nil
 	}
 	if err != nil && err != errRefused {
@@ -544,15 +546,27 @@ func (ch *channel) publishComplete() error {
 	return nil
 }
 
-// addConfirm counts a publish in confirm mode; a persistent one waits for its ticket.
-func (ch *channel) addConfirm(ticket uint64, nack bool) {
+// addConfirm counts a publish in confirm mode; a persistent one waits for its ticket, and
+// one parked (still in conn.routed) for its enqueueing.
+func (ch *channel) addConfirm(ticket uint64, nack, parked bool) {
 	ch.cmu.Lock()
 	ch.confirmSeq++
 	if ticket > 0 || nack {
 		ch.durableWait.push(durableConfirm{tag: ch.confirmSeq, ticket: ticket, nack: nack})
 	}
+	if parked && ch.parkedFrom == 0 {
+		ch.parkedFrom = ch.confirmSeq
+		ch.c.parked = append(ch.c.parked, ch)
+	}
 	ch.cmu.Unlock()
 	ch.c.confirmPending(ch)
+}
+
+// unpark lets the publishes conn.flushRouted has enqueued be confirmed.
+func (ch *channel) unpark() {
+	ch.cmu.Lock()
+	ch.parkedFrom = 0
+	ch.cmu.Unlock()
 }
 
 // route delivers msg through x to its queues; an unroutable mandatory message comes back
@@ -694,6 +708,9 @@ func (ch *channel) flushConfirms() {
 	}
 	for ch.durableWait.len() > 0 {
 		dc := ch.durableWait.front()
+		if ch.parkedFrom != 0 && dc.tag >= ch.parkedFrom {
+			break // not enqueued yet: the reader confirms it once it is
+		}
 		if dc.nack || dc.ticket > done && failed {
 			// The log refused it, or failed before it reached the disk.
 			ch.ackUpToLocked(dc.tag - 1)
@@ -711,8 +728,13 @@ func (ch *channel) flushConfirms() {
 	ch.ackUpToLocked(ch.confirmSeq)
 }
 
-// ackUpToLocked confirms every publish up to tag. ch.cmu must be held.
+// ackUpToLocked confirms every publish up to tag, and not past one still to be enqueued
+// (the log's writer confirms persistent publishes once written, while the reader may hold
+// them back until its burst ends). ch.cmu must be held.
 func (ch *channel) ackUpToLocked(tag uint64) {
+	if ch.parkedFrom != 0 && tag >= ch.parkedFrom {
+		tag = ch.parkedFrom - 1
+	}
 	if tag <= ch.confirmSent {
 		return
 	}

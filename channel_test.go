@@ -1443,3 +1443,52 @@ func TestChannelFlow(t *testing.T) {
 	}
 	awaitCloseCode(t, closed, 540)
 }
+
+// A publisher confirm goes out only once its message is in the queue: the reader holds a
+// burst's messages back until the burst ends, and the log's writer, which confirms a
+// persistent message once it is written, must not confirm one still held back.
+func TestConfirmWaitsForEnqueue(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{})
+	c := rawDial(t, b.url)
+	c.writeMethod(1, &confirmSelect{})
+	c.writeMethod(1, &queueDeclare{Queue: "q", Durable: true})
+	c.flush(t)
+	c.expect(t, idConfirmSelectOk)
+	c.expect(t, idQueueDeclareOk)
+	persistent := []byte{0x10, 0x00, 2} // property flags: delivery-mode; 2
+	publish := func(b []byte) []byte {
+		b = appendMethodFrame(b, 1, &basicPublish{RoutingKey: "q"})
+		return appendContent(b, 1, persistent, []byte("body"), 131072)
+	}
+	second := publish(nil)
+	// The first message whole, then five octets of the next frame: the reader waits in
+	// the middle of the burst, with the first message logged and held back.
+	c.buf = append(publish(c.buf), second[:5]...)
+	c.flush(t)
+	c.nc.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	if f, err := c.fr.read(); err == nil {
+		id, _, _ := methodHeader(f.payload)
+		t.Fatalf("%s before the message was enqueued", methodName(id))
+	}
+	c.nc.SetReadDeadline(time.Time{})
+	c.buf = append(c.buf, second[5:]...)
+	c.flush(t)
+	for confirmed := uint64(0); confirmed < 2; {
+		f, err := c.fr.read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, d, err := methodHeader(f.payload)
+		if err != nil || id != idBasicAck {
+			t.Fatalf("got %s, want basic.ack", methodName(id))
+		}
+		m := basicAck{}
+		m.decode(&d)
+		confirmed = m.DeliveryTag
+	}
+	conn := dial(t, b.url)
+	if q, err := openChannel(t, conn).QueueDeclarePassive("q", true, false, false, false, nil); err != nil || q.Messages != 2 {
+		t.Fatalf("queue q: %+v, %v; want the 2 confirmed messages", q, err)
+	}
+}

@@ -60,6 +60,7 @@ type conn struct {
 	exclusive   []*queue    // exclusive queues declared here, deleted when the connection ends
 	confirms    []*channel  // channels with publishes to confirm at the next flush
 	routed      []routedMsg // publishes routed and not yet enqueued (addRouted)
+	parked      []*channel  // channels with confirms waiting for routed to be enqueued
 	caps        clientCaps
 	closing     atomic.Bool   // connection.close sent by the server; only close/close-ok count now
 	opened      atomic.Bool   // the handshake finished
@@ -654,6 +655,11 @@ func (c *conn) flushRouted() {
 		q.unlockAndDispatch()
 	}
 	c.routed = r[:0]
+	for i, ch := range c.parked {
+		ch.unpark()
+		c.parked[i] = nil
+	}
+	c.parked = c.parked[:0]
 }
 
 // isPublishFrame reports whether f is part of a publish: what the memory alarm blocks.

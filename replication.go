@@ -312,6 +312,7 @@ type replicaServer struct {
 	events    []replEvent                // guarded by mu: files changed, oldest first
 	evBase    int                        // guarded by mu: events trimmed off the front
 	followers map[*replFollower]struct{} // guarded by mu
+	sessions  uint64                     // guarded by mu: sessions begun
 	conns     map[net.Conn]struct{}      // guarded by mu
 	lns       []net.Listener             // guarded by mu
 	closed    bool                       // guarded by mu
@@ -346,6 +347,8 @@ type replFollower struct {
 	inSync     bool          // guarded by rs.mu
 	replaced   bool          // guarded by rs.mu: a newer session of the same follower began; never in sync again
 	mustReach  uint64        // guarded by rs.mu: it joins the in-sync set only once acked this far (sendLog)
+	catchingUp bool          // guarded by rs.mu: close behind, not yet holding all that was confirmed
+	session    uint64        // guarded by rs.mu: sessions are numbered in the order they began
 	// sentTo is as far as this session may have sent the log: an ack beyond it reports a
 	// copy the session did not make (a stale one), and ends the session.
 	sentTo atomic.Uint64
@@ -439,7 +442,18 @@ func (rs *replicaServer) recomputeLocked() bool {
 	case len(names) < rs.opt.minInSync:
 		low = 0
 	case len(names) == 0:
-		low = math.MaxUint64 // -min-insync 0 and none in sync: the leader alone
+		// -min-insync 0 and none in sync: the leader alone, but for a follower catching
+		// up, whose acks then hold confirms so that the floor stops running ahead of it
+		// (under steady publishing it would never reach a floor at the leader's head).
+		low = math.MaxUint64
+		for f := range rs.followers {
+			if f.catchingUp && !f.replaced {
+				low = min(low, f.acked)
+			}
+		}
+		if low != math.MaxUint64 {
+			rs.floor = max(rs.floor, low)
+		}
 	default:
 		rs.floor = max(rs.floor, low)
 	}
@@ -626,10 +640,17 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 		case g.inSync && silent > rs.opt.timeout:
 			g.inSync = false
 			rs.opt.log.Warn("replication: follower stopped acknowledging; it left the in-sync set", "follower", g.name, "addr", g.addr, "silent", silent.String())
-		case !g.inSync && !g.replaced && lag <= rs.opt.maxLag/2 && silent <= rs.opt.timeout && !g.lastAck.IsZero() && g.acked >= rs.floor && g.acked >= g.mustReach:
-			// It holds everything confirmed: named, it may stand.
-			g.inSync = true
-			rs.opt.log.Info("replication: follower is in sync", "follower", g.name, "addr", g.addr)
+		case !g.inSync && !g.replaced && lag <= rs.opt.maxLag/2 && silent <= rs.opt.timeout && !g.lastAck.IsZero() && g.acked >= g.mustReach:
+			// Close behind. Once it holds everything confirmed it is named, and may stand;
+			// until then it is catching up, which with -min-insync 0 and none in sync
+			// keeps the leader from confirming alone past it (recomputeLocked).
+			g.catchingUp = g.acked < rs.floor
+			if !g.catchingUp {
+				g.inSync = true
+				rs.opt.log.Info("replication: follower is in sync", "follower", g.name, "addr", g.addr)
+			}
+		default:
+			g.catchingUp = false
 		}
 	}
 	grew := rs.recomputeLocked()
@@ -646,7 +667,7 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 func (rs *replicaServer) unname(f *replFollower) error {
 	rs.mu.Lock()
 	for g := range rs.followers {
-		if g != f && g.name == f.name {
+		if g.name == f.name && g.session < f.session { // not a later one: it replaces f
 			g.replaced = true
 			if g.inSync {
 				g.inSync = false
@@ -692,6 +713,8 @@ func (rs *replicaServer) handle(c net.Conn) {
 	// Registered before the listing: every change after it reaches f as an event.
 	rs.mu.Lock()
 	f.next = rs.evBase + len(rs.events)
+	rs.sessions++
+	f.session = rs.sessions
 	rs.followers[f] = struct{}{}
 	rs.mu.Unlock()
 	defer func() {
@@ -1001,6 +1024,14 @@ func (rs *replicaServer) sendLog(rc *replConn, f *replFollower, cur *walPos, fil
 			// replay: it stays out of the in-sync set until it has acked that far.
 			rs.mu.Lock()
 			f.mustReach = max(f.mustReach, rs.w.writtenTo.Load())
+			if f.inSync { // its first acks, before the skip was found, let it in
+				f.inSync = false
+				rs.opt.log.Warn("replication: follower's copy has a segment compacted away before it was sent; it left the in-sync set", "follower", f.name, "addr", f.addr)
+			}
+			f.catchingUp = false
+			if rs.recomputeLocked() {
+				rs.w.kick()
+			}
 			rs.mu.Unlock()
 			return rs.nextSegment(cur, file), nil
 		}

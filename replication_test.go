@@ -622,11 +622,24 @@ func TestReplMinInSyncZero(t *testing.T) {
 		t.Fatalf("floor %v short of %v, confirmed on the leader alone", unpack(floor), unpack(written))
 	}
 	p.paused.Store(false)
-	waitInSync(t, l.rs, 1)
-	for _, f := range rs.status() {
-		if pack(f.acked) < floor {
-			t.Fatalf("follower in sync at %v, short of %v", f.acked, unpack(floor))
+	// Under steady publishing the follower still catches up: while it does, its acks
+	// hold confirms back, so the floor stops running ahead of it.
+	steady := openChannel(t, dial(t, l.url))
+	var stop atomic.Bool
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for !stop.Load() && steady.Publish("", "q", false, false, persistentMsg("steady")) == nil {
 		}
+	}()
+	pollFor(t, "the follower back in sync under steady publishing", func() bool {
+		st := rs.status()
+		return len(st) == 1 && st[0].inSync
+	})
+	stop.Store(true)
+	<-done
+	if st := rs.status(); pack(st[0].acked) < floor {
+		t.Fatalf("follower in sync at %v, short of %v", st[0].acked, unpack(floor))
 	}
 }
 
@@ -971,5 +984,13 @@ func TestReplSkippedSegmentKeepsFollowerOut(t *testing.T) {
 	rs.update(f, mustReach)
 	if !inSync() {
 		t.Fatalf("follower past the skip not in sync: %+v", rs.status())
+	}
+	// A skip found after the follower's first acks let it in takes it out again.
+	cur, file = walPos{}, nil
+	if moved, err := rs.sendLog(nil, f, &cur, &file, unpack(rs.w.writtenTo.Load()), nil); !moved || err != nil {
+		t.Fatalf("sendLog: moved %v, %v", moved, err)
+	}
+	if inSync() {
+		t.Fatalf("follower still in sync after a skip: %+v", rs.status())
 	}
 }
