@@ -102,6 +102,22 @@ func (n *amqpdNode) kill() {
 	n.cmd = nil
 }
 
+// waitExitNotLeader waits up to 5 TTLs for the node, a leader that lost its term, to exit
+// with status 1 saying it is no longer the leader.
+func (n *amqpdNode) waitExitNotLeader(t *testing.T, what string) {
+	t.Helper()
+	select {
+	case err := <-n.exited:
+		n.exited <- err
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(n.out.String(), "no longer the leader") {
+			t.Fatalf("%s exited with %v, want status 1 saying it is no longer the leader", what, err)
+		}
+	case <-time.After(5 * daemonTTL):
+		t.Fatalf("the %s still runs", what)
+	}
+}
+
 // running reports whether the node's process has not exited.
 func (n *amqpdNode) running() bool {
 	if n.cmd == nil {
@@ -611,16 +627,7 @@ func TestClusterDaemonsLeaderFrozen(t *testing.T) {
 		t.Errorf("%s took %v to lead, over TTL + 5 s", next.name, took)
 	}
 	old.cmd.Process.Signal(syscall.SIGCONT)
-	select {
-	case err := <-old.exited:
-		old.exited <- err
-		var exit *exec.ExitError
-		if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(old.out.String(), "no longer the leader") {
-			t.Fatalf("resumed old leader exited with %v, want status 1 saying it is no longer the leader", err)
-		}
-	case <-time.After(5 * daemonTTL):
-		t.Fatal("the resumed old leader still runs")
-	}
+	old.waitExitNotLeader(t, "resumed old leader")
 	pub.waitConfirms(t, 200, "after the freeze")
 	old.start()
 	waitInSyncCount(t, next, 2)
@@ -645,16 +652,7 @@ func TestClusterDaemonsLeaderCutOff(t *testing.T) {
 	pub.waitConfirms(t, 200, "before the cut")
 
 	proxies[i].cut.Store(true)
-	select {
-	case err := <-old.exited:
-		old.exited <- err
-		var exit *exec.ExitError
-		if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(old.out.String(), "no longer the leader") {
-			t.Fatalf("cut-off leader exited with %v, want status 1 saying it is no longer the leader", err)
-		}
-	case <-time.After(5 * daemonTTL):
-		t.Fatal("the cut-off leader still runs")
-	}
+	old.waitExitNotLeader(t, "cut-off leader")
 	next := waitAmqpdLeader(t, nodes...)
 	pub.mu.Lock()
 	lastOld := pub.last[old.addr]

@@ -678,12 +678,11 @@ func (q *queue) onExpiry() {
 func (q *queue) dispatch() {
 	q.wanted.Store(true)
 	for tries := 0; q.wanted.Load(); tries++ {
-		if tries < dispatchTries && !q.mu.TryLock() {
-			runtime.Gosched()
-			continue
-		}
 		if tries >= dispatchTries {
 			q.mu.Lock()
+		} else if !q.mu.TryLock() {
+			runtime.Gosched()
+			continue
 		}
 		if q.wanted.Swap(false) {
 			q.dispatchLocked()

@@ -415,9 +415,9 @@ func (rs *replicaServer) gate() uint64 {
 }
 
 // recomputeLocked notes the followers in sync, counting a change of the set (which
-// publishMembers then publishes), and what they all hold. It reports whether held grew.
-// rs.mu must be held.
-func (rs *replicaServer) recomputeLocked() bool {
+// publishMembers then publishes), and what they all hold; it wakes the log's writer when
+// that grew. rs.mu must be held.
+func (rs *replicaServer) recomputeLocked() {
 	names := rs.names[:0]
 	var low uint64
 	for f := range rs.followers {
@@ -457,9 +457,10 @@ func (rs *replicaServer) recomputeLocked() bool {
 	default:
 		rs.floor = max(rs.floor, low)
 	}
-	grew := low > rs.held
+	if low > rs.held {
+		rs.w.kick()
+	}
 	rs.held, rs.heldAt = low, rs.version
-	return grew
 }
 
 // publishMembers publishes the in-sync set whenever it changed, retrying until it is
@@ -653,11 +654,8 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 			g.catchingUp = false
 		}
 	}
-	grew := rs.recomputeLocked()
+	rs.recomputeLocked()
 	rs.mu.Unlock()
-	if grew {
-		rs.w.kick()
-	}
 }
 
 // unname takes any earlier session of f's follower out of the in-sync set, for good, and
@@ -675,9 +673,7 @@ func (rs *replicaServer) unname(f *replFollower) error {
 			}
 		}
 	}
-	if rs.recomputeLocked() {
-		rs.w.kick()
-	}
+	rs.recomputeLocked()
 	v := rs.version
 	rs.mu.Unlock()
 	if rs.opt.publishISR == nil {
@@ -720,11 +716,8 @@ func (rs *replicaServer) handle(c net.Conn) {
 	defer func() {
 		rs.mu.Lock()
 		delete(rs.followers, f)
-		grew := rs.recomputeLocked()
+		rs.recomputeLocked()
 		rs.mu.Unlock()
-		if grew {
-			rs.w.kick()
-		}
 		if f.inSync {
 			rs.opt.log.Warn("replication: in-sync follower disconnected", "follower", name, "addr", addr, "err", err)
 		}
@@ -1029,9 +1022,7 @@ func (rs *replicaServer) sendLog(rc *replConn, f *replFollower, cur *walPos, fil
 				rs.opt.log.Warn("replication: follower's copy has a segment compacted away before it was sent; it left the in-sync set", "follower", f.name, "addr", f.addr)
 			}
 			f.catchingUp = false
-			if rs.recomputeLocked() {
-				rs.w.kick()
-			}
+			rs.recomputeLocked()
 			rs.mu.Unlock()
 			return rs.nextSegment(cur, file), nil
 		}
