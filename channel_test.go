@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"reflect"
 	"runtime"
@@ -1490,5 +1491,153 @@ func TestConfirmWaitsForEnqueue(t *testing.T) {
 	conn := dial(t, b.url)
 	if q, err := openChannel(t, conn).QueueDeclarePassive("q", true, false, false, false, nil); err != nil || q.Messages != 2 {
 		t.Fatalf("queue q: %+v, %v; want the 2 confirmed messages", q, err)
+	}
+}
+
+// TestConfirmNeverBeforeEnqueueMixed: under mixed traffic on two confirm channels
+// (persistent and transient, to a queue, through a fanout, to a reject-publish queue,
+// unroutable with and without mandatory) with frames split at random points, so the
+// reader often waits mid-burst with publishes held back, every basic.ack comes after the
+// publishes it covers are in their queues, and no ack is repeated, skipped or missing.
+func TestConfirmNeverBeforeEnqueueMixed(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{})
+	admin := openChannel(t, dial(t, b.url))
+	if _, err := admin.QueueDeclare("q1", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.QueueDeclare("q2", true, false, false, false, amqp091.Table{"x-overflow": "reject-publish", "x-max-length": int32(1 << 30)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.ExchangeDeclare("fx", "fanout", true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{"q1", "q2"} {
+		if err := admin.QueueBind(q, "", "fx", false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b.srv.mu.Lock()
+	vh := b.srv.vhosts["/"]
+	b.srv.mu.Unlock()
+	vh.mu.RLock()
+	q1, q2 := vh.queues["q1"], vh.queues["q2"]
+	vh.mu.RUnlock()
+
+	c := rawDial(t, b.url)
+	c.writeMethod(2, &channelOpen{})
+	c.writeMethod(1, &confirmSelect{})
+	c.writeMethod(2, &confirmSelect{})
+	c.flush(t)
+	c.expect(t, idChannelOpenOk)
+	c.expect(t, idConfirmSelectOk)
+	c.expect(t, idConfirmSelectOk)
+
+	const n = 6000
+	// per channel: cumulative count of messages routed to q1 / q2 up to each tag
+	type plan struct{ toQ1, toQ2 []int }
+	plans := [3]plan{{}, {[]int{0}, []int{0}}, {[]int{0}, []int{0}}}
+	r := rand.New(rand.NewPCG(1, 2))
+	var out []byte
+	for range n {
+		ch := uint16(1 + r.IntN(2))
+		props := []byte{0, 0}
+		if r.IntN(2) == 0 {
+			props = []byte{0x10, 0x00, 2}
+		}
+		var a, bq int
+		var m basicPublish
+		switch r.IntN(5) {
+		case 0:
+			m = basicPublish{RoutingKey: "q1"}
+			a = 1
+		case 1:
+			m = basicPublish{Exchange: "fx"}
+			a, bq = 1, 1
+		case 2:
+			m = basicPublish{RoutingKey: "nowhere", Mandatory: true}
+		case 3:
+			m = basicPublish{RoutingKey: "q2"}
+			bq = 1
+		case 4:
+			m = basicPublish{RoutingKey: "nowhere"}
+		}
+		p := &plans[ch]
+		p.toQ1 = append(p.toQ1, p.toQ1[len(p.toQ1)-1]+a)
+		p.toQ2 = append(p.toQ2, p.toQ2[len(p.toQ2)-1]+bq)
+		out = appendMethodFrame(out, ch, &m)
+		out = appendContent(out, ch, props, []byte("body"), 131072)
+	}
+
+	var mu sync.Mutex
+	confirmed := [3]uint64{}
+	errc := make(chan string, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for confirmed[1] < uint64(len(plans[1].toQ1)-1) || confirmed[2] < uint64(len(plans[2].toQ1)-1) {
+			f, err := c.fr.read()
+			if err != nil {
+				errc <- err.Error()
+				return
+			}
+			if f.typ != frameMethod {
+				continue
+			}
+			id, d, _ := methodHeader(f.payload)
+			switch id {
+			case idBasicAck:
+				var m basicAck
+				m.decode(&d)
+				mu.Lock()
+				if m.DeliveryTag <= confirmed[f.channel] {
+					errc <- "duplicate or backwards ack"
+					mu.Unlock()
+					return
+				}
+				if !m.Multiple && m.DeliveryTag != confirmed[f.channel]+1 {
+					errc <- "single ack skipping tags"
+					mu.Unlock()
+					return
+				}
+				confirmed[f.channel] = m.DeliveryTag
+				want1 := plans[1].toQ1[confirmed[1]] + plans[2].toQ1[confirmed[2]]
+				want2 := plans[1].toQ2[confirmed[1]] + plans[2].toQ2[confirmed[2]]
+				mu.Unlock()
+				if got := q1.messageCount(); got < want1 {
+					errc <- "q1 has fewer messages than confirmed"
+					return
+				}
+				if got := q2.messageCount(); got < want2 {
+					errc <- "q2 has fewer messages than confirmed"
+					return
+				}
+			case idBasicNack:
+				errc <- "nack"
+				return
+			case idBasicReturn:
+			}
+		}
+	}()
+	for len(out) > 0 {
+		k := min(len(out), 1+r.IntN(3000))
+		if _, err := c.nc.Write(out[:k]); err != nil {
+			t.Fatal(err)
+		}
+		out = out[k:]
+		if r.IntN(4) == 0 {
+			time.Sleep(time.Duration(r.IntN(300)) * time.Microsecond)
+		}
+	}
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		mu.Lock()
+		t.Fatalf("hang: confirmed %v of %d/%d", confirmed, len(plans[1].toQ1)-1, len(plans[2].toQ1)-1)
+	}
+	select {
+	case e := <-errc:
+		t.Fatal(e)
+	default:
 	}
 }

@@ -89,6 +89,8 @@ type conn struct {
 	outv       [][]byte      // guarded by outMu: pieces before out[cut:]: cut parts of out and large bodies
 	cut        int           // guarded by outMu: out[:cut] is already in outv
 	outvBytes  int           // guarded by outMu: octets in outv
+	pend       []delivery    // guarded by outMu: deliveries after out, for the writer to encode
+	pendBytes  int           // guarded by outMu: about what pend will take encoded
 	outClosed  bool          // guarded by outMu: the writer is stopping; appends are dropped
 	writing    bool          // guarded by outMu: a writer runs; set whenever the outbox has frames
 	spare      []byte        // guarded by outMu: the writer's second buffer, kept between its runs
@@ -1227,6 +1229,7 @@ func (c *conn) sendOn(channel uint16, m method) { c.sendUnlessKilled(channel, m,
 func (c *conn) sendUnlessKilled(channel uint16, m method, killed *atomic.Pointer[Error]) {
 	c.outMu.Lock()
 	if !c.outClosed && (killed == nil || killed.Load() == nil) {
+		c.encodePendingLocked()
 		c.out = appendMethodFrame(c.out, channel, m)
 		c.storeOutLenLocked()
 		c.startWriterLocked()
@@ -1274,6 +1277,7 @@ func (c *conn) heartbeatIfIdle(now int64) bool {
 	if c.writing || c.outClosed {
 		return false
 	}
+	c.encodePendingLocked()
 	c.out = appendHeartbeat(c.out)
 	c.storeOutLenLocked()
 	c.startWriterLocked()
@@ -1311,7 +1315,7 @@ func (c *conn) appendContentLocked(channel uint16, props, body []byte) {
 
 // storeOutLenLocked publishes the outbox size. c.outMu must be held.
 func (c *conn) storeOutLenLocked() {
-	c.outLen.Store(int64(len(c.out) - c.cut + c.outvBytes))
+	c.outLen.Store(int64(len(c.out) - c.cut + c.outvBytes + c.pendBytes))
 }
 
 // writeLoop writes the outbox in batches until it finds it empty, then ends: an idle
@@ -1321,13 +1325,14 @@ func (c *conn) storeOutLenLocked() {
 func (c *conn) writeLoop() {
 	var buf []byte
 	var vec, spareVec [][]byte
+	var pend, sparePend []delivery
 	yielded := false
 	for {
 		c.outMu.Lock()
 		if buf == nil {
 			buf, c.spare = c.spare, nil
 		}
-		if len(c.out) == 0 && len(c.outv) == 0 && (len(c.drainWait) == 0 || c.outClosed) {
+		if len(c.out) == 0 && len(c.outv) == 0 && len(c.pend) == 0 && (len(c.drainWait) == 0 || c.outClosed) {
 			if !yielded && !c.outClosed {
 				// Let the goroutines producing a burst add to it before ending: a busy
 				// connection keeps its writer rather than starting one per batch.
@@ -1341,9 +1346,9 @@ func (c *conn) writeLoop() {
 			c.writing = false
 			c.spare, c.drainWait = buf[:0], nil
 			if c.outClosed {
-				c.out, c.outv, c.spare = nil, nil, nil
+				c.out, c.outv, c.spare, c.pend = nil, nil, nil, nil
 				close(c.writerDone)
-			} else if c.out != nil || c.outv != nil || c.spare != nil {
+			} else if c.out != nil || c.outv != nil || c.spare != nil || c.pend != nil {
 				c.outHeld.Store(true)
 			}
 			c.outMu.Unlock()
@@ -1352,13 +1357,19 @@ func (c *conn) writeLoop() {
 		yielded = false
 		buf, c.out = c.out, buf[:0]
 		vec, c.outv = c.outv, spareVec[:0]
+		pend, c.pend = c.pend, sparePend[:0]
 		cut := c.cut
-		c.cut, c.outvBytes = 0, 0
+		c.cut, c.outvBytes, c.pendBytes = 0, 0, 0
 		c.outLen.Store(0)
 		stop := c.outClosed
 		waiting := c.drainWait
 		c.drainWait = nil
 		c.outMu.Unlock()
+		if len(pend) > 0 {
+			buf = c.appendDeliveries(buf, pend)
+			clear(pend)
+		}
+		sparePend = pend[:0]
 		if len(buf) > 0 || len(vec) > 0 {
 			c.nc.SetWriteDeadline(time.Now().Add(writeTimeout(c.heartbeatInterval())))
 			var err error
@@ -1404,7 +1415,7 @@ func (c *conn) releaseIdleOutbox(now int64) {
 func (c *conn) releaseOutbox() {
 	c.outMu.Lock()
 	if !c.writing && len(c.out) == 0 && len(c.outv) == 0 {
-		c.out, c.outv, c.spare = nil, nil, nil
+		c.out, c.outv, c.spare, c.pend = nil, nil, nil, nil
 		c.outHeld.Store(false)
 	}
 	c.outMu.Unlock()
@@ -1417,6 +1428,7 @@ func (c *conn) writeFailed() {
 	c.outMu.Lock()
 	c.outClosed, c.writing = true, false
 	c.out, c.outv, c.spare, c.cut, c.outvBytes, c.drainWait = nil, nil, nil, 0, 0, nil
+	c.pend, c.pendBytes = nil, 0
 	c.outLen.Store(0)
 	close(c.writerDone)
 	c.outMu.Unlock()
@@ -1490,6 +1502,7 @@ func (c *conn) startMethodLocked(channel uint16, id uint32) ([]byte, int, bool) 
 	if c.outClosed {
 		return nil, 0, false
 	}
+	c.encodePendingLocked()
 	b := c.out
 	start := len(b)
 	b = appendFrameStart(b, frameMethod, channel)
@@ -1509,17 +1522,76 @@ func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
 	c.outMu.Unlock()
 }
 
-// sendDelivery appends basic.deliver and the content to the outbox.
+// sendDelivery queues basic.deliver and the content for the writer. A body the outbox
+// would copy is encoded by the writer, on the consumer connection's goroutine, not by the
+// goroutine delivering (often a publisher's reader): a message does not change once
+// routed. A large one is queued by reference at once.
 func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qentry) {
 	c.outMu.Lock()
-	if b, start, ok := c.startMethodLocked(channel, idBasicDeliver); ok {
-		b = appendShortstr(b, consumerTag)
-		b = appendLonglong(b, tag)
-		b = appendBit(b, e.redelivered)
-		b = appendExchangeKey(b, e.msg)
+	if len(e.msg.body()) < zeroCopyBody || c.isTLS {
+		if !c.outClosed {
+			d := delivery{msg: e.msg, consumerTag: consumerTag, tag: tag, channel: channel, redelivered: e.redelivered}
+			c.pend = append(c.pend, d)
+			c.pendBytes += d.size()
+			c.storeOutLenLocked()
+			c.startWriterLocked()
+		}
+	} else if b, start, ok := c.startMethodLocked(channel, idBasicDeliver); ok {
+		b = appendDeliverArgs(b, consumerTag, tag, e.redelivered, e.msg)
 		c.finishContentLocked(b, start, channel, e.msg)
 	}
 	c.outMu.Unlock()
+}
+
+// delivery is a basic.deliver waiting in the outbox to be encoded (conn.pend).
+type delivery struct {
+	msg         *message
+	consumerTag string
+	tag         uint64
+	channel     uint16
+	redelivered bool
+}
+
+// size is about what d takes encoded: frame overheads plus the variable parts.
+func (d *delivery) size() int {
+	return 64 + len(d.consumerTag) + len(d.msg.exchange) + len(d.msg.data)
+}
+
+// appendTo appends d's method, header and body frames to b.
+func (d *delivery) appendTo(b []byte, frameMax uint32) []byte {
+	start := len(b)
+	b = appendFrameStart(b, frameMethod, d.channel)
+	b = binary.BigEndian.AppendUint32(b, idBasicDeliver)
+	b = appendDeliverArgs(b, d.consumerTag, d.tag, d.redelivered, d.msg)
+	b = appendFrameEnd(b, start)
+	return appendContent(b, d.channel, d.msg.props(), d.msg.body(), frameMax)
+}
+
+// appendDeliverArgs appends basic.deliver's arguments.
+func appendDeliverArgs(b []byte, consumerTag string, tag uint64, redelivered bool, m *message) []byte {
+	b = appendShortstr(b, consumerTag)
+	b = appendLonglong(b, tag)
+	b = appendBit(b, redelivered)
+	return appendExchangeKey(b, m)
+}
+
+// encodePendingLocked encodes the deliveries waiting in pend into out, so that a frame
+// appended next follows them. c.outMu must be held.
+func (c *conn) encodePendingLocked() {
+	if len(c.pend) == 0 {
+		return
+	}
+	c.out = c.appendDeliveries(c.out, c.pend)
+	clear(c.pend)
+	c.pend, c.pendBytes = c.pend[:0], 0
+}
+
+// appendDeliveries appends the encoded deliveries ds to b.
+func (c *conn) appendDeliveries(b []byte, ds []delivery) []byte {
+	for i := range ds {
+		b = ds[i].appendTo(b, c.frameMax)
+	}
+	return b
 }
 
 // appendExchangeKey appends a message's exchange and routing key as short strings.
