@@ -91,6 +91,7 @@ type conn struct {
 	outvBytes  int           // guarded by outMu: octets in outv
 	pend       []delivery    // guarded by outMu: deliveries after out, for the writer to encode
 	pendBytes  int           // guarded by outMu: about what pend will take encoded
+	sparePend  []delivery    // guarded by outMu: the writer's second pend, kept between its runs
 	outClosed  bool          // guarded by outMu: the writer is stopping; appends are dropped
 	writing    bool          // guarded by outMu: a writer runs; set whenever the outbox has frames
 	spare      []byte        // guarded by outMu: the writer's second buffer, kept between its runs
@@ -1326,11 +1327,13 @@ func (c *conn) writeLoop() {
 	var buf []byte
 	var vec, spareVec [][]byte
 	var pend, sparePend []delivery
-	yielded := false
+	yielded, first := false, true
 	for {
 		c.outMu.Lock()
-		if buf == nil {
+		if first {
 			buf, c.spare = c.spare, nil
+			sparePend, c.sparePend = c.sparePend, nil
+			first = false
 		}
 		if len(c.out) == 0 && len(c.outv) == 0 && len(c.pend) == 0 && (len(c.drainWait) == 0 || c.outClosed) {
 			if !yielded && !c.outClosed {
@@ -1344,9 +1347,9 @@ func (c *conn) writeLoop() {
 			// Decided under outMu: an append from now on starts a new writer. The buffers
 			// stay for it until the connection is idle (releaseIdleOutbox).
 			c.writing = false
-			c.spare, c.drainWait = buf[:0], nil
+			c.spare, c.sparePend, c.drainWait = buf[:0], sparePend[:0], nil
 			if c.outClosed {
-				c.out, c.outv, c.spare, c.pend = nil, nil, nil, nil
+				c.out, c.outv, c.spare, c.pend, c.sparePend = nil, nil, nil, nil, nil
 				close(c.writerDone)
 			} else if c.out != nil || c.outv != nil || c.spare != nil || c.pend != nil {
 				c.outHeld.Store(true)
@@ -1415,7 +1418,7 @@ func (c *conn) releaseIdleOutbox(now int64) {
 func (c *conn) releaseOutbox() {
 	c.outMu.Lock()
 	if !c.writing && len(c.out) == 0 && len(c.outv) == 0 {
-		c.out, c.outv, c.spare, c.pend = nil, nil, nil, nil
+		c.out, c.outv, c.spare, c.pend, c.sparePend = nil, nil, nil, nil, nil
 		c.outHeld.Store(false)
 	}
 	c.outMu.Unlock()
@@ -1428,7 +1431,7 @@ func (c *conn) writeFailed() {
 	c.outMu.Lock()
 	c.outClosed, c.writing = true, false
 	c.out, c.outv, c.spare, c.cut, c.outvBytes, c.drainWait = nil, nil, nil, 0, 0, nil
-	c.pend, c.pendBytes = nil, 0
+	c.pend, c.sparePend, c.pendBytes = nil, nil, 0
 	c.outLen.Store(0)
 	close(c.writerDone)
 	c.outMu.Unlock()
