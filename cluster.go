@@ -618,6 +618,9 @@ func startClusterNode(s *Server) (*clusterNode, error) {
 	if cfg.AdvertiseAddr == "" || cfg.ReplicationAddr == "" {
 		return nil, errors.New("amqp: cluster: a node needs an advertise address and a replication address")
 	}
+	if cfg.MinInSync < MinInSyncAuto {
+		return nil, errors.New("amqp: cluster: the followers a confirm needs (-min-insync) must be -1 (auto) or more")
+	}
 	if cfg.Secret == "" && (s.cfg.TLS == nil || s.cfg.TLS.Verify != "required") {
 		return nil, errors.New("amqp: cluster: a node needs a shared secret, or TLS that requires client certificates")
 	}

@@ -1038,6 +1038,36 @@ func TestClusterShortOfFollowers(t *testing.T) {
 	})
 }
 
+// With -min-insync auto (amqpd's default) a cluster of one confirms alone; once a
+// follower has been in sync, confirms wait for it, and when it stops for good the leader
+// confirms alone again.
+func TestClusterMinInSyncAuto(t *testing.T) {
+	t.Parallel()
+	e := startEtcd(t)
+	auto := func(c *Config) { c.Cluster.MinInSync = MinInSyncAuto }
+	leader := startClusterServerWith(t, e.url, "n1", "s3cret", auto)
+	waitClusterLeader(t, leader)
+	conn := dial(t, leader.url())
+	declareQueues(t, conn, true, "q")
+	c := newConfirmChannel(t, conn)
+	c.publish("", "q", false, persistentMsg("a cluster of one"))
+	c.wait()
+
+	follower := startClusterServerWith(t, e.url, "n2", "s3cret", auto)
+	leader.srv.mu.Lock()
+	rs := leader.srv.cluster.rs // set before the node serves
+	leader.srv.mu.Unlock()
+	pollUntil(t, 10*time.Second, "the follower in sync", func() bool {
+		st := rs.status()
+		return len(st) == 1 && st[0].inSync
+	})
+	c.publish("", "q", false, persistentMsg("with the follower"))
+	c.wait()
+	follower.stop()
+	c.publish("", "q", false, persistentMsg("alone again"))
+	c.wait()
+}
+
 // A cluster stopped whole and started again elects a leader among the nodes its in-sync
 // record names, with every message confirmed before.
 func TestClusterFullRestart(t *testing.T) {

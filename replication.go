@@ -84,7 +84,10 @@ import (
 // follower in sync to ack the batch, with at least minInSync in sync; so each holds every
 // confirmed record. With fewer followers in sync, completion waits (the rule: no
 // confirm without -min-insync copies); with minInSync 0 and none in sync it does not wait,
-// and a follower joins only once it holds what completed meanwhile. A closing log gives them
+// and a follower joins only once it holds what completed meanwhile. A negative minInSync
+// (MinInSyncAuto, amqpd's default) is 1 while a follower that was in sync this term still
+// acks within timeout, and 0 otherwise: a pair keeps two copies while both nodes live, and
+// a cluster of one, or one whose followers are gone, goes on alone. A closing log gives them
 // walCloseGrace, then fails what they never acked (the publishes are nacked). In a
 // cluster the set is also published (publishISR) before completion counts on a change
 // of it, and nothing completes while the term may be over. Closing the replicaServer
@@ -280,7 +283,7 @@ type replicaOptions struct {
 	defs    string // the definitions file, replicated as "definitions"; "" for none
 	// minInSync is how many followers in sync a batch's tickets need: they are done only
 	// once every follower in sync holds it, and at least minInSync are in sync (with 0
-	// and none in sync, at once).
+	// and none in sync, at once); negative is MinInSyncAuto (requiredLocked).
 	minInSync int
 	// leading, when set, gates the log too: while it reports false (the term may be over)
 	// nothing more is done, so nothing more is confirmed.
@@ -312,6 +315,7 @@ type replicaServer struct {
 	events    []replEvent                // guarded by mu: files changed, oldest first
 	evBase    int                        // guarded by mu: events trimmed off the front
 	followers map[*replFollower]struct{} // guarded by mu
+	wasInSync map[string]bool            // guarded by mu: followers (by name) that were in sync in this term (requiredLocked)
 	sessions  uint64                     // guarded by mu: sessions begun
 	conns     map[net.Conn]struct{}      // guarded by mu
 	lns       []net.Listener             // guarded by mu
@@ -374,7 +378,7 @@ func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 	if opt.log == nil {
 		opt.log = w.log
 	}
-	rs := &replicaServer{w: w, opt: opt, stop: make(chan struct{}), followers: make(map[*replFollower]struct{}),
+	rs := &replicaServer{w: w, opt: opt, stop: make(chan struct{}), followers: make(map[*replFollower]struct{}), wasInSync: map[string]bool{},
 		conns: make(map[net.Conn]struct{}), isrWake: make(chan struct{}, 1), isrNames: []string{},
 		start: w.writtenTo.Load()}
 	rs.floor = rs.start
@@ -439,7 +443,7 @@ func (rs *replicaServer) recomputeLocked() {
 		}
 	}
 	switch {
-	case len(names) < rs.opt.minInSync:
+	case len(names) < rs.requiredLocked():
 		low = 0
 	case len(names) == 0:
 		// -min-insync 0 and none in sync: the leader alone, but for a follower catching
@@ -461,6 +465,24 @@ func (rs *replicaServer) recomputeLocked() {
 		rs.w.kick()
 	}
 	rs.held, rs.heldAt = low, rs.version
+}
+
+// requiredLocked is how many followers in sync completion needs: minInSync, or with
+// MinInSyncAuto 1 while a follower that was in sync this term (in this session or an
+// earlier one) acks within timeout: it may be behind now, and completion then waits until
+// it is back. One that stops acking stops counting after timeout, as it leaves the set.
+// rs.mu must be held.
+func (rs *replicaServer) requiredLocked() int {
+	if rs.opt.minInSync >= 0 {
+		return rs.opt.minInSync
+	}
+	now := time.Now()
+	for f := range rs.followers {
+		if rs.wasInSync[f.name] && !f.replaced && now.Sub(f.lastAck) <= rs.opt.timeout {
+			return 1
+		}
+	}
+	return 0
 }
 
 // publishMembers publishes the in-sync set whenever it changed, retrying until it is
@@ -648,6 +670,7 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 			g.catchingUp = g.acked < rs.floor
 			if !g.catchingUp {
 				g.inSync = true
+				rs.wasInSync[g.name] = true
 				rs.opt.log.Info("replication: follower is in sync", "follower", g.name, "addr", g.addr)
 			}
 		default:

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -640,6 +641,64 @@ func TestReplMinInSyncZero(t *testing.T) {
 	<-done
 	if st := rs.status(); pack(st[0].acked) < floor {
 		t.Fatalf("follower in sync at %v, short of %v", st[0].acked, unpack(floor))
+	}
+}
+
+// With MinInSyncAuto (amqpd's default) a leader confirms alone until a follower has been
+// in sync; from then on a confirm needs a follower in sync for as long as that follower
+// acks, even once it has fallen out of the set (where -min-insync 0 would go on alone);
+// when it stops acking for the timeout, the leader confirms alone again.
+func TestReplMinInSyncAuto(t *testing.T) {
+	t.Parallel()
+	const timeout = 400 * time.Millisecond
+	l := startReplLeader(t, Config{}, replicaOptions{minInSync: MinInSyncAuto, timeout: timeout, maxLag: 1 << 10})
+	rs := l.rs
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	c := newConfirmChannel(t, conn)
+	c.publish("", "q", false, persistentMsg("alone: no follower yet"))
+	c.wait()
+
+	g := &replFollower{name: "g", wake: make(chan struct{}, 1)}
+	rs.mu.Lock()
+	rs.followers[g] = struct{}{}
+	rs.mu.Unlock()
+	t.Cleanup(func() {
+		rs.mu.Lock()
+		delete(rs.followers, g)
+		rs.recomputeLocked()
+		rs.mu.Unlock()
+	})
+	held := rs.w.writtenTo.Load()
+	rs.update(g, held)
+	waitInSync(t, rs, 1)
+
+	// g keeps acking what it held, and falls more than maxLag behind: out of the set, alive.
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(timeout / 8):
+				rs.update(g, held)
+			}
+		}
+	}()
+	c.publish("", "q", false, persistentMsg(strings.Repeat("x", 4<<10)))
+	waitInSync(t, rs, 0)
+	select {
+	case cf := <-c.confirms:
+		t.Fatalf("confirm %+v while the follower that was in sync acks but does not hold it", cf)
+	case <-time.After(3 * timeout):
+	}
+	close(stop)
+	<-stopped
+	start := time.Now()
+	c.wait() // g went silent: it no longer counts, and the leader confirms alone
+	if d := time.Since(start); d < timeout/2 {
+		t.Fatalf("confirmed %v after the follower went silent, before its timeout", d)
 	}
 }
 

@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	amqp "github.com/maxpert/amqp-go"
 )
 
 // The subcommands here talk to a running broker through its management HTTP API, as
@@ -85,8 +87,12 @@ var apiCommands = map[string]apiCommand{
 			fmt.Fprintf(stdout, "node %s: a single node, not clustered\n", st.Node)
 			return nil
 		}
-		fmt.Fprintf(stdout, "cluster %s, node %s, leading %v\nleader %s (%s), term %d, min in sync %d\n",
-			st.Cluster, st.Node, st.Leading, st.Leader.Name, st.Leader.Addr, st.Leader.Term, st.MinInSync)
+		minInSync := strconv.Itoa(st.MinInSync)
+		if st.MinInSync == amqp.MinInSyncAuto {
+			minInSync = "auto (1 while a follower that was in sync is alive)"
+		}
+		fmt.Fprintf(stdout, "cluster %s, node %s, leading %v\nleader %s (%s), term %d, min in sync %s\n",
+			st.Cluster, st.Node, st.Leading, st.Leader.Name, st.Leader.Addr, st.Leader.Term, minInSync)
 		fmt.Fprintf(stdout, "log position %d:%d\n", st.Position.Segment, st.Position.Offset)
 		if st.Record != nil {
 			fmt.Fprintf(stdout, "in sync as of term %d (may stand): %s\n", st.Record.Term, strings.Join(st.Record.Members, ", "))

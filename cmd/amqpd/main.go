@@ -239,7 +239,7 @@ func clusterFlags(fs *flag.FlagSet) func() *amqp.ClusterConfig {
 	fs.StringVar(&c.AdvertiseAddr, "advertise-addr", "", "host:port of this node's AMQP listener, told to clients while it leads")
 	fs.StringVar(&c.ReplicationAddr, "replication-addr", "", "host:port the leader serves followers on and followers dial (for :port, followers are told the -advertise-addr host)")
 	fs.StringVar(&c.Secret, "cluster-secret", "", "shared secret the nodes prove to each other (better set by AMQPD_CLUSTER_SECRET)")
-	fs.IntVar(&c.MinInSync, "min-insync", 1, "followers in sync a confirm needs: it waits for every one in sync, and for at least this many (0: none when none is in sync)")
+	fs.IntVar(&c.MinInSync, "min-insync", amqp.MinInSyncAuto, "followers in sync a confirm needs: it waits for every one in sync, and for at least this many (0: none when none is in sync; -1: 1 while a follower that was in sync is alive, else 0)")
 	fs.DurationVar(&c.TTL, "cluster-ttl", 5*time.Second, "etcd lease TTL: a dead leader is replaced within about this")
 	return func() *amqp.ClusterConfig {
 		if c.Etcd == "" {
