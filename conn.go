@@ -27,7 +27,7 @@ const (
 	// readBufferSize is a busy connection's read buffer. A connection starts with
 	// firstReadBufferSize (the handshake's frames fit it), and again when it wakes from
 	// idle, and gets the full one after growReadAfter frames.
-	readBufferSize      = 16 << 10
+	readBufferSize      = 64 << 10
 	firstReadBufferSize = 1 << 10
 	growReadAfter       = 32
 	// idleAfter is how long a reader waits for the next frame with its buffers: a
