@@ -651,9 +651,12 @@ func (c *conn) flushRouted() {
 		q.mu.Lock()
 		for j := i; j < len(r); j++ {
 			if r[j].q == q {
-				q.enqueueLocked(r[j].m, false)
+				q.enqueueLocked(r[j].m, true)
 				r[j] = routedMsg{}
 			}
+		}
+		if len(q.consumers) > 0 {
+			q.dispatchWantedLocked() // first: what a consumer takes is not dropped
 		}
 		q.unlockAndDispatch()
 	}
@@ -722,8 +725,6 @@ func (c *conn) pauseWhileFull() {
 // outboxHighWater is the outbox size past which queues stop delivering to this connection
 // until the writer has drained it: a slow consumer holds a bounded amount of memory.
 const outboxHighWater = 1 << 20
-
-func (c *conn) outboxFull() bool { return c.outLen.Load() > outboxHighWater }
 
 // waitForDrain asks the writer to let q deliver again once the outbox is written.
 func (c *conn) waitForDrain(q *queue) {
@@ -1525,23 +1526,32 @@ func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
 	c.outMu.Unlock()
 }
 
-// sendDelivery queues basic.deliver and the content for the writer. A body the outbox
-// would copy is encoded by the writer, on the consumer connection's goroutine, not by the
-// goroutine delivering (often a publisher's reader): a message does not change once
-// routed. A large one is queued by reference at once.
+// sendDelivery queues basic.deliver and the content (queueDeliveries).
 func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qentry) {
+	d := [1]delivery{{msg: e.msg, consumerTag: consumerTag, tag: tag, channel: channel, redelivered: e.redelivered}}
+	c.queueDeliveries(d[:])
+}
+
+// queueDeliveries queues basic.deliver frames and their content for the writer. A body
+// the outbox would copy is encoded by the writer, on the consumer connection's goroutine,
+// not by the goroutine delivering (often a publisher's reader): a message does not change
+// once routed. A large one is queued by reference at once.
+func (c *conn) queueDeliveries(ds []delivery) {
 	c.outMu.Lock()
-	if len(e.msg.body()) < zeroCopyBody || c.isTLS {
-		if !c.outClosed {
-			d := delivery{msg: e.msg, consumerTag: consumerTag, tag: tag, channel: channel, redelivered: e.redelivered}
-			c.pend = append(c.pend, d)
-			c.pendBytes += d.size()
-			c.storeOutLenLocked()
-			c.startWriterLocked()
+	if !c.outClosed {
+		for i := range ds {
+			d := &ds[i]
+			if len(d.msg.body()) < zeroCopyBody || c.isTLS {
+				c.pend = append(c.pend, *d)
+				c.pendBytes += d.size()
+			} else if b, start, ok := c.startMethodLocked(d.channel, idBasicDeliver); ok {
+				b = appendDeliverArgs(b, d.consumerTag, d.tag, d.redelivered, d.msg)
+				c.out = appendFrameEnd(b, start)
+				c.appendContentLocked(d.channel, d.msg.props(), d.msg.body())
+			}
 		}
-	} else if b, start, ok := c.startMethodLocked(channel, idBasicDeliver); ok {
-		b = appendDeliverArgs(b, consumerTag, tag, e.redelivered, e.msg)
-		c.finishContentLocked(b, start, channel, e.msg)
+		c.storeOutLenLocked()
+		c.startWriterLocked()
 	}
 	c.outMu.Unlock()
 }

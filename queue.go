@@ -460,13 +460,15 @@ func (q *queue) consumerCount() int {
 func (q *queue) enqueue(m *message) bool {
 	q.mu.Lock()
 	defer q.unlockAndDispatch()
-	return q.enqueueLocked(m, true)
+	return q.enqueueLocked(m, false)
 }
 
-// enqueueLocked is enqueue with q.mu held. A queue with x-overflow reject-publish refuses
-// a message only when mayRefuse: a batch (conn.flushRouted) comes from publishes routed
-// when the queue did not reject, and whose confirms are counted. q.mu must be held.
-func (q *queue) enqueueLocked(m *message, mayRefuse bool) bool {
+// enqueueLocked is enqueue with q.mu held. In a batch (conn.flushRouted) a queue with
+// x-overflow reject-publish refuses nothing, as the batch comes from publishes routed when
+// it did not reject, and whose confirms are counted; and a queue with consumers does not
+// dispatch: the caller does, once for the batch. q.mu must be held.
+func (q *queue) enqueueLocked(m *message, batch bool) bool {
+	mayRefuse := !batch
 	e := qentry{msg: m, expires: expiresAt(q.settings().ttl, m.ttl)}
 	if e.expires != 0 {
 		q.mayExpire = true
@@ -504,7 +506,9 @@ func (q *queue) enqueueLocked(m *message, mayRefuse bool) bool {
 	q.readyBytes += size
 	q.counts.published++
 	if len(q.consumers) > 0 {
-		q.dispatchWantedLocked() // delivers first: what a consumer takes is not dropped
+		if !batch {
+			q.dispatchWantedLocked() // delivers first: what a consumer takes is not dropped
+		}
 	} else {
 		q.dropOverLimitLocked()
 	}
@@ -733,14 +737,20 @@ func (q *queue) dispatchLocked() {
 
 // deliverLocked is dispatchLocked's delivery loop. q.mu must be held.
 func (q *queue) deliverLocked() {
+	var run deliveryRun
+	defer run.end()
 	for len(q.consumers) > 0 && q.messageCountLocked() > 0 {
 		if at := q.headExpiresLocked(); at != 0 && time.Now().UnixMilli() > at {
+			run.end() // expiry may dead-letter: route, and lock other queues
 			n := q.messageCountLocked()
 			q.expireLocked()
 			if q.messageCountLocked() == n {
 				return // the head cannot be dropped before the log's next batch (dispatchAfterBatch)
 			}
 			continue
+		}
+		if q.ready.len() == 0 && len(q.requeued) == 0 {
+			run.end() // fillLocked reads from disk
 		}
 		if notYet, err := q.fillLocked(); notYet {
 			q.vh.store.dispatchAfterBatch(q)
@@ -753,12 +763,12 @@ func (q *queue) deliverLocked() {
 			ch.mu.Unlock()
 			return
 		}
-		delivered, local := q.offerLocked(q.peekLocked())
+		delivered, local := q.offerLocked(q.peekLocked(), &run)
 		if delivered {
 			q.popLocked()
 			continue
 		}
-		if !local || !q.deliverAheadLocked() {
+		if !local || !q.deliverAheadLocked(&run) {
 			return
 		}
 	}
@@ -769,13 +779,13 @@ func (q *queue) deliverLocked() {
 // highest priority that have credit, a lower priority only when no higher one has. It
 // reports whether e was delivered, and whether a no-local consumer refused it. q.mu must
 // be held.
-func (q *queue) offerLocked(e qentry) (delivered, local bool) {
+func (q *queue) offerLocked(e qentry, run *deliveryRun) (delivered, local bool) {
 	if q.single {
 		c := q.active
 		if c.refuses(e.msg) {
 			return false, true
 		}
-		return c.deliverLocked(e), false
+		return c.deliverLocked(e, run), false
 	}
 	start := 0
 	for g := range q.groups {
@@ -787,7 +797,7 @@ func (q *queue) offerLocked(e qentry) (delivered, local bool) {
 				local = true
 				continue
 			}
-			if c.deliverLocked(e) {
+			if c.deliverLocked(e, run) {
 				grp.rr = (grp.rr + i + 1) % n
 				return true, local
 			}
@@ -812,7 +822,7 @@ const maxLookahead = 64
 
 // deliverAheadLocked gives a no-local consumer the first of the next few ready messages
 // that it accepts; it reports whether it delivered one. q.mu must be held.
-func (q *queue) deliverAheadLocked() bool {
+func (q *queue) deliverAheadLocked(run *deliveryRun) bool {
 	for _, c := range q.consumers {
 		if !c.noLocal || q.single && c != q.active {
 			continue
@@ -826,7 +836,7 @@ func (q *queue) deliverAheadLocked() bool {
 			if c.refuses(e.msg) {
 				continue
 			}
-			if !c.deliverLocked(e) {
+			if !c.deliverLocked(e, run) {
 				break
 			}
 			for j := i; j > 0; j-- {
@@ -1224,19 +1234,20 @@ func (q *queue) onLease() {
 }
 
 // deliverLocked sends e to this consumer if it has credit, recording it as unacked unless
-// the consumer is no-ack. It reports whether it did. q.mu must be held.
-func (c *consumer) deliverLocked(e qentry) bool {
+// the consumer is no-ack. It reports whether it did. run holds the channel's lock from
+// one delivery to the next of the same dispatch. q.mu must be held.
+func (c *consumer) deliverLocked(e qentry, run *deliveryRun) bool {
 	ch := c.ch
 	if ch.c.closing.Load() {
 		// Nothing may follow connection.close; the messages stay for other consumers.
 		return false
 	}
-	ch.mu.Lock()
-	defer ch.mu.Unlock()
+	run.lock(ch)
 	if !ch.canDeliverLocked(c) {
 		return false
 	}
-	if ch.c.outboxFull() {
+	if ch.c.outLen.Load()+int64(run.bytes) > outboxHighWater {
+		run.end()
 		ch.c.waitForDrain(c.q)
 		return false
 	}
@@ -1249,8 +1260,59 @@ func (c *consumer) deliverLocked(e qentry) bool {
 		c.q.settleOne(e.msg)
 	}
 	c.q.countDeliveryLocked(false, c.noAck, e.redelivered)
-	ch.c.sendDelivery(ch.id, c.tag, ch.nextTag, e)
+	run.add(delivery{msg: e.msg, consumerTag: c.tag, tag: ch.nextTag, channel: ch.id, redelivered: e.redelivered})
 	return true
+}
+
+// deliveryRun is one dispatch's deliveries to the channel whose lock it holds: they go to
+// its connection's outbox together (conn.queueDeliveries), so a run of deliveries to one
+// consumer takes the channel's and the outbox's locks once, not once each. It is flushed
+// and the lock released before anything that may take other locks, and at the end of the
+// dispatch: frames that must follow a delivery on its channel (channel.close, cancel-ok)
+// need the channel's or the queue's lock, so they still come after it.
+type deliveryRun struct {
+	ch    *channel // locked; nil when none is
+	n     int
+	bytes int
+	ds    [32]delivery
+}
+
+// lock makes ch the run's channel, ending the run of another.
+func (r *deliveryRun) lock(ch *channel) {
+	if r.ch == ch {
+		return
+	}
+	r.end()
+	ch.mu.Lock()
+	r.ch = ch
+}
+
+// add queues d for the run's channel.
+func (r *deliveryRun) add(d delivery) {
+	r.ds[r.n] = d
+	r.n++
+	r.bytes += d.size()
+	if r.n == len(r.ds) {
+		r.flush()
+	}
+}
+
+// flush hands the queued deliveries to the outbox.
+func (r *deliveryRun) flush() {
+	if r.n > 0 {
+		r.ch.c.queueDeliveries(r.ds[:r.n])
+		clear(r.ds[:r.n])
+		r.n, r.bytes = 0, 0
+	}
+}
+
+// end flushes the run and releases its channel's lock.
+func (r *deliveryRun) end() {
+	if r.ch != nil {
+		r.flush()
+		r.ch.mu.Unlock()
+		r.ch = nil
+	}
 }
 
 // unacked is a delivery waiting for its ack, in a channel's list ordered by tag.
