@@ -1354,3 +1354,58 @@ func bytesPerAlloc(alloc func() *message) uint64 {
 	}
 	return least
 }
+
+// TestBurstDeliversBeforeDropping: publishes that arrive in one burst are enqueued together
+// and dispatched once, with the outcome of one at a time, as in RabbitMQ: a consumer with
+// credit gets the first ones, and a queue over x-max-length then drops its oldest, keeping
+// the newest.
+func TestBurstDeliversBeforeDropping(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	const n, credit, maxLen = 100, 10, 20
+	admin := openChannel(t, dial(t, url))
+	if _, err := admin.QueueDeclare("burst", false, false, false, false, amqp091.Table{"x-max-length": int32(maxLen)}); err != nil {
+		t.Fatal(err)
+	}
+	consumer := openChannel(t, dial(t, url))
+	if err := consumer.Qos(credit, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	deliveries, err := consumer.Consume("burst", "", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := rawDial(t, url)
+	for i := range n {
+		c.buf = appendMethodFrame(c.buf, 1, &basicPublish{RoutingKey: "burst"})
+		c.buf = appendContent(c.buf, 1, []byte{0, 0}, []byte(strconv.Itoa(i)), 131072)
+	}
+	c.flush(t) // one write: the server reads it as one burst
+	for i := range credit {
+		select {
+		case d := <-deliveries:
+			if string(d.Body) != strconv.Itoa(i) {
+				t.Fatalf("delivery %d is message %s, want %d", i, d.Body, i)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d deliveries, want %d", i, credit)
+		}
+	}
+	select {
+	case d := <-deliveries:
+		t.Fatalf("delivery of message %s past the consumer's credit", d.Body)
+	case <-time.After(100 * time.Millisecond):
+	}
+	for i := n - maxLen; i < n; i++ {
+		m, ok, err := admin.Get("burst", true)
+		if err != nil || !ok {
+			t.Fatalf("get: ok %v, err %v; want message %d", ok, err, i)
+		}
+		if string(m.Body) != strconv.Itoa(i) {
+			t.Fatalf("the queue holds message %s, want %d: it keeps the newest %d", m.Body, i, maxLen)
+		}
+	}
+	if _, ok, _ := admin.Get("burst", true); ok {
+		t.Fatalf("more than x-max-length %d messages kept", maxLen)
+	}
+}
