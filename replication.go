@@ -1424,7 +1424,7 @@ func (r *replica) write(seg, off uint64, b []byte) error {
 // sync makes what was written durable and moves the position on.
 func (r *replica) sync() error {
 	if r.dirty {
-		if err := r.f.Sync(); err != nil {
+		if err := syncData(r.f); err != nil {
 			return err
 		}
 		r.dirty = false

@@ -1063,7 +1063,7 @@ func (w *wal) run() {
 		}
 		if err == nil && w.fsyncedAtomic.Load() < w.written &&
 			(w.interval == 0 || time.Since(w.lastSync) >= w.interval || closed) {
-			if err = w.file.Sync(); err == nil {
+			if err = syncData(w.file); err == nil {
 				w.fsyncedAtomic.Store(w.written)
 			}
 			w.lastSync = time.Now()

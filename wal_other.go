@@ -33,3 +33,6 @@ func fill(f *os.File, size int64) error { return writeZeros(f, size) }
 
 // isNoSpace reports whether err says the disk is full.
 func isNoSpace(err error) bool { return errors.Is(err, syscall.ENOSPC) }
+
+// syncData makes f's written data durable (f.Sync).
+func syncData(f *os.File) error { return f.Sync() }

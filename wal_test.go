@@ -648,3 +648,22 @@ func TestLogGatedCompletion(t *testing.T) {
 		w.unlock()
 	}
 }
+
+// TestSyncData: syncData makes a written file durable without error, and reports one for a
+// file that can no longer be synced.
+func TestSyncData(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "seg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write([]byte("record")); err != nil {
+		t.Fatal(err)
+	}
+	if err := syncData(f); err != nil {
+		t.Fatalf("syncData: %v", err)
+	}
+	f.Close()
+	if err := syncData(f); err == nil {
+		t.Fatal("syncData of a closed file reported no error")
+	}
+}
