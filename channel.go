@@ -1050,11 +1050,16 @@ func (ch *channel) basicCancel(d *decoder) error {
 	c := ch.consumers[m.ConsumerTag]
 	delete(ch.consumers, m.ConsumerTag)
 	ch.mu.Unlock()
+	// Out of its queue first: a dispatch under way hands its deliveries to the outbox
+	// before it releases the queue, so cancel-ok follows every delivery to the consumer.
+	autoDelete := c != nil && c.q.removeConsumer(c)
 	if !m.NoWait {
 		ch.send(&basicCancelOk{ConsumerTag: m.ConsumerTag})
 	}
 	if c != nil {
-		ch.detach(c)
+		if autoDelete {
+			c.q.vh.deleteQueue(c.q)
+		}
 		// The cancelled consumer's unacked deliveries still count against a channel-wide
 		// limit, but its share of credit may now go to the others.
 		ch.redispatch()

@@ -1538,7 +1538,11 @@ func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qe
 // once routed. A large one is queued by reference at once.
 func (c *conn) queueDeliveries(ds []delivery) {
 	c.outMu.Lock()
-	if !c.outClosed {
+	// Nothing may follow connection.close (or close-ok): closing is set before either is
+	// queued, so a run that checked it earlier is dropped here. Its unacked deliveries go
+	// back to their queues when the channels close; no-ack ones are lost in transit, as
+	// on a connection that drops.
+	if !c.outClosed && !c.closing.Load() {
 		for i := range ds {
 			d := &ds[i]
 			if len(d.msg.body()) < zeroCopyBody || c.isTLS {

@@ -444,3 +444,167 @@ func TestConsumerTimeout(t *testing.T) {
 		d.Ack(false)
 	}
 }
+
+// TestNoDeliveryAfterCancelOk: basic.cancel-ok is the last frame for its consumer tag,
+// while a publisher floods the queue: no basic.deliver with the tag follows it (a client
+// drops those, and their messages would stay unacked or, with no-ack, be lost).
+func TestNoDeliveryAfterCancelOk(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if _, err := ch.QueueDeclare("cq", false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	pub := dialFrameClient(t, srv)
+	var burst []byte
+	for i := 0; i < 256; i++ {
+		burst = appendMethodFrame(burst, 1, &basicPublish{RoutingKey: "cq"})
+		burst = appendContent(burst, 1, []byte{0, 0}, []byte("x"), defaultFrameMax)
+	}
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			pub.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			if _, err := pub.nc.Write(burst); err != nil {
+				return
+			}
+		}
+	}()
+	w := dialFrameClient(t, srv)
+	w.wait = 5 * time.Second
+	for round := 0; round < 20; round++ {
+		tag := "c" + string(rune('a'+round%26)) + string(rune('a'+round/26))
+		w.send(1, &basicConsume{Queue: "cq", ConsumerTag: tag, NoAck: true})
+		cancelled := false
+		deliveries := 0
+		for {
+			f := w.readFrame()
+			if f.typ != frameMethod {
+				continue
+			}
+			id, d, _ := methodHeader(f.payload)
+			switch id {
+			case idBasicConsumeOk:
+			case idBasicDeliver:
+				m := basicDeliver{}
+				m.decode(&d)
+				if m.ConsumerTag != tag {
+					continue
+				}
+				if cancelled {
+					t.Fatalf("round %d: basic.deliver for %q after its basic.cancel-ok", round, tag)
+				}
+				deliveries++
+				if deliveries == 50 {
+					w.send(1, &basicCancel{ConsumerTag: tag})
+				}
+			case idBasicCancelOk:
+				cancelled = true
+			}
+			if cancelled && deliveries >= 50 {
+				// read on a little for stragglers
+				w.nc.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+				for {
+					f, err := w.fr.read()
+					if err != nil {
+						break
+					}
+					if f.typ == frameMethod {
+						if id, d, _ := methodHeader(f.payload); id == idBasicDeliver {
+							m := basicDeliver{}
+							m.decode(&d)
+							if m.ConsumerTag == tag {
+								t.Fatalf("round %d: basic.deliver for %q after its basic.cancel-ok", round, tag)
+							}
+						}
+					}
+				}
+				break
+			}
+		}
+	}
+}
+
+// TestNoDeliveryAfterConnectionClose: nothing follows a server's connection.close (the
+// management API's force close, a definitions change, a vhost delete), even while a
+// publisher's bursts are being dispatched to the connection's no-ack consumer.
+func TestNoDeliveryAfterConnectionClose(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if _, err := ch.QueueDeclare("kq", false, false, false, false, amqp091.Table{}); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	pub := dialFrameClient(t, srv)
+	var burst []byte
+	for i := 0; i < 256; i++ {
+		burst = appendMethodFrame(burst, 1, &basicPublish{RoutingKey: "kq"})
+		burst = appendContent(burst, 1, []byte{0, 0}, []byte("x"), defaultFrameMax)
+	}
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			pub.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			if _, err := pub.nc.Write(burst); err != nil {
+				return
+			}
+		}
+	}()
+	after := 0
+	for round := 0; round < 100; round++ {
+		w := dialFrameClient(t, srv)
+		w.wait = 5 * time.Second
+		var sc *conn
+		srv.mu.Lock()
+		for x := range srv.active {
+			if x.nc.RemoteAddr().String() == w.nc.LocalAddr().String() {
+				sc = x
+			}
+		}
+		srv.mu.Unlock()
+		w.send(1, &basicConsume{Queue: "kq", ConsumerTag: "k", NoAck: true})
+		n, closed := 0, false
+		for {
+			w.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+			f, err := w.fr.read()
+			if err != nil {
+				break
+			}
+			if f.typ != frameMethod {
+				continue
+			}
+			id, _, _ := methodHeader(f.payload)
+			switch id {
+			case idBasicDeliver:
+				if closed {
+					after++
+				}
+				n++
+				if n == 200 {
+					go sc.closeWith(newError(replyConnectionForced, "probe"))
+				}
+			case idConnectionClose:
+				closed = true
+				w.send(0, &connectionCloseOk{})
+			}
+		}
+		w.nc.Close()
+	}
+	if after > 0 {
+		t.Fatalf("%d basic.deliver frames followed connection.close", after)
+	}
+}

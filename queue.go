@@ -506,8 +506,12 @@ func (q *queue) enqueueLocked(m *message, batch bool) bool {
 	q.readyBytes += size
 	q.counts.published++
 	if len(q.consumers) > 0 {
-		if !batch {
-			q.dispatchWantedLocked() // delivers first: what a consumer takes is not dropped
+		// Delivers first: what a consumer takes is not dropped. A batch dispatches once at
+		// its end (flushRouted), but not past a message that may expire (with a TTL of 0 it
+		// must meet a consumer now) or in a priority queue (a burst delivered as it came,
+		// not sorted by priority first).
+		if !batch || e.expires != 0 || q.ready.pri != nil {
+			q.dispatchWantedLocked()
 		}
 	} else {
 		q.dropOverLimitLocked()
@@ -1268,8 +1272,9 @@ func (c *consumer) deliverLocked(e qentry, run *deliveryRun) bool {
 // its connection's outbox together (conn.queueDeliveries), so a run of deliveries to one
 // consumer takes the channel's and the outbox's locks once, not once each. It is flushed
 // and the lock released before anything that may take other locks, and at the end of the
-// dispatch: frames that must follow a delivery on its channel (channel.close, cancel-ok)
-// need the channel's or the queue's lock, so they still come after it.
+// dispatch: frames that must follow a delivery on its channel need the channel's lock
+// (channel.close) or come after the consumer is removed under the queue's (cancel-ok),
+// and none may follow connection.close (queueDeliveries drops them), so order holds.
 type deliveryRun struct {
 	ch    *channel // locked; nil when none is
 	n     int

@@ -1409,3 +1409,70 @@ func TestBurstDeliversBeforeDropping(t *testing.T) {
 		t.Fatalf("more than x-max-length %d messages kept", maxLen)
 	}
 }
+
+// TestPriorityBurstDeliveredAsPublished: one burst (one TCP write) of two publishes,
+// priority 0 then 9, to a priority queue whose consumer is idle with credit, is delivered
+// as published, as in RabbitMQ: each message meets the consumer as it arrives, and is not
+// sorted by priority with the rest of the burst first.
+func TestPriorityBurstDeliveredAsPublished(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if _, err := ch.QueueDeclare("pq", false, false, false, false, amqp091.Table{"x-max-priority": int32(10)}); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := ch.Consume("pq", "", true, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := dialFrameClient(t, srv)
+	var b []byte
+	for i, p := range []byte{0, 9} {
+		b = appendMethodFrame(b, 1, &basicPublish{RoutingKey: "pq"})
+		b = appendContent(b, 1, []byte{0x08, 0x00, p}, []byte{"ab"[i]}, defaultFrameMax)
+	}
+	pub.write(b)
+	got := takeDelivery(t, msgs).Body
+	got = append(got, takeDelivery(t, msgs).Body...)
+	if string(got) != "ab" {
+		t.Fatalf("idle consumer with credit got %q, want publish order \"ab\"", got)
+	}
+}
+
+// x-message-ttl 0: a message is delivered only if a consumer can take it at once. A
+// consumer with unlimited credit should get every message.
+
+// TestPriorityMaxLengthBurst: x-max-length 1 on a priority queue whose consumer has credit
+// for one, and a burst of p0 "a", p9 "b", p0 "c": "a" is delivered on arrival, then "b"
+// is dropped (drop-head takes the highest priority) and "c" stays, as one at a time.
+func TestPriorityMaxLengthBurst(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	if _, err := ch.QueueDeclare("pql", false, false, false, false, amqp091.Table{"x-max-priority": int32(10), "x-max-length": int32(1)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.Qos(1, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := ch.Consume("pql", "", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := dialFrameClient(t, srv)
+	var b []byte
+	for i, p := range []byte{0, 9, 0} {
+		b = appendMethodFrame(b, 1, &basicPublish{RoutingKey: "pql"})
+		b = appendContent(b, 1, []byte{0x08, 0x00, p}, []byte{"abc"[i]}, defaultFrameMax)
+	}
+	pub.write(b)
+	d := takeDelivery(t, msgs)
+	if string(d.Body) != "a" {
+		t.Fatalf("consumer got %q first, want \"a\" (the first published, delivered on arrival)", d.Body)
+	}
+}
+
+// basic.cancel-ok must be the last frame for the consumer tag: no basic.deliver with it
+// may follow.
