@@ -984,10 +984,14 @@ const shortGrace = 5 * time.Second
 
 func (sh *shortOfFollowers) check(n *clusterNode, log *slog.Logger) {
 	now := time.Now()
-	if n.cfg.MinInSync <= 0 || now.Before(sh.next) {
+	if n.cfg.MinInSync == 0 || now.Before(sh.next) {
 		return
 	}
 	sh.next = now.Add(time.Second)
+	need := n.cfg.MinInSync
+	if need < 0 {
+		need = n.rs.required() // auto: 1 while a follower that was in sync is alive
+	}
 	inSync := 0
 	for _, f := range n.rs.status() {
 		if f.inSync {
@@ -995,14 +999,14 @@ func (sh *shortOfFollowers) check(n *clusterNode, log *slog.Logger) {
 		}
 	}
 	switch {
-	case inSync >= n.cfg.MinInSync:
+	case inSync >= need:
 		if sh.logged {
 			log.Info("cluster: enough followers in sync again; confirms go on", "in_sync", inSync, "min_insync", n.cfg.MinInSync)
 		}
 		sh.since, sh.logged = now, false
 	case !sh.logged && now.Sub(sh.since) >= shortGrace:
 		log.Warn("cluster: fewer followers in sync than -min-insync; publisher confirms, tx.commit-ok and durable declare-ok wait",
-			"in_sync", inSync, "min_insync", n.cfg.MinInSync)
+			"in_sync", inSync, "need", need, "min_insync", n.cfg.MinInSync)
 		sh.logged = true
 	}
 }

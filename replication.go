@@ -315,7 +315,6 @@ type replicaServer struct {
 	events    []replEvent                // guarded by mu: files changed, oldest first
 	evBase    int                        // guarded by mu: events trimmed off the front
 	followers map[*replFollower]struct{} // guarded by mu
-	wasInSync map[string]bool            // guarded by mu: followers (by name) that were in sync in this term (requiredLocked)
 	sessions  uint64                     // guarded by mu: sessions begun
 	conns     map[net.Conn]struct{}      // guarded by mu
 	lns       []net.Listener             // guarded by mu
@@ -349,6 +348,7 @@ type replFollower struct {
 	acked      uint64        // guarded by rs.mu: the log position its disk holds (packed)
 	lastAck    time.Time     // guarded by rs.mu
 	inSync     bool          // guarded by rs.mu
+	wasInSync  bool          // guarded by rs.mu: it was in sync in this session (requiredLocked)
 	replaced   bool          // guarded by rs.mu: a newer session of the same follower began; never in sync again
 	mustReach  uint64        // guarded by rs.mu: it joins the in-sync set only once acked this far (sendLog)
 	catchingUp bool          // guarded by rs.mu: close behind, not yet holding all that was confirmed
@@ -378,7 +378,7 @@ func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 	if opt.log == nil {
 		opt.log = w.log
 	}
-	rs := &replicaServer{w: w, opt: opt, stop: make(chan struct{}), followers: make(map[*replFollower]struct{}), wasInSync: map[string]bool{},
+	rs := &replicaServer{w: w, opt: opt, stop: make(chan struct{}), followers: make(map[*replFollower]struct{}),
 		conns: make(map[net.Conn]struct{}), isrWake: make(chan struct{}, 1), isrNames: []string{},
 		start: w.writtenTo.Load()}
 	rs.floor = rs.start
@@ -468,21 +468,29 @@ func (rs *replicaServer) recomputeLocked() {
 }
 
 // requiredLocked is how many followers in sync completion needs: minInSync, or with
-// MinInSyncAuto 1 while a follower that was in sync this term (in this session or an
-// earlier one) acks within timeout: it may be behind now, and completion then waits until
-// it is back. One that stops acking stops counting after timeout, as it leaves the set.
-// rs.mu must be held.
+// MinInSyncAuto 1 while a follower session that has been in sync acks within timeout: it
+// may have fallen behind since, and completion then waits until it is back. One that
+// stops acking stops counting after timeout, as it leaves the set; one that comes back in
+// a new session counts again only once it is in sync, so a node returning far behind
+// does not hold confirms while it copies. rs.mu must be held.
 func (rs *replicaServer) requiredLocked() int {
 	if rs.opt.minInSync >= 0 {
 		return rs.opt.minInSync
 	}
 	now := time.Now()
 	for f := range rs.followers {
-		if rs.wasInSync[f.name] && !f.replaced && now.Sub(f.lastAck) <= rs.opt.timeout {
+		if f.wasInSync && !f.replaced && now.Sub(f.lastAck) <= rs.opt.timeout {
 			return 1
 		}
 	}
 	return 0
+}
+
+// required is requiredLocked for other goroutines.
+func (rs *replicaServer) required() int {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	return rs.requiredLocked()
 }
 
 // publishMembers publishes the in-sync set whenever it changed, retrying until it is
@@ -669,8 +677,7 @@ func (rs *replicaServer) update(f *replFollower, pos uint64) {
 			// keeps the leader from confirming alone past it (recomputeLocked).
 			g.catchingUp = g.acked < rs.floor
 			if !g.catchingUp {
-				g.inSync = true
-				rs.wasInSync[g.name] = true
+				g.inSync, g.wasInSync = true, true
 				rs.opt.log.Info("replication: follower is in sync", "follower", g.name, "addr", g.addr)
 			}
 		default:

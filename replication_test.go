@@ -702,6 +702,74 @@ func TestReplMinInSyncAuto(t *testing.T) {
 	}
 }
 
+// With MinInSyncAuto a follower that was in sync, died (the leader then confirms alone),
+// and comes back in a new session far behind does not hold confirms while it copies,
+// however long that takes: it counts again only once it is back in sync.
+func TestReplMinInSyncAutoReturningFollower(t *testing.T) {
+	t.Parallel()
+	const timeout = 400 * time.Millisecond
+	l := startReplLeader(t, Config{}, replicaOptions{minInSync: MinInSyncAuto, timeout: timeout, maxLag: 1 << 10})
+	rs := l.rs
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	c := newConfirmChannel(t, conn)
+
+	// g is in sync, then its session ends (the node died).
+	g := &replFollower{name: "g", wake: make(chan struct{}, 1), session: 1}
+	rs.mu.Lock()
+	rs.followers[g] = struct{}{}
+	rs.mu.Unlock()
+	held := rs.w.writtenTo.Load()
+	rs.update(g, held)
+	waitInSync(t, rs, 1)
+	rs.mu.Lock()
+	delete(rs.followers, g)
+	rs.recomputeLocked()
+	rs.mu.Unlock()
+	waitInSync(t, rs, 0)
+
+	// The leader goes on alone (available while g is dead).
+	for i := 0; i < 20; i++ {
+		c.publish("", "q", false, persistentMsg(strings.Repeat("x", 4<<10)))
+	}
+	c.wait()
+
+	// g comes back in a new session, far behind, catching up slowly: it acks, but never
+	// gets within maxLag/2 of the head (its copy is slower than the leader's writes).
+	g2 := &replFollower{name: "g", wake: make(chan struct{}, 1), session: 2}
+	rs.mu.Lock()
+	rs.followers[g2] = struct{}{}
+	rs.mu.Unlock()
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(timeout / 8):
+				rs.update(g2, held)
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		close(stop)
+		<-stopped
+		rs.mu.Lock()
+		delete(rs.followers, g2)
+		rs.recomputeLocked()
+		rs.mu.Unlock()
+	})
+	time.Sleep(timeout)
+	c.publish("", "q", false, persistentMsg("after g came back"))
+	select {
+	case <-c.confirms:
+		c.pending--
+	case <-time.After(10 * timeout):
+		t.Fatalf("no confirm within %v while a returning follower copies", 10*timeout)
+	}
+}
+
 // stallConfirm publishes a persistent message to the durable queue "q" at url and waits
 // for its confirm, then pauses p and publishes another, which must not be confirmed within
 // d. It returns the channel, the second confirm still due.
