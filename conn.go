@@ -24,10 +24,13 @@ import (
 var errTooManyFiles = syscall.EMFILE
 
 const (
-	// readBufferSize is a busy connection's read buffer. A connection starts with
+	// readBufferSize is an active connection's read buffer. A connection starts with
 	// firstReadBufferSize (the handshake's frames fit it), and again when it wakes from
-	// idle, and gets the full one after growReadAfter frames.
-	readBufferSize      = 64 << 10
+	// idle, and gets readBufferSize after growReadAfter frames; one whose client keeps
+	// more than half of that waiting (a busy publisher) gets busyReadBufferSize, so a
+	// connection that only trickles does not hold 64 KiB.
+	readBufferSize      = 16 << 10
+	busyReadBufferSize  = 64 << 10
 	firstReadBufferSize = 1 << 10
 	growReadAfter       = 32
 	// idleAfter is how long a reader waits for the next frame with its buffers: a
@@ -310,6 +313,8 @@ func (c *conn) nextFrame() error {
 		if c.fr.frames++; c.fr.frames == growReadAfter {
 			c.fr.grow(readBufferSize, deadlineReader{c})
 		}
+	} else if size := c.fr.r.Size(); size < busyReadBufferSize && c.fr.r.Buffered() > size/2 {
+		c.fr.grow(busyReadBufferSize, deadlineReader{c})
 	}
 	if c.s.alarms.Load() != 0 && isPublishFrame(f) && !c.closing.Load() {
 		c.blockWhileAlarm()

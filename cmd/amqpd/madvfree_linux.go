@@ -12,22 +12,37 @@ import (
 // depth, and its collector's scavenger returning pages that the next messages fault in
 // again costs e2e throughput 12-18 % here. The kernel still takes those pages whenever it
 // needs memory; until then they count in the process's RSS. The runtime reads the setting
-// only at start, hence the exec; if the exec fails, the daemon runs on as it is.
+// only at start, hence the exec. It executes the binary by its path, so the process keeps
+// its name (ps, pkill, the pidfile check), and only if that path is still this very binary
+// (not replaced since it started); otherwise, or if the exec fails, the daemon runs on as
+// it is.
 func useMadvFree() {
 	godebug := os.Getenv("GODEBUG")
 	if strings.Contains(godebug, "madvdontneed=") {
 		return
 	}
-	if godebug != "" {
-		godebug += ","
-	}
-	if os.Setenv("GODEBUG", godebug+"madvdontneed=0") != nil {
+	exe, err := os.Executable()
+	if err != nil {
 		return
 	}
-	syscall.Exec("/proc/self/exe", os.Args, os.Environ()) // returns only on failure
+	running, err := os.Stat("/proc/self/exe")
+	if err != nil {
+		return
+	}
+	if onDisk, err := os.Stat(exe); err != nil || !os.SameFile(running, onDisk) {
+		return
+	}
+	with := "madvdontneed=0"
+	if godebug != "" {
+		with = godebug + "," + with
+	}
+	if os.Setenv("GODEBUG", with) != nil {
+		return
+	}
+	syscall.Exec(exe, os.Args, os.Environ()) // returns only on failure
 	if godebug == "" {
 		os.Unsetenv("GODEBUG")
 	} else {
-		os.Setenv("GODEBUG", strings.TrimSuffix(godebug, ","))
+		os.Setenv("GODEBUG", godebug)
 	}
 }

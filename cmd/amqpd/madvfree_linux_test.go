@@ -11,7 +11,8 @@ import (
 )
 
 // TestDaemonUsesMadvFree: the daemon runs with GODEBUG=madvdontneed=0 added to what
-// GODEBUG held, and leaves a GODEBUG that already sets madvdontneed as it is.
+// GODEBUG held, under its own process name, and leaves a GODEBUG that already sets
+// madvdontneed as it is.
 func TestDaemonUsesMadvFree(t *testing.T) {
 	t.Parallel()
 	for _, c := range []struct{ env, want string }{
@@ -40,6 +41,14 @@ func TestDaemonUsesMadvFree(t *testing.T) {
 		}
 		if got != c.want {
 			t.Errorf("started with %s: the daemon runs with GODEBUG=%s, want %s", c.env, got, c.want)
+		}
+		// Run again by its path, it keeps its name (ps -C, pkill -x, the pidfile check).
+		comm, err := os.ReadFile("/proc/" + strconv.Itoa(d.cmd.Process.Pid) + "/comm")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if name := strings.TrimSpace(string(comm)); name != "amqpd" {
+			t.Errorf("started with %s: the daemon's process name is %q, want amqpd", c.env, name)
 		}
 		d.stop(t)
 	}

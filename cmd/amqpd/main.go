@@ -21,9 +21,14 @@ import (
 )
 
 func main() {
-	useMadvFree()
+	if len(os.Args) < 2 || !isSubcommand(os.Args[1]) {
+		useMadvFree() // the daemon only: a subcommand's memory does not matter
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
+
+// isSubcommand reports whether a first argument names a subcommand, not the daemon's flags.
+func isSubcommand(arg string) bool { return isCtlVerb(arg) || isAPIVerb(arg) || arg == "check" }
 
 // run reads the flags (command line, AMQPD_* variables, config file), serves until SIGINT
 // or SIGTERM, and returns the exit code. A first argument naming a definitions subcommand
