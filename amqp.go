@@ -205,8 +205,8 @@ type Config struct {
 	Cluster *ClusterConfig
 }
 
-// MinInSyncAuto as ClusterConfig.MinInSync needs one follower in sync while a follower that
-// was in sync in the leader's term is alive, and none otherwise.
+// MinInSyncAuto as ClusterConfig.MinInSync needs one follower in sync while a follower
+// session that has been in sync keeps acknowledging, and none otherwise.
 const MinInSyncAuto = -1
 
 // ClusterConfig makes a server a node of a cluster with one leader, elected through etcd,
@@ -232,7 +232,7 @@ type ClusterConfig struct {
 	Secret string
 	// MinInSync is how many followers in sync a confirm needs: it waits for every follower
 	// in sync, and for at least MinInSync of them; with 0 and none in sync, for none.
-	// MinInSyncAuto (amqpd's default) needs 1 while a follower that was in sync is alive.
+	// MinInSyncAuto (amqpd's default) needs 1 while a follower that has been in sync acks.
 	MinInSync int
 	// TTL is the etcd lease of each node: a dead leader is replaced within about this; default 5s.
 	TTL time.Duration

@@ -1,6 +1,7 @@
 package amqp
 
 import (
+	"reflect"
 	"strconv"
 	"strings"
 	"testing"
@@ -456,27 +457,7 @@ func TestNoDeliveryAfterCancelOk(t *testing.T) {
 	if _, err := ch.QueueDeclare("cq", false, false, false, false, nil); err != nil {
 		t.Fatal(err)
 	}
-	stop := make(chan struct{})
-	defer close(stop)
-	pub := dialFrameClient(t, srv)
-	var burst []byte
-	for i := 0; i < 256; i++ {
-		burst = appendMethodFrame(burst, 1, &basicPublish{RoutingKey: "cq"})
-		burst = appendContent(burst, 1, []byte{0, 0}, []byte("x"), defaultFrameMax)
-	}
-	go func() {
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			pub.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
-			if _, err := pub.nc.Write(burst); err != nil {
-				return
-			}
-		}
-	}()
+	floodQueue(t, srv, "cq")
 	w := dialFrameClient(t, srv)
 	w.wait = 5 * time.Second
 	for round := 0; round < 20; round++ {
@@ -543,27 +524,7 @@ func TestNoDeliveryAfterConnectionClose(t *testing.T) {
 	if _, err := ch.QueueDeclare("kq", false, false, false, false, amqp091.Table{}); err != nil {
 		t.Fatal(err)
 	}
-	stop := make(chan struct{})
-	defer close(stop)
-	pub := dialFrameClient(t, srv)
-	var burst []byte
-	for i := 0; i < 256; i++ {
-		burst = appendMethodFrame(burst, 1, &basicPublish{RoutingKey: "kq"})
-		burst = appendContent(burst, 1, []byte{0, 0}, []byte("x"), defaultFrameMax)
-	}
-	go func() {
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			pub.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
-			if _, err := pub.nc.Write(burst); err != nil {
-				return
-			}
-		}
-	}()
+	floodQueue(t, srv, "kq")
 	after := 0
 	for round := 0; round < 100; round++ {
 		w := dialFrameClient(t, srv)
@@ -607,4 +568,397 @@ func TestNoDeliveryAfterConnectionClose(t *testing.T) {
 	if after > 0 {
 		t.Fatalf("%d basic.deliver frames followed connection.close", after)
 	}
+}
+
+func TestConsumeServerGeneratedTag(t *testing.T) {
+	t.Parallel()
+	srv, _ := newTestServer(t)
+	w := dialFrameClient(t, srv)
+	w.send(1, &queueDeclare{Queue: "q"})
+	w.expect(1, idQueueDeclareOk)
+	w.send(1, &basicConsume{Queue: "q", NoAck: true})
+	tag := w.expect(1, idBasicConsumeOk).(*basicConsumeOk).ConsumerTag
+	if !strings.HasPrefix(tag, "amq.ctag-") || len(tag) <= len("amq.ctag-") {
+		t.Fatalf("server-generated consumer tag %q, want amq.ctag-…", tag)
+	}
+	w.publish(1, "", "q", nil, []byte("hello"))
+	d := w.expect(1, idBasicDeliver).(*basicDeliver)
+	if d.ConsumerTag != tag || d.RoutingKey != "q" || d.Exchange != "" || d.Redelivered {
+		t.Fatalf("deliver %+v, want tag %q key q", d, tag)
+	}
+	if _, body := w.content(); string(body) != "hello" {
+		t.Fatalf("body %q, want hello", body)
+	}
+	// A second consumer gets a different generated tag.
+	w.send(1, &basicConsume{Queue: "q", NoAck: true})
+	if tag2 := w.expect(1, idBasicConsumeOk).(*basicConsumeOk).ConsumerTag; tag2 == tag || !strings.HasPrefix(tag2, "amq.ctag-") {
+		t.Fatalf("second generated tag %q (first %q)", tag2, tag)
+	}
+}
+
+func TestConsumeDuplicateTag(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "q1")
+	declareTransientQueue(t, ch, "q2")
+	consumeTagged(t, ch, "q1", "same")
+	_, err := ch.Consume("q2", "same", false, false, false, false, nil)
+	wantReplyCode(t, err, 530)
+}
+
+func TestConsumeExclusive(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "shared")
+	declareTransientQueue(t, ch, "owned")
+
+	// An exclusive consumer cannot join a queue that has a consumer...
+	consumeTagged(t, ch, "shared", "plain")
+	ch2 := openChannel(t, c)
+	_, err := ch2.Consume("shared", "excl", false, true, false, false, nil)
+	wantReplyCode(t, err, 403)
+
+	// ...and nobody joins beside an exclusive consumer, on any connection.
+	if _, err := ch.Consume("owned", "excl", false, true, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	ch3 := openChannel(t, c)
+	_, err = ch3.Consume("owned", "second", false, false, false, false, nil)
+	wantReplyCode(t, err, 403)
+	other := openChannel(t, dial(t, url))
+	_, err = other.Consume("owned", "third", false, true, false, false, nil)
+	wantReplyCode(t, err, 403)
+
+	// Once the exclusive consumer is gone, others can attach.
+	if err := ch.Cancel("excl", false); err != nil {
+		t.Fatal(err)
+	}
+	ch4 := openChannel(t, c)
+	consumeTagged(t, ch4, "owned", "after")
+}
+
+func TestConsumeNoAck(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "q")
+	if err := ch.Qos(1, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		publishText(t, ch, "", "q", strconv.Itoa(i))
+	}
+	msgs, err := ch.Consume("q", "c", true, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No-ack consumers ignore prefetch and need no ack.
+	for i := range 5 {
+		if d := takeDelivery(t, msgs); string(d.Body) != strconv.Itoa(i) || d.Redelivered {
+			t.Fatalf("delivery %d: %q redelivered=%v", i, d.Body, d.Redelivered)
+		}
+	}
+	// Nothing is held for them: closing the channel requeues nothing.
+	if err := ch.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := queueReady(t, openChannel(t, c), "q"); n != 0 {
+		t.Fatalf("%d messages back in the queue after a no-ack consumer closed, want 0", n)
+	}
+}
+
+func TestConsumeNoLocal(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	local := dial(t, url)
+	ch := openChannel(t, local)
+	declareTransientQueue(t, ch, "q")
+	msgs, err := ch.Consume("q", "c", true, false, true, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	remote := openChannel(t, dial(t, url))
+	publishText(t, remote, "", "q", "remote-1")
+	if d := takeDelivery(t, msgs); string(d.Body) != "remote-1" {
+		t.Fatalf("got %q, want remote-1", d.Body)
+	}
+	pub := openChannel(t, local)
+	publishText(t, pub, "", "q", "local-1")
+	// The publish is handled before the declare on the same connection.
+	if n := queueReady(t, pub, "q"); n != 1 {
+		t.Fatalf("%d ready messages, want the local message kept (1)", n)
+	}
+	expectNoDelivery(t, msgs)
+}
+
+func TestConsumeNoLocalDoesNotBlockLaterMessages(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	local := dial(t, url)
+	ch := openChannel(t, local)
+	declareTransientQueue(t, ch, "q")
+	msgs, err := ch.Consume("q", "c", true, false, true, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publishText(t, openChannel(t, local), "", "q", "local-1")
+	publishText(t, openChannel(t, dial(t, url)), "", "q", "remote-1")
+	if d := takeDelivery(t, msgs); string(d.Body) != "remote-1" {
+		t.Fatalf("got %q, want remote-1", d.Body)
+	}
+}
+
+func TestBasicCancel(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "q")
+	msgs := consumeTagged(t, ch, "q", "c")
+	publishText(t, ch, "", "q", "one")
+	d := takeDelivery(t, msgs)
+	if err := ch.Cancel("c", false); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case _, ok := <-msgs:
+		if ok {
+			t.Fatal("delivery after cancel")
+		}
+	case <-time.After(recvWait):
+		t.Fatal("delivery channel not closed after cancel")
+	}
+	publishText(t, ch, "", "q", "two")
+	if n := queueReady(t, ch, "q"); n != 1 {
+		t.Fatalf("%d ready after cancel, want 1", n)
+	}
+	// A delivery of a cancelled consumer can still be acked.
+	if err := d.Ack(false); err != nil {
+		t.Fatal(err)
+	}
+	if got := drainText(t, ch, "q"); !reflect.DeepEqual(got, []string{"two"}) {
+		t.Fatalf("queue holds %q, want [two]", got)
+	}
+}
+
+func TestRoundRobinBetweenConsumers(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "q")
+	a := consumeTagged(t, ch, "q", "a")
+	b := consumeTagged(t, ch, "q", "b")
+	const n = 20
+	for i := range n {
+		publishText(t, ch, "", "q", strconv.Itoa(i))
+	}
+	var got [2][]int
+	for range n {
+		select {
+		case d := <-a:
+			v, _ := strconv.Atoi(string(d.Body))
+			got[0] = append(got[0], v)
+		case d := <-b:
+			v, _ := strconv.Atoi(string(d.Body))
+			got[1] = append(got[1], v)
+		case <-time.After(recvWait):
+			t.Fatalf("timed out; consumers got %v", got)
+		}
+	}
+	for k := range got {
+		if len(got[k]) != n/2 {
+			t.Fatalf("consumer %d got %v, want every other message", k, got[k])
+		}
+		for i, v := range got[k] {
+			if v != got[k][0]+2*i {
+				t.Fatalf("consumer %d got %v, want every other message", k, got[k])
+			}
+		}
+	}
+	if got[0][0]+got[1][0] != 1 {
+		t.Fatalf("consumers got %v and %v, want one the evens and one the odds", got[0], got[1])
+	}
+}
+
+func TestPrefetchPerConsumer(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "q")
+	if err := ch.Qos(2, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	a := consumeTagged(t, ch, "q", "a")
+	b := consumeTagged(t, ch, "q", "b")
+	pub := openChannel(t, c)
+	for i := range 10 {
+		publishText(t, pub, "", "q", strconv.Itoa(i))
+	}
+	if n := queueReady(t, pub, "q"); n != 6 {
+		t.Fatalf("%d ready, want 6 (two consumers, prefetch 2 each)", n)
+	}
+	da := []amqp091.Delivery{takeDelivery(t, a), takeDelivery(t, a)}
+	takeDelivery(t, b)
+	takeDelivery(t, b)
+	expectNoDelivery(t, a)
+	expectNoDelivery(t, b)
+
+	// One ack gives that consumer, and only it, one more message.
+	if err := da[0].Ack(false); err != nil {
+		t.Fatal(err)
+	}
+	takeDelivery(t, a)
+	if n := queueReady(t, pub, "q"); n != 5 {
+		t.Fatalf("%d ready after one ack, want 5", n)
+	}
+	expectNoDelivery(t, a)
+	expectNoDelivery(t, b)
+}
+
+func TestPrefetchGlobal(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "q")
+	if err := ch.Qos(3, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	a := consumeTagged(t, ch, "q", "a")
+	b := consumeTagged(t, ch, "q", "b")
+	pub := openChannel(t, c)
+	for i := range 10 {
+		publishText(t, pub, "", "q", strconv.Itoa(i))
+	}
+	if n := queueReady(t, pub, "q"); n != 7 {
+		t.Fatalf("%d ready, want 7 (prefetch 3 for the whole channel)", n)
+	}
+	var got []amqp091.Delivery
+	for len(got) < 3 {
+		select {
+		case d := <-a:
+			got = append(got, d)
+		case d := <-b:
+			got = append(got, d)
+		case <-time.After(recvWait):
+			t.Fatalf("got %d deliveries, want 3", len(got))
+		}
+	}
+	expectNoDelivery(t, a)
+	expectNoDelivery(t, b)
+	if err := got[0].Ack(false); err != nil {
+		t.Fatal(err)
+	}
+	if n := queueReady(t, pub, "q"); n != 6 {
+		t.Fatalf("%d ready after one ack, want 6", n)
+	}
+}
+
+func TestQosPrefetchSizeNotImplemented(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	wantReplyCode(t, ch.Qos(1, 4096, false), 540)
+	// 540 NOT_IMPLEMENTED is a connection exception.
+	pollFor(t, "connection closed after 540", c.IsClosed)
+}
+
+// TestGlobalPrefetchAcrossQueues: with a channel-wide prefetch shared by consumers of two
+// queues, an ack of queue A's delivery lets queue B's waiting message go out.
+func TestGlobalPrefetchAcrossQueues(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := dial(t, url)
+	ch := openChannel(t, c)
+	declareTransientQueue(t, ch, "ra")
+	declareTransientQueue(t, ch, "rb")
+	if err := ch.Qos(1, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	da := consumeTagged(t, ch, "ra", "ca")
+	db := consumeTagged(t, ch, "rb", "cb")
+	pub := openChannel(t, c)
+	publishText(t, pub, "", "ra", "a")
+	m := takeDelivery(t, da)
+	publishText(t, pub, "", "rb", "b")
+	if n := queueReady(t, pub, "rb"); n != 1 {
+		t.Fatalf("rb holds %d ready, want 1 (the channel's one credit is taken)", n)
+	}
+	if err := m.Ack(false); err != nil {
+		t.Fatal(err)
+	}
+	if d := takeDelivery(t, db); string(d.Body) != "b" {
+		t.Fatalf("got %q from rb", d.Body)
+	}
+}
+
+// TestNoDeliveriesAfterConnectionClose: once the server has sent connection.close, its
+// queues deliver nothing more to that connection; a no-ack consumer's messages stay queued.
+func TestNoDeliveriesAfterConnectionClose(t *testing.T) {
+	t.Parallel()
+	srv, url := newTestServer(t)
+	w := dialFrameClient(t, srv)
+	w.send(1, &queueDeclare{Queue: "dac"})
+	w.expect(1, idQueueDeclareOk)
+	w.send(1, &basicConsume{Queue: "dac", ConsumerTag: "t", NoAck: true})
+	w.expect(1, idBasicConsumeOk)
+	w.send(0, &basicQos{}) // a hard error: class basic on channel 0
+	w.expect(0, idConnectionClose)
+
+	ch := openChannel(t, dial(t, url))
+	for i := 0; i < 5; i++ {
+		publishText(t, ch, "", "dac", strconv.Itoa(i))
+	}
+	if n := queueReady(t, ch, "dac"); n != 5 {
+		t.Fatalf("%d messages left of 5: the closing connection's consumer took them", n)
+	}
+	w.nc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	for {
+		f, err := w.fr.read()
+		if err != nil {
+			break
+		}
+		if f.typ == frameMethod {
+			t.Fatal("a method frame arrived after connection.close")
+		}
+	}
+}
+
+// floodQueue publishes bursts of 256 one-octet messages to queue over a raw connection, as
+// fast as the server reads them, until the test ends or 30 s pass.
+func floodQueue(t *testing.T, srv *Server, queue string) {
+	pub := dialFrameClient(t, srv)
+	var burst []byte
+	for range 256 {
+		burst = appendMethodFrame(burst, 1, &basicPublish{RoutingKey: queue})
+		burst = appendContent(burst, 1, []byte{0, 0}, []byte("x"), defaultFrameMax)
+	}
+	stop, done := make(chan struct{}), make(chan struct{})
+	t.Cleanup(func() {
+		close(stop)
+		pub.nc.Close()
+		<-done
+	})
+	go func() {
+		defer close(done)
+		for end := time.Now().Add(30 * time.Second); time.Now().Before(end); {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			pub.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			if _, err := pub.nc.Write(burst); err != nil {
+				return
+			}
+		}
+	}()
 }

@@ -85,9 +85,10 @@ import (
 // confirmed record. With fewer followers in sync, completion waits (the rule: no
 // confirm without -min-insync copies); with minInSync 0 and none in sync it does not wait,
 // and a follower joins only once it holds what completed meanwhile. A negative minInSync
-// (MinInSyncAuto, amqpd's default) is 1 while a follower that was in sync this term still
-// acks within timeout, and 0 otherwise: a pair keeps two copies while both nodes live, and
-// a cluster of one, or one whose followers are gone, goes on alone. A closing log gives them
+// (MinInSyncAuto, amqpd's default) is 1 while a follower session that has been in sync
+// still acks within timeout, and 0 otherwise (requiredLocked): a pair keeps two copies
+// while both nodes live, and a cluster of one, or one whose followers are gone, goes on
+// alone. A closing log gives them
 // walCloseGrace, then fails what they never acked (the publishes are nacked). In a
 // cluster the set is also published (publishISR) before completion counts on a change
 // of it, and nothing completes while the term may be over. Closing the replicaServer

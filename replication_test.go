@@ -651,41 +651,17 @@ func TestReplMinInSyncZero(t *testing.T) {
 func TestReplMinInSyncAuto(t *testing.T) {
 	t.Parallel()
 	const timeout = 400 * time.Millisecond
-	l := startReplLeader(t, Config{}, replicaOptions{minInSync: MinInSyncAuto, timeout: timeout, maxLag: 1 << 10})
-	rs := l.rs
-	conn := dial(t, l.url)
-	declareQueues(t, conn, true, "q")
-	c := newConfirmChannel(t, conn)
+	rs, c := startAutoLeader(t, timeout)
 	c.publish("", "q", false, persistentMsg("alone: no follower yet"))
 	c.wait()
 
-	g := &replFollower{name: "g", wake: make(chan struct{}, 1)}
-	rs.mu.Lock()
-	rs.followers[g] = struct{}{}
-	rs.mu.Unlock()
-	t.Cleanup(func() {
-		rs.mu.Lock()
-		delete(rs.followers, g)
-		rs.recomputeLocked()
-		rs.mu.Unlock()
-	})
+	g, _ := fakeFollower(t, rs, "g", 1)
 	held := rs.w.writtenTo.Load()
 	rs.update(g, held)
 	waitInSync(t, rs, 1)
 
 	// g keeps acking what it held, and falls more than maxLag behind: out of the set, alive.
-	stop, stopped := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(stopped)
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(timeout / 8):
-				rs.update(g, held)
-			}
-		}
-	}()
+	stopAcking := ackEvery(t, rs, g, held, timeout/8)
 	c.publish("", "q", false, persistentMsg(strings.Repeat("x", 4<<10)))
 	waitInSync(t, rs, 0)
 	select {
@@ -693,8 +669,7 @@ func TestReplMinInSyncAuto(t *testing.T) {
 		t.Fatalf("confirm %+v while the follower that was in sync acks but does not hold it", cf)
 	case <-time.After(3 * timeout):
 	}
-	close(stop)
-	<-stopped
+	stopAcking()
 	start := time.Now()
 	c.wait() // g went silent: it no longer counts, and the leader confirms alone
 	if d := time.Since(start); d < timeout/2 {
@@ -708,24 +683,14 @@ func TestReplMinInSyncAuto(t *testing.T) {
 func TestReplMinInSyncAutoReturningFollower(t *testing.T) {
 	t.Parallel()
 	const timeout = 400 * time.Millisecond
-	l := startReplLeader(t, Config{}, replicaOptions{minInSync: MinInSyncAuto, timeout: timeout, maxLag: 1 << 10})
-	rs := l.rs
-	conn := dial(t, l.url)
-	declareQueues(t, conn, true, "q")
-	c := newConfirmChannel(t, conn)
+	rs, c := startAutoLeader(t, timeout)
 
 	// g is in sync, then its session ends (the node died).
-	g := &replFollower{name: "g", wake: make(chan struct{}, 1), session: 1}
-	rs.mu.Lock()
-	rs.followers[g] = struct{}{}
-	rs.mu.Unlock()
+	g, dies := fakeFollower(t, rs, "g", 1)
 	held := rs.w.writtenTo.Load()
 	rs.update(g, held)
 	waitInSync(t, rs, 1)
-	rs.mu.Lock()
-	delete(rs.followers, g)
-	rs.recomputeLocked()
-	rs.mu.Unlock()
+	dies()
 	waitInSync(t, rs, 0)
 
 	// The leader goes on alone (available while g is dead).
@@ -736,30 +701,8 @@ func TestReplMinInSyncAutoReturningFollower(t *testing.T) {
 
 	// g comes back in a new session, far behind, catching up slowly: it acks, but never
 	// gets within maxLag/2 of the head (its copy is slower than the leader's writes).
-	g2 := &replFollower{name: "g", wake: make(chan struct{}, 1), session: 2}
-	rs.mu.Lock()
-	rs.followers[g2] = struct{}{}
-	rs.mu.Unlock()
-	stop, stopped := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(stopped)
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(timeout / 8):
-				rs.update(g2, held)
-			}
-		}
-	}()
-	t.Cleanup(func() {
-		close(stop)
-		<-stopped
-		rs.mu.Lock()
-		delete(rs.followers, g2)
-		rs.recomputeLocked()
-		rs.mu.Unlock()
-	})
+	g2, _ := fakeFollower(t, rs, "g", 2)
+	ackEvery(t, rs, g2, held, timeout/8)
 	time.Sleep(timeout)
 	c.publish("", "q", false, persistentMsg("after g came back"))
 	select {
@@ -768,6 +711,55 @@ func TestReplMinInSyncAutoReturningFollower(t *testing.T) {
 	case <-time.After(10 * timeout):
 		t.Fatalf("no confirm within %v while a returning follower copies", 10*timeout)
 	}
+}
+
+// startAutoLeader starts a leader with MinInSyncAuto, the follower timeout given and a
+// maxLag of 1 KiB, and returns its replica server and a confirm channel to its durable
+// queue "q".
+func startAutoLeader(t *testing.T, timeout time.Duration) (*replicaServer, *confirmChannel) {
+	l := startReplLeader(t, Config{}, replicaOptions{minInSync: MinInSyncAuto, timeout: timeout, maxLag: 1 << 10})
+	conn := dial(t, l.url)
+	declareQueues(t, conn, true, "q")
+	return l.rs, newConfirmChannel(t, conn)
+}
+
+// fakeFollower registers a follower session with no connection behind it: the test acks
+// for it (rs.update). leave ends the session, as a dead node's; the test's end does too.
+func fakeFollower(t *testing.T, rs *replicaServer, name string, session uint64) (g *replFollower, leave func()) {
+	g = &replFollower{name: name, wake: make(chan struct{}, 1), session: session}
+	rs.mu.Lock()
+	rs.followers[g] = struct{}{}
+	rs.mu.Unlock()
+	leave = sync.OnceFunc(func() {
+		rs.mu.Lock()
+		delete(rs.followers, g)
+		rs.recomputeLocked()
+		rs.mu.Unlock()
+	})
+	t.Cleanup(leave)
+	return g, leave
+}
+
+// ackEvery has g ack pos every d until stop is called or the test ends.
+func ackEvery(t *testing.T, rs *replicaServer, g *replFollower, pos uint64, d time.Duration) (stop func()) {
+	quit, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for {
+			select {
+			case <-quit:
+				return
+			case <-time.After(d):
+				rs.update(g, pos)
+			}
+		}
+	}()
+	stop = sync.OnceFunc(func() {
+		close(quit)
+		<-stopped
+	})
+	t.Cleanup(stop)
+	return stop
 }
 
 // stallConfirm publishes a persistent message to the durable queue "q" at url and waits
