@@ -435,7 +435,7 @@ func (ch *channel) handleHeader(p []byte) error {
 	// A small message comes with room for its data in its own allocation, and takes the
 	// key and properties now. A larger one gets its buffer as its body arrives (bodyRoom),
 	// so a header announcing a large body commits no memory the client has not sent.
-	m := newMessage(len(ch.pubHead) + int(size))
+	m := ch.c.newMessage(len(ch.pubHead) + int(size))
 	m.keyLen, m.propsLen = uint8(len(ch.pubKey)), uint32(len(ch.pubHead)-len(ch.pubKey))
 	m.publisher, m.persistent, m.priority, m.ttl = ch.c.id, props.deliveryMode == 2, props.priority, ttl
 	if m.data != nil {
@@ -628,15 +628,17 @@ func (ch *channel) deliver(msg *message, mandatory, batch bool) (ticket uint64, 
 			return 0, err
 		}
 	}
-	if msg.exchange == "" && isReplyName(msg.routingKey()) {
+	reply := msg.exchange == "" && isReplyName(msg.routingKey())
+	if reply {
 		// Direct reply-to. As in RabbitMQ the reply counts as routed to no queue, whether
 		// its requester is there or not: confirmed, and returned 312 when mandatory.
 		ch.c.s.deliverReply(msg)
 	}
 	refused := false
+	sole := len(ch.scratch.routes.queues) == 1 && len(holds) == 0 && msg.wal == nil && !reply
 	for _, q := range ch.scratch.routes.queues {
 		if batch && !q.settings().limits.rejectPublish {
-			ch.c.addRouted(q, msg)
+			ch.c.addRouted(q, msg, sole)
 			continue
 		}
 		ch.c.flushRouted() // what was routed before msg goes first

@@ -63,6 +63,17 @@ func newMessage(size int) *message {
 	return new(message)
 }
 
+// inlineRoom is the room newMessage gives a message of size octets inline, or -1 when
+// it has none.
+func inlineRoom(size int) int {
+	for _, c := range &inlineMessages {
+		if size <= c.room {
+			return c.room
+		}
+	}
+	return -1
+}
+
 // inlineMessages are the rooms a message can have inline, each making the allocation
 // fill a Go size class: a message is 88 octets, and an object of more than 512 that holds
 // pointers carries an 8-octet header.

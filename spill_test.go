@@ -6,6 +6,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -1260,5 +1261,113 @@ func TestQueueWithConsumersPagesLater(t *testing.T) {
 	}
 	if paged, _, ram := queuePaged(b.srv, "/", "idle"); paged == 0 || ram > share {
 		t.Fatalf("the idle queue: %d paged, %d octets in memory; want paging past %d", paged, ram, share)
+	}
+}
+
+// publishBurst encodes n publishes to exchange with key, their bodies made by body.
+func publishBurst(exchange, key string, n int, body func(i int) []byte) []byte {
+	var b []byte
+	for i := range n {
+		b = appendMethodFrame(b, 1, &basicPublish{Exchange: exchange, RoutingKey: key})
+		b = appendContent(b, 1, []byte{0, 0}, body(i), defaultFrameMax)
+	}
+	return b
+}
+
+// TestPagedPublishAllocatesNothing: a publish that its queue pages at once leaves its
+// message to the connection for the next publish (conn.spareMessage), so paging a burst
+// allocates next to nothing per message. Not parallel: it counts the process's mallocs.
+func TestPagedPublishAllocatesNothing(t *testing.T) {
+	b := startDurable(t, Config{PageOutBytes: 1 << 10})
+	w := dialFrameClient(t, b.srv)
+	w.send(1, &queueDeclare{Queue: "paged"})
+	w.expect(1, idQueueDeclareOk)
+	roundTrip := func() { // the reader handles it after every publish before it
+		w.send(1, &queueDeclare{Queue: "paged", Passive: true})
+		w.expect(1, idQueueDeclareOk)
+	}
+	body := func(i int) []byte { return []byte("message " + strconv.Itoa(1e6+i)) }
+	w.write(publishBurst("", "paged", 1000, body))
+	roundTrip()
+	const n = 20000
+	burst := publishBurst("", "paged", n, body)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	w.write(burst)
+	roundTrip()
+	runtime.ReadMemStats(&after)
+	if paged, ready, _ := queuePaged(b.srv, "/", "paged"); ready != n+1000 || paged < n {
+		t.Fatalf("%d ready, %d paged; want %d ready, at least %d paged", ready, paged, n+1000, n)
+	}
+	if per := float64(after.Mallocs-before.Mallocs) / n; per > 0.1 {
+		t.Fatalf("%.2f allocations per paged publish, want next to none", per)
+	}
+}
+
+// TestPagedPublishReuseSparesSharedMessages: a message is reused only when the queue that
+// paged it was its only holder. Fanout copies paged by one queue while another holds them
+// in memory, and messages published alone to a paging queue between them, all come back
+// byte-exact and in order.
+func TestPagedPublishReuseSparesSharedMessages(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{PageOutBytes: 1 << 10})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	for _, q := range []string{"alone", "paged", "live"} {
+		declareTransientQueue(t, ch, q)
+	}
+	if err := ch.ExchangeDeclare("fan", "fanout", false, true, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{"paged", "live"} {
+		if err := ch.QueueBind(q, "", "fan", false, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A consumer that takes one message and holds it: "live" keeps the rest in memory,
+	// up to consumedShare times its share, while "paged" pages its copies at once.
+	cons := openChannel(t, conn)
+	cons.Qos(1, 0, false)
+	live, err := cons.Consume("live", "", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fanBody := func(i int) []byte { return []byte("fan " + strconv.Itoa(1e5+i)) }
+	aloneBody := func(i int) []byte { return []byte("one " + strconv.Itoa(1e5+i)) }
+	const n = 100
+	w := dialFrameClient(t, b.srv)
+	var burst []byte
+	for i := range n {
+		burst = append(burst, publishBurst("fan", "", 1, func(int) []byte { return fanBody(i) })...)
+		burst = append(burst, publishBurst("", "alone", 1, func(int) []byte { return aloneBody(i) })...)
+	}
+	for range 3 { // more rounds, past what "live" holds in memory
+		w.write(burst)
+	}
+	w.send(1, &queueDeclare{Queue: "alone", Passive: true})
+	w.expect(1, idQueueDeclareOk)
+	if paged, _, _ := queuePaged(b.srv, "/", "alone"); paged < n {
+		t.Fatalf("%d of queue alone's messages paged, want most", paged)
+	}
+	for i := range 3 * n {
+		d := takeDelivery(t, live)
+		if want := fanBody(i % n); !bytes.Equal(d.Body, want) {
+			t.Fatalf("live delivery %d: %q, want %q", i, d.Body, want)
+		}
+		d.Ack(false)
+	}
+	for _, q := range []struct {
+		name string
+		body func(int) []byte
+	}{{"paged", fanBody}, {"alone", aloneBody}} {
+		for i := range 3 * n {
+			d, ok, err := ch.Get(q.name, true)
+			if err != nil || !ok {
+				t.Fatalf("get %d from %s: ok %v, %v", i, q.name, ok, err)
+			}
+			if want := q.body(i % n); !bytes.Equal(d.Body, want) {
+				t.Fatalf("%s message %d: %q, want %q", q.name, i, d.Body, want)
+			}
+		}
 	}
 }
