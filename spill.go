@@ -32,8 +32,9 @@ const (
 )
 
 // diskRef is a ready message kept on disk: a publish record in the log, or a record in a
-// paging file. A queue stores it in 24 octets without pointers (refEntry), plus 8 for its
-// expiry in a chunk where some message expires.
+// paging file. A queue stores it in 16 octets without pointers (refEntry), plus 8 for its
+// log record's id in a chunk that holds log records, and 8 for its expiry in a chunk where
+// some message expires.
 type diskRef struct {
 	id      uint64 // the log record's message id; 0: a paging file's record
 	file    uint32 // the log segment or paging file
@@ -50,21 +51,21 @@ func (r *diskRef) inLog() bool       { return r.id != 0 }
 func (r *diskRef) offset() uint32    { return r.off &^ refRedelivered }
 func (r *diskRef) redelivered() bool { return r.off&refRedelivered != 0 }
 
-// refEntry is a diskRef as a refQueue stores it, without its expiry.
-type refEntry struct {
-	id                    uint64
-	file, off, size, body uint32
-}
+// refEntry is a diskRef as a refQueue stores it, without its id and expiry.
+type refEntry struct{ file, off, size, body uint32 }
 
 // refChunk is up to refChunkLen refs of a refQueue.
 type refChunk struct {
 	refs    []refEntry
-	expires []int64 // nil while no ref here expires; else parallel to refs
+	ids     []uint64 // nil while every ref here is a paging file's (id 0); else parallel to refs
+	expires []int64  // nil while no ref here expires; else parallel to refs
 }
 
 // refQueue is a FIFO of diskRefs in chunks of refChunkLen: growing never copies what it
-// holds, a chunk is freed as soon as its last ref leaves, and expiry times take room only
-// in chunks where some message expires.
+// holds, a chunk is freed as soon as its last ref leaves, and log ids and expiry times take
+// room only in chunks that have them. A queue paging a backlog grows its refQueue by a
+// ref per message, memory the process touches for the first time: the less each takes,
+// the fewer page faults (publish 16 B to a paging queue: 16 octets a ref rather than 24, +22 %).
 type refQueue struct {
 	chunks []*refChunk // all full but the last
 	head   int         // the front's index in chunks[0]
@@ -85,7 +86,13 @@ func (r *refQueue) push(v diskRef) {
 		r.chunks = append(r.chunks, &refChunk{refs: make([]refEntry, 0, refChunkLen)})
 	}
 	c := r.chunks[len(r.chunks)-1]
-	c.refs = append(c.refs, refEntry{v.id, v.file, v.off, v.size, v.body})
+	c.refs = append(c.refs, refEntry{v.file, v.off, v.size, v.body})
+	if c.ids != nil || v.id != 0 {
+		if c.ids == nil {
+			c.ids = make([]uint64, len(c.refs)-1, refChunkLen)
+		}
+		c.ids = append(c.ids, v.id)
+	}
 	if c.expires != nil || v.expires != 0 {
 		if c.expires == nil {
 			c.expires = make([]int64, len(c.refs)-1, refChunkLen)
@@ -105,7 +112,10 @@ func (r *refQueue) locate(i int) (*refChunk, int) {
 func (r *refQueue) at(i int) diskRef {
 	c, j := r.locate(i)
 	e := c.refs[j]
-	v := diskRef{id: e.id, file: e.file, off: e.off, size: e.size, body: e.body}
+	v := diskRef{file: e.file, off: e.off, size: e.size, body: e.body}
+	if c.ids != nil {
+		v.id = c.ids[j]
+	}
 	if c.expires != nil {
 		v.expires = c.expires[j]
 	}
@@ -115,7 +125,13 @@ func (r *refQueue) at(i int) diskRef {
 // set replaces the i-th ref from the front.
 func (r *refQueue) set(i int, v diskRef) {
 	c, j := r.locate(i)
-	c.refs[j] = refEntry{v.id, v.file, v.off, v.size, v.body}
+	c.refs[j] = refEntry{v.file, v.off, v.size, v.body}
+	if c.ids == nil && v.id != 0 {
+		c.ids = make([]uint64, len(c.refs), refChunkLen)
+	}
+	if c.ids != nil {
+		c.ids[j] = v.id
+	}
 	if c.expires == nil && v.expires != 0 {
 		c.expires = make([]int64, len(c.refs), refChunkLen)
 	}

@@ -1371,3 +1371,50 @@ func TestPagedPublishReuseSparesSharedMessages(t *testing.T) {
 		}
 	}
 }
+
+// TestRefQueue: a refQueue gives back every ref as pushed or set, in order, across chunks
+// that take log ids and expiry times only once some ref has one, and empties as it pops.
+func TestRefQueue(t *testing.T) {
+	ref := func(i int) diskRef {
+		v := diskRef{file: uint32(i % 7), off: uint32(i * 3), size: uint32(i + 1), body: uint32(i)}
+		if i%5000 > 3000 { // log refs from the middle of the second chunk on, for a while
+			v.id = uint64(1e9 + i)
+		}
+		if i%3000 == 2999 {
+			v.expires = int64(i)
+		}
+		return v
+	}
+	var r refQueue
+	const n = 3*refChunkLen + 100
+	for i := range n {
+		r.push(ref(i))
+	}
+	r.set(10, ref(8999))           // an id and an expiry into a chunk that had neither
+	r.set(refChunkLen+5, ref(n+5)) // a paging file's ref among log refs
+	want := func(i int) diskRef {
+		switch i {
+		case 10:
+			return ref(8999)
+		case refChunkLen + 5:
+			return ref(n + 5)
+		}
+		return ref(i)
+	}
+	if r.len() != n {
+		t.Fatalf("len %d, want %d", r.len(), n)
+	}
+	for i := range n {
+		if got := r.at(i); got != want(i) {
+			t.Fatalf("at(%d) = %+v, want %+v", i, got, want(i))
+		}
+	}
+	for i := range n {
+		if got := r.pop(); got != want(i) {
+			t.Fatalf("pop %d = %+v, want %+v", i, got, want(i))
+		}
+	}
+	if r.len() != 0 || r.chunks != nil {
+		t.Fatalf("after popping all: len %d, %d chunks", r.len(), len(r.chunks))
+	}
+}
