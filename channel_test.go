@@ -1154,7 +1154,7 @@ func TestConfirmNeverBeforeEnqueueMixed(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	q1, q2 := testQueueOf(t, b.srv, "q1"), testQueueOf(t, b.srv, "q2")
+	q1, q2 := testQueue(b.srv, "q1"), testQueue(b.srv, "q2")
 
 	c := rawDial(t, b.url)
 	c.writeMethod(2, &channelOpen{})

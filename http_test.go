@@ -710,7 +710,7 @@ func TestQueueHeadAge(t *testing.T) {
 	publishText(t, ch, "", "aging", "new")
 	pollFor(t, "two messages", func() bool { return queueReady(t, ch, "aging") == 2 })
 	head := func() (int64, bool) {
-		q := testQueueOf(t, b.srv, "aging")
+		q := testQueue(b.srv, "aging")
 		q.mu.Lock()
 		defer q.mu.Unlock()
 		return q.headEnqueuedLocked()

@@ -43,19 +43,6 @@ func policyServer(t *testing.T, pols, ops []Policy) (*Server, *amqp091.Channel, 
 	return srv, openChannel(t, dial(t, url)), path
 }
 
-// testQueueOf returns the queue name of vhost "/".
-func testQueueOf(t *testing.T, srv *Server, name string) *queue {
-	t.Helper()
-	vh := srv.vhostList()[0]
-	vh.mu.RLock()
-	defer vh.mu.RUnlock()
-	q := vh.queues[name]
-	if q == nil {
-		t.Fatalf("no queue %q", name)
-	}
-	return q
-}
-
 // queuePolicies returns the names of q's policy and operator policy.
 func queuePolicies(q *queue) [2]string {
 	q.mu.Lock()
@@ -97,7 +84,7 @@ func TestPolicyAppliesToNewAndExistingQueues(t *testing.T) {
 	if deaths, _ := d.Headers["x-death"].([]any); len(deaths) != 1 || deaths[0].(amqp091.Table)["reason"] != "maxlen" {
 		t.Errorf("x-death %v, want one maxlen death", d.Headers["x-death"])
 	}
-	if got := queuePolicies(testQueueOf(t, srv, "capped.a")); got != [2]string{"cap", ""} {
+	if got := queuePolicies(testQueue(srv, "capped.a")); got != [2]string{"cap", ""} {
 		t.Errorf("capped.a's policies are %q", got)
 	}
 
@@ -117,7 +104,7 @@ func TestPolicyAppliesToNewAndExistingQueues(t *testing.T) {
 	if n := queueReady(t, ch, "dlq"); n != 1 {
 		t.Errorf("dlq holds %d, want the one left: nothing more is dead-lettered", n)
 	}
-	if got := queuePolicies(testQueueOf(t, srv, "capped.a")); got != [2]string{} {
+	if got := queuePolicies(testQueue(srv, "capped.a")); got != [2]string{} {
 		t.Errorf("capped.a's policies are %q after the reload", got)
 	}
 }
@@ -164,7 +151,7 @@ func TestPolicyPrecedence(t *testing.T) {
 		}
 	}
 	for q, want := range map[string][2]string{"q-args": {"low", "cap"}, "q-high": {"high", "cap"}, "q-plain": {"low", "cap"}} {
-		if got := queuePolicies(testQueueOf(t, srv, q)); got != want {
+		if got := queuePolicies(testQueue(srv, q)); got != want {
 			t.Errorf("%s has policies %q, want %q", q, got, want)
 		}
 	}
@@ -323,7 +310,7 @@ func TestPolicyTTLAcrossRestart(t *testing.T) {
 	after := time.Now().UnixMilli()
 	time.Sleep(20 * time.Millisecond)
 	b2 := b.restart("crash", Config{Definitions: path})
-	q := testQueueOf(t, b2.srv, "durable")
+	q := testQueue(b2.srv, "durable")
 	q.mu.Lock()
 	at := q.headExpiresLocked()
 	q.mu.Unlock()
