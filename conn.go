@@ -660,12 +660,8 @@ func (c *conn) flushRouted() {
 		q.mu.Lock()
 		for j := i; j < len(r); j++ {
 			if r[j].q == q {
-				paged := q.tail.len()
-				q.enqueueLocked(r[j].m, true)
-				if r[j].sole && q.tail.len() > paged {
-					// Its paging record is all that is left of it (enqueueLocked pages
-					// nothing but its message).
-					c.spareMessage(r[j].m)
+				if _, paged := q.enqueueLocked(r[j].m, true); paged && r[j].sole {
+					c.spareMessage(r[j].m) // its paging record is all that is left of it
 				}
 				r[j] = routedMsg{}
 			}
@@ -690,7 +686,9 @@ const maxSpareBytes = 64 << 10
 // spareMessage keeps m, which nothing holds any more, for a later publish on c. A queue
 // with no consumer pages what a publisher sends moments after it is made; reusing its
 // messages, still in the processor's cache, spares a fresh allocation for each (publish
-// 16 B to a paging queue: +15-45 %). Only a message with its data inline is kept.
+// 16 B to a paging queue: +15 %). Only a message with its data inline is kept, up to
+// maxSpareBytes, until the connection falls idle; newMessage looks at the last one kept
+// only, so a publisher mixing sizes reuses less.
 func (c *conn) spareMessage(m *message) {
 	room := cap(m.data)
 	if room != inlineRoom(len(m.data)) || c.spareBytes+room > maxSpareBytes {

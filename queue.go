@@ -450,14 +450,17 @@ func (q *queue) consumerCount() int {
 func (q *queue) enqueue(m *message) bool {
 	q.mu.Lock()
 	defer q.unlockAndDispatch()
-	return q.enqueueLocked(m, false)
+	accepted, _ := q.enqueueLocked(m, false)
+	return accepted
 }
 
 // enqueueLocked is enqueue with q.mu held. In a batch (conn.flushRouted) a queue with
 // x-overflow reject-publish refuses nothing, as the batch comes from publishes routed when
 // it did not reject, and whose confirms are counted; and a queue with consumers does not
-// dispatch: the caller does, once for the batch. q.mu must be held.
-func (q *queue) enqueueLocked(m *message, batch bool) bool {
+// dispatch: the caller does, once for the batch. It reports whether the queue accepted
+// m, and whether it paged it: the queue then keeps its record on disk, not m itself.
+// q.mu must be held.
+func (q *queue) enqueueLocked(m *message, batch bool) (accepted, paged bool) {
 	e := qentry{msg: m, expires: expiresAt(q.settings().ttl, m.ttl)}
 	if e.expires != 0 {
 		q.mayExpire = true
@@ -468,21 +471,22 @@ func (q *queue) enqueueLocked(m *message, batch bool) bool {
 			one := [1]*message{m}
 			q.vh.store.dropQueue(q, one[:])
 		}
-		return true
+		return true, false
 	}
 	size := int64(m.size)
 	if l := &q.settings().limits; !batch && l.rejectPublish && l.full(q.messageCountLocked()+1, q.readyBytes+size) {
 		if !l.dlx || !q.deadLetterLocked(m, deathMaxlen) {
 			q.settleOne(m)
 		}
-		return false
+		return false, false
 	}
 	q.nextSeq++
 	e.seq = q.nextSeq
 	q.noteEnqueueLocked(e.seq)
 	cost := m.memCost()
 	// A priority queue keeps its messages in memory: a paged tail cannot be ordered by priority.
-	if q.ready.pri != nil || !(q.tail.len() > 0 || q.overShareLocked(cost) || q.vh.memoryHigh()) || !q.pageOutLocked(e) {
+	paged = q.ready.pri == nil && (q.tail.len() > 0 || q.overShareLocked(cost) || q.vh.memoryHigh()) && q.pageOutLocked(e)
+	if !paged {
 		if q.tail.len() > 0 {
 			// Paging failed: the message stays in memory, ahead of the paged ones, and
 			// gives its number back so theirs stay consecutive.
@@ -508,7 +512,7 @@ func (q *queue) enqueueLocked(m *message, batch bool) bool {
 	if len(q.consumers) == 0 && e.expires != 0 {
 		q.scheduleExpiryLocked()
 	}
-	return true
+	return true, paged
 }
 
 // overShareLocked reports whether a message of cost more takes q's messages in memory past

@@ -3,6 +3,7 @@ package amqp
 import (
 	"bytes"
 	"errors"
+	"math"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -1289,18 +1290,22 @@ func TestPagedPublishAllocatesNothing(t *testing.T) {
 	body := func(i int) []byte { return []byte("message " + strconv.Itoa(1e6+i)) }
 	w.write(publishBurst("", "paged", 1000, body))
 	roundTrip()
-	const n = 20000
+	const n, tries = 20000, 3
 	burst := publishBurst("", "paged", n, body)
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	w.write(burst)
-	roundTrip()
-	runtime.ReadMemStats(&after)
-	if paged, ready, _ := queuePaged(b.srv, "/", "paged"); ready != n+1000 || paged < n {
-		t.Fatalf("%d ready, %d paged; want %d ready, at least %d paged", ready, paged, n+1000, n)
+	least := math.Inf(1) // the fewest of a few tries: other goroutines of the process count too
+	for range tries {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		w.write(burst)
+		roundTrip()
+		runtime.ReadMemStats(&after)
+		least = min(least, float64(after.Mallocs-before.Mallocs)/n)
 	}
-	if per := float64(after.Mallocs-before.Mallocs) / n; per > 0.1 {
-		t.Fatalf("%.2f allocations per paged publish, want next to none", per)
+	if paged, ready, _ := queuePaged(b.srv, "/", "paged"); ready != tries*n+1000 || paged < tries*n {
+		t.Fatalf("%d ready, %d paged; want %d ready, at least %d paged", ready, paged, tries*n+1000, tries*n)
+	}
+	if least > 0.1 {
+		t.Fatalf("%.2f allocations per paged publish, want next to none", least)
 	}
 }
 
