@@ -11,7 +11,9 @@ import (
 	"os"
 	"runtime"
 	"runtime/metrics"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -1319,4 +1321,307 @@ func TestConnCloseUnderLoad(t *testing.T) {
 	pollFor(t, "readers and writers to end", func() bool {
 		return goroutinesIn("(*conn).writeLoop(")+goroutinesIn("(*conn).readFrames(") == 0
 	})
+}
+
+// Reused messages (conn.spareMessage) under load: bursts to every kind of destination,
+// with every inline room and one larger size, must all come back exact and once.
+
+// stressBody is a self-checking body of n octets: "pub/target/seq/", then filler made
+// from them.
+func stressBody(pub int, target string, seq, n int) []byte {
+	b := fmt.Appendf(nil, "%d/%s/%d/", pub, target, seq)
+	for i := 0; len(b) < n; i++ {
+		b = append(b, byte('a'+(seq*7+i*3+pub)%26))
+	}
+	return b
+}
+
+// checkStressBody verifies a stressBody and returns its "pub/target/seq".
+func checkStressBody(body []byte) (string, error) {
+	parts := strings.SplitN(string(body), "/", 4)
+	var pub, seq int
+	if len(parts) == 4 {
+		fmt.Sscan(parts[0], &pub)
+		fmt.Sscan(parts[2], &seq)
+	}
+	if len(parts) != 4 || !bytes.Equal(body, stressBody(pub, parts[1], seq, len(body))) {
+		return "", fmt.Errorf("corrupt body %q", body)
+	}
+	return parts[0] + "/" + parts[1] + "/" + parts[2], nil
+}
+
+// stressSizes covers every inline room (newMessage) and one size past them.
+var stressSizes = []int{20, 30, 60, 90, 150, 280, 400, 650, 900, 1150, 1400, 1900, 2500}
+
+// TestPagedPublishReuseStress: three publishers, each on a plain and a confirm channel,
+// send bursts to paging queues of every kind (durable with some persistent messages, TTL
+// through a topic exchange, max-length dead-lettering, a short TTL dead-lettering, headers,
+// exchange-to-exchange, an alternate exchange, priority, a slow consumer, a single active
+// consumer, a queue beside a delayed exchange that holds the same message); every message
+// comes back byte-exact, exactly once from each queue it went to.
+func TestPagedPublishReuseStress(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{PageOutBytes: 1 << 10})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	declare := func(name string, durable bool, args amqp091.Table) {
+		_, err := ch.QueueDeclare(name, durable, false, false, false, args)
+		must(err)
+	}
+	declare("plain", false, nil)
+	declare("durable", true, nil)
+	declare("ttl", false, amqp091.Table{"x-message-ttl": int32(600000)})
+	declare("dl", false, nil)
+	declare("maxlen", false, amqp091.Table{"x-max-length": int32(300), "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "dl"})
+	declare("shortttl", false, amqp091.Table{"x-message-ttl": int32(1), "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "ttldl"})
+	declare("ttldl", false, nil)
+	declare("cons", false, nil)
+	declare("hq", false, nil)
+	declare("e2q", false, nil)
+	declare("aeq", false, nil)
+	declare("pri", false, amqp091.Table{"x-max-priority": int32(5)})
+	declare("sac", false, amqp091.Table{"x-single-active-consumer": true})
+	must(ch.ExchangeDeclare("top", "topic", false, false, false, false, nil))
+	must(ch.QueueBind("ttl", "a.*", "top", false, nil))
+	must(ch.ExchangeDeclare("hx", "headers", false, false, false, false, nil))
+	must(ch.QueueBind("hq", "", "hx", false, amqp091.Table{"x-match": "any", "k": "v"}))
+	must(ch.ExchangeDeclare("e1", "direct", false, false, false, false, nil))
+	must(ch.ExchangeDeclare("e2", "fanout", false, false, false, false, nil))
+	must(ch.ExchangeBind("e2", "k", "e1", false, nil))
+	must(ch.QueueBind("e2q", "", "e2", false, nil))
+	must(ch.ExchangeDeclare("aefan", "fanout", false, false, false, false, nil))
+	must(ch.QueueBind("aeq", "", "aefan", false, nil))
+	must(ch.ExchangeDeclare("aex", "direct", false, false, false, false, amqp091.Table{"alternate-exchange": "aefan"}))
+	// A fanout to a queue and to a delayed exchange: the queue pages its copy at once,
+	// the delayed exchange holds the same message until it falls due.
+	declare("held", false, nil)
+	declare("due", false, nil)
+	must(ch.ExchangeDeclare("fx", "fanout", false, false, false, false, nil))
+	must(ch.QueueBind("held", "", "fx", false, nil))
+	delayedDeclare(t, ch, "dx", "fanout", false)
+	must(ch.ExchangeBind("dx", "", "fx", false, nil))
+	must(ch.QueueBind("due", "", "dx", false, nil))
+
+	var mu sync.Mutex
+	seen := map[string]string{} // message id (and for a fanout, its queue): where it was seen
+	record := func(where string, body []byte) error {
+		id, err := checkStressBody(body)
+		if err != nil {
+			return fmt.Errorf("%s: %w", where, err)
+		}
+		if where == "held" || where == "due" {
+			id += "@" + where
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if prev, ok := seen[id]; ok {
+			return fmt.Errorf("%s: %s seen twice (before in %s)", where, id, prev)
+		}
+		seen[id] = where
+		return nil
+	}
+	// Slow consumers on "cons" and "sac".
+	consCh := openChannel(t, conn)
+	consCh.Qos(5, 0, false)
+	var consumers sync.WaitGroup
+	for _, name := range []string{"cons", "sac"} {
+		ds, err := consCh.Consume(name, "", false, false, false, false, nil)
+		must(err)
+		consumers.Go(func() {
+			for d := range ds {
+				if err := record(name, d.Body); err != nil {
+					t.Error(err)
+					return
+				}
+				time.Sleep(50 * time.Microsecond)
+				d.Ack(false)
+			}
+		})
+	}
+
+	none := func(int) []byte { return nil }
+	targets := []struct {
+		name, exchange, key string
+		props               func(seq int) []byte
+	}{
+		{"plain", "", "plain", none},
+		{"durable", "", "durable", func(seq int) []byte {
+			if seq%3 == 0 {
+				return (&properties{DeliveryMode: 2}).encode(nil)
+			}
+			return nil
+		}},
+		{"ttl", "top", "a.b", func(seq int) []byte {
+			if seq%2 == 0 {
+				return (&properties{Expiration: "600000"}).encode(nil)
+			}
+			return nil
+		}},
+		{"maxlen", "", "maxlen", none},
+		{"shortttl", "", "shortttl", none},
+		{"cons", "", "cons", none},
+		{"hq", "hx", "", func(int) []byte { return (&properties{Headers: table{"k": "v"}}).encode(nil) }},
+		{"e2q", "e1", "k", none},
+		{"aeq", "aex", "nomatch", none},
+		{"pri", "", "pri", func(seq int) []byte { return (&properties{Priority: uint8(seq % 3)}).encode(nil) }},
+		{"sac", "", "sac", none},
+		{"fx", "fx", "", func(int) []byte { return (&properties{Headers: table{"x-delay": int32(20)}}).encode(nil) }},
+	}
+	const pubs, rounds, perRound = 3, 8, 40
+	const total = pubs * rounds * perRound * 13 // one target of 12 reaches two queues
+	var clients [pubs]*frameClient
+	for p := range clients {
+		w := dialFrameClient(t, b.srv)
+		w.send(2, &channelOpen{})
+		w.expect(2, idChannelOpenOk)
+		w.send(2, &confirmSelect{})
+		w.expect(2, idConfirmSelectOk)
+		clients[p] = w
+	}
+	seq := [pubs]int{}
+	for r := range rounds {
+		for p, w := range clients { // the brokers' readers work on the bursts at once
+			var burst []byte
+			for i := range perRound {
+				for ti, tg := range targets {
+					seq[p]++
+					size := stressSizes[(seq[p]+ti+r)%len(stressSizes)]
+					channel := uint16(1 + (i+ti)%2)
+					burst = appendMethodFrame(burst, channel, &basicPublish{Exchange: tg.exchange, RoutingKey: tg.key})
+					burst = appendContent(burst, channel, tg.props(seq[p]), stressBody(p, tg.name, seq[p], size), defaultFrameMax)
+				}
+			}
+			w.write(burst)
+			w.send(1, &queueDeclare{Queue: "plain", Passive: true})
+		}
+		for _, w := range clients {
+			for { // confirms come first
+				if c, m := w.next(); c == 1 && m.id() == idQueueDeclareOk {
+					break
+				}
+			}
+		}
+	}
+	if paged, _, _ := queuePaged(b.srv, "/", "plain"); paged < pubs*rounds*perRound/2 {
+		t.Fatalf("%d of queue plain's messages paged, want most", paged)
+	}
+	getAll := func(name string) {
+		for {
+			d, ok, err := ch.Get(name, true)
+			must(err)
+			if !ok {
+				return
+			}
+			if err := record(name, d.Body); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, name := range []string{"plain", "durable", "ttl", "maxlen", "dl", "hq", "e2q", "aeq", "pri", "held"} {
+		getAll(name)
+	}
+	pollFor(t, "the delayed messages to fall due", func() bool { return queueReady(t, ch, "due") == pubs*rounds*perRound })
+	getAll("due")
+	pollFor(t, "the short-TTL messages to be dead-lettered", func() bool { return queueReady(t, ch, "shortttl") == 0 })
+	getAll("ttldl")
+	pollFor(t, "the consumers to take theirs", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(seen) == total
+	})
+	consCh.Close()
+	consumers.Wait()
+}
+
+// TestPagedPublishReuseConfirmsReturnsTx: in the same bursts as publishes a queue pages,
+// mandatory unroutable publishes are returned and a transaction commits its own: every
+// publish is confirmed, every return and every message is exact, each channel's in order.
+func TestPagedPublishReuseConfirmsReturnsTx(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{PageOutBytes: 1 << 10})
+	w := dialFrameClient(t, b.srv)
+	w.send(1, &queueDeclare{Queue: "pq"})
+	w.expect(1, idQueueDeclareOk)
+	w.send(1, &confirmSelect{})
+	w.expect(1, idConfirmSelectOk)
+	w.send(3, &channelOpen{})
+	w.expect(3, idChannelOpenOk)
+	w.send(3, &txSelect{})
+	w.expect(3, idTxSelectOk)
+	const rounds, per = 20, 60
+	seq, txSeq, returns := 0, 0, 0
+	var acked uint64
+	var wantConfirm, wantTx []string
+	for r := range rounds {
+		var burst []byte
+		for i := range per {
+			seq++
+			size := stressSizes[(seq+r)%len(stressSizes)]
+			switch i % 6 {
+			case 5: // mandatory, unroutable
+				burst = appendMethodFrame(burst, 1, &basicPublish{RoutingKey: "nosuch", Mandatory: true})
+				burst = appendContent(burst, 1, nil, stressBody(0, "ret", seq, size), defaultFrameMax)
+			case 4:
+				txSeq++
+				body := stressBody(1, "pq", txSeq, size)
+				burst = appendMethodFrame(burst, 3, &basicPublish{RoutingKey: "pq"})
+				burst = appendContent(burst, 3, nil, body, defaultFrameMax)
+				wantTx = append(wantTx, string(body))
+			default:
+				body := stressBody(0, "pq", seq, size)
+				burst = appendMethodFrame(burst, 1, &basicPublish{RoutingKey: "pq", Mandatory: i%2 == 0})
+				burst = appendContent(burst, 1, nil, body, defaultFrameMax)
+				wantConfirm = append(wantConfirm, string(body))
+			}
+		}
+		burst = appendMethodFrame(burst, 3, &txCommit{})
+		w.write(burst)
+		for committed := false; !committed || acked < uint64(seq-seq/6); {
+			c, m := w.next()
+			switch m := m.(type) {
+			case *basicAck:
+				acked = max(acked, m.DeliveryTag)
+			case *basicNack:
+				t.Fatalf("nack %d", m.DeliveryTag)
+			case *basicReturn:
+				if _, body := w.content(); !bytes.HasPrefix(body, []byte("0/ret/")) {
+					t.Fatalf("returned %q", body)
+				} else if _, err := checkStressBody(body); err != nil {
+					t.Fatalf("return: %v", err)
+				}
+				returns++
+			case *txCommitOk:
+				committed = true
+			default:
+				t.Fatalf("unexpected %s on channel %d", methodName(m.id()), c)
+			}
+		}
+	}
+	if returns != rounds*per/6 {
+		t.Fatalf("%d returns, want %d", returns, rounds*per/6)
+	}
+	if paged, _, _ := queuePaged(b.srv, "/", "pq"); paged < 100 {
+		t.Fatalf("%d of the queue's messages paged, want most", paged)
+	}
+	var gotConfirm, gotTx []string
+	for _, s := range drainText(t, openChannel(t, dial(t, b.url)), "pq") {
+		if _, err := checkStressBody([]byte(s)); err != nil {
+			t.Fatal(err)
+		}
+		if s[0] == '0' {
+			gotConfirm = append(gotConfirm, s)
+		} else {
+			gotTx = append(gotTx, s)
+		}
+	}
+	if !slices.Equal(gotConfirm, wantConfirm) || !slices.Equal(gotTx, wantTx) {
+		t.Fatalf("got %d and %d messages from the confirm and tx channels, want %d and %d, in order",
+			len(gotConfirm), len(gotTx), len(wantConfirm), len(wantTx))
+	}
 }
