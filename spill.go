@@ -64,8 +64,9 @@ type refChunk struct {
 // refQueue is a FIFO of diskRefs in chunks of refChunkLen: growing never copies what it
 // holds, a chunk is freed as soon as its last ref leaves, and log ids and expiry times take
 // room only in chunks that have them. A queue paging a backlog grows its refQueue by a
-// ref per message, memory the process touches for the first time: the less each takes,
-// the fewer page faults (publish 16 B to a paging queue: 16 octets a ref rather than 24, +22 %).
+// ref per message, in memory the process touches for the first time: the less each
+// takes, the fewer page faults (publish 16 B to a paging queue: 16 octets a ref rather
+// than 24, +22 %).
 type refQueue struct {
 	chunks []*refChunk // all full but the last
 	head   int         // the front's index in chunks[0]
