@@ -349,6 +349,9 @@ func (c *conn) awaitInput() error {
 	}
 	c.fr.r, c.fr.buf = nil, nil
 	c.spareMsgs, c.spareBytes = nil, 0
+	if len(c.routed) == 0 {
+		c.routed = nil // flushed before the reader waited; a busy reader's list is 24 KiB
+	}
 	if c.outHeld.Load() {
 		c.releaseOutbox()
 	}
@@ -634,8 +637,10 @@ type routedMsg struct {
 	sole bool
 }
 
-// maxRouted bounds the messages a connection routes before it enqueues them.
-const maxRouted = 256
+// maxRouted bounds the messages a connection routes before it enqueues them: about what
+// a 64 KiB read brings of small publishes, so a busy publisher's queue is locked, and its
+// consumers served, once per read (e2e 16 B: +12 % against 256, and a shallower queue).
+const maxRouted = 1024
 
 // addRouted keeps m for q until the end of the client's burst of frames, or the next
 // frame that is not a publish, when flushRouted enqueues it: a burst takes each queue's
@@ -680,8 +685,8 @@ func (c *conn) flushRouted() {
 }
 
 // maxSpareBytes bounds the room of the messages a connection keeps for reuse: enough for a
-// burst of small ones (maxRouted).
-const maxSpareBytes = 64 << 10
+// batch (maxRouted) of small ones, allocations of up to 256 octets.
+const maxSpareBytes = maxRouted * 256
 
 // spareMessage keeps m, which nothing holds any more, for a later publish on c. A queue
 // with no consumer pages what a publisher sends moments after it is made; reusing its

@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"runtime/metrics"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1466,4 +1467,52 @@ func TestPagedPublishReuseConfirmsReturnsTx(t *testing.T) {
 		t.Fatalf("got %d and %d messages from the confirm and tx channels, want %d and %d, in order",
 			len(gotConfirm), len(gotTx), len(wantConfirm), len(wantTx))
 	}
+}
+
+// TestConnIdlePublisherReleasesBatch: a connection that published bursts to a paging
+// queue, once idle, holds neither its routed list nor its spare messages (conn.awaitInput):
+// forty such connections keep well under what those would take (a 24 KiB list and up to
+// maxSpareBytes of messages each). Not parallel: it reads the process's heap.
+func TestConnIdlePublisherReleasesBatch(t *testing.T) {
+	b := startDurable(t, Config{PageOutBytes: 1 << 10})
+	setup := dialFrameClient(t, b.srv)
+	setup.send(1, &queueDeclare{Queue: "paged"})
+	setup.expect(1, idQueueDeclareOk)
+	burst := publishBurst("", "paged", 3000, func(i int) []byte { return []byte("message " + strconv.Itoa(1e6+i)) })
+	heap := func() uint64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc
+	}
+	const conns = 40
+	clients := make([]*frameClient, conns)
+	for i := range clients {
+		clients[i] = dialFrameClient(t, b.srv)
+	}
+	before := heap()
+	for _, w := range clients {
+		w.write(burst)
+		w.send(1, &queueDeclare{Queue: "paged", Passive: true})
+		w.expect(1, idQueueDeclareOk)
+	}
+	if paged, _, _ := queuePaged(b.srv, "/", "paged"); paged < conns*3000*9/10 {
+		t.Fatalf("%d paged, want most of %d", paged, conns*3000)
+	}
+	// The paged refs take 16 octets a message; what each idle connection keeps besides
+	// must be far less than its batch list and spares.
+	refs := uint64(conns * 3000 * 16)
+	var per uint64
+	for range 20 {
+		time.Sleep(idleAfter)
+		per = 0
+		if h := heap(); h > before+refs {
+			per = (h - before - refs) / conns
+		}
+		if per < 32<<10 {
+			t.Logf("%d octets of heap per idle publisher past its paged refs", per)
+			return
+		}
+	}
+	t.Fatalf("%d octets of heap per idle publisher past its paged refs, want under 32 KiB", per)
 }
