@@ -988,10 +988,7 @@ func (sh *shortOfFollowers) check(n *clusterNode, log *slog.Logger) {
 		return
 	}
 	sh.next = now.Add(time.Second)
-	need := n.cfg.MinInSync
-	if need < 0 {
-		need = n.rs.required() // auto: 1 while a follower that was in sync is alive
-	}
+	need := n.rs.required() // under auto: 1 while a follower that was in sync is alive
 	inSync := 0
 	for _, f := range n.rs.status() {
 		if f.inSync {

@@ -695,8 +695,8 @@ const maxSpareBytes = maxRouted * 256
 // maxSpareBytes, until the connection falls idle; newMessage looks at the last one kept
 // only, so a publisher mixing sizes reuses less.
 func (c *conn) spareMessage(m *message) {
-	room := cap(m.data)
-	if room != inlineRoom(len(m.data)) || c.spareBytes+room > maxSpareBytes {
+	room, i := cap(m.data), inlineClass(len(m.data))
+	if i < 0 || room != inlineMessages[i].room || c.spareBytes+room > maxSpareBytes {
 		return
 	}
 	*m = message{data: m.data[:0]}
@@ -707,15 +707,19 @@ func (c *conn) spareMessage(m *message) {
 // newMessage is newMessage(size), reusing a spare message of the same room when the last
 // one kept has it.
 func (c *conn) newMessage(size int) *message {
+	i := inlineClass(size)
+	if i < 0 {
+		return new(message)
+	}
 	if k := len(c.spareMsgs); k > 0 {
-		if m := c.spareMsgs[k-1]; cap(m.data) == inlineRoom(size) {
+		if m := c.spareMsgs[k-1]; cap(m.data) == inlineMessages[i].room {
 			c.spareMsgs[k-1] = nil
 			c.spareMsgs = c.spareMsgs[:k-1]
 			c.spareBytes -= cap(m.data)
 			return m
 		}
 	}
-	return newMessage(size)
+	return inlineMessages[i].alloc()
 }
 
 // isPublishFrame reports whether f is part of a publish: what the memory alarm blocks.

@@ -55,20 +55,18 @@ func (m *message) headers() table {
 // takes at most size octets, when that is small, has its buffer in the same allocation:
 // one object per message on the publish path instead of two. Larger ones get nil data.
 func newMessage(size int) *message {
-	for _, c := range &inlineMessages {
-		if size <= c.room {
-			return c.alloc()
-		}
+	if i := inlineClass(size); i >= 0 {
+		return inlineMessages[i].alloc()
 	}
 	return new(message)
 }
 
-// inlineRoom is the room newMessage gives a message of size octets inline, or -1 when
-// it has none.
-func inlineRoom(size int) int {
-	for _, c := range &inlineMessages {
-		if size <= c.room {
-			return c.room
+// inlineClass is the index in inlineMessages of the room newMessage gives a message of
+// size octets, or -1 when it has none.
+func inlineClass(size int) int {
+	for i := range inlineMessages {
+		if size <= inlineMessages[i].room {
+			return i
 		}
 	}
 	return -1
