@@ -1207,15 +1207,9 @@ func TestPagedPublishReuseStress(t *testing.T) {
 	b := startDurable(t, Config{PageOutBytes: 1 << 10})
 	conn := dial(t, b.url)
 	ch := openChannel(t, conn)
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
 	declare := func(name string, durable bool, args amqp091.Table) {
 		_, err := ch.QueueDeclare(name, durable, false, false, false, args)
-		must(err)
+		mustOK(t, err)
 	}
 	declare("plain", false, nil)
 	declare("durable", true, nil)
@@ -1230,26 +1224,26 @@ func TestPagedPublishReuseStress(t *testing.T) {
 	declare("aeq", false, nil)
 	declare("pri", false, amqp091.Table{"x-max-priority": int32(5)})
 	declare("sac", false, amqp091.Table{"x-single-active-consumer": true})
-	must(ch.ExchangeDeclare("top", "topic", false, false, false, false, nil))
-	must(ch.QueueBind("ttl", "a.*", "top", false, nil))
-	must(ch.ExchangeDeclare("hx", "headers", false, false, false, false, nil))
-	must(ch.QueueBind("hq", "", "hx", false, amqp091.Table{"x-match": "any", "k": "v"}))
-	must(ch.ExchangeDeclare("e1", "direct", false, false, false, false, nil))
-	must(ch.ExchangeDeclare("e2", "fanout", false, false, false, false, nil))
-	must(ch.ExchangeBind("e2", "k", "e1", false, nil))
-	must(ch.QueueBind("e2q", "", "e2", false, nil))
-	must(ch.ExchangeDeclare("aefan", "fanout", false, false, false, false, nil))
-	must(ch.QueueBind("aeq", "", "aefan", false, nil))
-	must(ch.ExchangeDeclare("aex", "direct", false, false, false, false, amqp091.Table{"alternate-exchange": "aefan"}))
+	mustOK(t, ch.ExchangeDeclare("top", "topic", false, false, false, false, nil))
+	mustOK(t, ch.QueueBind("ttl", "a.*", "top", false, nil))
+	mustOK(t, ch.ExchangeDeclare("hx", "headers", false, false, false, false, nil))
+	mustOK(t, ch.QueueBind("hq", "", "hx", false, amqp091.Table{"x-match": "any", "k": "v"}))
+	mustOK(t, ch.ExchangeDeclare("e1", "direct", false, false, false, false, nil))
+	mustOK(t, ch.ExchangeDeclare("e2", "fanout", false, false, false, false, nil))
+	mustOK(t, ch.ExchangeBind("e2", "k", "e1", false, nil))
+	mustOK(t, ch.QueueBind("e2q", "", "e2", false, nil))
+	mustOK(t, ch.ExchangeDeclare("aefan", "fanout", false, false, false, false, nil))
+	mustOK(t, ch.QueueBind("aeq", "", "aefan", false, nil))
+	mustOK(t, ch.ExchangeDeclare("aex", "direct", false, false, false, false, amqp091.Table{"alternate-exchange": "aefan"}))
 	// A fanout to a queue and to a delayed exchange: the queue pages its copy at once,
 	// the delayed exchange holds the same message until it falls due.
 	declare("held", false, nil)
 	declare("due", false, nil)
-	must(ch.ExchangeDeclare("fx", "fanout", false, false, false, false, nil))
-	must(ch.QueueBind("held", "", "fx", false, nil))
+	mustOK(t, ch.ExchangeDeclare("fx", "fanout", false, false, false, false, nil))
+	mustOK(t, ch.QueueBind("held", "", "fx", false, nil))
 	delayedDeclare(t, ch, "dx", "fanout", false)
-	must(ch.ExchangeBind("dx", "", "fx", false, nil))
-	must(ch.QueueBind("due", "", "dx", false, nil))
+	mustOK(t, ch.ExchangeBind("dx", "", "fx", false, nil))
+	mustOK(t, ch.QueueBind("due", "", "dx", false, nil))
 
 	var mu sync.Mutex
 	seen := map[string]string{} // message id (and for a fanout, its queue): where it was seen
@@ -1275,7 +1269,7 @@ func TestPagedPublishReuseStress(t *testing.T) {
 	var consumers sync.WaitGroup
 	for _, name := range []string{"cons", "sac"} {
 		ds, err := consCh.Consume(name, "", false, false, false, false, nil)
-		must(err)
+		mustOK(t, err)
 		consumers.Go(func() {
 			for d := range ds {
 				if err := record(name, d.Body); err != nil {
@@ -1357,7 +1351,7 @@ func TestPagedPublishReuseStress(t *testing.T) {
 	getAll := func(name string) {
 		for {
 			d, ok, err := ch.Get(name, true)
-			must(err)
+			mustOK(t, err)
 			if !ok {
 				return
 			}

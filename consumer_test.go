@@ -786,21 +786,30 @@ func TestRoundRobinBetweenConsumers(t *testing.T) {
 	}
 }
 
-func TestPrefetchPerConsumer(t *testing.T) {
-	t.Parallel()
+// twoConsumersWithPrefetch starts consumers a and b of queue q on one channel with
+// basic.qos prefetch (global or per consumer), then publishes ten messages to q on
+// another channel, which it returns.
+func twoConsumersWithPrefetch(t *testing.T, prefetch int, global bool) (pub *amqp091.Channel, a, b <-chan amqp091.Delivery) {
+	t.Helper()
 	_, url := newTestServer(t)
 	c := dial(t, url)
 	ch := openChannel(t, c)
 	declareTransientQueue(t, ch, "q")
-	if err := ch.Qos(2, 0, false); err != nil {
+	if err := ch.Qos(prefetch, 0, global); err != nil {
 		t.Fatal(err)
 	}
-	a := consumeTagged(t, ch, "q", "a")
-	b := consumeTagged(t, ch, "q", "b")
-	pub := openChannel(t, c)
+	a = consumeTagged(t, ch, "q", "a")
+	b = consumeTagged(t, ch, "q", "b")
+	pub = openChannel(t, c)
 	for i := range 10 {
 		publishText(t, pub, "", "q", strconv.Itoa(i))
 	}
+	return pub, a, b
+}
+
+func TestPrefetchPerConsumer(t *testing.T) {
+	t.Parallel()
+	pub, a, b := twoConsumersWithPrefetch(t, 2, false)
 	if n := queueReady(t, pub, "q"); n != 6 {
 		t.Fatalf("%d ready, want 6 (two consumers, prefetch 2 each)", n)
 	}
@@ -824,19 +833,7 @@ func TestPrefetchPerConsumer(t *testing.T) {
 
 func TestPrefetchGlobal(t *testing.T) {
 	t.Parallel()
-	_, url := newTestServer(t)
-	c := dial(t, url)
-	ch := openChannel(t, c)
-	declareTransientQueue(t, ch, "q")
-	if err := ch.Qos(3, 0, true); err != nil {
-		t.Fatal(err)
-	}
-	a := consumeTagged(t, ch, "q", "a")
-	b := consumeTagged(t, ch, "q", "b")
-	pub := openChannel(t, c)
-	for i := range 10 {
-		publishText(t, pub, "", "q", strconv.Itoa(i))
-	}
+	pub, a, b := twoConsumersWithPrefetch(t, 3, true)
 	if n := queueReady(t, pub, "q"); n != 7 {
 		t.Fatalf("%d ready, want 7 (prefetch 3 for the whole channel)", n)
 	}

@@ -1177,3 +1177,11 @@ func amqpdBinary(t *testing.T) string {
 	}
 	return filepath.Join(amqpdDir, "amqpd")
 }
+
+// mustOK fails the test at once on err.
+func mustOK(t testing.TB, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1091,14 +1091,8 @@ func TestPagingStress(t *testing.T) {
 	b := startDurable(t, cfg)
 	conn := dial(t, b.url)
 	ch := openChannel(t, conn)
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	must(ch.ExchangeDeclare("fan", "fanout", true, false, false, false, nil))
-	must(ch.ExchangeDeclare("dlx", "fanout", true, false, false, false, nil))
+	mustOK(t, ch.ExchangeDeclare("fan", "fanout", true, false, false, false, nil))
+	mustOK(t, ch.ExchangeDeclare("dlx", "fanout", true, false, false, false, nil))
 	queues := map[string]amqp091.Table{
 		"ttl":   {"x-dead-letter-exchange": "dlx", "x-message-ttl": int32(30)},
 		"max":   {"x-dead-letter-exchange": "dlx", "x-max-length": int32(40)},
@@ -1109,22 +1103,22 @@ func TestPagingStress(t *testing.T) {
 	names := []string{"ttl", "max", "limit", "plain", "rpdlx", "dlq", "tr"}
 	for name, args := range queues {
 		_, err := ch.QueueDeclare(name, true, false, false, false, args)
-		must(err)
-		must(ch.QueueBind(name, "", "fan", false, nil))
+		mustOK(t, err)
+		mustOK(t, ch.QueueBind(name, "", "fan", false, nil))
 	}
 	_, err := ch.QueueDeclare("dlq", true, false, false, false, nil)
-	must(err)
-	must(ch.QueueBind("dlq", "", "dlx", false, nil))
+	mustOK(t, err)
+	mustOK(t, ch.QueueBind("dlq", "", "dlx", false, nil))
 	_, err = ch.QueueDeclare("tr", false, false, false, false, amqp091.Table{"x-dead-letter-exchange": "dlx"})
-	must(err)
-	must(ch.QueueBind("tr", "", "fan", false, nil))
+	mustOK(t, err)
+	mustOK(t, ch.QueueBind("tr", "", "fan", false, nil))
 
 	cons := openChannel(t, conn)
-	must(cons.Qos(20, 0, false))
+	mustOK(t, cons.Qos(20, 0, false))
 	var deliveries []<-chan amqp091.Delivery
 	for _, q := range []string{"limit", "plain", "tr"} {
 		d, err := cons.Consume(q, "", false, false, false, false, nil)
-		must(err)
+		mustOK(t, err)
 		deliveries = append(deliveries, d)
 	}
 	pub := openChannel(t, conn)
@@ -1137,11 +1131,11 @@ func TestPagingStress(t *testing.T) {
 				mode = 1
 			}
 			body := make([]byte, 100+rng.Intn(3000))
-			must(pub.Publish("fan", "", false, false, amqp091.Publishing{DeliveryMode: mode, MessageId: strconv.Itoa(i), Body: body}))
+			mustOK(t, pub.Publish("fan", "", false, false, amqp091.Publishing{DeliveryMode: mode, MessageId: strconv.Itoa(i), Body: body}))
 		case op < 75:
 			q := names[rng.Intn(len(names))]
 			d, ok, err := ch.Get(q, false)
-			must(err)
+			mustOK(t, err)
 			if ok {
 				switch rng.Intn(3) {
 				case 0:
@@ -1169,10 +1163,10 @@ func TestPagingStress(t *testing.T) {
 			}
 		default:
 			_, err := ch.QueuePurge(names[rng.Intn(len(names))], false)
-			must(err)
+			mustOK(t, err)
 		}
 	}
-	must(cons.Close())
+	mustOK(t, cons.Close())
 	// Drain: everything, dead-letters included, until all is quiet.
 	for round := 0; ; round++ {
 		b.srv.dead.wait()
@@ -1195,7 +1189,7 @@ func TestPagingStress(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	must(b.srv.store.sync())
+	mustOK(t, b.srv.store.sync())
 	for _, q := range names {
 		qq := testQueue(b.srv, q)
 		qq.mu.Lock()
