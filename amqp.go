@@ -33,11 +33,14 @@
 //
 // Each connection has a reader goroutine, and a writer goroutine while it has frames to
 // send. The reader owns the socket's bufio.Reader and every channel's state, and runs
-// channel methods inline: there is no goroutine per channel or per message. The writer owns
-// the socket's write side: any goroutine appends encoded frames to the connection's outbox
-// (a mutex-guarded byte slice), starting the writer if none runs; the writer swaps the
-// outbox for its spare buffer and writes the whole batch with one system call, so frames
-// produced in a burst share one write, and ends when it finds the outbox empty. One sweep
+// channel methods inline: there is no goroutine per channel or per message. It routes each
+// publish as it completes and enqueues what it routed at the end of the client's burst of
+// frames (at most 1,024 publishes), before any other method, taking each queue's lock once
+// per burst. The writer owns the socket's write side: any goroutine appends encoded frames,
+// or deliveries still to encode, to the connection's outbox (mutex-guarded), starting the
+// writer if none runs; the writer swaps the outbox for its spare buffers, encodes the
+// deliveries and writes the whole batch with one system call, so frames produced in a
+// burst share one write, and ends when it finds the outbox empty. One sweep
 // for the whole server, every resourceCheckInterval, queues a heartbeat on each connection
 // that has written nothing for half its heartbeat interval; the reader gives up after two
 // intervals of silence. A reader without input for a moment drops its buffers and hands
@@ -56,6 +59,30 @@
 // Messages held by x-delayed-message exchanges wait in one heap per server with one timer
 // (delayed.go); when it fires, the timer's goroutine routes what is due, enqueueing (and
 // so dispatching) as a publisher does.
+//
+// # Files
+//
+// For a reader auditing the package, what each file owns:
+//
+//   - amqp.go: Server, Config and the public API; resource alarms and the health state.
+//   - frame.go: frames, field tables and the frame reader; methods.go: every method's
+//     struct and codec, generated from the spec by gen_methods.go; errors.go: reply codes.
+//   - conn.go: a connection's handshake, reader and routed bursts; outbox.go: its outbox
+//     and writer, and the encoding of deliveries.
+//   - channel.go: channel methods (publish, consume, get, ack, qos, tx, confirms);
+//     consumer.go: a queue's consumers and the delivery of runs to a channel.
+//   - vhost.go: virtual hosts; exchange.go: exchanges and routing; policy.go: policies.
+//   - queue.go: queues and their ready messages; spill.go: paging to disk.
+//   - deadletter.go, delayed.go, replyto.go: dead-lettering, delayed exchanges, direct
+//     reply-to.
+//   - wal.go (with wal_linux.go and wal_other.go): the log's format, writer and segments;
+//     store.go: what the broker logs, compaction and recovery; check.go: the offline check.
+//   - auth.go: users, password hashes, permissions and login.
+//   - http.go, api.go, apidefs.go: the management HTTP API; loopback.go: the AMQP sessions
+//     it acts through; definitions.go: definitions; ui.go: the web UI; metrics.go (with
+//     metrics_linux.go and metrics_other.go): Prometheus metrics.
+//   - cluster.go, etcd.go: election and a node's roles; replication.go: the leader's side
+//     of log replication, follower.go the follower's.
 package amqp
 
 import (
