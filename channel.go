@@ -315,7 +315,7 @@ func (ch *channel) handleMethod(id uint32, d decoder) error {
 		if !m.Active {
 			// As RabbitMQ: a client may not stop its deliveries this way (540, which closes
 			// the connection); basic.qos and basic.cancel do that.
-			return notImplemented("active=false")
+			return withMethod(notImplemented("active=false"), id)
 		}
 		ch.send(&channelFlowOk{Active: true})
 	case idChannelFlowOk:

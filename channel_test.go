@@ -1080,6 +1080,12 @@ func TestChannelFlow(t *testing.T) {
 		t.Fatalf("flow active=false: %v, want 540 NOT_IMPLEMENTED - active=false", err)
 	}
 	awaitCloseCode(t, closed, 540)
+	// As in RabbitMQ, the connection.close names the method that failed: channel.flow.
+	srv, _ := newTestServer(t)
+	w := wireConnect(t, srv.Addr().String(), wireOpts{})
+	w.openChannel(1)
+	w.sendMethod(1, &channelFlow{Active: false})
+	w.expectConnClose(replyNotImplemented, classChannel, 20)
 }
 
 // A publisher confirm goes out only once its message is in the queue: the reader holds a
