@@ -10,10 +10,11 @@ import (
 )
 
 // fuzzFrames turns fuzz input into frames: each record is a kind octet (its low two bits
-// the frame type: method, header, body or heartbeat; the next two the channel, 0 to 3), a
-// length octet, and that many octets of payload, which the frame carries whole, with a
-// correct size and frame end. The broker then sees frames in any order and with any
-// contents, rather than the framing errors raw mutated bytes mostly make.
+// the frame type: method, header, body or heartbeat; the next two the channel, 0 to 3; the
+// next two how many times the frame is sent, less one), a length octet, and that many
+// octets of payload, which the frame carries whole, with a correct size and frame end. The
+// broker then sees frames in any order, repeated, and with any contents, rather than the
+// framing errors raw mutated bytes mostly make.
 func fuzzFrames(data []byte) []byte {
 	types := [4]uint8{frameMethod, frameHeader, frameBody, frameHeartbeat}
 	var out []byte
@@ -21,7 +22,10 @@ func fuzzFrames(data []byte) []byte {
 		kind, n := data[0], int(data[1])
 		data = data[2:]
 		n = min(n, len(data))
-		out = append(out, wireFrame(types[kind&3], uint16(kind>>2&3), data[:n])...)
+		frame := wireFrame(types[kind&3], uint16(kind>>2&3), data[:n])
+		for range 1 + kind>>4&3 {
+			out = append(out, frame...)
+		}
 		data = data[n:]
 	}
 	return out
