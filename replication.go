@@ -310,6 +310,8 @@ type replicaServer struct {
 
 	isrDone atomic.Uint64 // the last version of the in-sync set published (publishISR)
 	isrWake chan struct{} // 1 slot: the set changed
+	// isrPublished is closed, and replaced, each time isrDone grows (guarded by mu).
+	isrPublished chan struct{}
 
 	mu        sync.Mutex
 	events    []replEvent                // guarded by mu: files changed, oldest first
@@ -379,7 +381,7 @@ func newReplicaServer(w *wal, opt replicaOptions) *replicaServer {
 		opt.log = w.log
 	}
 	rs := &replicaServer{w: w, opt: opt, stop: make(chan struct{}), followers: make(map[*replFollower]struct{}),
-		conns: make(map[net.Conn]struct{}), isrWake: make(chan struct{}, 1), isrNames: []string{},
+		conns: make(map[net.Conn]struct{}), isrWake: make(chan struct{}, 1), isrPublished: make(chan struct{}), isrNames: []string{},
 		start: w.writtenTo.Load()}
 	rs.floor = rs.start
 	rs.recomputeLocked() // not shared yet
@@ -517,6 +519,10 @@ func (rs *replicaServer) publishMembers() {
 			}
 			failing = false
 			rs.isrDone.Store(want)
+			rs.mu.Lock()
+			close(rs.isrPublished)
+			rs.isrPublished = make(chan struct{})
+			rs.mu.Unlock()
 			rs.w.kick()
 			continue
 		}
@@ -709,14 +715,19 @@ func (rs *replicaServer) unname(f *replFollower) error {
 	if rs.opt.publishISR == nil {
 		return nil
 	}
-	for rs.isrDone.Load() < v {
+	for {
+		rs.mu.Lock()
+		published := rs.isrPublished
+		rs.mu.Unlock()
+		if rs.isrDone.Load() >= v {
+			return nil
+		}
 		select {
 		case <-rs.stop:
 			return errReplClosed
-		case <-time.After(5 * time.Millisecond):
+		case <-published:
 		}
 	}
-	return nil
 }
 
 // handle runs one follower's session.
