@@ -35,12 +35,15 @@
 // send. The reader owns the socket's bufio.Reader and every channel's state, and runs
 // channel methods inline: there is no goroutine per channel or per message. It routes each
 // publish as it completes and enqueues what it routed at the end of the client's burst of
-// frames (at most 1,024 publishes), before any other method, taking each queue's lock once
-// per burst. The writer owns the socket's write side: any goroutine appends encoded frames,
-// or deliveries still to encode, to the connection's outbox (mutex-guarded), starting the
-// writer if none runs; the writer swaps the outbox for its spare buffers, encodes the
-// deliveries and writes the whole batch with one system call, so frames produced in a
-// burst share one write, and ends when it finds the outbox empty. One sweep
+// frames (or every 1,024 message-queue pairs), before any other method, taking each queue's
+// lock once per burst; a queue that may refuse a publish (x-overflow reject-publish) gets
+// it at once. The writer owns the socket's write side: any goroutine appends encoded
+// frames, or deliveries still to encode, to the connection's outbox (mutex-guarded),
+// starting the writer if none runs; the writer swaps the outbox for its spare buffers,
+// encodes the deliveries and writes the whole batch with one system call, so frames
+// produced in a burst share one write, and ends when it finds the outbox empty. (A
+// delivery with a large body is encoded when it is queued, its body written from the
+// message; one queued behind a method frame is encoded with it.) One sweep
 // for the whole server, every resourceCheckInterval, queues a heartbeat on each connection
 // that has written nothing for half its heartbeat interval; the reader gives up after two
 // intervals of silence. A reader without input for a moment drops its buffers and hands
@@ -71,8 +74,9 @@
 //     and writer, and the encoding of deliveries.
 //   - channel.go: channel methods (publish, consume, get, ack, qos, tx, confirms);
 //     consumer.go: a queue's consumers and the delivery of runs to a channel.
-//   - vhost.go: virtual hosts; exchange.go: exchanges and routing; policy.go: policies.
-//   - queue.go: queues and their ready messages; spill.go: paging to disk.
+//   - vhost.go: virtual hosts; exchange.go: exchanges, routing and the exchange methods;
+//     policy.go: policies and the x- arguments of queues.
+//   - queue.go: queues, their ready messages and the queue methods; spill.go: paging.
 //   - deadletter.go, delayed.go, replyto.go: dead-lettering, delayed exchanges, direct
 //     reply-to.
 //   - wal.go (with wal_linux.go and wal_other.go): the log's format, writer and segments;

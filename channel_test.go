@@ -1068,7 +1068,7 @@ func TestUserIDValidated(t *testing.T) {
 // NOT_IMPLEMENTED "active=false", which closes the connection.
 func TestChannelFlow(t *testing.T) {
 	t.Parallel()
-	_, url := newTestServer(t)
+	srv, url := newTestServer(t)
 	conn := dial(t, url)
 	ch := openChannel(t, conn)
 	if err := ch.Flow(true); err != nil {
@@ -1081,11 +1081,10 @@ func TestChannelFlow(t *testing.T) {
 	}
 	awaitCloseCode(t, closed, 540)
 	// As in RabbitMQ, the connection.close names the method that failed: channel.flow.
-	srv, _ := newTestServer(t)
 	w := wireConnect(t, srv.Addr().String(), wireOpts{})
 	w.openChannel(1)
 	w.sendMethod(1, &channelFlow{Active: false})
-	w.expectConnClose(replyNotImplemented, classChannel, 20)
+	w.expectConnClose(replyNotImplemented, classChannel, 20) // channel.flow
 }
 
 // A publisher confirm goes out only once its message is in the queue: the reader holds a

@@ -310,17 +310,16 @@ type replicaServer struct {
 
 	isrDone atomic.Uint64 // the last version of the in-sync set published (publishISR)
 	isrWake chan struct{} // 1 slot: the set changed
-	// isrPublished is closed, and replaced, each time isrDone grows (guarded by mu).
-	isrPublished chan struct{}
 
-	mu        sync.Mutex
-	events    []replEvent                // guarded by mu: files changed, oldest first
-	evBase    int                        // guarded by mu: events trimmed off the front
-	followers map[*replFollower]struct{} // guarded by mu
-	sessions  uint64                     // guarded by mu: sessions begun
-	conns     map[net.Conn]struct{}      // guarded by mu
-	lns       []net.Listener             // guarded by mu
-	closed    bool                       // guarded by mu
+	mu           sync.Mutex
+	isrPublished chan struct{}              // guarded by mu: closed, and replaced, each time isrDone grows
+	events       []replEvent                // guarded by mu: files changed, oldest first
+	evBase       int                        // guarded by mu: events trimmed off the front
+	followers    map[*replFollower]struct{} // guarded by mu
+	sessions     uint64                     // guarded by mu: sessions begun
+	conns        map[net.Conn]struct{}      // guarded by mu
+	lns          []net.Listener             // guarded by mu
+	closed       bool                       // guarded by mu
 	// The followers in sync and what they all hold. held is the lowest ack among them
 	// when they are minInSync or more, else 0; floor is the highest held ever, which
 	// holds everything confirmed. version counts the set's changes; a held is used only
