@@ -1087,6 +1087,59 @@ func TestChannelFlow(t *testing.T) {
 	w.expectConnClose(replyNotImplemented, classChannel, 20) // channel.flow
 }
 
+// A frame too large for the read buffer may take a while to come over a slow link: what
+// the client published before it is enqueued and confirmed before the reader waits for the
+// frame's octets, not held back until the frame is whole.
+func TestPublishesBeforeALargeFrameAreNotHeldBack(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := rawDial(t, url)
+	c.writeMethod(1, &confirmSelect{})
+	c.writeMethod(1, &queueDeclare{Queue: "q"})
+	c.flush(t)
+	c.expect(t, idConfirmSelectOk)
+	c.expect(t, idQueueDeclareOk)
+	publish := func(b []byte, body []byte) []byte {
+		return appendContent(appendMethodFrame(b, 1, &basicPublish{RoutingKey: "q"}), 1, []byte{0, 0}, body, 131072)
+	}
+	big := publish(nil, bytes.Repeat([]byte("b"), 100_000)) // one body frame of 100,000 octets
+	// The small message whole, then the big one but for the end of its body frame, in one
+	// write: the small one is not at the end of a burst.
+	c.buf = append(publish(c.buf, []byte("small")), big[:len(big)-1000]...)
+	c.flush(t)
+	ackedUpTo := func() uint64 {
+		t.Helper()
+		c.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		defer c.nc.SetReadDeadline(time.Time{})
+		f, err := c.fr.read()
+		if err != nil {
+			t.Fatalf("waiting for a confirm: %v", err)
+		}
+		id, d, err := methodHeader(f.payload)
+		if err != nil || id != idBasicAck {
+			t.Fatalf("got %s, want basic.ack", methodName(id))
+		}
+		m := basicAck{}
+		m.decode(&d)
+		return m.DeliveryTag
+	}
+	if tag := ackedUpTo(); tag != 1 {
+		t.Fatalf("confirmed up to %d while the large frame is incomplete, want 1", tag)
+	}
+	ch := openChannel(t, dial(t, url))
+	if d, ok, err := ch.Get("q", true); err != nil || !ok || string(d.Body) != "small" {
+		t.Fatalf("basic.get: %q, %v, %v; want the small message while the large frame is incomplete", d.Body, ok, err)
+	}
+	c.buf = append(c.buf, big[len(big)-1000:]...)
+	c.flush(t)
+	if tag := ackedUpTo(); tag != 2 {
+		t.Fatalf("confirmed up to %d, want 2", tag)
+	}
+	if d, ok, err := ch.Get("q", true); err != nil || !ok || len(d.Body) != 100_000 {
+		t.Fatalf("basic.get: %d octets, %v, %v; want the large message", len(d.Body), ok, err)
+	}
+}
+
 // A publisher confirm goes out only once its message is in the queue: the reader holds a
 // burst's messages back until the burst ends, and the log's writer, which confirms a
 // persistent message once it is written, must not confirm one still held back.

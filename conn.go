@@ -134,6 +134,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 	}
 	c.fr = frameReader{r: bufio.NewReaderSize(deadlineReader{c}, firstReadBufferSize), frameMax: frameMinSize}
 	c.fr.bodyDst = c.bodyDst
+	c.fr.beforeLongRead = c.flushBeforeLongRead
 	return c
 }
 
@@ -621,6 +622,17 @@ func (c *conn) flushConfirms() {
 		c.confirms[i] = nil
 	}
 	c.confirms = c.confirms[:0]
+}
+
+// flushBeforeLongRead enqueues and confirms what the client published before a frame too
+// large for the read buffer (a body frame of a large message): its octets may take a
+// while to come over a slow link, and the messages before it are not held back meanwhile.
+// A frame that fits the buffer is not waited for this way; at most a buffer's worth of
+// octets can hold a burst back.
+func (c *conn) flushBeforeLongRead() {
+	if len(c.routed) > 0 || len(c.confirms) > 0 {
+		c.flushConfirms()
+	}
 }
 
 // readPauseWater is the outbox size past which the reader stops reading until the writer

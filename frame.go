@@ -53,7 +53,10 @@ type frameReader struct {
 	// bodyDst, when set, may return where a body frame's payload of size octets on a
 	// channel goes (exactly size long), so it is read there without a copy; nil otherwise.
 	bodyDst func(channel uint16, size int) []byte
-	frames  int // frames read after the handshake, counted until the buffer grows
+	// beforeLongRead, when set, is called before a frame too large for the buffer is read
+	// from the socket: its octets may take a while to come.
+	beforeLongRead func()
+	frames         int // frames read after the handshake, counted until the buffer grows
 }
 
 // grow gives the reader a buffer of size octets reading src, keeping what the old one
@@ -100,6 +103,9 @@ func (fr *frameReader) read() (frame, error) {
 		return f, nil
 	}
 	fr.r.Discard(7)
+	if fr.beforeLongRead != nil {
+		fr.beforeLongRead()
+	}
 	if f.typ == frameBody && fr.bodyDst != nil {
 		if dst := fr.bodyDst(f.channel, int(size)); dst != nil {
 			// Read the body straight into the message it belongs to.
