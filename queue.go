@@ -328,6 +328,7 @@ type queue struct {
 	ahead      *readAhead            // guarded by mu: the window paged messages are read from; nil: none
 	expiry     *time.Timer           // guarded by mu: drops expired messages at the head, when set
 	expiryAt   int64                 // guarded by mu: when expiry fires, in Unix milliseconds
+	judgeAt    int64                 // guarded by mu: while enqueueLocked dispatches a message that may expire, its arrival (nowMillisLocked); else 0
 	lease      *time.Timer           // guarded by mu: deletes a queue with x-expires once unused that long
 	lastUsed   atomic.Int64          // Unix milliseconds of the last basic.get, redeclare or consumer leaving
 	counts     queueCounts           // guarded by mu
@@ -459,7 +460,11 @@ func (q *queue) enqueue(m *message) bool {
 // m, and whether it paged it: the queue then keeps its record on disk, not m itself.
 // q.mu must be held.
 func (q *queue) enqueueLocked(m *message, batch bool) (accepted, paged bool) {
-	e := qentry{msg: m, expires: expiresAt(q.settings().ttl, m.ttl)}
+	var arrived int64 // read only for a message that may expire
+	if qttl := q.settings().ttl; qttl != 0 || m.ttl != 0 {
+		arrived = time.Now().UnixMilli()
+	}
+	e := qentry{msg: m, expires: expiresAtFrom(arrived, q.settings().ttl, m.ttl)}
 	if e.expires != 0 {
 		q.mayExpire = true
 	}
@@ -502,7 +507,12 @@ func (q *queue) enqueueLocked(m *message, batch bool) (accepted, paged bool) {
 		// must meet a consumer now) or in a priority queue (a burst delivered as it came,
 		// not sorted by priority first).
 		if !batch || e.expires != 0 || q.ready.pri != nil {
+			// Judged by its arrival, a message that may expire meets a consumer that can
+			// take it however long the enqueueing took: with x-message-ttl 0 too, as in
+			// RabbitMQ.
+			q.judgeAt = arrived
 			q.dispatchWantedLocked()
+			q.judgeAt = 0
 		}
 	} else {
 		q.dropOverLimitLocked()
@@ -586,20 +596,8 @@ type ttl int64
 
 func newTTL(ms int64) ttl { return ttl(ms + 1) }
 
-// expiresAt is when a message enqueued now expires, under the lower of the queue's
-// x-message-ttl and the message's expiration: Unix milliseconds, or 0 for never.
-func expiresAt(queue, msg ttl) int64 {
-	t := queue
-	if t == 0 || msg != 0 && msg < t {
-		t = msg
-	}
-	if t == 0 {
-		return 0
-	}
-	return time.Now().UnixMilli() + int64(t) - 1 // t ≤ maxTTL+1: no overflow
-}
-
-// expiresAtFrom is expiresAt for a message enqueued at now.
+// expiresAtFrom returns when a message enqueued at now (Unix milliseconds) expires under
+// the queue's and its own time to live (the shorter), or 0 when neither is set.
 func expiresAtFrom(now int64, queue, msg ttl) int64 {
 	t := queue
 	if t == 0 || msg != 0 && msg < t {
@@ -608,7 +606,7 @@ func expiresAtFrom(now int64, queue, msg ttl) int64 {
 	if t == 0 {
 		return 0
 	}
-	return now + int64(t) - 1
+	return now + int64(t) - 1 // t ≤ maxTTL+1: no overflow
 }
 
 // expireLocked drops the expired messages at the head of the queue, as RabbitMQ does: a
@@ -629,12 +627,21 @@ func (q *queue) expireLocked() {
 			return
 		}
 		if now == 0 {
-			now = time.Now().UnixMilli()
+			now = q.nowMillisLocked()
 		}
 		if now <= at || !q.dropHeadLocked(deathExpired) {
 			return
 		}
 	}
+}
+
+// nowMillisLocked is the time, in Unix milliseconds, by which expiry is judged: the clock,
+// or the arrival of the message enqueueLocked is dispatching (judgeAt). q.mu must be held.
+func (q *queue) nowMillisLocked() int64 {
+	if q.judgeAt != 0 {
+		return q.judgeAt
+	}
+	return time.Now().UnixMilli()
 }
 
 // scheduleExpiryLocked arms the timer for the head's expiry, so expired messages leave
@@ -735,7 +742,7 @@ func (q *queue) deliverLocked() {
 	var run deliveryRun
 	defer run.end()
 	for len(q.consumers) > 0 && q.messageCountLocked() > 0 {
-		if at := q.headExpiresLocked(); at != 0 && time.Now().UnixMilli() > at {
+		if at := q.headExpiresLocked(); at != 0 && q.nowMillisLocked() > at {
 			run.end() // expiry may dead-letter: route, and lock other queues
 			n := q.messageCountLocked()
 			q.expireLocked()
