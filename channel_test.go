@@ -1140,6 +1140,28 @@ func TestPublishesBeforeALargeFrameAreNotHeldBack(t *testing.T) {
 	}
 }
 
+// A burst of messages of several KiB each is enqueued 4 MiB at a time: a client whose
+// frames keep the read buffer from running empty does not hold back a thousand of them.
+func TestBurstOfLargerMessagesIsEnqueued4MiBAtATime(t *testing.T) {
+	t.Parallel()
+	_, url := newTestServer(t)
+	c := rawDial(t, url)
+	c.writeMethod(1, &queueDeclare{Queue: "q"})
+	c.flush(t)
+	c.expect(t, idQueueDeclareOk)
+	body := bytes.Repeat([]byte("m"), 20<<10)
+	var one []byte
+	one = appendContent(appendMethodFrame(one, 1, &basicPublish{RoutingKey: "q"}), 1, []byte{0, 0}, body, 131072)
+	// 250 messages (5 MiB), then the first octets of the next frame: the burst never ends.
+	for range 250 {
+		c.buf = append(c.buf, one...)
+	}
+	c.buf = append(c.buf, one[:5]...)
+	c.flush(t)
+	ch := openChannel(t, dial(t, url))
+	pollFor(t, "the first 4 MiB of the burst enqueued", func() bool { return queueReady(t, ch, "q") >= 200 })
+}
+
 // A publisher confirm goes out only once its message is in the queue: the reader holds a
 // burst's messages back until the burst ends, and the log's writer, which confirms a
 // persistent message once it is written, must not confirm one still held back.

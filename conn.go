@@ -61,6 +61,7 @@ type conn struct {
 	exclusive   []*queue    // exclusive queues declared here, deleted when the connection ends
 	confirms    []*channel  // channels with publishes to confirm at the next flush
 	routed      []routedMsg // publishes routed and not yet enqueued (addRouted)
+	routedBytes int         // the data of routed's messages (maxRoutedBytes)
 	spareMsgs   []*message  // paged publishes' messages, for the next publishes (newMessage)
 	spareBytes  int         // the room of spareMsgs
 	parked      []*channel  // channels with confirms waiting for routed to be enqueued
@@ -660,10 +661,18 @@ const maxRouted = 1024
 // acks contending for it all the time.
 func (c *conn) addRouted(q *queue, m *message, sole bool) {
 	c.routed = append(c.routed, routedMsg{q, m, sole})
-	if len(c.routed) >= maxRouted {
+	c.routedBytes += len(m.data)
+	if len(c.routed) >= maxRouted || c.routedBytes >= maxRoutedBytes {
 		c.flushRouted()
 	}
 }
+
+// maxRoutedBytes bounds the data a connection routes before it enqueues it, as maxRouted
+// bounds the messages: a client streaming messages of several KiB, whose reads seldom end
+// on a frame's end, is not held back for a thousand of them (a message's data counts once
+// per queue). Messages under 4 KiB meet maxRouted first (e2e 1 KiB was 5 % slower with a
+// bound of 1 MiB).
+const maxRoutedBytes = 4 << 20
 
 // flushRouted enqueues the routed messages, in order, each queue's under one hold of its
 // lock.
@@ -688,7 +697,7 @@ func (c *conn) flushRouted() {
 		}
 		q.unlockAndDispatch()
 	}
-	c.routed = r[:0]
+	c.routed, c.routedBytes = r[:0], 0
 	for i, ch := range c.parked {
 		ch.unpark()
 		c.parked[i] = nil
