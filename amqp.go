@@ -35,20 +35,20 @@
 // send. The reader owns the socket's bufio.Reader and every channel's state, and runs
 // channel methods inline: there is no goroutine per channel or per message. It routes each
 // publish as it completes and enqueues what it routed at the end of the client's burst of
-// frames (or every 1,024 message-queue pairs), before any other method, taking each queue's
-// lock once per burst; a queue that may refuse a publish (x-overflow reject-publish) gets
-// it at once. The writer owns the socket's write side: any goroutine appends encoded
-// frames, or deliveries still to encode, to the connection's outbox (mutex-guarded),
-// starting the writer if none runs; the writer swaps the outbox for its spare buffers,
-// encodes the deliveries and writes the whole batch with one system call, so frames
-// produced in a burst share one write, and ends when it finds the outbox empty. (A
-// delivery with a large body is encoded when it is queued, its body written from the
-// message; one queued behind a method frame is encoded with it.) One sweep
-// for the whole server, every resourceCheckInterval, queues a heartbeat on each connection
-// that has written nothing for half its heartbeat interval; the reader gives up after two
-// intervals of silence. A reader without input for a moment drops its buffers and hands
-// over to a fresh goroutine, whose stack is the smallest, to wait: an idle connection holds
-// about 2 KiB of stack and 3 KiB of heap.
+// frames (or every 1,024 message-queue pairs or 4 MiB of their data, and before a frame too
+// large for the read buffer), before any other method, taking each queue's lock once per
+// burst; a queue that may refuse a publish (x-overflow reject-publish) gets it at once. The
+// writer owns the socket's write side: any goroutine appends encoded frames, or deliveries
+// still to encode, to the connection's outbox (mutex-guarded), starting the writer if none
+// runs; the writer swaps the outbox for its spare buffers, encodes the deliveries and
+// writes the whole batch with one system call, so frames produced in a burst share one
+// write, and ends when it finds the outbox empty. (A delivery with a large body is encoded
+// when it is queued, its body written from the message; one queued behind a method frame is
+// encoded with it.) One sweep for the whole server, every resourceCheckInterval, queues a
+// heartbeat on each connection that has written nothing for half its heartbeat interval;
+// the reader gives up after two intervals of silence. A reader without input for a moment
+// drops its buffers and hands over to a fresh goroutine, whose stack is the smallest, to
+// wait: an idle connection holds about 2 KiB of stack and 3 KiB of heap.
 //
 // Lock order: Server.defsMu → Server.reloadMu → Server.metrics.scanMu → Server.mu → vhost.mu →
 // queue.mu → channel.mu → channel.cmu → conn.outMu; wal.mu, loginLimiter.mu,
