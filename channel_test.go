@@ -1149,17 +1149,22 @@ func TestBurstOfLargerMessagesIsEnqueued4MiBAtATime(t *testing.T) {
 	c.writeMethod(1, &queueDeclare{Queue: "q"})
 	c.flush(t)
 	c.expect(t, idQueueDeclareOk)
-	body := bytes.Repeat([]byte("m"), 20<<10)
+	// Bodies of 12 KiB fit the read buffer once it has grown (readBufferSize): from then on
+	// no frame is too large for it, and only the 4 MiB bound ends a batch.
+	body := bytes.Repeat([]byte("m"), 12<<10)
 	var one []byte
 	one = appendContent(appendMethodFrame(one, 1, &basicPublish{RoutingKey: "q"}), 1, []byte{0, 0}, body, 131072)
-	// 250 messages (5 MiB), then the first octets of the next frame: the burst never ends.
-	for range 250 {
+	// 450 messages (5.3 MiB), then the first octets of the next frame: the burst never ends.
+	for range 450 {
 		c.buf = append(c.buf, one...)
 	}
 	c.buf = append(c.buf, one[:5]...)
 	c.flush(t)
 	ch := openChannel(t, dial(t, url))
-	pollFor(t, "the first 4 MiB of the burst enqueued", func() bool { return queueReady(t, ch, "q") >= 200 })
+	// Without the bound only the first frames, read while the buffer was too small for
+	// them, would be ready (flushBeforeLongRead): at most growReadAfter.
+	perBatch := maxRoutedBytes / (len(body) + 3) // a message's data: key "q", flags, body
+	pollFor(t, "the first 4 MiB of the burst enqueued", func() bool { return queueReady(t, ch, "q") >= perBatch })
 }
 
 // A publisher confirm goes out only once its message is in the queue: the reader holds a

@@ -631,6 +631,9 @@ func (c *conn) flushConfirms() {
 // A frame that fits the buffer is not waited for this way; at most a buffer's worth of
 // octets can hold a burst back.
 func (c *conn) flushBeforeLongRead() {
+	if c.closing.Load() {
+		return // after connection.close, no confirm goes out (readFrames enqueues the rest)
+	}
 	if len(c.routed) > 0 || len(c.confirms) > 0 {
 		c.flushConfirms()
 	}

@@ -328,7 +328,6 @@ type queue struct {
 	ahead      *readAhead            // guarded by mu: the window paged messages are read from; nil: none
 	expiry     *time.Timer           // guarded by mu: drops expired messages at the head, when set
 	expiryAt   int64                 // guarded by mu: when expiry fires, in Unix milliseconds
-	judgeAt    int64                 // guarded by mu: while enqueueLocked dispatches a message that may expire, its arrival (nowMillisLocked); else 0
 	lease      *time.Timer           // guarded by mu: deletes a queue with x-expires once unused that long
 	lastUsed   atomic.Int64          // Unix milliseconds of the last basic.get, redeclare or consumer leaving
 	counts     queueCounts           // guarded by mu
@@ -507,12 +506,15 @@ func (q *queue) enqueueLocked(m *message, batch bool) (accepted, paged bool) {
 		// must meet a consumer now) or in a priority queue (a burst delivered as it came,
 		// not sorted by priority first).
 		if !batch || e.expires != 0 || q.ready.pri != nil {
-			// Judged by its arrival, a message that may expire meets a consumer that can
-			// take it however long the enqueueing took: with x-message-ttl 0 too, as in
-			// RabbitMQ.
-			q.judgeAt = arrived
-			q.dispatchWantedLocked()
-			q.judgeAt = 0
+			// A message alone in q, and so at its head, is judged by its arrival: one that
+			// may expire meets a consumer that can take it however long the enqueueing
+			// took, with x-message-ttl 0 too, as in RabbitMQ.
+			var judge int64
+			if q.messageCountLocked() == 1 {
+				judge = arrived
+			}
+			q.wanted.Store(false)
+			q.dispatchAtLocked(judge)
 		}
 	} else {
 		q.dropOverLimitLocked()
@@ -610,9 +612,13 @@ func expiresAtFrom(now int64, queue, msg ttl) int64 {
 }
 
 // expireLocked drops the expired messages at the head of the queue, as RabbitMQ does: a
-// message with a later expiry ahead of them keeps them until it goes. Dead-lettering is
-// not implemented, so they are gone. q.mu must be held.
-func (q *queue) expireLocked() {
+// message with a later expiry ahead of them keeps them until it goes. They go to the
+// queue's dead-letter exchange, if it has one (dropHeadLocked). q.mu must be held.
+func (q *queue) expireLocked() { q.expireAtLocked(0) }
+
+// expireAtLocked is expireLocked judging expiry by now, in Unix milliseconds, or by the
+// clock when now is 0. q.mu must be held.
+func (q *queue) expireAtLocked(now int64) {
 	if !q.mayExpire {
 		return
 	}
@@ -620,14 +626,13 @@ func (q *queue) expireLocked() {
 		q.mayExpire = false // until a message with an expiry comes (enqueue, requeue)
 		return
 	}
-	var now int64
 	for q.messageCountLocked() > 0 {
 		at := q.headExpiresLocked()
 		if at == 0 {
 			return
 		}
 		if now == 0 {
-			now = q.nowMillisLocked()
+			now = time.Now().UnixMilli()
 		}
 		if now <= at || !q.dropHeadLocked(deathExpired) {
 			return
@@ -635,11 +640,11 @@ func (q *queue) expireLocked() {
 	}
 }
 
-// nowMillisLocked is the time, in Unix milliseconds, by which expiry is judged: the clock,
-// or the arrival of the message enqueueLocked is dispatching (judgeAt). q.mu must be held.
-func (q *queue) nowMillisLocked() int64 {
-	if q.judgeAt != 0 {
-		return q.judgeAt
+// judgedAt is the time expiry is judged by: now, or the clock when now is 0 (Unix
+// milliseconds).
+func judgedAt(now int64) int64 {
+	if now != 0 {
+		return now
 	}
 	return time.Now().UnixMilli()
 }
@@ -730,22 +735,26 @@ func (q *queue) dropOverLimitLocked() {
 
 // dispatchLocked delivers ready messages round-robin to consumers with credit, until
 // either runs out. q.mu must be held.
-func (q *queue) dispatchLocked() {
-	q.expireLocked()
-	q.deliverLocked()
+func (q *queue) dispatchLocked() { q.dispatchAtLocked(0) }
+
+// dispatchAtLocked is dispatchLocked judging expiry by now, in Unix milliseconds, or by
+// the clock when now is 0. q.mu must be held.
+func (q *queue) dispatchAtLocked(now int64) {
+	q.expireAtLocked(now)
+	q.deliverLocked(now)
 	q.dropOverLimitLocked()
 	q.scheduleExpiryLocked()
 }
 
-// deliverLocked is dispatchLocked's delivery loop. q.mu must be held.
-func (q *queue) deliverLocked() {
+// deliverLocked is dispatchAtLocked's delivery loop. q.mu must be held.
+func (q *queue) deliverLocked(now int64) {
 	var run deliveryRun
 	defer run.end()
 	for len(q.consumers) > 0 && q.messageCountLocked() > 0 {
-		if at := q.headExpiresLocked(); at != 0 && q.nowMillisLocked() > at {
+		if at := q.headExpiresLocked(); at != 0 && judgedAt(now) > at {
 			run.end() // expiry may dead-letter: route, and lock other queues
 			n := q.messageCountLocked()
-			q.expireLocked()
+			q.expireAtLocked(now)
 			if q.messageCountLocked() == n {
 				return // the head cannot be dropped before the log's next batch (dispatchAfterBatch)
 			}
