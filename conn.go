@@ -681,22 +681,34 @@ const maxRoutedBytes = 4 << 20
 // lock.
 func (c *conn) flushRouted() {
 	r := c.routed
+	var now int64 // the batch's clock reading (enqueueLocked), once for all of it
+	if len(r) > 0 {
+		now = time.Now().UnixMilli()
+	}
 	for i := range r {
 		q := r[i].q
 		if q == nil {
 			continue
 		}
 		q.mu.Lock()
+		// When q held nothing before, the dispatch judges expiry by the batch's time: a
+		// message of it that may expire meets a consumer that can take it however long the
+		// batch took, with x-message-ttl 0 too, as in RabbitMQ.
+		var judge int64
+		if q.messageCountLocked() == 0 {
+			judge = now
+		}
 		for j := i; j < len(r); j++ {
 			if r[j].q == q {
-				if _, paged := q.enqueueLocked(r[j].m, true); paged && r[j].sole {
+				if _, paged := q.enqueueLocked(r[j].m, now); paged && r[j].sole {
 					c.spareMessage(r[j].m) // its paging record is all that is left of it
 				}
 				r[j] = routedMsg{}
 			}
 		}
 		if len(q.consumers) > 0 {
-			q.dispatchWantedLocked() // first: what a consumer takes is not dropped
+			q.wanted.Store(false)
+			q.dispatchAtLocked(judge) // first: what a consumer takes is not dropped
 		}
 		q.unlockAndDispatch()
 	}

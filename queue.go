@@ -448,20 +448,21 @@ func (q *queue) consumerCount() int {
 func (q *queue) enqueue(m *message) bool {
 	q.mu.Lock()
 	defer q.unlockAndDispatch()
-	accepted, _ := q.enqueueLocked(m, false)
+	accepted, _ := q.enqueueLocked(m, 0)
 	return accepted
 }
 
-// enqueueLocked is enqueue with q.mu held. In a batch (conn.flushRouted) a queue with
-// x-overflow reject-publish refuses nothing, as the batch comes from publishes routed when
-// it did not reject, and whose confirms are counted; and a queue with consumers does not
-// dispatch: the caller does, once for the batch. It reports whether the queue accepted
-// m, and whether it paged it: the queue then keeps its record on disk, not m itself.
-// q.mu must be held.
-func (q *queue) enqueueLocked(m *message, batch bool) (accepted, paged bool) {
-	var arrived int64 // read only for a message that may expire
-	if qttl := q.settings().ttl; qttl != 0 || m.ttl != 0 {
-		arrived = time.Now().UnixMilli()
+// enqueueLocked is enqueue with q.mu held. batchAt, when not 0, is the clock reading
+// (Unix milliseconds) of the batch m is part of (conn.flushRouted): m's expiry counts from
+// it, one reading for the whole batch; a queue with x-overflow reject-publish refuses
+// nothing, as the batch comes from publishes routed when it did not reject, and whose
+// confirms are counted; and a queue with consumers does not dispatch: the caller does,
+// once for the batch. It reports whether the queue accepted m, and whether it paged it:
+// the queue then keeps its record on disk, not m itself. q.mu must be held.
+func (q *queue) enqueueLocked(m *message, batchAt int64) (accepted, paged bool) {
+	batch, arrived := batchAt != 0, batchAt
+	if qttl := q.settings().ttl; !batch && (qttl != 0 || m.ttl != 0) {
+		arrived = time.Now().UnixMilli() // read only for a message that may expire
 	}
 	e := qentry{msg: m, expires: expiresAtFrom(arrived, q.settings().ttl, m.ttl)}
 	if e.expires != 0 {
@@ -502,10 +503,9 @@ func (q *queue) enqueueLocked(m *message, batch bool) (accepted, paged bool) {
 	q.counts.published++
 	if len(q.consumers) > 0 {
 		// Delivers first: what a consumer takes is not dropped. A batch dispatches once at
-		// its end (flushRouted), but not past a message that may expire (with a TTL of 0 it
-		// must meet a consumer now) or in a priority queue (a burst delivered as it came,
+		// its end (flushRouted), but not in a priority queue (a burst delivered as it came,
 		// not sorted by priority first).
-		if !batch || e.expires != 0 || q.ready.pri != nil {
+		if !batch || q.ready.pri != nil {
 			// A message alone in q, and so at its head, is judged by its arrival: one that
 			// may expire meets a consumer that can take it however long the enqueueing
 			// took, with x-message-ttl 0 too, as in RabbitMQ.
@@ -640,15 +640,6 @@ func (q *queue) expireAtLocked(now int64) {
 	}
 }
 
-// judgedAt is the time expiry is judged by: now, or the clock when now is 0 (Unix
-// milliseconds).
-func judgedAt(now int64) int64 {
-	if now != 0 {
-		return now
-	}
-	return time.Now().UnixMilli()
-}
-
 // scheduleExpiryLocked arms the timer for the head's expiry, so expired messages leave
 // a queue nobody consumes. q.mu must be held.
 func (q *queue) scheduleExpiryLocked() {
@@ -751,14 +742,19 @@ func (q *queue) deliverLocked(now int64) {
 	var run deliveryRun
 	defer run.end()
 	for len(q.consumers) > 0 && q.messageCountLocked() > 0 {
-		if at := q.headExpiresLocked(); at != 0 && judgedAt(now) > at {
-			run.end() // expiry may dead-letter: route, and lock other queues
-			n := q.messageCountLocked()
-			q.expireAtLocked(now)
-			if q.messageCountLocked() == n {
-				return // the head cannot be dropped before the log's next batch (dispatchAfterBatch)
+		if at := q.headExpiresLocked(); at != 0 {
+			if now == 0 {
+				now = time.Now().UnixMilli() // once: the run is judged by its start
 			}
-			continue
+			if now > at {
+				run.end() // expiry may dead-letter: route, and lock other queues
+				n := q.messageCountLocked()
+				q.expireAtLocked(now)
+				if q.messageCountLocked() == n {
+					return // the head cannot be dropped before the log's next batch (dispatchAfterBatch)
+				}
+				continue
+			}
 		}
 		if q.ready.len() == 0 && len(q.requeued) == 0 {
 			run.end() // fillLocked reads from disk
