@@ -691,12 +691,13 @@ func (c *conn) flushRouted() {
 			continue
 		}
 		q.mu.Lock()
-		// When q held nothing before, the dispatch judges expiry by the batch's time: a
-		// message of it that may expire meets a consumer that can take it however long the
-		// batch took, with x-message-ttl 0 too, as in RabbitMQ.
-		var judge int64
-		if q.messageCountLocked() == 0 {
-			judge = now
+		// The dispatch judges expiry by the batch's time: a message of it that may expire
+		// meets a consumer that can take it however long the batch took, with
+		// x-message-ttl 0 too, as in RabbitMQ. A priority queue dispatched each message as
+		// it came (enqueueLocked): what is left of them is judged by the clock.
+		judge := now
+		if q.ready.pri != nil {
+			judge = 0
 		}
 		for j := i; j < len(r); j++ {
 			if r[j].q == q {

@@ -696,13 +696,6 @@ func (q *queue) dispatch() {
 // dispatchTries is how many times dispatch finds q.mu held and yields before it waits.
 const dispatchTries = 4
 
-// dispatchWantedLocked clears q.wanted before a dispatchLocked that serves it. q.mu must
-// be held.
-func (q *queue) dispatchWantedLocked() {
-	q.wanted.Store(false)
-	q.dispatchLocked()
-}
-
 // unlockAndDispatch unlocks q.mu and does the dispatch another goroutine asked for while
 // it was held.
 func (q *queue) unlockAndDispatch() {
@@ -744,7 +737,7 @@ func (q *queue) deliverLocked(now int64) {
 	for len(q.consumers) > 0 && q.messageCountLocked() > 0 {
 		if at := q.headExpiresLocked(); at != 0 {
 			if now == 0 {
-				now = time.Now().UnixMilli() // once: the run is judged by its start
+				now = time.Now().UnixMilli() // once per run, and after each read from disk
 			}
 			if now > at {
 				run.end() // expiry may dead-letter: route, and lock other queues
@@ -758,6 +751,7 @@ func (q *queue) deliverLocked(now int64) {
 		}
 		if q.ready.len() == 0 && len(q.requeued) == 0 {
 			run.end() // fillLocked reads from disk
+			now = 0   // which takes a while: the clock is read again
 		}
 		if notYet, err := q.fillLocked(); notYet {
 			q.vh.store.dispatchAfterBatch(q)

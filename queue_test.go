@@ -803,6 +803,44 @@ func TestMessageTTLZeroMeetsAReadyConsumer(t *testing.T) {
 	}
 }
 
+// TestMessageTTLZeroBurstBeyondCredit: of a burst of x-message-ttl 0 messages, a consumer
+// with credit for one gets one, and the others expire rather than wait for credit, as in
+// RabbitMQ; in a priority queue too, which dispatches each message as it comes.
+func TestMessageTTLZeroBurstBeyondCredit(t *testing.T) {
+	t.Parallel()
+	for _, args := range []amqp091.Table{
+		{"x-message-ttl": int32(0)},
+		{"x-message-ttl": int32(0), "x-max-priority": int32(5)},
+	} {
+		_, url := newTestServer(t)
+		ch := openChannel(t, dial(t, url))
+		if _, err := ch.QueueDeclare("now", false, false, false, false, args); err != nil {
+			t.Fatal(err)
+		}
+		if err := ch.Qos(1, 0, false); err != nil {
+			t.Fatal(err)
+		}
+		msgs, err := ch.Consume("now", "", false, false, false, false, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub := rawDial(t, url)
+		for i := range 10 { // one write: one burst
+			pub.buf = appendContent(appendMethodFrame(pub.buf, 1, &basicPublish{RoutingKey: "now"}), 1, []byte{0, 0}, []byte{byte('0' + i)}, 131072)
+		}
+		pub.flush(t)
+		first := takeDelivery(t, msgs)
+		pollFor(t, "the other nine expired", func() bool { return queueReady(t, ch, "now") == 0 })
+		if err := first.Ack(false); err != nil {
+			t.Fatal(err)
+		}
+		expectNoDelivery(t, msgs)
+		if string(first.Body) != "0" {
+			t.Fatalf("%v: delivered %q, want the first of the burst", args, first.Body)
+		}
+	}
+}
+
 // TestMessageExpiration: the expiration property expires a message at the head; an
 // invalid one is 406.
 func TestMessageExpiration(t *testing.T) {
