@@ -292,6 +292,7 @@ type qentry struct {
 	seq         uint64 // the queue's sequence number: its order
 	expires     int64  // Unix milliseconds after which it is dropped at the head; 0: never
 	redelivered bool
+	atOnce      bool   // a time to live of 0: delivered at once or dropped (dropUntakenLocked)
 	returns     uint32 // times it came back unacked, for x-delivery-limit
 }
 
@@ -465,6 +466,7 @@ func (q *queue) enqueueLocked(m *message, batchAt int64) (accepted, paged bool) 
 		arrived = time.Now().UnixMilli() // read only for a message that may expire
 	}
 	e := qentry{msg: m, expires: expiresAtFrom(arrived, q.settings().ttl, m.ttl)}
+	e.atOnce = e.expires != 0 && e.expires == arrived // a time to live of 0
 	if e.expires != 0 {
 		q.mayExpire = true
 	}
@@ -517,6 +519,7 @@ func (q *queue) enqueueLocked(m *message, batchAt int64) (accepted, paged bool) 
 			q.dispatchAtLocked(judge)
 		}
 	} else {
+		q.dropUntakenLocked()
 		q.dropOverLimitLocked()
 	}
 	if len(q.consumers) == 0 && e.expires != 0 {
@@ -705,6 +708,18 @@ func (q *queue) unlockAndDispatch() {
 	}
 }
 
+// dropUntakenLocked drops the messages at the head with a time to live of 0 that no
+// consumer took: as in RabbitMQ, such a message is delivered at once or expires (to the
+// dead-letter exchange, if any), rather than wait for a consumer's credit, even for the
+// millisecond before its expiry falls due. q.mu must be held.
+func (q *queue) dropUntakenLocked() {
+	for (q.ready.len() > 0 || len(q.requeued) > 0) && q.peekLocked().atOnce {
+		if !q.dropHeadLocked(deathExpired) {
+			return
+		}
+	}
+}
+
 // dropOverLimitLocked makes room as drop-head does: the oldest ready messages go (to the
 // dead-letter exchange, if any) while the queue is over x-max-length or -bytes. A head that
 // cannot go yet stops it; dispatch comes back. q.mu must be held.
@@ -726,6 +741,7 @@ func (q *queue) dispatchLocked() { q.dispatchAtLocked(0) }
 func (q *queue) dispatchAtLocked(now int64) {
 	q.expireAtLocked(now)
 	q.deliverLocked(now)
+	q.dropUntakenLocked()
 	q.dropOverLimitLocked()
 	q.scheduleExpiryLocked()
 }
