@@ -713,6 +713,9 @@ func (q *queue) unlockAndDispatch() {
 // dead-letter exchange, if any), rather than wait for a consumer's credit, even for the
 // millisecond before its expiry falls due. q.mu must be held.
 func (q *queue) dropUntakenLocked() {
+	if !q.mayExpire {
+		return // no entry has an expiry: none is marked
+	}
 	for (q.ready.len() > 0 || len(q.requeued) > 0) && q.peekLocked().atOnce {
 		if !q.dropHeadLocked(deathExpired) {
 			return
