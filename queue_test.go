@@ -1077,7 +1077,7 @@ func TestQueueExpires(t *testing.T) {
 	srv, url := newTestServer(t)
 	c := dial(t, url)
 	ch := openChannel(t, c)
-	const period = 150
+	const period = 400 // ms: long enough that a stalled poll under -race does not let a queue in use lapse
 	args := amqp091.Table{"x-expires": int32(period)}
 	declare := func(names ...string) {
 		t.Helper()
