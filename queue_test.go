@@ -1296,7 +1296,7 @@ func TestQueueExpiresRedeclareRaceKeepsQueue(t *testing.T) {
 	t.Parallel()
 	srv, url := newTestServer(t)
 	ch := openChannel(t, dial(t, url))
-	if _, err := ch.QueueDeclare("lease", false, false, false, false, amqp091.Table{"x-expires": int32(100)}); err != nil {
+	if _, err := ch.QueueDeclare("lease", false, false, false, false, amqp091.Table{"x-expires": int32(300)}); err != nil {
 		t.Fatal(err)
 	}
 	vh := srv.vhost("/")
