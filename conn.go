@@ -708,8 +708,7 @@ func (c *conn) flushRouted() {
 			}
 		}
 		if len(q.consumers) > 0 {
-			q.wanted.Store(false)
-			q.dispatchAtLocked(judge) // first: what a consumer takes is not dropped
+			q.dispatchWantedLocked(judge) // first: what a consumer takes is not dropped
 		}
 		q.unlockAndDispatch()
 	}

@@ -515,8 +515,7 @@ func (q *queue) enqueueLocked(m *message, batchAt int64) (accepted, paged bool) 
 			if q.messageCountLocked() == 1 {
 				judge = arrived
 			}
-			q.wanted.Store(false)
-			q.dispatchAtLocked(judge)
+			q.dispatchWantedLocked(judge)
 		}
 	} else {
 		q.dropUntakenLocked()
@@ -706,6 +705,13 @@ func (q *queue) unlockAndDispatch() {
 	if q.wanted.Load() {
 		q.dispatch()
 	}
+}
+
+// dispatchWantedLocked clears q.wanted before a dispatchAtLocked(now) that serves it.
+// q.mu must be held.
+func (q *queue) dispatchWantedLocked(now int64) {
+	q.wanted.Store(false)
+	q.dispatchAtLocked(now)
 }
 
 // dropUntakenLocked drops the messages at the head with a time to live of 0 that no
