@@ -88,19 +88,25 @@ func (r *refQueue) push(v diskRef) {
 	}
 	c := r.chunks[len(r.chunks)-1]
 	c.refs = append(c.refs, refEntry{v.file, v.off, v.size, v.body})
-	if c.ids != nil || v.id != 0 {
-		if c.ids == nil {
-			c.ids = make([]uint64, len(c.refs)-1, refChunkLen)
-		}
-		c.ids = append(c.ids, v.id)
-	}
-	if c.expires != nil || v.expires != 0 {
-		if c.expires == nil {
-			c.expires = make([]int64, len(c.refs)-1, refChunkLen)
-		}
-		c.expires = append(c.expires, v.expires)
-	}
+	n := len(c.refs)
+	c.ids = putColumn(c.ids, n, n-1, v.id)
+	c.expires = putColumn(c.expires, n, n-1, v.expires)
 	r.n++
+}
+
+// putColumn stores v at index j of col, a chunk's optional column parallel to its n refs:
+// a nil col stays nil while v is zero, and is made (all zeros) for the first v that is not.
+func putColumn[T comparable](col []T, n, j int, v T) []T {
+	var zero T
+	if col == nil {
+		if v == zero {
+			return nil
+		}
+		col = make([]T, n, refChunkLen)
+	}
+	col = col[:n] // push adds a ref: the column's room was made for refChunkLen
+	col[j] = v
+	return col
 }
 
 // locate returns the chunk and index of the i-th ref from the front.
@@ -127,18 +133,8 @@ func (r *refQueue) at(i int) diskRef {
 func (r *refQueue) set(i int, v diskRef) {
 	c, j := r.locate(i)
 	c.refs[j] = refEntry{v.file, v.off, v.size, v.body}
-	if c.ids == nil && v.id != 0 {
-		c.ids = make([]uint64, len(c.refs), refChunkLen)
-	}
-	if c.ids != nil {
-		c.ids[j] = v.id
-	}
-	if c.expires == nil && v.expires != 0 {
-		c.expires = make([]int64, len(c.refs), refChunkLen)
-	}
-	if c.expires != nil {
-		c.expires[j] = v.expires
-	}
+	c.ids = putColumn(c.ids, len(c.refs), j, v.id)
+	c.expires = putColumn(c.expires, len(c.refs), j, v.expires)
 }
 
 // front returns the first ref; r must not be empty.
