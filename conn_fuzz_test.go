@@ -2,7 +2,6 @@ package amqp
 
 import (
 	"errors"
-	"net"
 	"os"
 	"syscall"
 	"testing"
@@ -112,14 +111,7 @@ func FuzzConnection(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		srv := NewServer(Config{Logger: wireDiscardLogger()})
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		done := make(chan error, 1)
-		go func() { done <- srv.Serve(ln) }()
-		shutDownOnCleanup(t, srv, done)
+		srv := serveOnLoopback(t, Config{Logger: wireDiscardLogger()}) // in memory: no DataDir
 		c := wireConnect(t, srv.Addr().String(), wireOpts{})
 		// Written while the replies are read: a broker whose outbox is full stops reading
 		// until its client reads. It may close the socket before it has read all of this,

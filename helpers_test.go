@@ -47,6 +47,14 @@ func newTestServer(t testing.TB, cfgs ...Config) (*Server, string) {
 	if cfg.DataDir == "" {
 		cfg.DataDir = t.TempDir()
 	}
+	srv := serveOnLoopback(t, cfg)
+	return srv, "amqp://guest:guest@" + srv.Addr().String() + "/"
+}
+
+// serveOnLoopback serves a server of cfg on a free port of 127.0.0.1 until the test ends
+// (shutDownOnCleanup).
+func serveOnLoopback(t testing.TB, cfg Config) *Server {
+	t.Helper()
 	srv := NewServer(cfg)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -55,7 +63,7 @@ func newTestServer(t testing.TB, cfgs ...Config) (*Server, string) {
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ln) }()
 	shutDownOnCleanup(t, srv, done)
-	return srv, "amqp://guest:guest@" + srv.Addr().String() + "/"
+	return srv
 }
 
 // shutDownOnCleanup shuts srv down when the test ends and checks that it stopped cleanly
