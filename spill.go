@@ -12,7 +12,7 @@ import (
 )
 
 // Paging: a queue past its memory share keeps its newest ready messages wholly on disk and
-// holds only a diskRef for each, 24 octets with no pointers. A persistent message of a
+// holds only a diskRef for each, 16 octets with no pointers, or one for a run of them. A persistent message of a
 // durable queue is in the log already; a transient one is written to a paging file. The
 // front of the paged tail is read back into memory, a window at a time, when the messages
 // before it are gone.
@@ -34,7 +34,7 @@ const (
 // diskRef is a ready message kept on disk: a publish record in the log, or a record in a
 // paging file. A queue stores it in 16 octets without pointers (refEntry), plus 8 for its
 // log record's id in a chunk that holds log records, and 8 for its expiry in a chunk where
-// some message expires.
+// some message expires; a run of paging file records of one size stores as one.
 type diskRef struct {
 	id      uint64 // the log record's message id; 0: a paging file's record
 	file    uint32 // the log segment or paging file
@@ -59,18 +59,42 @@ type refChunk struct {
 	refs    []refEntry
 	ids     []uint64 // nil while every ref here is a paging file's (id 0); else parallel to refs
 	expires []int64  // nil while no ref here expires; else parallel to refs
+	more    []uint32 // nil while no ref here is a run; else parallel to refs: the records after its own
+}
+
+// moreAt is how many records of its run follow the j-th ref of c.
+func (c *refChunk) moreAt(j int) uint32 {
+	if c.more == nil {
+		return 0
+	}
+	return c.more[j]
+}
+
+// get returns the j-th ref of c (the first of its run).
+func (c *refChunk) get(j int) diskRef {
+	e := c.refs[j]
+	v := diskRef{file: e.file, off: e.off, size: e.size, body: e.body}
+	if c.ids != nil {
+		v.id = c.ids[j]
+	}
+	if c.expires != nil {
+		v.expires = c.expires[j]
+	}
+	return v
 }
 
 // refQueue is a FIFO of diskRefs in chunks of refChunkLen: growing never copies what it
 // holds, a chunk is freed as soon as its last ref leaves, and log ids and expiry times take
-// room only in chunks that have them. A queue paging a backlog grows its refQueue by a
-// ref per message, in memory the process touches for the first time: the less each
-// takes, the fewer page faults (publish 16 B to a paging queue: 16 octets a ref rather
-// than 24, +22 %).
+// room only in chunks that have them. A queue paging a backlog grows its refQueue, in
+// memory the process touches for the first time: the less each message takes, the fewer
+// page faults (publish 16 B to a paging queue: 16 octets a ref rather than 24, +22 %). So
+// a paging file's record that follows the last one pushed in the same file, with the same
+// size and body and no expiry, is not a new ref but one more of the last one's run: a
+// stream of messages of one size pages at no memory per message.
 type refQueue struct {
 	chunks []*refChunk // all full but the last
 	head   int         // the front's index in chunks[0]
-	n      int
+	n      int         // messages, runs counted whole
 }
 
 const refChunkLen = 2048
@@ -83,6 +107,10 @@ func (r *refQueue) len() int {
 }
 
 func (r *refQueue) push(v diskRef) {
+	r.n++
+	if r.extend(v) {
+		return
+	}
 	if k := len(r.chunks); k == 0 || len(r.chunks[k-1].refs) == refChunkLen {
 		r.chunks = append(r.chunks, &refChunk{refs: make([]refEntry, 0, refChunkLen)})
 	}
@@ -91,7 +119,28 @@ func (r *refQueue) push(v diskRef) {
 	n := len(c.refs)
 	c.ids = putColumn(c.ids, n, n-1, v.id)
 	c.expires = putColumn(c.expires, n, n-1, v.expires)
-	r.n++
+	c.more = putColumn(c.more, n, n-1, 0)
+}
+
+// extend counts v into the last ref's run when v is a paging file's record that
+// follows the run's last one in its file, of the same size and body, with no expiry.
+func (r *refQueue) extend(v diskRef) bool {
+	k := len(r.chunks)
+	if k == 0 || v.id != 0 || v.expires != 0 {
+		return false
+	}
+	c := r.chunks[k-1]
+	j := len(c.refs) - 1
+	last := c.get(j)
+	if last.id != 0 || last.expires != 0 || last.file != v.file || last.size != v.size || last.body != v.body {
+		return false
+	}
+	more := c.moreAt(j)
+	if more == ^uint32(0) || uint64(last.off)+uint64(more+1)*uint64(last.size) != uint64(v.off) {
+		return false
+	}
+	c.more = putColumn(c.more, len(c.refs), j, more+1)
+	return true
 }
 
 // putColumn stores v at index j of col, a chunk's optional column parallel to its n refs:
@@ -109,27 +158,20 @@ func putColumn[T comparable](col []T, n, j int, v T) []T {
 	return col
 }
 
-// locate returns the chunk and index of the i-th ref from the front.
+// locate returns the chunk and index of the i-th ref from the front, in a queue without
+// runs (they form of paging files' records only; replay, which indexes, has log refs).
 func (r *refQueue) locate(i int) (*refChunk, int) {
 	i += r.head
 	return r.chunks[i/refChunkLen], i % refChunkLen
 }
 
-// at returns the i-th ref from the front.
+// at returns the i-th ref from the front of a queue without runs.
 func (r *refQueue) at(i int) diskRef {
 	c, j := r.locate(i)
-	e := c.refs[j]
-	v := diskRef{file: e.file, off: e.off, size: e.size, body: e.body}
-	if c.ids != nil {
-		v.id = c.ids[j]
-	}
-	if c.expires != nil {
-		v.expires = c.expires[j]
-	}
-	return v
+	return c.get(j)
 }
 
-// set replaces the i-th ref from the front.
+// set replaces the i-th ref from the front of a queue without runs.
 func (r *refQueue) set(i int, v diskRef) {
 	c, j := r.locate(i)
 	c.refs[j] = refEntry{v.file, v.off, v.size, v.body}
@@ -138,13 +180,19 @@ func (r *refQueue) set(i int, v diskRef) {
 }
 
 // front returns the first ref; r must not be empty.
-func (r *refQueue) front() diskRef { return r.at(0) }
+func (r *refQueue) front() diskRef { return r.chunks[0].get(r.head) }
 
 func (r *refQueue) pop() diskRef {
-	v := r.at(0)
-	r.head++
+	c := r.chunks[0]
+	v := c.get(r.head)
 	r.n--
-	if r.head == len(r.chunks[0].refs) {
+	if c.more != nil && c.more[r.head] > 0 {
+		c.more[r.head]--
+		c.refs[r.head].off += v.size // the run's next record
+		return v
+	}
+	r.head++
+	if r.head == len(c.refs) {
 		r.chunks[0] = nil
 		r.chunks = r.chunks[1:]
 		r.head = 0
@@ -155,11 +203,51 @@ func (r *refQueue) pop() diskRef {
 	return v
 }
 
-// each calls fn with every ref and its index, front first.
+// each calls fn with every ref and its index, front first, a run's records one by one.
 func (r *refQueue) each(fn func(i int, v diskRef)) {
-	for i := range r.len() {
-		fn(i, r.at(i))
+	i := 0
+	r.eachRef(func(c *refChunk, j int) bool {
+		v := c.get(j)
+		for k := 0; k <= int(c.moreAt(j)); k++ {
+			fn(i, v)
+			i++
+			v.off += v.size
+		}
+		return true
+	})
+}
+
+// eachRef calls fn with the chunk and index of every ref (a run's first record), front
+// first, until fn returns false.
+func (r *refQueue) eachRef(fn func(c *refChunk, j int) bool) {
+	if r == nil {
+		return
 	}
+	for k, c := range r.chunks {
+		j := 0
+		if k == 0 {
+			j = r.head
+		}
+		for ; j < len(c.refs); j++ {
+			if !fn(c, j) {
+				return
+			}
+		}
+	}
+}
+
+// replaceLogged calls fn with every log record's ref, front first, and keeps what it
+// returns in its place, until fn says to stop.
+func (r *refQueue) replaceLogged(fn func(v diskRef) (diskRef, bool)) {
+	r.eachRef(func(c *refChunk, j int) bool {
+		v := c.get(j)
+		if !v.inLog() {
+			return true // a log ref is never part of a run
+		}
+		v, more := fn(v)
+		c.refs[j] = refEntry{v.file, v.off, v.size, v.body}
+		return more
+	})
 }
 
 // appendMessageRecord appends what the log and the paging files both keep of m after
@@ -183,8 +271,10 @@ func decodeMessageRecord(p []byte) (*message, bool) {
 	head := uint32(keyLen) + propsLen
 	// Read back, a message needs none of what its properties say: its queue has its expiry,
 	// and only a publish looks at its delivery mode (a priority queue reads its priority).
-	return &message{exchange: ex, keyLen: keyLen, propsLen: propsLen, data: append([]byte(nil), d.b...),
-		size: uint32(len(d.b)) - head}, true
+	m := newMessage(len(d.b)) // with its data in the same allocation when small
+	m.exchange, m.keyLen, m.propsLen, m.size = ex, keyLen, propsLen, uint32(len(d.b))-head
+	m.data = append(m.data[:0], d.b...)
+	return m, true
 }
 
 // spill is the set of paging files.
@@ -322,15 +412,23 @@ func (sp *spill) read(r *diskRef, ra *readAhead) ([]byte, error) {
 	}
 	written := s.flushed // every octet below is in the file; a flush may be writing past it
 	sp.mu.Unlock()
-	b := make([]byte, min(max(size, readAheadWindow), written-off))
-	n, err := s.f.ReadAt(b, off)
-	if int64(n) < size {
+	n := min(max(size, readAheadWindow), written-off)
+	b := ra.buf[:0]
+	if !ra.spill || int64(cap(b)) < n {
+		// A paging file's window is only ever copied from (get), so the next one can reuse
+		// it; a log window may be what messages read from it hold.
+		b = make([]byte, n)
+	}
+	b = b[:n]
+	*ra = readAhead{} // until the read below succeeds, it holds no window
+	k, err := s.f.ReadAt(b, off)
+	if int64(k) < size {
 		if err == nil || err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
 		return nil, err
 	}
-	*ra = readAhead{spill: true, seg: uint64(r.file), off: uint64(off), buf: b[:n]}
+	*ra = readAhead{spill: true, seg: uint64(r.file), off: uint64(off), buf: b[:k]}
 	return b[:size:size], nil
 }
 

@@ -22,10 +22,11 @@ import (
 // read them back in order, byte-exact, across restarts and compaction.
 
 // pagedBody is the n-th paging test message's body: its number, then filler of a length
-// that varies with n, so a body read back from the wrong place shows.
+// that varies every four messages, so a body read back from the wrong place shows, and
+// paged messages form runs of one size (refQueue) as well as stand alone.
 func pagedBody(n int) []byte {
 	b := []byte(strconv.Itoa(n) + ":")
-	for len(b) < 512+(n*397)%2500 {
+	for len(b) < 512+(n/4*397)%2500 {
 		b = append(b, byte('a'+(n+len(b))%26))
 	}
 	return b
@@ -49,7 +50,9 @@ func lastPaged(t *testing.T, srv *Server, name string) diskRef {
 	if q.tail.len() == 0 {
 		t.Fatal("no message is paged")
 	}
-	return q.tail.at(q.tail.len() - 1)
+	var last diskRef
+	q.tail.each(func(_ int, r diskRef) { last = r })
+	return last
 }
 
 // TestQueuePaging: past PageOutBytes of bodies, a durable queue keeps new persistent
@@ -152,10 +155,18 @@ func TestQueuePagingCompaction(t *testing.T) {
 		}
 	}
 	pub := newConfirmChannel(t, conn)
+	// Transient messages first, paged to paging files in runs: the persistent ones after
+	// them are found by compaction behind those runs.
+	for i := range 40 {
+		pub.publish("", "old", false, amqp091.Publishing{Body: pagedBody(1000 + i%8)})
+	}
 	for i := range 40 {
 		pub.publish("", "old", false, amqp091.Publishing{DeliveryMode: 2, Body: pagedBody(i)})
 	}
 	pub.wait()
+	if paged, _, _ := queuePaged(b.srv, "/", "old"); paged < 70 {
+		t.Fatalf("%d messages of 'old' paged, want nearly all 80", paged)
+	}
 	firstSeg := segmentFiles(t, b.dir)[0]
 	// Churn through many segments, consuming as it goes: "old" is then most of what lives.
 	for round := range 20 {
@@ -940,7 +951,7 @@ func TestQueuePagingGetConsumeRequeue(t *testing.T) {
 		t.Fatal(err)
 	}
 	pub := newConfirmChannel(t, conn)
-	const n = 400
+	const n = 500
 	for i := range n {
 		pub.publish("", "turns", false, pagedMsg(i, true))
 	}
@@ -1411,6 +1422,70 @@ func TestRefQueue(t *testing.T) {
 	for i := range n {
 		if got := r.pop(); got != want(i) {
 			t.Fatalf("pop %d = %+v, want %+v", i, got, want(i))
+		}
+	}
+	if r.len() != 0 || r.chunks != nil {
+		t.Fatalf("after popping all: len %d, %d chunks", r.len(), len(r.chunks))
+	}
+}
+
+// TestRefQueueRuns: consecutive paging file records of one size take one ref between them,
+// and come back one by one as pushed; anything else (another size, file or gap, a log
+// record, an expiry) starts a new ref, and a run pushed onto after partial pops goes on.
+func TestRefQueueRuns(t *testing.T) {
+	var r refQueue
+	var pushed []diskRef
+	push := func(v diskRef) {
+		r.push(v)
+		pushed = append(pushed, v)
+	}
+	entries := func() int {
+		n := 0
+		for i, c := range r.chunks {
+			n += len(c.refs)
+			if i == 0 {
+				n -= r.head
+			}
+		}
+		return n
+	}
+	run := func(file, off, size, count uint32) uint32 {
+		for range count {
+			push(diskRef{file: file, off: off, size: size, body: size - 20})
+			off += size
+		}
+		return off
+	}
+	off := run(1, 0, 100, 5000) // one run
+	if entries() != 1 || r.len() != 5000 {
+		t.Fatalf("5,000 records of one size: %d refs for %d messages, want 1 for 5,000", entries(), r.len())
+	}
+	off = run(1, off, 60, 3)                                         // another size: a new run
+	off = run(1, off+1, 60, 2)                                       // a gap: a new run
+	push(diskRef{file: 1, off: off, size: 60, body: 40, expires: 7}) // an expiry: a ref of its own
+	off += 60
+	push(diskRef{id: 9, file: 1, off: off, size: 60, body: 40}) // a log record
+	off += 60
+	run(1, off, 60, 2) // follows a log ref: a new run
+	run(2, 0, 60, 3)   // another file
+	if want := 7; entries() != want {
+		t.Fatalf("%d refs, want %d", entries(), want)
+	}
+	for i := range 4990 { // into the first run; then it grows no more, the last ref does
+		if got := r.pop(); got != pushed[i] {
+			t.Fatalf("pop %d = %+v, want %+v", i, got, pushed[i])
+		}
+	}
+	run(2, 180, 60, 4000) // the last run goes on, across no new chunk
+	if want := 7; entries() != want || r.len() != len(pushed)-4990 {
+		t.Fatalf("after popping 4,990 and pushing 4,000: %d refs for %d messages, want %d for %d", entries(), r.len(), want, len(pushed)-4990)
+	}
+	for i := 4990; i < len(pushed); i++ {
+		if got := r.front(); got != pushed[i] {
+			t.Fatalf("front %d = %+v, want %+v", i, got, pushed[i])
+		}
+		if got := r.pop(); got != pushed[i] {
+			t.Fatalf("pop %d = %+v, want %+v", i, got, pushed[i])
 		}
 	}
 	if r.len() != 0 || r.chunks != nil {

@@ -984,20 +984,16 @@ func (st *store) relocate(seq uint64, old *segState) {
 // are read with q unlocked; each copy is appended with q locked, and only while q still
 // holds the ref, so no settle of it can come before the copy in the log.
 func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) ([]byte, bool) {
-	type move struct {
-		seq uint64 // the message's seq in q
-		ref diskRef
-	}
-	var moves []move
+	var moves []diskRef
 	q.mu.Lock()
 	if q.tail.len() == 0 {
 		st.mu.Lock()
 		delete(st.tails, q) // it registers again when it pages
 		st.mu.Unlock()
 	}
-	q.tail.each(func(i int, r diskRef) {
+	q.tail.each(func(_ int, r diskRef) {
 		if r.inLog() && uint64(r.file) == seq {
-			moves = append(moves, move{q.tailSeq + uint64(i), r})
+			moves = append(moves, r)
 		}
 	})
 	q.mu.Unlock()
@@ -1006,42 +1002,42 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 	}
 	recs := make([][]byte, len(moves))
 	types := make([]uint8, len(moves))
+	which := make(map[uint64]int, len(moves)) // message id → index in moves
 	var ra readAhead
-	for i, mv := range moves {
-		typ, payload, err := st.readRefRecord(&mv.ref, &ra, relocateWindow)
+	for i := range moves {
+		typ, payload, err := st.readRefRecord(&moves[i], &ra, relocateWindow)
 		if err != nil {
 			st.log.Error("compaction cannot read back a message; its segment stays", "seg", seq, "err", err)
 			return buf, false
 		}
 		recs[i], types[i] = payload, typ
+		which[moves[i].id] = i
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	for k, mv := range moves {
-		if mv.seq < q.tailSeq || mv.seq-q.tailSeq >= uint64(q.tail.len()) {
-			continue
-		}
-		i := int(mv.seq - q.tailSeq)
-		r := q.tail.at(i)
-		if r != mv.ref {
-			continue // settled meanwhile, and another ref took its place
+	ok := true
+	q.tail.replaceLogged(func(r diskRef) (diskRef, bool) {
+		k, found := which[r.id]
+		if !found || r != moves[k] {
+			return r, true // not read above, or settled and published again meanwhile
 		}
 		var ct uint8
 		ct, buf = copyRecord(buf[:0], types[k], recs[k], []uint64{q.walID})
 		t, pos, err := st.w.appendKeep(ct, buf, recordKeep(ct, buf))
 		if err != nil {
-			return buf, false
+			ok = false
+			return r, false
 		}
 		old.live -= int64(r.size)
 		r.file, r.off = uint32(pos.seg), uint32(pos.off)|r.off&refRedelivered
 		r.size = uint32(walRecordOverhead + len(buf))
 		st.segLocked(pos.seg).live += int64(r.size)
-		q.tail.set(i, r)
 		old.relocated = max(old.relocated, t)
-	}
-	return buf, true
+		return r, true
+	})
+	return buf, ok
 }
 
 // relocateWindow is how much compaction reads of a segment at once.
