@@ -236,8 +236,8 @@ func (r *refQueue) eachRef(fn func(c *refChunk, j int) bool) {
 	}
 }
 
-// replaceLogged calls fn with every log record's ref, front first, and keeps what it
-// returns in its place, until fn says to stop.
+// replaceLogged calls fn with every log record's ref, front first, and keeps the file,
+// offset and size it returns in its place, until fn says to stop.
 func (r *refQueue) replaceLogged(fn func(v diskRef) (diskRef, bool)) {
 	r.eachRef(func(c *refChunk, j int) bool {
 		v := c.get(j)
@@ -414,9 +414,9 @@ func (sp *spill) read(r *diskRef, ra *readAhead) ([]byte, error) {
 	sp.mu.Unlock()
 	n := min(max(size, readAheadWindow), written-off)
 	b := ra.buf[:0]
-	if !ra.spill || int64(cap(b)) < n {
-		// A paging file's window is only ever copied from (get), so the next one can reuse
-		// it; a log window may be what messages read from it hold.
+	if !ra.spill || int64(cap(b)) < n || cap(b) > readAheadWindow {
+		// Only a paging window of the usual size is reused: get copies out of it and nothing
+		// else sees it, and one made for a larger record is not kept.
 		b = make([]byte, n)
 	}
 	b = b[:n]

@@ -1492,3 +1492,115 @@ func TestRefQueueRuns(t *testing.T) {
 		t.Fatalf("after popping all: len %d, %d chunks", r.len(), len(r.chunks))
 	}
 }
+
+// TestRefQueueRunsAmongLogRefs: across several chunks of runs and log refs, with the run
+// at the front partly popped, each gives every message left in order, and replaceLogged
+// sees every log ref (never a run's record) and keeps where it moved them.
+func TestRefQueueRunsAmongLogRefs(t *testing.T) {
+	var r refQueue
+	var pushed []diskRef
+	off := uint32(0)
+	for i := range 3*refChunkLen + 7 { // a log ref, then a run of three paging records
+		log := diskRef{id: uint64(1000 + i), file: 9, off: uint32(i * 50), size: 50, body: 10}
+		r.push(log)
+		pushed = append(pushed, log)
+		for range 3 {
+			v := diskRef{file: 1, off: off, size: 40, body: 20}
+			off += 40
+			r.push(v)
+			pushed = append(pushed, v)
+		}
+		off += 1 // the next run does not follow this one
+	}
+	r.pop() // the first log ref
+	r.pop() // the first record of the run after it
+	pushed = pushed[2:]
+	var got []diskRef
+	r.each(func(i int, v diskRef) {
+		if i != len(got) {
+			t.Fatalf("each gave index %d after %d refs", i, len(got))
+		}
+		got = append(got, v)
+	})
+	if !slices.Equal(got, pushed) {
+		t.Fatalf("each gave %d refs, want the %d left in order", len(got), len(pushed))
+	}
+	seen := 0
+	r.replaceLogged(func(v diskRef) (diskRef, bool) {
+		if !v.inLog() {
+			t.Fatalf("replaceLogged gave a paging file's ref %+v", v)
+		}
+		seen++
+		v.file, v.off = 10, v.off+1
+		return v, true
+	})
+	if want := 3*refChunkLen + 6; seen != want {
+		t.Fatalf("replaceLogged saw %d log refs, want %d", seen, want)
+	}
+	for i, want := range pushed {
+		if want.inLog() {
+			want.file, want.off = 10, want.off+1
+		}
+		if v := r.pop(); v != want {
+			t.Fatalf("pop %d = %+v, want %+v", i, v, want)
+		}
+	}
+	if r.len() != 0 {
+		t.Fatalf("%d left after popping all", r.len())
+	}
+}
+
+// TestPagingWindowNotKeptLarge: reading back reuses a queue's paging window, but not one
+// made for a record larger than the usual window: after a 1 MiB message the messages
+// behind it are read through a window of the usual size again, byte-exact.
+func TestPagingWindowNotKeptLarge(t *testing.T) {
+	t.Parallel()
+	b := startDurable(t, Config{PageOutBytes: 8 << 10})
+	conn := dial(t, b.url)
+	ch := openChannel(t, conn)
+	declareTransientQueue(t, ch, "big")
+	pub := newConfirmChannel(t, conn)
+	large := bytes.Repeat([]byte("L"), 1<<20)
+	const n = 600
+	for i := range n {
+		body := pagedBody(i)
+		if i == 100 {
+			body = large
+		}
+		pub.publish("", "big", false, amqp091.Publishing{Body: body})
+	}
+	pub.wait()
+	if paged, _, _ := queuePaged(b.srv, "/", "big"); paged < n-20 {
+		t.Fatalf("%d of %d paged, want nearly all", paged, n)
+	}
+	windowCap := func() int {
+		q := testQueue(b.srv, "big")
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		if q.ahead == nil {
+			return 0
+		}
+		return cap(q.ahead.buf)
+	}
+	grew := false
+	for i := range n {
+		d := getN(t, ch, "big", 1, true)[0]
+		want := pagedBody(i)
+		if i == 100 {
+			want = large
+		}
+		if !bytes.Equal(d.Body, want) {
+			t.Fatalf("message %d: a %d-octet body, want byte-exact", i, len(d.Body))
+		}
+		c := windowCap()
+		if c > readAheadWindow {
+			grew = true
+		}
+		if i > 300 && c > readAheadWindow {
+			t.Fatalf("after message %d the queue still holds a %d-octet window", i, c)
+		}
+	}
+	if !grew {
+		t.Fatal("the 1 MiB message was not read through a window of its size")
+	}
+}

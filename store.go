@@ -991,10 +991,11 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 		delete(st.tails, q) // it registers again when it pages
 		st.mu.Unlock()
 	}
-	q.tail.each(func(_ int, r diskRef) {
-		if r.inLog() && uint64(r.file) == seq {
+	q.tail.eachRef(func(c *refChunk, j int) bool {
+		if r := c.get(j); r.inLog() && uint64(r.file) == seq { // a log ref is never a run
 			moves = append(moves, r)
 		}
+		return true
 	})
 	q.mu.Unlock()
 	if len(moves) == 0 {
@@ -1013,18 +1014,24 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 		recs[i], types[i] = payload, typ
 		which[moves[i].id] = i
 	}
+	// The tail is walked with q locked (the refs cannot move meanwhile), and the store
+	// locked only for each copy, as relocate does: publishers to other queues need it.
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	ok := true
+	ok, left := true, len(moves)
 	q.tail.replaceLogged(func(r diskRef) (diskRef, bool) {
+		if uint64(r.file) != seq {
+			return r, true
+		}
 		k, found := which[r.id]
 		if !found || r != moves[k] {
 			return r, true // not read above, or settled and published again meanwhile
 		}
+		left--
 		var ct uint8
 		ct, buf = copyRecord(buf[:0], types[k], recs[k], []uint64{q.walID})
+		st.mu.Lock()
+		defer st.mu.Unlock()
 		t, pos, err := st.w.appendKeep(ct, buf, recordKeep(ct, buf))
 		if err != nil {
 			ok = false
@@ -1035,7 +1042,7 @@ func (st *store) relocateTail(q *queue, seq uint64, old *segState, buf []byte) (
 		r.size = uint32(walRecordOverhead + len(buf))
 		st.segLocked(pos.seg).live += int64(r.size)
 		old.relocated = max(old.relocated, t)
-		return r, true
+		return r, left > 0
 	})
 	return buf, ok
 }
