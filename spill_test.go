@@ -1604,3 +1604,96 @@ func TestPagingWindowNotKeptLarge(t *testing.T) {
 		t.Fatal("the 1 MiB message was not read through a window of its size")
 	}
 }
+
+// FuzzRefQueue drives a refQueue with pushes (records that extend the last run, and ones
+// that cannot: a gap, another file or size, a log record, an expiry), pops, and walks,
+// against a plain slice of the refs pushed.
+func FuzzRefQueue(f *testing.F) {
+	f.Add([]byte{0, 0, 0, 4, 0, 0, 1, 4, 4, 7})
+	f.Add([]byte{0, 0, 0, 0, 2, 0, 0, 3, 0, 4, 4, 4, 6, 7, 4, 4, 4})
+	f.Add([]byte{5, 0, 0, 0, 1, 1, 0, 0, 4, 4, 7, 0, 0, 6})
+	f.Add([]byte{48, 0, 4, 4, 4, 4, 112, 7, 41, 4, 6, 56, 7})
+	f.Add([]byte{48, 48, 48, 48, 48, 4, 7, 4, 4, 6, 7}) // past a chunk
+	f.Add([]byte{0, 5 * 8, 0, 0, 6, 4, 4, 7, 6, 4, 7})  // a log ref between runs
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		var r refQueue
+		var model []diskRef
+		var last diskRef // the last paging file record pushed
+		last.file, last.size, last.body = 1, 40, 20
+		nextID := uint64(1)
+		push := func(kind byte) {
+			v := last
+			v.off = last.off + last.size // follows the last one: extends its run
+			switch kind {
+			case 1:
+				v.off++ // a gap
+			case 2:
+				v.file, v.off = v.file+1, 0 // the next paging file
+			case 3:
+				v.size, v.body = v.size+8, v.body+8 // another size
+			case 4:
+				v.expires = int64(v.off) + 1
+			case 5:
+				v = diskRef{id: nextID, file: 7, off: uint32(nextID) * 64, size: 64, body: 30} // a log record
+				nextID++
+			}
+			if !v.inLog() {
+				last = v
+			}
+			r.push(v)
+			model = append(model, v)
+		}
+		for i := 0; i < len(ops); i++ {
+			op := ops[i]
+			switch op % 8 {
+			case 0, 1, 2, 3, 5:
+				if kind := op / 8 % 8; kind < 6 {
+					push(kind)
+				} else if len(model) < 4*refChunkLen { // bounded: each input stays quick
+					for k := range refChunkLen / 2 { // a quarter chunk or more of refs, runs among them
+						push(byte(k % (int(op/64) + 2)))
+					}
+				}
+			case 4, 6:
+				if len(model) == 0 {
+					continue
+				}
+				if got := r.front(); got != model[0] {
+					t.Fatalf("op %d: front %+v, want %+v", i, got, model[0])
+				}
+				if op%8 == 4 {
+					if got := r.pop(); got != model[0] {
+						t.Fatalf("op %d: pop %+v, want %+v", i, got, model[0])
+					}
+					model = model[1:]
+				}
+			case 7:
+				var got []diskRef
+				r.each(func(_ int, v diskRef) { got = append(got, v) })
+				if !slices.Equal(got, model) {
+					t.Fatalf("op %d: each gave %v, want %v", i, got, model)
+				}
+				r.replaceLogged(func(v diskRef) (diskRef, bool) {
+					v.off += 1 << 20 // as compaction moves a log record
+					return v, true
+				})
+				for k := range model {
+					if model[k].inLog() {
+						model[k].off += 1 << 20
+					}
+				}
+			}
+			if r.len() != len(model) {
+				t.Fatalf("op %d: len %d, want %d", i, r.len(), len(model))
+			}
+		}
+		for k, want := range model {
+			if got := r.pop(); got != want {
+				t.Fatalf("draining, pop %d = %+v, want %+v", k, got, want)
+			}
+		}
+		if r.len() != 0 || r.chunks != nil {
+			t.Fatalf("drained: len %d, %d chunks", r.len(), len(r.chunks))
+		}
+	})
+}
