@@ -400,7 +400,8 @@ func (ch *channel) handleHeader(p []byte) error {
 	}
 	size := binary.BigEndian.Uint64(p[4:12])
 	raw := p[12:]
-	props, err := scanProperties(raw)
+	var props propsSummary
+	err := props.scan(raw)
 	if err != nil {
 		return withMethod(syntaxError("malformed content properties"), idBasicPublish)
 	}

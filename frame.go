@@ -730,10 +730,17 @@ type propsSummary struct {
 // the fields the broker acts on. Unknown flag bits or a malformed field are a syntax error.
 func scanProperties(raw []byte) (propsSummary, error) {
 	var s propsSummary
+	err := s.scan(raw)
+	return s, err
+}
+
+// scan is scanProperties into s, which must be zero: the publish path's header scans
+// into its own variable, as a copy of the returned summary stalled on its narrow stores.
+func (s *propsSummary) scan(raw []byte) error {
 	d := decoder{b: raw}
 	f := d.short()
 	if f&0b11 != 0 {
-		return s, errSyntax
+		return errSyntax
 	}
 	if f&flagContentType != 0 {
 		d.shortstrBytes()
@@ -782,9 +789,10 @@ func scanProperties(raw []byte) (propsSummary, error) {
 		}
 	}
 	if d.err != nil {
-		return propsSummary{}, d.err
+		*s = propsSummary{}
+		return d.err
 	}
-	return s, nil
+	return nil
 }
 
 // skipTable checks a field table's structure without allocating.
