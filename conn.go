@@ -307,8 +307,8 @@ func (c *conn) nextFrame() error {
 	if err := c.awaitInput(); err != nil {
 		return err
 	}
-	f, err := c.fr.read()
-	if err != nil {
+	var f frame
+	if err := c.fr.readInto(&f); err != nil {
 		return err
 	}
 	if c.fr.frames < growReadAfter {
@@ -321,7 +321,7 @@ func (c *conn) nextFrame() error {
 	if c.s.alarms.Load() != 0 && isPublishFrame(f) && !c.closing.Load() {
 		c.blockWhileAlarm()
 	}
-	err = c.handleFrame(f)
+	err := c.handleFrame(f)
 	if c.fr.r.Buffered() == 0 {
 		// The client has nothing more queued: enqueue what it published, and confirm the
 		// batch in one ack.
