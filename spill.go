@@ -548,7 +548,7 @@ func (q *queue) fillLocked() (notYet bool, e *Error) {
 			return false, internalError("cannot read a paged message back from disk: " + err.Error())
 		}
 		ref := q.tail.pop()
-		q.ready.push(qentry{msg: m, seq: q.tailSeq, expires: ref.expires, redelivered: ref.redelivered()})
+		q.ready.push(qentry{msg: m, seq: q.tailSeq, expires: ref.expires, entryMarks: entryMarks{redelivered: ref.redelivered()}})
 		q.tailSeq++
 		q.ramBytes += m.memCost()
 		read += int(ref.size)
@@ -616,7 +616,7 @@ func (q *queue) loadTailLocked() {
 		if s, err := scanProperties(m.props()); err == nil {
 			m.priority = s.priority
 		}
-		q.ready.push(qentry{msg: m, seq: seq, expires: r.expires, redelivered: r.redelivered()})
+		q.ready.push(qentry{msg: m, seq: seq, expires: r.expires, entryMarks: entryMarks{redelivered: r.redelivered()}})
 		q.readyBytes += int64(m.size)
 		q.ramBytes += m.memCost()
 	}
