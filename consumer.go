@@ -230,7 +230,7 @@ func (c *consumer) deliverLocked(e qentry, run *deliveryRun) bool {
 		c.q.settleOne(e.msg)
 	}
 	c.q.countDeliveryLocked(false, c.noAck, e.redelivered)
-	run.add(delivery{msg: e.msg, consumerTag: c.tag, tag: ch.nextTag, channel: ch.id, redelivered: e.redelivered})
+	run.add(delivery{msg: e.msg, consumerTag: &c.tag, tag: ch.nextTag, deliveryMarks: deliveryMarks{ch.id, e.redelivered}})
 	return true
 }
 

@@ -299,8 +299,8 @@ func (c *conn) sendGetOk(channel uint16, tag uint64, e qentry, count uint32) {
 }
 
 // sendDelivery queues basic.deliver and the content (queueDeliveries).
-func (c *conn) sendDelivery(channel uint16, consumerTag string, tag uint64, e qentry) {
-	d := [1]delivery{{msg: e.msg, consumerTag: consumerTag, tag: tag, channel: channel, redelivered: e.redelivered}}
+func (c *conn) sendDelivery(channel uint16, consumerTag *string, tag uint64, e qentry) {
+	d := [1]delivery{{msg: e.msg, consumerTag: consumerTag, tag: tag, deliveryMarks: deliveryMarks{channel, e.redelivered}}}
 	c.queueDeliveries(d[:])
 }
 
@@ -321,7 +321,7 @@ func (c *conn) queueDeliveries(ds []delivery) {
 				c.pend = append(c.pend, *d)
 				c.pendBytes += d.size()
 			} else if b, start, ok := c.startMethodLocked(d.channel, idBasicDeliver); ok {
-				c.finishContentLocked(appendDeliverArgs(b, d.consumerTag, d.tag, d.redelivered, d.msg), start, d.channel, d.msg)
+				c.finishContentLocked(appendDeliverArgs(b, *d.consumerTag, d.tag, d.redelivered, d.msg), start, d.channel, d.msg)
 			}
 		}
 		c.storeOutLenLocked()
@@ -333,15 +333,23 @@ func (c *conn) queueDeliveries(ds []delivery) {
 // delivery is a basic.deliver waiting in the outbox to be encoded (conn.pend).
 type delivery struct {
 	msg         *message
-	consumerTag string
+	consumerTag *string // the consumer's own: a string here would make delivery 40 octets
 	tag         uint64
+	deliveryMarks
+}
+
+// deliveryMarks are a delivery's small fields, one field of delivery: with four fields
+// and 32 octets a delivery stays in registers when passed and stored. With five, each was
+// copied through memory with wide moves after narrow stores, which stall (fanout: 7 % of
+// the broker's CPU on two such instructions).
+type deliveryMarks struct {
 	channel     uint16
 	redelivered bool
 }
 
 // size is about what d takes encoded: frame overheads plus the variable parts.
 func (d *delivery) size() int {
-	return 64 + len(d.consumerTag) + len(d.msg.exchange) + len(d.msg.data)
+	return 64 + len(*d.consumerTag) + len(d.msg.exchange) + len(d.msg.data)
 }
 
 // appendTo appends d's method, header and body frames to b.
@@ -349,7 +357,7 @@ func (d *delivery) appendTo(b []byte, frameMax uint32) []byte {
 	start := len(b)
 	b = appendFrameStart(b, frameMethod, d.channel)
 	b = binary.BigEndian.AppendUint32(b, idBasicDeliver)
-	b = appendDeliverArgs(b, d.consumerTag, d.tag, d.redelivered, d.msg)
+	b = appendDeliverArgs(b, *d.consumerTag, d.tag, d.redelivered, d.msg)
 	b = appendFrameEnd(b, start)
 	return appendContent(b, d.channel, d.msg.props(), d.msg.body(), frameMax)
 }

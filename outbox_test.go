@@ -31,8 +31,9 @@ func TestConnOutboxOrder(t *testing.T) {
 	}
 	small, large := msg("k1", "small body"), msg("k2", strings.Repeat("L", zeroCopyBody+5000))
 	var want []byte
+	ctag := "ctag"
 	deliver := func(tag uint64, m *message, redelivered bool) {
-		c.sendDelivery(7, "ctag", tag, qentry{msg: m, entryMarks: entryMarks{redelivered: redelivered}})
+		c.sendDelivery(7, &ctag, tag, qentry{msg: m, entryMarks: entryMarks{redelivered: redelivered}})
 		want = appendMethodFrame(want, 7, &basicDeliver{ConsumerTag: "ctag", DeliveryTag: tag,
 			Redelivered: redelivered, Exchange: "ex", RoutingKey: string(m.routingKey())})
 		want = appendContent(want, 7, m.props(), m.body(), c.frameMax)

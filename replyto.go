@@ -157,7 +157,7 @@ func (s *Server) deliverReply(msg *message) {
 	ch.mu.Lock()
 	if !ch.dead && ch.replyTo == rc {
 		ch.nextTag++
-		ch.c.sendDelivery(ch.id, rc.tag, ch.nextTag, qentry{msg: msg})
+		ch.c.sendDelivery(ch.id, &rc.tag, ch.nextTag, qentry{msg: msg})
 	}
 	ch.mu.Unlock()
 }
