@@ -117,7 +117,7 @@ func (fr *frameReader) readInto(f *frame) error {
 }
 
 // readLong reads the payload of f, a frame too large for the buffer, of size octets; its
-// header is read.
+// header is parsed (into f) but still buffered.
 func (fr *frameReader) readLong(f *frame, size uint32) error {
 	fr.r.Discard(7)
 	if fr.beforeLongRead != nil {

@@ -12,10 +12,11 @@ import (
 )
 
 // Paging: a queue past its memory share keeps its newest ready messages wholly on disk and
-// holds only a diskRef for each, 16 octets with no pointers, or one for a run of them. A persistent message of a
-// durable queue is in the log already; a transient one is written to a paging file. The
-// front of the paged tail is read back into memory, a window at a time, when the messages
-// before it are gone.
+// holds only a reference for each (refQueue: 16 octets with no pointers, plus a log id
+// for a log record, or one for a run of paging file records of one size). A persistent
+// message of a durable queue is in the log already; a transient one is written to a
+// paging file. The front of the paged tail is read back into memory, a window at a time,
+// when the messages before it are gone.
 //
 // Paging files are appended through a write buffer to files of spillSegment octets in
 // <data>/paging; a file goes when nothing in it is queued any more, and no file number is
@@ -345,7 +346,7 @@ func (sp *spill) put(m *message) (diskRef, error) {
 			return diskRef{}, err
 		}
 	}
-	ref := diskRef{refEntry: refEntry{h.n, uint32(h.size), uint32(size), m.size}}
+	ref := diskRef{refEntry: refEntry{file: h.n, off: uint32(h.size), size: uint32(size), body: m.size}}
 	b := binary.BigEndian.AppendUint64(sp.wbuf, m.publisher)
 	b = m.appendMessageRecord(b)
 	if size > spillBuffer {

@@ -1386,7 +1386,7 @@ func TestPagedPublishReuseSparesSharedMessages(t *testing.T) {
 // that take log ids and expiry times only once some ref has one, and empties as it pops.
 func TestRefQueue(t *testing.T) {
 	ref := func(i int) diskRef {
-		v := diskRef{refEntry: refEntry{uint32(i % 7), uint32(i * 3), uint32(i + 1), uint32(i)}}
+		v := diskRef{refEntry: refEntry{file: uint32(i % 7), off: uint32(i * 3), size: uint32(i + 1), body: uint32(i)}}
 		if i%5000 > 3000 { // log refs from the middle of the second chunk on, for a while
 			v.id = uint64(1e9 + i)
 		}
@@ -1451,7 +1451,7 @@ func TestRefQueueRuns(t *testing.T) {
 	}
 	run := func(file, off, size, count uint32) uint32 {
 		for range count {
-			push(diskRef{refEntry: refEntry{file, off, size, size - 20}})
+			push(diskRef{refEntry: refEntry{file: file, off: off, size: size, body: size - 20}})
 			off += size
 		}
 		return off
@@ -1460,11 +1460,11 @@ func TestRefQueueRuns(t *testing.T) {
 	if entries() != 1 || r.len() != 5000 {
 		t.Fatalf("5,000 records of one size: %d refs for %d messages, want 1 for 5,000", entries(), r.len())
 	}
-	off = run(1, off, 60, 3)                                      // another size: a new run
-	off = run(1, off+1, 60, 2)                                    // a gap: a new run
-	push(diskRef{refEntry: refEntry{1, off, 60, 40}, expires: 7}) // an expiry: a ref of its own
+	off = run(1, off, 60, 3)                                                             // another size: a new run
+	off = run(1, off+1, 60, 2)                                                           // a gap: a new run
+	push(diskRef{refEntry: refEntry{file: 1, off: off, size: 60, body: 40}, expires: 7}) // an expiry: a ref of its own
 	off += 60
-	push(diskRef{id: 9, refEntry: refEntry{1, off, 60, 40}}) // a log record
+	push(diskRef{id: 9, refEntry: refEntry{file: 1, off: off, size: 60, body: 40}}) // a log record
 	off += 60
 	run(1, off, 60, 2) // follows a log ref: a new run
 	run(2, 0, 60, 3)   // another file
@@ -1501,11 +1501,11 @@ func TestRefQueueRunsAmongLogRefs(t *testing.T) {
 	var pushed []diskRef
 	off := uint32(0)
 	for i := range 3*refChunkLen + 7 { // a log ref, then a run of three paging records
-		log := diskRef{id: uint64(1000 + i), refEntry: refEntry{9, uint32(i * 50), 50, 10}}
+		log := diskRef{id: uint64(1000 + i), refEntry: refEntry{file: 9, off: uint32(i * 50), size: 50, body: 10}}
 		r.push(log)
 		pushed = append(pushed, log)
 		for range 3 {
-			v := diskRef{refEntry: refEntry{1, off, 40, 20}}
+			v := diskRef{refEntry: refEntry{file: 1, off: off, size: 40, body: 20}}
 			off += 40
 			r.push(v)
 			pushed = append(pushed, v)
@@ -1634,7 +1634,7 @@ func FuzzRefQueue(f *testing.F) {
 			case 4:
 				v.expires = int64(v.off) + 1
 			case 5:
-				v = diskRef{id: nextID, refEntry: refEntry{7, uint32(nextID) * 64, 64, 30}} // a log record
+				v = diskRef{id: nextID, refEntry: refEntry{file: 7, off: uint32(nextID) * 64, size: 64, body: 30}} // a log record
 				nextID++
 			}
 			if !v.inLog() {

@@ -309,7 +309,7 @@ func (st *store) replayLog(rec *recovered, repair bool, queueTTL func(vhost, que
 			if !ok {
 				return errors.New("bad publish record")
 			}
-			ref := diskRef{id: p.id, refEntry: refEntry{uint32(pos.seg), uint32(pos.off), uint32(size), p.body}}
+			ref := diskRef{id: p.id, refEntry: refEntry{file: uint32(pos.seg), off: uint32(pos.off), size: uint32(size), body: p.body}}
 			var mttl ttl
 			if s, err := scanProperties(p.props); err == nil {
 				mttl, _ = parseExpiration(s.expiration) // a refused value was never logged
@@ -694,7 +694,7 @@ func (st *store) pageOut(q *queue, m *message) diskRef {
 	if !st.tails[q] {
 		st.tails[q] = true
 	}
-	return diskRef{id: mw.id, refEntry: refEntry{mw.seg, mw.off, mw.recLen, m.size}}
+	return diskRef{id: mw.id, refEntry: refEntry{file: mw.seg, off: mw.off, size: mw.recLen, body: m.size}}
 }
 
 // loaded gives q's in-memory hold on messages read back from its paged refs.
