@@ -223,7 +223,8 @@ func (c *consumer) deliverLocked(e qentry, run *deliveryRun) bool {
 	}
 	ch.nextTag++
 	if !c.noAck {
-		ch.unacked.push(unacked{tag: ch.nextTag, q: c.q, e: e, c: c, at: ch.c.s.clock.Load()})
+		u := ch.unacked.pushBack()
+		u.tag, u.q, u.e, u.c, u.at = ch.nextTag, c.q, e, c, ch.c.s.clock.Load()
 		c.inflight++
 		ch.inflight++
 	} else {

@@ -154,13 +154,19 @@ const maxIdleDeque = 1 << 18
 
 func (d *deque[T]) len() int { return d.n }
 
-func (d *deque[T]) push(v T) {
+func (d *deque[T]) push(v T) { *d.pushBack() = v }
+
+// pushBack adds a zero element at the back and returns it, to be filled in place: an
+// element too large for registers (unacked) is then not built elsewhere and copied, which
+// stalls after narrow stores.
+func (d *deque[T]) pushBack() *T {
 	if d.n == len(d.buf) {
 		d.resize(max(16, 2*len(d.buf)))
 	}
-	d.buf[(d.head+d.n)&(len(d.buf)-1)] = v
+	p := &d.buf[(d.head+d.n)&(len(d.buf)-1)]
 	d.n++
 	d.peak = max(d.peak, d.n)
+	return p
 }
 
 func (d *deque[T]) front() *T { return &d.buf[d.head] }
