@@ -206,8 +206,9 @@ type Config struct {
 	// 256 octets; 64 times as much for a queue with consumers) before it keeps new ones on
 	// disk, 24 octets of index each in memory (16 for a transient one, none for one that
 	// follows the last in its paging file at the same size): persistent ones of a durable
-	// queue in the write-ahead log, others in paging files. Default 4 MiB; negative pages only while the
-	// memory alarm is on (recovered messages are always read back from the log).
+	// queue in the write-ahead log, others in paging files. Default 4 MiB; negative pages
+	// only while the memory alarm is on (recovered messages are always read back from the
+	// log).
 	PageOutBytes int64
 	// SegmentSize is the size at which the write-ahead log starts a new segment file;
 	// default 16 MiB, at most 1 GiB.
