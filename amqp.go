@@ -367,18 +367,19 @@ type Server struct {
 	auth       atomic.Pointer[authDB]
 	logins     *loginLimiter // nil when Config.AuthFailureLimit is negative
 
-	unhealthy  atomic.Pointer[string] // why the broker must be restarted; nil while sound
-	alarms     atomic.Uint32          // the resource alarms that are on: alarmMemory, alarmDisk
-	dead       *deadLetters           // moves dropped messages to dead-letter exchanges
-	delays     *delays                // holds the messages of x-delayed-message exchanges until due
-	alarmMu    sync.Mutex             // guards alarmClear
-	alarmClear chan struct{}          // closed when the last alarm goes off
-	liveHeap   func() uint64          // the memory in use in bytes (readLiveHeap); a test may replace it
-	diskFree   func() (uint64, error) // free octets for the data directory; a test may replace it
-	stopWatch  chan struct{}          // closed by Shutdown
-	store      *store                 // nil without a data directory; set before serving
-	replies    replyRegistry          // direct reply-to consumers by name, across vhosts as in RabbitMQ
-	spill      *spill                 // the paging files; nil without a data directory
+	unhealthy  atomic.Pointer[string]    // why the broker must be restarted; nil while sound
+	startFrame [2]atomic.Pointer[[]byte] // connection.start as sent, without and with EXTERNAL (conn.startFrame)
+	alarms     atomic.Uint32             // the resource alarms that are on: alarmMemory, alarmDisk
+	dead       *deadLetters              // moves dropped messages to dead-letter exchanges
+	delays     *delays                   // holds the messages of x-delayed-message exchanges until due
+	alarmMu    sync.Mutex                // guards alarmClear
+	alarmClear chan struct{}             // closed when the last alarm goes off
+	liveHeap   func() uint64             // the memory in use in bytes (readLiveHeap); a test may replace it
+	diskFree   func() (uint64, error)    // free octets for the data directory; a test may replace it
+	stopWatch  chan struct{}             // closed by Shutdown
+	store      *store                    // nil without a data directory; set before serving
+	replies    replyRegistry             // direct reply-to consumers by name, across vhosts as in RabbitMQ
+	spill      *spill                    // the paging files; nil without a data directory
 	openOnce   sync.Once
 	openErr    error
 	ready      chan struct{}  // closed when the first listener is up

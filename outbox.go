@@ -33,6 +33,18 @@ func (c *conn) waitForDrain(q *queue) {
 // send queues a method on channel 0.
 func (c *conn) send(m method) { c.sendOn(0, m) }
 
+// sendFrame queues frames already encoded.
+func (c *conn) sendFrame(b []byte) {
+	c.outMu.Lock()
+	if !c.outClosed {
+		c.encodePendingLocked()
+		c.out = append(c.out, b...)
+		c.storeOutLenLocked()
+		c.startWriterLocked()
+	}
+	c.outMu.Unlock()
+}
+
 // sendOn queues a method frame on a channel.
 func (c *conn) sendOn(channel uint16, m method) { c.sendUnlessKilled(channel, m, nil) }
 
