@@ -6,6 +6,7 @@ import (
 	"container/list"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"io"
 	"log/slog"
@@ -835,12 +836,15 @@ func (c *conn) handshake() error {
 	c.sendFrame(c.startFrame())
 
 	startOk := &connectionStartOk{}
-	if err := c.expect(startOk); err != nil {
+	args, err := c.expectArgs(startOk)
+	if err != nil {
 		return err
 	}
 	c.caps = parseCaps(startOk.ClientProperties)
-	// Kept encoded, in a third of the memory of the decoded table, for the few reads.
-	c.clientInfo = bytes.Clone(appendTable(nil, startOk.ClientProperties))
+	// Kept encoded, in a third of the memory of the decoded table, for the few reads: as
+	// received (the table is start-ok's first argument), not encoded again, which left its
+	// growing buffer as garbage.
+	c.clientInfo = bytes.Clone(args[:4+binary.BigEndian.Uint32(args)])
 	src, err := c.awaitLoginTurn()
 	if err != nil {
 		return err
@@ -1035,32 +1039,40 @@ func (c *conn) tune(t *connectionTuneOk) error {
 
 // expect reads the next frame, which must be the method m on channel 0.
 func (c *conn) expect(m method) error {
+	_, err := c.expectArgs(m)
+	return err
+}
+
+// expectArgs is expect that also returns m's arguments as received, valid until the next
+// read.
+func (c *conn) expectArgs(m method) ([]byte, error) {
 	f, err := c.fr.read()
 	for err == nil && f.typ == frameHeartbeat && f.channel == 0 {
 		f, err = c.fr.read()
 	}
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if f.typ != frameMethod || f.channel != 0 {
-		return unexpectedFrame("expected " + methodName(m.id()) + ", got a frame of type " + strconv.Itoa(int(f.typ)) + " on channel " + strconv.Itoa(int(f.channel)))
+		return nil, unexpectedFrame("expected " + methodName(m.id()) + ", got a frame of type " + strconv.Itoa(int(f.typ)) + " on channel " + strconv.Itoa(int(f.channel)))
 	}
 	id, d, err := methodHeader(f.payload)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if id == idConnectionClose {
 		c.sendCloseOk()
-		return errConnectionClosed
+		return nil, errConnectionClosed
 	}
 	if id != m.id() {
-		return withMethod(commandInvalid("expected "+methodName(m.id())+", got "+methodName(id)), id)
+		return nil, withMethod(commandInvalid("expected "+methodName(m.id())+", got "+methodName(id)), id)
 	}
+	args := d.b
 	m.decode(&d)
 	if d.err != nil {
-		return withMethod(syntaxError("malformed "+methodName(id)), id)
+		return nil, withMethod(syntaxError("malformed "+methodName(id)), id)
 	}
-	return nil
+	return args, nil
 }
 
 // methodHeader splits a method frame's payload into its id and a decoder of its arguments.
