@@ -268,6 +268,12 @@ func TestAPIAuthorisation(t *testing.T) {
 	if len(cs) != 1 || field(cs[0], "user") != "guest" || !strings.Contains(field(cs[0], "name").(string), " -> ") {
 		t.Fatalf("monitoring user's connections: %v", cs)
 	}
+	// client_properties are what the client sent in start-ok (kept as received).
+	props, _ := field(cs[0], "client_properties").(map[string]any)
+	caps, _ := props["capabilities"].(map[string]any)
+	if product, _ := props["product"].(string); product != "AMQP 0.9.1 Client" || props["platform"] != "golang" || caps["consumer_cancel_notify"] != true {
+		t.Errorf("client_properties %v, want what amqp091-go sent (product \"AMQP 0.9.1 Client\", platform, capabilities)", props)
+	}
 	name := url.PathEscape(field(cs[0], "name").(string))
 	b.must(404, "DELETE", "/api/connections/"+name, "mgmt", nil)
 	closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
