@@ -76,7 +76,8 @@
 //     consumer.go: a queue's consumers and the delivery of runs to a channel.
 //   - vhost.go: virtual hosts; exchange.go: exchanges, routing and the exchange methods;
 //     policy.go: policies and the x- arguments of queues.
-//   - queue.go: queues, their ready messages and the queue methods; spill.go: paging.
+//   - queue.go: queues, their ready messages and the queue methods; spill.go: paging;
+//     refqueue.go: a paging queue's index of references to its records.
 //   - deadletter.go, delayed.go, replyto.go: dead-lettering, delayed exchanges, direct
 //     reply-to.
 //   - wal.go (with wal_linux.go and wal_other.go): the log's format, writer and segments;
